@@ -1,0 +1,36 @@
+# The same targets locally and in CI (.ci/run calls `make test`).
+VENV ?= .venv
+BIN := $(VENV)/bin
+UV_VERSION := 0.13.9
+
+.PHONY: install system-deps test lint bench run clean
+
+$(BIN)/.synced: pyproject.toml uv.lock
+	@python3 -m venv $(VENV) || { echo "python3 -m venv failed: install it with 'sudo apt-get install python3-venv'"; exit 1; }
+	$(BIN)/pip install --quiet uv==$(UV_VERSION)
+	$(BIN)/uv sync --frozen
+	@touch $@
+
+install: $(BIN)/.synced ## the virtualenv, exactly as uv.lock pins it
+
+system-deps: ## redis-server, PostgreSQL and MariaDB from Debian, when missing
+	@scripts/system-deps
+
+lint: install
+	$(BIN)/ruff check app workers tests
+	$(BIN)/ruff format --check app workers tests
+	$(BIN)/mypy
+
+test: install system-deps lint ## lint, types, then the whole test suite with branch coverage
+	$(BIN)/pytest --cov --cov-report=term
+
+bench: install system-deps ## benchmarks (not part of the test run)
+	$(BIN)/python -m tests.bench
+
+run: install system-deps ## receiver on http://127.0.0.1:8000 with a local redis-server (development)
+	@mkdir -p var
+	@redis-cli -p 6379 ping >/dev/null 2>&1 || redis-server --port 6379 --dir $(CURDIR)/var --appendonly yes --daemonize yes --pidfile $(CURDIR)/var/redis.pid
+	SFRELAY_ENV=development $(BIN)/sfrelay serve
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .coverage

@@ -1,0 +1,87 @@
+"""create_app(settings): the receiver's FastAPI application; its lifespan owns the Redis pool."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from app import __version__
+from app.config import Settings
+from app.errors import ConfigError
+from app.queue import Enqueuer
+from app.receiver import router
+from app.wsdl import load_contract
+
+_SECRET_QUERY = re.compile(r"((?:^|[?&])(?:token|sessionid|access_token)=)[^&\s]*", re.I)
+
+
+class RedactSecrets(logging.Filter):
+    """Scrub ?token= (and similar) from access-log lines: tokens never reach the logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _SECRET_QUERY.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
+            )
+        return True
+
+
+def redis_client(settings: Settings) -> Redis:
+    # Short timeouts: a request must fault (and Salesforce retry) long before its 60 s limit.
+    client: Redis = Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        health_check_interval=15,
+    )
+    return client
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The receiver. Loads the WSDLs (zeep, once) and checks the configuration before serving."""
+    settings = settings or Settings()
+    settings.require_receiver_ready()
+    contract = load_contract(settings.wsdl_dir)
+    missing = [obj for obj in settings.handled_objects if contract.field_types(obj) is None]
+    if missing:
+        raise ConfigError(
+            f"no WSDL in {settings.wsdl_dir} declares {', '.join(missing)}: add the "
+            "Outbound Message WSDL of each handled object"
+        )
+    logging.getLogger("uvicorn.access").addFilter(RedactSecrets())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = redis_client(settings)
+        app.state.redis = redis
+        app.state.enqueuer = Enqueuer(
+            redis,
+            handled_objects=settings.handled_objects,
+            field_types={k: dict(v) for k, v in contract.objects.items()},
+            queue_name=settings.queue_name,
+            dedupe_ttl_s=settings.dedupe_ttl_seconds,
+            job_ttl_s=settings.job_ttl_seconds,
+        )
+        try:
+            yield
+        finally:
+            await redis.aclose()
+
+    app = FastAPI(
+        title="sfrelay receiver",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.settings = settings
+    app.state.contract = contract
+    app.state.org_ids = settings.canonical_org_ids
+    app.include_router(router)
+    return app

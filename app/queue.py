@@ -1,0 +1,286 @@
+"""The only module that knows job names, Redis keys and how notifications are enqueued.
+
+A message becomes at most one arq job (`apply_notifications`) holding its new, usable
+notifications, written by one Lua script in one round trip together with:
+
+- a dedupe key per notification id (`sfrelay:seen:<org>:<id>`, kept for 26 hours by default),
+  so a redelivered notification, alone or re-batched beside new ones, is never queued twice;
+- the skipped count for objects no mapping handles;
+- a dead letter (reason + raw body) for each authentic but unusable notification.
+
+The job is stored exactly as arq's own `enqueue_job` stores it (`arq:job:<id>` + the queue's
+sorted set), serialized as JSON, so an unmodified arq worker runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from app.errors import QueueUnavailable
+from app.sfid import canonical_id
+from app.soap import Notification, OutboundMessage
+
+APPLY_JOB = "apply_notifications"
+JOB_KEY_PREFIX = "arq:job:"
+IN_PROGRESS_KEY_PREFIX = "arq:in-progress:"
+SEEN_PREFIX = "sfrelay:seen:"
+STATS_KEY = "sfrelay:stats"
+DEAD_KEY = "sfrelay:dead"
+DEAD_BODY_PREFIX = "sfrelay:dead-body:"
+
+# KEYS: queue, stats, dead hash, dead body key, job key, seen key per notification...
+# ARGV: job id, score, job ttl ms, seen ttl s, job prefix, job suffix, dead body, now,
+#       then per notification: kind ("q" queue, "s" skip, "d" dead), payload.
+_ENQUEUE_LUA = """
+local queued, skipped, dead, dupes = {}, 0, 0, 0
+local seen_ttl = tonumber(ARGV[4])
+for i = 6, #KEYS do
+  local kind = ARGV[9 + (i - 6) * 2]
+  local payload = ARGV[10 + (i - 6) * 2]
+  if redis.call('SET', KEYS[i], ARGV[8], 'NX', 'EX', seen_ttl) then
+    if kind == 'q' then
+      queued[#queued + 1] = payload
+    elseif kind == 's' then
+      skipped = skipped + 1
+    else
+      dead = dead + 1
+      redis.call('HSET', KEYS[3], KEYS[i], payload)
+    end
+  else
+    dupes = dupes + 1
+  end
+end
+if #queued > 0 then
+  redis.call('SET', KEYS[5], ARGV[5] .. table.concat(queued, ',') .. ARGV[6], 'PX', ARGV[3])
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+end
+if skipped > 0 then redis.call('HINCRBY', KEYS[2], 'skipped', skipped) end
+if dead > 0 then
+  redis.call('SET', KEYS[4], ARGV[7])
+  redis.call('HINCRBY', KEYS[2], 'dead_received', dead)
+end
+if dupes > 0 then redis.call('HINCRBY', KEYS[2], 'duplicates', dupes) end
+redis.call('HINCRBY', KEYS[2], 'queued_total', #queued)
+return {#queued, skipped, dead, dupes}
+"""
+
+
+def job_serializer(data: dict[str, Any]) -> bytes:
+    return orjson.dumps(data)
+
+
+def job_deserializer(raw: bytes) -> dict[str, Any]:
+    result: dict[str, Any] = orjson.loads(raw)
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    queued: int
+    skipped: int
+    dead: int
+    duplicates: int
+    job_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    queued: int
+    in_progress: int
+    dead: int
+    skipped: int
+    duplicates: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "queued": self.queued,
+            "in_progress": self.in_progress,
+            "dead": self.dead,
+            "skipped": self.skipped,
+            "duplicates": self.duplicates,
+        }
+
+
+def _seen_key(org15: str, notification: Notification, body_sha: str, index: int) -> str:
+    if notification.id:
+        return f"{SEEN_PREFIX}{org15}:{notification.id}"
+    # No notification id to dedupe on: the same body and position is the same notification.
+    return f"{SEEN_PREFIX}{org15}:body:{body_sha}:{index}"
+
+
+def notification_payload(notification: Notification) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "id": notification.id,
+        "object": notification.sobject,
+        "fields": notification.fields,
+    }
+    if notification.undeclared:
+        payload["undeclared"] = notification.undeclared
+    return payload
+
+
+class Enqueuer:
+    """Writes a parsed message to Redis in one round trip (see the module docstring)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        handled_objects: Iterable[str],
+        field_types: dict[str, dict[str, str]],
+        queue_name: str,
+        dedupe_ttl_s: int,
+        job_ttl_s: int,
+    ) -> None:
+        self._redis = redis
+        self._script = redis.register_script(_ENQUEUE_LUA)
+        self._handled = frozenset(handled_objects)
+        # Only the non-string kinds travel: the worker turns those strings back into objects.
+        self._typed = {
+            obj: {name: kind for name, kind in fields.items() if kind in ("dateTime", "date")}
+            for obj, fields in field_types.items()
+        }
+        self._queue_name = queue_name
+        self._dedupe_ttl_s = dedupe_ttl_s
+        self._job_ttl_ms = job_ttl_s * 1000
+
+    async def enqueue(self, message: OutboundMessage, body: bytes) -> EnqueueResult:
+        org15 = canonical_id(message.organization_id)
+        body_sha = hashlib.sha256(body).hexdigest()
+        now = time.time()
+        now_ms = int(now * 1000)
+        job_id = uuid.uuid4().hex
+        keys = [
+            self._queue_name,
+            STATS_KEY,
+            DEAD_KEY,
+            DEAD_BODY_PREFIX + body_sha,
+            JOB_KEY_PREFIX + job_id,
+        ]
+        items: list[str | bytes] = []
+        objects: set[str] = set()
+        for index, notification in enumerate(message.notifications):
+            keys.append(_seen_key(org15, notification, body_sha, index))
+            if notification.sobject and notification.sobject not in self._handled:
+                items += ["s", ""]
+            elif notification.problem is not None:
+                dead = {
+                    "notification_id": notification.id,
+                    "object": notification.sobject,
+                    "record_id": notification.record_id,
+                    "organization_id": message.organization_id,
+                    "action_id": message.action_id,
+                    "reason": notification.problem,
+                    "received_at": now,
+                    "body_sha256": body_sha,
+                }
+                items += ["d", orjson.dumps(dead)]
+            else:
+                objects.add(notification.sobject)
+                items += ["q", orjson.dumps(notification_payload(notification))]
+        kwargs = {
+            "organization_id": message.organization_id,
+            "action_id": message.action_id,
+            "received_at": now,
+            "types": {obj: self._typed.get(obj, {}) for obj in sorted(objects)},
+        }
+        # arq's job layout: {"t": try, "f": function, "a": args, "k": kwargs, "et": enqueued ms}
+        # with the notifications list spliced in by the script.
+        head = orjson.dumps({"t": None, "f": APPLY_JOB, "a": [], "et": now_ms, "k": kwargs})
+        prefix = head[:-2] + b',"notifications":['
+        suffix = b"]}}"
+        args: list[Any] = [
+            job_id,
+            now_ms,
+            self._job_ttl_ms,
+            self._dedupe_ttl_s,
+            prefix,
+            suffix,
+            body,
+            int(now),
+            *items,
+        ]
+        try:
+            queued, skipped, dead, dupes = await self._script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(f"the queue (Redis) did not confirm the write: {exc}") from exc
+        return EnqueueResult(queued, skipped, dead, dupes, job_id if queued else None)
+
+
+def decode_value(kind: str, value: Any) -> Any:
+    """Turn a JSON-carried value of a typed field back into its Python object."""
+    if value is None:
+        return None
+    if kind == "dateTime":
+        return datetime.fromisoformat(value)
+    if kind == "date":
+        return date.fromisoformat(value)
+    return value
+
+
+def decode_notifications(
+    notifications: Sequence[dict[str, Any]], types: dict[str, dict[str, str]]
+) -> list[dict[str, Any]]:
+    """The job's notifications with dateTime and date fields as datetime and date objects."""
+    decoded = []
+    for item in notifications:
+        kinds = types.get(item["object"], {})
+        fields = {
+            name: decode_value(kinds[name], value) if name in kinds else value
+            for name, value in item["fields"].items()
+        }
+        decoded.append({**item, "fields": fields})
+    return decoded
+
+
+async def queue_stats(redis: Redis, queue_name: str = "arq:queue") -> QueueStats:
+    """Notifications waiting, being applied, and dead letters (counts of notifications)."""
+    try:
+        job_ids = [j.decode() for j in await redis.zrange(queue_name, 0, -1)]
+        queued = in_progress = 0
+        for start in range(0, len(job_ids), 500):
+            chunk = job_ids[start : start + 500]
+            async with redis.pipeline(transaction=False) as pipe:
+                for job_id in chunk:
+                    pipe.get(JOB_KEY_PREFIX + job_id)
+                    pipe.exists(IN_PROGRESS_KEY_PREFIX + job_id)
+                replies = await pipe.execute()
+            for raw, running in zip(replies[::2], replies[1::2], strict=True):
+                if raw is None:
+                    continue
+                count = _notification_count(raw)
+                if running:
+                    in_progress += count
+                else:
+                    queued += count
+        dead = await redis.hlen(DEAD_KEY)  # type: ignore[misc]
+        counters = await redis.hgetall(STATS_KEY)  # type: ignore[misc]
+    except (RedisError, OSError) as exc:
+        raise QueueUnavailable(f"cannot read the queue (Redis): {exc}") from exc
+    return QueueStats(
+        queued=queued,
+        in_progress=in_progress,
+        dead=int(dead),
+        skipped=int(counters.get(b"skipped", 0)),
+        duplicates=int(counters.get(b"duplicates", 0)),
+    )
+
+
+def _notification_count(raw: bytes) -> int:
+    try:
+        job = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return 1  # not one of ours (e.g. a pickled job another producer wrote): one job
+    kwargs = job.get("k") or {}
+    notifications = kwargs.get("notifications")
+    return len(notifications) if isinstance(notifications, list) else 1

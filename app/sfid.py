@@ -1,0 +1,53 @@
+"""Salesforce record ids: the 15-character case-sensitive form and the 18-character form."""
+
+from __future__ import annotations
+
+_SUFFIX_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"
+
+
+def checksum(id15: str) -> str:
+    """The three characters Salesforce appends to a 15-character id (bit i: char i is A-Z)."""
+    out = []
+    for start in (0, 5, 10):
+        bits = 0
+        for i, char in enumerate(id15[start : start + 5]):
+            if "A" <= char <= "Z":
+                bits |= 1 << i
+        out.append(_SUFFIX_ALPHABET[bits])
+    return "".join(out)
+
+
+def to18(id15: str) -> str:
+    """The 18-character form of a 15-character id (an 18-character id is returned as it is)."""
+    return id15 if len(id15) == 18 else id15 + checksum(id15)
+
+
+def canonical_id(sf_id: str) -> str:
+    """The case-correct 15-character id, the form two ids can be compared in.
+
+    An 18-character id is case-insensitive: its suffix records which of the first 15
+    characters are capitals, so the case is restored from it (an id that went through
+    a case-folding system still compares equal). A suffix that cannot describe its id
+    (a capital claimed for a digit) is kept verbatim, so it only equals itself.
+    """
+    if len(sf_id) != 18:
+        return sf_id
+    head, suffix = sf_id[:15], sf_id[15:].upper()
+    if any(c not in _SUFFIX_ALPHABET for c in suffix):
+        return sf_id
+    chars = list(head)
+    for chunk, code in enumerate(suffix):
+        bits = _SUFFIX_ALPHABET.index(code)
+        for i in range(5):
+            pos = chunk * 5 + i
+            char = chars[pos]
+            upper = bool(bits & (1 << i))
+            if upper and not char.isalpha():
+                return sf_id
+            chars[pos] = char.upper() if upper else char.lower()
+    return "".join(chars)
+
+
+def same_id(a: str, b: str) -> bool:
+    """Whether two 15- or 18-character ids name the same record."""
+    return canonical_id(a) == canonical_id(b)

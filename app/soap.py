@@ -1,0 +1,246 @@
+"""Outbound Message bytes -> typed notifications; the Ack and Fault envelopes. No web framework."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+from xml.sax.saxutils import escape
+
+from lxml import etree
+
+from app.errors import MalformedMessage
+from app.wsdl import SOBJECT_NS, Contract
+
+SOAP11_NS = "http://schemas.xmlsoap.org/soap/envelope/"
+SOAP12_NS = "http://www.w3.org/2003/05/soap-envelope"
+OM_NS = "http://soap.sforce.com/2005/09/outbound"
+XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
+
+MAX_NOTIFICATIONS = 100
+
+_ENVELOPE = f"{{{SOAP11_NS}}}Envelope"
+_BODY = f"{{{SOAP11_NS}}}Body"
+_NOTIFICATIONS = f"{{{OM_NS}}}notifications"
+_NOTIFICATION = f"{{{OM_NS}}}Notification"
+_OM_ID = f"{{{OM_NS}}}Id"
+_SOBJECT = f"{{{OM_NS}}}sObject"
+_XSI_TYPE = f"{{{XSI_NS}}}type"
+_XSI_NIL = f"{{{XSI_NS}}}nil"
+_FIELD_PREFIX = f"{{{SOBJECT_NS}}}"
+_SF_ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
+
+# No DTD, no entities, no network, libxml2's default depth and size limits (huge_tree off).
+_PARSER_OPTIONS: dict[str, Any] = {
+    "resolve_entities": False,
+    "no_network": True,
+    "load_dtd": False,
+    "dtd_validation": False,
+    "huge_tree": False,
+    "remove_comments": True,
+    "remove_pis": True,
+}
+
+ACK = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n'
+    b'<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
+    b"<soapenv:Body>"
+    b'<notificationsResponse xmlns="http://soap.sforce.com/2005/09/outbound">'
+    b"<Ack>true</Ack>"
+    b"</notificationsResponse>"
+    b"</soapenv:Body>"
+    b"</soapenv:Envelope>"
+)
+
+
+def fault(faultstring: str, faultcode: str = "soapenv:Client") -> bytes:
+    """A SOAP 1.1 Fault envelope; Salesforce shows `faultstring` as the delivery failure reason."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
+        "<soapenv:Body><soapenv:Fault>"
+        f"<faultcode>{escape(faultcode)}</faultcode>"
+        f"<faultstring>{escape(faultstring)}</faultstring>"
+        "</soapenv:Fault></soapenv:Body></soapenv:Envelope>"
+    ).encode()
+
+
+@dataclass(slots=True)
+class Notification:
+    """One notification: its id, object type and typed field values; `problem` if unusable."""
+
+    id: str
+    sobject: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    undeclared: list[str] = field(default_factory=list)
+    problem: str | None = None
+
+    @property
+    def record_id(self) -> str | None:
+        value = self.fields.get("Id")
+        return value if isinstance(value, str) else None
+
+
+@dataclass(slots=True)
+class OutboundMessage:
+    organization_id: str
+    action_id: str
+    notifications: list[Notification]
+
+
+def _convert_boolean(text: str) -> bool:
+    if text in ("true", "1"):
+        return True
+    if text in ("false", "0"):
+        return False
+    raise ValueError("not an xsd:boolean")
+
+
+def _convert_double(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return value
+
+
+def _convert_datetime(text: str) -> str:
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _convert_date(text: str) -> str:
+    return date.fromisoformat(text).isoformat()
+
+
+# Values travel as JSON: booleans and numbers natively; dates and times as normalised ISO
+# strings, tagged with their kind in the job so that workers turn them back into objects.
+_CONVERTERS: dict[str, Callable[[str], Any]] = {
+    "boolean": _convert_boolean,
+    "double": _convert_double,
+    "int": int,
+    "dateTime": _convert_datetime,
+    "date": _convert_date,
+}
+
+
+def _text(element: etree._Element) -> str:
+    return (element.text or "").strip()
+
+
+def _resolve_type(sobject: etree._Element) -> str | None:
+    """The sObject's type name, resolving the xsi:type QName through the element's namespaces."""
+    qname = sobject.get(_XSI_TYPE)
+    if not qname:
+        return None
+    prefix, _, local = qname.strip().rpartition(":")
+    namespace = sobject.nsmap.get(prefix or None)
+    if namespace != SOBJECT_NS or not local:
+        return None
+    return local
+
+
+def _parse_notification(
+    element: etree._Element, contract: Contract, handled: Collection[str]
+) -> Notification:
+    notification_id = ""
+    sobject: etree._Element | None = None
+    for child in element:
+        if child.tag == _OM_ID:
+            notification_id = _text(child)
+        elif child.tag == _SOBJECT:
+            sobject = child
+    if sobject is None:
+        return Notification(notification_id, "", problem="Notification has no sObject")
+    sobject_type = _resolve_type(sobject)
+    if sobject_type is None:
+        return Notification(
+            notification_id, "", problem="sObject has no xsi:type in the sObject namespace"
+        )
+    result = Notification(notification_id, sobject_type)
+    if sobject_type not in handled:
+        return result  # acked and counted as skipped; its fields are not needed
+    types: Mapping[str, str] = contract.field_types(sobject_type) or {}
+    problems: list[str] = []
+    for child in sobject:
+        tag = child.tag
+        if not isinstance(tag, str) or not tag.startswith(_FIELD_PREFIX):
+            problems.append(f"unexpected element {tag} in sObject")
+            continue
+        name = tag[len(_FIELD_PREFIX) :]
+        if child.get(_XSI_NIL) in ("true", "1"):
+            result.fields[name] = None
+            continue
+        text = child.text or ""
+        kind = types.get(name)
+        if kind is None:
+            result.undeclared.append(name)
+        converter = _CONVERTERS.get(kind or "string")
+        if converter is None:
+            result.fields[name] = text if text.strip() else None
+            continue
+        try:
+            result.fields[name] = converter(text.strip())
+        except ValueError:
+            problems.append(f"{name}={text[:40]!r} is not a valid {kind}")
+    if not notification_id:
+        problems.append("Notification has no Id")
+    record_id = result.record_id
+    if record_id is None:
+        problems.append(f"{sobject_type} has no sf:Id")
+    elif not _SF_ID.fullmatch(record_id):
+        problems.append(f"sf:Id {record_id[:40]!r} is not a Salesforce id")
+    if problems:
+        result.problem = "; ".join(problems)
+    return result
+
+
+def parse_message(body: bytes, contract: Contract, handled: Collection[str]) -> OutboundMessage:
+    """Parse and check one Outbound Message; raise MalformedMessage with the reason to show."""
+    head = body[:4]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
+        raise MalformedMessage("the message is not UTF-8 encoded: Salesforce sends UTF-8")
+    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
+        raise MalformedMessage("DOCTYPE and entity declarations are not accepted")
+    try:
+        root = etree.fromstring(body, etree.XMLParser(**_PARSER_OPTIONS))
+    except etree.XMLSyntaxError as exc:
+        raise MalformedMessage(f"the body is not well-formed XML: {exc.msg}") from None
+    if root.getroottree().docinfo.doctype:  # type: ignore[union-attr]
+        raise MalformedMessage("DOCTYPE and entity declarations are not accepted")
+    if root.tag != _ENVELOPE:
+        if root.tag == f"{{{SOAP12_NS}}}Envelope":
+            raise MalformedMessage("SOAP 1.2 is not supported: send a SOAP 1.1 envelope")
+        raise MalformedMessage(f"expected a SOAP 1.1 Envelope, got {root.tag}")
+    body_element = next((c for c in root if c.tag == _BODY), None)
+    if body_element is None:
+        raise MalformedMessage("the SOAP Envelope has no Body")
+    operations = [c for c in body_element if isinstance(c.tag, str)]
+    if len(operations) != 1 or operations[0].tag != _NOTIFICATIONS:
+        got = ", ".join(str(c.tag) for c in operations) or "nothing"
+        raise MalformedMessage(f"unknown operation: expected notifications in {OM_NS}, got {got}")
+    organization_id = action_id = ""
+    notification_elements: list[etree._Element] = []
+    for child in operations[0]:
+        tag = child.tag
+        if tag == _NOTIFICATION:
+            notification_elements.append(child)
+            if len(notification_elements) > MAX_NOTIFICATIONS:
+                raise MalformedMessage(
+                    f"more than {MAX_NOTIFICATIONS} notifications in one message"
+                )
+        elif tag == f"{{{OM_NS}}}OrganizationId":
+            organization_id = _text(child)
+        elif tag == f"{{{OM_NS}}}ActionId":
+            action_id = _text(child)
+        # SessionId is deliberately never read: it is a credential and is being removed.
+    if not organization_id:
+        raise MalformedMessage("the message has no OrganizationId")
+    if not notification_elements:
+        raise MalformedMessage("the message has no Notification")
+    notifications = [_parse_notification(n, contract, handled) for n in notification_elements]
+    return OutboundMessage(organization_id, action_id, notifications)

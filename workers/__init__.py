@@ -1,0 +1,1 @@
+"""sfrelay's arq workers: queued notifications -> Drupal users."""
