@@ -11,6 +11,9 @@ import redis
 from app.config import Settings
 from tests.servers import SHARED, RedisServer, free_port
 
+# Fixtures of the Drupal databases (SQLite copies, PostgreSQL, MariaDB) and of worker processes.
+pytest_plugins = ["tests.fixtures_db", "tests.fixtures_worker"]
+
 MESSAGES = SHARED / "salesforce" / "messages"
 SHARED_WSDLS = SHARED / "salesforce" / "wsdl"
 

@@ -1,0 +1,1 @@
+"""Fixtures for Drupal databases: SQLite copies of ../shared/drupal/sites, PostgreSQL, MariaDB."""
