@@ -132,11 +132,17 @@ def _text(element: etree._Element) -> str:
     return (element.text or "").strip()
 
 
+# Key prefixes of standard objects: a sender that omits xsi:type (a generic SOAP client such as
+# zeep; Salesforce itself always sends it) is understood by its record id.
+_KEY_PREFIXES = {"003": "Contact", "00Q": "Lead", "001": "Account", "006": "Opportunity"}
+
+
 def _resolve_type(sobject: etree._Element) -> str | None:
     """The sObject's type name, resolving the xsi:type QName through the element's namespaces."""
     qname = sobject.get(_XSI_TYPE)
     if not qname:
-        return None
+        record_id = sobject.findtext(_FIELD_PREFIX + "Id") or ""
+        return _KEY_PREFIXES.get(record_id.strip()[:3])
     prefix, _, local = qname.strip().rpartition(":")
     namespace = sobject.nsmap.get(prefix or None)
     if namespace != SOBJECT_NS or not local:

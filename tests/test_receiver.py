@@ -1,0 +1,350 @@
+"""The receiver against a real Redis: what it acks, what it stores, and one test per refusal."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import redis
+
+from app.config import Settings
+from app.main import create_app
+from app.queue import APPLY_JOB, DEAD_BODY_PREFIX, DEAD_KEY, SEEN_PREFIX
+from tests.conftest import shared_message
+from tests.messages import ORG_ID, Record, contact, outbound_message
+from tests.servers import free_port
+
+URL = "/salesforce/outbound-message"
+XML = {"content-type": "text/xml; charset=UTF-8", "soapaction": '""'}
+ACK_TEXT = "<Ack>true</Ack>"
+
+ClientFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def make_client(settings: Settings) -> AsyncIterator[ClientFactory]:
+    """Builds a client for an app whose settings are `settings` with the given overrides."""
+    stack: list[Any] = []
+
+    async def build(**overrides: Any) -> httpx.AsyncClient:
+        app = create_app(Settings(_env_file=None, **{**settings.model_dump(), **overrides}))
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, client=("127.0.0.1", 40000)),
+            base_url="http://receiver",
+        )
+        stack.append((lifespan, client))
+        return client
+
+    yield build
+    for lifespan, client in reversed(stack):
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+
+def queued_jobs(redis_client: redis.Redis) -> list[dict[str, Any]]:
+    jobs = []
+    for job_id in redis_client.zrange("arq:queue", 0, -1):
+        raw = redis_client.get(b"arq:job:" + job_id)
+        assert raw is not None
+        jobs.append(orjson.loads(raw))
+    return jobs
+
+
+def queued_notification_ids(redis_client: redis.Redis) -> list[str]:
+    return [n["id"] for job in queued_jobs(redis_client) for n in job["k"]["notifications"]]
+
+
+def fault_of(response: httpx.Response) -> str:
+    assert response.headers["content-type"] == "text/xml; charset=utf-8"
+    assert ACK_TEXT not in response.text
+    start = response.text.index("<faultstring>") + len("<faultstring>")
+    return response.text[start : response.text.index("</faultstring>")]
+
+
+async def test_a_message_is_stored_as_one_arq_job_then_acked(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client()
+    records = [
+        contact(Email="ada@example.org", FirstName="Ada", LastName="Lovelace"),
+        contact(Email="alan@example.org", LastModifiedDate="2024-05-01T10:00:00.000Z"),
+    ]
+    response = await client.post(URL, content=outbound_message(records), headers=XML)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/xml; charset=utf-8"
+    assert ACK_TEXT in response.text
+    [job] = queued_jobs(redis_client)
+    assert job["f"] == APPLY_JOB
+    assert job["k"]["organization_id"] == ORG_ID
+    assert job["k"]["types"]["Contact"]["LastModifiedDate"] == "dateTime"
+    first, second = job["k"]["notifications"]
+    assert first == {
+        "id": records[0].notification_id,
+        "object": "Contact",
+        "fields": {
+            "Id": records[0].fields["Id"],
+            "Email": "ada@example.org",
+            "FirstName": "Ada",
+            "LastName": "Lovelace",
+        },
+    }
+    assert second["fields"]["LastModifiedDate"] == "2024-05-01T10:00:00.000Z"
+    # arq's own job-expiry would drop a job that waited out a long backlog: ours lasts longer.
+    job_id = redis_client.zrange("arq:queue", 0, -1)[0]
+    assert redis_client.pttl(b"arq:job:" + job_id) > 7 * 24 * 3600 * 1000
+
+
+async def test_redelivery_and_rebatching_queue_only_new_notifications(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client()
+    old, new = contact(Email="old@example.org"), contact(Email="new@example.org")
+    first = outbound_message([old])
+    assert ACK_TEXT in (await client.post(URL, content=first, headers=XML)).text
+    # Long after arq's one-hour result retention: its job and result keys are gone.
+    for key in redis_client.scan_iter("arq:*"):
+        redis_client.delete(key)
+    seen_key = f"{SEEN_PREFIX}{ORG_ID[:15]}:{old.notification_id}"
+    assert redis_client.ttl(seen_key) >= 25 * 3600
+    assert ACK_TEXT in (await client.post(URL, content=first, headers=XML)).text
+    assert queued_notification_ids(redis_client) == []
+    rebatched = outbound_message([old, new])
+    assert ACK_TEXT in (await client.post(URL, content=rebatched, headers=XML)).text
+    assert queued_notification_ids(redis_client) == [new.notification_id]
+    assert redis_client.hget("sfrelay:stats", "duplicates") == b"2"
+
+
+async def test_unhandled_objects_are_acked_and_counted_as_skipped(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client()
+    account = Record("Account", {"Id": "0011I000008ZxYzQAK", "Name": "Acme"})
+    body = outbound_message([account, contact(Email="c@example.org")])
+    assert ACK_TEXT in (await client.post(URL, content=body, headers=XML)).text
+    assert redis_client.hget("sfrelay:stats", "skipped") == b"1"
+    assert len(queued_notification_ids(redis_client)) == 1
+
+
+async def test_unusable_notification_becomes_a_dead_letter_and_the_rest_is_queued(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client()
+    good = contact(Email="good@example.org")
+    body = outbound_message([good]).replace(
+        b"   </Notification>\n  </notifications>",
+        b"   </Notification>\n   <Notification>\n    <Id>04l1I000000fzzzQAA</Id>\n"
+        b'    <sObject xsi:type="sf:Contact" xmlns:sf="urn:sobject.enterprise.soap.sforce.com">\n'
+        b"     <sf:Email>noid@example.org</sf:Email>\n    </sObject>\n   </Notification>\n"
+        b"  </notifications>",
+    )
+    response = await client.post(URL, content=body, headers=XML)
+    assert ACK_TEXT in response.text
+    assert queued_notification_ids(redis_client) == [good.notification_id]
+    [(field, raw)] = redis_client.hgetall(DEAD_KEY).items()
+    dead = orjson.loads(raw)
+    assert dead["notification_id"] == "04l1I000000fzzzQAA"
+    assert dead["reason"] == "Contact has no sf:Id"
+    assert redis_client.get(DEAD_BODY_PREFIX + dead["body_sha256"]) == body
+    # Redelivered, it is neither queued nor dead-lettered twice.
+    assert ACK_TEXT in (await client.post(URL, content=body, headers=XML)).text
+    assert redis_client.hlen(DEAD_KEY) == 1
+    assert len(queued_jobs(redis_client)) == 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "aspnet_WebHooks__Salesforce.xml",
+        "aspnet_AspNetWebHooks__OutboundMessage1.xml",
+        "mulesoft-labs_sfdc-outbound-message-demo__sample_sfdc_outbound.xml",
+        "guardian_salesforce-message-handler__soapNotificationsRequest.xml",
+    ],
+)
+async def test_real_messages_are_acked(
+    name: str, make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client(
+        org_ids=["012345678901234", "0123456789ABCDENNN", "00DQ0000000EB93", "someOrganizationId"]
+    )
+    response = await client.post(URL, content=shared_message(name), headers=XML)
+    assert response.status_code == 200, response.text
+    assert ACK_TEXT in response.text
+    stored = (
+        len(queued_notification_ids(redis_client))
+        + int(redis_client.hget("sfrelay:stats", "skipped") or 0)
+        + redis_client.hlen(DEAD_KEY)
+    )
+    assert stored == shared_message(name).count(b"<Notification>")
+
+
+async def test_org_ids_compare_on_the_case_restoring_checksum(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client(org_ids=[ORG_ID[:15]])
+    body = outbound_message([contact(Email="a@example.org")], org_id=ORG_ID.upper())
+    assert ACK_TEXT in (await client.post(URL, content=body, headers=XML)).text
+    other = "00D1I000003QQQEUAQ"[:15] + "AAA"  # another org: same letters, other case
+    response = await client.post(URL, content=outbound_message([contact()], org_id=other), headers=XML)
+    assert response.status_code == 403
+
+
+# --- one test per refusal: exact response, and Redis untouched ---------------------------------
+
+
+async def assert_refused(
+    response: httpx.Response, status: int, faultstring: str, redis_client: redis.Redis
+) -> None:
+    assert response.status_code == status
+    assert fault_of(response) == faultstring
+    assert redis_client.dbsize() == 0
+
+
+async def test_refuses_unknown_org(make_client: ClientFactory, redis_client: redis.Redis) -> None:
+    client = await make_client()
+    body = outbound_message([contact()], org_id="00D000000000001AAA")
+    response = await client.post(URL, content=body, headers=XML)
+    await assert_refused(
+        response, 403, "organization 00D000000000001AAA is not in SFRELAY_ORG_IDS", redis_client
+    )
+
+
+async def test_refuses_missing_and_wrong_token(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client(endpoint_token="s3cr3t-token-value")
+    body = outbound_message([contact()])
+    response = await client.post(URL, content=body, headers=XML)
+    await assert_refused(
+        response,
+        401,
+        "missing token: add ?token=&lt;SFRELAY_ENDPOINT_TOKEN&gt; to the endpoint URL",
+        redis_client,
+    )
+    response = await client.post(URL + "?token=s3cr3t-token-valuE", content=body, headers=XML)
+    await assert_refused(
+        response, 401, "wrong token: check the ?token= of the endpoint URL in Salesforce", redis_client
+    )
+    response = await client.post(URL + "?token=s3cr3t-token-value", content=body, headers=XML)
+    assert ACK_TEXT in response.text
+
+
+async def test_refuses_addresses_outside_the_allowed_networks(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client(allowed_networks=["10.0.0.0/8"])
+    response = await client.post(URL, content=outbound_message([contact()]), headers=XML)
+    await assert_refused(
+        response, 403, "address 127.0.0.1 is not allowed to send Outbound Messages", redis_client
+    )
+    # Behind a trusted proxy, X-Forwarded-For names the sender; a forged left-most hop is ignored.
+    proxied = await make_client(allowed_networks=["10.0.0.0/8"], trusted_proxies=["127.0.0.0/8"])
+    headers = {**XML, "x-forwarded-for": "192.0.2.9, 10.1.2.3"}
+    response = await proxied.post(URL, content=outbound_message([contact()]), headers=headers)
+    assert ACK_TEXT in response.text
+    headers = {**XML, "x-forwarded-for": "10.1.2.3, 192.0.2.9"}
+    response = await proxied.post(URL, content=outbound_message([contact()]), headers=headers)
+    assert response.status_code == 403
+    assert fault_of(response) == "address 192.0.2.9 is not allowed to send Outbound Messages"
+
+
+async def test_refuses_wrong_content_type(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client()
+    response = await client.post(
+        URL, content=outbound_message([contact()]), headers={"content-type": "application/json"}
+    )
+    await assert_refused(
+        response,
+        415,
+        "content type 'application/json' is not accepted: send text/xml (SOAP 1.1)",
+        redis_client,
+    )
+    response = await client.post(
+        URL, content=outbound_message([contact()]), headers={"content-type": "APPLICATION/XML"}
+    )
+    assert ACK_TEXT in response.text
+
+
+async def test_refuses_oversize_bodies_by_header_and_by_stream(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client(max_body_bytes=2048)
+    big = outbound_message([contact(Email=f"u{i}@example.org") for i in range(20)])
+    response = await client.post(URL, content=big, headers=XML)
+    await assert_refused(
+        response, 413, "the body exceeds 2048 bytes (SFRELAY_MAX_BODY_BYTES)", redis_client
+    )
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(big), 512):
+            yield big[start : start + 512]
+
+    response = await client.post(URL, content=chunks(), headers=XML)  # no Content-Length
+    await assert_refused(
+        response, 413, "the body exceeds 2048 bytes (SFRELAY_MAX_BODY_BYTES)", redis_client
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "faultstring"),
+    [
+        (b"<<<", "the body is not well-formed XML: StartTag: invalid element name, line 1, column 2"),
+        (
+            b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]><x>&e;</x>',
+            "DOCTYPE and entity declarations are not accepted",
+        ),
+        (
+            b'<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body>'
+            b'<o:other xmlns:o="http://soap.sforce.com/2005/09/outbound"/></s:Body></s:Envelope>',
+            "unknown operation: expected notifications in http://soap.sforce.com/2005/09/outbound,"
+            " got {http://soap.sforce.com/2005/09/outbound}other",
+        ),
+    ],
+)
+async def test_refuses_malformed_messages(
+    body: bytes, faultstring: str, make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client()
+    response = await client.post(URL, content=body, headers=XML)
+    await assert_refused(response, 400, faultstring, redis_client)
+
+
+async def test_refuses_more_than_100_notifications(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client()
+    body = outbound_message([contact(Email=f"u{i}@example.org") for i in range(101)])
+    response = await client.post(URL, content=body, headers=XML)
+    await assert_refused(response, 400, "more than 100 notifications in one message", redis_client)
+
+
+async def test_redis_unreachable_faults_with_503_and_acks_nothing(
+    settings: Settings, make_client: ClientFactory
+) -> None:
+    client = await make_client(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    response = await client.post(URL, content=outbound_message([contact()]), headers=XML)
+    assert response.status_code == 503
+    assert fault_of(response).startswith("temporarily unavailable: the queue (Redis) did not")
+    assert "<faultcode>soapenv:Server</faultcode>" in response.text
+    ready = await client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+
+
+async def test_health_readiness_and_wsdl(make_client: ClientFactory) -> None:
+    client = await make_client()
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).json() == {"status": "ready", "redis": "ok"}
+    contact_wsdl = await client.get(URL + "?wsdl")
+    assert contact_wsdl.status_code == 200
+    assert b'<complexType name="ContactNotification">' in contact_wsdl.content
+    lead_wsdl = await client.get(URL + "?wsdl=Lead")
+    assert b'<element name="IsConverted"' in lead_wsdl.content
+    missing = await client.get(URL + "?wsdl=Account")
+    assert missing.status_code == 404
+    assert fault_of(missing) == "no WSDL for 'Account'; known objects: Contact, Lead"
