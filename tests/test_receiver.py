@@ -145,7 +145,8 @@ async def test_unusable_notification_becomes_a_dead_letter_and_the_rest_is_queue
     response = await client.post(URL, content=body, headers=XML)
     assert ACK_TEXT in response.text
     assert queued_notification_ids(redis_client) == [good.notification_id]
-    [(field, raw)] = redis_client.hgetall(DEAD_KEY).items()
+    [(seen_key, raw)] = redis_client.hgetall(DEAD_KEY).items()
+    assert seen_key.decode().endswith(":04l1I000000fzzzQAA")
     dead = orjson.loads(raw)
     assert dead["notification_id"] == "04l1I000000fzzzQAA"
     assert dead["reason"] == "Contact has no sf:Id"
@@ -189,7 +190,9 @@ async def test_org_ids_compare_on_the_case_restoring_checksum(
     body = outbound_message([contact(Email="a@example.org")], org_id=ORG_ID.upper())
     assert ACK_TEXT in (await client.post(URL, content=body, headers=XML)).text
     other = "00D1I000003QQQEUAQ"[:15] + "AAA"  # another org: same letters, other case
-    response = await client.post(URL, content=outbound_message([contact()], org_id=other), headers=XML)
+    response = await client.post(
+        URL, content=outbound_message([contact()], org_id=other), headers=XML
+    )
     assert response.status_code == 403
 
 
@@ -227,7 +230,10 @@ async def test_refuses_missing_and_wrong_token(
     )
     response = await client.post(URL + "?token=s3cr3t-token-valuE", content=body, headers=XML)
     await assert_refused(
-        response, 401, "wrong token: check the ?token= of the endpoint URL in Salesforce", redis_client
+        response,
+        401,
+        "wrong token: check the ?token= of the endpoint URL in Salesforce",
+        redis_client,
     )
     response = await client.post(URL + "?token=s3cr3t-token-value", content=body, headers=XML)
     assert ACK_TEXT in response.text
@@ -294,7 +300,10 @@ async def test_refuses_oversize_bodies_by_header_and_by_stream(
 @pytest.mark.parametrize(
     ("body", "faultstring"),
     [
-        (b"<<<", "the body is not well-formed XML: StartTag: invalid element name, line 1, column 2"),
+        (
+            b"<<<",
+            "the body is not well-formed XML: StartTag: invalid element name, line 1, column 2",
+        ),
         (
             b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]><x>&e;</x>',
             "DOCTYPE and entity declarations are not accepted",

@@ -1,4 +1,4 @@
-"""app.soap: real and generated Outbound Messages parse to typed notifications; bad ones are refused."""
+"""app.soap: real and generated messages parse to typed notifications; bad ones are refused."""
 
 from __future__ import annotations
 
@@ -186,8 +186,14 @@ def test_billion_laughs_and_deep_nesting_are_refused_fast(contract: Contract) ->
 
 def test_ack_and_fault_envelopes() -> None:
     ack = etree.fromstring(ACK)
-    ns = {"s": "http://schemas.xmlsoap.org/soap/envelope/", "o": "http://soap.sforce.com/2005/09/outbound"}
-    assert ack.xpath("string(/s:Envelope/s:Body/o:notificationsResponse/o:Ack)", namespaces=ns) == "true"
+    ns = {
+        "s": "http://schemas.xmlsoap.org/soap/envelope/",
+        "o": "http://soap.sforce.com/2005/09/outbound",
+    }
+    assert (
+        ack.xpath("string(/s:Envelope/s:Body/o:notificationsResponse/o:Ack)", namespaces=ns)
+        == "true"
+    )
     error = etree.fromstring(fault("bad <thing> & more"))
     assert error.xpath("string(//faultstring)") == "bad <thing> & more"
     assert error.xpath("string(//faultcode)") == "soapenv:Client"

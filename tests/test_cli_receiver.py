@@ -1,0 +1,127 @@
+"""The receiver-side commands, run as a user runs them: `sfrelay serve`, `send`, `queue stats`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.config import Settings
+from app.main import create_app
+from tests.conftest import shared_message
+from tests.messages import contact, outbound_message
+from tests.servers import RedisServer, UvicornThread, free_port, wait_for_port
+
+SFRELAY = [sys.executable, "-m", "app.cli"]
+
+
+def run(
+    args: list[str], env: dict[str, str], stdin: bytes = b""
+) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SFRELAY_")}
+    return subprocess.run(
+        [*SFRELAY, *args],
+        input=stdin.decode(),
+        capture_output=True,
+        text=True,
+        env={**clean, **env},
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[UvicornThread]:
+    with UvicornThread(create_app(settings)) as running:
+        yield running
+
+
+def test_send_prints_the_ack_and_exits_zero(
+    server: UvicornThread, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    message = tmp_path / "message.xml"
+    message.write_bytes(outbound_message([contact(Email="a@example.org")]))
+    url = f"{server.url}/salesforce/outbound-message"
+    result = run(["send", str(message), "--url", url], {})
+    assert result.returncode == 0, result.stderr
+    assert "<Ack>true</Ack>" in result.stdout
+    stats = run(["queue", "stats", "--json"], {"SFRELAY_REDIS_URL": redis_server.url})
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout) == {
+        "queued": 1,
+        "in_progress": 0,
+        "dead": 0,
+        "skipped": 0,
+        "duplicates": 0,
+    }
+
+
+def test_send_reads_stdin_and_exits_nonzero_on_a_fault(server: UvicornThread) -> None:
+    url = f"{server.url}/salesforce/outbound-message"
+    body = shared_message("aspnet_AspNetWebHooks__OutboundMessage2.xml")
+    result = run(["send", "-", "--url", url], {}, stdin=body)
+    assert result.returncode == 1
+    assert "<faultstring>the message has no OrganizationId</faultstring>" in result.stdout
+
+
+def test_send_says_what_to_do_when_nothing_listens(tmp_path: Path) -> None:
+    message = tmp_path / "m.xml"
+    message.write_bytes(b"<x/>")
+    url = f"http://127.0.0.1:{free_port()}/salesforce/outbound-message"
+    result = run(["send", str(message), "--url", url], {})
+    assert result.returncode == 2
+    assert "is `sfrelay serve` running?" in result.stderr
+
+
+def test_queue_stats_says_what_to_do_when_redis_is_down() -> None:
+    result = run(["queue", "stats"], {"SFRELAY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    assert result.returncode == 2
+    assert "check SFRELAY_REDIS_URL" in result.stderr
+
+
+def test_serve_refuses_to_start_without_org_ids() -> None:
+    result = run(["serve"], {"SFRELAY_ENV": "production"})
+    assert result.returncode == 2
+    assert "SFRELAY_ORG_IDS is not set" in result.stderr
+
+
+def test_serve_refuses_a_placeholder_token() -> None:
+    env = {"SFRELAY_ORG_IDS": "00D1I000003qqqEUAQ", "SFRELAY_ENDPOINT_TOKEN": "changeme"}
+    result = run(["serve"], env)
+    assert result.returncode == 2
+    assert "SFRELAY_ENDPOINT_TOKEN is a placeholder" in result.stderr
+
+
+def test_serve_runs_and_never_logs_the_token(redis_server: RedisServer) -> None:
+    port = free_port()
+    env = {
+        "SFRELAY_ORG_IDS": "00D1I000003qqqEUAQ",
+        "SFRELAY_ENDPOINT_TOKEN": "a-long-random-token-value",
+        "SFRELAY_REDIS_URL": redis_server.url,
+        "SFRELAY_PORT": str(port),
+    }
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SFRELAY_")}
+    process = subprocess.Popen(
+        [*SFRELAY, "serve"],
+        env={**clean, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_port(port, timeout=20)
+        url = f"http://127.0.0.1:{port}/salesforce/outbound-message?token=a-long-random-token-value"
+        message = outbound_message([contact(Email="t@example.org")])
+        response = httpx.post(url, content=message, headers={"content-type": "text/xml"})
+        assert "<Ack>true</Ack>" in response.text
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=20)
+    assert "POST /salesforce/outbound-message?token=***" in output
+    assert "a-long-random-token-value" not in output

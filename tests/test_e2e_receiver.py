@@ -1,0 +1,203 @@
+"""End to end: a real uvicorn server, a real redis-server, and zeep as Salesforce's stand-in."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import redis
+import zeep
+import zeep.exceptions
+from lxml import etree
+
+from app.config import DEFAULT_WSDL_DIR, Settings
+from app.main import create_app
+from tests.conftest import SHARED_WSDLS
+from tests.messages import ORG_ID, contact, outbound_message, sf_id
+from tests.servers import RedisServer, UvicornThread, free_port
+
+BINDING = "{http://soap.sforce.com/2005/09/outbound}NotificationBinding"
+SOBJECT = "{urn:sobject.enterprise.soap.sforce.com}"
+XSI = "http://www.w3.org/2001/XMLSchema-instance"
+XML = {"content-type": "text/xml; charset=UTF-8"}
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[UvicornThread]:
+    with UvicornThread(create_app(settings)) as running:
+        yield running
+
+
+def endpoint(server: UvicornThread) -> str:
+    return f"{server.url}/salesforce/outbound-message"
+
+
+def queued(redis_client: redis.Redis) -> list[dict[str, Any]]:
+    out = []
+    for job_id in redis_client.zrange("arq:queue", 0, -1):
+        job = orjson.loads(redis_client.get(b"arq:job:" + job_id) or b"{}")
+        out += job["k"]["notifications"]
+    return out
+
+
+class SalesforceTyping(zeep.Plugin):
+    """Adds `xsi:type="sf:<Object>"` to each sObject, with `sf` declared on it, as Salesforce does.
+
+    zeep itself leaves xsi:type out when the value has the element's declared type.
+    """
+
+    def __init__(self, sobject: str) -> None:
+        self.sobject = sobject
+
+    def egress(
+        self, envelope: etree._Element, http_headers: dict[str, str], *_: Any
+    ) -> tuple[etree._Element, dict[str, str]]:
+        for old in list(envelope.iter("{http://soap.sforce.com/2005/09/outbound}sObject")):
+            new = etree.Element(old.tag, nsmap={"sf": SOBJECT[1:-1], "xsi": XSI})
+            new.set(f"{{{XSI}}}type", f"sf:{self.sobject}")
+            new.extend(list(old))
+            parent = old.getparent()
+            assert parent is not None
+            parent.replace(old, new)
+        return envelope, http_headers
+
+
+def notify(
+    wsdl: Path, url: str, sobject: dict[str, Any], *, number: int, typed: str | None = None
+) -> Any:
+    client = zeep.Client(str(wsdl), plugins=[SalesforceTyping(typed)] if typed else [])
+    service = client.create_service(BINDING, url)
+    return service.notifications(
+        OrganizationId=ORG_ID,
+        ActionId=sf_id("04k", 1),
+        SessionId=None,
+        EnterpriseUrl="https://na73.salesforce.com/services/Soap/c/61.0/00D1I000003qqqE",
+        PartnerUrl="https://na73.salesforce.com/services/Soap/u/61.0/00D1I000003qqqE",
+        Notification=[{"Id": sf_id("04l", number), "sObject": sobject}],
+    )
+
+
+def test_zeep_with_our_contact_and_lead_wsdls(
+    server: UvicornThread, redis_client: redis.Redis
+) -> None:
+    contact_fields = {"Id": sf_id("003", 7), "Email": "ada@example.org", "FirstName": "Ada"}
+    # Plain zeep sends no xsi:type: the record id's key prefix (003) names the object.
+    assert notify(DEFAULT_WSDL_DIR / "contact.wsdl", endpoint(server), contact_fields, number=1)
+    lead_fields = {"Id": sf_id("00Q", 8), "Email": "lead@example.org", "IsConverted": True}
+    ack = notify(
+        DEFAULT_WSDL_DIR / "lead.wsdl", endpoint(server), lead_fields, number=2, typed="Lead"
+    )
+    assert ack is True
+    by_object = {n["object"]: n["fields"] for n in queued(redis_client)}
+    assert by_object["Contact"] == contact_fields
+    assert by_object["Lead"]["IsConverted"] is True
+    assert by_object["Lead"]["Email"] == "lead@example.org"
+
+
+@pytest.mark.parametrize("wsdl", sorted(SHARED_WSDLS.glob("*.wsdl")), ids=lambda p: p.name[:20])
+def test_zeep_with_real_salesforce_wsdls(
+    wsdl: Path, server: UvicornThread, redis_client: redis.Redis
+) -> None:
+    client = zeep.Client(str(wsdl))
+    [sobject_type] = [
+        t
+        for t in client.wsdl.types.types
+        if t.qname is not None
+        and t.qname.namespace == SOBJECT[1:-1]
+        and t.qname.localname not in ("sObject", "AggregateResult")
+    ]
+    name = sobject_type.qname.localname
+    prefix = {"Contact": "003", "Account": "001"}.get(name, "a0R")
+    assert notify(wsdl, endpoint(server), {"Id": sf_id(prefix, 3)}, number=3, typed=name) is True
+    handled = sobject_type.qname.localname == "Contact"
+    skipped = int(redis_client.hget("sfrelay:stats", "skipped") or 0)
+    assert (len(queued(redis_client)), skipped) == ((1, 0) if handled else (0, 1))
+
+
+def test_a_fault_reaches_zeep_as_a_fault(server: UvicornThread, redis_client: redis.Redis) -> None:
+    client = zeep.Client(str(DEFAULT_WSDL_DIR / "contact.wsdl"))
+    service = client.create_service(BINDING, endpoint(server))
+    with pytest.raises(zeep.exceptions.Fault) as caught:
+        service.notifications(
+            OrganizationId="00D000000000001AAA",
+            ActionId=sf_id("04k", 1),
+            SessionId=None,
+            EnterpriseUrl="x",
+            PartnerUrl="y",
+            Notification=[{"Id": sf_id("04l", 1), "sObject": {"Id": sf_id("003", 1)}}],
+        )
+    assert caught.value.message == "organization 00D000000000001AAA is not in SFRELAY_ORG_IDS"
+    assert redis_client.dbsize() == 0
+
+
+def test_hostile_bodies_are_refused_fast_and_the_server_stays_responsive(
+    server: UvicornThread, redis_client: redis.Redis
+) -> None:
+    hostile = {
+        "xxe": b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+        b"<r>&x;</r>",
+        "billion laughs": b'<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "lol">'
+        + b"".join(
+            f'<!ENTITY a{i} "{("&a;" if i == 0 else f"&a{i - 1};") * 10}">'.encode()
+            for i in range(9)
+        )
+        + b"]><l>&a8;</l>",
+        "deep nesting": b"<a>" * 200_000 + b"</a>" * 200_000,
+        "oversize": b"<a>" + b"x" * (9 * 1024 * 1024) + b"</a>",
+    }
+    with httpx.Client(timeout=10) as http:
+        for name, body in hostile.items():
+            started = time.perf_counter()
+            response = http.post(endpoint(server), content=body, headers=XML)
+            elapsed = time.perf_counter() - started
+            assert response.status_code in (400, 413), name
+            assert elapsed < 2.0, f"{name} took {elapsed:.2f} s"
+            assert http.get(f"{server.url}/healthz").status_code == 200
+    assert redis_client.dbsize() == 0
+
+
+def test_redis_stopped_mid_run_nothing_acked_is_lost_nothing_half_written(
+    settings: Settings, tmp_path: Path
+) -> None:
+    own_redis = RedisServer(port=free_port(), directory=tmp_path / "redis")
+    own_redis.start()
+    app_settings = Settings(_env_file=None, **{**settings.model_dump(), "redis_url": own_redis.url})
+    messages = [outbound_message([contact(Email=f"m{i}@example.org")]) for i in range(40)]
+
+    def post(body: bytes) -> int:
+        with httpx.Client(timeout=15) as http:
+            return http.post(url, content=body, headers=XML).status_code
+
+    try:
+        with UvicornThread(create_app(app_settings)) as running:
+            url = endpoint(running)
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                first = list(pool.map(post, messages[:20]))
+                stopping = pool.submit(own_redis.stop)
+                during = list(pool.map(post, messages[20:]))
+                stopping.result()
+            assert set(first) == {200}
+            assert post(messages[-1]) == 503
+            own_redis.start()  # AOF brings back everything that was acked
+            statuses = first + during
+            client = own_redis.client()
+            stored = {n["id"] for n in queued(client)}
+            for body, status in zip(messages, statuses, strict=True):
+                notification_id = body.split(b"<Id>")[1].split(b"</Id>")[0].decode()
+                if status == 200:
+                    assert notification_id in stored
+                else:
+                    assert status == 503
+            # Every message again, as Salesforce retries: each notification queued exactly once.
+            assert {post(body) for body in messages} == {200}
+            ids = [n["id"] for n in queued(client)]
+            assert len(ids) == len(set(ids)) == len(messages)
+            client.close()
+    finally:
+        own_redis.stop()
