@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import orjson
 from pydantic import ValidationError
 
 from app.config import Settings
-from app.errors import ConfigError, QueueUnavailable
+from app.errors import ConfigError, QueueUnavailable, RetryableError
 from app.receiver import ENDPOINT
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -88,6 +90,62 @@ def cmd_queue_stats(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from arq.worker import create_worker
+    from redis.exceptions import RedisError
+
+    # app/ never imports workers/ at module level: the receiver's image needs no worker code.
+    worker_main = importlib.import_module("workers.main")
+    worker = create_worker(worker_main.worker_options(settings), burst=args.burst)
+    try:
+        worker.run()
+    except (RedisError, OSError) as exc:
+        return _fail(f"cannot use Redis: {exc}; check SFRELAY_REDIS_URL and that Redis runs")
+    return 0
+
+
+def cmd_dead_list(args: argparse.Namespace, settings: Settings) -> int:
+    from app.dead import list_dead_letters
+
+    letters = asyncio.run(list_dead_letters(settings))
+    if args.json:
+        print(orjson.dumps([letter.as_dict() for letter in letters]).decode())
+        return 0
+    if not letters:
+        print("no dead letters")
+        return 0
+    print(
+        f"{'ID':<28} {'NOTIFICATION':<18} {'RECORD':<18} {'TRIES':>5}  LAST SEEN (UTC)      ERROR"
+    )
+    for letter in letters:
+        seen = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(letter.last_seen))
+        print(
+            f"{letter.id:<28} {letter.notification_id or '-':<18} {letter.record_id or '-':<18} "
+            f"{letter.attempts:>5}  {seen}  {letter.error}"
+        )
+    return 0
+
+
+def cmd_dead_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from app.dead import replay_dead_letters
+
+    if not args.ids and not args.all:
+        return _fail("name the dead letters to replay (IDs from `sfrelay dead list`) or --all")
+    if args.ids and args.all:
+        return _fail("give IDs or --all, not both")
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rreplayed {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    result = asyncio.run(replay_dead_letters(settings, None if args.all else args.ids, progress))
+    if result.replayed:
+        print(file=sys.stderr)
+    print(f"replayed {result.replayed} dead letters as {result.jobs} jobs")
+    for letter_id, why in result.refused.items():
+        print(f"not replayed {letter_id}: {why}", file=sys.stderr)
+    return 1 if result.refused else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfrelay",
@@ -114,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     stats = queue_sub.add_parser("stats", help="notifications waiting, being applied, dead")
     stats.add_argument("--json", action="store_true", help="one JSON object")
     stats.set_defaults(func=cmd_queue_stats)
+
+    worker = sub.add_parser("worker", help="apply queued notifications to Drupal (arq worker)")
+    worker.add_argument("--burst", action="store_true", help="drain the queue, then exit")
+    worker.set_defaults(func=cmd_worker)
+
+    dead = sub.add_parser("dead", help="notifications that could not be applied")
+    dead_sub = dead.add_subparsers(dest="dead_command", required=True, metavar="COMMAND")
+    dead_list = dead_sub.add_parser("list", help="list the dead letters")
+    dead_list.add_argument("--json", action="store_true", help="one JSON array")
+    dead_list.set_defaults(func=cmd_dead_list)
+    replay = dead_sub.add_parser("replay", help="queue dead letters again for the workers")
+    replay.add_argument("ids", nargs="*", metavar="ID", help="IDs from `sfrelay dead list`")
+    replay.add_argument("--all", action="store_true", help="every dead letter")
+    replay.set_defaults(func=cmd_dead_replay)
     return parser
 
 
@@ -129,6 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args, settings)
     except ConfigError as exc:
         return _fail(str(exc))
+    except QueueUnavailable as exc:
+        return _fail(f"{exc}; check SFRELAY_REDIS_URL and that Redis runs")
+    except RetryableError as exc:
+        return _fail(f"the Drupal database is unavailable: {exc}; check SFRELAY_DATABASE_URL")
     except KeyboardInterrupt:
         return 130
 

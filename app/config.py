@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     max_tries: int = Field(default=5, ge=1)
     worker_max_rss_mb: int = Field(default=512, ge=32)
     worker_batch_size: int = Field(default=500, ge=1)
+    # arq's job timeout; a killed worker's job is re-run by another once its in-progress mark
+    # expires (this + 10 s), and a stopping worker waits this long for its running jobs.
+    job_timeout_seconds: float = Field(default=300, ge=1)
+    # First retry delay; each further attempt waits twice as long (capped at one hour).
+    retry_backoff_seconds: float = Field(default=30, ge=0)
 
     @field_validator("org_ids", "handled_objects", mode="before")
     @classmethod

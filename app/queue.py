@@ -284,3 +284,50 @@ def _notification_count(raw: bytes) -> int:
     kwargs = job.get("k") or {}
     notifications = kwargs.get("notifications")
     return len(notifications) if isinstance(notifications, list) else 1
+
+
+# Per-notification bookkeeping of retried and replayed notifications (absent on a first try).
+ATTEMPT_KEY = "attempt"
+FIRST_SEEN_KEY = "first_seen"
+
+
+async def enqueue_apply(
+    redis: Redis,
+    queue_name: str,
+    kwargs: dict[str, Any],
+    *,
+    job_ttl_s: int,
+    defer_s: float = 0.0,
+    job_id: str | None = None,
+) -> bool:
+    """Queue an `apply_notifications` job (retries, replays); False if `job_id` already exists.
+
+    A fixed `job_id` makes the write idempotent: a worker that re-runs an interrupted job
+    re-enqueues the same follow-up job, not a second one.
+    """
+    job_id = job_id or uuid.uuid4().hex
+    now_ms = int(time.time() * 1000)
+    score = now_ms + int(defer_s * 1000)
+    job = orjson.dumps({"t": None, "f": APPLY_JOB, "a": [], "k": kwargs, "et": now_ms})
+    try:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.set(JOB_KEY_PREFIX + job_id, job, px=job_ttl_s * 1000 + score - now_ms, nx=True)
+            pipe.zadd(queue_name, {job_id: score}, nx=True)
+            created, _ = await pipe.execute()
+    except (RedisError, OSError) as exc:
+        raise QueueUnavailable(f"the queue (Redis) did not confirm the write: {exc}") from exc
+    return bool(created)
+
+
+async def dead_letter_in_redis(redis: Redis, entries: dict[str, dict[str, Any]]) -> None:
+    """Keep dead letters in the `sfrelay:dead` hash when the database cannot take them."""
+    if not entries:
+        return
+    mapping = {key: orjson.dumps(entry) for key, entry in entries.items()}
+    try:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.hset(DEAD_KEY, mapping=mapping)
+            pipe.hincrby(STATS_KEY, "dead_fallback", len(mapping))
+            await pipe.execute()
+    except (RedisError, OSError) as exc:
+        raise QueueUnavailable(f"cannot write dead letters to Redis: {exc}") from exc

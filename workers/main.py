@@ -1,0 +1,67 @@
+"""WorkerSettings for arq: the task, JSON jobs, and the Syncer opened into ctx at start-up."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from arq.connections import RedisSettings
+
+from app.config import Settings
+from app.queue import job_deserializer, job_serializer
+from workers import tasks
+
+logger = logging.getLogger("sfrelay.worker")
+
+# Jobs run at once by one worker; their notifications are applied together (group commit),
+# so a worker drains up to this many jobs per poll. Order between records is kept by the
+# sync rule's order guard, not by running one job at a time.
+MAX_JOBS = 20
+# How often an idle worker looks at the queue: a ZRANGEBYSCORE every 100 ms costs Redis nothing.
+POLL_DELAY_S = 0.1
+# `arq --check` fails when the health key is older than this (+1 s): keep it under a minute.
+HEALTH_CHECK_INTERVAL_S = 30
+
+
+def worker_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """The keyword arguments of arq's Worker for these settings."""
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        await tasks.startup(ctx, settings)
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        await tasks.shutdown(ctx)
+
+    options: dict[str, Any] = {
+        "functions": [tasks.apply_notifications],
+        "queue_name": settings.queue_name,
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "job_serializer": job_serializer,
+        "job_deserializer": job_deserializer,
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "after_job_end": tasks.after_job_end,
+        "max_jobs": MAX_JOBS,
+        "poll_delay": POLL_DELAY_S,
+        "job_timeout": settings.job_timeout_seconds,
+        # SIGTERM (and the memory guard) lets running jobs finish; whatever is still running
+        # after this is cancelled and stays queued for the next worker.
+        "job_completion_wait": math.ceil(settings.job_timeout_seconds),
+        # Results are never read: the queue dedupes, Drupal holds the outcome.
+        "keep_result": 0,
+        # The task dead-letters a job on its last try, so arq never drops one.
+        "max_tries": settings.max_tries + tasks.INTERRUPTED_TRIES,
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        "log_results": False,
+    }
+    options.update(overrides)
+    return options
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first use, not at import: `arq workers.main.WorkerSettings` reads the
+    # SFRELAY_* environment then, while tests import this module with their own settings.
+    if name == "WorkerSettings":
+        return worker_options(Settings())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

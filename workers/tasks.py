@@ -1,0 +1,297 @@
+"""Thin arq tasks: decode a job, apply it through the Syncer, turn outcomes into retries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psutil
+from arq import Retry
+from redis.asyncio import Redis
+
+from app.config import Settings
+from app.errors import RetryableError
+from app.queue import (
+    ATTEMPT_KEY,
+    FIRST_SEEN_KEY,
+    STATS_KEY,
+    dead_letter_in_redis,
+    decode_notifications,
+    enqueue_apply,
+)
+from app.sfid import canonical_id
+from app.sync import Outcome, Syncer
+from workers.batch import GroupCommit
+
+logger = logging.getLogger("sfrelay.worker")
+
+STATE = "sfrelay"
+# Tries on top of SFRELAY_MAX_TRIES for a job whose runs were interrupted (worker killed or
+# stopped mid-job); arq gets this many more, and the task dead-letters the job on the last.
+INTERRUPTED_TRIES = 10
+MAX_BACKOFF_S = 3600.0
+# Shares of SFRELAY_JOB_TIMEOUT_SECONDS: applying must end by the first, storing dead letters
+# in the database by the second; the rest is for Redis, before arq's own timeout drops the job.
+APPLY_SHARE = 0.7
+DEAD_LETTER_SHARE = 0.85
+
+T = TypeVar("T")
+
+
+@dataclass
+class WorkerState:
+    """What a worker process opens once: the settings, the Syncer and its group commit."""
+
+    settings: Settings
+    syncer: Syncer
+    batch: GroupCommit
+    process: psutil.Process = field(default_factory=psutil.Process)
+    stopping: bool = False
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    async def detached(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await `coro` in its own task: cancelling the wait leaves the work running."""
+        task = asyncio.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(_forget(self.background))
+        return await asyncio.shield(task)
+
+
+async def startup(ctx: dict[str, Any], settings: Settings) -> None:
+    syncer = await Syncer.open(settings)
+    state = WorkerState(settings, syncer, GroupCommit(syncer.apply, settings.worker_batch_size))
+    ctx[STATE] = state
+    logger.info("worker ready: rss %.0f MB", _rss_mb(state))
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    state: WorkerState | None = ctx.get(STATE)
+    if state is not None:
+        await state.batch.wait_idle()
+        await asyncio.gather(*state.background, return_exceptions=True)
+        await state.syncer.close()
+
+
+async def after_job_end(ctx: dict[str, Any]) -> None:
+    """The memory guard: past SFRELAY_WORKER_MAX_RSS_MB, stop the way SIGTERM does.
+
+    Running jobs finish, nothing new is taken, the process exits 0 and its supervisor starts
+    a fresh one. Signalling ourselves reuses arq's own graceful stop under any launcher.
+    """
+    state: WorkerState = ctx[STATE]
+    rss = _rss_mb(state)
+    if rss > state.settings.worker_max_rss_mb and not state.stopping:
+        state.stopping = True
+        logger.warning(
+            "rss %.0f MB is over SFRELAY_WORKER_MAX_RSS_MB=%d: finishing running jobs and "
+            "exiting for the supervisor to restart the worker",
+            rss,
+            state.settings.worker_max_rss_mb,
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def backoff_s(settings: Settings, attempt: int) -> float:
+    """Delay before attempt `attempt + 1`: doubling from SFRELAY_RETRY_BACKOFF_SECONDS."""
+    return float(min(settings.retry_backoff_seconds * 2 ** (attempt - 1), MAX_BACKOFF_S))
+
+
+async def apply_notifications(
+    ctx: dict[str, Any],
+    *,
+    organization_id: str,
+    action_id: str,
+    received_at: float,
+    types: dict[str, dict[str, str]],
+    notifications: list[dict[str, Any]],
+) -> None:
+    """Apply one Outbound Message's notifications to Drupal (see app.queue for the job)."""
+    state: WorkerState = ctx[STATE]
+    settings = state.settings
+    redis: Redis = ctx["redis"]
+    job_try: int = ctx["job_try"]
+    job = _Job(organization_id, action_id, received_at, types, notifications)
+    started = time.monotonic()
+    # Every wait below ends before arq's job timeout: a job that arq times out is dropped.
+    now = asyncio.get_running_loop().time()
+    apply_by = now + settings.job_timeout_seconds * APPLY_SHARE
+    dead_by = now + settings.job_timeout_seconds * DEAD_LETTER_SHARE
+    counts: Counter[str] = Counter()
+    dead: list[_Letter] = []
+
+    if job_try >= settings.max_tries + INTERRUPTED_TRIES:
+        # Every earlier run was cut short: this job may be what kills the worker.
+        reason = f"the worker was stopped or killed while applying this job {job_try - 1} times"
+        dead = [(item, reason, job_try) for item in notifications]
+    else:
+        try:
+            async with asyncio.timeout_at(apply_by):
+                outcomes = await state.batch.apply(decode_notifications(notifications, types))
+        except (RetryableError, TimeoutError) as exc:
+            reason = str(exc) or "the database gave no answer in time"
+            if job_try < settings.max_tries:
+                delay = backoff_s(settings, job_try)
+                logger.warning(
+                    "job %s try %d: %s; retrying in %.0f s", ctx["job_id"], job_try, reason, delay
+                )
+                raise Retry(defer=delay) from exc
+            reason = f"gave up after {job_try} tries: {reason}"
+            dead = [(item, reason, job_try) for item in notifications]
+        except Exception as exc:  # a bug or a PermanentError: never drop the job's work
+            logger.exception("job %s: applying failed", ctx["job_id"])
+            reason = f"{type(exc).__name__}: {exc}"
+            dead = [(item, reason, job_try) for item in notifications]
+        else:
+            retry = _sort_outcomes(settings, job, notifications, outcomes, counts, dead)
+            if retry:
+                delay = backoff_s(settings, min(int(item[ATTEMPT_KEY]) for item in retry) - 1)
+                await enqueue_apply(
+                    redis,
+                    settings.queue_name,
+                    job.kwargs(retry),
+                    job_ttl_s=settings.job_ttl_seconds,
+                    defer_s=delay,
+                    job_id=f"{ctx['job_id']}.retry",
+                )
+                counts["requeued"] += len(retry)
+    if dead:
+        await _dead_letter(state, redis, job, dead, dead_by)
+        counts["dead"] += len(dead)
+    await _finish(redis, ctx, job, counts, started)
+
+
+_Letter = tuple[dict[str, Any], str, int]  # notification, reason, attempts
+
+
+def _sort_outcomes(
+    settings: Settings,
+    job: _Job,
+    notifications: list[dict[str, Any]],
+    outcomes: list[Outcome],
+    counts: Counter[str],
+    dead: list[_Letter],
+) -> list[dict[str, Any]]:
+    """Count the outcomes, collect the dead letters; return the notifications to retry."""
+    retry = []
+    for item, outcome in zip(notifications, outcomes, strict=True):
+        counts[outcome.outcome] += 1
+        attempt = int(item.get(ATTEMPT_KEY, 1))
+        detail = outcome.detail or outcome.outcome
+        if outcome.outcome == "retry" and attempt < settings.max_tries:
+            retry.append({**item, ATTEMPT_KEY: attempt + 1, FIRST_SEEN_KEY: job.first_seen(item)})
+        elif outcome.outcome == "retry":
+            dead.append((item, f"gave up after {attempt} attempts: {detail}", attempt))
+        elif outcome.outcome == "failed":
+            dead.append((item, detail, attempt))
+    return retry
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    organization_id: str
+    action_id: str
+    received_at: float
+    types: dict[str, dict[str, str]]
+    notifications: list[dict[str, Any]]
+
+    def first_seen(self, item: dict[str, Any]) -> float:
+        return float(item.get(FIRST_SEEN_KEY, self.received_at))
+
+    def kwargs(self, notifications: list[dict[str, Any]]) -> dict[str, Any]:
+        objects = {item["object"] for item in notifications}
+        return {
+            "organization_id": self.organization_id,
+            "action_id": self.action_id,
+            "received_at": self.received_at,
+            "types": {obj: self.types.get(obj, {}) for obj in sorted(objects)},
+            "notifications": notifications,
+        }
+
+    def stored(self, item: dict[str, Any]) -> dict[str, Any]:
+        """A notification as a dead letter keeps it: enough to queue it again on its own."""
+        clean = {k: v for k, v in item.items() if k not in (ATTEMPT_KEY, FIRST_SEEN_KEY)}
+        return {
+            **clean,
+            "organization_id": self.organization_id,
+            "action_id": self.action_id,
+            "types": self.types.get(item["object"], {}),
+        }
+
+
+async def _dead_letter(
+    state: WorkerState, redis: Redis, job: _Job, letters: list[_Letter], deadline: float
+) -> None:
+    """Store dead letters in the database, or in Redis when it cannot take them in time."""
+    left = list(letters)
+    try:
+        async with asyncio.timeout_at(deadline):
+            while left:
+                item, reason, attempts = left[0]
+                stored = job.stored(item)
+                # Detached: a stuck database write must not hold the job past its deadline
+                # (if it lands later, the letter is in both places; replaying both is harmless).
+                await state.detached(
+                    state.syncer.dead_letter(stored, reason, attempts, job.first_seen(item))
+                )
+                left.pop(0)
+    except Exception as exc:  # whatever broke, the notifications must be kept somewhere
+        logger.warning(
+            "the database did not take %d dead letters (%s): keeping them in Redis",
+            len(left),
+            exc or type(exc).__name__,
+        )
+        now = time.time()
+        org15 = canonical_id(job.organization_id)
+        await dead_letter_in_redis(
+            redis,
+            {
+                f"worker:{org15}:{item.get('id') or os.urandom(8).hex()}": {
+                    "notification_id": item.get("id"),
+                    "record_id": item.get("fields", {}).get("Id"),
+                    "notification": job.stored(item),
+                    "error": reason,
+                    "attempts": attempts,
+                    "first_seen": job.first_seen(item),
+                    "last_seen": now,
+                }
+                for item, reason, attempts in left
+            },
+        )
+
+
+async def _finish(
+    redis: Redis, ctx: dict[str, Any], job: _Job, counts: Counter[str], started: float
+) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        for name, count in counts.items():
+            pipe.hincrby(STATS_KEY, f"outcome:{name}", count)
+        await pipe.execute()
+    summary = " ".join(f"{name}={count}" for name, count in sorted(counts.items()))
+    logger.info(
+        "job %s try %d: %d notifications in %.0f ms: %s",
+        ctx["job_id"],
+        ctx["job_try"],
+        len(job.notifications),
+        (time.monotonic() - started) * 1000,
+        summary or "nothing",
+    )
+
+
+def _forget(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("detached database write failed: %s", task.exception())
+
+    return done
+
+
+def _rss_mb(state: WorkerState) -> float:
+    return float(state.process.memory_info().rss) / 2**20
