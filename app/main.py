@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from app import __version__
 from app.config import Settings
@@ -16,6 +17,8 @@ from app.errors import ConfigError
 from app.queue import Enqueuer
 from app.receiver import router
 from app.wsdl import load_contract
+
+log = logging.getLogger("sfrelay.receiver")
 
 _SECRET_QUERY = re.compile(r"((?:^|[?&])(?:token|sessionid|access_token)=)[^&\s]*", re.I)
 
@@ -42,6 +45,26 @@ def redis_client(settings: Settings) -> Redis:
     return client
 
 
+async def warn_if_not_durable(redis: Redis) -> None:
+    """An ack promises Salesforce the notification is stored: say so when Redis cannot keep it."""
+    try:
+        config = await redis.config_get("appendonly")
+        policy = await redis.config_get("maxmemory-policy")
+    except (RedisError, OSError):
+        return  # CONFIG may be disabled (managed Redis) or Redis down: /readyz reports the latter
+    if config.get("appendonly") != "yes":
+        log.warning(
+            "Redis runs without AOF (appendonly no): acked notifications can be lost if Redis "
+            "restarts; set appendonly yes"
+        )
+    if policy.get("maxmemory-policy", "noeviction") != "noeviction":
+        log.warning(
+            "Redis may evict keys (maxmemory-policy %s): queued jobs could vanish; "
+            "set maxmemory-policy noeviction",
+            policy.get("maxmemory-policy"),
+        )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The receiver. Loads the WSDLs (zeep, once) and checks the configuration before serving."""
     settings = settings or Settings()
@@ -59,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = redis_client(settings)
         app.state.redis = redis
+        await warn_if_not_durable(redis)
         app.state.enqueuer = Enqueuer(
             redis,
             handled_objects=settings.handled_objects,

@@ -41,6 +41,7 @@ class RedisServer:
 
     port: int
     directory: Path
+    options: tuple[str, ...] = ("--appendonly", "yes", "--maxmemory-policy", "noeviction")
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,14 +67,11 @@ class RedisServer:
                 str(self.directory),
                 "--save",
                 "",
-                "--appendonly",
-                "yes",
                 "--appendfsync",
                 "everysec",
-                "--maxmemory-policy",
-                "noeviction",
                 "--loglevel",
                 "warning",
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
         )
@@ -82,7 +80,11 @@ class RedisServer:
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
-            self.process.wait(10)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
             self.process = None
 
     def client(self) -> redis.Redis:

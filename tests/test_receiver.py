@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +16,7 @@ from app.main import create_app
 from app.queue import APPLY_JOB, DEAD_BODY_PREFIX, DEAD_KEY, SEEN_PREFIX
 from tests.conftest import shared_message
 from tests.messages import ORG_ID, Record, contact, outbound_message
-from tests.servers import free_port
+from tests.servers import RedisServer, free_port
 
 URL = "/salesforce/outbound-message"
 XML = {"content-type": "text/xml; charset=UTF-8", "soapaction": '""'}
@@ -357,3 +358,32 @@ async def test_health_readiness_and_wsdl(make_client: ClientFactory) -> None:
     missing = await client.get(URL + "?wsdl=Account")
     assert missing.status_code == 404
     assert fault_of(missing) == "no WSDL for 'Account'; known objects: Contact, Lead"
+
+
+async def test_start_up_warns_when_redis_would_not_keep_acked_messages(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def warnings_at_start_up(redis_url: str) -> list[str]:
+        caplog.clear()
+        app = create_app(
+            Settings(_env_file=None, **{**settings.model_dump(), "redis_url": redis_url})
+        )
+        async with app.router.lifespan_context(app):
+            pass
+        return [r.getMessage() for r in caplog.records if r.name == "sfrelay.receiver"]
+
+    assert await warnings_at_start_up(settings.redis_url) == []
+    careless = RedisServer(
+        free_port(), tmp_path, ("--appendonly", "no", "--maxmemory-policy", "allkeys-lru")
+    )
+    careless.start()
+    try:
+        warnings = await warnings_at_start_up(careless.url)
+    finally:
+        careless.stop()
+    assert warnings == [
+        "Redis runs without AOF (appendonly no): acked notifications can be lost if Redis "
+        "restarts; set appendonly yes",
+        "Redis may evict keys (maxmemory-policy allkeys-lru): queued jobs could vanish; "
+        "set maxmemory-policy noeviction",
+    ]
