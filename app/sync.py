@@ -48,11 +48,30 @@ notification (datetimes come back as ISO strings; `apply` accepts those).
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import Column, Integer, MetaData, String, Table
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from app.config import Settings
+from app.drupal import state
+from app.drupal.d7 import Drupal7
+from app.drupal.d10 import Drupal10
+from app.drupal.engine import create_engine, writer
+from app.drupal.schema import DrupalSchema, inspect_drupal
+from app.drupal.state import DeadLetter
+from app.drupal.users import UserStore
+from app.errors import RetryableError
+from app.mapping import FieldMap, load_field_map
+from app.plan import Planner
+from app.records import Record, RecordError, to_record
+
+__all__ = ["OUTCOMES", "DeadLetter", "Outcome", "Syncer", "is_transient"]
 
 OUTCOMES = frozenset(
     {
@@ -70,6 +89,25 @@ OUTCOMES = frozenset(
         "failed",
     }
 )
+# Database errors that say "later", not "never" (driver messages differ; these words don't).
+_TRANSIENT = (
+    "database is locked",
+    "deadlock",
+    "lock wait timeout",
+    "could not serialize",
+    "serialization failure",
+    "connection",
+    "gone away",
+    "lost connection",
+    "timeout",
+    "timed out",
+    "too many",
+    "terminating",
+    "shutting down",
+    "refused",
+    "closed",
+    "busy",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,42 +121,166 @@ class Outcome:
     detail: str | None = None  # the other Id for conflicts, the error for retry/failed
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A notification that kept failing, as stored in sfrelay_dead_letter."""
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        if isinstance(exc, IntegrityError):
+            return False
+        message = str(exc.orig).lower()
+        return any(word in message for word in _TRANSIENT)
+    return isinstance(exc, OSError | asyncio.TimeoutError | ConnectionError)
 
-    id: int
-    notification_id: str | None
-    record_id: str | None
-    notification: dict[str, Any]
-    error: str
-    attempts: int
-    first_seen: float  # epoch seconds
-    last_seen: float  # epoch seconds: when it was dead-lettered
+
+def _error(exc: BaseException) -> str:
+    return str(exc.orig if isinstance(exc, DBAPIError) else exc).strip()[:2000]
 
 
 class Syncer:
     """Applies notifications to one Drupal database; open once per process."""
 
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        settings: Settings,
+        schema: DrupalSchema,
+        store: UserStore,
+        field_map: FieldMap,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.schema = schema
+        self.store = store
+        self.field_map = field_map
+        self._lengths = {name: f.length for name, f in schema.fields.items()}
+
     @classmethod
     async def open(cls, settings: Settings) -> Syncer:
-        raise NotImplementedError
+        """Connect, detect Drupal, migrate sfrelay_ tables, validate the field map."""
+        field_map = load_field_map(settings.field_map)  # ConfigError before connecting
+        engine = create_engine(settings.database_url)
+        try:
+            async with engine.connect() as conn:
+                schema = await inspect_drupal(conn, settings.drupal_version, field_map.user_fields)
+            field_map.validate(schema, settings.handled_objects)
+            if schema.major == 10 and "cachetags" not in schema.tables:
+                await _create_cachetags(engine)
+            await state.migrate(engine)
+        except BaseException as exc:
+            await engine.dispose()
+            if isinstance(exc, DBAPIError | OSError):
+                raise RetryableError(f"cannot use the Drupal database: {_error(exc)}") from exc
+            raise
+        store: UserStore = (
+            Drupal10(schema, engine.dialect.name)
+            if schema.major == 10
+            else Drupal7(schema, engine.dialect.name)
+        )
+        return cls(engine, settings, schema, store, field_map)
 
     async def apply(self, notifications: Sequence[dict[str, Any]]) -> list[Outcome]:
-        raise NotImplementedError
+        """One Outcome per notification, in order (see the module docstring)."""
+        outcomes: list[Outcome | None] = [None] * len(notifications)
+        records: list[Record] = []
+        for index, notification in enumerate(notifications):
+            try:
+                records.append(to_record(index, notification, self.field_map))
+            except RecordError as exc:
+                fields = notification.get("fields") or {}
+                outcomes[index] = Outcome(
+                    str(notification.get("id") or ""), fields.get("Id"), "failed", None, str(exc)
+                )
+        if records:
+            try:
+                await self._apply(records, outcomes)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise RetryableError(f"Drupal database: {_error(exc)}") from exc
+                if not isinstance(exc, DBAPIError):
+                    raise
+                await self._one_by_one(records, outcomes)
+        return [o for o in outcomes if o is not None]
+
+    async def _one_by_one(self, records: list[Record], outcomes: list[Outcome | None]) -> None:
+        """After a failed batch: each record in its own transaction, so one bad record only
+        fails itself."""
+        for record in records:
+            try:
+                await self._apply([record], outcomes)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise RetryableError(f"Drupal database: {_error(exc)}") from exc
+                if not isinstance(exc, DBAPIError):
+                    raise
+                # A constraint can be another writer (Drupal itself) that took the same
+                # name or id meanwhile: worth another try. Anything else will fail again.
+                kind = "retry" if isinstance(exc, IntegrityError) else "failed"
+                outcomes[record.index] = Outcome(
+                    record.notification_id, record.raw_id, kind, None, _error(exc)
+                )
+
+    async def _apply(self, records: list[Record], outcomes: list[Outcome | None]) -> None:
+        async with writer(self.engine) as conn:
+            planner = Planner(
+                conn, self.store, self.field_map, self.settings.match_by_email, self._lengths
+            )
+            await planner.load(records)
+            for record in records:
+                planner.decide(record)
+            await planner.names()
+            plan = planner.plan
+            now = int(time.time())
+            await self.store.create(conn, list(plan.new.values()), now)
+            plan.finish()
+            await self.store.update(conn, list(plan.changes.values()), now)
+            await state.save(conn, plan.states.values())
+        for record in records:
+            decision = plan.decisions[record.index]
+            outcomes[record.index] = Outcome(
+                record.notification_id,
+                record.raw_id,
+                decision.outcome,
+                plan.resolve(decision.key),
+                decision.detail,
+            )
 
     async def dead_letter(
         self, notification: dict[str, Any], error: str, attempts: int, first_seen: float
     ) -> int:
         """Store a notification that kept failing; returns the row id."""
-        raise NotImplementedError
+        fields = notification.get("fields") or {}
+        record_id = fields.get("Id")
+        async with self.engine.begin() as conn:
+            return await state.add_dead_letter(
+                conn,
+                notification,
+                notification_id=notification.get("id"),
+                record_id=record_id if isinstance(record_id, str) else None,
+                error=error,
+                attempts=attempts,
+                first_seen=first_seen,
+            )
 
     async def list_dead_letters(self) -> list[DeadLetter]:
-        raise NotImplementedError
+        async with self.engine.connect() as conn:
+            return await state.read_dead_letters(conn)
 
     async def take_dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
         """Remove and return the given dead letters (None = all), e.g. to replay them."""
-        raise NotImplementedError
+        async with self.engine.begin() as conn:
+            return await state.read_dead_letters(conn, ids, remove=True)
 
     async def close(self) -> None:
-        raise NotImplementedError
+        await self.engine.dispose()
+
+
+async def _create_cachetags(engine: AsyncEngine) -> None:
+    """Drupal creates cachetags on first use; sfrelay must invalidate before that."""
+    table = Table(
+        "cachetags",
+        MetaData(),
+        Column("tag", String(255), primary_key=True, server_default=""),
+        Column("invalidations", Integer, nullable=False, server_default="0"),
+    )
+    async with engine.begin() as conn:
+        await conn.run_sync(table.create, checkfirst=True)

@@ -1,0 +1,208 @@
+"""Drupal 8+ users (users, users_field_data, user__*), written the way User::save() does."""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import column, delete, insert, select, table
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.expression import TableClause
+
+from app.drupal.cache import delete_cache_rows, invalidate_tags
+from app.drupal.schema import DrupalSchema
+from app.drupal.users import (
+    ExistingUser,
+    Lookups,
+    NewUser,
+    UserChange,
+    chunks,
+    update_base,
+)
+
+_FIELD_COLUMNS = ("bundle", "deleted", "entity_id", "revision_id", "langcode", "delta")
+users = table("users", column("uid"), column("uuid"), column("langcode"))
+field_data = table(
+    "users_field_data",
+    *(
+        column(name)
+        for name in [
+            "uid",
+            "langcode",
+            "preferred_langcode",
+            "preferred_admin_langcode",
+            "name",
+            "pass",
+            "mail",
+            "timezone",
+            "status",
+            "created",
+            "changed",
+            "access",
+            "login",
+            "init",
+            "default_langcode",
+        ]
+    ),
+)
+roles = table("user__roles", *(column(c) for c in _FIELD_COLUMNS), column("roles_target_id"))
+# sfrelay name -> users_field_data column
+_BASE_COLUMNS = {
+    "mail": "mail",
+    "name": "name",
+    "status": "status",
+    "timezone": "timezone",
+    "langcode": "preferred_langcode",
+}
+
+
+def field_table(name: str) -> TableClause:
+    return table(f"user__{name}", *(column(c) for c in _FIELD_COLUMNS), column(f"{name}_value"))
+
+
+class Drupal10(Lookups):
+    """The user store of a Drupal 8, 9, 10 or 11 site."""
+
+    def __init__(self, schema: DrupalSchema, dialect: str) -> None:
+        self.schema = schema
+        self.langcode = schema.default_langcode
+        # name: NOCASE_UTF8 on SQLite, utf8mb4_general_ci on MySQL; mail: only MySQL's.
+        super().__init__(
+            field_data, name_ci=dialect in ("sqlite", "mysql"), mail_ci=dialect == "mysql"
+        )
+        self._fields = {name: field_table(name) for name in schema.fields}
+
+    async def users(self, conn: AsyncConnection, uids: Iterable[int]) -> dict[int, ExistingUser]:
+        wanted = sorted({uid for uid in uids if uid > 0})
+        rows: dict[int, list[Any]] = defaultdict(list)
+        for chunk in chunks(wanted):
+            query = select(
+                field_data.c.uid,
+                field_data.c.name,
+                field_data.c.mail,
+                field_data.c.langcode,
+                field_data.c.default_langcode,
+            ).where(field_data.c.uid.in_(chunk))
+            for row in await conn.execute(query):
+                rows[int(row.uid)].append(row)
+        found = {}
+        for uid, translations in rows.items():
+            translations.sort(key=lambda r: -int(r.default_langcode))  # the original first
+            first = translations[0]
+            langcodes = tuple(r.langcode for r in translations)
+            found[uid] = ExistingUser(uid, first.name, first.mail, langcodes)
+        return found
+
+    async def create(self, conn: AsyncConnection, new: list[NewUser], now: int) -> None:
+        if not new:
+            return
+        by_uuid = {str(uuid.uuid4()): user for user in new}
+        await conn.execute(
+            insert(users), [{"uuid": key, "langcode": self.langcode} for key in by_uuid]
+        )
+        for chunk in chunks(list(by_uuid)):
+            query = select(users.c.uid, users.c.uuid).where(users.c.uuid.in_(chunk))
+            for uid, key in await conn.execute(query):
+                by_uuid[key].uid = int(uid)
+        await conn.execute(insert(field_data), [self._data_row(user, now) for user in new])
+        await self._write_fields(conn, [(u.uid or 0, (self.langcode,), u.fields) for u in new])
+        role_rows = [
+            self._field_row(user.uid or 0, self.langcode, delta, roles_target_id=role)
+            for user in new
+            for delta, role in enumerate(user.roles)
+        ]
+        if role_rows:
+            await conn.execute(insert(roles), role_rows)
+        await invalidate_tags(conn, ["user_list", "4xx-response"])
+
+    def _data_row(self, user: NewUser, now: int) -> dict[str, Any]:
+        base = user.base
+        return {
+            "uid": user.uid,
+            "langcode": self.langcode,
+            "preferred_langcode": base.get("langcode") or self.langcode,
+            "preferred_admin_langcode": None,
+            "name": user.name,
+            "pass": None,  # no password: the user sets one through Drupal's password reset
+            "mail": user.mail,
+            "timezone": base.get("timezone") or self.schema.default_timezone,
+            "status": int(base.get("status", 1)),
+            "created": now,
+            "changed": now,
+            "access": 0,
+            "login": 0,
+            "init": user.mail,
+            "default_langcode": 1,
+        }
+
+    def _field_row(self, uid: int, langcode: str, delta: int, **value: Any) -> dict[str, Any]:
+        return {
+            "bundle": "user",
+            "deleted": 0,
+            "entity_id": uid,
+            "revision_id": uid,  # users are not revisionable: revision_id is the uid
+            "langcode": langcode,
+            "delta": delta,
+            **value,
+        }
+
+    async def _write_fields(
+        self,
+        conn: AsyncConnection,
+        items: list[tuple[int, tuple[str, ...], dict[str, str | None]]],
+        *,
+        replace: bool = False,
+    ) -> None:
+        """Field rows per (uid, its translations, values); `replace` deletes the old ones
+        first, as SqlContentEntityStorage::saveToDedicatedTables does."""
+        for name, field in self._fields.items():
+            touched = [uid for uid, _, values in items if name in values]
+            if replace:
+                for chunk in chunks(touched):
+                    await conn.execute(delete(field).where(field.c.entity_id.in_(chunk)))
+            rows = [
+                self._field_row(uid, langcode, 0, **{f"{name}_value": values[name]})
+                for uid, langcodes, values in items
+                if values.get(name) not in (None, "")
+                for langcode in langcodes
+            ]
+            if rows:
+                await conn.execute(insert(field), rows)
+
+    async def update(self, conn: AsyncConnection, changes: list[UserChange], now: int) -> None:
+        if not changes:
+            return
+        await update_base(conn, field_data, changes, _BASE_COLUMNS, now)
+        items = [(c.uid, c.langcodes or (self.langcode,), c.fields) for c in changes]
+        await self._write_fields(conn, items, replace=True)
+        await self._add_roles(conn, [c for c in changes if c.roles])
+        uids = sorted({c.uid for c in changes})
+        await delete_cache_rows(conn, "cache_entity", (f"values:user:{uid}" for uid in uids))
+        await invalidate_tags(conn, [*(f"user:{uid}" for uid in uids), "user_list", "4xx-response"])
+
+    async def _add_roles(self, conn: AsyncConnection, changes: list[UserChange]) -> None:
+        if not changes:
+            return
+        have: dict[int, dict[str, int]] = defaultdict(dict)  # uid -> role -> delta
+        for chunk in chunks(sorted({c.uid for c in changes})):
+            query = select(roles.c.entity_id, roles.c.roles_target_id, roles.c.delta).where(
+                roles.c.entity_id.in_(chunk)
+            )
+            for uid, role, delta in await conn.execute(query):
+                have[int(uid)][role] = int(delta)
+        rows = []
+        for change in changes:
+            current = have[change.uid]
+            delta = max(current.values(), default=-1)
+            for role in change.roles:
+                if role not in current:
+                    delta += 1
+                    current[role] = delta
+                    for langcode in change.langcodes or (self.langcode,):
+                        rows.append(
+                            self._field_row(change.uid, langcode, delta, roles_target_id=role)
+                        )
+        if rows:
+            await conn.execute(insert(roles), rows)

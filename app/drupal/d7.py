@@ -1,0 +1,205 @@
+"""Drupal 7 users (users, users_roles, field_data_* / field_revision_*), as user_save() writes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import column, delete, func, insert, select, table, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.expression import TableClause
+
+from app.drupal.cache import delete_cache_rows
+from app.drupal.schema import DrupalSchema
+from app.drupal.users import (
+    ExistingUser,
+    Lookups,
+    NewUser,
+    UserChange,
+    chunks,
+    update_base,
+)
+
+_USER_COLUMNS = [
+    "uid",
+    "name",
+    "pass",
+    "mail",
+    "theme",
+    "signature",
+    "signature_format",
+    "created",
+    "changed",
+    "access",
+    "login",
+    "status",
+    "timezone",
+    "language",
+    "picture",
+    "init",
+    "data",
+]
+users = table("users", *(column(c) for c in _USER_COLUMNS))
+users_roles = table("users_roles", column("uid"), column("rid"))
+sequences = table("sequences", column("value"))
+_BASE_COLUMNS = {
+    "mail": "mail",
+    "name": "name",
+    "status": "status",
+    "timezone": "timezone",
+    "langcode": "language",
+}
+_FIELD_COLUMNS = ("entity_type", "bundle", "deleted", "entity_id", "revision_id", "language")
+LANGUAGE_NONE = "und"  # D7 stores untranslatable field values under 'und' only
+
+
+def field_tables(name: str) -> tuple[TableClause, TableClause]:
+    columns = (*_FIELD_COLUMNS, "delta", f"{name}_value", f"{name}_format")
+    return (
+        table(f"field_data_{name}", *(column(c) for c in columns)),
+        table(f"field_revision_{name}", *(column(c) for c in columns)),
+    )
+
+
+class Drupal7(Lookups):
+    """The user store of a Drupal 7 site."""
+
+    def __init__(self, schema: DrupalSchema, dialect: str) -> None:
+        self.schema = schema
+        self._dialect = dialect
+        # D7 on SQLite and PostgreSQL compares names and mails by case; MySQL's *_ci does not.
+        super().__init__(users, name_ci=dialect == "mysql", mail_ci=dialect == "mysql")
+        self._fields = {name: field_tables(name) for name in schema.fields}
+        self._changed = "changed" in schema.user_columns or not schema.user_columns
+
+    async def users(self, conn: AsyncConnection, uids: Iterable[int]) -> dict[int, ExistingUser]:
+        found = {}
+        for chunk in chunks(sorted({uid for uid in uids if uid > 0})):
+            query = select(users.c.uid, users.c.name, users.c.mail).where(users.c.uid.in_(chunk))
+            for uid, name, mail in await conn.execute(query):
+                found[int(uid)] = ExistingUser(int(uid), name, mail, (LANGUAGE_NONE,))
+        return found
+
+    async def _allocate(self, conn: AsyncConnection, count: int) -> int:
+        """The first of `count` new uids, allocated as db_next_id(MAX(uid)) would: the
+        sequence moves past both itself and MAX(uid), so Drupal's next user gets top+1."""
+        max_uid = await conn.scalar(select(func.max(users.c.uid))) or 0
+        max_seq = await conn.scalar(select(func.max(sequences.c.value))) or 0
+        top = max(int(max_uid), int(max_seq)) + count
+        if self._dialect == "sqlite":
+            # Drupal's SQLite driver keeps a single row and UPDATEs it.
+            result = await conn.execute(update(sequences).values(value=top))
+            if not result.rowcount:
+                await conn.execute(insert(sequences).values(value=top))
+        else:
+            await conn.execute(insert(sequences).values(value=top))
+            # MySQL's nextId() cleans older rows up the same way.
+            await conn.execute(delete(sequences).where(sequences.c.value < top))
+            if self._dialect == "postgresql":
+                await conn.execute(
+                    text("SELECT setval(pg_get_serial_sequence('sequences', 'value'), :top)"),
+                    {"top": top},
+                )
+        return top - count + 1
+
+    async def create(self, conn: AsyncConnection, new: list[NewUser], now: int) -> None:
+        if not new:
+            return
+        first = await self._allocate(conn, len(new))
+        for offset, user in enumerate(new):
+            user.uid = first + offset
+        await conn.execute(insert(users), [self._user_row(user, now) for user in new])
+        await self._write_fields(conn, [(u.uid or 0, u.fields) for u in new])
+        rows = [{"uid": user.uid, "rid": self._rid(role)} for user in new for role in user.roles]
+        if rows:
+            await conn.execute(insert(users_roles), rows)
+
+    def _rid(self, role: str) -> int:
+        return int((self.schema.roles or {})[role])
+
+    def _user_row(self, user: NewUser, now: int) -> dict[str, Any]:
+        row = {
+            "uid": user.uid,
+            "name": user.name,
+            "pass": "",  # no password: the user sets one through Drupal's password reset
+            "mail": user.mail,
+            "theme": "",
+            "signature": "",
+            "signature_format": None,
+            "created": now,
+            "access": 0,
+            "login": 0,
+            "status": int(user.base.get("status", 1)),
+            "timezone": user.base.get("timezone"),
+            "language": user.base.get("langcode") or "",
+            "picture": 0,
+            "init": user.mail,
+            "data": None,
+        }
+        if self._changed:
+            row["changed"] = now
+        return row
+
+    async def _write_fields(
+        self,
+        conn: AsyncConnection,
+        items: list[tuple[int, dict[str, str | None]]],
+        *,
+        replace: bool = False,
+    ) -> None:
+        for name, pair in self._fields.items():
+            touched = [uid for uid, values in items if name in values]
+            rows = [
+                {
+                    "entity_type": "user",
+                    "bundle": "user",
+                    "deleted": 0,
+                    "entity_id": uid,
+                    "revision_id": uid,
+                    "language": LANGUAGE_NONE,
+                    "delta": 0,
+                    f"{name}_value": values[name],
+                    f"{name}_format": None,
+                }
+                for uid, values in items
+                if values.get(name) not in (None, "")
+            ]
+            for field in pair:  # field_data_* and field_revision_* alike
+                if replace:
+                    for chunk in chunks(touched):
+                        await conn.execute(
+                            delete(field).where(
+                                field.c.entity_type == "user", field.c.entity_id.in_(chunk)
+                            )
+                        )
+                if rows:
+                    await conn.execute(insert(field), rows)
+
+    async def update(self, conn: AsyncConnection, changes: list[UserChange], now: int) -> None:
+        if not changes:
+            return
+        changed = now if self._changed else None  # D7 before 7.83 has no users.changed
+        await update_base(conn, users, changes, _BASE_COLUMNS, changed)
+        await self._write_fields(conn, [(c.uid, c.fields) for c in changes], replace=True)
+        await self._add_roles(conn, [c for c in changes if c.roles])
+        uids = sorted({c.uid for c in changes})
+        await delete_cache_rows(conn, "cache_field", (f"field:user:{uid}" for uid in uids))
+        # The entitycache module's bin, when it is installed.
+        await delete_cache_rows(conn, "cache_entity_user", (str(uid) for uid in uids))
+
+    async def _add_roles(self, conn: AsyncConnection, changes: list[UserChange]) -> None:
+        if not changes:
+            return
+        have: set[tuple[int, int]] = set()
+        for chunk in chunks(sorted({c.uid for c in changes})):
+            query = select(users_roles.c.uid, users_roles.c.rid).where(users_roles.c.uid.in_(chunk))
+            have.update((int(uid), int(rid)) for uid, rid in await conn.execute(query))
+        rows = []
+        for change in changes:
+            for role in change.roles:
+                key = (change.uid, self._rid(role))
+                if key not in have:
+                    have.add(key)
+                    rows.append({"uid": key[0], "rid": key[1]})
+        if rows:
+            await conn.execute(insert(users_roles), rows)

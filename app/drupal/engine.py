@@ -1,0 +1,90 @@
+"""The async engine for a Drupal database: drivers, SQLite collation, one writer lock."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.util import await_only
+
+from app.drupal.url import async_url
+from app.errors import RetryableError
+
+# Any fixed number: all sfrelay workers writing one Drupal database take the same lock.
+_PG_LOCK_KEY = 0x5F5E1A7
+_MYSQL_LOCK = "sfrelay_apply"
+_MYSQL_LOCK_WAIT_S = 60
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
+def nocase_utf8(a: str, b: str) -> int:
+    """Drupal's NOCASE_UTF8: strcmp(mb_strtolower(a), mb_strtolower(b))."""
+    la, lb = a.lower(), b.lower()
+    return (la > lb) - (la < lb)
+
+
+def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
+    parsed = async_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        engine = create_async_engine(
+            parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, pool_pre_ping=False
+        )
+        _sqlite_events(engine)
+        return engine
+    kwargs: dict[str, Any] = {"pool_size": pool_size, "pool_pre_ping": True}
+    if backend == "mysql":
+        # Each batch reads what it then writes under the writer lock: it must see the
+        # rows other writers committed, not a REPEATABLE READ snapshot.
+        kwargs["isolation_level"] = "READ COMMITTED"
+    return create_async_engine(parsed, **kwargs)
+
+
+def _sqlite_events(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        # pysqlite's implicit BEGIN (deferred, only before DML) breaks read-then-write
+        # batches and savepoints: sfrelay emits BEGIN IMMEDIATE itself (below).
+        dbapi_connection.isolation_level = None
+        aio = dbapi_connection.driver_connection
+        # aiosqlite has no create_collation: run sqlite3's on aiosqlite's own thread.
+        await_only(aio._execute(aio._conn.create_collation, "NOCASE_UTF8", nocase_utf8))
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(connection: Any) -> None:
+        # Take SQLite's write lock up front: a batch that reads then writes can never
+        # fail half-way with "database is locked" on lock upgrade.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@asynccontextmanager
+async def writer(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """One transaction holding the sfrelay writer lock, so concurrent workers never race
+    on usernames, emails or uids (SQLite: BEGIN IMMEDIATE is that lock already)."""
+    backend = engine.dialect.name
+    async with engine.connect() as conn:
+        if backend == "mysql":
+            got = await conn.scalar(
+                text("SELECT GET_LOCK(:name, :wait)"),
+                {"name": _MYSQL_LOCK, "wait": _MYSQL_LOCK_WAIT_S},
+            )
+            await conn.commit()
+            if got != 1:
+                raise RetryableError("another sfrelay writer holds the database lock")
+        try:
+            async with conn.begin():
+                if backend == "postgresql":
+                    await conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY}
+                    )
+                yield conn
+        finally:
+            if backend == "mysql":
+                # A broken connection has lost the lock with its session anyway.
+                with suppress(DBAPIError):
+                    await conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": _MYSQL_LOCK})
+                    await conn.commit()

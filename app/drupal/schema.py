@@ -1,0 +1,157 @@
+"""Which Drupal this database holds (7 or 8+), its site defaults, roles and user field tables."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sqlalchemy import column, inspect, select, table, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.errors import ConfigError
+
+Major = Literal[7, 10]
+
+# Roles every user has implicitly; Drupal never stores them on a user.
+IMPLICIT_ROLES = frozenset({"authenticated", "anonymous", "authenticated user", "anonymous user"})
+
+_config = table("config", column("collection"), column("name"), column("data"))
+_role7 = table("role", column("rid"), column("name"))
+
+
+@dataclass(frozen=True, slots=True)
+class FieldColumn:
+    """A configurable user field stored in its own table with a `<field>_value` column."""
+
+    name: str
+    length: int | None  # the value column's maximum length, when it is a string
+
+
+@dataclass(frozen=True, slots=True)
+class DrupalSchema:
+    major: Major  # 10 stands for every Drupal 8+ (8, 9, 10, 11 share the user schema)
+    tables: frozenset[str]
+    default_langcode: str  # D10: the site's default language; D7: '' (users.language)
+    default_timezone: str | None
+    # role id (D10 machine name) -> stored value (D10: the same name, D7: the numeric rid);
+    # None when the site's roles cannot be read (no config table).
+    roles: dict[str, str | int] | None
+    fields: dict[str, FieldColumn] = field(default_factory=dict)  # field_* on the user
+    user_columns: frozenset[str] = frozenset()  # D7: users columns (`changed` since 7.83)
+
+
+def _php_string(serialized: bytes | str | None, key: str) -> str | None:
+    """A string value out of PHP-serialized config (`s:<n>:"key";s:<m>:"value";`)."""
+    if serialized is None:
+        return None
+    data = serialized.decode() if isinstance(serialized, bytes) else serialized
+    match = re.search(r's:\d+:"' + re.escape(key) + r'";s:\d+:"([^"]*)";', data)
+    return match.group(1) if match else None
+
+
+def _table_names(sync_conn: Connection) -> list[str]:
+    return inspect(sync_conn).get_table_names()
+
+
+def _columns(sync_conn: Connection, name: str) -> dict[str, Any]:
+    return {c["name"]: c["type"] for c in inspect(sync_conn).get_columns(name)}
+
+
+async def detect_major(conn: AsyncConnection, forced: str = "auto") -> tuple[Major, set[str]]:
+    tables = set(await conn.run_sync(_table_names))
+    found: Major | None = None
+    if "users_field_data" in tables and "users" in tables:
+        found = 10
+    elif "users" in tables and "users_roles" in tables and "field_config" in tables:
+        found = 7
+    if forced != "auto":
+        wanted: Major = 7 if forced == "7" else 10
+        if found is not None and found != wanted:
+            raise ConfigError(
+                f"SFRELAY_DRUPAL_VERSION={forced} but the database holds a Drupal "
+                f"{'7' if found == 7 else '8 or later'} user schema"
+            )
+        found = wanted
+    if found is None:
+        raise ConfigError(
+            "SFRELAY_DATABASE_URL does not point at a Drupal database: no users_field_data "
+            "(Drupal 8+) and no users/users_roles/field_config (Drupal 7) table"
+        )
+    return found, tables
+
+
+async def inspect_drupal(conn: AsyncConnection, forced: str, field_names: set[str]) -> DrupalSchema:
+    """Read what sfrelay needs to know; ConfigError for a field the site does not have."""
+    major, tables = await detect_major(conn, forced)
+    fields: dict[str, FieldColumn] = {}
+    for name in sorted(field_names):
+        store = f"user__{name}" if major == 10 else f"field_data_{name}"
+        if store not in tables or (major == 7 and f"field_revision_{name}" not in tables):
+            raise ConfigError(
+                f"field map: the user field {name!r} does not exist on this Drupal site "
+                f"(no table {store})"
+            )
+        columns = await conn.run_sync(_columns, store)
+        value = columns.get(f"{name}_value")
+        if value is None:
+            raise ConfigError(
+                f"field map: {name!r} is not a plain value field (no column {name}_value in "
+                f"{store}); sfrelay writes text, string, number and boolean fields"
+            )
+        fields[name] = FieldColumn(name, getattr(value, "length", None))
+    if major == 10:
+        return await _site10(conn, frozenset(tables), fields)
+    return await _site7(conn, frozenset(tables), fields)
+
+
+async def _site10(
+    conn: AsyncConnection, tables: frozenset[str], fields: dict[str, FieldColumn]
+) -> DrupalSchema:
+    langcode, timezone = "en", "UTC"
+    roles: dict[str, str | int] | None = None
+    if "config" in tables:
+        rows = await conn.execute(
+            select(_config.c.name, _config.c.data).where(
+                _config.c.collection == "",
+                (_config.c.name.in_(["system.site", "system.date"]))
+                | _config.c.name.like("user.role.%"),
+            )
+        )
+        roles = {}
+        for name, data in rows:
+            if name == "system.site":
+                langcode = _php_string(data, "default_langcode") or langcode
+            elif name == "system.date":
+                # system.date: timezone: {default: 'UTC', user: {...}}
+                timezone = _php_string(data, "default") or timezone
+            else:
+                role = name.removeprefix("user.role.")
+                roles[role] = role
+    return DrupalSchema(10, tables, langcode, timezone, roles, fields)
+
+
+async def _site7(
+    conn: AsyncConnection, tables: frozenset[str], fields: dict[str, FieldColumn]
+) -> DrupalSchema:
+    rows = await conn.execute(select(_role7.c.rid, _role7.c.name))
+    roles: dict[str, str | int] = {name: int(rid) for rid, name in rows}
+    columns = frozenset(await conn.run_sync(_columns, "users"))
+    # user_save() leaves language '' and timezone NULL unless the form gives them.
+    return DrupalSchema(7, tables, "", None, roles, fields, columns)
+
+
+async def has_table(conn: AsyncConnection, name: str) -> bool:
+    """Whether a table exists now (Drupal creates its cache tables on first use)."""
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        query = text("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :n")
+    elif dialect == "postgresql":
+        query = text("SELECT 1 WHERE to_regclass(:n) IS NOT NULL")
+    else:
+        query = text(
+            "SELECT 1 FROM information_schema.tables "
+            "WHERE table_schema = DATABASE() AND table_name = :n"
+        )
+    return (await conn.scalar(query, {"n": name})) is not None

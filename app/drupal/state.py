@@ -1,0 +1,260 @@
+"""sfrelay's own tables in the Drupal database (all `sfrelay_`), their migrations and access.
+
+sfrelay_record       one row per Salesforce record seen: Salesforce Id (18-character) <-> uid,
+                     object, last applied modstamp and notification, the Contact a converted
+                     Lead became, and the outcomes of the last N attempts (JSON)
+sfrelay_dead_letter  notifications that kept failing: payload, error, attempts, timestamps
+sfrelay_schema       the migration version
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Double,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    bindparam,
+    delete,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app.drupal.engine import writer
+
+metadata = MetaData()
+_LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql")
+
+records = Table(
+    "sfrelay_record",
+    metadata,
+    Column("sf_id", String(18), primary_key=True),
+    Column("object", String(40), nullable=False),
+    Column("uid", BigInteger, nullable=True, index=True),
+    Column("modstamp", BigInteger, nullable=True),  # microseconds since the epoch, UTC
+    Column("notification_id", String(40), nullable=True),
+    Column("converted_to", String(18), nullable=True),
+    Column("history", _LongText, nullable=False),
+    Column("updated_at", Double, nullable=False),
+)
+
+dead_letters = Table(
+    "sfrelay_dead_letter",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("notification_id", String(40), nullable=True),
+    Column("record_id", String(18), nullable=True, index=True),
+    Column("payload", _LongText, nullable=False),
+    Column("error", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("first_seen", Double, nullable=False),
+    Column("last_seen", Double, nullable=False),
+)
+
+schema_version = Table(
+    "sfrelay_schema",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("version", Integer, nullable=False),
+)
+
+
+def _v1(sync_conn: Connection) -> None:
+    metadata.create_all(sync_conn, tables=[records, dead_letters], checkfirst=True)
+
+
+# Append only: each step takes the schema from version i to i + 1.
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+
+
+async def migrate(engine: AsyncEngine) -> int:
+    """Bring sfrelay's tables to the newest version (safe with several workers starting)."""
+    async with writer(engine) as conn:
+        await conn.run_sync(metadata.create_all, tables=[schema_version], checkfirst=True)
+        current = await conn.scalar(
+            select(schema_version.c.version).where(schema_version.c.id == 1)
+        )
+        version = int(current or 0)
+        for step in MIGRATIONS[version:]:
+            await conn.run_sync(step)
+        if current is None:
+            await conn.execute(insert(schema_version).values(id=1, version=len(MIGRATIONS)))
+        elif version < len(MIGRATIONS):
+            await conn.execute(
+                update(schema_version)
+                .where(schema_version.c.id == 1)
+                .values(version=len(MIGRATIONS))
+            )
+    return len(MIGRATIONS)
+
+
+@dataclass(slots=True)
+class RecordState:
+    """sfrelay_record for one Salesforce record, changed in memory during a batch."""
+
+    sf_id: str
+    object: str
+    uid: int | None = None
+    modstamp: int | None = None
+    notification_id: str | None = None
+    converted_to: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stored: bool = False  # a row exists already
+    dirty: bool = False
+
+
+async def load(conn: AsyncConnection, sf_ids: Iterable[str]) -> dict[str, RecordState]:
+    ids = sorted(set(sf_ids))
+    if not ids:
+        return {}
+    rows = await conn.execute(select(records).where(records.c.sf_id.in_(ids)))
+    return {
+        row.sf_id: RecordState(
+            sf_id=row.sf_id,
+            object=row.object,
+            uid=row.uid,
+            modstamp=row.modstamp,
+            notification_id=row.notification_id,
+            converted_to=row.converted_to,
+            history=orjson.loads(row.history),
+            stored=True,
+        )
+        for row in rows
+    }
+
+
+async def owners(conn: AsyncConnection, uids: Iterable[int]) -> dict[int, str]:
+    """uid -> the Salesforce Id it is mapped to (converted Leads no longer own theirs)."""
+    wanted = sorted(set(uids))
+    if not wanted:
+        return {}
+    rows = await conn.execute(
+        select(records.c.uid, records.c.sf_id).where(
+            records.c.uid.in_(wanted), records.c.converted_to.is_(None)
+        )
+    )
+    return {int(uid): sf_id for uid, sf_id in rows}
+
+
+def _row(state: RecordState, now: float) -> dict[str, Any]:
+    return {
+        "b_sf_id": state.sf_id,
+        "b_object": state.object,
+        "b_uid": state.uid,
+        "b_modstamp": state.modstamp,
+        "b_notification_id": state.notification_id,
+        "b_converted_to": state.converted_to,
+        "b_history": orjson.dumps(state.history).decode(),
+        "b_updated_at": now,
+    }
+
+
+_COLUMNS = (
+    "object",
+    "uid",
+    "modstamp",
+    "notification_id",
+    "converted_to",
+    "history",
+    "updated_at",
+)
+_INSERT = insert(records).values(
+    sf_id=bindparam("b_sf_id"), **{name: bindparam(f"b_{name}") for name in _COLUMNS}
+)
+_UPDATE = (
+    update(records)
+    .where(records.c.sf_id == bindparam("b_sf_id"))
+    .values(**{name: bindparam(f"b_{name}") for name in _COLUMNS})
+)
+
+
+async def save(conn: AsyncConnection, states: Iterable[RecordState]) -> None:
+    """Write every changed state: one executemany INSERT and one executemany UPDATE."""
+    now = time.time()
+    new: list[dict[str, Any]] = []
+    changed: list[dict[str, Any]] = []
+    for state in states:
+        if state.dirty:
+            (changed if state.stored else new).append(_row(state, now))
+    if new:
+        await conn.execute(_INSERT, new)
+    if changed:
+        await conn.execute(_UPDATE, changed)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A notification that kept failing, as stored in sfrelay_dead_letter."""
+
+    id: int
+    notification_id: str | None
+    record_id: str | None
+    notification: dict[str, Any]  # as given to dead_letter(); datetimes as ISO strings
+    error: str
+    attempts: int
+    first_seen: float  # epoch seconds
+    last_seen: float  # epoch seconds: when it was dead-lettered
+
+
+async def add_dead_letter(
+    conn: AsyncConnection,
+    payload: dict[str, Any],
+    *,
+    notification_id: str | None,
+    record_id: str | None,
+    error: str,
+    attempts: int,
+    first_seen: float,
+) -> int:
+    result = await conn.execute(
+        insert(dead_letters).values(
+            notification_id=notification_id,
+            record_id=record_id,
+            payload=orjson.dumps(payload, option=orjson.OPT_NAIVE_UTC).decode(),
+            error=error,
+            attempts=attempts,
+            first_seen=first_seen,
+            last_seen=time.time(),
+        )
+    )
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
+
+
+async def read_dead_letters(
+    conn: AsyncConnection, ids: Sequence[int] | None = None, *, remove: bool = False
+) -> list[DeadLetter]:
+    query = select(dead_letters).order_by(dead_letters.c.id)
+    if ids is not None:
+        query = query.where(dead_letters.c.id.in_(list(ids)))
+    found = [
+        DeadLetter(
+            id=row.id,
+            notification_id=row.notification_id,
+            record_id=row.record_id,
+            notification=orjson.loads(row.payload),
+            error=row.error,
+            attempts=row.attempts,
+            first_seen=row.first_seen,
+            last_seen=row.last_seen,
+        )
+        for row in await conn.execute(query)
+    ]
+    if remove and found:
+        await conn.execute(delete(dead_letters).where(dead_letters.c.id.in_([d.id for d in found])))
+    return found

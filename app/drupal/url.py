@@ -1,0 +1,40 @@
+"""Turn the database URL a Drupal admin knows into an async SQLAlchemy URL."""
+
+from __future__ import annotations
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from app.errors import ConfigError
+
+# Drupal's settings.php drivers (and common spellings) -> the async driver sfrelay uses.
+_DRIVERS = {
+    "mysql": "mysql+aiomysql",
+    "mariadb": "mysql+aiomysql",
+    "pgsql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+}
+
+
+def async_url(url: str) -> URL:
+    """`mysql://`, `pgsql://`/`postgresql://`, `sqlite:///path` (or an async URL) -> URL."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(f"SFRELAY_DATABASE_URL is not a database URL: {exc}") from exc
+    backend = parsed.get_backend_name()
+    if backend not in _DRIVERS:
+        raise ConfigError(
+            f"SFRELAY_DATABASE_URL: unsupported database {backend!r} "
+            "(use mysql://, pgsql:// or postgresql://, or sqlite:///path)"
+        )
+    parsed = parsed.set(drivername=_DRIVERS[backend])
+    if backend == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise ConfigError("SFRELAY_DATABASE_URL: give the path of the Drupal SQLite file")
+    elif backend in ("mysql", "mariadb") and "charset" not in parsed.query:
+        # Drupal's tables are utf8mb4; the driver's default charset would mangle names.
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    return parsed

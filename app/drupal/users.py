@@ -1,0 +1,151 @@
+"""What sfrelay asks of a Drupal user store (D7 or D10), in bulk, inside one transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import ColumnElement, bindparam, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.expression import TableClause
+
+# Base fields by sfrelay name; `langcode` is the user's preferred language (D10
+# preferred_langcode, D7 users.language): the entity's own langcode stays the site's, or
+# Drupal would drop field values stored in another language.
+BASE = ("mail", "name", "status", "timezone", "langcode")
+
+
+@dataclass(slots=True)
+class NewUser:
+    name: str
+    mail: str
+    base: dict[str, Any]  # status / timezone / langcode
+    fields: dict[str, str | None]  # field_* -> value (None or '' = no row)
+    roles: tuple[str, ...]
+    uid: int | None = None  # set by create()
+
+
+@dataclass(slots=True)
+class UserChange:
+    uid: int
+    base: dict[str, Any]  # only what changes: mail / name / status / timezone / langcode
+    fields: dict[str, str | None]  # only the fields the notification carried
+    roles: tuple[str, ...]  # roles the user must have (added if missing, never removed)
+    langcodes: tuple[str, ...] = ()  # the user's translations (D10); filled by the store
+
+
+@dataclass(frozen=True, slots=True)
+class ExistingUser:
+    uid: int
+    name: str
+    mail: str | None
+    langcodes: tuple[str, ...] = field(default=())
+
+
+class UserStore(Protocol):
+    """One implementation per Drupal major version (d10.Drupal10, d7.Drupal7)."""
+
+    async def users(self, conn: AsyncConnection, uids: Iterable[int]) -> dict[int, ExistingUser]:
+        """The users that exist among `uids` (uid 0, the anonymous user, never)."""
+        ...
+
+    async def uids_by_mail(
+        self, conn: AsyncConnection, mails: Iterable[str]
+    ) -> dict[str, list[int]]:
+        """Lower-cased mail -> uids having it, compared case-insensitively."""
+        ...
+
+    async def taken_names(self, conn: AsyncConnection, names: Iterable[str]) -> set[str]:
+        """Lower-cased names in use that equal one of `names` or extend it with a suffix."""
+        ...
+
+    async def create(self, conn: AsyncConnection, users: list[NewUser], now: int) -> None:
+        """Insert the users (setting each `uid`) and invalidate what Drupal's save would."""
+        ...
+
+    async def update(self, conn: AsyncConnection, changes: list[UserChange], now: int) -> None:
+        """Apply the changes and invalidate/delete the caches Drupal's save would."""
+        ...
+
+
+CHUNK = 500  # ids per IN (...): far below every backend's bound-parameter limit
+
+
+def chunks(values: list[Any]) -> Iterable[list[Any]]:
+    for start in range(0, len(values), CHUNK):
+        yield values[start : start + CHUNK]
+
+
+async def update_base(
+    conn: AsyncConnection,
+    table: TableClause,
+    changes: list[UserChange],
+    columns: dict[str, str],
+    now: int | None,
+) -> None:
+    """The changes' base values, plus `changed` = now unless None: one executemany UPDATE
+    per set of columns written (executemany needs the same columns in every row)."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for change in changes:
+        keys = tuple(sorted(columns[k] for k in change.base))
+        row = {f"b_{columns[k]}": value for k, value in change.base.items()}
+        groups.setdefault(keys, []).append({**row, "b_uid": change.uid, "b_changed": now})
+    for keys, rows in groups.items():
+        values: dict[str, Any] = {k: bindparam(f"b_{k}") for k in keys}
+        if now is not None:
+            values["changed"] = bindparam("b_changed")
+        if values:
+            stmt = update(table).where(table.c.uid == bindparam("b_uid")).values(**values)
+            await conn.execute(stmt, rows)
+
+
+def like_prefix(value: str) -> str:
+    """A LIKE pattern for names starting with `value` (with `\\` as the escape)."""
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+def lower_in(column: Any, values: list[str], case_insensitive_column: bool) -> ColumnElement[bool]:
+    """column IN values, compared case-insensitively; uses the column's own index when its
+    collation already ignores case (MySQL *_ci, Drupal's NOCASE_UTF8 on SQLite)."""
+    if case_insensitive_column:
+        return column.in_(values)  # type: ignore[no-any-return]
+    return func.lower(column).in_(values)
+
+
+def any_prefix(column: Any, prefixes: list[str]) -> ColumnElement[bool]:
+    return or_(*(func.lower(column).like(like_prefix(p), escape="\\") for p in prefixes))
+
+
+class Lookups:
+    """The bulk look-ups both majors share; `table` holds uid, name and mail
+    (D10 users_field_data, D7 users). `*_ci`: the column's collation ignores case."""
+
+    def __init__(self, table: TableClause, *, name_ci: bool, mail_ci: bool) -> None:
+        self._table, self._name_ci, self._mail_ci = table, name_ci, mail_ci
+
+    async def uids_by_mail(
+        self, conn: AsyncConnection, mails: Iterable[str]
+    ) -> dict[str, list[int]]:
+        t = self._table
+        found: dict[str, set[int]] = {}
+        for chunk in chunks(sorted(set(mails))):
+            query = select(t.c.uid, t.c.mail).where(
+                lower_in(t.c.mail, chunk, self._mail_ci), t.c.uid > 0
+            )
+            for uid, mail in await conn.execute(query):
+                found.setdefault(mail.lower(), set()).add(int(uid))
+        return {mail: sorted(uids) for mail, uids in found.items()}
+
+    async def taken_names(self, conn: AsyncConnection, names: Iterable[str]) -> set[str]:
+        t = self._table
+        taken: set[str] = set()
+        for chunk in chunks(sorted({name.lower() for name in names})):
+            query = select(func.lower(t.c.name)).where(lower_in(t.c.name, chunk, self._name_ci))
+            taken.update(name for (name,) in await conn.execute(query))
+        # Only names already taken need their suffixed variants looked up.
+        for chunk in chunks(sorted(taken)):
+            query = select(func.lower(t.c.name)).where(any_prefix(t.c.name, chunk))
+            taken.update(name for (name,) in await conn.execute(query))
+        return taken

@@ -1,0 +1,253 @@
+"""The rules for one batch, decided in memory from bulk reads, then written in bulk.
+
+Order guard, Lead conversion, email filter, then update / link-by-email / create, with the
+batch's own earlier decisions visible to its later records (two records with one email, a
+record twice in one batch). Pending new users carry negative keys until their uid exists.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.drupal import state
+from app.drupal.state import RecordState
+from app.drupal.users import ExistingUser, NewUser, UserChange, UserStore
+from app.mapping import FieldMap
+from app.records import Record, as_text, base_values, username_base, valid_email, with_suffix
+
+HISTORY_SIZE = 10  # outcomes kept per Salesforce record in sfrelay_record.history
+
+
+@dataclass(slots=True)
+class Decision:
+    outcome: str
+    key: int | None = None  # uid, or a pending new user's negative key
+    detail: str | None = None
+
+
+@dataclass(slots=True)
+class Plan:
+    """Everything one batch will write."""
+
+    decisions: dict[int, Decision] = field(default_factory=dict)  # record index -> decision
+    new: dict[int, NewUser] = field(default_factory=dict)  # negative key -> user
+    new_sources: dict[int, Record] = field(default_factory=dict)  # key -> latest record
+    changes: dict[int, UserChange] = field(default_factory=dict)  # uid -> change
+    renames: dict[int, tuple[Record, str]] = field(default_factory=dict)  # uid -> (rec, name)
+    states: dict[str, RecordState] = field(default_factory=dict)
+
+    def resolve(self, key: int | None) -> int | None:
+        if key is not None and key < 0:
+            return self.new[key].uid
+        return key
+
+    def finish(self) -> None:
+        """Once the new users have uids: put them where pending keys stood."""
+        for st in self.states.values():
+            if st.uid is not None and st.uid < 0:
+                st.uid = self.resolve(st.uid)
+            for entry in st.history:
+                if isinstance(entry.get("uid"), int) and entry["uid"] < 0:
+                    entry["uid"] = self.resolve(entry["uid"])
+
+
+class Planner:
+    def __init__(
+        self,
+        conn: AsyncConnection,
+        store: UserStore,
+        field_map: FieldMap,
+        match_by_email: bool,
+        field_lengths: dict[str, int | None],
+    ) -> None:
+        self.conn, self.store, self.field_map = conn, store, field_map
+        self.match_by_email = match_by_email
+        self.lengths = field_lengths
+        self.plan = Plan()
+        self.existing: dict[int, ExistingUser] = {}
+        self.by_mail: dict[str, set[int]] = {}
+        self.mail_of: dict[int, str] = {}
+        self.owner: dict[int, str] = {}  # uid or key -> the Salesforce Id mapped to it
+        self.now = time.time()
+
+    async def load(self, records: list[Record]) -> None:
+        ids = {r.sf_id for r in records} | {r.converted_to for r in records if r.converted_to}
+        self.plan.states = await state.load(self.conn, ids)
+        mapped = {s.uid for s in self.plan.states.values() if s.uid is not None}
+        mails = {r.mail_key for r in records if r.email and valid_email(r.email)}
+        found = await self.store.uids_by_mail(self.conn, mails)
+        by_mail = {uid for uids in found.values() for uid in uids}
+        self.existing = await self.store.users(self.conn, mapped | by_mail)
+        self.by_mail = {mail: set(uids) for mail, uids in found.items()}
+        for mail, uids in found.items():
+            for uid in uids:
+                self.mail_of[uid] = mail
+        for user in self.existing.values():
+            if user.mail:
+                self.mail_of[user.uid] = user.mail.lower()
+                self.by_mail.setdefault(user.mail.lower(), set()).add(user.uid)
+        self.owner = await state.owners(self.conn, set(self.mail_of) | mapped)
+
+    def _record(self, r: Record, decision: Decision, *, applied: bool = False) -> None:
+        self.plan.decisions[r.index] = decision
+        st = self.plan.states.setdefault(r.sf_id, RecordState(r.sf_id, r.obj.sobject))
+        entry = {"at": round(self.now, 3), "n": r.notification_id, "o": decision.outcome}
+        if decision.key is not None:
+            entry["uid"] = decision.key  # a pending user's key until Plan.finish()
+        if decision.detail:
+            entry["d"] = decision.detail
+        st.history = [*st.history, entry][-HISTORY_SIZE:]
+        st.dirty = True
+        if applied:
+            st.modstamp = r.modstamp
+            st.notification_id = r.notification_id
+
+    def decide(self, r: Record) -> None:
+        st = self.plan.states.get(r.sf_id)
+        if st is not None:
+            if r.notification_id and r.notification_id == st.notification_id:
+                return self._record(r, Decision("duplicate", st.uid))
+            if r.modstamp is not None and st.modstamp is not None:
+                if r.modstamp < st.modstamp:
+                    return self._record(r, Decision("stale", st.uid))
+                if r.modstamp == st.modstamp:
+                    return self._record(r, Decision("duplicate", st.uid))
+            if st.converted_to:
+                detail = f"the Lead was converted to {st.converted_to}"
+                return self._record(r, Decision("stale", st.uid, detail))
+        if r.converted_to:
+            return self._convert(r, st)
+        if r.email is None:
+            return self._record(r, Decision("skipped_no_email"))
+        if not valid_email(r.email):
+            return self._record(r, Decision("skipped_invalid_email", detail=r.email))
+        key = st.uid if st is not None else None
+        if key is not None and (key < 0 or key in self.existing):
+            return self._update(r, key, "updated")
+        candidates = self.by_mail.get(r.mail_key, set())
+        if not candidates:
+            return self._create(r)
+        only = next(iter(candidates))
+        if (
+            len(candidates) > 1
+            or not self.match_by_email
+            or only < 0
+            or self.owner.get(only, r.sf_id) != r.sf_id
+        ):
+            # Linking would merge two Salesforce records (or pick one of several users).
+            others = [self.owner.get(k) or f"uid {k}" for k in sorted(candidates)]
+            return self._record(r, Decision("conflict_duplicate_email", None, ", ".join(others)))
+        return self._update(r, only, "linked")
+
+    def _map(self, r: Record, key: int) -> RecordState:
+        st = self.plan.states.setdefault(r.sf_id, RecordState(r.sf_id, r.obj.sobject))
+        st.uid, st.object, st.dirty = key, r.obj.sobject, True
+        self.owner[key] = r.sf_id
+        return st
+
+    def _set_mail(self, key: int, mail: str) -> None:
+        old = self.mail_of.get(key)
+        if old is not None and old != mail:
+            self.by_mail.get(old, set()).discard(key)
+        self.mail_of[key] = mail
+        self.by_mail.setdefault(mail, set()).add(key)
+
+    def _custom(self, r: Record) -> dict[str, str | None]:
+        return {
+            drupal: as_text(r.fields[source], self.lengths.get(drupal))
+            for drupal, source in r.obj.fields.items()
+            if source in r.fields
+        }
+
+    def _create(self, r: Record) -> None:
+        key = -(len(self.plan.new) + 1)
+        base = {**r.obj.defaults, **base_values(r)}
+        custom = {k: as_text(v) for k, v in r.obj.defaults.items() if k.startswith("field_")}
+        user = NewUser("", r.email or "", base, {**custom, **self._custom(r)}, r.obj.roles)
+        self.plan.new[key] = user
+        self.plan.new_sources[key] = r
+        self._map(r, key)
+        self._set_mail(key, r.mail_key)
+        self._record(r, Decision("created", key), applied=True)
+
+    def _update(self, r: Record, key: int, outcome: str) -> None:
+        clash = sorted(k for k in self.by_mail.get(r.mail_key, set()) if k != key)
+        if clash:
+            detail = ", ".join(self.owner.get(k) or f"uid {k}" for k in clash)
+            return self._record(r, Decision("conflict_duplicate_email", key, detail))
+        self._map(r, key)
+        self._set_mail(key, r.mail_key)
+        base = {**base_values(r), "mail": r.email}
+        if key < 0:  # created earlier in this batch: the newer values win
+            user = self.plan.new[key]
+            user.mail = r.email or user.mail
+            user.base.update(base_values(r))
+            user.fields.update(self._custom(r))
+            self.plan.new_sources[key] = r
+        else:
+            change = self.plan.changes.get(key)
+            if change is None:
+                langcodes = self.existing[key].langcodes
+                change = UserChange(key, {}, {}, (), langcodes)
+                self.plan.changes[key] = change
+            change.base.update(base)
+            change.fields.update(self._custom(r))
+            change.roles = tuple(dict.fromkeys((*change.roles, *r.obj.roles)))
+            if self.field_map.update_username:
+                self.plan.renames[key] = (r, self.existing[key].name)
+        self._record(r, Decision(outcome, key), applied=True)
+
+    def _convert(self, r: Record, st: RecordState | None) -> None:
+        if st is None or st.uid is None:
+            detail = "the Lead was never synced; the Contact's own notifications sync it"
+            return self._record(r, Decision("skipped_converted", None, detail))
+        key, target_id = st.uid, r.converted_to or ""
+        target = self.plan.states.get(target_id)
+        if target is not None and target.uid not in (None, key) and not target.converted_to:
+            detail = f"Contact {target_id} is already mapped to uid {target.uid}: merge in Drupal"
+            return self._record(r, Decision("failed", key, detail))
+        if target is None:
+            target = self.plan.states[target_id] = RecordState(target_id, "Contact")
+        # The Contact's own versions apply from now on: it starts without a modstamp.
+        target.uid, target.object, target.dirty = key, "Contact", True
+        st.converted_to = target_id
+        self.owner[key] = target_id
+        contact = self.field_map.objects.get("Contact", r.obj)
+        ids = {f: r.converted_raw for f, source in contact.fields.items() if source == "Id"}
+        if key < 0:
+            self.plan.new[key].fields.update(ids)
+        elif key in self.existing:
+            change = self.plan.changes.setdefault(
+                key, UserChange(key, {}, {}, (), self.existing[key].langcodes)
+            )
+            change.fields.update(ids)
+            change.roles = tuple(dict.fromkeys((*change.roles, *contact.roles)))
+        self._record(r, Decision("converted", key, target_id), applied=True)
+
+    async def names(self) -> None:
+        """Unique usernames for the new users (and renames, when configured)."""
+        wanted: dict[int, str] = {
+            key: username_base(r, self.field_map) for key, r in self.plan.new_sources.items()
+        }
+        for uid, (r, _current) in self.plan.renames.items():
+            wanted[uid] = username_base(r, self.field_map)
+        if not wanted:
+            return
+        taken = await self.store.taken_names(self.conn, wanted.values())
+        for key in sorted(wanted, key=lambda k: (k > 0, -k if k < 0 else k)):
+            current = self.plan.renames[key][1].lower() if key > 0 else None
+            if current is not None and wanted[key].lower() == current:
+                continue
+            n = 1
+            while (name := with_suffix(wanted[key], n)).lower() in taken and (
+                name.lower() != current
+            ):
+                n += 1
+            taken.add(name.lower())
+            if key < 0:
+                self.plan.new[key].name = name
+            elif name.lower() != current:
+                self.plan.changes[key].base["name"] = name

@@ -1,0 +1,173 @@
+"""One notification as a sync record: its Id, version, email and the Drupal values it maps to."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+from app.mapping import FieldMap, ObjectMap, render
+from app.sfid import canonical_id, to18
+
+NAME_MAX = 60  # Drupal's UserInterface::USERNAME_MAX_LENGTH
+MAIL_MAX = 254  # Drupal's users_field_data.mail / D7 users.mail
+_NAME_PUNCTUATION = frozenset(" .@+_'-")
+# Drupal 7's valid_email_address(), the stricter of the two majors (D10's RFC validator
+# accepts all of these too), and no dot at either end of the local part or doubled.
+_LOCAL = r"[a-zA-Z0-9_\-\.\+\^!#\$%&*+\/\=\?\`\|\{\}~\']+"
+_DOMAIN = r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9\-]*[a-zA-Z0-9])\.?)+"
+_IPV4 = r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}"
+_IPV6 = r"[0-9a-fA-F]{1,4}(?::[0-9a-fA-F]{1,4}){7}"
+_EMAIL = re.compile(rf"^{_LOCAL}@(?:{_DOMAIN}|\[(?:{_IPV4}|{_IPV6})\])$")
+
+
+class RecordError(ValueError):
+    """The notification cannot be applied as it is (a permanent, per-record problem)."""
+
+
+def valid_email(mail: str) -> bool:
+    if len(mail) > MAIL_MAX or not _EMAIL.match(mail):
+        return False
+    local = mail.rpartition("@")[0]
+    return not (local.startswith(".") or local.endswith(".") or ".." in local)
+
+
+def modstamp(fields: dict[str, Any]) -> int | None:
+    """The record version: SystemModstamp, else LastModifiedDate, in microseconds (UTC)."""
+    for name in ("SystemModstamp", "LastModifiedDate"):
+        value = fields.get(name)
+        if value is None or value == "":
+            continue
+        if isinstance(value, str):
+            try:
+                value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError as exc:
+                raise RecordError(f"{name} is not a dateTime: {value!r}") from exc
+        if not isinstance(value, datetime):
+            raise RecordError(f"{name} is not a dateTime: {value!r}")
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)  # Salesforce sends UTC
+        delta = value - datetime(1970, 1, 1, tzinfo=UTC)
+        return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return None
+
+
+def sf_key(sf_id: str) -> str:
+    """The 18-character, case-correct form: the key sfrelay stores a record under."""
+    return to18(canonical_id(sf_id))
+
+
+def as_text(value: Any, length: int | None = None) -> str | None:
+    """A Salesforce value as the text a Drupal field stores (None = no value)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        text = "1" if value else "0"
+    elif isinstance(value, datetime | date):
+        text = value.isoformat()
+    else:
+        text = str(value)
+    if text == "":
+        return None
+    return text[:length] if length else text
+
+
+def as_status(value: Any) -> int:
+    if isinstance(value, str):
+        return 1 if value.strip().lower() in ("1", "true", "active", "yes") else 0
+    return 1 if value else 0
+
+
+@dataclass(slots=True)
+class Record:
+    """A notification ready for the rules."""
+
+    index: int
+    notification_id: str
+    raw_id: str  # as received
+    sf_id: str  # sf_key(raw_id)
+    obj: ObjectMap
+    modstamp: int | None
+    fields: dict[str, Any]
+    email: str | None  # stripped; None when missing or blank
+    converted_to: str | None  # sf_key(ConvertedContactId) of a converted Lead
+    converted_raw: str | None
+
+    @property
+    def mail_key(self) -> str:
+        return (self.email or "").lower()
+
+
+def to_record(index: int, notification: dict[str, Any], field_map: FieldMap) -> Record:
+    fields = notification.get("fields") or {}
+    raw_id = fields.get("Id")
+    if not isinstance(raw_id, str) or not raw_id.strip():
+        raise RecordError("the notification has no record Id")
+    raw_id = raw_id.strip()
+    sobject = notification.get("object")
+    obj = field_map.objects.get(str(sobject))
+    if obj is None:
+        raise RecordError(f"the field map has no [{sobject}] section")
+    email = fields.get(obj.email_field)
+    email = email.strip() if isinstance(email, str) and email.strip() else None
+    converted = fields.get("ConvertedContactId")
+    is_converted = fields.get("IsConverted") in (True, "true", "1", 1)
+    converted_raw = converted.strip() if is_converted and isinstance(converted, str) else None
+    return Record(
+        index=index,
+        notification_id=str(notification.get("id") or ""),
+        raw_id=raw_id,
+        sf_id=sf_key(raw_id),
+        obj=obj,
+        modstamp=modstamp(fields),
+        fields=fields,
+        email=email,
+        converted_to=sf_key(converted_raw) if converted_raw else None,
+        converted_raw=converted_raw,
+    )
+
+
+def clean_name(raw: str) -> str:
+    """What Drupal accepts as a username: allowed characters, single spaces, <= 60."""
+    text = unicodedata.normalize("NFC", raw)
+    kept = "".join(
+        c
+        for c in text
+        if c in _NAME_PUNCTUATION
+        or (c.isascii() and c.isalnum())
+        or (not c.isascii() and (c.isalnum() or unicodedata.category(c).startswith("M")))
+    )
+    return " ".join(kept.split())[:NAME_MAX].strip()
+
+
+def username_base(record: Record, field_map: FieldMap) -> str:
+    email = record.email or ""
+    source = record.obj.base.get("name")
+    if source and record.fields.get(source):
+        name = clean_name(str(record.fields[source]))
+    else:
+        name = clean_name(render(field_map.username_template, record.fields, email))
+    if not name:
+        name = clean_name(render(field_map.username_fallback, record.fields, email))
+    return name or "user"
+
+
+def with_suffix(base: str, n: int) -> str:
+    """base, base_2, base_3, ... kept within Drupal's 60 characters."""
+    if n <= 1:
+        return base
+    suffix = f"_{n}"
+    return base[: NAME_MAX - len(suffix)].rstrip() + suffix
+
+
+def base_values(record: Record) -> dict[str, Any]:
+    """Drupal base fields the notification carries (mail and name are handled apart)."""
+    values: dict[str, Any] = {}
+    for drupal, source in record.obj.base.items():
+        if drupal in ("mail", "name") or source not in record.fields:
+            continue
+        value = record.fields[source]
+        values[drupal] = as_status(value) if drupal == "status" else as_text(value)
+    return values
