@@ -1,0 +1,110 @@
+"""`sfrelay worker` and `sfrelay dead list|replay` as real subprocesses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import redis
+
+from app.config import Settings
+from app.sync import Syncer
+from tests.fixtures_worker import PROJECT, settings_env
+from tests.messages import ORG_ID, sf_id
+
+
+def sfrelay(settings: Settings, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=cwd,
+        env={**settings_env(settings), "PYTHONPATH": str(PROJECT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def add_dead_letter(settings: Settings, number: int) -> int:
+    syncer = await Syncer.open(settings)
+    try:
+        notification = {
+            "id": sf_id("04l", number),
+            "object": "Contact",
+            "fields": {"Id": sf_id("003", number), "Email": f"dead{number}@example.org"},
+            "organization_id": ORG_ID,
+            "action_id": sf_id("04k", 1),
+            "types": {},
+        }
+        return await syncer.dead_letter(notification, "boom", 5, 1_700_000_000.0)
+    finally:
+        await syncer.close()
+
+
+async def test_dead_list_and_replay_by_id(
+    worker_settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    first = await add_dead_letter(worker_settings, 1)
+    second = await add_dead_letter(worker_settings, 2)
+
+    listed = sfrelay(worker_settings, tmp_path, "dead", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    letters = orjson.loads(listed.stdout)
+    assert [(d["id"], d["source"], d["error"], d["attempts"]) for d in letters] == [
+        (str(first), "database", "boom", 5),
+        (str(second), "database", "boom", 5),
+    ]
+    table = sfrelay(worker_settings, tmp_path, "dead", "list").stdout.splitlines()
+    assert table[0].split()[:4] == ["ID", "NOTIFICATION", "RECORD", "TRIES"]
+    assert table[1].split()[:4] == [str(first), sf_id("04l", 1), sf_id("003", 1), "5"]
+
+    replayed = sfrelay(worker_settings, tmp_path, "dead", "replay", str(second))
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout == "replayed 1 dead letters as 1 jobs\n"
+    assert "replayed 1/1" in replayed.stderr
+    [job_id] = list(redis_client.zrange(worker_settings.queue_name, 0, -1))
+    job = orjson.loads(redis_client.get(b"arq:job:" + job_id) or b"")
+    assert job["f"] == "apply_notifications"
+    assert job["k"]["organization_id"] == ORG_ID
+    assert [n["fields"]["Email"] for n in job["k"]["notifications"]] == ["dead2@example.org"]
+    assert job["k"]["notifications"][0]["first_seen"] == 1_700_000_000.0
+
+    left = orjson.loads(sfrelay(worker_settings, tmp_path, "dead", "list", "--json").stdout)
+    assert [d["id"] for d in left] == [str(first)]
+
+
+def test_dead_replay_says_what_to_give(worker_settings: Settings, tmp_path: Path) -> None:
+    nothing = sfrelay(worker_settings, tmp_path, "dead", "replay")
+    assert nothing.returncode == 2
+    assert nothing.stderr == (
+        "sfrelay: name the dead letters to replay (IDs from `sfrelay dead list`) or --all\n"
+    )
+    unknown = sfrelay(worker_settings, tmp_path, "dead", "replay", "999")
+    assert unknown.returncode == 1
+    assert unknown.stderr == "not replayed 999: no such dead letter (see `sfrelay dead list`)\n"
+
+
+def test_dead_list_with_nothing_dead(worker_settings: Settings, tmp_path: Path) -> None:
+    listed = sfrelay(worker_settings, tmp_path, "dead", "list")
+    assert (listed.returncode, listed.stdout) == (0, "no dead letters\n")
+
+
+def test_worker_burst_on_an_empty_queue_exits_zero(
+    worker_settings: Settings, tmp_path: Path
+) -> None:
+    done = sfrelay(worker_settings, tmp_path, "worker", "--burst")
+    assert done.returncode == 0, done.stderr
+    assert "Starting worker for 1 functions: apply_notifications" in done.stderr
+
+
+def test_worker_says_what_to_do_when_the_database_is_wrong(
+    worker_settings: Settings, tmp_path: Path
+) -> None:
+    wrong = worker_settings.model_copy(update={"database_url": "oracle://db/drupal"})
+    failed = sfrelay(wrong, tmp_path, "worker", "--burst")
+    assert failed.returncode == 2
+    assert failed.stderr.splitlines()[-1] == (
+        "sfrelay: SFRELAY_DATABASE_URL: unsupported database 'oracle' "
+        "(use mysql://, pgsql:// or postgresql://, or sqlite:///path)"
+    )

@@ -1,0 +1,163 @@
+"""End to end: Salesforce's messages -> uvicorn receiver -> Redis -> `sfrelay worker` -> Drupal."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import zeep
+
+from app.config import DEFAULT_WSDL_DIR, Settings
+from app.main import create_app
+from app.receiver import ENDPOINT
+from tests.fixtures_worker import WorkerProcess, drupal_users
+from tests.messages import ORG_ID, contact, lead, outbound_message, sf_id
+from tests.servers import UvicornThread
+
+BINDING = "{http://soap.sforce.com/2005/09/outbound}NotificationBinding"
+XML = {"content-type": "text/xml; charset=UTF-8", "SOAPAction": '""'}
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[UvicornThread]:
+    with UvicornThread(create_app(settings)) as running:
+        yield running
+
+
+def post(server: UvicornThread, body: bytes) -> int:
+    return httpx.post(server.url + ENDPOINT, content=body, headers=XML, timeout=10).status_code
+
+
+def drain(worker_process: type[WorkerProcess], settings: Settings, tmp_path: Path) -> WorkerProcess:
+    worker = worker_process(settings, tmp_path, "--burst")
+    assert worker.wait(60) == 0, worker.output()
+    return worker
+
+
+def test_shared_salesforce_messages_end_as_exact_drupal_rows(
+    server: UvicornThread,
+    shared_messages: dict[str, bytes],
+    worker_settings: Settings,
+    worker_process: type[WorkerProcess],
+    redis_client: redis.Redis,
+    drupal_db: Path,
+    tmp_path: Path,
+) -> None:
+    statuses = {name: post(server, body) for name, body in shared_messages.items()}
+    # Only aspnet/WebHooks' capture is from a configured org with a handled object; the
+    # others carry placeholder or foreign organization ids, or no notification at all.
+    assert statuses == {
+        "aspnet_AspNetWebHooks__OutboundMessage1.xml": 403,
+        "aspnet_AspNetWebHooks__OutboundMessage2.xml": 400,
+        "aspnet_WebHooks__Salesforce.xml": 200,
+        "guardian_salesforce-message-handler__soapNotificationsRequest.xml": 403,
+        "mulesoft-labs_sfdc-outbound-message-demo__sample_sfdc_outbound.xml": 403,
+    }
+    worker = drain(worker_process, worker_settings, tmp_path)
+    # Jeraldine Black has no Email in the capture (null fields are omitted): no account.
+    assert drupal_users(drupal_db) == [
+        (2, "Doug Bunting", "drb24@cornell.edu", 1, "Doug", "Bunting", "0031I0000081tb0QAA")
+    ]
+    assert "created=1 skipped_no_email=1" in worker.output()
+    # Salesforce delivers again (it never saw our Ack, say): nothing is queued twice.
+    assert post(server, shared_messages["aspnet_WebHooks__Salesforce.xml"]) == 200
+    assert redis_client.zcard(worker_settings.queue_name) == 0
+
+
+def test_generated_contacts_and_leads_create_update_and_skip(
+    server: UvicornThread,
+    worker_settings: Settings,
+    worker_process: type[WorkerProcess],
+    drupal_db: Path,
+    tmp_path: Path,
+) -> None:
+    ada = contact(
+        Email="ada@example.org",
+        FirstName="Ada",
+        LastName="Lovelace",
+        SystemModstamp="2026-11-20T10:00:00.000Z",
+    )
+    nameless = contact(Email="x@example.org", SystemModstamp="2026-11-20T10:00:00.000Z")
+    no_email = contact(FirstName="No", LastName="Mail")
+    grace = lead(
+        Email="grace@example.org",
+        FirstName="Grace",
+        LastName="Hopper",
+        IsConverted="false",
+        SystemModstamp="2026-11-20T10:00:00.000Z",
+    )
+    assert post(server, outbound_message([ada, nameless, no_email])) == 200
+    assert post(server, outbound_message([grace])) == 200
+    drain(worker_process, worker_settings, tmp_path)
+    ada_id, grace_id, x_id = ada.fields["Id"], grace.fields["Id"], nameless.fields["Id"]
+    assert drupal_users(drupal_db) == [
+        (2, "Ada Lovelace", "ada@example.org", 1, "Ada", "Lovelace", ada_id),
+        (3, "x", "x@example.org", 1, None, None, x_id),
+        (4, "Grace Hopper", "grace@example.org", 1, "Grace", "Hopper", grace_id),
+    ]
+    # A later change of Ada's email, then an older, late delivery that must not win.
+    newer = contact(Email="ada@lovelace.example", FirstName="Ada", LastName="Lovelace")
+    newer.fields.update(Id=ada_id, SystemModstamp="2026-11-21T10:00:00.000Z")
+    older = contact(Email="old@example.org", FirstName="Ada", LastName="Lovelace")
+    older.fields.update(Id=ada_id, SystemModstamp="2026-11-19T10:00:00.000Z")
+    assert post(server, outbound_message([newer])) == 200
+    assert post(server, outbound_message([older])) == 200
+    worker = drain(worker_process, worker_settings, tmp_path)
+    assert drupal_users(drupal_db)[0] == (
+        2,
+        "Ada Lovelace",
+        "ada@lovelace.example",
+        1,
+        "Ada",
+        "Lovelace",
+        ada_id,
+    )
+    assert "updated=1" in worker.output()
+    assert "stale=1" in worker.output()
+
+
+def test_zeep_as_salesforce_through_to_drupal(
+    server: UvicornThread,
+    worker_settings: Settings,
+    worker_process: type[WorkerProcess],
+    drupal_db: Path,
+    tmp_path: Path,
+) -> None:
+    client = zeep.Client(str(DEFAULT_WSDL_DIR / "contact.wsdl"))
+    service = client.create_service(BINDING, server.url + ENDPOINT)
+    ack = service.notifications(
+        OrganizationId=ORG_ID,
+        ActionId=sf_id("04k", 1),
+        SessionId=None,
+        EnterpriseUrl="https://na73.salesforce.com/services/Soap/c/61.0/00D1I000003qqqE",
+        PartnerUrl="https://na73.salesforce.com/services/Soap/u/61.0/00D1I000003qqqE",
+        Notification=[
+            {
+                "Id": sf_id("04l", 900 + n),
+                "sObject": {
+                    "Id": sf_id("003", 900 + n),
+                    "Email": f"zeep{n}@example.org",
+                    "FirstName": "Zeep",
+                    "LastName": f"Client{n}",
+                },
+            }
+            for n in range(3)
+        ],
+    )
+    assert ack is True
+    drain(worker_process, worker_settings, tmp_path)
+    assert drupal_users(drupal_db) == [
+        (
+            2 + n,
+            f"Zeep Client{n}",
+            f"zeep{n}@example.org",
+            1,
+            "Zeep",
+            f"Client{n}",
+            sf_id("003", 900 + n),
+        )
+        for n in range(3)
+    ]

@@ -1,0 +1,218 @@
+"""The worker task in a real arq Worker: real Redis, a real Drupal 10 SQLite copy."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from app.config import Settings
+from app.dead import list_dead_letters, replay_dead_letters
+from app.queue import DEAD_KEY, STATS_KEY, enqueue_apply
+from tests.fixtures_worker import drupal_users, run_worker
+from tests.messages import ORG_ID, sf_id
+from workers.tasks import INTERRUPTED_TRIES, backoff_s
+
+TYPES = {"Contact": {"LastModifiedDate": "dateTime", "SystemModstamp": "dateTime"}}
+
+
+def contact(
+    number: int,
+    *,
+    email: str | None = None,
+    first: str = "Ada",
+    last: str = "Byron",
+    modified: str = "2026-11-20T10:00:00.000Z",
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "Id": sf_id("003", number),
+        "FirstName": first,
+        "LastName": last,
+        "LastModifiedDate": modified,
+        "SystemModstamp": modified,
+    }
+    if email is not None:
+        fields["Email"] = email
+    return {"id": sf_id("04l", number), "object": "Contact", "fields": fields}
+
+
+def job(notifications: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "organization_id": ORG_ID,
+        "action_id": sf_id("04k", 1),
+        "received_at": time.time(),
+        "types": TYPES,
+        "notifications": notifications,
+    }
+
+
+@pytest.fixture
+async def aredis(worker_settings: Settings) -> AsyncIterator[Redis]:
+    client: Redis = Redis.from_url(worker_settings.redis_url)
+    yield client
+    await client.aclose()
+
+
+async def enqueue(aredis: Redis, settings: Settings, *jobs: dict[str, Any]) -> None:
+    for kwargs in jobs:
+        assert await enqueue_apply(
+            aredis, settings.queue_name, kwargs, job_ttl_s=settings.job_ttl_seconds
+        )
+
+
+def stats(client: redis.Redis) -> dict[str, int]:
+    raw = dict(client.hgetall(STATS_KEY))
+    return {k.decode(): int(v) for k, v in raw.items() if k.startswith(b"outcome:")}
+
+
+async def test_a_job_becomes_drupal_users_and_outcome_counters(
+    worker_settings: Settings, aredis: Redis, redis_client: redis.Redis, drupal_db: Path
+) -> None:
+    notifications = [
+        contact(1, email="ada@example.org"),
+        contact(2, email="grace@example.org", first="Grace", last="Hopper"),
+        contact(3),  # no email: never a user
+    ]
+    await enqueue(aredis, worker_settings, job(notifications))
+    worker = await run_worker(worker_settings)
+    assert (worker.jobs_complete, worker.jobs_failed, worker.jobs_retried) == (1, 0, 0)
+    assert drupal_users(drupal_db) == [
+        (2, "Ada Byron", "ada@example.org", 1, "Ada", "Byron", sf_id("003", 1)),
+        (3, "Grace Hopper", "grace@example.org", 1, "Grace", "Hopper", sf_id("003", 2)),
+    ]
+    assert stats(redis_client) == {"outcome:created": 2, "outcome:skipped_no_email": 1}
+    assert redis_client.zcard(worker_settings.queue_name) == 0
+    assert redis_client.keys("arq:*") == []  # no result kept, nothing left behind
+
+
+async def test_the_same_job_again_has_no_second_effect(
+    worker_settings: Settings, aredis: Redis, redis_client: redis.Redis, drupal_db: Path
+) -> None:
+    # What a worker killed after its commit leaves: the job runs a second time.
+    kwargs = job([contact(n, email=f"user{n}@example.org") for n in range(1, 51)])
+    await enqueue(aredis, worker_settings, kwargs)
+    await run_worker(worker_settings)
+    first = drupal_users(drupal_db)
+    await enqueue(aredis, worker_settings, kwargs)
+    await run_worker(worker_settings)
+    assert drupal_users(drupal_db) == first
+    assert len(first) == 50
+    assert stats(redis_client) == {"outcome:created": 50, "outcome:duplicate": 50}
+
+
+async def test_concurrent_jobs_are_applied_whole_and_all_of_them(
+    worker_settings: Settings, aredis: Redis, redis_client: redis.Redis, drupal_db: Path
+) -> None:
+    jobs = [
+        job([contact(100 * j + n, email=f"j{j}n{n}@example.org") for n in range(100)])
+        for j in range(8)
+    ]
+    await enqueue(aredis, worker_settings.model_copy(update={"worker_batch_size": 250}), *jobs)
+    worker = await run_worker(worker_settings.model_copy(update={"worker_batch_size": 250}))
+    assert worker.jobs_complete == 8
+    users = drupal_users(drupal_db)
+    assert len(users) == 800
+    assert {u[2] for u in users} == {f"j{j}n{n}@example.org" for j in range(8) for n in range(100)}
+    assert stats(redis_client) == {"outcome:created": 800}
+
+
+async def test_a_locked_database_is_retried_then_dead_lettered_in_redis_then_replayed(
+    worker_settings: Settings, aredis: Redis, redis_client: redis.Redis, drupal_db: Path
+) -> None:
+    settings = worker_settings.model_copy(update={"job_timeout_seconds": 1.5, "max_tries": 2})
+    # Due in a moment: the worker opens the database first, then another writer locks it.
+    kwargs = job([contact(1, email="ada@example.org")])
+    assert await enqueue_apply(aredis, settings.queue_name, kwargs, job_ttl_s=3600, defer_s=0.5)
+    lock = sqlite3.connect(drupal_db, isolation_level=None, check_same_thread=False)
+
+    async def lock_then_release_when_dead_lettered() -> None:
+        while not await aredis.exists(settings.queue_name + ":health-check"):
+            await asyncio.sleep(0.005)
+        lock.execute("BEGIN IMMEDIATE")  # held for longer than a job may take
+        while not await aredis.hlen(DEAD_KEY):  # type: ignore[misc]
+            await asyncio.sleep(0.02)
+        lock.execute("ROLLBACK")
+
+    locker = asyncio.create_task(lock_then_release_when_dead_lettered())
+    worker = await run_worker(settings)
+    await locker
+    lock.close()
+    # Tried twice (SFRELAY_MAX_TRIES=2), then kept: the database could not take the letter.
+    assert (worker.jobs_retried, worker.jobs_complete, worker.jobs_failed) == (1, 1, 0)
+    assert redis_client.zcard(settings.queue_name) == 0
+    letters = await list_dead_letters(settings)
+    # The database write of the letter, cut short, may land once the lock is gone: then the
+    # letter is in both places, and replaying both has no second effect.
+    assert {(d.source, d.notification_id) for d in letters} <= {
+        ("redis", sf_id("04l", 1)),
+        ("database", sf_id("04l", 1)),
+    }
+    [letter] = [d for d in letters if d.source == "redis"]
+    assert letter.error.startswith("gave up after 2 tries: ")
+    assert letter.attempts == 2
+
+    result = await replay_dead_letters(settings, None)
+    assert (result.replayed, result.refused) == (len(letters), {})
+    assert await list_dead_letters(settings) == []
+    await run_worker(settings)
+    [user] = drupal_users(drupal_db)
+    assert user[1:] == ("Ada Byron", "ada@example.org", 1, "Ada", "Byron", sf_id("003", 1))
+
+
+async def test_a_job_interrupted_too_often_is_dead_lettered_not_dropped(
+    worker_settings: Settings, aredis: Redis, redis_client: redis.Redis, drupal_db: Path
+) -> None:
+    await enqueue(aredis, worker_settings, job([contact(1, email="ada@example.org")]))
+    [job_id] = list(redis_client.zrange(worker_settings.queue_name, 0, -1))
+    # arq counts a try each time a run starts: as if workers died on this job again and again.
+    tries = worker_settings.max_tries + INTERRUPTED_TRIES - 1
+    redis_client.set(b"arq:retry:" + job_id, tries)
+    worker = await run_worker(worker_settings)
+    assert worker.jobs_complete == 1
+    assert drupal_users(drupal_db) == []
+    [letter] = await list_dead_letters(worker_settings)
+    assert (letter.source, letter.attempts) == ("database", tries + 1)
+    assert letter.error == f"the worker was stopped or killed while applying this job {tries} times"
+    assert letter.notification is not None
+    assert letter.notification["fields"]["Email"] == "ada@example.org"
+    assert stats(redis_client) == {"outcome:dead": 1}
+
+
+def test_backoff_doubles_from_the_setting_up_to_an_hour(worker_settings: Settings) -> None:
+    settings = worker_settings.model_copy(update={"retry_backoff_seconds": 30})
+    assert [backoff_s(settings, n) for n in (1, 2, 3, 8)] == [30, 60, 120, 3600]
+
+
+async def test_a_redis_dead_letter_from_the_receiver_is_listed_but_not_replayed(
+    worker_settings: Settings, redis_client: redis.Redis
+) -> None:
+    entry = {
+        "notification_id": sf_id("04l", 9),
+        "object": "Contact",
+        "record_id": None,
+        "organization_id": ORG_ID,
+        "action_id": sf_id("04k", 1),
+        "reason": "sObject has no xsi:type in the sObject namespace",
+        "received_at": 1_700_000_000.0,
+        "body_sha256": "0" * 64,
+    }
+    redis_client.hset(DEAD_KEY, "sfrelay:seen:x:y", orjson.dumps(entry))
+    [letter] = await list_dead_letters(worker_settings)
+    assert letter.error == "refused on receipt: sObject has no xsi:type in the sObject namespace"
+    result = await replay_dead_letters(worker_settings, ["sfrelay:seen:x:y", "12345"])
+    assert result.replayed == 0
+    assert result.refused == {
+        "12345": "no such dead letter (see `sfrelay dead list`)",
+        "sfrelay:seen:x:y": "refused on receipt: sObject has no xsi:type in the sObject "
+        "namespace; it cannot be applied as it is: fix it in Salesforce and let Salesforce "
+        "send it again",
+    }
+    assert redis_client.hlen(DEAD_KEY) == 1
