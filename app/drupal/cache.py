@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import column, delete, table
+from sqlalchemy import column, delete, literal_column, table
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -20,15 +20,17 @@ async def invalidate_tags(conn: AsyncConnection, tags: Iterable[str]) -> None:
     if not rows:
         return
     dialect = conn.dialect.name
+    # A literal 1, not a bound one: aiomysql's executemany cannot bind in the ON DUPLICATE part.
+    incremented = cachetags.c.invalidations + literal_column("1")
     if dialect == "mysql":
         my = mysql.insert(cachetags)
-        stmt = my.on_duplicate_key_update(invalidations=cachetags.c.invalidations + 1)
+        stmt = my.on_duplicate_key_update(invalidations=incremented)
     else:
         module = postgresql if dialect == "postgresql" else sqlite
         ins = module.insert(cachetags)
         stmt = ins.on_conflict_do_update(
             index_elements=[cachetags.c.tag],
-            set_={"invalidations": cachetags.c.invalidations + 1},
+            set_={"invalidations": incremented},
         )
     await conn.execute(stmt, rows)
 
