@@ -41,7 +41,7 @@ def test_comma_separated_settings_from_a_dotenv_file(tmp_path: Path) -> None:
 )
 def test_refused_settings(values: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
-        Settings(_env_file=None, **values)  # type: ignore[arg-type]
+        Settings(_env_file=None, **values)
 
 
 def test_production_needs_org_ids_development_does_not() -> None:
