@@ -1,0 +1,283 @@
+"""The sync rules on every backend: real Drupal SQLite sites, PostgreSQL and MariaDB."""
+
+from __future__ import annotations
+
+import time
+
+from app.drupal.schema import has_table
+from app.sync import Outcome
+from tests.drupal_rows import (
+    assert_new_user,
+    base_row,
+    field_values,
+    note,
+    open_syncer,
+    sf,
+    tag,
+    uids_with_mail,
+    user_ids,
+)
+from tests.drupal_schemas import DRUPAL
+from tests.fixtures_db import DrupalSite
+
+
+def kinds(outcomes: list[Outcome]) -> list[str]:
+    return [o.outcome for o in outcomes]
+
+
+async def add_cache_entry(site: DrupalSite, uid: int) -> tuple[str | None, str]:
+    """Cache the user as Drupal would (D10 cache_entity, D7 cache_field). Drupal creates
+    cache_entity on first use: the standard SQLite site gets it here, the minimal one not."""
+    cache = "cache_entity" if site.major == 10 else "cache_field"
+    cid = f"values:user:{uid}" if site.major == 10 else f"field:user:{uid}"
+    async with site.engine.connect() as conn:
+        exists = await has_table(conn, cache)
+    if not exists and site.id == "sqlite-d10":
+        ddl = (DRUPAL / "drupal10-sqlite-users-schema.sql").read_text().split(";")
+        (create,) = [s for s in ddl if 'CREATE TABLE "cache_entity"' in s]
+        await site.execute(create)
+        exists = True
+    if not exists:
+        return None, cid
+    columns = "cid, data, expire, created, serialized"
+    values = ":cid, NULL, -1, 0, 1"
+    if site.major == 10:
+        columns, values = columns + ", tags, checksum", values + ", 'user_values', '0'"
+    await site.execute(f"INSERT INTO {cache} ({columns}) VALUES ({values})", cid=cid)
+    return cache, cid
+
+
+async def first_new_uid(site: DrupalSite) -> int:
+    return max(await user_ids(site)) + 1
+
+
+async def test_create_writes_the_rows_drupal_writes(drupal_site: DrupalSite) -> None:
+    site = drupal_site
+    uid = await first_new_uid(site)
+    before = {t: await tag(site, t) for t in ("user_list", "4xx-response")}
+    syncer = await open_syncer(site)
+    n = note(sf(1), "Jane.Doe@Example.com", "Jane", "Doe")
+    assert await syncer.apply([n]) == [Outcome(n["id"], sf(1), "created", uid)]
+    await syncer.close()
+
+    await assert_new_user(
+        site,
+        uid,
+        name="Jane Doe",
+        mail="Jane.Doe@Example.com",
+        fields={"field_first_name": "Jane", "field_last_name": "Doe", "field_salesforce_id": sf(1)},
+    )
+    if site.major == 10:  # Drupal 7 has no cache tags
+        for name, count in before.items():
+            assert await tag(site, name) == count + 1
+    (state,) = await site.rows("SELECT * FROM sfrelay_record")
+    assert (state["sf_id"], state["object"], state["uid"]) == (sf(1), "Contact", uid)
+    assert state["notification_id"] == n["id"] and state["converted_to"] is None
+    assert state["modstamp"] == 1_740_830_400_000_000  # 2025-03-01T12:00Z in microseconds
+
+
+async def test_update_changes_fields_and_invalidates_caches(drupal_site: DrupalSite) -> None:
+    site = drupal_site
+    syncer = await open_syncer(site)
+    (created,) = await syncer.apply([note(sf(1), "jane@example.com", "Jane", "Doe")])
+    uid = created.uid
+    assert uid is not None
+    # Drupal-side changes sfrelay must keep: a password, an old `changed`.
+    table = "users_field_data" if site.major == 10 else "users"
+    await site.execute(
+        f"UPDATE {table} SET pass = 'hash', changed = 1, created = 1 WHERE uid = :u",
+        u=uid,
+    )
+    cache, cid = await add_cache_entry(site, uid)
+    tags = {t: await tag(site, t) for t in (f"user:{uid}", "user_list", "4xx-response")}
+
+    n = note(sf(1), "jane.smith@example.com", "Janet", None, minutes=5)
+    assert await syncer.apply([n]) == [Outcome(n["id"], sf(1), "updated", uid)]
+    await syncer.close()
+
+    row = await base_row(site, uid)
+    assert (row["mail"], row["pass"], row["created"]) == ("jane.smith@example.com", "hash", 1)
+    assert abs(row["changed"] - time.time()) < 120
+    assert row["name"] == "Jane Doe"  # not renamed by default
+    assert await field_values(site, uid) == {
+        "field_first_name": "Janet",  # LastName was not in the message: left alone
+        "field_last_name": "Doe",
+        "field_salesforce_id": sf(1),
+    }
+    if cache is not None:
+        assert await site.rows(f"SELECT cid FROM {cache} WHERE cid = :c", c=cid) == []
+    if site.major == 10:
+        for name, count in tags.items():
+            assert await tag(site, name) == count + 1, name
+    assert await uids_with_mail(site, "jane@example.com") == []
+
+
+async def test_field_set_to_nil_is_removed(drupal_site: DrupalSite) -> None:
+    syncer = await open_syncer(drupal_site)
+    (created,) = await syncer.apply([note(sf(1), "jane@example.com", "Jane", "Doe")])
+    assert created.uid is not None
+    out = await syncer.apply(
+        [note(sf(1), "jane@example.com", None, "Doe", minutes=1, FirstName=None)]
+    )
+    await syncer.close()
+    assert kinds(out) == ["updated"]
+    assert await field_values(drupal_site, created.uid) == {
+        "field_last_name": "Doe",
+        "field_salesforce_id": sf(1),
+    }
+
+
+async def test_link_by_email_updates_the_existing_user(drupal_site: DrupalSite) -> None:
+    site = drupal_site
+    before = await base_row(site, 1)  # the admin the installer created
+    syncer = await open_syncer(site)
+    n = note(sf(7), "ADMIN@example.com", "Site", "Admin")
+    assert await syncer.apply([n]) == [Outcome(n["id"], sf(7), "linked", 1)]
+    await syncer.close()
+    after = await base_row(site, 1)
+    assert (after["name"], after["pass"]) == ("admin", before["pass"])  # never the password
+    assert after["mail"] == "ADMIN@example.com"
+    assert await field_values(site, 1) == {
+        "field_first_name": "Site",
+        "field_last_name": "Admin",
+        "field_salesforce_id": sf(7),
+    }
+    (state,) = await site.rows("SELECT uid FROM sfrelay_record WHERE sf_id = :s", s=sf(7))
+    assert state["uid"] == 1
+
+
+async def test_without_match_by_email_an_existing_mail_is_a_conflict(
+    drupal_site: DrupalSite,
+) -> None:
+    users = await user_ids(drupal_site)
+    syncer = await open_syncer(drupal_site, match_by_email=False)
+    n = note(sf(7), "admin@example.com", "Site", "Admin")
+    assert await syncer.apply([n]) == [
+        Outcome(n["id"], sf(7), "conflict_duplicate_email", None, "uid 1")
+    ]
+    await syncer.close()
+    assert await user_ids(drupal_site) == users
+
+
+async def test_two_records_with_one_email_never_make_two_users(drupal_site: DrupalSite) -> None:
+    site = drupal_site
+    syncer = await open_syncer(site)
+    a, b = note(sf(1), "pat@example.com", "Pat", "A"), note(sf(2), "PAT@example.com", "Pat", "B")
+    out = await syncer.apply([a, b])
+    assert kinds(out) == ["created", "conflict_duplicate_email"]
+    assert out[1].detail == sf(1) and out[1].uid is None
+    # Across batches too, and for an update that would take another record's email.
+    c = note(sf(3), "other@example.com", "Oth", "Er")
+    out = await syncer.apply([note(sf(2), "pat@example.com", minutes=1), c])
+    assert kinds(out) == ["conflict_duplicate_email", "created"]
+    d = note(sf(3), "Pat@Example.com", "Oth", "Er", minutes=2)
+    (conflict,) = await syncer.apply([d])
+    await syncer.close()
+    assert (conflict.outcome, conflict.detail, conflict.uid) == (
+        "conflict_duplicate_email",
+        sf(1),
+        out[1].uid,
+    )
+    assert await uids_with_mail(site, "pat@example.com") == [out[1].uid - 1]
+    assert await uids_with_mail(site, "other@example.com") == [out[1].uid]
+
+
+async def test_older_versions_are_stale_whatever_the_order(drupal_site: DrupalSite) -> None:
+    site = drupal_site
+    syncer = await open_syncer(site)
+    new = note(sf(1), "new@example.com", "New", "Name", minutes=10)
+    old = note(sf(1), "old@example.com", "Old", "Name", minutes=5)
+    out = await syncer.apply([new, old])
+    assert kinds(out) == ["created", "stale"]
+    assert kinds(await syncer.apply([old])) == ["stale"]
+    # Without SystemModstamp, LastModifiedDate orders the versions.
+    lm = note(sf(2), "lm@example.com", "L", "M", LastModifiedDate=None)
+    lm["fields"]["LastModifiedDate"] = lm["fields"].pop("SystemModstamp")
+    older = note(sf(2), "lm-old@example.com", "L", "M")
+    older["fields"]["LastModifiedDate"] = "2020-01-01T00:00:00.000Z"  # ISO text is accepted
+    del older["fields"]["SystemModstamp"]
+    assert kinds(await syncer.apply([lm, older])) == ["created", "stale"]
+    await syncer.close()
+    uid = out[0].uid
+    assert uid is not None
+    assert (await base_row(site, uid))["mail"] == "new@example.com"
+    assert (await field_values(site, uid))["field_first_name"] == "New"
+    assert await uids_with_mail(site, "old@example.com") == []
+    assert await uids_with_mail(site, "lm-old@example.com") == []
+
+
+async def test_redelivery_has_no_second_effect(drupal_site: DrupalSite) -> None:
+    site = drupal_site
+    syncer = await open_syncer(site)
+    batch = [note(sf(1), "a@example.com", "A", "A"), note(sf(2), "b@example.com", "B", "B")]
+    assert kinds(await syncer.apply(batch)) == ["created", "created"]
+    users = await user_ids(site)
+    rows = await base_row(site, users[-1])
+    tags = await tag(site, "user_list")
+    assert kinds(await syncer.apply(batch)) == ["duplicate", "duplicate"]
+    # The same version under another notification id is the same version.
+    again = note(sf(1), "a@example.com", "A", "A")
+    assert kinds(await syncer.apply([again])) == ["duplicate"]
+    await syncer.close()
+    assert await user_ids(site) == users
+    assert await base_row(site, users[-1]) == rows
+    assert await tag(site, "user_list") == tags
+    history = await site.rows("SELECT history FROM sfrelay_record WHERE sf_id = :s", s=sf(1))
+    assert '"o":"created"' in history[0]["history"] and '"o":"duplicate"' in history[0]["history"]
+
+
+async def test_lead_conversion_keeps_one_account(drupal_site: DrupalSite) -> None:
+    site = drupal_site
+    lead, contact = sf(5, "00Q"), sf(5)
+    syncer = await open_syncer(site)
+    (created,) = await syncer.apply([note(lead, "lee@example.com", "Lee", "Lead")])
+    uid = created.uid
+    assert created.outcome == "created" and uid is not None
+    converted = note(lead, "lee@example.com", "Lee", "Lead", minutes=1, IsConverted=True)
+    converted["fields"]["ConvertedContactId"] = contact
+    assert await syncer.apply([converted]) == [
+        Outcome(converted["id"], lead, "converted", uid, contact)
+    ]
+    assert (await field_values(site, uid))["field_salesforce_id"] == contact
+    # The Contact's own notification updates that same user; the Lead's later ones do nothing.
+    out = await syncer.apply(
+        [
+            note(contact, "lee@example.com", "Lee", "Contact", minutes=2),
+            note(lead, "lee@example.com", "Lee", "Late", minutes=3),
+        ]
+    )
+    await syncer.close()
+    assert [(o.outcome, o.uid) for o in out] == [("updated", uid), ("stale", uid)]
+    assert await uids_with_mail(site, "lee@example.com") == [uid]
+    assert (await field_values(site, uid))["field_last_name"] == "Contact"
+    states = await site.rows("SELECT sf_id, uid, converted_to FROM sfrelay_record ORDER BY sf_id")
+    assert states == [
+        {"sf_id": contact, "uid": uid, "converted_to": None},
+        {"sf_id": lead, "uid": uid, "converted_to": contact},
+    ]
+
+
+async def test_missing_email_is_skipped(drupal_site: DrupalSite) -> None:
+    users = await user_ids(drupal_site)
+    syncer = await open_syncer(drupal_site)
+    out = await syncer.apply(
+        [note(sf(1), None, "No", "Mail"), note(sf(2), "   ", "Blank", "Mail"), note(sf(3))]
+    )
+    await syncer.close()
+    assert kinds(out) == ["skipped_no_email"] * 3
+    assert await user_ids(drupal_site) == users
+    rows = await drupal_site.rows("SELECT uid, history FROM sfrelay_record ORDER BY sf_id")
+    assert [r["uid"] for r in rows] == [None] * 3
+    assert all('"o":"skipped_no_email"' in r["history"] for r in rows)
+
+
+async def test_invalid_email_is_skipped(drupal_site: DrupalSite) -> None:
+    users = await user_ids(drupal_site)
+    syncer = await open_syncer(drupal_site)
+    bad = ["not-an-email", "a@b@example.com", "two words@example.com", "x@exa mple.com",
+           ".dot@example.com", "a..b@example.com", "x@" + "a" * 250 + ".com"]  # fmt: skip
+    out = await syncer.apply([note(sf(i), mail) for i, mail in enumerate(bad)])
+    await syncer.close()
+    assert kinds(out) == ["skipped_invalid_email"] * len(bad)
+    assert [o.detail for o in out] == bad
+    assert await user_ids(drupal_site) == users
