@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from app.errors import RetryableError
 from app.sync import Outcome
+
+logger = logging.getLogger("sfrelay.worker")
 
 Apply = Callable[[Sequence[dict[str, Any]]], Awaitable[list[Outcome]]]
 _Waiter = tuple[Sequence[dict[str, Any]], "asyncio.Future[list[Outcome]]"]
@@ -65,6 +69,7 @@ class GroupCommit:
                     raise
 
     async def _apply_batch(self, batch: list[_Waiter]) -> None:
+        started = time.perf_counter()
         try:
             outcomes = await self._apply([n for notifications, _ in batch for n in notifications])
             if len(outcomes) != sum(len(notifications) for notifications, _ in batch):
@@ -80,6 +85,12 @@ class GroupCommit:
             for waiter in batch:
                 await self._apply_batch([waiter])
             return
+        logger.debug(
+            "applied %d notifications of %d jobs in %.0f ms",
+            len(outcomes),
+            len(batch),
+            (time.perf_counter() - started) * 1000,
+        )
         start = 0
         for notifications, future in batch:
             if not future.done():

@@ -19,7 +19,7 @@ logger = logging.getLogger("sfrelay.worker")
 # sync rule's order guard, not by running one job at a time.
 MAX_JOBS = 20
 # How often an idle worker looks at the queue: a ZRANGEBYSCORE every 100 ms costs Redis nothing.
-POLL_DELAY_S = 0.1
+POLL_DELAY_S = 0.05
 # `arq --check` fails when the health key is older than this (+1 s): keep it under a minute.
 HEALTH_CHECK_INTERVAL_S = 30
 

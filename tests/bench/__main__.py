@@ -12,11 +12,18 @@ def _receiver() -> None:
     receiver.main([])
 
 
+def _worker() -> None:
+    from tests.bench import worker
+
+    worker.main([])
+
+
 # Name -> runner with its default options; each module also runs alone with its own options
 # (`python -m tests.bench.receiver --help`). Imports are lazy: one benchmark's imports do not
 # slow down, or break, another's.
 BENCHMARKS: dict[str, Callable[[], None]] = {
     "receiver": _receiver,
+    "worker": _worker,
 }
 
 

@@ -1,0 +1,355 @@
+"""Worker benchmark: one `sfrelay worker` drains 100,000 notifications into Drupal 10.
+
+Per database (SQLite copy of a real site; PostgreSQL when the storage fixtures can start one):
+users/s of the worker beside the ceiling of raw `executemany` of the same rows into the same
+tables on the same driver, and the worker's RSS growth. Prints a markdown table; never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+from redis.asyncio import Redis
+from sqlalchemy import text
+
+from app.config import PROJECT_ROOT
+from app.drupal.engine import create_engine
+from app.queue import STATS_KEY, enqueue_apply
+from app.sfid import to18
+from tests.servers import SHARED, RedisServer, free_port
+
+DRUPAL10 = SHARED / "drupal" / "sites" / "drupal10-standard.sqlite"
+ORG_ID = "00D5g000004Xk2PEAS"
+ACTION_ID = "04k5g000000Gm7REAS"
+JOB_SIZE = 100
+BATCH = 500  # SFRELAY_WORKER_BATCH_SIZE, the same for the worker and the ceiling
+TARGETS = {"sqlite": 5000.0, "postgresql": 3000.0}
+RSS_TARGET_MB = 20.0
+TYPES = {"Contact": {"SystemModstamp": "dateTime", "LastModifiedDate": "dateTime"}}
+FIELDS = ("first_name", "last_name", "salesforce_id")
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """Preloaded records (untimed), then the timed notifications: new, updates, no email."""
+
+    preload: list[dict[str, Any]]
+    timed: list[dict[str, Any]]
+
+    @property
+    def writes(self) -> int:
+        return sum(1 for n in self.timed if "Email" in n["fields"])
+
+
+def _contact(number: int, *, email: bool, stamp: str, version: int = 0) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "Id": to18(f"0035g{number:010d}"),
+        "FirstName": f"First{number}",
+        "LastName": f"Last{number}v{version}",
+        "SystemModstamp": stamp,
+        "LastModifiedDate": stamp,
+    }
+    if email:
+        fields["Email"] = f"user{number}.v{version}@example.org"
+    return {"id": to18(f"04l5{version}{number:010d}"), "object": "Contact", "fields": fields}
+
+
+def workload(total: int) -> Workload:
+    """60% new Contacts, 30% updates of preloaded ones, 10% without email, shuffled."""
+    updates, no_email = total * 3 // 10, total // 10
+    new = total - updates - no_email
+    old, later = "2026-11-01T00:00:00.000Z", "2026-11-02T00:00:00.000Z"
+    preload = [_contact(n, email=True, stamp=old) for n in range(updates)]
+    timed = [_contact(n, email=True, stamp=later, version=1) for n in range(updates)]
+    timed += [_contact(updates + n, email=True, stamp=later) for n in range(new)]
+    timed += [_contact(updates + new + n, email=False, stamp=later) for n in range(no_email)]
+    random.Random(7).shuffle(timed)  # a fixed order
+    return Workload(preload, timed)
+
+
+async def _enqueue(redis_url: str, notifications: list[dict[str, Any]]) -> None:
+    client: Redis = Redis.from_url(redis_url)
+    try:
+        for start in range(0, len(notifications), JOB_SIZE):
+            kwargs = {
+                "organization_id": ORG_ID,
+                "action_id": ACTION_ID,
+                "received_at": time.time(),
+                "types": TYPES,
+                "notifications": notifications[start : start + JOB_SIZE],
+            }
+            await enqueue_apply(client, "arq:queue", kwargs, job_ttl_s=86400)
+    finally:
+        await client.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    seconds: float
+    rss_ready_mb: float
+    rss_peak_mb: float
+    rss_end_mb: float
+    outcomes: dict[str, int]
+
+
+def drain(env: dict[str, str], client: redis.Redis, workdir: Path) -> Drain:
+    """Run `sfrelay worker --burst` until the queue is empty; time it from ready to exit."""
+    client.delete(STATS_KEY)
+    log = (workdir / "worker.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker", "--burst"],
+        cwd=workdir,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    watched = psutil.Process(process.pid)
+    while not client.exists("arq:queue:health-check"):
+        if process.poll() is not None:
+            raise RuntimeError((workdir / "worker.log").read_text())
+        time.sleep(0.005)
+    started = time.perf_counter()
+    ready = peak = last = watched.memory_info().rss
+    while process.poll() is None:
+        try:
+            last = watched.memory_info().rss
+        except psutil.NoSuchProcess:
+            break
+        peak = max(peak, last)
+        time.sleep(0.05)
+    seconds = time.perf_counter() - started
+    log.close()
+    if process.returncode != 0:
+        raise RuntimeError((workdir / "worker.log").read_text())
+    raw = client.hgetall(STATS_KEY)
+    outcomes = {k.decode()[8:]: int(v) for k, v in raw.items() if k.startswith(b"outcome:")}
+    mb = 2**20
+    return Drain(seconds, ready / mb, peak / mb, last / mb, outcomes)
+
+
+def _rows(workload: Workload, max_uid: int) -> tuple[list[dict[str, Any]], ...]:
+    """The rows a sync writes for the workload: users, users_field_data, field rows, updates.
+
+    The preloaded records are users max_uid + 1 ...; new users are numbered after them.
+    """
+    now = int(time.time())
+    users, data, fields, updates = [], [], [], []
+    preloaded = {n["fields"]["Id"]: max_uid + 1 + i for i, n in enumerate(workload.preload)}
+    uid = max_uid + len(preloaded)
+    for item in workload.timed:
+        f = item["fields"]
+        if "Email" not in f:
+            continue
+        if f["Id"] in preloaded:
+            updates.append(
+                {
+                    "uid": preloaded[f["Id"]],
+                    "mail": f["Email"],
+                    "changed": now,
+                    "last": f["LastName"],
+                }
+            )
+            continue
+        uid += 1
+        users.append({"uid": uid, "uuid": str(uuid.uuid4())})
+        data.append(
+            {
+                "uid": uid,
+                "name": f"{f['FirstName']} {f['LastName']}",
+                "mail": f["Email"],
+                "now": now,
+            }
+        )
+        for value in (f["FirstName"], f["LastName"], f["Id"]):
+            fields.append({"uid": uid, "value": value})
+    return users, data, fields, updates
+
+
+_INSERT_USER = "INSERT INTO users (uid, uuid, langcode) VALUES (:uid, :uuid, 'en')"
+_INSERT_DATA = (
+    "INSERT INTO users_field_data (uid, langcode, preferred_langcode, name, mail, timezone, "
+    "status, created, changed, access, login, init, default_langcode) VALUES (:uid, 'en', "
+    "'en', :name, :mail, 'UTC', 1, :now, :now, 0, 0, :mail, 1)"
+)
+_INSERT_FIELD = (
+    "INSERT INTO user__field_{0} (bundle, deleted, entity_id, revision_id, langcode, delta, "
+    "field_{0}_value) VALUES ('user', 0, :uid, :uid, 'en', 0, :value)"
+)
+_UPDATE_DATA = (
+    "UPDATE users_field_data SET mail = :mail, init = :mail, changed = :changed WHERE uid = :uid"
+)
+_UPDATE_LAST = (
+    "UPDATE user__field_last_name SET field_last_name_value = :last WHERE entity_id = :uid"
+)
+
+
+async def ceiling(database_url: str, workload: Workload) -> float:
+    """Users/s of plain executemany of the same rows, BATCH notifications per transaction."""
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            first_uid = int(await conn.scalar(text("SELECT MAX(uid) FROM users")) or 0)
+        # The preloaded users exist before the clock starts, as they do for the worker.
+        users, data, fields, _ = _rows(Workload([], workload.preload), first_uid)
+        async with engine.begin() as conn:
+            await _insert(conn, users, data, fields)
+        users, data, fields, updates = _rows(workload, first_uid)
+        started = time.perf_counter()
+        for start in range(0, len(users), BATCH):
+            stop = start + BATCH
+            async with engine.begin() as conn:
+                await _insert(
+                    conn, users[start:stop], data[start:stop], fields[3 * start : 3 * stop]
+                )
+        for start in range(0, len(updates), BATCH):
+            async with engine.begin() as conn:
+                chunk = updates[start : start + BATCH]
+                await conn.execute(text(_UPDATE_DATA), chunk)
+                await conn.execute(text(_UPDATE_LAST), chunk)
+        return (len(users) + len(updates)) / (time.perf_counter() - started)
+    finally:
+        await engine.dispose()
+
+
+async def _insert(conn: Any, users: list[Any], data: list[Any], fields: list[Any]) -> None:
+    if not users:
+        return
+    await conn.execute(text(_INSERT_USER), users)
+    await conn.execute(text(_INSERT_DATA), data)
+    for i, name in enumerate(FIELDS):
+        await conn.execute(text(_INSERT_FIELD.format(name)), fields[i::3])
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    database: str
+    notifications: int
+    seconds: float
+    users_per_s: float
+    ceiling_per_s: float
+    rss: Drain
+
+
+def run_one(
+    name: str, database: Callable[[], AbstractContextManager[str]], total: int, tmp: Path
+) -> Row:
+    work = workload(total)
+    server = RedisServer(port=free_port(), directory=tmp / f"redis-{name}")
+    server.start()
+    client = server.client()
+    try:
+        with database() as url:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("SFRELAY_")}
+            env.update(
+                SFRELAY_REDIS_URL=server.url,
+                SFRELAY_DATABASE_URL=url,
+                SFRELAY_WORKER_BATCH_SIZE=str(BATCH),
+                PYTHONPATH=str(PROJECT_ROOT),
+            )
+            asyncio.run(_enqueue(server.url, work.preload))
+            drain(env, client, tmp)  # untimed: the users that the updates update
+            asyncio.run(_enqueue(server.url, work.timed))
+            result = drain(env, client, tmp)
+        with database() as url:
+            top = asyncio.run(ceiling(url, work))
+    finally:
+        client.close()
+        server.stop()
+    return Row(name, total, result.seconds, work.writes / result.seconds, top, result)
+
+
+@contextmanager
+def sqlite_copy(tmp: Path) -> Iterator[Callable[[], AbstractContextManager[str]]]:
+    @contextmanager
+    def fresh() -> Iterator[str]:
+        path = tmp / f"drupal-{uuid.uuid4().hex}.sqlite"
+        shutil.copyfile(DRUPAL10, path)
+        yield f"sqlite:///{path}"
+
+    yield fresh
+
+
+@contextmanager
+def postgres(tmp: Path) -> Iterator[Callable[[], AbstractContextManager[str]]]:
+    """A PostgreSQL server (the storage tests' own start-up), a fresh Drupal 10 database each."""
+    from tests.fixtures_db import start_postgres
+
+    server = start_postgres()
+
+    @contextmanager
+    def fresh() -> Iterator[str]:
+        yield server.url(asyncio.run(server.fresh(10)))
+
+    try:
+        yield fresh
+    finally:
+        server.stop()
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| database | notifications | worker s | worker users/s | raw executemany users/s "
+        "| worker / raw | target users/s | RSS ready → peak → end MB | RSS growth |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
+    ]
+    for row in rows:
+        target = TARGETS[row.database]
+        growth = row.rss.rss_peak_mb - row.rss.rss_ready_mb
+        lines.append(
+            f"| {row.database} | {row.notifications:,} | {row.seconds:.1f} "
+            f"| {row.users_per_s:,.0f} | {row.ceiling_per_s:,.0f} "
+            f"| {row.users_per_s / row.ceiling_per_s:.0%} "
+            f"| ≥ {target:,.0f}: {_met(row.users_per_s >= target)} "
+            f"| {row.rss.rss_ready_mb:.0f} → {row.rss.rss_peak_mb:.0f} → {row.rss.rss_end_mb:.0f} "
+            f"| {growth:+.1f} MB (< {RSS_TARGET_MB:.0f}: {_met(growth < RSS_TARGET_MB)}) |"
+        )
+    outcomes = ", ".join(
+        f"{row.database}: " + " ".join(f"{k}={v}" for k, v in sorted(row.rss.outcomes.items()))
+        for row in rows
+    )
+    return "\n".join(lines) + f"\n\nOutcomes of the timed run: {outcomes}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.worker", description=__doc__)
+    parser.add_argument("--notifications", type=int, default=100_000)
+    parser.add_argument(
+        "--databases", default="sqlite,postgresql", help="comma-separated: sqlite,postgresql"
+    )
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="sfrelay-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        for name in args.databases.split(","):
+            with databases()[name](tmp) as database:
+                rows.append(run_one(name, database, args.notifications, tmp))
+                print(f"{name}: done in {rows[-1].seconds:.1f} s", file=sys.stderr)
+    print(table(rows))
+
+
+def databases() -> dict[str, Callable[[Path], AbstractContextManager[Callable[[], Any]]]]:
+    return {"sqlite": sqlite_copy, "postgresql": postgres}
+
+
+if __name__ == "__main__":
+    main()
