@@ -216,3 +216,56 @@ async def test_a_redis_dead_letter_from_the_receiver_is_listed_but_not_replayed(
         "send it again",
     }
     assert redis_client.hlen(DEAD_KEY) == 1
+
+
+async def test_a_failed_notification_is_dead_lettered_at_once_beside_applied_ones(
+    worker_settings: Settings, aredis: Redis, redis_client: redis.Redis, drupal_db: Path
+) -> None:
+    broken = contact(2, email="broken@example.org")
+    del broken["fields"]["Id"]
+    await enqueue(aredis, worker_settings, job([contact(1, email="ada@example.org"), broken]))
+    worker = await run_worker(worker_settings)
+    assert (worker.jobs_complete, worker.jobs_retried) == (1, 0)
+    assert [u[2] for u in drupal_users(drupal_db)] == ["ada@example.org"]
+    [letter] = await list_dead_letters(worker_settings)
+    assert (letter.source, letter.notification_id, letter.attempts) == ("database", broken["id"], 1)
+    assert letter.error == "the notification has no record Id"
+    assert letter.notification == {
+        **broken,
+        "organization_id": ORG_ID,
+        "action_id": sf_id("04k", 1),
+        "types": TYPES["Contact"],
+    }
+    assert stats(redis_client) == {"outcome:created": 1, "outcome:failed": 1, "outcome:dead": 1}
+    assert redis_client.zcard(worker_settings.queue_name) == 0
+
+
+async def test_a_retry_outcome_requeues_only_that_notification_until_max_tries(
+    worker_settings: Settings, aredis: Redis, redis_client: redis.Redis, drupal_db: Path
+) -> None:
+    # A constraint the sync cannot foresee (as when another writer takes the same row): the
+    # database itself refuses this one user, every time.
+    with sqlite3.connect(drupal_db) as db:
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON users_field_data "
+            "WHEN NEW.mail = 'taken@example.org' "
+            "BEGIN SELECT RAISE(ABORT, 'UNIQUE constraint failed: users_field_data.mail'); END"
+        )
+    db.close()
+    kwargs = job([contact(1, email="ada@example.org"), contact(2, email="taken@example.org")])
+    await enqueue(aredis, worker_settings, kwargs)
+    worker = await run_worker(worker_settings)
+    # The message's job, then two follow-up jobs holding only the refused notification.
+    assert (worker.jobs_complete, worker.jobs_retried, worker.jobs_failed) == (3, 0, 0)
+    assert [u[2] for u in drupal_users(drupal_db)] == ["ada@example.org"]
+    [letter] = await list_dead_letters(worker_settings)
+    assert (letter.notification_id, letter.attempts) == (sf_id("04l", 2), 3)
+    assert letter.error.startswith("gave up after 3 attempts: ")
+    assert "UNIQUE constraint failed: users_field_data.mail" in letter.error
+    assert letter.first_seen == kwargs["received_at"]
+    assert stats(redis_client) == {
+        "outcome:created": 1,
+        "outcome:retry": 3,
+        "outcome:requeued": 2,
+        "outcome:dead": 1,
+    }
