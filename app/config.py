@@ -71,8 +71,9 @@ class Settings(BaseSettings):
     worker_max_rss_mb: int = Field(default=512, ge=32)
     worker_batch_size: int = Field(default=500, ge=1)
     # arq's job timeout; a killed worker's job is re-run by another once its in-progress mark
-    # expires (this + 10 s), and a stopping worker waits this long for its running jobs.
-    job_timeout_seconds: float = Field(default=300, ge=1)
+    # expires (this + 10 s), and a stopping worker waits this long for its running jobs (give
+    # the container at least this stop grace period). A job normally takes well under 1 s.
+    job_timeout_seconds: float = Field(default=60, ge=1)
     # First retry delay; each further attempt waits twice as long (capped at one hour).
     retry_backoff_seconds: float = Field(default=30, ge=0)
 
