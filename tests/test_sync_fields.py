@@ -1,0 +1,271 @@
+"""Field map, roles, usernames, batch isolation, concurrency and dead letters, on every backend."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from app.errors import ConfigError
+from app.sync import Outcome
+from tests.drupal_rows import (
+    assert_new_user,
+    base_row,
+    field_values,
+    note,
+    open_syncer,
+    roles,
+    sf,
+    uids_with_mail,
+    user_ids,
+)
+from tests.fixtures_db import DrupalSite
+
+# An extra role each site has (the minimal profile has none).
+EXTRA_ROLE = {"d10": "content_editor", "d7": "administrator", "sqlite-d10-minimal": None}
+
+CUSTOM_MAP = """
+[username]
+template = "{{Nickname__c}}"
+fallback = "{{email_local}}"
+
+[Contact]
+roles = {roles}
+
+[Contact.fields]
+mail = "Email"
+status = "Active__c"
+timezone = "TimeZone__c"
+field_first_name = "Nickname__c"
+field_salesforce_id = "Id"
+
+[Contact.defaults]
+field_last_name = "(from Salesforce)"
+
+[Lead]
+[Lead.fields]
+mail = "Email"
+"""
+
+
+def extra_role(site: DrupalSite) -> str | None:
+    if site.id in EXTRA_ROLE:
+        return EXTRA_ROLE[site.id]
+    return EXTRA_ROLE[f"d{site.major}"]
+
+
+async def test_custom_field_map_and_roles(drupal_site: DrupalSite, tmp_path: Path) -> None:
+    site = drupal_site
+    role = extra_role(site)
+    syncer = await open_syncer(
+        site, CUSTOM_MAP.format(roles=f'["{role}"]' if role else "[]"), tmp_path
+    )
+    n = note(sf(1), "kim@example.com", Nickname__c="Kimmy", Active__c=False)
+    n["fields"]["TimeZone__c"] = "Europe/Paris"
+    (created,) = await syncer.apply([n])
+    uid = created.uid
+    assert created.outcome == "created" and uid is not None
+    row = await base_row(site, uid)
+    assert (row["name"], row["status"], row["timezone"]) == ("Kimmy", 0, "Europe/Paris")
+    assert await field_values(site, uid) == {
+        "field_first_name": "Kimmy",
+        "field_last_name": "(from Salesforce)",
+        "field_salesforce_id": sf(1),
+    }
+    assert await roles(site, uid) == ([role] if role else [])
+    # Active again; the role is not written twice; a linked user gets the role beside its own.
+    again = note(sf(1), "kim@example.com", minutes=1, Nickname__c="Kim", Active__c=True)
+    admin = note(sf(2), "admin@example.com", Nickname__c="Boss")
+    assert [o.outcome for o in await syncer.apply([again, admin])] == ["updated", "linked"]
+    await syncer.close()
+    assert (await base_row(site, uid))["status"] == 1
+    assert (await base_row(site, uid))["name"] == "Kimmy"
+    assert await roles(site, uid) == ([role] if role else [])
+    admin_roles = {"d10": ["administrator"], "d7": ["administrator"]}[f"d{site.major}"]
+    if site.id == "sqlite-d10-minimal":
+        admin_roles = []  # the minimal profile's admin has no administrator role
+    if role and role not in admin_roles:
+        admin_roles = [*admin_roles, role]  # D10 appends it at the next delta
+    assert await roles(site, 1) == admin_roles
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("field_salesforce_id", "field_nope"), "user field 'field_nope' does not exist"),
+        (("roles = []", 'roles = ["no_such_role"]'), "role 'no_such_role' does not exist"),
+        (("roles = []", 'roles = ["authenticated"]'), "implicit"),
+        (
+            ('mail = "Email"\nfield_first_name', "field_first_name"),
+            "map a Salesforce field to mail",
+        ),
+        (("status = 1", "bogus = 1"), "cannot default 'bogus'"),
+        (("[Lead", "[Account"), "no [Lead] section"),
+    ],
+)
+async def test_a_wrong_field_map_fails_at_start_up(
+    drupal_site: DrupalSite, tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    default = (Path(__file__).parent.parent / "app" / "fieldmap.default.toml").read_text()
+    assert change[0] in default
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        await open_syncer(drupal_site, default.replace(*change), tmp_path)
+
+
+async def test_usernames_are_valid_unique_and_kept(drupal_site: DrupalSite, tmp_path: Path) -> None:
+    site = drupal_site
+    syncer = await open_syncer(site)
+    long_last = "Wolfeschlegelsteinhausenbergerdorff-Welchevoralternwarengewissenhaft"
+    batch = [
+        note(sf(1), "a1@example.com", "John", "Doe"),
+        note(sf(2), "a2@example.com", "John", "Doe"),
+        note(sf(3), "a3@example.com", "Admin", None),  # "admin" exists (case-insensitively)
+        note(sf(4), "jdoe.x@example.com", None, None),  # no names: the email's local part
+        note(sf(5), "a5@example.com", "Zoë <b>", "O'Brien-Smith\t"),
+        note(sf(6), "a6@example.com", "Hubert", long_last),
+    ]
+    out = await syncer.apply(batch)
+    assert [o.outcome for o in out] == ["created"] * 6
+    (third,) = await syncer.apply([note(sf(7), "a7@example.com", "john", "doe")])
+    names = [(await base_row(site, o.uid or 0))["name"] for o in [*out, third]]
+    assert names == [
+        "John Doe",
+        "John Doe_2",
+        "Admin_2",
+        "jdoe.x",
+        "Zoë b O'Brien-Smith",
+        f"Hubert {long_last}"[:60],
+        "john doe_3",
+    ]
+    assert all(len(name) <= 60 for name in names)
+    # A later update keeps the name unless [username] update = true.
+    (kept,) = await syncer.apply([note(sf(1), "a1@example.com", "Johnny", "Doe", minutes=1)])
+    await syncer.close()
+    assert (await base_row(site, kept.uid or 0))["name"] == "John Doe"
+    default = (Path(__file__).parent.parent / "app" / "fieldmap.default.toml").read_text()
+    renaming = await open_syncer(site, default.replace("update = false", "update = true"), tmp_path)
+    (renamed,) = await renaming.apply([note(sf(1), "a1@example.com", "John", "Doe_2", minutes=2)])
+    (same,) = await renaming.apply([note(sf(2), "a2@example.com", "John", "Doe_2", minutes=2)])
+    await renaming.close()
+    assert (await base_row(site, renamed.uid or 0))["name"] == "John Doe_2_2"
+    assert (await base_row(site, same.uid or 0))["name"] == "John Doe_2"  # its own name: kept
+
+
+async def test_concurrent_workers_never_share_a_name(drupal_site: DrupalSite) -> None:
+    site = drupal_site
+    one, two = await open_syncer(site), await open_syncer(site)
+    batches = [
+        [note(sf(10 * w + i), f"sam{w}{i}@example.com", "Sam", "Lee") for i in range(3)]
+        for w in (1, 2)
+    ]
+    results = await asyncio.gather(one.apply(batches[0]), two.apply(batches[1]))
+    await one.close()
+    await two.close()
+    uids = [o.uid for out in results for o in out]
+    assert [o.outcome for out in results for o in out] == ["created"] * 6
+    names = sorted([(await base_row(site, uid or 0))["name"] for uid in uids])
+    assert names == ["Sam Lee", *(f"Sam Lee_{n}" for n in range(2, 7))]
+
+
+_BOOM = {
+    "sqlite": [
+        "CREATE TRIGGER boom BEFORE INSERT ON {t} WHEN NEW.mail = 'boom@example.com' "
+        "BEGIN SELECT RAISE(ABORT, 'boom'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION boom() RETURNS trigger AS $$ BEGIN IF NEW.mail = 'boom@example.com' "
+        "THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER boom BEFORE INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION boom()",
+    ],
+    "mariadb": [
+        "CREATE TRIGGER boom BEFORE INSERT ON {t} FOR EACH ROW BEGIN IF NEW.mail = "
+        "'boom@example.com' THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'boom'; END IF; END"
+    ],
+}
+
+
+async def test_one_failing_record_does_not_block_its_batch(drupal_site: DrupalSite) -> None:
+    site = drupal_site
+    table = "users_field_data" if site.major == 10 else "users"
+    for statement in _BOOM[site.backend]:
+        await site.execute(statement.format(t=table))
+    syncer = await open_syncer(site)
+    (existing,) = await syncer.apply([note(sf(1), "one@example.com", "One", "Before")])
+    batch = [
+        note(sf(2), "two@example.com", "Two", "Ok"),
+        note(sf(3), "boom@example.com", "Boom", "Bad"),
+        note(sf(1), "one@example.com", "One", "After", minutes=1),
+        note(sf(4), "four@example.com", "Four", "Ok"),
+    ]
+    out = await syncer.apply(batch)
+    await syncer.close()
+    assert [o.outcome for o in out][::2] == ["created", "updated"] and out[3].outcome == "created"
+    assert out[1].outcome in ("retry", "failed") and "boom" in (out[1].detail or "")
+    assert out[2] == Outcome(batch[2]["id"], sf(1), "updated", existing.uid)
+    assert await uids_with_mail(site, "boom@example.com") == []
+    await assert_new_user(
+        site,
+        out[3].uid or 0,
+        name="Four Ok",
+        mail="four@example.com",
+        fields={"field_first_name": "Four", "field_last_name": "Ok", "field_salesforce_id": sf(4)},
+    )
+    assert (await field_values(site, existing.uid or 0))["field_last_name"] == "After"
+    states = await site.rows("SELECT sf_id, uid FROM sfrelay_record ORDER BY sf_id")
+    assert [s["sf_id"] for s in states] == [sf(1), sf(2), sf(4)]
+
+
+async def test_dead_letters_round_trip(drupal_site: DrupalSite) -> None:
+    syncer = await open_syncer(drupal_site)
+    first = note(sf(1), "x@example.com", "X", "Y")
+    second = note(sf(2), "y@example.com", "Y", "Z")
+    a = await syncer.dead_letter(first, "boom", 5, 1000.0)
+    b = await syncer.dead_letter(second, "bang", 3, 2000.0)
+    listed = await syncer.list_dead_letters()
+    assert [(d.id, d.record_id, d.error, d.attempts, d.first_seen) for d in listed] == [
+        (a, sf(1), "boom", 5, 1000.0),
+        (b, sf(2), "bang", 3, 2000.0),
+    ]
+    stored = listed[0].notification
+    assert stored["id"] == first["id"] and stored["fields"]["SystemModstamp"].startswith("2025-")
+    assert [d.id for d in await syncer.take_dead_letters([b])] == [b]
+    assert [d.id for d in await syncer.list_dead_letters()] == [a]
+    # A replayed dead letter (datetimes now ISO text) applies like the original.
+    (replayed,) = await syncer.take_dead_letters(None)
+    assert await syncer.list_dead_letters() == []
+    (outcome,) = await syncer.apply([replayed.notification])
+    await syncer.close()
+    assert outcome.outcome == "created"
+    assert await uids_with_mail(drupal_site, "x@example.com") == [outcome.uid]
+
+
+async def test_unknown_drupal_version_or_database(drupal_site: DrupalSite, tmp_path: Path) -> None:
+    wrong = "7" if drupal_site.major == 10 else "10"
+    with pytest.raises(ConfigError, match=f"SFRELAY_DRUPAL_VERSION={wrong} but"):
+        await open_syncer(drupal_site, drupal_version=wrong)
+    syncer = await open_syncer(drupal_site, drupal_version=str(drupal_site.major))
+    assert syncer.schema.major == drupal_site.major
+    await syncer.close()
+    users = await user_ids(drupal_site)
+    assert users[:2] == [0, 1]
+
+
+async def test_lead_without_a_synced_user_is_not_converted(drupal_site: DrupalSite) -> None:
+    syncer = await open_syncer(drupal_site)
+    lead = note(sf(9, "00Q"), "ghost@example.com", "Gh", "Ost", IsConverted=True)
+    lead["fields"]["ConvertedContactId"] = sf(9)
+    (out,) = await syncer.apply([lead])
+    await syncer.close()
+    assert (out.outcome, out.uid) == ("skipped_converted", None)
+    assert await uids_with_mail(drupal_site, "ghost@example.com") == []
+
+
+def test_modstamp_counts_microseconds() -> None:
+    from app.records import modstamp
+
+    stamp = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    assert modstamp({"SystemModstamp": stamp}) == 1_740_830_400_123_456
+    assert modstamp({"LastModifiedDate": "2025-03-01T12:00:00.123456Z"}) == 1_740_830_400_123_456
+    assert modstamp({}) is None
