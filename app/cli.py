@@ -17,7 +17,6 @@ from pydantic import ValidationError
 
 from app.config import Settings
 from app.errors import ConfigError, QueueUnavailable, RetryableError
-from app.receiver import ENDPOINT
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -49,6 +48,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     body = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    from app.receiver import ENDPOINT
+
     url = args.url or f"http://{settings.host}:{settings.port}{ENDPOINT}"
     params = {}
     if settings.endpoint_token is not None and "token=" not in url:
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     send = sub.add_parser("send", help="POST a SOAP file the way Salesforce does")
     send.add_argument("file", help="the message file, or - for standard input")
     send.add_argument(
-        "--url", help=f"endpoint (default http://SFRELAY_HOST:SFRELAY_PORT{ENDPOINT})"
+        "--url", help="endpoint (default: the one `sfrelay serve` answers on SFRELAY_HOST:PORT)"
     )
     send.set_defaults(func=cmd_send)
 

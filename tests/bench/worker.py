@@ -1,8 +1,9 @@
 """Worker benchmark: one `sfrelay worker` drains 100,000 notifications into Drupal 10.
 
 Per database (SQLite copy of a real site; PostgreSQL when the storage fixtures can start one):
-users/s of the worker beside the ceiling of raw `executemany` of the same rows into the same
-tables on the same driver, and the worker's RSS growth. Prints a markdown table; never asserts.
+users/s of the worker beside `Syncer.apply` called alone (no queue) and the ceiling of raw
+`executemany` of the same rows into the same tables on the same driver, all in the same run,
+and the worker's RSS growth. Prints a markdown table; never asserts.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import redis
 from redis.asyncio import Redis
 from sqlalchemy import text
 
-from app.config import PROJECT_ROOT
+from app.config import PROJECT_ROOT, Settings
 from app.drupal.engine import create_engine
-from app.queue import STATS_KEY, enqueue_apply
+from app.queue import STATS_KEY, decode_notifications, enqueue_apply
 from app.sfid import to18
+from app.sync import Syncer
 from tests.servers import SHARED, RedisServer, free_port
 
 DRUPAL10 = SHARED / "drupal" / "sites" / "drupal10-standard.sqlite"
@@ -128,10 +130,12 @@ def drain(env: dict[str, str], client: redis.Redis, workdir: Path) -> Drain:
     ready = peak = last = watched.memory_info().rss
     while process.poll() is None:
         try:
-            last = watched.memory_info().rss
+            rss = watched.memory_info().rss
         except psutil.NoSuchProcess:
             break
-        peak = max(peak, last)
+        if rss:  # 0 once the process has exited
+            last = rss
+            peak = max(peak, last)
         time.sleep(0.05)
     seconds = time.perf_counter() - started
     log.close()
@@ -227,6 +231,21 @@ async def ceiling(database_url: str, workload: Workload) -> float:
         await engine.dispose()
 
 
+async def syncer_alone(database_url: str, workload: Workload) -> float:
+    """Users/s of `Syncer.apply` called directly with BATCH notifications: no queue, no arq."""
+    settings = Settings(_env_file=None, database_url=database_url, worker_batch_size=BATCH)
+    syncer = await Syncer.open(settings)
+    try:
+        for start in range(0, len(workload.preload), BATCH):
+            await syncer.apply(decode_notifications(workload.preload[start : start + BATCH], TYPES))
+        started = time.perf_counter()
+        for start in range(0, len(workload.timed), BATCH):
+            await syncer.apply(decode_notifications(workload.timed[start : start + BATCH], TYPES))
+        return workload.writes / (time.perf_counter() - started)
+    finally:
+        await syncer.close()
+
+
 async def _insert(conn: Any, users: list[Any], data: list[Any], fields: list[Any]) -> None:
     if not users:
         return
@@ -243,6 +262,7 @@ class Row:
     seconds: float
     users_per_s: float
     ceiling_per_s: float
+    syncer_per_s: float
     rss: Drain
 
 
@@ -268,10 +288,12 @@ def run_one(
             result = drain(env, client, tmp)
         with database() as url:
             top = asyncio.run(ceiling(url, work))
+        with database() as url:
+            alone = asyncio.run(syncer_alone(url, work))
     finally:
         client.close()
         server.stop()
-    return Row(name, total, result.seconds, work.writes / result.seconds, top, result)
+    return Row(name, total, result.seconds, work.writes / result.seconds, top, alone, result)
 
 
 @contextmanager
@@ -308,16 +330,17 @@ def _met(ok: bool) -> str:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| database | notifications | worker s | worker users/s | raw executemany users/s "
-        "| worker / raw | target users/s | RSS ready → peak → end MB | RSS growth |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
+        "| database | notifications | worker s | worker users/s | Syncer.apply alone users/s "
+        "| raw executemany users/s | worker / raw | target users/s "
+        "| RSS ready → peak → end MB | RSS growth |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for row in rows:
         target = TARGETS[row.database]
         growth = row.rss.rss_peak_mb - row.rss.rss_ready_mb
         lines.append(
             f"| {row.database} | {row.notifications:,} | {row.seconds:.1f} "
-            f"| {row.users_per_s:,.0f} | {row.ceiling_per_s:,.0f} "
+            f"| {row.users_per_s:,.0f} | {row.syncer_per_s:,.0f} | {row.ceiling_per_s:,.0f} "
             f"| {row.users_per_s / row.ceiling_per_s:.0%} "
             f"| ≥ {target:,.0f}: {_met(row.users_per_s >= target)} "
             f"| {row.rss.rss_ready_mb:.0f} → {row.rss.rss_peak_mb:.0f} → {row.rss.rss_end_mb:.0f} "
