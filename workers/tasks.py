@@ -15,9 +15,10 @@ from typing import Any, TypeVar
 import psutil
 from arq import Retry
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from app.config import Settings
-from app.errors import RetryableError
+from app.errors import QueueUnavailable, RetryableError
 from app.queue import (
     ATTEMPT_KEY,
     FIRST_SEEN_KEY,
@@ -125,6 +126,7 @@ async def apply_notifications(
     dead_by = now + settings.job_timeout_seconds * DEAD_LETTER_SHARE
     counts: Counter[str] = Counter()
     dead: list[_Letter] = []
+    retry: list[dict[str, Any]] = []
 
     if job_try >= settings.max_tries + INTERRUPTED_TRIES:
         # Every earlier run was cut short: this job may be what kills the worker.
@@ -150,20 +152,27 @@ async def apply_notifications(
             dead = [(item, reason, job_try) for item in notifications]
         else:
             retry = _sort_outcomes(settings, job, notifications, outcomes, counts, dead)
-            if retry:
-                delay = backoff_s(settings, min(int(item[ATTEMPT_KEY]) for item in retry) - 1)
-                await enqueue_apply(
-                    redis,
-                    settings.queue_name,
-                    job.kwargs(retry),
-                    job_ttl_s=settings.job_ttl_seconds,
-                    defer_s=delay,
-                    job_id=f"{ctx['job_id']}.retry",
-                )
-                counts["requeued"] += len(retry)
-    if dead:
-        await _dead_letter(state, redis, job, dead, dead_by)
-        counts["dead"] += len(dead)
+    try:
+        if retry:
+            delay = backoff_s(settings, min(int(item[ATTEMPT_KEY]) for item in retry) - 1)
+            await enqueue_apply(
+                redis,
+                settings.queue_name,
+                job.kwargs(retry),
+                job_ttl_s=settings.job_ttl_seconds,
+                defer_s=delay,
+                job_id=f"{ctx['job_id']}.retry",
+            )
+            counts["requeued"] += len(retry)
+        if dead:
+            await _dead_letter(state, redis, job, dead, dead_by)
+            counts["dead"] += len(dead)
+    except QueueUnavailable as exc:
+        # Failing here would let arq delete the job with its retries and dead letters unsaved;
+        # running the whole job again is harmless (applying twice has no second effect).
+        delay = backoff_s(settings, job_try)
+        logger.warning("job %s: %s; running it again in %.0f s", ctx["job_id"], exc, delay)
+        raise Retry(defer=delay) from exc
     await _finish(redis, ctx, job, counts, started)
 
 
@@ -179,7 +188,7 @@ def _sort_outcomes(
     dead: list[_Letter],
 ) -> list[dict[str, Any]]:
     """Count the outcomes, collect the dead letters; return the notifications to retry."""
-    retry = []
+    retry: list[dict[str, Any]] = []
     for item, outcome in zip(notifications, outcomes, strict=True):
         counts[outcome.outcome] += 1
         attempt = int(item.get(ATTEMPT_KEY, 1))
@@ -269,10 +278,13 @@ async def _dead_letter(
 async def _finish(
     redis: Redis, ctx: dict[str, Any], job: _Job, counts: Counter[str], started: float
 ) -> None:
-    async with redis.pipeline(transaction=False) as pipe:
-        for name, count in counts.items():
-            pipe.hincrby(STATS_KEY, f"outcome:{name}", count)
-        await pipe.execute()
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            for name, count in counts.items():
+                pipe.hincrby(STATS_KEY, f"outcome:{name}", count)
+            await pipe.execute()
+    except (RedisError, OSError) as exc:  # counters only: not worth failing the job for
+        logger.warning("job %s: outcome counters not recorded: %s", ctx["job_id"], exc)
     summary = " ".join(f"{name}={count}" for name, count in sorted(counts.items()))
     logger.info(
         "job %s try %d: %d notifications in %.0f ms: %s",
