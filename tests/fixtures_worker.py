@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,3 +163,24 @@ def drupal_users(path: Path) -> list[tuple[Any, ...]]:
         ).fetchall()
     db.close()
     return rows
+
+
+def assert_drupal_can_load(path: Path) -> None:
+    """Every user written by sfrelay has the rows Drupal 10 needs to load it (shared README)."""
+    with sqlite3.connect(path) as db:
+        db.create_collation("NOCASE_UTF8", nocase_utf8)
+        users = db.execute(
+            "SELECT u.uid, u.uuid, u.langcode, d.langcode, d.default_langcode, d.init, d.mail "
+            "FROM users u JOIN users_field_data d ON d.uid = u.uid WHERE u.uid > 1"
+        ).fetchall()
+        fields = db.execute(
+            "SELECT bundle, deleted, entity_id, revision_id, langcode, delta "
+            "FROM user__field_salesforce_id WHERE entity_id > 1"
+        ).fetchall()
+    db.close()
+    assert len({uuid.UUID(u[1]) for u in users}) == len(users)
+    assert {u[2:5] for u in users} <= {("en", "en", 1)}
+    assert all(init and mail for *_, init, mail in users)  # init: the mail at creation
+    assert sorted((f[2], f[0], f[1], f[3], f[4], f[5]) for f in fields) == sorted(
+        (u[0], "user", 0, u[0], "en", 0) for u in users
+    )

@@ -13,7 +13,7 @@ import zeep
 from app.config import DEFAULT_WSDL_DIR, Settings
 from app.main import create_app
 from app.receiver import ENDPOINT
-from tests.fixtures_worker import WorkerProcess, drupal_users
+from tests.fixtures_worker import WorkerProcess, assert_drupal_can_load, drupal_users
 from tests.messages import ORG_ID, contact, lead, outbound_message, sf_id
 from tests.servers import UvicornThread
 
@@ -61,6 +61,7 @@ def test_shared_salesforce_messages_end_as_exact_drupal_rows(
     assert drupal_users(drupal_db) == [
         (2, "Doug Bunting", "drb24@cornell.edu", 1, "Doug", "Bunting", "0031I0000081tb0QAA")
     ]
+    assert_drupal_can_load(drupal_db)
     assert "created=1 skipped_no_email=1" in worker.output()
     # Salesforce delivers again (it never saw our Ack, say): nothing is queued twice.
     assert post(server, shared_messages["aspnet_WebHooks__Salesforce.xml"]) == 200
@@ -115,6 +116,7 @@ def test_generated_contacts_and_leads_create_update_and_skip(
         "Lovelace",
         ada_id,
     )
+    assert_drupal_can_load(drupal_db)
     assert "updated=1" in worker.output()
     assert "stale=1" in worker.output()
 
@@ -161,3 +163,4 @@ def test_zeep_as_salesforce_through_to_drupal(
         )
         for n in range(3)
     ]
+    assert_drupal_can_load(drupal_db)
