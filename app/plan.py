@@ -62,10 +62,12 @@ class Planner:
         field_map: FieldMap,
         match_by_email: bool,
         field_lengths: dict[str, int | None],
+        suffixes: dict[str, int],
     ) -> None:
         self.conn, self.store, self.field_map = conn, store, field_map
         self.match_by_email = match_by_email
         self.lengths = field_lengths
+        self.suffixes = suffixes  # lower-cased base name -> highest _<n> known in use
         self.plan = Plan()
         self.existing: dict[int, ExistingUser] = {}
         self.by_mail: dict[str, set[int]] = {}
@@ -228,26 +230,44 @@ class Planner:
         self._record(r, Decision("converted", key, target_id), applied=True)
 
     async def names(self) -> None:
-        """Unique usernames for the new users (and renames, when configured)."""
+        """Unique usernames for the new users (and renames, when configured).
+
+        Exact look-ups only (indexed where the database can): the names wanted, then, for
+        bases already taken, the highest `_<n>` in use, remembered in `suffixes` across
+        batches; suffixed picks are checked again, so a stale memory only costs a round.
+        """
         wanted: dict[int, str] = {
             key: username_base(r, self.field_map) for key, r in self.plan.new_sources.items()
         }
-        for uid, (r, _current) in self.plan.renames.items():
-            wanted[uid] = username_base(r, self.field_map)
-        if not wanted:
-            return
-        taken = await self.store.taken_names(self.conn, wanted.values())
-        for key in sorted(wanted, key=lambda k: (k > 0, -k if k < 0 else k)):
-            current = self.plan.renames[key][1].lower() if key > 0 else None
-            if current is not None and wanted[key].lower() == current:
-                continue
-            n = 1
-            while (name := with_suffix(wanted[key], n)).lower() in taken and (
-                name.lower() != current
-            ):
-                n += 1
-            taken.add(name.lower())
+        current = {uid: name.lower() for uid, (_, name) in self.plan.renames.items()}
+        for uid, (r, _name) in self.plan.renames.items():
+            base = username_base(r, self.field_map)
+            stem, _, number = current[uid].rpartition("_")
+            # Already this name, or this name with the suffix it needed: keep it.
+            if base.lower() not in (current[uid], stem if number.isdigit() else None):
+                wanted[uid] = base
+        picked: dict[int, str] = {}
+        taken = await self.store.taken_names(self.conn, wanted.values()) if wanted else set()
+        while wanted:
+            unknown = {b.lower() for b in wanted.values()} & taken - self.suffixes.keys()
+            if unknown:
+                self.suffixes.update(await self.store.max_suffixes(self.conn, unknown))
+            for key in sorted(wanted, key=lambda k: (k > 0, abs(k))):
+                base = wanted[key]
+                name = base
+                while name.lower() in taken and name.lower() != current.get(key):
+                    self.suffixes[base.lower()] = self.suffixes.get(base.lower(), 1) + 1
+                    name = with_suffix(base, self.suffixes[base.lower()])
+                taken.add(name.lower())
+                picked[key] = name
+            # Suffixed picks came from memory: confirm them (another writer may hold one).
+            fresh = {k: picked[k] for k in wanted if picked[k] != wanted[k]}
+            clash = await self.store.taken_names(self.conn, fresh.values()) if fresh else set()
+            wanted = {k: wanted[k] for k, n in fresh.items() if n.lower() in clash}
+            for base in wanted.values():
+                self.suffixes.pop(base.lower(), None)  # read it from the database again
+        for key, name in picked.items():
             if key < 0:
                 self.plan.new[key].name = name
-            elif name.lower() != current:
+            elif name.lower() != current[key]:
                 self.plan.changes[key].base["name"] = name

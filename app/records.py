@@ -9,7 +9,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from app.mapping import FieldMap, ObjectMap, render
-from app.sfid import canonical_id, to18
+from app.sfid import canonical_id, checksum, to18
 
 NAME_MAX = 60  # Drupal's UserInterface::USERNAME_MAX_LENGTH
 MAIL_MAX = 254  # Drupal's users_field_data.mail / D7 users.mail
@@ -56,6 +56,9 @@ def modstamp(fields: dict[str, Any]) -> int | None:
 
 def sf_key(sf_id: str) -> str:
     """The 18-character, case-correct form: the key sfrelay stores a record under."""
+    head, suffix = sf_id[:15], sf_id[15:].upper()
+    if len(sf_id) == 18 and checksum(head) == suffix:
+        return head + suffix  # the usual case, an id as Salesforce sends it: one checksum
     return to18(canonical_id(sf_id))
 
 

@@ -153,6 +153,8 @@ class Syncer:
         self.store = store
         self.field_map = field_map
         self._lengths = {name: f.length for name, f in schema.fields.items()}
+        # Username suffixes known in use, kept across batches (checked again before use).
+        self._suffixes: dict[str, int] = {}
 
     @classmethod
     async def open(cls, settings: Settings) -> Syncer:
@@ -166,6 +168,7 @@ class Syncer:
             if schema.major == 10 and "cachetags" not in schema.tables:
                 await _create_cachetags(engine)
             await state.migrate(engine)
+            await state.ensure_indexes(engine, schema.major)
         except BaseException as exc:
             await engine.dispose()
             if isinstance(exc, DBAPIError | OSError):
@@ -222,7 +225,12 @@ class Syncer:
     async def _apply(self, records: list[Record], outcomes: list[Outcome | None]) -> None:
         async with writer(self.engine) as conn:
             planner = Planner(
-                conn, self.store, self.field_map, self.settings.match_by_email, self._lengths
+                conn,
+                self.store,
+                self.field_map,
+                self.settings.match_by_email,
+                self._lengths,
+                self._suffixes,
             )
             await planner.load(records)
             for record in records:

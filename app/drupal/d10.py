@@ -70,7 +70,7 @@ class Drupal10(Lookups):
         self.langcode = schema.default_langcode
         # name: NOCASE_UTF8 on SQLite, utf8mb4_general_ci on MySQL; mail: only MySQL's.
         super().__init__(
-            field_data, name_ci=dialect in ("sqlite", "mysql"), mail_ci=dialect == "mysql"
+            field_data, dialect, name_ci=dialect in ("sqlite", "mysql"), mail_ci=dialect == "mysql"
         )
         self._fields = {name: field_table(name) for name in schema.fields}
 

@@ -68,7 +68,8 @@ class Drupal7(Lookups):
         self.schema = schema
         self._dialect = dialect
         # D7 on SQLite and PostgreSQL compares names and mails by case; MySQL's *_ci does not.
-        super().__init__(users, name_ci=dialect == "mysql", mail_ci=dialect == "mysql")
+        ci = dialect == "mysql"
+        super().__init__(users, dialect, name_ci=ci, mail_ci=ci)
         self._fields = {name: field_tables(name) for name in schema.fields}
         self._changed = "changed" in schema.user_columns or not schema.user_columns
 

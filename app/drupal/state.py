@@ -5,6 +5,9 @@ sfrelay_record       one row per Salesforce record seen: Salesforce Id (18-chara
                      Lead became, and the outcomes of the last N attempts (JSON)
 sfrelay_dead_letter  notifications that kept failing: payload, error, attempts, timestamps
 sfrelay_schema       the migration version
+
+and, on Drupal's own user table, indexes named sfrelay_* for the case-insensitive look-ups
+Drupal's schema has no index for (see `ensure_indexes`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sqlalchemy import (
     delete,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import mysql
@@ -258,3 +262,31 @@ async def read_dead_letters(
     if remove and found:
         await conn.execute(delete(dead_letters).where(dead_letters.c.id.in_([d.id for d in found])))
     return found
+
+
+# (Drupal major, dialect) -> sfrelay_* expression indexes on Drupal's user table. MySQL needs
+# none: its *_ci collations make the plain mail and name indexes case-insensitive, as does
+# NOCASE_UTF8 for name on Drupal 8+ SQLite.
+_LOOKUP_INDEXES = {
+    (10, "sqlite"): [("users_field_data", "mail")],
+    (10, "postgresql"): [("users_field_data", "mail"), ("users_field_data", "name")],
+    (7, "sqlite"): [("users", "mail"), ("users", "name")],
+    (7, "postgresql"): [("users", "mail"), ("users", "name")],
+}
+
+
+async def ensure_indexes(engine: AsyncEngine, major: int) -> None:
+    """Indexes on lower(mail) / lower(name), so linking by email and picking usernames
+    stay index look-ups instead of a scan of every user per batch. Ensured at every start:
+    a Drupal schema update that rebuilds the table drops them, and nothing else breaks."""
+    wanted = _LOOKUP_INDEXES.get((major, engine.dialect.name), [])
+    if not wanted:
+        return
+    async with writer(engine) as conn:
+        for table, column in wanted:
+            await conn.execute(
+                text(
+                    f"CREATE INDEX IF NOT EXISTS sfrelay_{table}_{column}_lower "
+                    f"ON {table} (lower({column}))"
+                )
+            )

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, bindparam, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import TableClause
 
@@ -57,7 +57,11 @@ class UserStore(Protocol):
         ...
 
     async def taken_names(self, conn: AsyncConnection, names: Iterable[str]) -> set[str]:
-        """Lower-cased names in use that equal one of `names` or extend it with a suffix."""
+        """The lower-cased names among `names` that are in use (compared case-insensitively)."""
+        ...
+
+    async def max_suffixes(self, conn: AsyncConnection, bases: Iterable[str]) -> dict[str, int]:
+        """Lower-cased base -> the highest n of the names `<base>_<n>` in use (1: none)."""
         ...
 
     async def create(self, conn: AsyncConnection, users: list[NewUser], now: int) -> None:
@@ -72,9 +76,9 @@ class UserStore(Protocol):
 CHUNK = 500  # ids per IN (...): far below every backend's bound-parameter limit
 
 
-def chunks(values: list[Any]) -> Iterable[list[Any]]:
-    for start in range(0, len(values), CHUNK):
-        yield values[start : start + CHUNK]
+def chunks(values: list[Any], size: int = CHUNK) -> Iterable[list[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 async def update_base(
@@ -100,12 +104,6 @@ async def update_base(
             await conn.execute(stmt, rows)
 
 
-def like_prefix(value: str) -> str:
-    """A LIKE pattern for names starting with `value` (with `\\` as the escape)."""
-    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped + "%"
-
-
 def lower_in(column: Any, values: list[str], case_insensitive_column: bool) -> ColumnElement[bool]:
     """column IN values, compared case-insensitively; uses the column's own index when its
     collation already ignores case (MySQL *_ci, Drupal's NOCASE_UTF8 on SQLite)."""
@@ -114,16 +112,13 @@ def lower_in(column: Any, values: list[str], case_insensitive_column: bool) -> C
     return func.lower(column).in_(values)
 
 
-def any_prefix(column: Any, prefixes: list[str]) -> ColumnElement[bool]:
-    return or_(*(func.lower(column).like(like_prefix(p), escape="\\") for p in prefixes))
-
-
 class Lookups:
     """The bulk look-ups both majors share; `table` holds uid, name and mail
     (D10 users_field_data, D7 users). `*_ci`: the column's collation ignores case."""
 
-    def __init__(self, table: TableClause, *, name_ci: bool, mail_ci: bool) -> None:
+    def __init__(self, table: TableClause, dialect: str, *, name_ci: bool, mail_ci: bool) -> None:
         self._table, self._name_ci, self._mail_ci = table, name_ci, mail_ci
+        self._regexp = dialect == "postgresql"
 
     async def uids_by_mail(
         self, conn: AsyncConnection, mails: Iterable[str]
@@ -144,8 +139,26 @@ class Lookups:
         for chunk in chunks(sorted({name.lower() for name in names})):
             query = select(func.lower(t.c.name)).where(lower_in(t.c.name, chunk, self._name_ci))
             taken.update(name for (name,) in await conn.execute(query))
-        # Only names already taken need their suffixed variants looked up.
-        for chunk in chunks(sorted(taken)):
-            query = select(func.lower(t.c.name)).where(any_prefix(t.c.name, chunk))
-            taken.update(name for (name,) in await conn.execute(query))
         return taken
+
+    async def max_suffixes(self, conn: AsyncConnection, bases: Iterable[str]) -> dict[str, int]:
+        t = self._table
+        wanted = sorted({base.lower() for base in bases})
+        found = dict.fromkeys(wanted, 1)
+        for chunk in chunks(wanted, 100):
+            where: ColumnElement[bool]
+            if self._regexp:
+                # A range would depend on the database's locale ordering of '_': one scan
+                # (only for bases not seen before; sfrelay remembers suffixes it learnt).
+                stem = func.regexp_replace(func.lower(t.c.name), "_[0-9]+$", "")
+                where = stem.in_(chunk)
+            else:
+                # A range per base: '`' sorts right after '_' (SQLite and MySQL compare
+                # by code point here), so [base_, base`) holds exactly the names base_*.
+                name = t.c.name if self._name_ci else func.lower(t.c.name)
+                where = or_(*(and_(name >= f"{b}_", name < f"{b}`") for b in chunk))
+            for (name,) in await conn.execute(select(func.lower(t.c.name)).where(where)):
+                stem_, _, number = name.rpartition("_")
+                if number.isdigit() and stem_ in found:
+                    found[stem_] = max(found[stem_], int(number))
+        return found
