@@ -65,6 +65,7 @@ from app.drupal.d10 import Drupal10
 from app.drupal.engine import create_engine, writer
 from app.drupal.schema import DrupalSchema, inspect_drupal
 from app.drupal.state import DeadLetter
+from app.drupal.stats import Statistics
 from app.drupal.users import UserStore
 from app.errors import RetryableError
 from app.mapping import FieldMap, load_field_map
@@ -155,6 +156,7 @@ class Syncer:
         self._lengths = {name: f.length for name, f in schema.fields.items()}
         # Username suffixes known in use, kept across batches (checked again before use).
         self._suffixes: dict[str, int] = {}
+        self._statistics = Statistics(engine, schema)
 
     @classmethod
     async def open(cls, settings: Settings) -> Syncer:
@@ -242,6 +244,7 @@ class Syncer:
             plan.finish()
             await self.store.update(conn, list(plan.changes.values()), now)
             await state.save(conn, plan.states.values())
+        await self._statistics.created(len(plan.new))
         for record in records:
             decision = plan.decisions[record.index]
             outcomes[record.index] = Outcome(
