@@ -20,7 +20,7 @@ _LOCAL = r"[a-zA-Z0-9_\-\.\+\^!#\$%&*+\/\=\?\`\|\{\}~\']+"
 _DOMAIN = r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9\-]*[a-zA-Z0-9])\.?)+"
 _IPV4 = r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}"
 _IPV6 = r"[0-9a-fA-F]{1,4}(?::[0-9a-fA-F]{1,4}){7}"
-_EMAIL = re.compile(rf"^{_LOCAL}@(?:{_DOMAIN}|\[(?:{_IPV4}|{_IPV6})\])$")
+_EMAIL = re.compile(rf"{_LOCAL}@(?:{_DOMAIN}|\[(?:{_IPV4}|{_IPV6})\])")
 
 
 class RecordError(ValueError):
@@ -28,7 +28,7 @@ class RecordError(ValueError):
 
 
 def valid_email(mail: str) -> bool:
-    if len(mail) > MAIL_MAX or not _EMAIL.match(mail):
+    if len(mail) > MAIL_MAX or not _EMAIL.fullmatch(mail):
         return False
     local = mail.rpartition("@")[0]
     return not (local.startswith(".") or local.endswith(".") or ".." in local)

@@ -1,0 +1,144 @@
+"""Database URLs, the field map file, and the per-record rules that need no database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.drupal.url import async_url
+from app.errors import ConfigError
+from app.mapping import DEFAULT_FIELD_MAP, load_field_map, parse_field_map, render
+from app.records import clean_name, sf_key, valid_email, with_suffix
+from app.sfid import to18
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mysql://drupal:secret@db:3306/drupal", "mysql+aiomysql://drupal:***@db:3306/drupal"),
+        ("mariadb://u@h/d", "mysql+aiomysql://u@h/d"),
+        ("pgsql://drupal:pw@localhost/drupal", "postgresql+asyncpg://drupal:***@localhost/drupal"),
+        ("postgres://u@h:5433/d", "postgresql+asyncpg://u@h:5433/d"),
+        ("postgresql://u@h/d", "postgresql+asyncpg://u@h/d"),
+        ("sqlite:////var/www/sites/default/files/.ht.sqlite", None),
+        ("sqlite+aiosqlite:///relative.sqlite", "sqlite+aiosqlite:///relative.sqlite"),
+    ],
+)
+def test_drupal_urls_get_async_drivers(url: str, expected: str | None) -> None:
+    parsed = async_url(url)
+    if expected is None:
+        assert parsed.drivername == "sqlite+aiosqlite"
+        assert parsed.database == "/var/www/sites/default/files/.ht.sqlite"
+    else:
+        assert parsed.render_as_string().split("?")[0] == expected
+    if parsed.drivername.startswith("mysql"):
+        assert parsed.query["charset"] == "utf8mb4"  # Drupal's tables are utf8mb4
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("oracle://u@h/d", "unsupported database 'oracle'"),
+        ("sqlite://", "give the path"),
+        ("not a url", "not a database URL"),
+    ],
+)
+def test_unusable_urls_are_config_errors(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        async_url(url)
+
+
+def test_the_default_field_map_is_documented_and_complete() -> None:
+    field_map = load_field_map(None)
+    assert set(field_map.objects) == {"Contact", "Lead"}
+    contact = field_map.objects["Contact"]
+    assert contact.base == {"mail": "Email"}
+    assert contact.fields == {
+        "field_first_name": "FirstName",
+        "field_last_name": "LastName",
+        "field_salesforce_id": "Id",
+    }
+    assert contact.defaults == {"status": 1} and contact.roles == ()
+    assert field_map.username_template == "{FirstName} {LastName}"
+    assert not field_map.update_username
+    assert "SFRELAY_FIELD_MAP" in DEFAULT_FIELD_MAP.read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[Contact", "not valid TOML"),
+        ("[username]\ntemplate = 'x'\n", "no object sections"),
+        (
+            "[Contact.fields]\nmail = 'Email'\nnickname = 'Nick'\n",
+            "unknown Drupal field 'nickname'",
+        ),
+        ("[Contact.fields]\nmail = 3\n", "mail must name a Salesforce field"),
+        ("[Contact]\nroles = 'editor'\n[Contact.fields]\nmail = 'Email'\n", "list of role names"),
+        ("[Contact]\nfields = 1\n", r"Contact\.fields must be a table"),
+        ("[username]\ntemplate = 'plain'\n[Contact.fields]\nmail='Email'\n", "with {Field} names"),
+        ("[username]\ntemplate = '{A} {'\n[Contact.fields]\nmail='Email'\n", "malformed"),
+        ("[username]\nupdate = 'yes'\n[Contact.fields]\nmail='Email'\n", "true or false"),
+        ("[Contact.defaults]\nmail = 'x'\n[Contact.fields]\nmail='Email'\n", "cannot default"),
+    ],
+)
+def test_field_map_errors_say_what_to_fix(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_field_map(text)
+
+
+def test_a_missing_field_map_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_field_map(tmp_path / "nope.toml")
+
+
+def test_templates_render_fields_and_the_email_local_part() -> None:
+    values = {"FirstName": "Ada", "LastName": None}
+    assert render("{FirstName} {LastName}", values, "ada@example.com") == "Ada "
+    assert render("{email_local}", values, "ada.l@example.com") == "ada.l"
+
+
+@pytest.mark.parametrize(
+    "mail",
+    ["a@example.com", "A.B+tag@Sub.Example.co.uk", "o'brien@example.ie", "x@[192.168.0.1]"],
+)
+def test_valid_emails(mail: str) -> None:
+    assert valid_email(mail)
+
+
+@pytest.mark.parametrize(
+    "mail",
+    ["", "plain", "@example.com", "a@", "a b@example.com", "a@exa_mple.com", "a.@example.com",
+     "a..b@example.com", "ü@example.com", "a@-example.com", "a@example.com\n"],
+)  # fmt: skip
+def test_invalid_emails(mail: str) -> None:
+    assert not valid_email(mail)
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("  John   Doe ", "John Doe"),
+        ("José Ñúñez", "José Ñúñez"),
+        ("<script>alert(1)</script>", "scriptalert1script"),
+        ("a\u200bb\u00adc", "abc"),  # zero-width and soft hyphen: Drupal refuses them
+        ("x" * 80, "x" * 60),
+        ("O'Neil-Smith @ ACME+Co.", "O'Neil-Smith @ ACME+Co."),
+    ],
+)
+def test_usernames_are_cleaned_to_what_drupal_accepts(raw: str, clean: str) -> None:
+    assert clean_name(raw) == clean
+
+
+def test_suffixes_keep_usernames_within_60_characters() -> None:
+    assert with_suffix("Jo", 1) == "Jo"
+    assert with_suffix("Jo", 12) == "Jo_12"
+    assert with_suffix("y" * 60, 3) == "y" * 58 + "_3"
+
+
+def test_salesforce_ids_are_keyed_by_their_case_correct_18_characters() -> None:
+    id15 = "0035g00000AbCdE"
+    assert sf_key(id15) == to18(id15)
+    assert sf_key(to18(id15)) == to18(id15)
+    assert sf_key(to18(id15).lower()) == to18(id15)  # case-folded on the way: same record
