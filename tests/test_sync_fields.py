@@ -7,9 +7,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
-from app.errors import ConfigError
-from app.sync import Outcome
+from app.config import Settings
+from app.errors import ConfigError, RetryableError
+from app.sync import Outcome, Syncer
 from tests.drupal_rows import (
     assert_new_user,
     base_row,
@@ -21,7 +23,8 @@ from tests.drupal_rows import (
     uids_with_mail,
     user_ids,
 )
-from tests.fixtures_db import DrupalSite
+from tests.fixtures_db import DrupalSite, Server
+from tests.servers import free_port
 
 # An extra role each site has (the minimal profile has none).
 EXTRA_ROLE = {"d10": "content_editor", "d7": "administrator", "sqlite-d10-minimal": None}
@@ -269,3 +272,34 @@ def test_modstamp_counts_microseconds() -> None:
     assert modstamp({"SystemModstamp": stamp}) == 1_740_830_400_123_456
     assert modstamp({"LastModifiedDate": "2025-03-01T12:00:00.123456Z"}) == 1_740_830_400_123_456
     assert modstamp({}) is None
+
+
+@pytest.mark.parametrize("scheme", ["pgsql", "mysql"])
+async def test_an_unreachable_database_is_retryable_at_start_up(scheme: str) -> None:
+    url = f"{scheme}://drupal@127.0.0.1:{free_port()}/drupal"
+    with pytest.raises(RetryableError, match="cannot use the Drupal database"):
+        await Syncer.open(Settings(_env_file=None, database_url=url))
+
+
+async def test_a_database_gone_mid_run_is_retryable(pg_server: Server) -> None:
+    name = await pg_server.fresh(10)
+    syncer = await Syncer.open(Settings(_env_file=None, database_url=pg_server.url(name)))
+    (created,) = await syncer.apply([note(sf(1), "a@example.com", "A", "B")])
+    admin = pg_server.admin_engine()
+    async with admin.connect() as conn:
+        await conn.execute(text(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+        await conn.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
+            {"d": name},
+        )
+    try:
+        with pytest.raises(RetryableError):
+            await syncer.apply([note(sf(2), "b@example.com", "B", "C")])
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(text(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        await admin.dispose()
+    # Back again: the same call simply succeeds.
+    (later,) = await syncer.apply([note(sf(2), "b@example.com", "B", "C")])
+    await syncer.close()
+    assert (created.outcome, later.outcome) == ("created", "created")
