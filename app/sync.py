@@ -38,7 +38,26 @@ failed                      permanent per-record error (detail: the error): dead
 
 `apply` raises `app.errors.RetryableError` only when the database as a whole cannot be used
 (unreachable, locked, deadlock on the batch): the whole call can simply be repeated, because
-applying the same notifications again has no second effect.
+applying the same notifications again has no second effect. `Syncer.open` raises
+`ConfigError` for a wrong field map, role or Drupal version, and `RetryableError` when the
+database cannot be reached.
+
+Rules in detail (app/plan.py decides, app/drupal/ writes):
+
+- One writer at a time per Drupal database (SQLite BEGIN IMMEDIATE, PostgreSQL advisory
+  lock, MySQL GET_LOCK), so concurrent workers never race on uids, usernames or emails.
+- Versions: the 18-character Id keys the record; a notification id already applied, or a
+  modstamp equal to the last applied one, is `duplicate`; an older one is `stale`.
+- A record whose email belongs to several Drupal users, or to one when
+  SFRELAY_MATCH_BY_EMAIL is off, is `conflict_duplicate_email` (detail: ``uid <n>``).
+- Only fields present in the notification change; a field sent as nil deletes its value.
+  `langcode` maps to the user's preferred language (the entity keeps the site's language).
+- A converted Lead's user keeps its account under the Contact Id (fields mapped from ``Id``
+  are set to the Contact Id); a Contact already mapped to another user is `failed`.
+- sfrelay_record keeps the last 10 outcomes of each record (app.plan.HISTORY_SIZE); records
+  that fail alone in the per-record fallback are not recorded there (the batch rolled back).
+- SQLite and PostgreSQL get sfrelay_* indexes on lower(mail) / lower(name) of Drupal's user
+  table, and PostgreSQL's statistics are refreshed during bulk loads (app/drupal/stats.py).
 
 Dead letters live in the Drupal database too (table ``sfrelay_dead_letter``):
 `dead_letter()` stores one, `list_dead_letters()` lists them, `take_dead_letters(ids)` removes
