@@ -10,18 +10,24 @@ from arq.connections import RedisSettings
 
 from app.config import Settings
 from app.queue import job_deserializer, job_serializer
+from app.soap import MAX_NOTIFICATIONS
 from workers import tasks
 
 logger = logging.getLogger("sfrelay.worker")
 
-# Jobs run at once by one worker; their notifications are applied together (group commit),
-# so a worker drains up to this many jobs per poll. Order between records is kept by the
-# sync rule's order guard, not by running one job at a time.
-MAX_JOBS = 20
+# Jobs run at once by one worker; their notifications are applied together (group commit):
+# two batches' worth (SFRELAY_WORKER_BATCH_SIZE), so one gathers while the other is written,
+# and never fewer than this. Order between records is kept by the sync rule's order guard,
+# not by running one job at a time.
+MIN_JOBS = 20
 # How often an idle worker looks at the queue: a ZRANGEBYSCORE every 100 ms costs Redis nothing.
 POLL_DELAY_S = 0.05
 # `arq --check` fails when the health key is older than this (+1 s): keep it under a minute.
 HEALTH_CHECK_INTERVAL_S = 30
+
+
+def max_jobs(settings: Settings) -> int:
+    return max(MIN_JOBS, 2 * math.ceil(settings.worker_batch_size / MAX_NOTIFICATIONS))
 
 
 def worker_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
@@ -42,7 +48,7 @@ def worker_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "on_startup": startup,
         "on_shutdown": shutdown,
         "after_job_end": tasks.after_job_end,
-        "max_jobs": MAX_JOBS,
+        "max_jobs": max_jobs(settings),
         "poll_delay": POLL_DELAY_S,
         "job_timeout": settings.job_timeout_seconds,
         # SIGTERM (and the memory guard) lets running jobs finish; whatever is still running

@@ -40,7 +40,7 @@ DRUPAL10 = SHARED / "drupal" / "sites" / "drupal10-standard.sqlite"
 ORG_ID = "00D5g000004Xk2PEAS"
 ACTION_ID = "04k5g000000Gm7REAS"
 JOB_SIZE = 100
-BATCH = 500  # SFRELAY_WORKER_BATCH_SIZE, the same for the worker and the ceiling
+BATCH = 500  # SFRELAY_WORKER_BATCH_SIZE's default; the same for the worker and the ceiling
 TARGETS = {"sqlite": 5000.0, "postgresql": 3000.0}
 RSS_TARGET_MB = 20.0
 TYPES = {"Contact": {"SystemModstamp": "dateTime", "LastModifiedDate": "dateTime"}}
@@ -203,8 +203,8 @@ _UPDATE_LAST = (
 )
 
 
-async def ceiling(database_url: str, workload: Workload) -> float:
-    """Users/s of plain executemany of the same rows, BATCH notifications per transaction."""
+async def ceiling(database_url: str, workload: Workload, batch: int) -> float:
+    """Users/s of plain executemany of the same rows, `batch` notifications per transaction."""
     engine = create_engine(database_url)
     try:
         async with engine.begin() as conn:
@@ -215,15 +215,15 @@ async def ceiling(database_url: str, workload: Workload) -> float:
             await _insert(conn, users, data, fields)
         users, data, fields, updates = _rows(workload, first_uid)
         started = time.perf_counter()
-        for start in range(0, len(users), BATCH):
-            stop = start + BATCH
+        for start in range(0, len(users), batch):
+            stop = start + batch
             async with engine.begin() as conn:
                 await _insert(
                     conn, users[start:stop], data[start:stop], fields[3 * start : 3 * stop]
                 )
-        for start in range(0, len(updates), BATCH):
+        for start in range(0, len(updates), batch):
             async with engine.begin() as conn:
-                chunk = updates[start : start + BATCH]
+                chunk = updates[start : start + batch]
                 await conn.execute(text(_UPDATE_DATA), chunk)
                 await conn.execute(text(_UPDATE_LAST), chunk)
         return (len(users) + len(updates)) / (time.perf_counter() - started)
@@ -231,16 +231,16 @@ async def ceiling(database_url: str, workload: Workload) -> float:
         await engine.dispose()
 
 
-async def syncer_alone(database_url: str, workload: Workload) -> float:
-    """Users/s of `Syncer.apply` called directly with BATCH notifications: no queue, no arq."""
-    settings = Settings(_env_file=None, database_url=database_url, worker_batch_size=BATCH)
+async def syncer_alone(database_url: str, workload: Workload, batch: int) -> float:
+    """Users/s of `Syncer.apply` called directly with `batch` notifications: no queue, no arq."""
+    settings = Settings(_env_file=None, database_url=database_url, worker_batch_size=batch)
     syncer = await Syncer.open(settings)
     try:
-        for start in range(0, len(workload.preload), BATCH):
-            await syncer.apply(decode_notifications(workload.preload[start : start + BATCH], TYPES))
+        for start in range(0, len(workload.preload), batch):
+            await syncer.apply(decode_notifications(workload.preload[start : start + batch], TYPES))
         started = time.perf_counter()
-        for start in range(0, len(workload.timed), BATCH):
-            await syncer.apply(decode_notifications(workload.timed[start : start + BATCH], TYPES))
+        for start in range(0, len(workload.timed), batch):
+            await syncer.apply(decode_notifications(workload.timed[start : start + batch], TYPES))
         return workload.writes / (time.perf_counter() - started)
     finally:
         await syncer.close()
@@ -258,6 +258,7 @@ async def _insert(conn: Any, users: list[Any], data: list[Any], fields: list[Any
 @dataclass(frozen=True, slots=True)
 class Row:
     database: str
+    batch: int
     notifications: int
     seconds: float
     users_per_s: float
@@ -267,7 +268,11 @@ class Row:
 
 
 def run_one(
-    name: str, database: Callable[[], AbstractContextManager[str]], total: int, tmp: Path
+    name: str,
+    database: Callable[[], AbstractContextManager[str]],
+    total: int,
+    batch: int,
+    tmp: Path,
 ) -> Row:
     work = workload(total)
     server = RedisServer(port=free_port(), directory=tmp / f"redis-{name}")
@@ -279,7 +284,7 @@ def run_one(
             env.update(
                 SFRELAY_REDIS_URL=server.url,
                 SFRELAY_DATABASE_URL=url,
-                SFRELAY_WORKER_BATCH_SIZE=str(BATCH),
+                SFRELAY_WORKER_BATCH_SIZE=str(batch),
                 PYTHONPATH=str(PROJECT_ROOT),
             )
             asyncio.run(_enqueue(server.url, work.preload))
@@ -287,13 +292,13 @@ def run_one(
             asyncio.run(_enqueue(server.url, work.timed))
             result = drain(env, client, tmp)
         with database() as url:
-            top = asyncio.run(ceiling(url, work))
+            top = asyncio.run(ceiling(url, work, batch))
         with database() as url:
-            alone = asyncio.run(syncer_alone(url, work))
+            alone = asyncio.run(syncer_alone(url, work, batch))
     finally:
         client.close()
         server.stop()
-    return Row(name, total, result.seconds, work.writes / result.seconds, top, alone, result)
+    return Row(name, batch, total, result.seconds, work.writes / result.seconds, top, alone, result)
 
 
 @contextmanager
@@ -330,16 +335,16 @@ def _met(ok: bool) -> str:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| database | notifications | worker s | worker users/s | Syncer.apply alone users/s "
-        "| raw executemany users/s | worker / raw | target users/s "
+        "| database | batch | notifications | worker s | worker users/s "
+        "| Syncer.apply alone users/s | raw executemany users/s | worker / raw | target users/s "
         "| RSS ready → peak → end MB | RSS growth |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for row in rows:
         target = TARGETS[row.database]
         growth = row.rss.rss_peak_mb - row.rss.rss_ready_mb
         lines.append(
-            f"| {row.database} | {row.notifications:,} | {row.seconds:.1f} "
+            f"| {row.database} | {row.batch} | {row.notifications:,} | {row.seconds:.1f} "
             f"| {row.users_per_s:,.0f} | {row.syncer_per_s:,.0f} | {row.ceiling_per_s:,.0f} "
             f"| {row.users_per_s / row.ceiling_per_s:.0%} "
             f"| ≥ {target:,.0f}: {_met(row.users_per_s >= target)} "
@@ -347,7 +352,8 @@ def table(rows: list[Row]) -> str:
             f"| {growth:+.1f} MB (< {RSS_TARGET_MB:.0f}: {_met(growth < RSS_TARGET_MB)}) |"
         )
     outcomes = ", ".join(
-        f"{row.database}: " + " ".join(f"{k}={v}" for k, v in sorted(row.rss.outcomes.items()))
+        f"{row.database} (batch {row.batch}): "
+        + " ".join(f"{k}={v}" for k, v in sorted(row.rss.outcomes.items()))
         for row in rows
     )
     return "\n".join(lines) + f"\n\nOutcomes of the timed run: {outcomes}"
@@ -357,6 +363,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.worker", description=__doc__)
     parser.add_argument("--notifications", type=int, default=100_000)
     parser.add_argument(
+        "--batch-sizes", default=str(BATCH), help="comma-separated SFRELAY_WORKER_BATCH_SIZE values"
+    )
+    parser.add_argument(
         "--databases", default="sqlite,postgresql", help="comma-separated: sqlite,postgresql"
     )
     args = parser.parse_args(argv)
@@ -365,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp_name)
         for name in args.databases.split(","):
             with databases()[name](tmp) as database:
-                rows.append(run_one(name, database, args.notifications, tmp))
+                for batch in (int(b) for b in args.batch_sizes.split(",")):
+                    rows.append(run_one(name, database, args.notifications, batch, tmp))
                 print(f"{name}: done in {rows[-1].seconds:.1f} s", file=sys.stderr)
     print(table(rows))
 
