@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
@@ -13,14 +12,13 @@ from app.queue import job_deserializer, job_serializer
 from app.soap import MAX_NOTIFICATIONS
 from workers import tasks
 
-logger = logging.getLogger("sfrelay.worker")
-
 # Jobs run at once by one worker; their notifications are applied together (group commit):
 # two batches' worth (SFRELAY_WORKER_BATCH_SIZE), so one gathers while the other is written,
 # and never fewer than this. Order between records is kept by the sync rule's order guard,
 # not by running one job at a time.
 MIN_JOBS = 20
-# How often an idle worker looks at the queue: a ZRANGEBYSCORE every 100 ms costs Redis nothing.
+# How often the worker looks at the queue: a ZRANGEBYSCORE every 50 ms costs Redis nothing,
+# and a worker draining a backlog picks up the next jobs while a batch is being written.
 POLL_DELAY_S = 0.05
 # `arq --check` fails when the health key is older than this (+1 s): keep it under a minute.
 HEALTH_CHECK_INTERVAL_S = 30

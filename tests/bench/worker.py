@@ -275,7 +275,7 @@ def run_one(
     tmp: Path,
 ) -> Row:
     work = workload(total)
-    server = RedisServer(port=free_port(), directory=tmp / f"redis-{name}")
+    server = RedisServer(port=free_port(), directory=tmp / f"redis-{name}-{batch}")
     server.start()
     client = server.client()
     try:
