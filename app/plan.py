@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -54,6 +55,24 @@ class Plan:
                     entry["uid"] = self.resolve(entry["uid"])
 
 
+def add_history(st: RecordState, r: Record, decision: Decision, now: float) -> None:
+    entry: dict[str, Any] = {"at": round(now, 3), "n": r.notification_id, "o": decision.outcome}
+    if decision.key is not None:
+        entry["uid"] = decision.key  # a pending user's key until Plan.finish()
+    if decision.detail:
+        entry["d"] = decision.detail
+    st.history = [*st.history, entry][-HISTORY_SIZE:]
+    st.dirty = True
+
+
+async def note_failure(conn: AsyncConnection, r: Record, outcome: str, detail: str) -> None:
+    """Add a failed attempt to the record's history (its batch was rolled back)."""
+    states = await state.load(conn, [r.sf_id])
+    st = states.setdefault(r.sf_id, RecordState(r.sf_id, r.obj.sobject))
+    add_history(st, r, Decision(outcome, None, detail), time.time())
+    await state.save(conn, [st])
+
+
 class Planner:
     def __init__(
         self,
@@ -96,13 +115,7 @@ class Planner:
     def _record(self, r: Record, decision: Decision, *, applied: bool = False) -> None:
         self.plan.decisions[r.index] = decision
         st = self.plan.states.setdefault(r.sf_id, RecordState(r.sf_id, r.obj.sobject))
-        entry = {"at": round(self.now, 3), "n": r.notification_id, "o": decision.outcome}
-        if decision.key is not None:
-            entry["uid"] = decision.key  # a pending user's key until Plan.finish()
-        if decision.detail:
-            entry["d"] = decision.detail
-        st.history = [*st.history, entry][-HISTORY_SIZE:]
-        st.dirty = True
+        add_history(st, r, decision, self.now)
         if applied:
             st.modstamp = r.modstamp
             st.notification_id = r.notification_id

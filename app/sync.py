@@ -54,8 +54,8 @@ Rules in detail (app/plan.py decides, app/drupal/ writes):
   `langcode` maps to the user's preferred language (the entity keeps the site's language).
 - A converted Lead's user keeps its account under the Contact Id (fields mapped from ``Id``
   are set to the Contact Id); a Contact already mapped to another user is `failed`.
-- sfrelay_record keeps the last 10 outcomes of each record (app.plan.HISTORY_SIZE); records
-  that fail alone in the per-record fallback are not recorded there (the batch rolled back).
+- sfrelay_record keeps the last 10 outcomes of each record (app.plan.HISTORY_SIZE), failed
+  and retried attempts included (written apart, after their transaction rolled back).
 - SQLite and PostgreSQL get sfrelay_* indexes on lower(mail) / lower(name) of Drupal's user
   table, and PostgreSQL's statistics are refreshed during bulk loads (app/drupal/stats.py).
 
@@ -70,6 +70,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +89,7 @@ from app.drupal.stats import Statistics
 from app.drupal.users import UserStore
 from app.errors import RetryableError
 from app.mapping import FieldMap, load_field_map
-from app.plan import Planner
+from app.plan import Planner, note_failure
 from app.records import Record, RecordError, to_record
 
 __all__ = ["OUTCOMES", "DeadLetter", "Outcome", "Syncer", "is_transient"]
@@ -242,6 +243,9 @@ class Syncer:
                 outcomes[record.index] = Outcome(
                     record.notification_id, record.raw_id, kind, None, _error(exc)
                 )
+                with suppress(DBAPIError):  # the history is a record, not the outcome
+                    async with writer(self.engine) as conn:
+                        await note_failure(conn, record, kind, _error(exc))
 
     async def _apply(self, records: list[Record], outcomes: list[Outcome | None]) -> None:
         async with writer(self.engine) as conn:

@@ -216,8 +216,14 @@ async def test_one_failing_record_does_not_block_its_batch(drupal_site: DrupalSi
         fields={"field_first_name": "Four", "field_last_name": "Ok", "field_salesforce_id": sf(4)},
     )
     assert (await field_values(site, existing.uid or 0))["field_last_name"] == "After"
-    states = await site.rows("SELECT sf_id, uid FROM sfrelay_record ORDER BY sf_id")
-    assert [s["sf_id"] for s in states] == [sf(1), sf(2), sf(4)]
+    states = await site.rows("SELECT sf_id, uid, history FROM sfrelay_record ORDER BY sf_id")
+    assert [(s["sf_id"], s["uid"]) for s in states] == [
+        (sf(1), existing.uid),
+        (sf(2), out[0].uid),
+        (sf(3), None),  # the failed attempt is in its history, nothing else
+        (sf(4), out[3].uid),
+    ]
+    assert f'"o":"{out[1].outcome}"' in states[2]["history"] and "boom" in states[2]["history"]
 
 
 async def test_dead_letters_round_trip(drupal_site: DrupalSite) -> None:
