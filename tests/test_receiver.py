@@ -72,7 +72,8 @@ async def test_a_message_is_stored_as_one_arq_job_then_acked(
 ) -> None:
     client = await make_client()
     records = [
-        contact(Email="ada@example.org", FirstName="Ada", LastName="Lovelace"),
+        # A raw newline in a value: the script's payload list is newline-separated.
+        contact(Email="ada@example.org", FirstName="Ada", LastName="Love\nlace"),
         contact(Email="alan@example.org", LastModifiedDate="2024-05-01T10:00:00.000Z"),
     ]
     response = await client.post(URL, content=outbound_message(records), headers=XML)
@@ -91,7 +92,7 @@ async def test_a_message_is_stored_as_one_arq_job_then_acked(
             "Id": records[0].fields["Id"],
             "Email": "ada@example.org",
             "FirstName": "Ada",
-            "LastName": "Lovelace",
+            "LastName": "Love\nlace",
         },
     }
     assert second["fields"]["LastModifiedDate"] == "2024-05-01T10:00:00.000Z"
