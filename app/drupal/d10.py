@@ -155,18 +155,34 @@ class Drupal10(Lookups):
         *,
         replace: bool = False,
     ) -> None:
-        """Field rows per (uid, its translations, values); `replace` deletes the old ones
-        first, as SqlContentEntityStorage::saveToDedicatedTables does."""
+        """Field rows per (uid, its translations, values). With `replace`, a user's rows
+        of a field are deleted and written again, as SqlContentEntityStorage does, but
+        only where they differ from what is stored: most updates change one field."""
         for name, field in self._fields.items():
-            touched = [uid for uid, _, values in items if name in values]
-            if replace:
-                for chunk in chunks(touched):
+            value_column = f"{name}_value"
+            wanted = {
+                uid: {(lc, 0): values[name] for lc in langcodes}
+                if values[name] not in (None, "")
+                else {}
+                for uid, langcodes, values in items
+                if name in values
+            }
+            if replace and wanted:
+                stored: dict[int, dict[tuple[str, int], Any]] = defaultdict(dict)
+                for chunk in chunks(sorted(wanted)):
+                    query = select(
+                        field.c.entity_id, field.c.langcode, field.c.delta, field.c[value_column]
+                    ).where(field.c.entity_id.in_(chunk))
+                    for uid, langcode, delta, value in await conn.execute(query):
+                        stored[int(uid)][(langcode, int(delta))] = value
+                wanted = {uid: rows for uid, rows in wanted.items() if stored[uid] != rows}
+                stale = [uid for uid in wanted if stored[uid]]
+                for chunk in chunks(stale):
                     await conn.execute(delete(field).where(field.c.entity_id.in_(chunk)))
             rows = [
-                self._field_row(uid, langcode, 0, **{f"{name}_value": values[name]})
-                for uid, langcodes, values in items
-                if values.get(name) not in (None, "")
-                for langcode in langcodes
+                self._field_row(uid, langcode, delta, **{value_column: value})
+                for uid, values in wanted.items()
+                for (langcode, delta), value in values.items()
             ]
             if rows:
                 await conn.execute(insert(field), rows)

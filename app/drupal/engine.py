@@ -19,7 +19,7 @@ _PG_LOCK_KEY = 0x5F5E1A7
 _MYSQL_LOCK = "sfrelay_apply"
 _MYSQL_LOCK_WAIT_S = 60
 SQLITE_BUSY_TIMEOUT_S = 30.0
-SQLITE_CACHE_KIB = 64 * 1024
+SQLITE_CACHE_KIB = 8 * 1024  # bounded: the worker's RSS must not grow by 20 MB
 
 
 def nocase_utf8(a: str, b: str) -> int:
