@@ -69,25 +69,33 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_queue_stats(args: argparse.Namespace, settings: Settings) -> int:
-    from app.main import redis_client
-    from app.queue import queue_stats
+    from redis.exceptions import RedisError
 
-    async def read() -> dict[str, int]:
+    from app.main import redis_client
+    from app.queue import STATS_KEY, queue_stats
+
+    async def read() -> tuple[dict[str, int], dict[str, int]]:
         redis = redis_client(settings)
         try:
-            return (await queue_stats(redis, settings.queue_name)).as_dict()
+            stats = (await queue_stats(redis, settings.queue_name)).as_dict()
+            counters = await redis.hgetall(STATS_KEY)  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(f"cannot read the queue (Redis): {exc}") from exc
         finally:
             await redis.aclose()
+        # What the workers did with the notifications (outcome:created, outcome:dead, ...).
+        outcomes = {k.decode(): int(v) for k, v in counters.items() if k.startswith(b"outcome:")}
+        return stats, dict(sorted(outcomes.items()))
 
     try:
-        stats = asyncio.run(read())
+        stats, outcomes = asyncio.run(read())
     except QueueUnavailable as exc:
         return _fail(f"{exc}; check SFRELAY_REDIS_URL")
     if args.json:
         print(orjson.dumps(stats).decode())
     else:
-        for key, value in stats.items():
-            print(f"{key:<12} {value}")
+        for key, value in {**stats, **outcomes}.items():
+            print(f"{key:<20} {value}")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +15,13 @@ import zeep
 from app.config import DEFAULT_WSDL_DIR, Settings
 from app.main import create_app
 from app.receiver import ENDPOINT
-from tests.fixtures_worker import WorkerProcess, assert_drupal_can_load, drupal_users
+from tests.fixtures_worker import (
+    PROJECT,
+    WorkerProcess,
+    assert_drupal_can_load,
+    drupal_users,
+    settings_env,
+)
 from tests.messages import ORG_ID, contact, lead, outbound_message, sf_id
 from tests.servers import UvicornThread
 
@@ -63,6 +71,18 @@ def test_shared_salesforce_messages_end_as_exact_drupal_rows(
     ]
     assert_drupal_can_load(drupal_db)
     assert "created=1 skipped_no_email=1" in worker.output()
+    stats = subprocess.run(
+        [sys.executable, "-m", "app.cli", "queue", "stats"],
+        cwd=tmp_path,
+        env={**settings_env(worker_settings), "PYTHONPATH": str(PROJECT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert [line.split() for line in stats.stdout.splitlines()][-2:] == [
+        ["outcome:created", "1"],
+        ["outcome:skipped_no_email", "1"],
+    ]
     # Salesforce delivers again (it never saw our Ack, say): nothing is queued twice.
     assert post(server, shared_messages["aspnet_WebHooks__Salesforce.xml"]) == 200
     assert redis_client.zcard(worker_settings.queue_name) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import sqlite3
 import subprocess
@@ -22,7 +23,9 @@ from tests.messages import ORG_ID, sf_id
 Starter = type[WorkerProcess]
 
 
-def enqueue(client: redis.Redis, settings: Settings, first: int, count: int) -> str:
+def enqueue(
+    client: redis.Redis, settings: Settings, first: int, count: int, defer_s: float = 0
+) -> str:
     """One job of `count` new Contacts, numbered from `first`, queued as the receiver does."""
     notifications = [
         {
@@ -43,7 +46,7 @@ def enqueue(client: redis.Redis, settings: Settings, first: int, count: int) -> 
     now_ms = int(time.time() * 1000)
     body: dict[str, object] = {"t": None, "f": APPLY_JOB, "a": [], "k": kwargs, "et": now_ms}
     client.set(JOB_KEY_PREFIX + job_id, orjson.dumps(body))
-    client.zadd(settings.queue_name, {job_id: now_ms})
+    client.zadd(settings.queue_name, {job_id: now_ms + int(defer_s * 1000)})
     return job_id
 
 
@@ -85,16 +88,21 @@ def test_memory_guard_exits_zero_and_the_restarted_worker_finishes_the_queue(
 ) -> None:
     # 32 MB: any Python worker is past it after its first job.
     settings = worker_settings.model_copy(update={"worker_max_rss_mb": 32})
-    for j in range(25):  # more jobs than one worker runs at once (20)
+    worker = worker_process(settings, tmp_path)
+    worker.wait_ready(redis_client)
+    for j in range(3):
         enqueue(redis_client, settings, 10 * j, 10)
-    runs: list[tuple[int, str]] = []
+    # Due only once the first worker has stopped: what a restarted worker must find.
+    for j in range(3, 6):
+        enqueue(redis_client, settings, 10 * j, 10, defer_s=3)
+    runs = [(worker.wait(30), worker.output())]
     while redis_client.zcard(settings.queue_name) and len(runs) < 5:  # the supervisor
         worker = worker_process(settings, tmp_path)
-        runs.append((worker.wait(60), worker.output()))
+        runs.append((worker.wait(30), worker.output()))
     assert [code for code, _ in runs] == [0] * len(runs)
-    assert len(runs) >= 2
+    assert len(runs) == 2
     assert all("over SFRELAY_WORKER_MAX_RSS_MB=32" in log for _, log in runs)
-    assert emails(drupal_db) == expected(0, 250)
+    assert emails(drupal_db) == expected(0, 60)
 
 
 def test_sigterm_lets_the_running_job_finish_and_leaves_the_rest_queued(
@@ -143,7 +151,8 @@ def test_sigkill_mid_job_the_next_worker_runs_the_job_again_once(
     second = worker_process(settings, tmp_path, "--burst")
     assert second.wait(40) == 0
     assert emails(drupal_db) == expected(1, 5)
-    assert f"job {job_id} try 2: 5 notifications" in second.output()
+    # Try 2, or later if the first worker's batch had already timed out once on the lock.
+    assert re.search(rf"job {job_id} try [2-9]: 5 notifications .* created=5\n", second.output())
     assert redis_client.zcard(settings.queue_name) == 0
 
 
