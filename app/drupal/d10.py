@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import column, delete, insert, select, table
+from sqlalchemy import bindparam, column, delete, insert, select, table, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import TableClause
 
@@ -176,6 +176,28 @@ class Drupal10(Lookups):
                     for uid, langcode, delta, value in await conn.execute(query):
                         stored[int(uid)][(langcode, int(delta))] = value
                 wanted = {uid: rows for uid, rows in wanted.items() if stored[uid] != rows}
+                # Same rows, other values: UPDATE in place (no index but the row's changes).
+                same = [
+                    uid
+                    for uid, rows in wanted.items()
+                    if rows and stored[uid].keys() == rows.keys()
+                ]
+                changed = [
+                    {"b_uid": uid, "b_langcode": lc, "b_delta": delta, "b_value": value}
+                    for uid in same
+                    for (lc, delta), value in wanted.pop(uid).items()
+                ]
+                if changed:
+                    stmt = (
+                        update(field)
+                        .where(
+                            field.c.entity_id == bindparam("b_uid"),
+                            field.c.langcode == bindparam("b_langcode"),
+                            field.c.delta == bindparam("b_delta"),
+                        )
+                        .values({value_column: bindparam("b_value")})
+                    )
+                    await conn.execute(stmt, changed)
                 stale = [uid for uid in wanted if stored[uid]]
                 for chunk in chunks(stale):
                     await conn.execute(delete(field).where(field.c.entity_id.in_(chunk)))
