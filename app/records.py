@@ -14,6 +14,7 @@ from app.sfid import canonical_id, checksum, to18
 NAME_MAX = 60  # Drupal's UserInterface::USERNAME_MAX_LENGTH
 MAIL_MAX = 254  # Drupal's users_field_data.mail / D7 users.mail
 _NAME_PUNCTUATION = frozenset(" .@+_'-")
+_NOT_NAME_ASCII = re.compile(r"[^A-Za-z0-9 .@+_'-]")
 # Drupal 7's valid_email_address(), the stricter of the two majors (D10's RFC validator
 # accepts all of these too), and no dot at either end of the local part or doubled.
 _LOCAL = r"[a-zA-Z0-9_\-\.\+\^!#\$%&*+\/\=\?\`\|\{\}~\']+"
@@ -134,6 +135,8 @@ def to_record(index: int, notification: dict[str, Any], field_map: FieldMap) -> 
 
 def clean_name(raw: str) -> str:
     """What Drupal accepts as a username: allowed characters, single spaces, <= 60."""
+    if raw.isascii():  # the usual case, without a per-character loop
+        return " ".join(_NOT_NAME_ASCII.sub("", raw).split())[:NAME_MAX].strip()
     text = unicodedata.normalize("NFC", raw)
     kept = "".join(
         c
