@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from app.drupal.engine import create_engine
 from app.drupal.url import async_url
 from app.errors import ConfigError
 from app.mapping import DEFAULT_FIELD_MAP, load_field_map, parse_field_map, render
@@ -142,3 +143,10 @@ def test_salesforce_ids_are_keyed_by_their_case_correct_18_characters() -> None:
     assert sf_key(id15) == to18(id15)
     assert sf_key(to18(id15)) == to18(id15)
     assert sf_key(to18(id15).lower()) == to18(id15)  # case-folded on the way: same record
+
+
+def test_a_missing_sqlite_file_is_a_config_error_not_a_new_empty_database(tmp_path: Path) -> None:
+    missing = tmp_path / "typo.sqlite"
+    with pytest.raises(ConfigError, match=f"no Drupal SQLite database at {missing}"):
+        create_engine(f"sqlite:///{missing}")
+    assert not missing.exists()

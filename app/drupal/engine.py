@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, text
@@ -12,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.util import await_only
 
 from app.drupal.url import async_url
-from app.errors import RetryableError
+from app.errors import ConfigError, RetryableError
 
 # Any fixed number: all sfrelay workers writing one Drupal database take the same lock.
 _PG_LOCK_KEY = 0x5F5E1A7
@@ -32,6 +33,12 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
     parsed = async_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
+        # SQLite would create an empty file for a mistyped path; a Drupal site has one already.
+        if parsed.database and not Path(parsed.database).is_file():
+            raise ConfigError(
+                f"no Drupal SQLite database at {parsed.database}: set SFRELAY_DATABASE_URL to "
+                "your site's file (sqlite:///path/to/sites/default/files/.ht.sqlite)"
+            )
         engine = create_async_engine(
             parsed,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S},
