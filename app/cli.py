@@ -91,6 +91,16 @@ def cmd_queue_stats(args: argparse.Namespace, settings: Settings) -> int:
         stats, outcomes = asyncio.run(read())
     except QueueUnavailable as exc:
         return _fail(f"{exc}; check SFRELAY_REDIS_URL")
+    # Dead letters are also kept by the workers in Drupal's database, where one is configured.
+    from app.dead import count_database_dead_letters
+
+    try:
+        stats["dead"] += asyncio.run(count_database_dead_letters(settings))
+    except (ConfigError, RetryableError) as exc:
+        print(
+            f"sfrelay: dead counts only Redis's dead letters: {exc} (check SFRELAY_DATABASE_URL)",
+            file=sys.stderr,
+        )
     if args.json:
         print(orjson.dumps(stats).decode())
     else:

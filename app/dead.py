@@ -10,9 +10,13 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from sqlalchemy import func, inspect, select
+from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings
-from app.errors import QueueUnavailable
+from app.drupal import state
+from app.drupal.engine import create_engine
+from app.errors import QueueUnavailable, RetryableError
 from app.queue import DEAD_KEY, FIRST_SEEN_KEY, enqueue_apply
 from app.soap import MAX_NOTIFICATIONS
 from app.sync import DeadLetter, Syncer
@@ -94,6 +98,27 @@ async def _redis_entries(redis: Redis) -> list[DeadEntry]:
     except (RedisError, OSError) as exc:
         raise QueueUnavailable(f"cannot read the dead letters in Redis: {exc}") from exc
     return [_from_redis(key.decode(), value) for key, value in raw.items()]
+
+
+async def count_database_dead_letters(settings: Settings) -> int:
+    """Dead letters in the Drupal database's sfrelay_dead_letter table (0 before it exists).
+
+    A plain count: no migrations, nothing written, so `sfrelay queue stats` stays read-only.
+    Raises ConfigError or RetryableError when the database cannot be used.
+    """
+    engine = create_engine(settings.database_url, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            if not await conn.run_sync(
+                lambda sync: inspect(sync).has_table(state.dead_letters.name)
+            ):
+                return 0
+            count = await conn.scalar(select(func.count()).select_from(state.dead_letters))
+            return int(count or 0)
+    except DBAPIError as exc:
+        raise RetryableError(f"cannot read the Drupal database: {exc.orig}") from exc
+    finally:
+        await engine.dispose()
 
 
 async def list_dead_letters(settings: Settings) -> list[DeadEntry]:

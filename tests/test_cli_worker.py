@@ -108,3 +108,20 @@ def test_worker_says_what_to_do_when_the_database_is_wrong(
         "sfrelay: SFRELAY_DATABASE_URL: unsupported database 'oracle' "
         "(use mysql://, pgsql:// or postgresql://, or sqlite:///path)"
     )
+
+
+async def test_queue_stats_counts_the_database_dead_letters_too(
+    worker_settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    redis_client.hset("sfrelay:dead", "sfrelay:seen:x:04l000000000001AAA", b'{"reason": "no Id"}')
+    await add_dead_letter(worker_settings, 1)
+    await add_dead_letter(worker_settings, 2)
+    stats = sfrelay(worker_settings, tmp_path, "queue", "stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    assert orjson.loads(stats.stdout)["dead"] == 3
+    assert stats.stderr == ""
+    # Without a usable database, it says so and counts what Redis holds.
+    elsewhere = worker_settings.model_copy(update={"database_url": f"sqlite:///{tmp_path}/x.db"})
+    stats = sfrelay(elsewhere, tmp_path, "queue", "stats", "--json")
+    assert orjson.loads(stats.stdout)["dead"] == 1
+    assert "dead counts only Redis's dead letters: no Drupal SQLite database at" in stats.stderr
