@@ -27,10 +27,8 @@ test: install system-deps lint ## lint, types, then the whole test suite with br
 bench: install system-deps ## benchmarks (not part of the test run)
 	$(BIN)/python -m tests.bench
 
-run: install system-deps ## receiver on http://127.0.0.1:8000 with a local redis-server (development)
-	@mkdir -p var
-	@redis-cli -p 6379 ping >/dev/null 2>&1 || redis-server --port 6379 --dir $(CURDIR)/var --appendonly yes --daemonize yes --pidfile $(CURDIR)/var/redis.pid
-	SFRELAY_ENV=development $(BIN)/sfrelay serve
+run: install system-deps ## Redis + receiver on http://127.0.0.1:8000 + a worker (development)
+	SFRELAY_ENV=development $(BIN)/sfrelay up
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .coverage

@@ -1,4 +1,4 @@
-"""The `sfrelay` command: serve, send, queue stats (and the worker-side commands)."""
+"""The `sfrelay` command: up, serve, send, queue stats, worker, dead."""
 
 from __future__ import annotations
 
@@ -44,6 +44,15 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         log_level="info",
     )
     return 0
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from app.up import up
+
+    def say(line: str) -> None:
+        print(f"sfrelay up: {line}", file=sys.stderr, flush=True)
+
+    return up(settings, Path(args.data_dir), say)
 
 
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
@@ -178,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (SFRELAY_PORT, default 8000)")
     serve.add_argument("--workers", type=int, default=1, help="receiver processes (default 1)")
     serve.set_defaults(func=cmd_serve)
+
+    up = sub.add_parser(
+        "up", help="everything on one machine: a local redis-server, the receiver and a worker"
+    )
+    up.add_argument("--data-dir", default="var", help="where Redis keeps its data (default var/)")
+    up.set_defaults(func=cmd_up)
 
     send = sub.add_parser("send", help="POST a SOAP file the way Salesforce does")
     send.add_argument("file", help="the message file, or - for standard input")
