@@ -107,5 +107,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.contract = contract
     app.state.org_ids = settings.canonical_org_ids
+    app.state.undeclared_seen = set()
     app.include_router(router)
     return app

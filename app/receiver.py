@@ -25,7 +25,7 @@ from app.errors import (
 )
 from app.queue import Enqueuer
 from app.sfid import canonical_id
-from app.soap import ACK, fault, parse_message
+from app.soap import ACK, OutboundMessage, fault, parse_message
 from app.wsdl import Contract
 
 log = logging.getLogger("sfrelay.receiver")
@@ -101,6 +101,20 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _report_undeclared(seen: set[tuple[str, str]], message: OutboundMessage) -> None:
+    """Say once per process which fields arrive that no WSDL in SFRELAY_WSDL_DIR declares."""
+    for notification in message.notifications:
+        for name in notification.undeclared:
+            key = (notification.sobject, name)
+            if key not in seen:
+                seen.add(key)
+                log.warning(
+                    "%s.%s is not declared by any WSDL in SFRELAY_WSDL_DIR: passed on as text; "
+                    "add this Outbound Message's WSDL to type it",
+                    *key,
+                )
+
+
 @router.post(ENDPOINT)
 async def outbound_message(request: Request) -> Response:
     started = time.perf_counter()
@@ -123,6 +137,7 @@ async def outbound_message(request: Request) -> Response:
     except QueueUnavailable as exc:
         log.error("not acked, Salesforce will retry: %s", exc)
         return _soap(fault(f"temporarily unavailable: {exc}", "soapenv:Server"), 503)
+    _report_undeclared(request.app.state.undeclared_seen, message)
     log.info(
         "acked org=%s action=%s notifications=%d queued=%d skipped=%d dead=%d duplicates=%d "
         "job=%s in %.1f ms",

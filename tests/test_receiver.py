@@ -56,8 +56,12 @@ def queued_jobs(redis_client: redis.Redis) -> list[dict[str, Any]]:
     return jobs
 
 
+def queued_jobs_notifications(redis_client: redis.Redis) -> list[dict[str, Any]]:
+    return [n for job in queued_jobs(redis_client) for n in job["k"]["notifications"]]
+
+
 def queued_notification_ids(redis_client: redis.Redis) -> list[str]:
-    return [n["id"] for job in queued_jobs(redis_client) for n in job["k"]["notifications"]]
+    return [n["id"] for n in queued_jobs_notifications(redis_client)]
 
 
 def fault_of(response: httpx.Response) -> str:
@@ -157,6 +161,22 @@ async def test_unusable_notification_becomes_a_dead_letter_and_the_rest_is_queue
     assert ACK_TEXT in (await client.post(URL, content=body, headers=XML)).text
     assert redis_client.hlen(DEAD_KEY) == 1
     assert len(queued_jobs(redis_client)) == 1
+
+
+async def test_fields_no_wsdl_declares_are_reported_once(
+    make_client: ClientFactory, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_client()
+    for _ in range(2):
+        body = outbound_message([contact(Email="a@example.org", Title="CEO", Phone="1")])
+        assert ACK_TEXT in (await client.post(URL, content=body, headers=XML)).text
+    reports = [r.getMessage() for r in caplog.records if "not declared" in r.getMessage()]
+    assert reports == [
+        f"Contact.{name} is not declared by any WSDL in SFRELAY_WSDL_DIR: passed on as text; "
+        "add this Outbound Message's WSDL to type it"
+        for name in ("Phone", "Title")
+    ]
+    assert [n["fields"]["Title"] for n in queued_jobs_notifications(redis_client)] == ["CEO"] * 2
 
 
 @pytest.mark.parametrize(
