@@ -7,10 +7,11 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import bindparam, column, delete, insert, select, table, update
+from sqlalchemy import column, delete, select, table
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import TableClause
 
+from app.drupal.bulk import insert_rows, update_rows
 from app.drupal.cache import delete_cache_rows, invalidate_tags
 from app.drupal.schema import DrupalSchema
 from app.drupal.users import (
@@ -24,30 +25,26 @@ from app.drupal.users import (
 
 _FIELD_COLUMNS = ("bundle", "deleted", "entity_id", "revision_id", "langcode", "delta")
 users = table("users", column("uid"), column("uuid"), column("langcode"))
-field_data = table(
-    "users_field_data",
-    *(
-        column(name)
-        for name in [
-            "uid",
-            "langcode",
-            "preferred_langcode",
-            "preferred_admin_langcode",
-            "name",
-            "pass",
-            "mail",
-            "timezone",
-            "status",
-            "created",
-            "changed",
-            "access",
-            "login",
-            "init",
-            "default_langcode",
-        ]
-    ),
+_DATA_COLUMNS = (
+    "uid",
+    "langcode",
+    "preferred_langcode",
+    "preferred_admin_langcode",
+    "name",
+    "pass",
+    "mail",
+    "timezone",
+    "status",
+    "created",
+    "changed",
+    "access",
+    "login",
+    "init",
+    "default_langcode",
 )
+field_data = table("users_field_data", *(column(name) for name in _DATA_COLUMNS))
 roles = table("user__roles", *(column(c) for c in _FIELD_COLUMNS), column("roles_target_id"))
+_ROLE_COLUMNS = (*_FIELD_COLUMNS, "roles_target_id")
 # sfrelay name -> users_field_data column
 _BASE_COLUMNS = {
     "mail": "mail",
@@ -99,54 +96,51 @@ class Drupal10(Lookups):
         if not new:
             return
         by_uuid = {str(uuid.uuid4()): user for user in new}
-        await conn.execute(
-            insert(users), [{"uuid": key, "langcode": self.langcode} for key in by_uuid]
+        await insert_rows(
+            conn, "users", ("uuid", "langcode"), [(key, self.langcode) for key in by_uuid]
         )
         for chunk in chunks(list(by_uuid)):
             query = select(users.c.uid, users.c.uuid).where(users.c.uuid.in_(chunk))
             for uid, key in await conn.execute(query):
                 by_uuid[key].uid = int(uid)
-        await conn.execute(insert(field_data), [self._data_row(user, now) for user in new])
+        await insert_rows(
+            conn, "users_field_data", _DATA_COLUMNS, [self._data_row(user, now) for user in new]
+        )
         await self._write_fields(conn, [(u.uid or 0, (self.langcode,), u.fields) for u in new])
         role_rows = [
-            self._field_row(user.uid or 0, self.langcode, delta, roles_target_id=role)
+            self._field_row(user.uid or 0, self.langcode, delta, role)
             for user in new
             for delta, role in enumerate(user.roles)
         ]
-        if role_rows:
-            await conn.execute(insert(roles), role_rows)
+        await insert_rows(conn, "user__roles", _ROLE_COLUMNS, role_rows)
         await invalidate_tags(conn, ["user_list", "4xx-response"])
 
-    def _data_row(self, user: NewUser, now: int) -> dict[str, Any]:
+    def _data_row(self, user: NewUser, now: int) -> tuple[Any, ...]:
+        """A users_field_data row, in _DATA_COLUMNS order."""
         base = user.base
-        return {
-            "uid": user.uid,
-            "langcode": self.langcode,
-            "preferred_langcode": base.get("langcode") or self.langcode,
-            "preferred_admin_langcode": None,
-            "name": user.name,
-            "pass": None,  # no password: the user sets one through Drupal's password reset
-            "mail": user.mail,
-            "timezone": base.get("timezone") or self.schema.default_timezone,
-            "status": int(base.get("status", 1)),
-            "created": now,
-            "changed": now,
-            "access": 0,
-            "login": 0,
-            "init": user.mail,
-            "default_langcode": 1,
-        }
+        return (
+            user.uid,
+            self.langcode,
+            base.get("langcode") or self.langcode,  # preferred_langcode
+            None,  # preferred_admin_langcode
+            user.name,
+            None,  # pass: none; the user sets one through Drupal's password reset
+            user.mail,
+            base.get("timezone") or self.schema.default_timezone,
+            int(base.get("status", 1)),
+            now,  # created
+            now,  # changed
+            0,  # access
+            0,  # login
+            user.mail,  # init
+            1,  # default_langcode
+        )
 
-    def _field_row(self, uid: int, langcode: str, delta: int, **value: Any) -> dict[str, Any]:
-        return {
-            "bundle": "user",
-            "deleted": 0,
-            "entity_id": uid,
-            "revision_id": uid,  # users are not revisionable: revision_id is the uid
-            "langcode": langcode,
-            "delta": delta,
-            **value,
-        }
+    @staticmethod
+    def _field_row(uid: int, langcode: str, delta: int, value: Any) -> tuple[Any, ...]:
+        """A user__* row: _FIELD_COLUMNS, then the value column."""
+        # Users are not revisionable: revision_id is the uid.
+        return ("user", 0, uid, uid, langcode, delta, value)
 
     async def _write_fields(
         self,
@@ -183,31 +177,26 @@ class Drupal10(Lookups):
                     if rows and stored[uid].keys() == rows.keys()
                 ]
                 changed = [
-                    {"b_uid": uid, "b_langcode": lc, "b_delta": delta, "b_value": value}
+                    (value, uid, lc, delta)
                     for uid in same
                     for (lc, delta), value in wanted.pop(uid).items()
                 ]
-                if changed:
-                    stmt = (
-                        update(field)
-                        .where(
-                            field.c.entity_id == bindparam("b_uid"),
-                            field.c.langcode == bindparam("b_langcode"),
-                            field.c.delta == bindparam("b_delta"),
-                        )
-                        .values({value_column: bindparam("b_value")})
-                    )
-                    await conn.execute(stmt, changed)
+                await update_rows(
+                    conn,
+                    field.name,
+                    (value_column,),
+                    ("entity_id", "langcode", "delta"),
+                    changed,
+                )
                 stale = [uid for uid in wanted if stored[uid]]
                 for chunk in chunks(stale):
                     await conn.execute(delete(field).where(field.c.entity_id.in_(chunk)))
             rows = [
-                self._field_row(uid, langcode, delta, **{value_column: value})
+                self._field_row(uid, langcode, delta, value)
                 for uid, values in wanted.items()
                 for (langcode, delta), value in values.items()
             ]
-            if rows:
-                await conn.execute(insert(field), rows)
+            await insert_rows(conn, field.name, (*_FIELD_COLUMNS, value_column), rows)
 
     async def update(self, conn: AsyncConnection, changes: list[UserChange], now: int) -> None:
         if not changes:
@@ -239,8 +228,5 @@ class Drupal10(Lookups):
                     delta += 1
                     current[role] = delta
                     for langcode in change.langcodes or (self.langcode,):
-                        rows.append(
-                            self._field_row(change.uid, langcode, delta, roles_target_id=role)
-                        )
-        if rows:
-            await conn.execute(insert(roles), rows)
+                        rows.append(self._field_row(change.uid, langcode, delta, role))
+        await insert_rows(conn, "user__roles", _ROLE_COLUMNS, rows)

@@ -28,7 +28,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    bindparam,
     delete,
     insert,
     select,
@@ -38,6 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.drupal.bulk import insert_rows, update_rows
 from app.drupal.engine import writer
 
 metadata = MetaData()
@@ -154,19 +154,6 @@ async def owners(conn: AsyncConnection, uids: Iterable[int]) -> dict[int, str]:
     return {int(uid): sf_id for uid, sf_id in rows}
 
 
-def _row(state: RecordState, now: float) -> dict[str, Any]:
-    return {
-        "b_sf_id": state.sf_id,
-        "b_object": state.object,
-        "b_uid": state.uid,
-        "b_modstamp": state.modstamp,
-        "b_notification_id": state.notification_id,
-        "b_converted_to": state.converted_to,
-        "b_history": orjson.dumps(state.history).decode(),
-        "b_updated_at": now,
-    }
-
-
 _COLUMNS = (
     "object",
     "uid",
@@ -176,28 +163,35 @@ _COLUMNS = (
     "history",
     "updated_at",
 )
-_INSERT = insert(records).values(
-    sf_id=bindparam("b_sf_id"), **{name: bindparam(f"b_{name}") for name in _COLUMNS}
-)
-_UPDATE = (
-    update(records)
-    .where(records.c.sf_id == bindparam("b_sf_id"))
-    .values(**{name: bindparam(f"b_{name}") for name in _COLUMNS})
-)
+
+
+def _values(state: RecordState, now: float) -> tuple[Any, ...]:
+    """The _COLUMNS of a state's row."""
+    history = orjson.dumps(state.history).decode()
+    return (
+        state.object,
+        state.uid,
+        state.modstamp,
+        state.notification_id,
+        state.converted_to,
+        history,
+        now,
+    )
 
 
 async def save(conn: AsyncConnection, states: Iterable[RecordState]) -> None:
     """Write every changed state: one executemany INSERT and one executemany UPDATE."""
     now = time.time()
-    new: list[dict[str, Any]] = []
-    changed: list[dict[str, Any]] = []
+    new: list[tuple[Any, ...]] = []
+    changed: list[tuple[Any, ...]] = []
     for state in states:
         if state.dirty:
-            (changed if state.stored else new).append(_row(state, now))
-    if new:
-        await conn.execute(_INSERT, new)
-    if changed:
-        await conn.execute(_UPDATE, changed)
+            if state.stored:
+                changed.append((*_values(state, now), state.sf_id))
+            else:
+                new.append((state.sf_id, *_values(state, now)))
+    await insert_rows(conn, records.name, ("sf_id", *_COLUMNS), new)
+    await update_rows(conn, records.name, _COLUMNS, ("sf_id",), changed)
 
 
 @dataclass(frozen=True, slots=True)

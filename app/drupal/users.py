@@ -6,9 +6,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, and_, bindparam, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import TableClause
+
+from app.drupal.bulk import update_rows
 
 # Base fields by sfrelay name; `langcode` is the user's preferred language (D10
 # preferred_langcode, D7 users.language): the entity's own langcode stays the site's, or
@@ -90,18 +92,16 @@ async def update_base(
 ) -> None:
     """The changes' base values, plus `changed` = now unless None: one executemany UPDATE
     per set of columns written (executemany needs the same columns in every row)."""
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
     for change in changes:
-        keys = tuple(sorted(columns[k] for k in change.base))
-        row = {f"b_{columns[k]}": value for k, value in change.base.items()}
-        groups.setdefault(keys, []).append({**row, "b_uid": change.uid, "b_changed": now})
-    for keys, rows in groups.items():
-        values: dict[str, Any] = {k: bindparam(f"b_{k}") for k in keys}
+        pairs = sorted((columns[k], value) for k, value in change.base.items())  # unique keys
+        keys, values = tuple(k for k, _ in pairs), tuple(v for _, v in pairs)
         if now is not None:
-            values["changed"] = bindparam("b_changed")
-        if values:
-            stmt = update(table).where(table.c.uid == bindparam("b_uid")).values(**values)
-            await conn.execute(stmt, rows)
+            keys, values = (*keys, "changed"), (*values, now)
+        if keys:
+            groups.setdefault(keys, []).append((*values, change.uid))
+    for keys, rows in groups.items():
+        await update_rows(conn, table.name, keys, ("uid",), rows)
 
 
 def lower_in(column: Any, values: list[str], case_insensitive_column: bool) -> ColumnElement[bool]:
