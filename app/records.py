@@ -65,6 +65,8 @@ def sf_key(sf_id: str) -> str:
 
 def as_text(value: Any, length: int | None = None) -> str | None:
     """A Salesforce value as the text a Drupal field stores (None = no value)."""
+    if type(value) is str:  # the usual case
+        return (value[:length] if length else value) or None
     if value is None:
         return None
     if isinstance(value, bool):

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 _SUFFIX_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"
 
 
 def checksum(id15: str) -> str:
     """The three characters Salesforce appends to a 15-character id (bit i: char i is A-Z)."""
-    out = []
-    for start in (0, 5, 10):
-        bits = 0
-        for i, char in enumerate(id15[start : start + 5]):
-            if "A" <= char <= "Z":
-                bits |= 1 << i
-        out.append(_SUFFIX_ALPHABET[bits])
-    return "".join(out)
+    return _code(id15[0:5]) + _code(id15[5:10]) + _code(id15[10:15])
+
+
+@lru_cache(maxsize=8192)  # ids share their leading characters (key prefix, instance)
+def _code(chunk: str) -> str:
+    bits = 0
+    for i, char in enumerate(chunk):
+        if "A" <= char <= "Z":
+            bits |= 1 << i
+    return _SUFFIX_ALPHABET[bits]
 
 
 def to18(id15: str) -> str:

@@ -154,6 +154,16 @@ class Drupal10(Lookups):
         only where they differ from what is stored: most updates change one field."""
         for name, field in self._fields.items():
             value_column = f"{name}_value"
+            columns = (*_FIELD_COLUMNS, value_column)
+            if not replace:  # new users: a row per translation of each value
+                rows = [
+                    ("user", 0, uid, uid, lc, 0, value)
+                    for uid, langcodes, values in items
+                    if (value := values.get(name)) not in (None, "")
+                    for lc in langcodes
+                ]
+                await insert_rows(conn, field.name, columns, rows)
+                continue
             wanted = {
                 uid: {(lc, 0): values[name] for lc in langcodes}
                 if values[name] not in (None, "")
@@ -161,7 +171,7 @@ class Drupal10(Lookups):
                 for uid, langcodes, values in items
                 if name in values
             }
-            if replace and wanted:
+            if wanted:
                 stored: dict[int, dict[tuple[str, int], Any]] = defaultdict(dict)
                 for chunk in chunks(sorted(wanted)):
                     query = select(
@@ -196,7 +206,7 @@ class Drupal10(Lookups):
                 for uid, values in wanted.items()
                 for (langcode, delta), value in values.items()
             ]
-            await insert_rows(conn, field.name, (*_FIELD_COLUMNS, value_column), rows)
+            await insert_rows(conn, field.name, columns, rows)
 
     async def update(self, conn: AsyncConnection, changes: list[UserChange], now: int) -> None:
         if not changes:
