@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     field_map: Path | None = None
     max_tries: int = Field(default=5, ge=1)
     worker_max_rss_mb: int = Field(default=512, ge=32)
-    worker_batch_size: int = Field(default=1000, ge=1)
+    worker_batch_size: int = Field(default=2000, ge=1)
     # arq's job timeout; a killed worker's job is re-run by another once its in-progress mark
     # expires (this + 10 s), and a stopping worker waits this long for its running jobs (give
     # the container at least this stop grace period). A job normally takes well under 1 s.

@@ -40,7 +40,8 @@ DRUPAL10 = SHARED / "drupal" / "sites" / "drupal10-standard.sqlite"
 ORG_ID = "00D5g000004Xk2PEAS"
 ACTION_ID = "04k5g000000Gm7REAS"
 JOB_SIZE = 100
-BATCH = 500  # SFRELAY_WORKER_BATCH_SIZE's default; the same for the worker and the ceiling
+# SFRELAY_WORKER_BATCH_SIZE's default; the same for the worker and the ceiling
+BATCH: int = Settings.model_fields["worker_batch_size"].default
 TARGETS = {"sqlite": 5000.0, "postgresql": 3000.0}
 RSS_TARGET_MB = 20.0
 TYPES = {"Contact": {"SystemModstamp": "dateTime", "LastModifiedDate": "dateTime"}}
