@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -91,6 +92,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             dedupe_ttl_s=settings.dedupe_ttl_seconds,
             job_ttl_s=settings.job_ttl_seconds,
         )
+        # Everything loaded so far (zeep's WSDL model, FastAPI's routes) lives as long as the
+        # process: keep the cyclic GC from scanning it again on every full collection.
+        gc.freeze()
         try:
             yield
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -63,6 +64,7 @@ def _app(handle: Callable[[Request], Awaitable[None]], lifespan: Lifespan | None
         await handle(request)
         return Response(content=ACK, media_type=SOAP_CONTENT_TYPE)
 
+    gc.freeze()  # as sfrelay's own app does once started: the same GC treatment for all
     return app
 
 
