@@ -78,28 +78,21 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_queue_stats(args: argparse.Namespace, settings: Settings) -> int:
-    from redis.exceptions import RedisError
-
     from app.main import redis_client
-    from app.queue import STATS_KEY, queue_stats
+    from app.queue import QueueStats, queue_stats
 
-    async def read() -> tuple[dict[str, int], dict[str, int]]:
+    async def read() -> QueueStats:
         redis = redis_client(settings)
         try:
-            stats = (await queue_stats(redis, settings.queue_name)).as_dict()
-            counters = await redis.hgetall(STATS_KEY)  # type: ignore[misc]
-        except (RedisError, OSError) as exc:
-            raise QueueUnavailable(f"cannot read the queue (Redis): {exc}") from exc
+            return await queue_stats(redis, settings.queue_name)
         finally:
             await redis.aclose()
-        # What the workers did with the notifications (outcome:created, outcome:dead, ...).
-        outcomes = {k.decode(): int(v) for k, v in counters.items() if k.startswith(b"outcome:")}
-        return stats, dict(sorted(outcomes.items()))
 
     try:
-        stats, outcomes = asyncio.run(read())
+        queue = asyncio.run(read())
     except QueueUnavailable as exc:
         return _fail(f"{exc}; check SFRELAY_REDIS_URL")
+    stats, outcomes = queue.as_dict(), queue.outcomes
     # Dead letters are also kept by the workers in Drupal's database, where one is configured.
     from app.dead import count_database_dead_letters
 

@@ -18,7 +18,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
@@ -105,6 +105,8 @@ class QueueStats:
     dead: int
     skipped: int
     duplicates: int
+    # What the workers did with the notifications: {"outcome:created": n, ...}.
+    outcomes: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -215,7 +217,7 @@ class Enqueuer:
             self._dedupe_ttl_s,
             prefix,
             suffix,
-            body,
+            body if "d" in kinds else b"",  # only a dead letter keeps the raw body
             int(now),
             "".join(kinds),
             b"\n".join(payloads),
@@ -283,6 +285,11 @@ async def queue_stats(redis: Redis, queue_name: str = "arq:queue") -> QueueStats
         dead=int(dead),
         skipped=int(counters.get(b"skipped", 0)),
         duplicates=int(counters.get(b"duplicates", 0)),
+        outcomes={
+            key.decode(): int(value)
+            for key, value in sorted(counters.items())
+            if key.startswith(b"outcome:")
+        },
     )
 
 

@@ -100,6 +100,8 @@ async def test_a_message_is_stored_as_one_arq_job_then_acked(
         },
     }
     assert second["fields"]["LastModifiedDate"] == "2024-05-01T10:00:00.000Z"
+    # The raw body is kept only beside a dead letter.
+    assert list(redis_client.scan_iter(DEAD_BODY_PREFIX + "*")) == []
     # arq's own job-expiry would drop a job that waited out a long backlog: ours lasts longer.
     job_id = redis_client.zrange("arq:queue", 0, -1)[0]
     assert redis_client.pttl(b"arq:job:" + job_id) > 7 * 24 * 3600 * 1000
