@@ -22,6 +22,11 @@ _PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "token", "example
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+MatchByEmail = Literal["true", "false", "never-logged-in"]
+# The spellings pydantic accepts for a boolean, as the setting accepted them before.
+_TRUE = {"true", "1", "yes", "y", "on", "t"}
+_FALSE = {"false", "0", "no", "n", "off", "f"}
+
 
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
@@ -65,7 +70,13 @@ class Settings(BaseSettings):
     # --- workers / Drupal ---------------------------------------------------------------------
     database_url: str = "sqlite:///drupal.sqlite"
     drupal_version: Literal["auto", "7", "8", "9", "10", "11"] = "auto"
-    match_by_email: bool = True
+    # true: link a new record to the one Drupal user with its email; never-logged-in: only
+    # if that user never logged in (login = 0); false: never link (a conflict instead).
+    match_by_email: MatchByEmail = "true"
+    # Role ids (D10 machine names, D7 role names) whose holders sfrelay never links, updates,
+    # blocks or unblocks; empty: the site's admin roles and those granting `administer users`
+    # or `administer permissions` (uid 0 and 1 are always protected).
+    protected_roles: Annotated[list[str], NoDecode] = Field(default_factory=list)
     field_map: Path | None = None
     max_tries: int = Field(default=5, ge=1)
     worker_max_rss_mb: int = Field(default=512, ge=32)
@@ -77,10 +88,27 @@ class Settings(BaseSettings):
     # First retry delay; each further attempt waits twice as long (capped at one hour).
     retry_backoff_seconds: float = Field(default=30, ge=0)
 
-    @field_validator("org_ids", "handled_objects", mode="before")
+    @field_validator("org_ids", "handled_objects", "protected_roles", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("match_by_email", mode="before")
+    @classmethod
+    def _match_by_email(cls, value: object) -> object:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            word = value.strip().lower()
+            if word in _TRUE:
+                return "true"
+            if word in _FALSE:
+                return "false"
+            if word.replace("_", "-") == "never-logged-in":
+                return "never-logged-in"
+        raise ValueError(
+            f"SFRELAY_MATCH_BY_EMAIL must be true, false or never-logged-in (not {value!r})"
+        )
 
     @field_validator("allowed_networks", "trusted_proxies", mode="before")
     @classmethod

@@ -3,6 +3,10 @@
 Order guard, Lead conversion, email filter, then update / link-by-email / create, with the
 batch's own earlier decisions visible to its later records (two records with one email, a
 record twice in one batch). Pending new users carry negative keys until their uid exists.
+
+Salesforce never gains power over a privileged account: uid 0 and 1, and every user holding
+a protected role (read again for each batch, with the users' roles), are never linked,
+updated, blocked or unblocked (`conflict_protected_user`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.config import MatchByEmail
 from app.drupal import state
 from app.drupal.state import RecordState
 from app.drupal.users import ExistingUser, NewUser, UserChange, UserStore
@@ -20,6 +25,7 @@ from app.mapping import FieldMap
 from app.records import Record, as_text, base_values, username_base, valid_email, with_suffix
 
 HISTORY_SIZE = 10  # outcomes kept per Salesforce record in sfrelay_record.history
+SUPERUSERS = frozenset({0, 1})  # the anonymous user and Drupal's own administrator
 
 
 @dataclass(slots=True)
@@ -79,12 +85,16 @@ class Planner:
         conn: AsyncConnection,
         store: UserStore,
         field_map: FieldMap,
-        match_by_email: bool,
+        match_by_email: MatchByEmail,
         field_lengths: dict[str, int | None],
         suffixes: dict[str, int],
+        protected_roles: frozenset[str] | None = None,
     ) -> None:
         self.conn, self.store, self.field_map = conn, store, field_map
         self.match_by_email = match_by_email
+        # SFRELAY_PROTECTED_ROLES; None: the site's own, read in load()
+        self.configured_protected = protected_roles
+        self.protected: frozenset[str] = protected_roles or frozenset()
         self.lengths = field_lengths
         self.suffixes = suffixes  # lower-cased base name -> highest _<n> known in use
         self.plan = Plan()
@@ -97,6 +107,8 @@ class Planner:
     async def load(self, records: list[Record]) -> None:
         ids = {r.sf_id for r in records} | {r.converted_to for r in records if r.converted_to}
         self.plan.states = await state.load(self.conn, ids)
+        if self.configured_protected is None:
+            self.protected = await self.store.protected_roles(self.conn)
         mapped = {s.uid for s in self.plan.states.values() if s.uid is not None}
         mails = {r.mail_key for r in records if r.email and valid_email(r.email)}
         found = await self.store.uids_by_mail(self.conn, mails)
@@ -120,6 +132,23 @@ class Planner:
             st.modstamp = r.modstamp
             st.notification_id = r.notification_id
 
+    def _protection(self, uid: int) -> str | None:
+        """Why sfrelay must not write to this existing user (None: it may)."""
+        if uid in SUPERUSERS:
+            return f"uid {uid}"
+        user = self.existing.get(uid)
+        if user is None:
+            return f"uid {uid} could not be read"  # never write what could not be checked
+        held = sorted(user.roles & self.protected)
+        if held:
+            return f"uid {uid} has role{'s' if len(held) > 1 else ''} {', '.join(held)}"
+        return None
+
+    def _granted(self, roles: tuple[str, ...]) -> str | None:
+        """A protected role the field map would grant (it became protected after start-up)."""
+        held = sorted(set(roles) & self.protected)
+        return f"the field map grants role {', '.join(held)}" if held else None
+
     def decide(self, r: Record) -> None:
         st = self.plan.states.get(r.sf_id)
         if st is not None:
@@ -139,6 +168,8 @@ class Planner:
             return self._record(r, Decision("skipped_no_email"))
         if not valid_email(r.email):
             return self._record(r, Decision("skipped_invalid_email", detail=r.email))
+        if granted := self._granted(r.obj.roles):
+            return self._record(r, Decision("conflict_protected_user", None, granted))
         key = st.uid if st is not None else None
         if key is not None and (key < 0 or key in self.existing):
             return self._update(r, key, "updated")
@@ -148,13 +179,18 @@ class Planner:
         only = next(iter(candidates))
         if (
             len(candidates) > 1
-            or not self.match_by_email
+            or self.match_by_email == "false"
             or only < 0
             or self.owner.get(only, r.sf_id) != r.sf_id
         ):
             # Linking would merge two Salesforce records (or pick one of several users).
             others = [self.owner.get(k) or f"uid {k}" for k in sorted(candidates)]
             return self._record(r, Decision("conflict_duplicate_email", None, ", ".join(others)))
+        if why := self._protection(only):
+            return self._record(r, Decision("conflict_protected_user", None, why))
+        if self.match_by_email == "never-logged-in" and self.existing[only].login != 0:
+            detail = f"uid {only} has logged in (SFRELAY_MATCH_BY_EMAIL=never-logged-in)"
+            return self._record(r, Decision("conflict_duplicate_email", None, detail))
         return self._update(r, only, "linked")
 
     def _map(self, r: Record, key: int) -> RecordState:
@@ -189,6 +225,10 @@ class Planner:
         self._record(r, Decision("created", key), applied=True)
 
     def _update(self, r: Record, key: int, outcome: str) -> None:
+        if key >= 0 and (why := self._protection(key)):
+            # Mapped before it became protected: the mapping stays, nothing is written.
+            shown = key if outcome == "updated" else None
+            return self._record(r, Decision("conflict_protected_user", shown, why))
         clash = sorted(k for k in self.by_mail.get(r.mail_key, set()) if k != key)
         if clash:
             detail = ", ".join(self.owner.get(k) or f"uid {k}" for k in clash)
@@ -220,6 +260,10 @@ class Planner:
             detail = "the Lead was never synced; the Contact's own notifications sync it"
             return self._record(r, Decision("skipped_converted", None, detail))
         key, target_id = st.uid, r.converted_to or ""
+        contact = self.field_map.objects.get("Contact", r.obj)
+        why = self._protection(key) if key in self.existing or key in SUPERUSERS else None
+        if why := why or self._granted(contact.roles):
+            return self._record(r, Decision("conflict_protected_user", key, why))
         target = self.plan.states.get(target_id)
         if target is not None and target.uid not in (None, key) and not target.converted_to:
             detail = f"Contact {target_id} is already mapped to uid {target.uid}: merge in Drupal"
@@ -230,7 +274,6 @@ class Planner:
         target.uid, target.object, target.dirty = key, "Contact", True
         st.converted_to = target_id
         self.owner[key] = target_id
-        contact = self.field_map.objects.get("Contact", r.obj)
         ids = {f: r.converted_raw for f, source in contact.fields.items() if source == "Id"}
         if key < 0:
             self.plan.new[key].fields.update(ids)

@@ -22,7 +22,8 @@ outcome                     meaning
 created                     a new Drupal user (uid) was written
 updated                     the mapped Drupal user was updated
 linked                      no mapping yet; the one Drupal user with that email was linked
-                            and updated (SFRELAY_MATCH_BY_EMAIL)
+                            and updated (SFRELAY_MATCH_BY_EMAIL; ``never-logged-in``: only a
+                            user with login = 0, else conflict_duplicate_email)
 converted                   a converted Lead: its user is now mapped to ConvertedContactId
 skipped_no_email            no email: nothing written but the history (never retry)
 skipped_invalid_email       an email Drupal would refuse (never retry)
@@ -32,6 +33,9 @@ stale                       older than the version last applied for this record 
 duplicate                   this version (or notification id) was already applied: no effect
 conflict_duplicate_email    another Salesforce record (detail: its Id) or an unmapped Drupal
                             user (detail: ``uid <n>``) already has this email; nothing written
+conflict_protected_user     the Drupal user is uid 0 or 1 or holds a protected role (detail:
+                            ``uid 1``, ``uid <n> has role <role>``): never linked, updated,
+                            blocked or unblocked; nothing written, never retried
 retry                       transient per-record error (detail: the error): try again later
 failed                      permanent per-record error (detail: the error): dead-letter it
 ==========================  ===================================================================
@@ -50,6 +54,10 @@ Rules in detail (app/plan.py decides, app/drupal/ writes):
   modstamp equal to the last applied one, is `duplicate`; an older one is `stale`.
 - A record whose email belongs to several Drupal users, or to one when
   SFRELAY_MATCH_BY_EMAIL is off, is `conflict_duplicate_email` (detail: ``uid <n>``).
+- Protected users (uid 0 and 1; holders of SFRELAY_PROTECTED_ROLES, by default the site's
+  admin roles and those granting ``administer users`` / ``administer permissions``) are
+  checked at each batch with the users' current roles: a link, an update of an already
+  mapped user or a Lead conversion onto one is `conflict_protected_user`.
 - Only fields present in the notification change; a field sent as nil deletes its value.
   `langcode` maps to the user's preferred language (the entity keeps the site's language).
 - A converted Lead's user keeps its account under the Contact Id (fields mapped from ``Id``
@@ -83,11 +91,11 @@ from app.drupal import state
 from app.drupal.d7 import Drupal7
 from app.drupal.d10 import Drupal10
 from app.drupal.engine import create_engine, writer
-from app.drupal.schema import DrupalSchema, inspect_drupal
+from app.drupal.schema import IMPLICIT_ROLES, DrupalSchema, inspect_drupal
 from app.drupal.state import DeadLetter
 from app.drupal.stats import Statistics
 from app.drupal.users import UserStore
-from app.errors import RetryableError
+from app.errors import ConfigError, RetryableError
 from app.mapping import FieldMap, load_field_map
 from app.plan import Planner, note_failure
 from app.records import Record, RecordError, to_record
@@ -106,6 +114,7 @@ OUTCOMES = frozenset(
         "stale",
         "duplicate",
         "conflict_duplicate_email",
+        "conflict_protected_user",
         "retry",
         "failed",
     }
@@ -187,6 +196,7 @@ class Syncer:
             async with engine.connect() as conn:
                 schema = await inspect_drupal(conn, settings.drupal_version, field_map.user_fields)
             field_map.validate(schema, settings.handled_objects)
+            _check_protected_roles(schema, field_map, settings.protected_roles)
             if schema.major == 10 and "cachetags" not in schema.tables:
                 await _create_cachetags(engine)
             await state.migrate(engine)
@@ -256,6 +266,7 @@ class Syncer:
                 self.settings.match_by_email,
                 self._lengths,
                 self._suffixes,
+                frozenset(self.settings.protected_roles) or None,
             )
             await planner.load(records)
             for record in records:
@@ -306,6 +317,28 @@ class Syncer:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def _check_protected_roles(
+    schema: DrupalSchema, field_map: FieldMap, configured: list[str]
+) -> None:
+    """SFRELAY_PROTECTED_ROLES must name the site's roles; the field map must grant none."""
+    known = schema.roles
+    for role in configured:
+        if known is not None and role not in known:
+            others = ", ".join(sorted(set(known) - IMPLICIT_ROLES)) or "none"
+            raise ConfigError(
+                f"SFRELAY_PROTECTED_ROLES: role {role!r} does not exist on this Drupal site "
+                f"(its roles: {others}; D10 machine names, D7 role names)"
+            )
+    protected = frozenset(configured) or schema.protected_roles
+    for obj in field_map.objects.values():
+        for role in sorted(set(obj.roles) & protected):
+            raise ConfigError(
+                f"field map [{obj.sobject}]: role {role!r} is protected (an admin role, or it "
+                "grants administer users / administer permissions): sfrelay never grants it; "
+                "remove it from roles"
+            )
 
 
 async def _create_cachetags(engine: AsyncEngine) -> None:

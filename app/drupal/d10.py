@@ -13,7 +13,7 @@ from sqlalchemy.sql.expression import TableClause
 
 from app.drupal.bulk import insert_rows, update_rows
 from app.drupal.cache import delete_cache_rows, invalidate_tags
-from app.drupal.schema import DrupalSchema
+from app.drupal.schema import DrupalSchema, read_protected_roles
 from app.drupal.users import (
     ExistingUser,
     Lookups,
@@ -81,16 +81,29 @@ class Drupal10(Lookups):
                 field_data.c.mail,
                 field_data.c.langcode,
                 field_data.c.default_langcode,
+                field_data.c.login,
             ).where(field_data.c.uid.in_(chunk))
             for row in await conn.execute(query):
                 rows[int(row.uid)].append(row)
+        held: dict[int, set[str]] = defaultdict(set)
+        for chunk in chunks(sorted(rows)):
+            held_query = select(roles.c.entity_id, roles.c.roles_target_id).where(
+                roles.c.entity_id.in_(chunk), roles.c.deleted == 0
+            )
+            for entity_id, target in await conn.execute(held_query):
+                held[int(entity_id)].add(str(target))
         found = {}
         for uid, translations in rows.items():
             translations.sort(key=lambda r: -int(r.default_langcode))  # the original first
             first = translations[0]
             langcodes = tuple(r.langcode for r in translations)
-            found[uid] = ExistingUser(uid, first.name, first.mail, langcodes)
+            found[uid] = ExistingUser(
+                uid, first.name, first.mail, langcodes, frozenset(held[uid]), int(first.login or 0)
+            )
         return found
+
+    async def protected_roles(self, conn: AsyncConnection) -> frozenset[str]:
+        return await read_protected_roles(conn, 10, self.schema.tables)
 
     async def create(self, conn: AsyncConnection, new: list[NewUser], now: int) -> None:
         if not new:

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import TableClause
 
 from app.drupal.cache import delete_cache_rows
-from app.drupal.schema import DrupalSchema
+from app.drupal.schema import DrupalSchema, read_protected_roles
 from app.drupal.users import (
     ExistingUser,
     Lookups,
@@ -41,6 +41,7 @@ _USER_COLUMNS = [
 ]
 users = table("users", *(column(c) for c in _USER_COLUMNS))
 users_roles = table("users_roles", column("uid"), column("rid"))
+role = table("role", column("rid"), column("name"))
 sequences = table("sequences", column("value"))
 _BASE_COLUMNS = {
     "mail": "mail",
@@ -75,11 +76,33 @@ class Drupal7(Lookups):
 
     async def users(self, conn: AsyncConnection, uids: Iterable[int]) -> dict[int, ExistingUser]:
         found = {}
-        for chunk in chunks(sorted({uid for uid in uids if uid > 0})):
-            query = select(users.c.uid, users.c.name, users.c.mail).where(users.c.uid.in_(chunk))
-            for uid, name, mail in await conn.execute(query):
-                found[int(uid)] = ExistingUser(int(uid), name, mail, (LANGUAGE_NONE,))
+        wanted = sorted({uid for uid in uids if uid > 0})
+        held: dict[int, set[str]] = {}
+        for chunk in chunks(wanted):
+            held_query = (
+                select(users_roles.c.uid, role.c.name)
+                .join(role, role.c.rid == users_roles.c.rid)
+                .where(users_roles.c.uid.in_(chunk))
+            )
+            for uid, name in await conn.execute(held_query):
+                held.setdefault(int(uid), set()).add(name)
+        for chunk in chunks(wanted):
+            query = select(users.c.uid, users.c.name, users.c.mail, users.c.login).where(
+                users.c.uid.in_(chunk)
+            )
+            for uid, name, mail, login in await conn.execute(query):
+                found[int(uid)] = ExistingUser(
+                    int(uid),
+                    name,
+                    mail,
+                    (LANGUAGE_NONE,),
+                    frozenset(held.get(int(uid), ())),
+                    int(login or 0),
+                )
         return found
+
+    async def protected_roles(self, conn: AsyncConnection) -> frozenset[str]:
+        return await read_protected_roles(conn, 7, self.schema.tables)
 
     async def _allocate(self, conn: AsyncConnection, count: int) -> int:
         """The first of `count` new uids, allocated as db_next_id(MAX(uid)) would: the

@@ -19,6 +19,12 @@ IMPLICIT_ROLES = frozenset({"authenticated", "anonymous", "authenticated user", 
 
 _config = table("config", column("collection"), column("name"), column("data"))
 _role7 = table("role", column("rid"), column("name"))
+_permission7 = table("role_permission", column("rid"), column("permission"))
+_variable7 = table("variable", column("name"), column("value"))
+
+# A role holding one of these (or an admin role) can take over the site: sfrelay never
+# writes to a user who has one (SFRELAY_PROTECTED_ROLES replaces this default).
+PROTECTING_PERMISSIONS = ("administer users", "administer permissions")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +46,9 @@ class DrupalSchema:
     roles: dict[str, str | int] | None
     fields: dict[str, FieldColumn] = field(default_factory=dict)  # field_* on the user
     user_columns: frozenset[str] = frozenset()  # D7: users columns (`changed` since 7.83)
+    # Role ids (D10 machine names, D7 role names) that are admin roles or hold one of
+    # PROTECTING_PERMISSIONS, as read at start-up (the planner reads them again per batch).
+    protected_roles: frozenset[str] = frozenset()
 
 
 def _php_string(serialized: bytes | str | None, key: str) -> str | None:
@@ -49,6 +58,106 @@ def _php_string(serialized: bytes | str | None, key: str) -> str | None:
     data = serialized.decode() if isinstance(serialized, bytes) else serialized
     match = re.search(r's:\d+:"' + re.escape(key) + r'";s:\d+:"([^"]*)";', data)
     return match.group(1) if match else None
+
+
+def php_unserialize(data: bytes | str | memoryview) -> Any:
+    """A PHP-serialized value (Drupal's config and D7 variables): strings, numbers,
+    booleans, null and arrays (as dicts). ValueError for anything else."""
+    raw = bytes(data) if not isinstance(data, str) else data.encode()
+    value, end = _php_value(raw, 0)
+    if end != len(raw):
+        raise ValueError(f"trailing data after offset {end}")
+    return value
+
+
+def _php_value(raw: bytes, at: int) -> tuple[Any, int]:
+    kind = raw[at : at + 2]
+    if kind == b"N;":
+        return None, at + 2
+    if kind in (b"b:", b"i:", b"d:"):
+        end = raw.index(b";", at)
+        text_ = raw[at + 2 : end].decode()
+        if kind == b"b:":
+            return text_ == "1", end + 1
+        return (int(text_) if kind == b"i:" else float(text_)), end + 1
+    if kind == b"s:":
+        colon = raw.index(b":", at + 2)
+        length = int(raw[at + 2 : colon])
+        start = colon + 2  # past ':"'
+        if raw[colon + 1 : start] != b'"' or raw[start + length : start + length + 2] != b'";':
+            raise ValueError(f"bad string at offset {at}")
+        return raw[start : start + length].decode("utf-8", "replace"), start + length + 2
+    if kind == b"a:":
+        colon = raw.index(b":", at + 2)
+        count = int(raw[at + 2 : colon])
+        if raw[colon + 1 : colon + 2] != b"{":
+            raise ValueError(f"bad array at offset {at}")
+        pos, items = colon + 2, {}
+        for _ in range(count):
+            key, pos = _php_value(raw, pos)
+            items[key], pos = _php_value(raw, pos)
+        if raw[pos : pos + 1] != b"}":
+            raise ValueError(f"bad array end at offset {pos}")
+        return items, pos + 1
+    raise ValueError(f"unsupported PHP-serialized type {kind!r} at offset {at}")
+
+
+def _role10_protected(data: bytes | str | memoryview | None) -> bool:
+    """Whether a D10 `user.role.*` config is an admin role or grants a protecting
+    permission. Config sfrelay cannot read counts as protected (fail closed)."""
+    if data is None:
+        return True
+    try:
+        role = php_unserialize(data)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return True
+    if not isinstance(role, dict):
+        return True
+    permissions = role.get("permissions") or {}
+    granted = set(permissions.values()) if isinstance(permissions, dict) else set()
+    return bool(role.get("is_admin")) or bool(granted & set(PROTECTING_PERMISSIONS))
+
+
+async def read_protected_roles(
+    conn: AsyncConnection, major: Major, tables: frozenset[str] | set[str]
+) -> frozenset[str]:
+    """The site's roles that sfrelay must never touch a holder of (see PROTECTING_PERMISSIONS):
+    D10 from the `user.role.*` config (is_admin, permissions), D7 from the variable
+    `user_admin_role` and `role_permission`. A few indexed rows: cheap enough per batch."""
+    if major == 10:
+        if "config" not in tables:
+            return frozenset()
+        rows = await conn.execute(
+            select(_config.c.name, _config.c.data).where(
+                _config.c.collection == "",
+                # A range on the primary key ('/' sorts right after '.').
+                _config.c.name >= "user.role.",
+                _config.c.name < "user.role/",
+            )
+        )
+        return frozenset(
+            name.removeprefix("user.role.") for name, data in rows if _role10_protected(data)
+        )
+    rids: set[int] = set()
+    if "role_permission" in tables:
+        query = select(_permission7.c.rid).where(
+            _permission7.c.permission.in_(PROTECTING_PERMISSIONS)
+        )
+        rids.update(int(rid) for (rid,) in await conn.execute(query))
+    if "variable" in tables:
+        query = select(_variable7.c.value).where(_variable7.c.name == "user_admin_role")
+        value = (await conn.execute(query)).scalar()
+        if value is not None:
+            try:
+                admin = php_unserialize(value)
+            except (ValueError, IndexError, UnicodeDecodeError):
+                admin = None
+            if isinstance(admin, int | str) and str(admin).isdigit() and int(admin) > 0:
+                rids.add(int(admin))
+    if not rids:
+        return frozenset()
+    names = await conn.execute(select(_role7.c.name).where(_role7.c.rid.in_(sorted(rids))))
+    return frozenset(str(name) for (name,) in names)
 
 
 def _table_names(sync_conn: Connection) -> list[str]:
@@ -129,7 +238,8 @@ async def _site10(
             else:
                 role = name.removeprefix("user.role.")
                 roles[role] = role
-    return DrupalSchema(10, tables, langcode, timezone, roles, fields)
+    protected = await read_protected_roles(conn, 10, tables)
+    return DrupalSchema(10, tables, langcode, timezone, roles, fields, protected_roles=protected)
 
 
 async def _site7(
@@ -139,7 +249,8 @@ async def _site7(
     roles: dict[str, str | int] = {name: int(rid) for rid, name in rows}
     columns = frozenset(await conn.run_sync(_columns, "users"))
     # user_save() leaves language '' and timezone NULL unless the form gives them.
-    return DrupalSchema(7, tables, "", None, roles, fields, columns)
+    protected = await read_protected_roles(conn, 7, tables)
+    return DrupalSchema(7, tables, "", None, roles, fields, columns, protected)
 
 
 async def has_table(conn: AsyncConnection, name: str) -> bool:

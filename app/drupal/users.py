@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, and_, func, or_, select
@@ -42,14 +42,22 @@ class ExistingUser:
     uid: int
     name: str
     mail: str | None
-    langcodes: tuple[str, ...] = field(default=())
+    langcodes: tuple[str, ...]
+    roles: frozenset[str]  # extra roles held now (D10 machine names, D7 role names)
+    login: int  # last login time; 0: never logged in
 
 
 class UserStore(Protocol):
     """One implementation per Drupal major version (d10.Drupal10, d7.Drupal7)."""
 
     async def users(self, conn: AsyncConnection, uids: Iterable[int]) -> dict[int, ExistingUser]:
-        """The users that exist among `uids` (uid 0, the anonymous user, never)."""
+        """The users that exist among `uids` (uid 0, the anonymous user, never), with the
+        roles they hold now."""
+        ...
+
+    async def protected_roles(self, conn: AsyncConnection) -> frozenset[str]:
+        """The site's roles that are admin roles or grant `administer users` /
+        `administer permissions`, read now (roles and permissions change while sfrelay runs)."""
         ...
 
     async def uids_by_mail(
