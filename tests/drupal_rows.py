@@ -202,3 +202,151 @@ async def assert_new_user(
         assert seq["v"] >= uid  # the next user_save() allocates past this user
     assert await field_values(site, uid) == fields
     assert await roles(site, uid) == sorted(extra_roles)
+
+
+def php_serialize(value: Any) -> str:
+    """PHP's serialize() for what Drupal's role config holds (strings, ints, bools, lists)."""
+    if isinstance(value, bool):
+        return f"b:{int(value)};"
+    if isinstance(value, int):
+        return f"i:{value};"
+    if isinstance(value, str):
+        return f's:{len(value.encode())}:"{value}";'
+    if isinstance(value, dict | list):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        inner = "".join(php_serialize(k) + php_serialize(v) for k, v in items)
+        return f"a:{len(value)}:{{{inner}}}"
+    raise TypeError(type(value))
+
+
+async def add_role(
+    site: DrupalSite, role: str, *, is_admin: bool = False, permissions: tuple[str, ...] = ()
+) -> None:
+    """A role made in Drupal's UI: D10 config `user.role.<role>`, D7 role + role_permission."""
+    if site.major == 10:
+        data = php_serialize(
+            {
+                "uuid": str(uuid.uuid4()),
+                "langcode": "en",
+                "status": True,
+                "dependencies": [],
+                "id": role,
+                "label": role.title(),
+                "weight": 5,
+                "is_admin": is_admin,
+                "permissions": list(permissions),
+            }
+        )
+        value: Any = data.encode() if site.backend == "postgresql" else data
+        await site.execute(
+            "INSERT INTO config (collection, name, data) VALUES ('', :n, :d)",
+            n=f"user.role.{role}",
+            d=value,
+        )
+        return
+    (top,) = await site.rows("SELECT MAX(rid) AS rid FROM role")
+    rid = int(top["rid"]) + 1
+    await site.execute("INSERT INTO role (rid, name, weight) VALUES (:r, :n, 5)", r=rid, n=role)
+    await grant_permissions(site, role, permissions)
+    if is_admin:
+        await site.execute(
+            "UPDATE variable SET value = :v WHERE name = 'user_admin_role'", v=f"i:{rid};"
+        )
+
+
+async def grant_permissions(site: DrupalSite, role: str, permissions: tuple[str, ...]) -> None:
+    """Give an existing role more permissions, as Drupal's permissions page does."""
+    if site.major == 10:
+        from app.drupal.schema import php_unserialize
+
+        (row,) = await site.rows(
+            "SELECT data FROM config WHERE collection = '' AND name = :n", n=f"user.role.{role}"
+        )
+        config = php_unserialize(row["data"])
+        config["permissions"] = [*config["permissions"].values(), *permissions]
+        data = php_serialize(config)
+        await site.execute(
+            "UPDATE config SET data = :d WHERE collection = '' AND name = :n",
+            d=data.encode() if site.backend == "postgresql" else data,
+            n=f"user.role.{role}",
+        )
+        return
+    (found,) = await site.rows("SELECT rid FROM role WHERE name = :n", n=role)
+    for permission in permissions:
+        await site.execute(
+            "INSERT INTO role_permission (rid, permission, module) VALUES (:r, :p, 'user')",
+            r=found["rid"],
+            p=permission,
+        )
+
+
+async def give_role(site: DrupalSite, uid: int, role: str) -> None:
+    """Add a role to a user, as Drupal's user edit form does."""
+    if site.major == 10:
+        rows = await site.rows("SELECT delta FROM user__roles WHERE entity_id = :u", u=uid)
+        delta = max((r["delta"] for r in rows), default=-1) + 1
+        await site.execute(
+            "INSERT INTO user__roles (bundle, deleted, entity_id, revision_id, langcode, delta, "
+            "roles_target_id) VALUES ('user', 0, :u, :u, 'en', :d, :r)",
+            u=uid,
+            d=delta,
+            r=role,
+        )
+        return
+    (found,) = await site.rows("SELECT rid FROM role WHERE name = :n", n=role)
+    await site.execute("INSERT INTO users_roles (uid, rid) VALUES (:u, :r)", u=uid, r=found["rid"])
+
+
+async def add_member(
+    site: DrupalSite, name: str, mail: str, *, login: int = 0, roles: tuple[str, ...] = ()
+) -> int:
+    """A user that registered in Drupal itself (not from Salesforce); returns its uid."""
+    uid = max(await user_ids(site)) + 1
+    now = int(time.time()) - 3600
+    if site.major == 10:
+        await site.execute(
+            "INSERT INTO users (uid, uuid, langcode) VALUES (:u, :k, 'en')",
+            u=uid,
+            k=str(uuid.uuid4()),
+        )
+        if site.backend == "postgresql":  # an explicit uid does not move the serial
+            await site.execute("SELECT setval(pg_get_serial_sequence('users', 'uid'), :u)", u=uid)
+        await site.execute(
+            "INSERT INTO users_field_data (uid, langcode, preferred_langcode, name, pass, mail, "
+            "timezone, status, created, changed, access, login, init, default_langcode) VALUES "
+            "(:u, 'en', 'en', :n, '$2y$10$hash', :m, 'UTC', 1, :t, :t, :l, :l, :m, 1)",
+            u=uid,
+            n=name,
+            m=mail,
+            t=now,
+            l=login,
+        )
+    else:
+        await site.execute(
+            "INSERT INTO users (uid, name, pass, mail, theme, signature, created, changed, "
+            "access, login, status, language, picture, init) VALUES "
+            "(:u, :n, '$S$hash', :m, '', '', :t, :t, :l, :l, 1, '', 0, :m)",
+            u=uid,
+            n=name,
+            m=mail,
+            t=now,
+            l=login,
+        )
+    for role in roles:
+        await give_role(site, uid, role)
+    return uid
+
+
+async def user_rows(site: DrupalSite, uid: int) -> dict[str, list[dict[str, Any]]]:
+    """Every row Drupal keeps for the user (base, fields, roles), to compare exactly."""
+    if site.major == 10:
+        tables = ["users", "users_field_data", "user__roles", *(f"user__{f}" for f in FIELDS)]
+    else:
+        tables = ["users", "users_roles"]
+        tables += [f"field_{kind}_{f}" for f in FIELDS for kind in ("data", "revision")]
+    found = {}
+    for table in tables:
+        key = "uid" if table in ("users", "users_field_data", "users_roles") else "entity_id"
+        rows = await site.rows(f"SELECT * FROM {table} WHERE {key} = :u", u=uid)
+        found[table] = sorted(rows, key=repr)
+    return found

@@ -29,6 +29,13 @@ CONFIG_DDL = {
     "postgresql": "CREATE TABLE config (collection varchar(255) NOT NULL DEFAULT '', "
     "name varchar(255) NOT NULL DEFAULT '', data bytea, PRIMARY KEY (collection, name))",
 }
+# Drupal 7 keeps its settings (e.g. user_admin_role) in `variable`, which the dump leaves out.
+VARIABLE_DDL = {
+    "mysql": "CREATE TABLE variable (name varchar(128) NOT NULL DEFAULT '', "
+    "value longblob NOT NULL, PRIMARY KEY (name)) DEFAULT CHARSET=utf8mb4",
+    "postgresql": "CREATE TABLE variable (name varchar(128) NOT NULL DEFAULT '', "
+    "value bytea NOT NULL, PRIMARY KEY (name))",
+}
 # Without it MySQL turns an inserted uid 0 (the anonymous user) into the next AUTO_INCREMENT.
 KEEP_ZERO_IDS = "SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_AUTO_VALUE_ON_ZERO')"
 # (table, WHERE) of the rows the installer left that sfrelay reads or must not disturb.
@@ -48,6 +55,8 @@ SEED = {
         ("users", "1=1"),
         ("users_roles", "1=1"),
         ("role", "1=1"),
+        ("role_permission", "1=1"),
+        ("variable", "name = 'user_admin_role'"),
         ("sequences", "1=1"),
         *(
             (f"field_{kind}_field_{name}", "entity_type = 'user'")
@@ -137,8 +146,7 @@ def site_rows(major: int, table: str, where: str) -> tuple[list[str], list[tuple
 async def load(conn: AsyncConnection, dialect: str, major: int) -> None:
     """Create Drupal's user tables and copy the installer's rows into them."""
     statements = pg_statements(major) if dialect == "postgresql" else mysql_statements(major)
-    if major == 10:
-        statements.append(CONFIG_DDL[dialect])
+    statements.append((CONFIG_DDL if major == 10 else VARIABLE_DDL)[dialect])
     if dialect == "mysql":
         await conn.execute(text(KEEP_ZERO_IDS))
     for statement in statements:
@@ -164,7 +172,7 @@ def _values(row: tuple[Any, ...], dialect: str) -> list[Any]:
     if dialect != "postgresql":
         return list(row)  # MySQL takes text for a blob (and aiomysql 0.3 cannot bind bytes)
     # bytea wants bytes: the serialized config values (the only blobs copied).
-    return [v.encode() if isinstance(v, str) and v.startswith("a:") else v for v in row]
+    return [v.encode() if isinstance(v, str) and v[:2] in ("a:", "s:") else v for v in row]
 
 
 def site_copy(name: str, directory: Path) -> Path:

@@ -48,3 +48,36 @@ def test_production_needs_org_ids_development_does_not() -> None:
     with pytest.raises(ConfigError, match="SFRELAY_ORG_IDS is not set"):
         Settings(_env_file=None, env="production").require_receiver_ready()
     Settings(_env_file=None, env="development").require_receiver_ready()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("true", "true"),
+        ("1", "true"),
+        ("Yes", "true"),
+        ("on", "true"),
+        ("false", "false"),
+        ("0", "false"),
+        ("off", "false"),
+        ("never-logged-in", "never-logged-in"),
+        (" Never_Logged_In ", "never-logged-in"),
+        (True, "true"),
+        (False, "false"),
+    ],
+)
+def test_match_by_email_values(value: object, expected: str) -> None:
+    assert Settings(_env_file=None, match_by_email=value).match_by_email == expected
+
+
+@pytest.mark.parametrize("value", ["maybe", "", "never", 2])
+def test_match_by_email_refuses_other_values(value: object) -> None:
+    with pytest.raises(ValidationError, match="must be true, false or never-logged-in"):
+        Settings(_env_file=None, match_by_email=value)
+
+
+def test_protected_roles_from_a_dotenv_file(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text("SFRELAY_PROTECTED_ROLES=administrator, user_manager ,\n")
+    assert Settings(_env_file=env).protected_roles == ["administrator", "user_manager"]
+    assert Settings(_env_file=None).protected_roles == []  # the site's own (the default)

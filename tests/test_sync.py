@@ -7,6 +7,7 @@ import time
 from app.drupal.schema import has_table
 from app.sync import Outcome
 from tests.drupal_rows import (
+    add_member,
     assert_new_user,
     base_row,
     field_values,
@@ -129,21 +130,22 @@ async def test_field_set_to_nil_is_removed(drupal_site: DrupalSite) -> None:
 
 async def test_link_by_email_updates_the_existing_user(drupal_site: DrupalSite) -> None:
     site = drupal_site
-    before = await base_row(site, 1)  # the admin the installer created
+    uid = await add_member(site, "member", "member@example.com")  # registered in Drupal
+    before = await base_row(site, uid)
     syncer = await open_syncer(site)
-    n = note(sf(7), "ADMIN@example.com", "Site", "Admin")
-    assert await syncer.apply([n]) == [Outcome(n["id"], sf(7), "linked", 1)]
+    n = note(sf(7), "MEMBER@example.com", "Site", "Member")
+    assert await syncer.apply([n]) == [Outcome(n["id"], sf(7), "linked", uid)]
     await syncer.close()
-    after = await base_row(site, 1)
-    assert (after["name"], after["pass"]) == ("admin", before["pass"])  # never the password
-    assert after["mail"] == "ADMIN@example.com"
-    assert await field_values(site, 1) == {
+    after = await base_row(site, uid)
+    assert (after["name"], after["pass"]) == ("member", before["pass"])  # never the password
+    assert (after["mail"], after["status"]) == ("MEMBER@example.com", 1)
+    assert await field_values(site, uid) == {
         "field_first_name": "Site",
-        "field_last_name": "Admin",
+        "field_last_name": "Member",
         "field_salesforce_id": sf(7),
     }
     (state,) = await site.rows("SELECT uid FROM sfrelay_record WHERE sf_id = :s", s=sf(7))
-    assert state["uid"] == 1
+    assert state["uid"] == uid
 
 
 async def test_without_match_by_email_an_existing_mail_is_a_conflict(
