@@ -269,3 +269,22 @@ async def test_a_retry_outcome_requeues_only_that_notification_until_max_tries(
         "outcome:requeued": 2,
         "outcome:dead": 1,
     }
+
+
+async def test_a_protected_user_is_counted_never_retried_nor_dead_lettered(
+    worker_settings: Settings, aredis: Redis, redis_client: redis.Redis, drupal_db: Path
+) -> None:
+    def admin_row() -> list[tuple[Any, ...]]:
+        with sqlite3.connect(drupal_db) as db:
+            return db.execute("SELECT * FROM users_field_data WHERE uid = 1").fetchall()
+
+    before = admin_row()
+    takeover = contact(1, email="admin@example.com", first="Eve")
+    await enqueue(aredis, worker_settings, job([takeover, contact(2, email="ada@example.org")]))
+    worker = await run_worker(worker_settings)
+    assert (worker.jobs_complete, worker.jobs_failed, worker.jobs_retried) == (1, 0, 0)
+    assert stats(redis_client) == {"outcome:conflict_protected_user": 1, "outcome:created": 1}
+    assert await list_dead_letters(worker_settings) == []
+    assert redis_client.zcard(worker_settings.queue_name) == 0
+    assert admin_row() == before
+    assert [u[2] for u in drupal_users(drupal_db)] == ["ada@example.org"]
