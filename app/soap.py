@@ -303,19 +303,38 @@ def _parse_notification(
     return result
 
 
+_DECLARED_ENCODING = re.compile(
+    rb"(?:\xef\xbb\xbf)?<\?xml\s[^>]*?encoding\s*=\s*[\"']([A-Za-z0-9._:-]{1,40})[\"']"
+)
+_POSITION = re.compile(r", line \d+, column \d+$")
+
+
+def _syntax_error(exc: etree.XMLSyntaxError) -> str:
+    """libxml2's message, its first line only: later lines quote the body (any credential)."""
+    message = exc.msg or "syntax error"
+    first = message.split("\n", 1)[0].rstrip(", ")
+    position = _POSITION.search(message)
+    if position and not first.endswith(position.group()):
+        first += position.group()
+    return first
+
+
 def parse_message(body: bytes, contract: Contract, handled: Collection[str]) -> OutboundMessage:
     """Parse and check one Outbound Message; raise MalformedMessage with the reason to show."""
     head = body[:4]
     if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
         raise MalformedMessage("the message is not UTF-8 encoded: Salesforce sends UTF-8")
+    declared = _DECLARED_ENCODING.match(body[:200])
+    if declared and declared.group(1).upper() != b"UTF-8":
+        raise MalformedMessage(
+            f"the message declares encoding {declared.group(1).decode()!r}: Salesforce sends UTF-8"
+        )
     if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
         raise MalformedMessage("DOCTYPE and entity declarations are not accepted")
     try:
         root = etree.fromstring(body, etree.XMLParser(**_PARSER_OPTIONS))
     except etree.XMLSyntaxError as exc:
-        raise MalformedMessage(
-            f"the body is not well-formed XML: {exc.msg}", f"not well-formed XML: {exc}"
-        ) from None
+        raise MalformedMessage(f"the body is not well-formed XML: {_syntax_error(exc)}") from None
     docinfo = root.getroottree().docinfo
     if docinfo.doctype:  # type: ignore[union-attr]
         raise MalformedMessage("DOCTYPE and entity declarations are not accepted")
