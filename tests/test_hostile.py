@@ -8,6 +8,7 @@ it caused is one bounded line, and that /healthz still answers afterwards.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -19,10 +20,15 @@ import pytest
 import redis
 from lxml import etree
 
+from app.config import Settings
 from app.errors import LOG_DETAIL_MAX
+from app.main import create_app
 from app.queue import DEAD_BODY_PREFIX, DEAD_KEY, SEEN_PREFIX, STATS_KEY
 from app.sfid import to18
+from app.soap import parse_message
+from app.wsdl import load_contract
 from tests import test_receiver
+from tests.conftest import shared_message
 from tests.messages import ORG_ID, Record, contact, lead, outbound_message, sf_id
 from tests.test_receiver import ACK_TEXT, URL, XML, ClientFactory, queued_jobs_notifications
 
@@ -683,3 +689,95 @@ async def test_hostile_request(
     assert_bounded_log_lines(caplog)
     health = await client.get("/healthz")
     assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+
+# --- beyond one request and its answer ------------------------------------------------------
+
+
+async def test_a_dead_letter_body_expires_with_the_jobs_and_keeps_no_session_id(
+    make_client: ClientFactory, redis_client: redis.Redis, settings: Settings
+) -> None:
+    """A real capture carrying a SessionId, one of its Contacts made unusable (an Account id)."""
+    original = shared_message("aspnet_WebHooks__Salesforce.xml")
+    session = re.search(rb"<SessionId>([^<]+)</SessionId>", original)
+    assert session is not None
+    body = original.replace(b"0031I0000081tb0QAA", ACCOUNT_ID.encode())
+    client = await make_client()
+    response = await client.post(URL, content=body, headers=XML)
+    assert response.status_code == 200 and ACK_TEXT in response.text
+    [letter] = [orjson.loads(v) for v in redis_client.hgetall(DEAD_KEY).values()]
+    assert letter["reason"] == (
+        f"sf:Id '{ACCOUNT_ID}' is not a Contact id (Contact ids start with 003)"
+    )
+    key = DEAD_BODY_PREFIX + letter["body_sha256"]
+    stored = redis_client.get(key)
+    assert stored is not None
+    assert session.group(1) not in stored and b"!" not in stored
+    # The same document otherwise: the stored body parses to the same notifications.
+    contract = load_contract(settings.wsdl_dir)
+    kept, sent = (parse_message(b, contract, ("Contact",)) for b in (stored, body))
+    assert kept.notifications == sent.notifications
+    assert etree.fromstring(stored).findtext(".//{*}SessionId") == ""
+    assert settings.job_ttl_seconds - 60 < redis_client.ttl(key) <= settings.job_ttl_seconds
+    assert len(queued_jobs_notifications(redis_client)) == 1
+
+
+async def test_a_client_gone_mid_body_is_one_log_line(
+    settings: Settings, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(settings)
+    sent: list[dict[str, Any]] = []
+    incoming: list[dict[str, Any]] = [
+        {"type": "http.request", "body": good()[:100], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": URL,
+        "raw_path": URL.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"text/xml"), (b"content-length", b"5000")],
+        "client": ("127.0.0.1", 40000),
+        "server": ("receiver", 80),
+    }
+    async with app.router.lifespan_context(app):
+        caplog.clear()
+        await app(scope, receive, send)  # no exception escapes to the server
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.name, r.getMessage(), r.exc_info) for r in records] == [
+        (
+            "sfrelay.receiver",
+            "the client disconnected before the end of its body: nothing stored",
+            None,
+        )
+    ]
+    assert redis_client.dbsize() == 0
+
+
+async def test_a_redis_error_shows_the_sender_no_internals_and_the_log_the_detail(
+    make_client: ClientFactory, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis_client.set(STATS_KEY, "not a hash")  # the script fails inside Redis (WRONGTYPE)
+    client = await make_client()
+    response = await client.post(URL, content=good(), headers=XML)
+    assert response.status_code == 503
+    assert faultstring(response) == (
+        "temporarily unavailable: the queue (Redis) did not confirm the write"
+    )
+    assert b"script" not in response.content and b"WRONGTYPE" not in response.content
+    [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert line.startswith("not acked, Salesforce will retry: the queue (Redis) did not ")
+    assert "WRONGTYPE" in line and "script" in line
+    assert (await client.get("/healthz")).status_code == 200
