@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from app.config import Network, Settings
@@ -149,6 +150,8 @@ async def outbound_message(request: Request) -> Response:
     except ClientDisconnect:
         log.warning("the client disconnected before the end of its body: nothing stored")
         return _soap(fault("the client disconnected before the end of its body"), 400)
+    except HTTPException:
+        raise  # an HTTP answer chosen on purpose (FastAPI renders it)
     except Exception as exc:  # a bug: still a SOAP Fault (Salesforce retries), never an ack
         log.error("internal error, not acked: %s", clip(repr(exc), LOG_DETAIL_MAX), exc_info=exc)
         return _soap(
