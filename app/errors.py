@@ -16,6 +16,29 @@ SfrelayError
 
 from __future__ import annotations
 
+import re
+
+# A faultstring is shown to Salesforce administrators as the delivery failure reason: short.
+FAULTSTRING_MAX = 300
+# The full detail goes to the log, bounded: a hostile body must not become a huge log line.
+LOG_DETAIL_MAX = 2000
+# One "word" (a tag name, an id) longer than this is cut inside a faultstring.
+NAME_MAX = 60
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_LONG_WORD = re.compile(rf"\S{{{NAME_MAX + 1},}}")
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` on one line (control characters escaped), cut to `limit` characters with "…"."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def clip_words(text: str, limit: int = FAULTSTRING_MAX) -> str:
+    """`clip`, with every word longer than NAME_MAX characters (a tag name, an id) cut too."""
+    return clip(_LONG_WORD.sub(lambda m: m.group()[: NAME_MAX - 1] + "…", text), limit)
+
 
 class SfrelayError(Exception):
     """Base of every error sfrelay raises on purpose."""
@@ -31,9 +54,11 @@ class RejectedMessage(SfrelayError):
     status_code = 400
     faultcode = "soapenv:Client"
 
-    def __init__(self, faultstring: str) -> None:
+    def __init__(self, faultstring: str, detail: str | None = None) -> None:
+        """`faultstring` is shown to the sender (clipped); `detail` only goes to the log."""
         super().__init__(faultstring)
-        self.faultstring = faultstring
+        self.faultstring = clip_words(faultstring)
+        self.detail = clip(detail, LOG_DETAIL_MAX) if detail is not None else self.faultstring
 
 
 class BodyTooLarge(RejectedMessage):
@@ -65,7 +90,12 @@ class RetryableError(SfrelayError):
 
 
 class QueueUnavailable(RetryableError):
-    """Redis did not confirm the write; the message must not be acked."""
+    """Redis did not confirm the write; the message must not be acked.
+
+    `str(exc)` (with its cause) goes to the log only: it names addresses and script hashes.
+    """
+
+    faultstring = "temporarily unavailable: the queue (Redis) did not confirm the write"
 
 
 class PermanentError(SfrelayError):

@@ -6,7 +6,8 @@ notifications, written by one Lua script in one round trip together with:
 - a dedupe key per notification id (`sfrelay:seen:<org>:<id>`, kept for 26 hours by default),
   so a redelivered notification, alone or re-batched beside new ones, is never queued twice;
 - the skipped count for objects no mapping handles;
-- a dead letter (reason + raw body) for each authentic but unusable notification.
+- a dead letter (reason + raw body) for each authentic but unusable notification; the body
+  is kept as long as a job (`job_ttl_s`), without its SessionId's content.
 
 The job is stored exactly as arq's own `enqueue_job` stores it (`arq:job:<id>` + the queue's
 sorted set), serialized as JSON, so an unmodified arq worker runs it.
@@ -26,9 +27,9 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.errors import QueueUnavailable
+from app.errors import QueueUnavailable, clip
 from app.sfid import canonical_id
-from app.soap import Notification, OutboundMessage
+from app.soap import SF_ID_FORM, Notification, OutboundMessage, without_session_id
 
 APPLY_JOB = "apply_notifications"
 JOB_KEY_PREFIX = "arq:job:"
@@ -71,7 +72,7 @@ if #queued > 0 then
 end
 if skipped > 0 then redis.call('HINCRBY', KEYS[2], 'skipped', skipped) end
 if dead > 0 then
-  redis.call('SET', KEYS[4], ARGV[7])
+  redis.call('SET', KEYS[4], ARGV[7], 'PX', ARGV[3])
   redis.call('HINCRBY', KEYS[2], 'dead_received', dead)
 end
 if dupes > 0 then redis.call('HINCRBY', KEYS[2], 'duplicates', dupes) end
@@ -119,9 +120,10 @@ class QueueStats:
 
 
 def _seen_key(org15: str, notification: Notification, body_sha: str, index: int) -> str:
-    if notification.id:
+    if SF_ID_FORM.fullmatch(notification.id):
         return f"{SEEN_PREFIX}{org15}:{notification.id}"
-    # No notification id to dedupe on: the same body and position is the same notification.
+    # No notification id to dedupe on (or not an id at all: a 5,000-character one makes no
+    # key): the same body and position is the same notification.
     return f"{SEEN_PREFIX}{org15}:body:{body_sha}:{index}"
 
 
@@ -183,10 +185,11 @@ class Enqueuer:
                 kinds.append("s")
                 payloads.append(b"")
             elif notification.problem is not None:
+                record_id = notification.record_id
                 dead = {
-                    "notification_id": notification.id,
+                    "notification_id": clip(notification.id, 40),
                     "object": notification.sobject,
-                    "record_id": notification.record_id,
+                    "record_id": record_id and clip(record_id, 40),
                     "organization_id": message.organization_id,
                     "action_id": message.action_id,
                     "reason": notification.problem,
@@ -217,7 +220,8 @@ class Enqueuer:
             self._dedupe_ttl_s,
             prefix,
             suffix,
-            body if "d" in kinds else b"",  # only a dead letter keeps the raw body
+            # Only a dead letter keeps the raw body, never the session id Salesforce may send.
+            without_session_id(body) if "d" in kinds else b"",
             int(now),
             "".join(kinds),
             b"\n".join(payloads),

@@ -11,9 +11,13 @@ from collections.abc import Sequence
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from app.config import Network, Settings
 from app.errors import (
+    LOG_DETAIL_MAX,
+    NAME_MAX,
     BadToken,
     BodyTooLarge,
     MalformedMessage,
@@ -22,6 +26,7 @@ from app.errors import (
     RejectedMessage,
     UnknownOrganization,
     UnsupportedMediaType,
+    clip,
 )
 from app.queue import Enqueuer
 from app.sfid import canonical_id
@@ -101,12 +106,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# Distinct undeclared fields reported per process: a hostile message cannot grow it for ever.
+_UNDECLARED_REPORTED_MAX = 1000
+
+
 def _report_undeclared(seen: set[tuple[str, str]], message: OutboundMessage) -> None:
     """Say once per process which fields arrive that no WSDL in SFRELAY_WSDL_DIR declares."""
     for notification in message.notifications:
         for name in notification.undeclared:
-            key = (notification.sobject, name)
-            if key not in seen:
+            key = (notification.sobject, clip(name, NAME_MAX))
+            if key not in seen and len(seen) < _UNDECLARED_REPORTED_MAX:
                 seen.add(key)
                 log.warning(
                     "%s.%s is not declared by any WSDL in SFRELAY_WSDL_DIR: passed on as text; "
@@ -132,17 +141,29 @@ async def outbound_message(request: Request) -> Response:
             )
         result = await enqueuer.enqueue(message, body)
     except RejectedMessage as exc:
-        log.warning("refused (%s): %s", exc.status_code, exc.faultstring)
+        log.warning("refused (%s): %s", exc.status_code, exc.detail)
         return _soap(fault(exc.faultstring, exc.faultcode), exc.status_code)
     except QueueUnavailable as exc:
-        log.error("not acked, Salesforce will retry: %s", exc)
-        return _soap(fault(f"temporarily unavailable: {exc}", "soapenv:Server"), 503)
+        # The detail (addresses, the script's hash) is for the log; the sender gets the gist.
+        log.error("not acked, Salesforce will retry: %s", clip(str(exc), LOG_DETAIL_MAX))
+        return _soap(fault(exc.faultstring, "soapenv:Server"), 503)
+    except ClientDisconnect:
+        log.warning("the client disconnected before the end of its body: nothing stored")
+        return _soap(fault("the client disconnected before the end of its body"), 400)
+    except HTTPException:
+        raise  # an HTTP answer chosen on purpose (FastAPI renders it)
+    except Exception as exc:  # a bug: still a SOAP Fault (Salesforce retries), never an ack
+        log.error("internal error, not acked: %s", clip(repr(exc), LOG_DETAIL_MAX), exc_info=exc)
+        return _soap(
+            fault("internal error in the receiver: not acked, retry later", "soapenv:Server"),
+            500,
+        )
     _report_undeclared(request.app.state.undeclared_seen, message)
     log.info(
         "acked org=%s action=%s notifications=%d queued=%d skipped=%d dead=%d duplicates=%d "
         "job=%s in %.1f ms",
         message.organization_id,
-        message.action_id,
+        clip(message.action_id, NAME_MAX),
         len(message.notifications),
         result.queued,
         result.skipped,
@@ -152,6 +173,16 @@ async def outbound_message(request: Request) -> Response:
         (time.perf_counter() - started) * 1000,
     )
     return _soap(ACK, 200)
+
+
+@router.api_route(ENDPOINT, methods=["PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
+async def other_methods(request: Request) -> Response:
+    """Any other method: a SOAP Fault saying what the endpoint takes, not FastAPI's JSON."""
+    response = _soap(
+        fault(f"method {request.method} is not allowed: POST Outbound Messages, GET ?wsdl"), 405
+    )
+    response.headers["allow"] = "GET, POST"
+    return response
 
 
 @router.get(ENDPOINT)

@@ -55,3 +55,11 @@ def canonical_id(sf_id: str) -> str:
 def same_id(a: str, b: str) -> bool:
     """Whether two 15- or 18-character ids name the same record."""
     return canonical_id(a) == canonical_id(b)
+
+
+def is_valid_id(value: str) -> bool:
+    """A Salesforce id as Salesforce writes it: 15 ASCII letters and digits, or 18 whose last
+    three are the checksum of the first 15 (exactly: a mangled case or suffix fails)."""
+    if len(value) not in (15, 18) or not value.isascii() or not value.isalnum():
+        return False
+    return len(value) == 15 or value[15:] == checksum(value[:15])

@@ -6,13 +6,14 @@ import math
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from xml.sax.saxutils import escape
 
 from lxml import etree
 
-from app.errors import MalformedMessage
+from app.errors import FAULTSTRING_MAX, NAME_MAX, MalformedMessage, clip, clip_words
+from app.sfid import is_valid_id
 from app.wsdl import SOBJECT_NS, Contract
 
 SOAP11_NS = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -31,7 +32,15 @@ _SOBJECT = f"{{{OM_NS}}}sObject"
 _XSI_TYPE = f"{{{XSI_NS}}}type"
 _XSI_NIL = f"{{{XSI_NS}}}nil"
 _FIELD_PREFIX = f"{{{SOBJECT_NS}}}"
-_SF_ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
+_SESSION_ID = f"{{{OM_NS}}}SessionId"
+SF_ID_FORM = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
+
+NOTIFICATION_ID_PREFIX = "04l"
+# A modstamp further ahead of the receiver's clock than this is refused: applied, it would make
+# every later real update of the record look stale.
+MAX_FUTURE = timedelta(days=1)
+_MODSTAMPS = ("SystemModstamp", "LastModifiedDate")
+_PROBLEMS_SHOWN = 3  # a dead letter's reason names the first few problems and counts the rest
 
 # No DTD, no entities, no network, libxml2's default depth and size limits (huge_tree off).
 _PARSER_OPTIONS: dict[str, Any] = {
@@ -57,13 +66,16 @@ ACK = (
 
 
 def fault(faultstring: str, faultcode: str = "soapenv:Client") -> bytes:
-    """A SOAP 1.1 Fault envelope; Salesforce shows `faultstring` as the delivery failure reason."""
+    """A SOAP 1.1 Fault envelope; Salesforce shows `faultstring` as the delivery failure reason.
+
+    Whoever builds it, the faultstring is one short line: long words cut, 300 characters at most.
+    """
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
         "<soapenv:Body><soapenv:Fault>"
         f"<faultcode>{escape(faultcode)}</faultcode>"
-        f"<faultstring>{escape(faultstring)}</faultstring>"
+        f"<faultstring>{escape(clip_words(faultstring))}</faultstring>"
         "</soapenv:Fault></soapenv:Body></soapenv:Envelope>"
     ).encode()
 
@@ -117,7 +129,11 @@ def _convert_datetime(text: str) -> str:
     moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        moment = moment.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-14:00 is past year 9999 in UTC
+        raise ValueError("out of range") from None
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _convert_date(text: str) -> str:
@@ -141,7 +157,66 @@ def _text(element: etree._Element) -> str:
 
 # Key prefixes of standard objects: a sender that omits xsi:type (a generic SOAP client such as
 # zeep; Salesforce itself always sends it) is understood by its record id.
+# The same table says which ids an object's records have: a Contact's Id starts with 003. An
+# object not in it (a custom object: its prefix is per org) is checked against it the other way:
+# its Id must not be one of these objects' ids.
 _KEY_PREFIXES = {"003": "Contact", "00Q": "Lead", "001": "Account", "006": "Opportunity"}
+_OBJECT_PREFIXES = {obj: prefix for prefix, obj in _KEY_PREFIXES.items()}
+
+
+def _name(tag: object) -> str:
+    """A tag name as a fault or dead letter shows it: a 40,000-character name is cut."""
+    return clip(str(tag), NAME_MAX)
+
+
+def _quote(value: str) -> str:
+    return repr(clip(value, 40))
+
+
+def _summary(problems: list[str]) -> str:
+    shown = "; ".join(problems[:_PROBLEMS_SHOWN])
+    if len(problems) > _PROBLEMS_SHOWN:
+        shown += f"; and {len(problems) - _PROBLEMS_SHOWN} more"
+    return clip_words(shown, FAULTSTRING_MAX)
+
+
+def _record_id_problem(sobject_type: str, record_id: str) -> str | None:
+    if not SF_ID_FORM.fullmatch(record_id):
+        return f"sf:Id {_quote(record_id)} is not a Salesforce id"
+    if not is_valid_id(record_id):
+        return (
+            f"sf:Id {record_id!r} has a wrong checksum: its last 3 characters do not match "
+            "the case of the first 15"
+        )
+    expected = _OBJECT_PREFIXES.get(sobject_type)
+    actual = _KEY_PREFIXES.get(record_id[:3])
+    if expected is not None and record_id[:3] != expected:
+        return (
+            f"sf:Id {record_id!r} is not a {sobject_type} id "
+            f"({sobject_type} ids start with {expected})"
+        )
+    if expected is None and actual is not None:
+        return f"sf:Id {record_id!r} is a {actual} id, not a {sobject_type} id"
+    return None
+
+
+def is_notification_id(value: str) -> bool:
+    """Whether `value` is an Outbound Message notification id (15 or 18, checksum, 04l)."""
+    return value.startswith(NOTIFICATION_ID_PREFIX) and is_valid_id(value)
+
+
+def _future_problem(name: str, value: object, now: datetime) -> str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None  # an undeclared field passed on as text: not a modstamp sfrelay reads
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    if moment > now + MAX_FUTURE:
+        return f"{name} {_quote(value)} is more than a day in the future"
+    return None
 
 
 def _resolve_type(sobject: etree._Element) -> str | None:
@@ -158,7 +233,7 @@ def _resolve_type(sobject: etree._Element) -> str | None:
 
 
 def _parse_notification(
-    element: etree._Element, contract: Contract, handled: Collection[str]
+    element: etree._Element, contract: Contract, handled: Collection[str], now: datetime
 ) -> Notification:
     notification_id = ""
     sobject: etree._Element | None = None
@@ -179,10 +254,19 @@ def _parse_notification(
         return result  # acked and counted as skipped; its fields are not needed
     types: Mapping[str, str] = contract.field_types(sobject_type) or {}
     problems: list[str] = []
+    if not notification_id:
+        problems.append("Notification has no Id")
+    elif not is_notification_id(notification_id):
+        problems.append(
+            f"Notification Id {_quote(notification_id)} is not a Salesforce notification id "
+            "(15 or 18 letters and digits with a valid checksum, starting "
+            f"{NOTIFICATION_ID_PREFIX})"
+        )
+    unexpected: list[object] = []
     for child in sobject:
         tag = child.tag
         if not isinstance(tag, str) or not tag.startswith(_FIELD_PREFIX):
-            problems.append(f"unexpected element {tag} in sObject")
+            unexpected.append(tag)
             continue
         name = tag[len(_FIELD_PREFIX) :]
         if child.get(_XSI_NIL) in ("true", "1"):
@@ -198,18 +282,41 @@ def _parse_notification(
             continue
         try:
             result.fields[name] = converter(text.strip())
-        except ValueError:
+        except (ValueError, OverflowError):
             problems.append(f"{name}={text[:40]!r} is not a valid {kind}")
-    if not notification_id:
-        problems.append("Notification has no Id")
+    if len(unexpected) == 1:
+        problems.append(f"unexpected element {_name(unexpected[0])} in sObject")
+    elif unexpected:
+        problems.append(
+            f"{len(unexpected)} unexpected elements in sObject, e.g. {_name(unexpected[0])}"
+        )
     record_id = result.record_id
     if record_id is None:
         problems.append(f"{sobject_type} has no sf:Id")
-    elif not _SF_ID.fullmatch(record_id):
-        problems.append(f"sf:Id {record_id[:40]!r} is not a Salesforce id")
+    else:
+        problems.append(_record_id_problem(sobject_type, record_id) or "")
+    for name in _MODSTAMPS:
+        problems.append(_future_problem(name, result.fields.get(name), now) or "")
+    problems = [p for p in problems if p]
     if problems:
-        result.problem = "; ".join(problems)
+        result.problem = _summary(problems)
     return result
+
+
+_DECLARED_ENCODING = re.compile(
+    rb"(?:\xef\xbb\xbf)?<\?xml\s[^>]*?encoding\s*=\s*[\"']([A-Za-z0-9._:-]{1,40})[\"']"
+)
+_POSITION = re.compile(r", line \d+, column \d+$")
+
+
+def _syntax_error(exc: etree.XMLSyntaxError) -> str:
+    """libxml2's message, its first line only: later lines quote the body (any credential)."""
+    message = exc.msg or "syntax error"
+    first = message.split("\n", 1)[0].rstrip(", ")
+    position = _POSITION.search(message)
+    if position and not first.endswith(position.group()):
+        first += position.group()
+    return first
 
 
 def parse_message(body: bytes, contract: Contract, handled: Collection[str]) -> OutboundMessage:
@@ -217,24 +324,43 @@ def parse_message(body: bytes, contract: Contract, handled: Collection[str]) -> 
     head = body[:4]
     if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
         raise MalformedMessage("the message is not UTF-8 encoded: Salesforce sends UTF-8")
+    declared = _DECLARED_ENCODING.match(body[:200])
+    if declared and declared.group(1).upper() != b"UTF-8":
+        raise MalformedMessage(
+            f"the message declares encoding {declared.group(1).decode()!r}: Salesforce sends UTF-8"
+        )
     if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
         raise MalformedMessage("DOCTYPE and entity declarations are not accepted")
     try:
         root = etree.fromstring(body, etree.XMLParser(**_PARSER_OPTIONS))
     except etree.XMLSyntaxError as exc:
-        raise MalformedMessage(f"the body is not well-formed XML: {exc.msg}") from None
-    if root.getroottree().docinfo.doctype:  # type: ignore[union-attr]
+        raise MalformedMessage(f"the body is not well-formed XML: {_syntax_error(exc)}") from None
+    docinfo = root.getroottree().docinfo
+    if docinfo.doctype:  # type: ignore[union-attr]
         raise MalformedMessage("DOCTYPE and entity declarations are not accepted")
+    encoding = docinfo.encoding or "UTF-8"
+    if encoding.upper() != "UTF-8":
+        raise MalformedMessage(
+            f"the message declares encoding {encoding!r}: Salesforce sends UTF-8"
+        )
     if root.tag != _ENVELOPE:
         if root.tag == f"{{{SOAP12_NS}}}Envelope":
             raise MalformedMessage("SOAP 1.2 is not supported: send a SOAP 1.1 envelope")
-        raise MalformedMessage(f"expected a SOAP 1.1 Envelope, got {root.tag}")
+        raise MalformedMessage(f"expected a SOAP 1.1 Envelope, got {_name(root.tag)}")
     body_element = next((c for c in root if c.tag == _BODY), None)
     if body_element is None:
         raise MalformedMessage("the SOAP Envelope has no Body")
     operations = [c for c in body_element if isinstance(c.tag, str)]
     if len(operations) != 1 or operations[0].tag != _NOTIFICATIONS:
-        got = ", ".join(str(c.tag) for c in operations) or "nothing"
+        unknown = [c.tag for c in operations if c.tag != _NOTIFICATIONS]
+        if not operations:
+            got = "nothing"
+        elif not unknown:
+            got = f"{len(operations)} notifications elements"
+        elif len(unknown) == 1:
+            got = _name(unknown[0])
+        else:
+            got = f"{len(unknown)} unknown elements, e.g. {_name(unknown[0])}"
         raise MalformedMessage(f"unknown operation: expected notifications in {OM_NS}, got {got}")
     organization_id = action_id = ""
     notification_elements: list[etree._Element] = []
@@ -253,7 +379,33 @@ def parse_message(body: bytes, contract: Contract, handled: Collection[str]) -> 
         # SessionId is deliberately never read: it is a credential and is being removed.
     if not organization_id:
         raise MalformedMessage("the message has no OrganizationId")
+    if not SF_ID_FORM.fullmatch(organization_id):
+        raise MalformedMessage(
+            f"OrganizationId {_quote(organization_id)} is not a Salesforce organization id "
+            "(15 or 18 letters and digits)"
+        )
     if not notification_elements:
         raise MalformedMessage("the message has no Notification")
-    notifications = [_parse_notification(n, contract, handled) for n in notification_elements]
+    now = datetime.now(UTC)
+    notifications = [_parse_notification(n, contract, handled, now) for n in notification_elements]
     return OutboundMessage(organization_id, action_id, notifications)
+
+
+def without_session_id(body: bytes) -> bytes:
+    """`body` with the content of its SessionId element removed, for keeping beside a dead letter.
+
+    sfrelay never uses the session id (a credential); the body is returned as it is when it
+    carries none, and re-serialised (same document, SessionId emptied) when it does.
+    """
+    if b"SessionId" not in body:
+        return body
+    root = etree.fromstring(body, etree.XMLParser(**_PARSER_OPTIONS))
+    emptied = False
+    for element in root.iter(_SESSION_ID):
+        if element.text or len(element):
+            element.text = None
+            element[:] = []
+            emptied = True
+    if not emptied:
+        return body
+    return etree.tostring(root, xml_declaration=True, encoding="UTF-8")

@@ -80,7 +80,10 @@ def test_guardian_placeholders_are_flagged_not_crashed(contract: Contract) -> No
     )
     [notification] = message.notifications
     assert notification.sobject == "Contact"
-    assert notification.problem == "sf:Id 'aContactId' is not a Salesforce id"
+    assert notification.problem == (
+        "Notification Id 'notificationID' is not a Salesforce notification id (15 or 18 letters "
+        "and digits with a valid checksum, starting 04l); sf:Id 'aContactId' is not a Salesforce id"
+    )
 
 
 def test_empty_notifications_element_is_refused(contract: Contract) -> None:
