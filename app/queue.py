@@ -37,17 +37,23 @@ SEEN_PREFIX = "sfrelay:seen:"
 STATS_KEY = "sfrelay:stats"
 DEAD_KEY = "sfrelay:dead"
 DEAD_BODY_PREFIX = "sfrelay:dead-body:"
+# Notifications received per minute: hash `sfrelay:rate:<minutes since the epoch>`, field
+# `received`, kept RATE_TTL_S (an hour of whole minutes and a margin) for `sfrelay status`.
+RATE_PREFIX = "sfrelay:rate:"
+RATE_TTL_S = 7260
 
-# KEYS: queue, stats, dead hash, dead body key, job key, seen key per notification...
+# KEYS: queue, stats, dead hash, dead body key, job key, seen key per notification...,
+#       and, last, this minute's rate key (RATE_PREFIX)
 # ARGV: job id, score, job ttl ms, seen ttl s, job prefix, job suffix, dead body, now,
 #       kinds (one letter per notification: "q" queue, "s" skip, "d" dead), and the
 #       notifications' JSON payloads joined by newlines (compact JSON never holds a raw one).
 #       Two arguments rather than two per notification: packing them is the client's cost.
+#       Then the rate key's TTL (s).
 _ENQUEUE_LUA = """
 local queued, skipped, dead, dupes = {}, 0, 0, 0
 local seen_ttl = tonumber(ARGV[4])
 local kinds, payloads, pos = ARGV[9], ARGV[10], 1
-for i = 6, #KEYS do
+for i = 6, #KEYS - 1 do
   local kind = string.sub(kinds, i - 5, i - 5)
   local stop = string.find(payloads, '\\n', pos, true) or (#payloads + 1)
   local payload = string.sub(payloads, pos, stop - 1)
@@ -76,6 +82,8 @@ if dead > 0 then
 end
 if dupes > 0 then redis.call('HINCRBY', KEYS[2], 'duplicates', dupes) end
 redis.call('HINCRBY', KEYS[2], 'queued_total', #queued)
+redis.call('HINCRBY', KEYS[#KEYS], 'received', #KEYS - 6)
+redis.call('EXPIRE', KEYS[#KEYS], ARGV[11])
 return {#queued, skipped, dead, dupes}
 """
 
@@ -199,6 +207,7 @@ class Enqueuer:
                 objects.add(notification.sobject)
                 kinds.append("q")
                 payloads.append(orjson.dumps(notification_payload(notification)))
+        keys.append(f"{RATE_PREFIX}{int(now) // 60}")
         kwargs = {
             "organization_id": message.organization_id,
             "action_id": message.action_id,
@@ -221,6 +230,7 @@ class Enqueuer:
             int(now),
             "".join(kinds),
             b"\n".join(payloads),
+            RATE_TTL_S,
         ]
         try:
             queued, skipped, dead, dupes = await self._script(keys=keys, args=args)
