@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from redis.asyncio import Redis
@@ -28,7 +28,9 @@ from redis.exceptions import RedisError
 
 from app.errors import QueueUnavailable
 from app.sfid import canonical_id
-from app.soap import Notification, OutboundMessage
+
+if TYPE_CHECKING:  # not at run time: `sfrelay status` and `why` start without zeep and lxml
+    from app.soap import Notification, OutboundMessage
 
 APPLY_JOB = "apply_notifications"
 JOB_KEY_PREFIX = "arq:job:"
