@@ -387,7 +387,8 @@ def _when(value: str | None) -> str:
 def _record_lines(record: dict[str, Any], email: str | None) -> list[str]:
     label = f"{record['object']} {record['id']}"
     if record["converted_to"]:
-        head = f"{label} -> converted to Contact {record['converted_to']}"
+        target = record["converted_to"]
+        head = f"{label} -> converted to Contact {target} (see `sfrelay why {target}`)"
     elif record["uid"] is None:
         head = f"{label} -> no Drupal user"
     else:
