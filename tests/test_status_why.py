@@ -28,6 +28,7 @@ from app.sfid import to18
 from app.sync import Syncer
 from tests.fixtures_worker import WorkerProcess, run_worker
 from tests.messages import ORG_ID, contact, outbound_message, sf_id
+from tests.servers import free_port
 from tests.test_cli_worker import sfrelay
 
 TYPES = {"Contact": {"LastModifiedDate": "dateTime", "SystemModstamp": "dateTime"}}
@@ -636,3 +637,19 @@ def test_rate_counter_is_written_by_the_receiver_script(
     assert len(keys) == 1 and int(keys[0].removeprefix(RATE_PREFIX)) in (before, after)
     assert redis_client.hgetall(keys[0]) == {b"received": b"2"}
     assert 7200 < redis_client.ttl(keys[0]) <= 7260
+
+
+@pytest.mark.parametrize("command", [["status"], ["why", ADA]])
+def test_status_and_why_say_what_to_do_when_redis_is_down(
+    worker_settings: Settings,
+    drupal_db: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+) -> None:
+    down = worker_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    before = hashlib.sha256(drupal_db.read_bytes()).hexdigest()
+    code, lines, err = run(capsys, down, *command)
+    assert (code, lines) == (2, [])
+    assert err.startswith("sfrelay: cannot read the queue (Redis): ")
+    assert err.endswith("; check SFRELAY_REDIS_URL and that Redis runs\n")
+    assert hashlib.sha256(drupal_db.read_bytes()).hexdigest() == before
