@@ -1,4 +1,4 @@
-"""The `sfrelay` command: up, serve, send, queue stats, worker, dead."""
+"""The `sfrelay` command: up, serve, send, queue stats, status, why, worker, dead."""
 
 from __future__ import annotations
 
@@ -111,6 +111,32 @@ def cmd_queue_stats(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from app.status import collect, render
+
+    status = asyncio.run(collect(settings))
+    if args.json:
+        print(orjson.dumps(status.as_dict()).decode())
+    else:
+        print("\n".join(render(status)))
+    return 0
+
+
+def cmd_why(args: argparse.Namespace, settings: Settings) -> int:
+    from app.why import BadQuery, answer, parse_query, render
+
+    try:
+        query = parse_query(args.id_or_email)
+    except BadQuery as exc:
+        return _fail(str(exc))
+    result = asyncio.run(answer(settings, query))
+    if args.json:
+        print(orjson.dumps(result.as_dict()).decode())
+    else:
+        print("\n".join(render(result)))
+    return 0 if result.found else 1
+
+
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from arq.worker import create_worker
     from redis.exceptions import RedisError
@@ -199,6 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     stats = queue_sub.add_parser("stats", help="notifications waiting, being applied, dead")
     stats.add_argument("--json", action="store_true", help="one JSON object")
     stats.set_defaults(func=cmd_queue_stats)
+
+    status = sub.add_parser(
+        "status", help="queue, traffic, outcomes, dead letters, workers, database: one screen"
+    )
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    status.set_defaults(func=cmd_status)
+
+    why = sub.add_parser("why", help="what happened to one Salesforce record or one email")
+    why.add_argument("id_or_email", metavar="ID_OR_EMAIL", help="a record Id (15/18) or email")
+    why.add_argument("--json", action="store_true", help="one JSON object")
+    why.set_defaults(func=cmd_why)
 
     worker = sub.add_parser("worker", help="apply queued notifications to Drupal (arq worker)")
     worker.add_argument("--burst", action="store_true", help="drain the queue, then exit")

@@ -21,15 +21,17 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.errors import QueueUnavailable, clip
-from app.sfid import canonical_id
-from app.soap import SF_ID_FORM, Notification, OutboundMessage, without_session_id
+from app.sfid import SF_ID_FORM, canonical_id
+
+if TYPE_CHECKING:  # not at run time: `sfrelay status` and `why` start without zeep and lxml
+    from app.soap import Notification, OutboundMessage
 
 APPLY_JOB = "apply_notifications"
 JOB_KEY_PREFIX = "arq:job:"
@@ -38,17 +40,23 @@ SEEN_PREFIX = "sfrelay:seen:"
 STATS_KEY = "sfrelay:stats"
 DEAD_KEY = "sfrelay:dead"
 DEAD_BODY_PREFIX = "sfrelay:dead-body:"
+# Notifications received per minute: hash `sfrelay:rate:<minutes since the epoch>`, field
+# `received`, kept RATE_TTL_S (an hour of whole minutes and a margin) for `sfrelay status`.
+RATE_PREFIX = "sfrelay:rate:"
+RATE_TTL_S = 7260
 
-# KEYS: queue, stats, dead hash, dead body key, job key, seen key per notification...
+# KEYS: queue, stats, dead hash, dead body key, job key, seen key per notification...,
+#       and, last, this minute's rate key (RATE_PREFIX)
 # ARGV: job id, score, job ttl ms, seen ttl s, job prefix, job suffix, dead body, now,
 #       kinds (one letter per notification: "q" queue, "s" skip, "d" dead), and the
 #       notifications' JSON payloads joined by newlines (compact JSON never holds a raw one).
 #       Two arguments rather than two per notification: packing them is the client's cost.
+#       Then the rate key's TTL (s).
 _ENQUEUE_LUA = """
 local queued, skipped, dead, dupes = {}, 0, 0, 0
 local seen_ttl = tonumber(ARGV[4])
 local kinds, payloads, pos = ARGV[9], ARGV[10], 1
-for i = 6, #KEYS do
+for i = 6, #KEYS - 1 do
   local kind = string.sub(kinds, i - 5, i - 5)
   local stop = string.find(payloads, '\\n', pos, true) or (#payloads + 1)
   local payload = string.sub(payloads, pos, stop - 1)
@@ -77,6 +85,8 @@ if dead > 0 then
 end
 if dupes > 0 then redis.call('HINCRBY', KEYS[2], 'duplicates', dupes) end
 redis.call('HINCRBY', KEYS[2], 'queued_total', #queued)
+redis.call('HINCRBY', KEYS[#KEYS], 'received', #KEYS - 6)
+redis.call('EXPIRE', KEYS[#KEYS], ARGV[11])
 return {#queued, skipped, dead, dupes}
 """
 
@@ -202,6 +212,7 @@ class Enqueuer:
                 objects.add(notification.sobject)
                 kinds.append("q")
                 payloads.append(orjson.dumps(notification_payload(notification)))
+        keys.append(f"{RATE_PREFIX}{int(now) // 60}")
         kwargs = {
             "organization_id": message.organization_id,
             "action_id": message.action_id,
@@ -213,6 +224,13 @@ class Enqueuer:
         head = orjson.dumps({"t": None, "f": APPLY_JOB, "a": [], "et": now_ms, "k": kwargs})
         prefix = head[:-2] + b',"notifications":['
         suffix = b"]}}"
+        kept = b""
+        if "d" in kinds:
+            # Only a dead letter keeps the raw body, never the session id Salesforce may send
+            # (imported here: app.soap loads lxml, which `sfrelay status` and `why` need not).
+            from app.soap import without_session_id
+
+            kept = without_session_id(body)
         args: list[Any] = [
             job_id,
             now_ms,
@@ -220,11 +238,11 @@ class Enqueuer:
             self._dedupe_ttl_s,
             prefix,
             suffix,
-            # Only a dead letter keeps the raw body, never the session id Salesforce may send.
-            without_session_id(body) if "d" in kinds else b"",
+            kept,
             int(now),
             "".join(kinds),
             b"\n".join(payloads),
+            RATE_TTL_S,
         ]
         try:
             queued, skipped, dead, dupes = await self._script(keys=keys, args=args)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
+
+# The shape of a record id (15 or 18 letters and digits); is_valid_id also checks the checksum.
+SF_ID_FORM = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
 
 _SUFFIX_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"
 

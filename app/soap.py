@@ -13,7 +13,7 @@ from xml.sax.saxutils import escape
 from lxml import etree
 
 from app.errors import FAULTSTRING_MAX, NAME_MAX, MalformedMessage, clip, clip_words
-from app.sfid import is_valid_id
+from app.sfid import SF_ID_FORM, is_valid_id
 from app.wsdl import SOBJECT_NS, Contract
 
 SOAP11_NS = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -33,7 +33,6 @@ _XSI_TYPE = f"{{{XSI_NS}}}type"
 _XSI_NIL = f"{{{XSI_NS}}}nil"
 _FIELD_PREFIX = f"{{{SOBJECT_NS}}}"
 _SESSION_ID = f"{{{OM_NS}}}SessionId"
-SF_ID_FORM = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
 
 NOTIFICATION_ID_PREFIX = "04l"
 # A modstamp further ahead of the receiver's clock than this is refused: applied, it would make

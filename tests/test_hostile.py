@@ -23,7 +23,7 @@ from lxml import etree
 from app.config import Settings
 from app.errors import LOG_DETAIL_MAX
 from app.main import create_app
-from app.queue import DEAD_BODY_PREFIX, DEAD_KEY, SEEN_PREFIX, STATS_KEY
+from app.queue import DEAD_BODY_PREFIX, DEAD_KEY, RATE_PREFIX, SEEN_PREFIX, STATS_KEY
 from app.sfid import to18
 from app.soap import parse_message
 from app.wsdl import load_contract
@@ -658,7 +658,9 @@ def assert_stored(case: Case, redis_client: redis.Redis) -> None:
     assert len(bodies) == (1 if case.dead else 0)
     for key in bodies:
         assert redis_client.ttl(key) > 0
-    expected_keys = len(seen) + len(bodies) + 1  # + the stats hash
+    rates = list(redis_client.scan_iter(RATE_PREFIX + "*"))
+    assert len(rates) == 1 and redis_client.ttl(rates[0]) > 0  # this minute's, expiring
+    expected_keys = len(seen) + len(bodies) + 2  # + the stats hash and the rate key
     expected_keys += (2 if case.queued else 0) + (1 if case.dead else 0)
     assert redis_client.dbsize() == expected_keys
 

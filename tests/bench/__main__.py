@@ -18,12 +18,19 @@ def _worker() -> None:
     worker.main([])
 
 
+def _status() -> None:
+    from tests.bench import status
+
+    status.main([])
+
+
 # Name -> runner with its default options; each module also runs alone with its own options
 # (`python -m tests.bench.receiver --help`). Imports are lazy: one benchmark's imports do not
 # slow down, or break, another's.
 BENCHMARKS: dict[str, Callable[[], None]] = {
     "receiver": _receiver,
     "worker": _worker,
+    "status": _status,
 }
 
 

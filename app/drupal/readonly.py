@@ -1,0 +1,68 @@
+"""A read-only engine on the Drupal database, for the commands that only look (status, why).
+
+Nothing is migrated or locked: SQLite runs with `PRAGMA query_only` and no BEGIN IMMEDIATE,
+PostgreSQL and MySQL sessions are READ ONLY, so a mistake here fails instead of writing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, inspect
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+from sqlalchemy.util import await_only
+
+from app.drupal.engine import nocase_utf8
+from app.drupal.url import async_url
+from app.errors import ConfigError
+
+CONNECT_TIMEOUT_S = 3
+
+
+def read_engine(url: str) -> AsyncEngine:
+    """Raises ConfigError for a URL that cannot name a Drupal database."""
+    parsed = async_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if parsed.database and not Path(parsed.database).is_file():
+            raise ConfigError(
+                f"no Drupal SQLite database at {parsed.database}: set SFRELAY_DATABASE_URL to "
+                "your site's file (sqlite:///path/to/sites/default/files/.ht.sqlite)"
+            )
+        engine = create_async_engine(
+            parsed, connect_args={"timeout": CONNECT_TIMEOUT_S}, poolclass=NullPool
+        )
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # each SELECT its own read transaction
+            aio = dbapi_connection.driver_connection
+            await_only(aio._execute(aio._conn.create_collation, "NOCASE_UTF8", nocase_utf8))
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA query_only = ON")
+            cursor.close()
+
+        return engine
+    if backend == "postgresql":
+        connect_args: dict[str, Any] = {
+            "timeout": CONNECT_TIMEOUT_S,
+            "server_settings": {"default_transaction_read_only": "on"},
+        }
+        return create_async_engine(parsed, connect_args=connect_args, poolclass=NullPool)
+    engine = create_async_engine(
+        parsed, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}, poolclass=NullPool
+    )
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _mysql(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SET SESSION TRANSACTION READ ONLY")
+        cursor.close()
+
+    return engine
+
+
+async def table_names(conn: AsyncConnection) -> set[str]:
+    return set(await conn.run_sync(lambda sync: inspect(sync).get_table_names()))

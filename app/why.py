@@ -1,0 +1,458 @@
+"""`sfrelay why ID_OR_EMAIL`: what happened to one Salesforce record, or to one email.
+
+Reads, never writes: sfrelay_record (uid, last applied version, the last outcomes), Drupal's
+user table (for an email), the queue's jobs (a scan: fine for one question) and the dead
+letters in Redis and in sfrelay_dead_letter. Emails are shown only when the question was
+that email; any other email in a detail or an error is masked.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy import column, func, select, table
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.config import Settings
+from app.drupal import state
+from app.drupal.readonly import read_engine, table_names
+from app.drupal.schema import detect_major
+from app.errors import QueueUnavailable, RetryableError
+from app.queue import ATTEMPT_KEY, DEAD_KEY, JOB_KEY_PREFIX
+from app.records import sf_key
+
+_ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
+_EMAIL_LIKE = re.compile(r"[^\s@,;:()<>\"']+@[^\s@,;:()<>\"']+")
+_PREFIXES = {"003": "Contact", "00Q": "Lead"}
+_SCAN_CHUNK = 500
+
+
+class BadQuery(ValueError):
+    """Neither a Salesforce Id nor an email."""
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    text: str  # as given
+    kind: str  # "record" | "email"
+    key: str  # the 18-character case-correct Id, or the lower-cased email
+
+
+def parse_query(value: str) -> Query:
+    value = value.strip()
+    if "@" in value:
+        return Query(value, "email", value.lower())
+    if not _ID.fullmatch(value):
+        raise BadQuery(
+            f"{value!r} is neither a Salesforce record Id (15 or 18 letters and digits, "
+            "e.g. 0031I00000AbCdEQAZ) nor an email"
+        )
+    return Query(value, "record", sf_key(value))
+
+
+@dataclass(slots=True)
+class Answer:
+    query: str
+    kind: str
+    id: str | None  # the 18-character Id asked about (record queries)
+    email: str | None  # the email asked about (email queries)
+    users: list[dict[str, Any]] = field(default_factory=list)  # Drupal users with the email
+    records: list[dict[str, Any]] = field(default_factory=list)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    queued: list[dict[str, Any]] = field(default_factory=list)
+    dead: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def found(self) -> bool:
+        return bool(self.users or self.records or self.conflicts or self.queued or self.dead)
+
+
+def iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def _modstamp_iso(micros: int | None) -> str | None:
+    if micros is None:
+        return None
+    seconds, rest = divmod(micros, 1_000_000)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{stamp}.{rest // 1000:03d}Z"
+
+
+def _same_record(raw: Any, key: str) -> bool:
+    return isinstance(raw, str) and _ID.fullmatch(raw) is not None and sf_key(raw) == key
+
+
+def _mask(text: str | None, email: str | None) -> str | None:
+    """Any email but the one asked about becomes <email>."""
+    if text is None:
+        return None
+    return _EMAIL_LIKE.sub(
+        lambda m: m.group(0) if email and m.group(0).lower() == email else "<email>", text
+    )
+
+
+async def answer(settings: Settings, query: Query) -> Answer:
+    result = Answer(
+        query=query.text,
+        kind=query.kind,
+        id=query.key if query.kind == "record" else None,
+        email=query.key if query.kind == "email" else None,
+    )
+    await _from_database(settings, query, result)
+    await _from_redis(settings, query, result)
+    return result
+
+
+async def _from_database(settings: Settings, query: Query, result: Answer) -> None:
+    engine = read_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            tables = await table_names(conn)
+            major, _ = await detect_major(conn, settings.drupal_version)
+            has_records = state.records.name in tables
+            if query.kind == "record":
+                if has_records:
+                    result.records = await _records(conn, [query.key], None, major, None)
+            else:
+                users = await _users_by_mail(conn, major, query.key)
+                uids = [u["uid"] for u in users]
+                if has_records and uids:
+                    mapped = await _records(conn, None, uids, major, query.key)
+                    for user in users:
+                        user["records"] = [r["id"] for r in mapped if r["uid"] == user["uid"]]
+                    result.records = mapped
+                    owners = {r["id"] for r in mapped if r["converted_to"] is None}
+                    owners |= {f"uid {uid}" for uid in uids}
+                    result.conflicts = await _conflicts(conn, owners, major, query.key)
+                result.users = users
+            if state.dead_letters.name in tables:
+                result.dead = await _database_dead(conn, query)
+    except DBAPIError as exc:
+        raise RetryableError(f"cannot read the Drupal database: {exc.orig}") from exc
+    finally:
+        await engine.dispose()
+
+
+async def _users_by_mail(conn: AsyncConnection, major: int, mail: str) -> list[dict[str, Any]]:
+    users = table("users_field_data" if major == 10 else "users", column("uid"), column("mail"))
+    rows = await conn.execute(
+        select(users.c.uid)
+        .where(func.lower(users.c.mail) == mail, users.c.uid > 0)
+        .order_by(users.c.uid)
+    )
+    return [{"uid": int(uid), "records": []} for (uid,) in rows]
+
+
+async def _existing_uids(conn: AsyncConnection, major: int, uids: set[int]) -> set[int]:
+    if not uids:
+        return set()
+    users = table("users_field_data" if major == 10 else "users", column("uid"))
+    rows = await conn.execute(select(users.c.uid).where(users.c.uid.in_(sorted(uids))))
+    return {int(uid) for (uid,) in rows}
+
+
+def _record(row: Any, existing: set[int], email: str | None) -> dict[str, Any]:
+    history = []
+    for entry in orjson.loads(row.history):
+        history.append(
+            {
+                "at": iso(entry.get("at")),
+                "outcome": entry.get("o"),
+                "uid": entry.get("uid"),
+                "detail": _mask(entry.get("d"), email),
+                "notification_id": entry.get("n"),
+            }
+        )
+    return {
+        "id": row.sf_id,
+        "object": row.object,
+        "uid": row.uid,
+        "drupal_user_exists": None if row.uid is None else row.uid in existing,
+        "last_version": _modstamp_iso(row.modstamp),
+        "last_notification_id": row.notification_id,
+        "converted_to": row.converted_to,
+        "updated_at": iso(row.updated_at),
+        "history": history,
+    }
+
+
+async def _records(
+    conn: AsyncConnection,
+    ids: list[str] | None,
+    uids: list[int] | None,
+    major: int,
+    email: str | None,
+) -> list[dict[str, Any]]:
+    t = state.records
+    query = select(t).order_by(t.c.sf_id)
+    query = query.where(t.c.sf_id.in_(ids)) if ids is not None else query
+    query = query.where(t.c.uid.in_(uids)) if uids is not None else query
+    rows = (await conn.execute(query)).all()
+    existing = await _existing_uids(conn, major, {r.uid for r in rows if r.uid is not None})
+    return [_record(row, existing, email) for row in rows]
+
+
+async def _conflicts(
+    conn: AsyncConnection, owners: set[str], major: int, email: str
+) -> list[dict[str, Any]]:
+    """Records whose last outcomes include a duplicate-email conflict with one of `owners`
+    (the Salesforce Ids and `uid <n>` holding the email). A scan of the rows that ever had a
+    conflict (LIKE narrows it; each history is then parsed)."""
+    t = state.records
+    rows = (
+        await conn.execute(
+            select(t).where(t.c.history.like('%"conflict_duplicate_email"%')).order_by(t.c.sf_id)
+        )
+    ).all()
+    found = []
+    for row in rows:
+        for entry in orjson.loads(row.history):
+            others = set((entry.get("d") or "").split(", "))
+            if entry.get("o") == "conflict_duplicate_email" and others & owners:
+                found.append(row)
+                break
+    existing = await _existing_uids(conn, major, {r.uid for r in found if r.uid is not None})
+    return [_record(row, existing, email) for row in found]
+
+
+async def _database_dead(conn: AsyncConnection, query: Query) -> list[dict[str, Any]]:
+    t = state.dead_letters
+    if query.kind == "record":
+        # record_id is kept as received (15 or 18 characters, any case): narrow, then compare.
+        forms = {query.key.lower(), query.key[:15].lower()}
+        where = func.lower(t.c.record_id).in_(sorted(forms))
+    else:
+        where = t.c.payload.like("%@%")  # narrowed by the parsed Email below
+    rows = await conn.execute(select(t).where(where).order_by(t.c.id))
+    found = []
+    for row in rows:
+        payload = orjson.loads(row.payload)
+        if not _matches(payload, query, row.record_id):
+            continue
+        found.append(
+            {
+                "id": str(row.id),
+                "source": "database",
+                "notification_id": row.notification_id,
+                "record_id": row.record_id,
+                "error": _mask(row.error, query.key if query.kind == "email" else None),
+                "attempts": row.attempts,
+                "first_seen": iso(row.first_seen),
+                "last_seen": iso(row.last_seen),
+            }
+        )
+    return found
+
+
+def _matches(notification: dict[str, Any], query: Query, record_id: Any = None) -> bool:
+    fields = notification.get("fields") or {}
+    if query.kind == "record":
+        return _same_record(record_id if record_id is not None else fields.get("Id"), query.key)
+    mail = fields.get("Email")
+    return isinstance(mail, str) and mail.strip().lower() == query.key
+
+
+async def _from_redis(settings: Settings, query: Query, result: Answer) -> None:
+    redis: Redis = Redis.from_url(settings.redis_url, socket_timeout=10)
+    email = query.key if query.kind == "email" else None
+    try:
+        scores = await redis.zrange(settings.queue_name, 0, -1, withscores=True)
+        for start in range(0, len(scores), _SCAN_CHUNK):
+            chunk = scores[start : start + _SCAN_CHUNK]
+            raws = await redis.mget([JOB_KEY_PREFIX + job_id.decode() for job_id, _ in chunk])
+            for (job_id, score), raw in zip(chunk, raws, strict=True):
+                result.queued += _queued(job_id.decode(), score, raw, query)
+        dead: dict[bytes, bytes] = await redis.hgetall(DEAD_KEY)  # type: ignore[misc]
+    except (RedisError, OSError) as exc:
+        raise QueueUnavailable(f"cannot read the queue (Redis): {exc}") from exc
+    finally:
+        await redis.aclose()
+    for key, raw in sorted(dead.items()):
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        notification = value.get("notification") or {
+            "fields": {"Id": value.get("record_id")} if value.get("record_id") else {}
+        }
+        if not _matches(notification, query, value.get("record_id")):
+            continue
+        refused = "notification" not in value
+        error = f"refused on receipt: {value.get('reason', '')}" if refused else value.get("error")
+        seen = value.get("received_at") if refused else value.get("last_seen")
+        result.dead.append(
+            {
+                "id": key.decode(),
+                "source": "redis",
+                "notification_id": value.get("notification_id"),
+                "record_id": value.get("record_id"),
+                "error": _mask(error, email),
+                "attempts": int(value.get("attempts", 0)),
+                "first_seen": iso(value.get("first_seen", seen)),
+                "last_seen": iso(seen),
+            }
+        )
+
+
+def _queued(job_id: str, score: float, raw: bytes | None, query: Query) -> list[dict[str, Any]]:
+    if raw is None:
+        return []
+    try:
+        job = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return []  # not one of ours
+    kwargs = job.get("k") or {}
+    found = []
+    for item in kwargs.get("notifications") or []:
+        if isinstance(item, dict) and _matches(item, query):
+            found.append(
+                {
+                    "job_id": job_id,
+                    "notification_id": item.get("id"),
+                    "record_id": (item.get("fields") or {}).get("Id"),
+                    "object": item.get("object"),
+                    "received_at": iso(kwargs.get("received_at")),
+                    "ready_at": iso(score / 1000),
+                    "attempt": int(item.get(ATTEMPT_KEY, 1)),
+                }
+            )
+    return found
+
+
+# What each outcome means, for someone who knows Salesforce but not sfrelay.
+_MEANING = {
+    "created": "created Drupal user {uid}",
+    "updated": "updated Drupal user {uid}",
+    "linked": "linked to the existing Drupal user {uid}, which has the same email",
+    "converted": "the Lead was converted: Drupal user {uid} now belongs to Contact {detail}",
+    "skipped_no_email": "skipped: the record has no email, and a Drupal user needs one",
+    "skipped_invalid_email": "skipped: its email is not one Drupal accepts",
+    "skipped_converted": "skipped: {detail}",
+    "stale": "ignored: older than the version already applied",
+    "duplicate": "ignored: this version was already applied",
+    "conflict_duplicate_email": (
+        "NOT synced: its email already belongs to {detail} in Drupal; give one of them "
+        "another email in Salesforce, or merge them"
+    ),
+    "retry": "failed for now, retried later: {detail}",
+    "failed": "FAILED: {detail} (`sfrelay dead list` shows the notification)",
+}
+
+
+def _label(sf_id: str) -> str:
+    return f"{_PREFIXES.get(sf_id[:3], 'record')} {sf_id}"
+
+
+def _others(detail: str) -> str:
+    """`003..., uid 5` as a Salesforce admin reads it."""
+    parts = []
+    for part in detail.split(", "):
+        if part.startswith("uid "):
+            parts.append(f"Drupal user {part[4:]} (not linked to Salesforce)")
+        else:
+            parts.append(_label(part))
+    return " and ".join(parts)
+
+
+def meaning(entry: dict[str, Any], email: str | None) -> str:
+    outcome = entry["outcome"]
+    detail = entry["detail"] or ""
+    if outcome == "conflict_duplicate_email":
+        detail = _others(detail)
+    text = _MEANING.get(outcome, f"{outcome}: {{detail}}").format(uid=entry["uid"], detail=detail)
+    if outcome == "skipped_invalid_email" and email and entry["detail"]:
+        text += f" ({entry['detail']})"
+    if outcome == "stale" and entry["detail"]:
+        text += f" ({entry['detail']})"
+    return text
+
+
+def _when(value: str | None) -> str:
+    return value.replace("T", " ").replace("Z", " UTC") if value else "-"
+
+
+def _record_lines(record: dict[str, Any], email: str | None) -> list[str]:
+    label = f"{record['object']} {record['id']}"
+    if record["converted_to"]:
+        target = record["converted_to"]
+        head = f"{label} -> converted to Contact {target} (see `sfrelay why {target}`)"
+    elif record["uid"] is None:
+        head = f"{label} -> no Drupal user"
+    else:
+        head = f"{label} -> Drupal user {record['uid']}"
+        if record["drupal_user_exists"] is False:
+            head += " (deleted in Drupal since)"
+    lines = [head]
+    if record["last_version"]:
+        lines.append(
+            f"  last applied version: {_when(record['last_version'])} "
+            f"(notification {record['last_notification_id'] or '-'})"
+        )
+    else:
+        lines.append("  last applied version: none")
+    history = record["history"]
+    lines.append(f"  history (last {len(history)} outcomes, oldest first):")
+    for entry in history:
+        lines.append(f"    {_when(entry['at'])}  {entry['outcome']:<24}  {meaning(entry, email)}")
+    return lines
+
+
+def render(result: Answer) -> list[str]:
+    email = result.email
+    lines: list[str] = []
+    if result.kind == "email":
+        if result.users:
+            uids = ", ".join(str(u["uid"]) for u in result.users)
+            plural = "s" if len(result.users) > 1 else ""
+            lines.append(f"{email}: Drupal user{plural} {uids}")
+            for user in result.users:
+                mapped = ", ".join(_label(i) for i in user["records"]) or "no Salesforce record"
+                lines.append(f"  Drupal user {user['uid']} <- {mapped}")
+        else:
+            lines.append(f"{email}: no Drupal user has this email")
+    elif not result.records:
+        lines.append(f"{_label(result.id or '')}: sfrelay has not applied any notification for it")
+    for record in result.records:
+        lines += _record_lines(record, email)
+    if result.conflicts:
+        lines.append(f"records not synced because {email} is taken:")
+        for record in result.conflicts:
+            lines += ["  " + line for line in _record_lines(record, email)]
+    if result.queued:
+        lines.append("queued now:")
+        for item in result.queued:
+            when = f"received {_when(item['received_at'])}"
+            if item["attempt"] > 1:
+                when += f", try {item['attempt']}"
+            if item["ready_at"] and item["ready_at"] > (iso(time.time()) or ""):
+                when += f", waiting for a retry until {_when(item['ready_at'])}"
+            lines.append(
+                f"  notification {item['notification_id']} for "
+                f"{_label(item['record_id'] or '-')} ({when})"
+            )
+    else:
+        lines.append("queued now: nothing")
+    if result.dead:
+        lines.append("dead letters (`sfrelay dead replay ID` after fixing the cause):")
+        for letter in result.dead:
+            lines.append(
+                f"  {letter['id']}: notification {letter['notification_id'] or '-'} for "
+                f"{_label(letter['record_id'] or '-')}, {letter['attempts']} tries, last "
+                f"{_when(letter['last_seen'])}: {letter['error']}"
+            )
+    else:
+        lines.append("dead letters: none")
+    return lines
