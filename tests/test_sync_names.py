@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import event
 
 from app.config import Settings
 from app.drupal.engine import create_engine
@@ -252,3 +253,51 @@ def test_equal_names_never_reach_the_database_as_two_users(property_site: Any) -
         loop.run_until_complete(names_are_unique(site))
 
     check()
+
+
+async def test_name_and_mail_lookups_stay_indexed(drupal_site: DrupalSite) -> None:
+    """Every look-up of names and mails sfrelay sends (taken names, `_<n>` suffixes, mails)
+    is an index search, never a scan of the user table (the 1M-user goal)."""
+    site = drupal_site
+    syncer = await open_syncer(site)
+    users = table(site)
+    sent: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        lookup = statement.lstrip().upper().startswith("SELECT") and (
+            f"FROM {users}\n" in statement or f"FROM {users} " in statement
+        )
+        if lookup and ("name" in statement or "mail" in statement):
+            sent.append((statement, params))
+
+    await syncer.apply(spelling_notes(1, [s for group in COLLIDING for s in group]))
+    await syncer.close()
+    # A second worker, knowing no suffixes yet: it looks them up in the database.
+    syncer = await open_syncer(site)
+    event.listen(syncer.engine.sync_engine, "before_cursor_execute", capture)
+    out = await syncer.apply(spelling_notes(100, [group[0] for group in COLLIDING]))
+    event.remove(syncer.engine.sync_engine, "before_cursor_execute", capture)
+    await syncer.close()
+    assert {o.outcome for o in out} == {"created"}
+    assert any("name" in s and ">=" in s for s, _ in sent), sent  # the suffix ranges
+    assert any("mail" in s for s, _ in sent), sent
+    async with site.engine.connect() as conn:
+        if site.backend == "postgresql":
+            await conn.exec_driver_sql("SET enable_seqscan = off")  # a tiny table otherwise
+        for statement, params in sent:
+            if site.backend == "sqlite":
+                rows = await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", params)
+                plan = [str(r[-1]) for r in rows]
+                steps = [p for p in plan if f" {users} " in f"{p} "]
+                assert steps and all(p.startswith("SEARCH") for p in steps), (statement, plan)
+            elif site.backend == "postgresql":
+                rows = await conn.exec_driver_sql(f"EXPLAIN {statement}", params)
+                text_plan = "\n".join(str(r[0]) for r in rows)
+                assert "Seq Scan" not in text_plan and "Index" in text_plan, (statement, text_plan)
+            else:
+                rows = await conn.exec_driver_sql(f"EXPLAIN {statement}", params)
+                access = [r._mapping["type"] for r in rows if r._mapping["table"] == users]
+                assert access and set(access) <= {"range", "ref", "eq_ref", "const"}, (
+                    statement,
+                    access,
+                )
