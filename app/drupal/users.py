@@ -278,10 +278,10 @@ class Lookups:
         return await self._name.keys(conn, names)
 
     async def taken_names(self, conn: AsyncConnection, names: Iterable[str]) -> set[Key]:
-        eq = self._name
-        keys = await eq.keys(conn, names) if eq.kind == "lower" else {}
+        eq, wanted = self._name, sorted(set(names))
+        keys = await eq.keys(conn, wanted) if eq.kind == "lower" else {}
         taken: set[Key] = set()
-        for chunk in chunks(sorted(set(names))):
+        for chunk in chunks(wanted):
             query = (
                 select(eq.stored_key())
                 .select_from(self._table)
