@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app.config import MatchByEmail
 from app.drupal import state
 from app.drupal.state import RecordState
-from app.drupal.users import ExistingUser, NewUser, UserChange, UserStore
+from app.drupal.users import ExistingUser, Key, NewUser, UserChange, UserStore
 from app.mapping import FieldMap
 from app.records import Record, as_text, base_values, username_base, valid_email, with_suffix
 
@@ -87,7 +87,7 @@ class Planner:
         field_map: FieldMap,
         match_by_email: MatchByEmail,
         field_lengths: dict[str, int | None],
-        suffixes: dict[str, int],
+        suffixes: dict[Key, int],
         protected_roles: frozenset[str] | None = None,
     ) -> None:
         self.conn, self.store, self.field_map = conn, store, field_map
@@ -96,7 +96,7 @@ class Planner:
         self.configured_protected = protected_roles
         self.protected: frozenset[str] = protected_roles or frozenset()
         self.lengths = field_lengths
-        self.suffixes = suffixes  # lower-cased base name -> highest _<n> known in use
+        self.suffixes = suffixes  # base name's key -> highest _<n> known in use
         self.plan = Plan()
         self.existing: dict[int, ExistingUser] = {}
         self.by_mail: dict[str, set[int]] = {}
@@ -119,7 +119,9 @@ class Planner:
             for uid in uids:
                 self.mail_of[uid] = mail
         for user in self.existing.values():
-            if user.mail:
+            # A user found by mail stays under the batch's spelling of it (the database
+            # judged them equal), so that a change of its mail leaves no stale entry.
+            if user.mail and user.uid not in self.mail_of:
                 self.mail_of[user.uid] = user.mail.lower()
                 self.by_mail.setdefault(user.mail.lower(), set()).add(user.uid)
         self.owner = await state.owners(self.conn, set(self.mail_of) | mapped)
@@ -288,42 +290,76 @@ class Planner:
     async def names(self) -> None:
         """Unique usernames for the new users (and renames, when configured).
 
-        Exact look-ups only (indexed where the database can): the names wanted, then, for
-        bases already taken, the highest `_<n>` in use, remembered in `suffixes` across
-        batches; suffixed picks are checked again, so a stale memory only costs a round.
+        Names are compared by their keys (UserStore.name_keys): exactly as the database's
+        unique index compares them (Unicode case, and accents on MySQL), never Python's
+        lower(). Exact look-ups only, indexed: the names wanted, then, for bases already
+        taken, the highest `_<n>` in use, remembered in `suffixes` across batches; suffixed
+        picks are checked against the database and the batch again, so a stale memory only
+        costs a round. A few round trips per batch, whatever its size.
         """
+        store, conn = self.store, self.conn
         wanted: dict[int, str] = {
             key: username_base(r, self.field_map) for key, r in self.plan.new_sources.items()
         }
-        current = {uid: name.lower() for uid, (_, name) in self.plan.renames.items()}
-        for uid, (r, _name) in self.plan.renames.items():
-            base = username_base(r, self.field_map)
-            stem, _, number = current[uid].rpartition("_")
+        renames = self.plan.renames
+        current = {uid: name for uid, (_, name) in renames.items()}
+        renamed = {uid: username_base(r, self.field_map) for uid, (r, _) in renames.items()}
+        stems: dict[str, str] = {}
+        for name in current.values():
+            stem, _, number = name.rpartition("_")
+            if number.isdigit():
+                stems[name] = stem
+        if not wanted and not renamed:
+            return
+        keys = await store.name_keys(
+            conn, {*wanted.values(), *renamed.values(), *current.values(), *stems.values()}
+        )
+        own = {uid: keys[name] for uid, name in current.items()}  # a rename keeps its own
+        for uid, base in renamed.items():
             # Already this name, or this name with the suffix it needed: keep it.
-            if base.lower() not in (current[uid], stem if number.isdigit() else None):
+            stem_key = keys[stems[current[uid]]] if current[uid] in stems else None
+            if keys[base] not in (own[uid], stem_key):
                 wanted[uid] = base
         picked: dict[int, str] = {}
-        taken = await self.store.taken_names(self.conn, wanted.values()) if wanted else set()
+        claimed: dict[Key, int] = {}  # key -> who took it in this batch
+        taken = await store.taken_names(conn, set(wanted.values()))
         while wanted:
-            unknown = {b.lower() for b in wanted.values()} & taken - self.suffixes.keys()
+            unknown = {keys[b] for b in wanted.values()} & taken - self.suffixes.keys()
             if unknown:
-                self.suffixes.update(await self.store.max_suffixes(self.conn, unknown))
+                bases = {b for b in wanted.values() if keys[b] in unknown}
+                self.suffixes.update(await store.max_suffixes(conn, bases))
+            proposed: dict[int, str] = {}
             for key in sorted(wanted, key=lambda k: (k > 0, abs(k))):
                 base = wanted[key]
-                name = base
-                while name.lower() in taken and name.lower() != current.get(key):
-                    self.suffixes[base.lower()] = self.suffixes.get(base.lower(), 1) + 1
-                    name = with_suffix(base, self.suffixes[base.lower()])
-                taken.add(name.lower())
-                picked[key] = name
-            # Suffixed picks came from memory: confirm them (another writer may hold one).
-            fresh = {k: picked[k] for k in wanted if picked[k] != wanted[k]}
-            clash = await self.store.taken_names(self.conn, fresh.values()) if fresh else set()
-            wanted = {k: wanted[k] for k, n in fresh.items() if n.lower() in clash}
-            for base in wanted.values():
-                self.suffixes.pop(base.lower(), None)  # read it from the database again
+                bk = keys[base]
+                if bk == own.get(key) or (bk not in taken and bk not in claimed):
+                    picked[key], claimed[bk] = base, key
+                    continue
+                self.suffixes[bk] = self.suffixes.get(bk, 1) + 1
+                proposed[key] = with_suffix(base, self.suffixes[bk])
+            if not proposed:
+                break
+            # Suffixed picks came from memory: the database says whether they are in use
+            # (another writer may hold one) and what they equal (two picks, one key).
+            keys.update(await store.name_keys(conn, proposed.values()))
+            in_use = await store.taken_names(conn, proposed.values())
+            taken |= in_use
+            retry: dict[int, str] = {}
+            behind: set[str] = set()
+            for key in sorted(proposed, key=lambda k: (k > 0, abs(k))):
+                name = proposed[key]
+                if keys[name] in in_use or keys[name] in claimed:
+                    retry[key] = wanted[key]
+                    if keys[name] in in_use:
+                        behind.add(wanted[key])
+                    continue
+                picked[key], claimed[keys[name]] = name, key
+            if behind:  # memory is behind the database: read it again (never go back)
+                for bk, n in (await store.max_suffixes(conn, behind)).items():
+                    self.suffixes[bk] = max(self.suffixes.get(bk, 1), n)
+            wanted = retry
         for key, name in picked.items():
             if key < 0:
                 self.plan.new[key].name = name
-            elif name.lower() != current[key]:
+            elif keys[name] != own[key]:
                 self.plan.changes[key].base["name"] = name

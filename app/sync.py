@@ -64,6 +64,8 @@ Rules in detail (app/plan.py decides, app/drupal/ writes):
   are set to the Contact Id); a Contact already mapped to another user is `failed`.
 - sfrelay_record keeps the last 10 outcomes of each record (app.plan.HISTORY_SIZE), failed
   and retried attempts included (written apart, after their transaction rolled back).
+- Usernames (and mails) are compared exactly as the database compares them (its unique
+  index: NOCASE_UTF8, the MySQL collation, PostgreSQL lower()): app.drupal.users.Equality.
 - SQLite and PostgreSQL get sfrelay_* indexes on lower(mail) / lower(name) of Drupal's user
   table, and PostgreSQL's statistics are refreshed during bulk loads (app/drupal/stats.py).
 
@@ -94,7 +96,7 @@ from app.drupal.engine import create_engine, writer
 from app.drupal.schema import IMPLICIT_ROLES, DrupalSchema, inspect_drupal
 from app.drupal.state import DeadLetter
 from app.drupal.stats import Statistics
-from app.drupal.users import UserStore
+from app.drupal.users import Key, UserStore
 from app.errors import ConfigError, RetryableError
 from app.mapping import FieldMap, load_field_map
 from app.plan import Planner, note_failure
@@ -184,7 +186,7 @@ class Syncer:
         self.field_map = field_map
         self._lengths = {name: f.length for name, f in schema.fields.items()}
         # Username suffixes known in use, kept across batches (checked again before use).
-        self._suffixes: dict[str, int] = {}
+        self._suffixes: dict[Key, int] = {}
         self._statistics = Statistics(engine, schema)
 
     @classmethod

@@ -65,10 +65,8 @@ class Drupal10(Lookups):
     def __init__(self, schema: DrupalSchema, dialect: str) -> None:
         self.schema = schema
         self.langcode = schema.default_langcode
-        # name: NOCASE_UTF8 on SQLite, utf8mb4_general_ci on MySQL; mail: only MySQL's.
-        super().__init__(
-            field_data, dialect, name_ci=dialect in ("sqlite", "mysql"), mail_ci=dialect == "mysql"
-        )
+        # name: NOCASE_UTF8 on SQLite (app.drupal.users.Equality for the others).
+        super().__init__(field_data, dialect, nocase_name=True)
         self._fields = {name: field_table(name) for name in schema.fields}
 
     async def users(self, conn: AsyncConnection, uids: Iterable[int]) -> dict[int, ExistingUser]:

@@ -68,9 +68,10 @@ class Drupal7(Lookups):
     def __init__(self, schema: DrupalSchema, dialect: str) -> None:
         self.schema = schema
         self._dialect = dialect
-        # D7 on SQLite and PostgreSQL compares names and mails by case; MySQL's *_ci does not.
-        ci = dialect == "mysql"
-        super().__init__(users, dialect, name_ci=ci, mail_ci=ci)
+        # D7's unique index on SQLite is by case (BINARY), but Drupal 7 itself refuses a name
+        # that equals one in use LIKE-wise (ASCII case-insensitively): sfrelay compares by
+        # SQLite's lower(), which never lets two index-equal names through either.
+        super().__init__(users, dialect, nocase_name=False)
         self._fields = {name: field_tables(name) for name in schema.fields}
         self._changed = "changed" in schema.user_columns or not schema.user_columns
 

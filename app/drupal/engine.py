@@ -23,9 +23,14 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 SQLITE_CACHE_KIB = 8 * 1024  # bounded: the worker's RSS must not grow by 20 MB
 
 
+def nocase_key(value: str) -> str:
+    """What NOCASE_UTF8 compares: mb_strtolower(value) (Python's full lower-casing)."""
+    return value.lower()
+
+
 def nocase_utf8(a: str, b: str) -> int:
-    """Drupal's NOCASE_UTF8: strcmp(mb_strtolower(a), mb_strtolower(b))."""
-    la, lb = a.lower(), b.lower()
+    """Drupal's NOCASE_UTF8: strcmp(mb_strtolower(a), mb_strtolower(b)), by code point."""
+    la, lb = nocase_key(a), nocase_key(b)
     return (la > lb) - (la < lb)
 
 

@@ -258,14 +258,16 @@ async def read_dead_letters(
     return found
 
 
-# (Drupal major, dialect) -> sfrelay_* expression indexes on Drupal's user table. MySQL needs
-# none: its *_ci collations make the plain mail and name indexes case-insensitive, as does
-# NOCASE_UTF8 for name on Drupal 8+ SQLite.
+# (Drupal major, dialect) -> sfrelay_* expression indexes on Drupal's user table, serving
+# the look-ups of app.drupal.users.Equality. MySQL needs none: its *_ci collations make the
+# plain mail and name indexes serve them, as does NOCASE_UTF8 for name on Drupal 8+ SQLite.
+# PostgreSQL's name index is text_pattern_ops: equality, and the `_<n>` suffix ranges in
+# code point order whatever the database's locale.
 _LOOKUP_INDEXES = {
-    (10, "sqlite"): [("users_field_data", "mail")],
-    (10, "postgresql"): [("users_field_data", "mail"), ("users_field_data", "name")],
-    (7, "sqlite"): [("users", "mail"), ("users", "name")],
-    (7, "postgresql"): [("users", "mail"), ("users", "name")],
+    (10, "sqlite"): [("users_field_data", "mail", "")],
+    (10, "postgresql"): [("users_field_data", "mail", ""), ("users_field_data", "name", "pattern")],
+    (7, "sqlite"): [("users", "mail", ""), ("users", "name", "")],
+    (7, "postgresql"): [("users", "mail", ""), ("users", "name", "pattern")],
 }
 
 
@@ -277,10 +279,12 @@ async def ensure_indexes(engine: AsyncEngine, major: int) -> None:
     if not wanted:
         return
     async with writer(engine) as conn:
-        for table, column in wanted:
+        for table, column, kind in wanted:
+            opclass = " text_pattern_ops" if kind == "pattern" else ""
+            suffix = "_pattern" if kind == "pattern" else ""
             await conn.execute(
                 text(
-                    f"CREATE INDEX IF NOT EXISTS sfrelay_{table}_{column}_lower "
-                    f"ON {table} (lower({column}))"
+                    f"CREATE INDEX IF NOT EXISTS sfrelay_{table}_{column}_lower{suffix} "
+                    f"ON {table} (lower({column}){opclass})"
                 )
             )

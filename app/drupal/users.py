@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ARRAY, ColumnElement, Text, and_, bindparam, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import TableClause
 
 from app.drupal.bulk import update_rows
+from app.drupal.engine import nocase_key
+
+# What a name or mail is compared by, as the database compares it: text (SQLite, PostgreSQL)
+# or a MySQL collation's weight string (bytes). Equal keys <=> the database says equal.
+Key = str | bytes
 
 # Base fields by sfrelay name; `langcode` is the user's preferred language (D10
 # preferred_langcode, D7 users.language): the entity's own langcode stays the site's, or
@@ -63,15 +69,21 @@ class UserStore(Protocol):
     async def uids_by_mail(
         self, conn: AsyncConnection, mails: Iterable[str]
     ) -> dict[str, list[int]]:
-        """Lower-cased mail -> uids having it, compared case-insensitively."""
+        """Each of `mails` that is in use -> the uids whose mail the database judges equal
+        to it (case-insensitively, as Drupal looks mails up)."""
         ...
 
-    async def taken_names(self, conn: AsyncConnection, names: Iterable[str]) -> set[str]:
-        """The lower-cased names among `names` that are in use (compared case-insensitively)."""
+    async def name_keys(self, conn: AsyncConnection, names: Iterable[str]) -> dict[str, Key]:
+        """Each name -> its key: two names are the same username for the database's unique
+        index (and Drupal) exactly when their keys are equal."""
         ...
 
-    async def max_suffixes(self, conn: AsyncConnection, bases: Iterable[str]) -> dict[str, int]:
-        """Lower-cased base -> the highest n of the names `<base>_<n>` in use (1: none)."""
+    async def taken_names(self, conn: AsyncConnection, names: Iterable[str]) -> set[Key]:
+        """The keys of the names among `names` that are in use."""
+        ...
+
+    async def max_suffixes(self, conn: AsyncConnection, bases: Iterable[str]) -> dict[Key, int]:
+        """Each base's key -> the highest n of the names `<base>_<n>` in use (1: none)."""
         ...
 
     async def create(self, conn: AsyncConnection, users: list[NewUser], now: int) -> None:
@@ -112,61 +124,195 @@ async def update_base(
         await update_rows(conn, table.name, keys, ("uid",), rows)
 
 
-def lower_in(column: Any, values: list[str], case_insensitive_column: bool) -> ColumnElement[bool]:
-    """column IN values, compared case-insensitively; uses the column's own index when its
-    collation already ignores case (MySQL *_ci, Drupal's NOCASE_UTF8 on SQLite)."""
-    if case_insensitive_column:
-        return column.in_(values)  # type: ignore[no-any-return]
-    return func.lower(column).in_(values)
+_IDENTIFIER = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+class Equality:
+    """How the database compares one text column of Drupal's user table, so that sfrelay
+    asks it exactly the questions its unique index (or Drupal's look-up) answers.
+
+    - ``nocase``: SQLite's NOCASE_UTF8 column collation (Drupal 8+ name): the column's own
+      index; keys are the collation's own function (app.drupal.engine.nocase_key).
+    - ``lower``: SQLite and PostgreSQL, lower() computed by the database itself, on both
+      sides, through the sfrelay_*_lower expression indexes (app.drupal.state).
+    - ``collation``: MySQL/MariaDB, the column's own collation (utf8mb4_general_ci ignores
+      case and accents): the column's index; keys are WEIGHT_STRING()s under it.
+    Every look-up is an indexed IN or range: never a scan of the user table.
+    """
+
+    def __init__(self, table: TableClause, column: str, dialect: str, *, nocase: bool) -> None:
+        self.table, self.name, self.dialect = table, column, dialect
+        self.column: Any = table.c[column]
+        self.kind = (
+            "collation"
+            if dialect == "mysql"
+            else "nocase"
+            if nocase and dialect == "sqlite"
+            else "lower"
+        )
+        self._collation: tuple[str, str] | None = None  # MySQL (charset, collation)
+
+    async def _mysql_collation(self, conn: AsyncConnection) -> tuple[str, str]:
+        if self._collation is None:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT CHARACTER_SET_NAME, COLLATION_NAME FROM information_schema.COLUMNS"
+                        " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = :t AND COLUMN_NAME = :c"
+                    ),
+                    {"t": self.table.name, "c": self.name},
+                )
+            ).first()
+            if row is None or not all(_IDENTIFIER.match(str(v or "")) for v in row):
+                raise RuntimeError(f"no collation found for {self.table.name}.{self.name}")
+            self._collation = (str(row[0]), str(row[1]))
+        return self._collation
+
+    async def _as_column(self, conn: AsyncConnection, param: str) -> str:
+        """MySQL: a bound value in the column's own character set and collation (so the
+        comparison is the column's and its index serves it, whatever the connection's)."""
+        charset, collation = await self._mysql_collation(conn)
+        return f"CONVERT(:{param} USING {charset}) COLLATE {collation}"
+
+    def stored_key(self) -> Any:
+        """The key of the stored value, as SQL (then `post`)."""
+        if self.kind == "collation":
+            # PAD SPACE collations ignore trailing spaces in comparisons, not in weights.
+            return func.weight_string(func.trim(text(f"TRAILING ' ' FROM {self.name}")))
+        if self.kind == "lower":
+            return func.lower(self.column)
+        return self.column
+
+    def post(self, value: Any) -> Key:
+        if self.kind == "nocase":
+            return nocase_key(value)
+        return bytes(value) if isinstance(value, bytes | bytearray) else str(value)
+
+    async def keys(self, conn: AsyncConnection, values: Iterable[str]) -> dict[str, Key]:
+        """Each value -> its key, computed by the database (one query per 500 values)."""
+        wanted = sorted(set(values))
+        if self.kind == "nocase":
+            return {v: nocase_key(v) for v in wanted}
+        found: dict[str, Key] = {}
+        for chunk in chunks(wanted):
+            if self.dialect == "postgresql":
+                query = text("SELECT v, lower(v) FROM unnest(:vals) AS u(v)").bindparams(
+                    bindparam("vals", type_=ARRAY(Text))
+                )
+                rows = await conn.execute(query, {"vals": chunk})
+                found.update((v, self.post(k)) for v, k in rows)
+                continue
+            params = {f"p{i}": v for i, v in enumerate(chunk)}
+            if self.kind == "collation":
+                exprs = [
+                    f"WEIGHT_STRING(TRIM(TRAILING ' ' FROM {await self._as_column(conn, p)}))"
+                    for p in params
+                ]
+            else:
+                exprs = [f"lower(:{p})" for p in params]
+            row = (await conn.execute(text(f"SELECT {', '.join(exprs)}"), params)).one()
+            found.update((v, self.post(k)) for v, k in zip(chunk, row, strict=True))
+        return found
+
+    async def equal_to(
+        self, conn: AsyncConnection, values: list[str], keys: dict[str, Key]
+    ) -> ColumnElement[bool]:
+        """column = any of `values`, as the database compares (indexed)."""
+        if self.kind == "lower":
+            return func.lower(self.column).in_(sorted({str(keys[v]) for v in values}))
+        if self.kind == "collation":
+            params = {f"e{i}": v for i, v in enumerate(values)}
+            items = [await self._as_column(conn, p) for p in params]
+            return text(f"{self.name} IN ({', '.join(items)})").bindparams(**params)  # type: ignore[return-value]
+        return self.column.in_(values)  # type: ignore[no-any-return]
+
+    async def prefixed(
+        self, conn: AsyncConnection, values: list[str], keys: dict[str, Key]
+    ) -> ColumnElement[bool]:
+        """Stored values `<value>_...` of any of `values`, as the database compares: a range
+        per value, [value_, value`) ('`' is the code point after '_'), over an index."""
+        if self.kind == "lower":
+            lowered = func.lower(self.column)
+            ranges = []
+            for v in values:
+                key = str(keys[v])  # lower(): text
+                low, high = f"{key}_", f"{key}`"
+                if self.dialect == "postgresql":
+                    # Code point order whatever the database's locale: the text_pattern_ops
+                    # index (app.drupal.state) serves ~>=~ / ~<~.
+                    ranges.append(and_(lowered.op("~>=~")(low), lowered.op("~<~")(high)))
+                else:
+                    ranges.append(and_(lowered >= low, lowered < high))
+            return or_(*ranges)
+        if self.kind == "collation":
+            # In the collation's order (a weight per character; '_' then '`').
+            parts, params = [], {}
+            for i, v in enumerate(values):
+                params[f"lo{i}"], params[f"hi{i}"] = f"{v}_", f"{v}`"
+                low = await self._as_column(conn, f"lo{i}")
+                high = await self._as_column(conn, f"hi{i}")
+                parts.append(f"({self.name} >= {low} AND {self.name} < {high})")
+            return text(" OR ".join(parts)).bindparams(**params)  # type: ignore[return-value]
+        # NOCASE_UTF8 compares the lower-cased strings by code point.
+        return or_(*(and_(self.column >= f"{v}_", self.column < f"{v}`") for v in values))
 
 
 class Lookups:
     """The bulk look-ups both majors share; `table` holds uid, name and mail
-    (D10 users_field_data, D7 users). `*_ci`: the column's collation ignores case."""
+    (D10 users_field_data, D7 users). `nocase_name`: the name column is NOCASE_UTF8."""
 
-    def __init__(self, table: TableClause, dialect: str, *, name_ci: bool, mail_ci: bool) -> None:
-        self._table, self._name_ci, self._mail_ci = table, name_ci, mail_ci
-        self._regexp = dialect == "postgresql"
+    def __init__(self, table: TableClause, dialect: str, *, nocase_name: bool) -> None:
+        self._table = table
+        self._name = Equality(table, "name", dialect, nocase=nocase_name)
+        self._mail = Equality(table, "mail", dialect, nocase=False)
 
     async def uids_by_mail(
         self, conn: AsyncConnection, mails: Iterable[str]
     ) -> dict[str, list[int]]:
-        t = self._table
-        found: dict[str, set[int]] = {}
-        for chunk in chunks(sorted(set(mails))):
-            query = select(t.c.uid, t.c.mail).where(
-                lower_in(t.c.mail, chunk, self._mail_ci), t.c.uid > 0
+        t, eq = self._table, self._mail
+        keys = await eq.keys(conn, mails)
+        found: dict[Key, set[int]] = {}
+        for chunk in chunks(sorted(keys)):
+            query = (
+                select(t.c.uid, eq.stored_key())
+                .select_from(t)
+                .where(await eq.equal_to(conn, chunk, keys), t.c.uid > 0)
             )
-            for uid, mail in await conn.execute(query):
-                found.setdefault(mail.lower(), set()).add(int(uid))
-        return {mail: sorted(uids) for mail, uids in found.items()}
+            for uid, key in await conn.execute(query):
+                found.setdefault(eq.post(key), set()).add(int(uid))
+        return {mail: sorted(found[key]) for mail, key in keys.items() if key in found}
 
-    async def taken_names(self, conn: AsyncConnection, names: Iterable[str]) -> set[str]:
-        t = self._table
-        taken: set[str] = set()
-        for chunk in chunks(sorted({name.lower() for name in names})):
-            query = select(func.lower(t.c.name)).where(lower_in(t.c.name, chunk, self._name_ci))
-            taken.update(name for (name,) in await conn.execute(query))
+    async def name_keys(self, conn: AsyncConnection, names: Iterable[str]) -> dict[str, Key]:
+        return await self._name.keys(conn, names)
+
+    async def taken_names(self, conn: AsyncConnection, names: Iterable[str]) -> set[Key]:
+        eq, wanted = self._name, sorted(set(names))
+        keys = await eq.keys(conn, wanted) if eq.kind == "lower" else {}
+        taken: set[Key] = set()
+        for chunk in chunks(wanted):
+            query = (
+                select(eq.stored_key())
+                .select_from(self._table)
+                .where(await eq.equal_to(conn, chunk, keys))
+            )
+            taken.update(eq.post(key) for (key,) in await conn.execute(query))
         return taken
 
-    async def max_suffixes(self, conn: AsyncConnection, bases: Iterable[str]) -> dict[str, int]:
-        t = self._table
-        wanted = sorted({base.lower() for base in bases})
-        found = dict.fromkeys(wanted, 1)
-        for chunk in chunks(wanted, 100):
-            where: ColumnElement[bool]
-            if self._regexp:
-                # A range would depend on the database's locale ordering of '_': one scan
-                # (only for bases not seen before; sfrelay remembers suffixes it learnt).
-                stem = func.regexp_replace(func.lower(t.c.name), "_[0-9]+$", "")
-                where = stem.in_(chunk)
-            else:
-                # A range per base: '`' sorts right after '_' (SQLite and MySQL compare
-                # by code point here), so [base_, base`) holds exactly the names base_*.
-                name = t.c.name if self._name_ci else func.lower(t.c.name)
-                where = or_(*(and_(name >= f"{b}_", name < f"{b}`") for b in chunk))
-            for (name,) in await conn.execute(select(func.lower(t.c.name)).where(where)):
-                stem_, _, number = name.rpartition("_")
-                if number.isdigit() and stem_ in found:
-                    found[stem_] = max(found[stem_], int(number))
+    async def max_suffixes(self, conn: AsyncConnection, bases: Iterable[str]) -> dict[Key, int]:
+        eq = self._name
+        keys = await eq.keys(conn, bases)
+        found = dict.fromkeys(keys.values(), 1)
+        names: set[str] = set()
+        for chunk in chunks(sorted(keys), 100):
+            query = select(eq.column).where(await eq.prefixed(conn, chunk, keys))
+            names.update(name for (name,) in await conn.execute(query))
+        numbered: list[tuple[str, int]] = []
+        for name in names:
+            stem, _, number = name.rpartition("_")
+            if number.isascii() and number.isdigit():
+                numbered.append((stem, int(number)))
+        stems = await eq.keys(conn, {stem for stem, _ in numbered})
+        for stem, n in numbered:
+            if stems[stem] in found:
+                found[stems[stem]] = max(found[stems[stem]], n)
         return found
