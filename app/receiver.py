@@ -14,7 +14,13 @@ from concurrent.futures import Executor
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    BusyLoadingError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 
 from app.config import Network, Settings
 from app.errors import (
@@ -274,7 +280,13 @@ _REFUSALS = {
 
 
 def _refusal(exc: ResponseError) -> str:
-    code = str(exc).split(" ", 1)[0]
+    # redis-py strips the codes it has a class for; the others stay the first word.
+    if isinstance(exc, OutOfMemoryError):
+        code = "OOM"
+    elif isinstance(exc, ReadOnlyError):
+        code = "READONLY"
+    else:
+        code = str(exc).split(" ", 1)[0]
     return _REFUSALS.get(code, f"Redis refuses writes ({code[:20]}): see the Redis log")
 
 
@@ -286,6 +298,8 @@ async def readyz(request: Request) -> JSONResponse:
         await redis.set(READY_PROBE_KEY, b"1", xx=True, px=1000)
     except ResponseError as exc:
         reason = _refusal(exc)
+    except BusyLoadingError:
+        reason = "Redis is loading its data set: ready when it has"
     except (RedisError, OSError):
         reason = "Redis does not answer: check SFRELAY_REDIS_URL and that Redis runs"
     else:
