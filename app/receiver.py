@@ -8,8 +8,9 @@ import ipaddress
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -46,7 +47,8 @@ XML_MEDIA_TYPES = ("text/xml", "application/xml")
 SOAP_CONTENT_TYPE = "text/xml; charset=utf-8"
 
 # Smaller messages (a typical 100-notification message is well under this) parse on the event
-# loop in a few milliseconds; larger ones in a thread, within the parse budget.
+# loop in a few milliseconds; larger ones in a thread, and are parsed and queued within the
+# budget of bytes in flight.
 PARSE_INLINE_BYTES = 64 * 1024
 
 # A key that never exists: `SET key 1 XX` is refused exactly when Redis refuses the ack's writes
@@ -65,10 +67,11 @@ def _soap(body: bytes, status_code: int) -> Response:
 
 
 class ParseBudget:
-    """At most `capacity` bytes of messages parsed at once, first come first served.
+    """At most `capacity` bytes of messages parsed and queued at once, first come first served.
 
-    A parse tree takes several times its message's size: 16 concurrent 7 MB messages took the
-    receiver from 84 MB to 600 MB. A message larger than the capacity waits for all of it.
+    A parse tree, and the parsed message on its way to Redis, take several times the message's
+    size: 16 concurrent 7 MB messages took the receiver from 84 MB to 600 MB. A message larger
+    than the capacity waits for all of it.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -93,6 +96,14 @@ class ParseBudget:
                 self.release(0)  # the next waiter may fit now
             raise
         return size
+
+    @asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        held = await self.acquire(size)
+        try:
+            yield
+        finally:
+            self.release(held)
 
     def release(self, size: int) -> None:
         self.free += size
@@ -178,21 +189,24 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     return b"".join(chunks)
 
 
+def _large_message_slot(request: Request, size: int) -> AbstractAsyncContextManager[None]:
+    """Small messages go straight through; large ones wait for room in the parse budget."""
+    if size <= PARSE_INLINE_BYTES:
+        return nullcontext()
+    budget: ParseBudget = request.app.state.parse_budget
+    return budget.hold(size)
+
+
 async def _parse(request: Request, body: bytes, settings: Settings) -> OutboundMessage:
-    """Parse on the event loop when small, else in the parse threads within the parse budget:
-    the loop keeps answering (health checks, other messages) while a large message parses."""
+    """Parse on the event loop when small, else in the parse threads: the loop keeps answering
+    (health checks, other messages) while a large message parses."""
     contract: Contract = request.app.state.contract
     if len(body) <= PARSE_INLINE_BYTES:
         return parse_message(body, contract, settings.handled_objects)
-    budget: ParseBudget = request.app.state.parse_budget
     executor: Executor = request.app.state.parse_executor
-    held = await budget.acquire(len(body))
-    try:
-        return await asyncio.get_running_loop().run_in_executor(
-            executor, parse_message, body, contract, settings.handled_objects
-        )
-    finally:
-        budget.release(held)
+    return await asyncio.get_running_loop().run_in_executor(
+        executor, parse_message, body, contract, settings.handled_objects
+    )
 
 
 def _report_undeclared(seen: set[tuple[str, str]], message: OutboundMessage) -> None:
@@ -218,13 +232,14 @@ async def outbound_message(request: Request) -> Response:
         _check_sender(request, settings)
         _check_media_type(request)
         body = await _read_body(request, settings.max_body_bytes, settings.read_timeout_seconds)
-        message = await _parse(request, body, settings)
-        allowed_orgs: frozenset[str] = request.app.state.org_ids
-        if allowed_orgs and canonical_id(message.organization_id) not in allowed_orgs:
-            raise UnknownOrganization(
-                f"organization {message.organization_id} is not in SFRELAY_ORG_IDS"
-            )
-        result = await enqueuer.enqueue(message, body)
+        async with _large_message_slot(request, len(body)):
+            message = await _parse(request, body, settings)
+            allowed_orgs: frozenset[str] = request.app.state.org_ids
+            if allowed_orgs and canonical_id(message.organization_id) not in allowed_orgs:
+                raise UnknownOrganization(
+                    f"organization {message.organization_id} is not in SFRELAY_ORG_IDS"
+                )
+            result = await enqueuer.enqueue(message, body)
     except RejectedMessage as exc:
         log.warning("refused (%s): %s", exc.status_code, exc.faultstring)
         return _soap(fault(exc.faultstring, exc.faultcode), exc.status_code)
