@@ -197,6 +197,23 @@ async def test_at_the_connection_cap_the_oldest_waiting_connection_makes_room(
     assert redis_client.dbsize() == 0
 
 
+async def test_a_keep_alive_connection_serves_requests_and_its_idle_time_is_bounded(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    with receiver(settings, read_timeout_seconds=1) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        for _ in range(3):
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: receiver\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert await reader.readexactly(15) == b'{"status":"ok"}'
+        # Idle after its last response: the next request head is due within the read timeout.
+        answer = await read_until_closed(reader)
+        writer.close()
+        assert answer is not None and answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert redis_client.dbsize() == 0
+
+
 async def open_request_with_a_trickling_body(
     port: int,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
