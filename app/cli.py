@@ -30,6 +30,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from app.main import create_app
+    from app.server import uvicorn_options
 
     settings.require_receiver_ready()
     create_app(settings)  # fail here, with a clear message, not inside a worker process
@@ -39,9 +40,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         host=args.host or settings.host,
         port=args.port or settings.port,
         workers=args.workers,
-        proxy_headers=False,  # X-Forwarded-For is judged by SFRELAY_TRUSTED_PROXIES alone
-        server_header=False,
         log_level="info",
+        **uvicorn_options(settings),
     )
     return 0
 

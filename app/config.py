@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     allowed_networks: Annotated[list[Network], NoDecode] = Field(default_factory=list)
     trusted_proxies: Annotated[list[Network], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # A client has this long for its request head, then as long again for its body.
+    read_timeout_seconds: float = Field(default=30, gt=0)
+    # Open connections per receiver process; beyond it the oldest idle or slow one is closed.
+    max_connections: int = Field(default=1000, ge=1)
     wsdl_dir: Path = DEFAULT_WSDL_DIR
     handled_objects: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["Contact", "Lead"]

@@ -6,7 +6,8 @@ SfrelayError
 │   ├── BodyTooLarge          413
 │   ├── UnsupportedMediaType  415
 │   ├── NotAllowed            403: client address outside SFRELAY_ALLOWED_NETWORKS
-│   ├── BadToken              401: ?token= missing or wrong
+│   ├── BadToken              401: ?token= missing, wrong or given more than once
+│   ├── RequestTimeout        408: the body did not arrive within SFRELAY_READ_TIMEOUT_SECONDS
 │   ├── MalformedMessage      400: not XML, DOCTYPE, wrong envelope or operation, > 100
 │   └── UnknownOrganization   403: OrganizationId not in SFRELAY_ORG_IDS
 ├── RetryableError            transient: try again later (Redis down, database locked)
@@ -75,6 +76,10 @@ class NotAllowed(RejectedMessage):
 
 class BadToken(RejectedMessage):
     status_code = 401
+
+
+class RequestTimeout(RejectedMessage):
+    status_code = 408
 
 
 class MalformedMessage(RejectedMessage):

@@ -6,7 +6,9 @@ import gc
 import logging
 import re
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from urllib.parse import unquote
 
 from fastapi import FastAPI
 from redis.asyncio import Redis
@@ -16,23 +18,61 @@ from app import __version__
 from app.config import Settings
 from app.errors import ConfigError
 from app.queue import Enqueuer
-from app.receiver import router
+from app.receiver import ParseBudget, router
 from app.wsdl import load_contract
 
 log = logging.getLogger("sfrelay.receiver")
 
-_SECRET_QUERY = re.compile(r"((?:^|[?&])(?:token|sessionid|access_token)=)[^&\s]*", re.I)
+_SECRET_PARAM = re.compile(
+    r"((?:^|[?&;\s])(?:token|access_token|sessionid|session_id|sid|password)=)[^&;\s]+", re.I
+)
+# A Salesforce session id: the organization id, "!", then the session's secret.
+_SESSION_ID = re.compile(r"\b00D[A-Za-z0-9]{12}(?:[A-Za-z0-9]{3})?![A-Za-z0-9._\-]+")
+_PERCENT_WORD = re.compile(r"\S*%[0-9A-Fa-f]{2}\S*")
+
+
+def _decoded(word: str) -> str:
+    for _ in range(3):  # %2574oken is %74oken is token
+        decoded = unquote(word)
+        if decoded == word:
+            break
+        word = decoded
+    return word
+
+
+def scrub(text: str) -> str:
+    """`text` without secrets: query parameters judged as the application decodes them
+    (`?%74oken=` is `?token=`), and anything shaped like a Salesforce session id."""
+    if "%" in text:
+        text = _PERCENT_WORD.sub(lambda m: _decoded(m.group()), text)
+    return _SESSION_ID.sub("***", _SECRET_PARAM.sub(r"\1***", text))
 
 
 class RedactSecrets(logging.Filter):
-    """Scrub ?token= (and similar) from access-log lines: tokens never reach the logs."""
+    """Scrub tokens and session ids from every log line (uvicorn's access log and ours)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                _SECRET_QUERY.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
-            )
+        if not record.args and isinstance(record.msg, str):
+            record.msg = scrub(record.msg)  # already the whole line (else a format string)
+        elif isinstance(record.args, tuple):
+            record.args = tuple(scrub(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: scrub(v) if isinstance(v, str) else v for k, v in record.args.items()}
         return True
+
+
+_REDACT = RedactSecrets()
+
+
+def redact_logs() -> None:
+    """Put the filter on every handler that can print a request line: the root logger's (ours
+    propagate there) and uvicorn's, and on uvicorn's access logger should its handlers change."""
+    names = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
+    loggers = [logging.getLogger(name) for name in names]
+    targets: list[logging.Filterer] = [loggers[-1], *(h for lg in loggers for h in lg.handlers)]
+    for target in targets:
+        if _REDACT not in target.filters:
+            target.addFilter(_REDACT)
 
 
 def redis_client(settings: Settings) -> Redis:
@@ -77,12 +117,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             f"no WSDL in {settings.wsdl_dir} declares {', '.join(missing)}: add the "
             "Outbound Message WSDL of each handled object"
         )
-    logging.getLogger("uvicorn.access").addFilter(RedactSecrets())
+    redact_logs()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = redis_client(settings)
         app.state.redis = redis
+        app.state.unready_reason = None
+        # Two max-size messages parse at once (the cores this is sized for); more wait.
+        app.state.parse_budget = ParseBudget(2 * settings.max_body_bytes)
+        executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sfrelay-parse")
+        app.state.parse_executor = executor
         await warn_if_not_durable(redis)
         app.state.enqueuer = Enqueuer(
             redis,
@@ -98,6 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            executor.shutdown(wait=False, cancel_futures=True)
             await redis.aclose()
 
     app = FastAPI(

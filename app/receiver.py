@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Executor
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from redis.exceptions import RedisError
+from redis.asyncio import Redis
+from redis.exceptions import (
+    BusyLoadingError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -24,6 +35,7 @@ from app.errors import (
     NotAllowed,
     QueueUnavailable,
     RejectedMessage,
+    RequestTimeout,
     UnknownOrganization,
     UnsupportedMediaType,
     clip,
@@ -39,11 +51,72 @@ ENDPOINT = "/salesforce/outbound-message"
 XML_MEDIA_TYPES = ("text/xml", "application/xml")
 SOAP_CONTENT_TYPE = "text/xml; charset=utf-8"
 
+# Smaller messages (a typical 100-notification message is well under this) parse on the event
+# loop in a few milliseconds; larger ones in a thread, and are parsed and queued within the
+# budget of bytes in flight.
+PARSE_INLINE_BYTES = 64 * 1024
+
+# A key that never exists: `SET key 1 XX` is refused exactly when Redis refuses the ack's writes
+# (OOM, MISCONF, READONLY, NOREPLICAS) and otherwise changes nothing, not even the AOF.
+READY_PROBE_KEY = "sfrelay:ready-probe"
+
 router = APIRouter()
 
 
 def _soap(body: bytes, status_code: int) -> Response:
-    return Response(content=body, status_code=status_code, media_type=SOAP_CONTENT_TYPE)
+    response = Response(content=body, status_code=status_code, media_type=SOAP_CONTENT_TYPE)
+    if status_code >= 400:
+        # A refused client may still be sending its body: do not keep reading it.
+        response.headers["connection"] = "close"
+    return response
+
+
+class ParseBudget:
+    """At most `capacity` bytes of messages parsed and queued at once, first come first served.
+
+    A parse tree, and the parsed message on its way to Redis, take several times the message's
+    size: 16 concurrent 7 MB messages took the receiver from 84 MB to 600 MB. A message larger
+    than the capacity waits for all of it.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.free = capacity
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def acquire(self, size: int) -> int:
+        size = min(size, self.capacity)
+        if not self._waiters and size <= self.free:
+            self.free -= size
+            return size
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((size, waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release(size)  # granted as it was cancelled: give it back
+            else:
+                self._waiters.remove((size, waiter))
+                self.release(0)  # the next waiter may fit now
+            raise
+        return size
+
+    @asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        held = await self.acquire(size)
+        try:
+            yield
+        finally:
+            self.release(held)
+
+    def release(self, size: int) -> None:
+        self.free += size
+        while self._waiters and self._waiters[0][0] <= self.free:
+            wanted, waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.free -= wanted
+                waiter.set_result(None)
 
 
 def _in_networks(address: str, networks: Sequence[Network]) -> bool:
@@ -59,11 +132,13 @@ def client_address(request: Request, trusted_proxies: Sequence[Network]) -> str:
     peer = request.client.host if request.client else ""
     if not trusted_proxies or not _in_networks(peer, trusted_proxies):
         return peer
-    hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
+    # Every header line counts, in order: a proxy may add its own line after the client's.
+    lines = request.headers.getlist("x-forwarded-for")
+    hops = [h.strip() for line in lines for h in line.split(",") if h.strip()]
     for hop in reversed(hops):
         if not _in_networks(hop, trusted_proxies):
-            return hop
-    return hops[0] if hops else peer
+            return hop[:64]  # not always an address: it is echoed in the fault
+    return hops[0][:64] if hops else peer
 
 
 def _check_sender(request: Request, settings: Settings) -> None:
@@ -73,7 +148,13 @@ def _check_sender(request: Request, settings: Settings) -> None:
             raise NotAllowed(f"address {address} is not allowed to send Outbound Messages")
     expected = settings.endpoint_token
     if expected is not None:
-        given = request.query_params.get("token")
+        # Parsed and decoded as the application sees it (`?%74oken=` is `token`); exactly one.
+        tokens = request.query_params.getlist("token")
+        if len(tokens) > 1:
+            raise BadToken(
+                f"{len(tokens)} token parameters: give ?token=<SFRELAY_ENDPOINT_TOKEN> once"
+            )
+        given = tokens[0] if tokens else ""
         if not given:
             raise BadToken("missing token: add ?token=<SFRELAY_ENDPOINT_TOKEN> to the endpoint URL")
         if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
@@ -88,8 +169,9 @@ def _check_media_type(request: Request) -> None:
         )
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` bytes, and with 408
+    if it has not arrived whole within `timeout_s`."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -98,16 +180,42 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise BodyTooLarge(f"the body exceeds {limit} bytes (SFRELAY_MAX_BODY_BYTES)")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"the body exceeds {limit} bytes (SFRELAY_MAX_BODY_BYTES)")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"the body exceeds {limit} bytes (SFRELAY_MAX_BODY_BYTES)")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the body did not arrive within {timeout_s:g} s (SFRELAY_READ_TIMEOUT_SECONDS)"
+        ) from None
     return b"".join(chunks)
 
 
 # Distinct undeclared fields reported per process: a hostile message cannot grow it for ever.
 _UNDECLARED_REPORTED_MAX = 1000
+
+
+def _large_message_slot(request: Request, size: int) -> AbstractAsyncContextManager[None]:
+    """Small messages go straight through; large ones wait for room in the parse budget."""
+    if size <= PARSE_INLINE_BYTES:
+        return nullcontext()
+    budget: ParseBudget = request.app.state.parse_budget
+    return budget.hold(size)
+
+
+async def _parse(request: Request, body: bytes, settings: Settings) -> OutboundMessage:
+    """Parse on the event loop when small, else in the parse threads: the loop keeps answering
+    (health checks, other messages) while a large message parses."""
+    contract: Contract = request.app.state.contract
+    if len(body) <= PARSE_INLINE_BYTES:
+        return parse_message(body, contract, settings.handled_objects)
+    executor: Executor = request.app.state.parse_executor
+    return await asyncio.get_running_loop().run_in_executor(
+        executor, parse_message, body, contract, settings.handled_objects
+    )
 
 
 def _report_undeclared(seen: set[tuple[str, str]], message: OutboundMessage) -> None:
@@ -132,14 +240,15 @@ async def outbound_message(request: Request) -> Response:
     try:
         _check_sender(request, settings)
         _check_media_type(request)
-        body = await _read_body(request, settings.max_body_bytes)
-        message = parse_message(body, request.app.state.contract, settings.handled_objects)
-        allowed_orgs: frozenset[str] = request.app.state.org_ids
-        if allowed_orgs and canonical_id(message.organization_id) not in allowed_orgs:
-            raise UnknownOrganization(
-                f"organization {message.organization_id} is not in SFRELAY_ORG_IDS"
-            )
-        result = await enqueuer.enqueue(message, body)
+        body = await _read_body(request, settings.max_body_bytes, settings.read_timeout_seconds)
+        async with _large_message_slot(request, len(body)):
+            message = await _parse(request, body, settings)
+            allowed_orgs: frozenset[str] = request.app.state.org_ids
+            if allowed_orgs and canonical_id(message.organization_id) not in allowed_orgs:
+                raise UnknownOrganization(
+                    f"organization {message.organization_id} is not in SFRELAY_ORG_IDS"
+                )
+            result = await enqueuer.enqueue(message, body)
     except RejectedMessage as exc:
         log.warning("refused (%s): %s", exc.status_code, exc.detail)
         return _soap(fault(exc.faultstring, exc.faultcode), exc.status_code)
@@ -206,10 +315,43 @@ async def healthz() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+_REFUSALS = {
+    "OOM": "Redis is out of memory (maxmemory reached) and refuses writes: raise maxmemory or "
+    "add workers to drain the queue",
+    "MISCONF": "Redis refuses writes because it cannot save to disk: see the Redis log (disk "
+    "full or not writable)",
+    "READONLY": "Redis is a read-only replica: point SFRELAY_REDIS_URL at the primary",
+    "NOREPLICAS": "Redis refuses writes: fewer replicas than min-replicas-to-write are connected",
+}
+
+
+def _refusal(exc: ResponseError) -> str:
+    # redis-py strips the codes it has a class for; the others stay the first word.
+    if isinstance(exc, OutOfMemoryError):
+        code = "OOM"
+    elif isinstance(exc, ReadOnlyError):
+        code = "READONLY"
+    else:
+        code = str(exc).split(" ", 1)[0]
+    return _REFUSALS.get(code, f"Redis refuses writes ({code[:20]}): see the Redis log")
+
+
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
+    """200 only when an ack could be written now: Redis answers AND accepts writes."""
+    redis: Redis = request.app.state.redis
     try:
-        await request.app.state.redis.ping()
-    except (RedisError, OSError) as exc:
-        return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
-    return JSONResponse({"status": "ready", "redis": "ok"})
+        await redis.set(READY_PROBE_KEY, b"1", xx=True, px=1000)
+    except ResponseError as exc:
+        reason = _refusal(exc)
+    except BusyLoadingError:
+        reason = "Redis is loading its data set: ready when it has"
+    except (RedisError, OSError):
+        reason = "Redis does not answer: check SFRELAY_REDIS_URL and that Redis runs"
+    else:
+        request.app.state.unready_reason = None
+        return JSONResponse({"status": "ready", "redis": "ok"})
+    if request.app.state.unready_reason != reason:  # say it once, not at every probe
+        request.app.state.unready_reason = reason
+        log.error("not ready: %s", reason)
+    return JSONResponse({"status": "unavailable", "redis": reason}, status_code=503)

@@ -1,0 +1,165 @@
+"""How `sfrelay serve` runs uvicorn: a deadline for each request head, and a connection cap.
+
+uvicorn bounds neither the time a client may take to send its request head nor the number of
+connections it holds open: a few thousand clients trickling their headers exhaust the file
+descriptors and take `/healthz` down with the rest. `GuardedHttpProtocol` (uvicorn's httptools
+protocol) gives every connection `SFRELAY_READ_TIMEOUT_SECONDS` to deliver a complete request head,
+from the moment it is accepted or its previous response was sent, then answers 408 and closes it.
+At `SFRELAY_MAX_CONNECTIONS` open connections, a new one closes the oldest connection that is
+still waiting for a request head (a trickler or an idle keep-alive); if every connection is busy
+with a request, the new one gets 503 and is closed. The body's own deadline is enforced where the
+receiver reads it (`app.receiver`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import resource
+from dataclasses import dataclass
+from typing import Any, cast
+from weakref import WeakKeyDictionary
+
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from app.config import Settings
+
+log = logging.getLogger("sfrelay.receiver")
+
+# Descriptors the process needs beside client connections: listening socket, Redis pool, logs.
+RESERVED_DESCRIPTORS = 128
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    read_timeout_s: float
+    max_connections: int
+
+
+def _response(status: str, text: str) -> bytes:
+    body = text.encode()
+    return (
+        f"HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+
+
+# Connections of one server that are waiting for a request head, oldest first.
+_waiting: WeakKeyDictionary[ServerState, dict[GuardedHttpProtocol, None]] = WeakKeyDictionary()
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a request-head deadline and a connection cap."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        limits: ConnectionLimits,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.limits = limits
+        self.head_deadline: asyncio.TimerHandle | None = None
+        self.waiting = _waiting.setdefault(server_state, {})
+
+    # --- the request-head deadline --------------------------------------------------------------
+
+    def _await_head(self) -> None:
+        """Start the clock: a complete request head must arrive within the read timeout."""
+        self._head_arrived()
+        self.head_deadline = self.loop.call_later(self.limits.read_timeout_s, self._head_late)
+        self.waiting[self] = None
+
+    def _head_arrived(self) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+        self.waiting.pop(self, None)
+
+    def _head_late(self) -> None:
+        self.head_deadline = None
+        self.waiting.pop(self, None)
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a request is being answered; the next head's clock starts after it
+        seconds = f"{self.limits.read_timeout_s:g}"
+        self._close_with(
+            "408 Request Timeout",
+            f"the request head did not arrive within {seconds} s (SFRELAY_READ_TIMEOUT_SECONDS)",
+        )
+
+    def _close_with(self, status: str, text: str) -> None:
+        self._head_arrived()
+        if not self.transport.is_closing():
+            self.transport.write(_response(status, text))
+            self.transport.close()
+        # Closing: no longer counted against the cap (uvicorn forgets it once the socket is gone).
+        self.connections.discard(self)
+
+    # --- uvicorn's hooks --------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            if self.waiting:
+                oldest = next(iter(self.waiting))
+                oldest._close_with("503 Service Unavailable", "too many connections")
+            else:
+                self._close_with("503 Service Unavailable", "too many connections")
+                return
+        self._await_head()
+
+    def on_headers_complete(self) -> None:
+        self._head_arrived()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self._await_head()  # keep-alive: the next request's head has the same deadline
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_arrived()
+        super().connection_lost(exc)
+
+
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    """The limits to serve with; raises the descriptor limit so the cap can be honoured."""
+    wanted = settings.max_connections + RESERVED_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    max_connections = settings.max_connections
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        max_connections = max(1, soft - RESERVED_DESCRIPTORS)
+        log.warning(
+            "SFRELAY_MAX_CONNECTIONS=%d needs %d file descriptors, the limit is %d: serving at "
+            "most %d connections; raise the limit (ulimit -n) or lower SFRELAY_MAX_CONNECTIONS",
+            settings.max_connections,
+            wanted,
+            soft,
+            max_connections,
+        )
+    return ConnectionLimits(settings.read_timeout_seconds, max_connections)
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn.run / uvicorn.Config keyword arguments shared by `sfrelay serve` and the tests."""
+    protocol = functools.partial(GuardedHttpProtocol, limits=connection_limits(settings))
+    return {
+        # uvicorn accepts any protocol factory here; a partial of a module-level class also
+        # survives the pickling of `--workers N`.
+        "http": cast(type[asyncio.Protocol], protocol),
+        "proxy_headers": False,  # X-Forwarded-For is judged by SFRELAY_TRUSTED_PROXIES alone
+        "server_header": False,
+    }
