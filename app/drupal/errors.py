@@ -141,13 +141,13 @@ def _classify_driver(orig: BaseException | None) -> Classified | None:
     name = getattr(orig, "sqlite_errorname", None)
     if isinstance(name, str):
         return _sqlite(name)
-    sqlstate = getattr(orig, "sqlstate", None)
-    if isinstance(sqlstate, str) and len(sqlstate) == 5:
-        return _postgres(sqlstate)
     if type(orig).__module__.startswith(("pymysql", "aiomysql", "MySQLdb")):
         number = orig.args[0] if orig.args else None
         if isinstance(number, int):
             return _mysql(number)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str) and len(sqlstate) == 5:
+        return _postgres(sqlstate)
     cause = orig.__cause__
     if cause is not None and cause is not orig:
         sqlstate = getattr(cause, "sqlstate", None)
