@@ -11,9 +11,10 @@ Public API (the worker codes against this; it imports neither arq nor FastAPI)::
 `apply` takes notifications as `app.queue.decode_notifications` returns them
 (``{"id": ..., "object": "Contact"|"Lead", "fields": {"Id": ..., "Email": ..., ...}}``;
 datetime fields may be `datetime` objects or ISO strings) and returns one `Outcome` per
-notification, in order. The whole list is written in ONE transaction; if that transaction
-fails on a per-record problem (constraint, bad value), every record is re-applied alone, so one
-bad record never blocks or rolls back the others. Per-record problems become outcomes, never
+notification, in order. The whole list is written in ONE transaction; if the database refuses
+it on a per-record problem (constraint, trigger, bad value), the list is bisected: each half in
+its own transaction, recursively, so one bad record costs about 2 * log2(n) extra transactions
+and never blocks or rolls back the others. Per-record problems become outcomes, never
 exceptions:
 
 ==========================  ===================================================================
@@ -41,7 +42,8 @@ failed                      permanent per-record error (detail: the error): dead
 ==========================  ===================================================================
 
 `apply` raises `app.errors.RetryableError` only when the database as a whole cannot be used
-(unreachable, locked, deadlock on the batch): the whole call can simply be repeated, because
+(unreachable, locked, deadlock, read-only, disk full, I/O error: classified by the driver's error
+code in app/drupal/errors.py): the whole call can simply be repeated, because
 applying the same notifications again has no second effect. `Syncer.open` raises
 `ConfigError` for a wrong field map, role or Drupal version, and `RetryableError` when the
 database cannot be reached.
@@ -77,7 +79,7 @@ notification (datetimes come back as ISO strings; `apply` accepts those).
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from contextlib import suppress
@@ -93,6 +95,7 @@ from app.drupal import state
 from app.drupal.d7 import Drupal7
 from app.drupal.d10 import Drupal10
 from app.drupal.engine import create_engine, writer
+from app.drupal.errors import classify, is_transient
 from app.drupal.schema import IMPLICIT_ROLES, DrupalSchema, inspect_drupal
 from app.drupal.state import DeadLetter
 from app.drupal.stats import Statistics
@@ -103,6 +106,8 @@ from app.plan import Planner, note_failure
 from app.records import Record, RecordError, to_record
 
 __all__ = ["OUTCOMES", "DeadLetter", "Outcome", "Syncer", "is_transient"]
+
+logger = logging.getLogger("sfrelay.worker")
 
 OUTCOMES = frozenset(
     {
@@ -121,25 +126,6 @@ OUTCOMES = frozenset(
         "failed",
     }
 )
-# Database errors that say "later", not "never" (driver messages differ; these words don't).
-_TRANSIENT = (
-    "database is locked",
-    "deadlock",
-    "lock wait timeout",
-    "could not serialize",
-    "serialization failure",
-    "connection",
-    "gone away",
-    "lost connection",
-    "timeout",
-    "timed out",
-    "too many",
-    "terminating",
-    "shutting down",
-    "refused",
-    "closed",
-    "busy",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,17 +137,6 @@ class Outcome:
     outcome: str  # one of OUTCOMES
     uid: int | None = None
     detail: str | None = None  # the other Id for conflicts, the error for retry/failed
-
-
-def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        if isinstance(exc, IntegrityError):
-            return False
-        message = str(exc.orig).lower()
-        return any(word in message for word in _TRANSIENT)
-    return isinstance(exc, OSError | asyncio.TimeoutError | ConnectionError)
 
 
 def _error(exc: BaseException) -> str:
@@ -228,36 +203,55 @@ class Syncer:
                     str(notification.get("id") or ""), fields.get("Id"), "failed", None, str(exc)
                 )
         if records:
-            try:
-                await self._apply(records, outcomes)
-            except Exception as exc:
-                if is_transient(exc):
-                    raise RetryableError(f"Drupal database: {_error(exc)}") from exc
-                if not isinstance(exc, DBAPIError):
-                    raise
-                await self._one_by_one(records, outcomes)
+            await self._bisect(records, outcomes, whole=True)
         return [o for o in outcomes if o is not None]
 
-    async def _one_by_one(self, records: list[Record], outcomes: list[Outcome | None]) -> None:
-        """After a failed batch: each record in its own transaction, so one bad record only
-        fails itself."""
-        for record in records:
-            try:
-                await self._apply([record], outcomes)
-            except Exception as exc:
-                if is_transient(exc):
-                    raise RetryableError(f"Drupal database: {_error(exc)}") from exc
-                if not isinstance(exc, DBAPIError):
-                    raise
-                # A constraint can be another writer (Drupal itself) that took the same
-                # name or id meanwhile: worth another try. Anything else will fail again.
-                kind = "retry" if isinstance(exc, IntegrityError) else "failed"
-                outcomes[record.index] = Outcome(
-                    record.notification_id, record.raw_id, kind, None, _error(exc)
+    async def _bisect(
+        self, records: list[Record], outcomes: list[Outcome | None], *, whole: bool = False
+    ) -> None:
+        """Apply `records` in one transaction; if the database refuses it, apply each half
+        in its own (recursively), so a record no validation could foresee (a constraint or
+        trigger of the site) costs about 2 * log2(n) extra transactions, and the others are
+        written in few large ones. A record that fails alone gets `retry` or `failed`."""
+        try:
+            await self._apply(records, outcomes)
+            return
+        except Exception as exc:
+            await self._raise_if_transient(exc)
+            if not isinstance(exc, DBAPIError):
+                raise
+            failure = exc
+        if len(records) > 1:
+            if whole:
+                logger.info(
+                    "a batch of %d records was refused (%s): bisecting it",
+                    len(records),
+                    classify(failure).code or type(failure.orig).__name__,
                 )
-                with suppress(DBAPIError):  # the history is a record, not the outcome
-                    async with writer(self.engine) as conn:
-                        await note_failure(conn, record, kind, _error(exc))
+            middle = len(records) // 2
+            await self._bisect(records[:middle], outcomes)
+            await self._bisect(records[middle:], outcomes)
+            return
+        (record,) = records
+        # A constraint can be another writer (Drupal itself) that took the same name or id
+        # meanwhile: worth another try. Anything else will fail again.
+        kind = "retry" if isinstance(failure, IntegrityError) else "failed"
+        outcomes[record.index] = Outcome(
+            record.notification_id, record.raw_id, kind, None, _error(failure)
+        )
+        with suppress(DBAPIError):  # the history is a record, not the outcome
+            async with writer(self.engine) as conn:
+                await note_failure(conn, record, kind, _error(failure))
+
+    async def _raise_if_transient(self, exc: BaseException) -> None:
+        verdict = classify(exc)
+        if not verdict.transient:
+            return
+        if verdict.reconnect:
+            # A SQLite file opened read-only stays read-only, a dropped server connection
+            # stays dropped: the next attempt must open new connections.
+            await self.engine.dispose()
+        raise RetryableError(f"Drupal database: {_error(exc)}") from exc
 
     async def _apply(self, records: list[Record], outcomes: list[Outcome | None]) -> None:
         async with writer(self.engine) as conn:

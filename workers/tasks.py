@@ -29,7 +29,8 @@ from app.queue import (
 )
 from app.sfid import canonical_id
 from app.sync import Outcome, Syncer
-from workers.batch import GroupCommit
+from workers.batch import GroupCommit, WriterBusy
+from workers.lease import WriterLease
 
 logger = logging.getLogger("sfrelay.worker")
 
@@ -67,7 +68,10 @@ class WorkerState:
 
 async def startup(ctx: dict[str, Any], settings: Settings) -> None:
     syncer = await Syncer.open(settings)
-    state = WorkerState(settings, syncer, GroupCommit(syncer.apply, settings.worker_batch_size))
+    # Workers of one database take turns to write it (workers/lease.py).
+    lease = WriterLease(ctx["redis"], settings.database_url)
+    batch = GroupCommit(syncer.apply, settings.worker_batch_size, lease.turn)
+    state = WorkerState(settings, syncer, batch)
     ctx[STATE] = state
     logger.info("worker ready: rss %.0f MB", _rss_mb(state))
 
@@ -134,8 +138,14 @@ async def apply_notifications(
         dead = [(item, reason, job_try) for item in notifications]
     else:
         try:
-            async with asyncio.timeout_at(apply_by):
-                outcomes = await state.batch.apply(decode_notifications(notifications, types))
+            outcomes = await state.batch.apply(
+                decode_notifications(notifications, types), deadline=apply_by
+            )
+        except WriterBusy:
+            # Other workers' batches took the database until this job's deadline: nothing of
+            # it ran and nothing failed. Back on the queue, due now, its tries unchanged.
+            await _requeue_waiting(redis, ctx, settings, job)
+            return
         except (RetryableError, TimeoutError) as exc:
             reason = str(exc) or "the database gave no answer in time"
             if job_try < settings.max_tries:
@@ -177,6 +187,34 @@ async def apply_notifications(
 
 
 _Letter = tuple[dict[str, Any], str, int]  # notification, reason, attempts
+
+
+async def _requeue_waiting(
+    redis: Redis, ctx: dict[str, Any], settings: Settings, job: _Job
+) -> None:
+    # A fixed follow-up id (.w<n>, counting up): a re-run of this job queues the same one.
+    base, _, count = str(ctx["job_id"]).rpartition(".w")
+    if not (base and count.isdigit()):
+        base, count = str(ctx["job_id"]), "0"
+    job_id = f"{base}.w{int(count) + 1}"
+    try:
+        await enqueue_apply(
+            redis,
+            settings.queue_name,
+            job.kwargs(job.notifications),
+            job_ttl_s=settings.job_ttl_seconds,
+            job_id=job_id,
+        )
+    except QueueUnavailable as exc:
+        delay = backoff_s(settings, ctx["job_try"])
+        logger.warning("job %s: %s; running it again in %.0f s", ctx["job_id"], exc, delay)
+        raise Retry(defer=delay) from exc
+    logger.info(
+        "job %s: other workers held the database until its deadline; queued again as %s "
+        "(tries unchanged)",
+        ctx["job_id"],
+        job_id,
+    )
 
 
 def _sort_outcomes(

@@ -88,7 +88,14 @@ async def writer(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """One transaction holding the sfrelay writer lock, so concurrent workers never race
     on usernames, emails or uids (SQLite: BEGIN IMMEDIATE is that lock already)."""
     backend = engine.dialect.name
-    async with engine.connect() as conn:
+    conn = engine.connect()
+    try:
+        await conn.start()
+    except DBAPIError as exc:
+        # Whatever the server's reason (down, not accepting connections, too many), a
+        # database that cannot be connected to is a transient state, never a record's fault.
+        raise RetryableError(f"cannot connect to the Drupal database: {exc.orig}") from exc
+    try:
         if backend == "mysql":
             got = await conn.scalar(
                 text("SELECT GET_LOCK(:name, :wait)"),
@@ -110,3 +117,5 @@ async def writer(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
                 with suppress(DBAPIError):
                     await conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": _MYSQL_LOCK})
                     await conn.commit()
+    finally:
+        await conn.close()

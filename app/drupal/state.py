@@ -12,6 +12,7 @@ Drupal's schema has no index for (see `ensure_indexes`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,15 +31,20 @@ from sqlalchemy import (
     Text,
     delete,
     insert,
+    inspect,
     select,
     text,
     update,
 )
 from sqlalchemy.dialects import mysql
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.drupal.bulk import insert_rows, update_rows
 from app.drupal.engine import writer
+from app.drupal.errors import is_transient
+
+logger = logging.getLogger("sfrelay.worker")
 
 metadata = MetaData()
 _LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql")
@@ -86,7 +92,15 @@ MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
 
 
 async def migrate(engine: AsyncEngine) -> int:
-    """Bring sfrelay's tables to the newest version (safe with several workers starting)."""
+    """Bring sfrelay's tables to the newest version (safe with several workers starting).
+    Up to date (every start but the first): a read, no write lock."""
+    async with engine.connect() as conn:
+        if await conn.run_sync(lambda sync: inspect(sync).has_table(schema_version.name)):
+            current = await conn.scalar(
+                select(schema_version.c.version).where(schema_version.c.id == 1)
+            )
+            if current == len(MIGRATIONS):
+                return len(MIGRATIONS)
     async with writer(engine) as conn:
         await conn.run_sync(metadata.create_all, tables=[schema_version], checkfirst=True)
         current = await conn.scalar(
@@ -271,20 +285,82 @@ _LOOKUP_INDEXES = {
 }
 
 
+# PostgreSQL: how long creating a missing index may wait for Drupal's open transactions.
+# CREATE INDEX CONCURRENTLY never blocks Drupal's reads and writes, but it waits for every
+# transaction that touched the table; past this it gives up until the next start.
+PG_INDEX_LOCK_TIMEOUT = "2s"
+
+
 async def ensure_indexes(engine: AsyncEngine, major: int) -> None:
     """Indexes on lower(mail) / lower(name), so linking by email and picking usernames
-    stay index look-ups instead of a scan of every user per batch. Ensured at every start:
-    a Drupal schema update that rebuilds the table drops them, and nothing else breaks."""
+    stay index look-ups instead of a scan of every user per batch. Checked at every start in
+    the catalog (a Drupal schema update that rebuilds the table drops them), created only when
+    missing: on PostgreSQL CONCURRENTLY, outside any transaction, with a short lock_timeout,
+    so a start never queues Drupal's user saves behind it; if it cannot, it says so and the
+    next start tries again (sfrelay works without them, only slower)."""
     wanted = _LOOKUP_INDEXES.get((major, engine.dialect.name), [])
     if not wanted:
         return
-    async with writer(engine) as conn:
-        for table, column, kind in wanted:
-            opclass = " text_pattern_ops" if kind == "pattern" else ""
-            suffix = "_pattern" if kind == "pattern" else ""
-            await conn.execute(
+    names: dict[str, tuple[str, str]] = {}  # index name -> (table, indexed expression)
+    for table, column, kind in wanted:
+        opclass = " text_pattern_ops" if kind == "pattern" else ""
+        suffix = "_pattern" if kind == "pattern" else ""
+        names[f"sfrelay_{table}_{column}_lower{suffix}"] = (table, f"lower({column}){opclass}")
+    if engine.dialect.name == "postgresql":
+        await _ensure_pg_indexes(engine, names)
+        return
+    async with engine.connect() as conn:
+        found = set(
+            await conn.scalars(
                 text(
-                    f"CREATE INDEX IF NOT EXISTS sfrelay_{table}_{column}_lower{suffix} "
-                    f"ON {table} (lower({column}){opclass})"
+                    "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'sfrelay_%'"
                 )
             )
+        )
+        missing = {name: spec for name, spec in names.items() if name not in found}
+    if missing:
+        async with writer(engine) as conn:
+            for name, (table, expression) in missing.items():
+                await conn.execute(
+                    text(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({expression})")
+                )
+
+
+async def _ensure_pg_indexes(engine: AsyncEngine, names: dict[str, tuple[str, str]]) -> None:
+    async with engine.connect() as conn:
+        auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        rows = await auto.execute(
+            text(
+                "SELECT c.relname, i.indisvalid FROM pg_class c "
+                "JOIN pg_index i ON i.indexrelid = c.oid "
+                "WHERE c.relnamespace = current_schema()::regnamespace "
+                "AND c.relname = ANY(:names)"
+            ),
+            {"names": list(names)},
+        )
+        valid = {name: bool(ok) for name, ok in rows}
+        missing = [name for name in names if not valid.get(name)]
+        if not missing:
+            return
+        await auto.execute(text(f"SET lock_timeout = '{PG_INDEX_LOCK_TIMEOUT}'"))
+        try:
+            for name in missing:
+                table, expression = names[name]
+                if name in valid:  # left invalid by an earlier start that gave up
+                    await auto.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+                await auto.execute(
+                    text(f"CREATE INDEX CONCURRENTLY {name} ON {table} ({expression})")
+                )
+        except DBAPIError as exc:
+            if not is_transient(exc):
+                raise
+            logger.warning(
+                "index %s not created yet: Drupal's open transactions on %s kept it waiting "
+                "(%s); the worker runs without it (look-ups are slower) and tries again at "
+                "its next start",
+                name,
+                table,
+                PG_INDEX_LOCK_TIMEOUT,
+            )
+        finally:
+            await auto.execute(text("RESET lock_timeout"))

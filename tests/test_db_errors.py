@@ -1,0 +1,197 @@
+"""Error classification (app/drupal/errors.py) on real errors from real SQLite, PostgreSQL and
+MariaDB: by the driver's code, whatever the message says."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from app.drupal.errors import Classified, classify
+from tests.fixtures_db import Server
+from tests.servers import free_port
+
+
+def caught(action: Callable[[], object]) -> BaseException:
+    try:
+        action()
+    except Exception as exc:
+        return exc
+    raise AssertionError("no error")
+
+
+async def acaught(action: Callable[[], Awaitable[object]]) -> BaseException:
+    try:
+        await action()
+    except Exception as exc:
+        return exc
+    raise AssertionError("no error")
+
+
+def test_sqlite_codes(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TABLE t (x INTEGER UNIQUE CHECK (x < 100))")
+    db.execute("INSERT INTO t VALUES (1)")
+
+    unique = caught(lambda: db.execute("INSERT INTO t VALUES (1)"))
+    check = caught(lambda: db.execute("INSERT INTO t VALUES (500)"))
+    missing = caught(lambda: db.execute("INSERT INTO nowhere VALUES (1)"))
+
+    ro = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    readonly = caught(lambda: ro.execute("INSERT INTO t VALUES (2)"))
+
+    db.execute("BEGIN IMMEDIATE")
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    busy = caught(lambda: other.execute("BEGIN IMMEDIATE"))
+    db.execute("ROLLBACK")
+
+    db.execute("PRAGMA max_page_count = 3")  # the "disk" is full after 3 pages
+    full = caught(lambda: _fill(db))
+    cantopen = caught(lambda: sqlite3.connect(tmp_path / "no" / "such" / "dir.db"))
+    for conn in (db, ro, other):
+        conn.close()
+
+    assert classify(unique) == Classified(False, False, "SQLITE_CONSTRAINT_UNIQUE")
+    assert classify(check) == Classified(False, False, "SQLITE_CONSTRAINT_CHECK")
+    assert classify(missing) == Classified(False, False, "SQLITE_ERROR")
+    assert classify(readonly) == Classified(True, True, "SQLITE_READONLY")
+    assert classify(busy) == Classified(True, False, "SQLITE_BUSY")
+    assert classify(full) == Classified(True, False, "SQLITE_FULL")
+    assert classify(cantopen) == Classified(True, True, "SQLITE_CANTOPEN")
+    # The words that once decided: "busy" in a constraint's message is still a constraint.
+    assert classify(sqlite3.IntegrityError("database is busy")).transient is False
+
+
+def _fill(db: sqlite3.Connection) -> None:
+    for n in range(10_000):
+        db.execute("INSERT INTO t VALUES (?)", (-n - 10,))
+
+
+async def _pg(server: Server, database: str = "postgres") -> AsyncEngine:
+    return create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{server.port}/{database}")
+
+
+async def test_postgresql_sqlstates(pg_server: Server) -> None:
+    engine = await _pg(pg_server)
+    async with engine.connect() as conn:
+        await conn.execute(text("DROP TABLE IF EXISTS errs"))
+        await conn.execute(text("CREATE TABLE errs (x int PRIMARY KEY CHECK (x < 100))"))
+        await conn.execute(text("INSERT INTO errs VALUES (1)"))
+        await conn.commit()
+
+    async def in_tx(sql: str, setup: str | None = None) -> BaseException:
+        async with engine.connect() as conn:
+
+            async def run() -> None:
+                if setup:
+                    await conn.execute(text(setup))
+                await conn.execute(text(sql))
+
+            exc = await acaught(run)
+            await conn.rollback()
+            return exc
+
+    unique = await in_tx("INSERT INTO errs VALUES (1)")
+    check = await in_tx("INSERT INTO errs VALUES (500)")
+    read_only = await in_tx("INSERT INTO errs VALUES (2)", "SET TRANSACTION READ ONLY")
+    timeout = await in_tx("SELECT pg_sleep(5)", "SET LOCAL statement_timeout = '50ms'")
+    async with engine.connect() as holder:
+        await holder.execute(text("LOCK TABLE errs IN ACCESS EXCLUSIVE MODE"))
+        lock = await in_tx("SELECT * FROM errs", "SET LOCAL lock_timeout = '50ms'")
+        await holder.rollback()
+
+    async with engine.connect() as conn:
+        await conn.execute(text("DROP ROLE IF EXISTS nobody_more"))
+        await conn.execute(text("CREATE ROLE nobody_more LOGIN CONNECTION LIMIT 0"))
+        await conn.commit()
+    limited = create_async_engine(
+        f"postgresql+asyncpg://nobody_more@127.0.0.1:{pg_server.port}/postgres"
+    )
+    too_many = await acaught(limited.connect)
+    await limited.dispose()
+
+    async with engine.connect() as victim, engine.connect() as killer:
+        pid = await victim.scalar(text("SELECT pg_backend_pid()"))
+        await killer.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        terminated = await acaught(lambda: victim.execute(text("SELECT 1")))
+        await killer.rollback()
+
+    gone = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/x")
+    refused = await acaught(gone.connect)
+    await gone.dispose()
+    await engine.dispose()
+
+    assert classify(unique) == Classified(False, False, "23505")
+    assert classify(check) == Classified(False, False, "23514")
+    assert classify(read_only) == Classified(True, True, "25006")
+    assert classify(timeout) == Classified(True, False, "57014")
+    assert classify(lock) == Classified(True, False, "55P03")
+    assert classify(too_many) == Classified(True, False, "53300")
+    assert classify(terminated).transient and classify(terminated).reconnect
+    assert classify(refused).transient and classify(refused).reconnect
+
+
+async def test_mariadb_error_numbers(mariadb_server: Server) -> None:
+    engine = create_async_engine(
+        f"mysql+aiomysql://root@127.0.0.1:{mariadb_server.port}/?charset=utf8mb4"
+    )
+    async with engine.connect() as conn:
+        await conn.execute(text("CREATE DATABASE IF NOT EXISTS errs"))
+        await conn.execute(text("DROP TABLE IF EXISTS errs.t"))
+        await conn.execute(
+            text("CREATE TABLE errs.t (x int PRIMARY KEY, s varchar(3)) ENGINE=InnoDB")
+        )
+        await conn.execute(text("INSERT INTO errs.t VALUES (1, 'a')"))
+        await conn.commit()
+
+    async def run(conn: AsyncConnection, *sql: str) -> BaseException:
+        async def go() -> None:
+            for statement in sql:
+                await conn.execute(text(statement))
+
+        exc = await acaught(go)
+        await conn.rollback()
+        return exc
+
+    async with engine.connect() as conn:
+        duplicate = await run(conn, "INSERT INTO errs.t VALUES (1, 'b')")
+        too_long = await run(
+            conn,
+            "SET SESSION sql_mode = 'STRICT_ALL_TABLES'",
+            "INSERT INTO errs.t VALUES (2, 'abcd')",
+        )
+        read_only = await run(
+            conn, "START TRANSACTION READ ONLY", "INSERT INTO errs.t VALUES (3, 'c')"
+        )
+    async with engine.connect() as holder, engine.connect() as waiter:
+        await holder.execute(text("UPDATE errs.t SET s = 'h' WHERE x = 1"))
+        lock_wait = await run(
+            waiter,
+            "SET SESSION innodb_lock_wait_timeout = 1",
+            "UPDATE errs.t SET s = 'w' WHERE x = 1",
+        )
+        await holder.rollback()
+    gone = create_async_engine(f"mysql+aiomysql://root@127.0.0.1:{free_port()}/x")
+    refused = await acaught(gone.connect)
+    await gone.dispose()
+    await engine.dispose()
+
+    assert classify(duplicate) == Classified(False, False, "1062")
+    assert classify(too_long) == Classified(False, False, "1406")
+    assert classify(read_only) == Classified(True, True, "1792")
+    assert classify(lock_wait) == Classified(True, False, "1205")
+    assert classify(refused) == Classified(True, True, "2003")
+
+
+@pytest.mark.parametrize("error", [ConnectionRefusedError(), TimeoutError(), OSError(28, "full")])
+def test_network_and_file_system_errors_are_transient(error: BaseException) -> None:
+    assert classify(error).transient and classify(error).reconnect
+
+
+def test_anything_else_is_about_the_records() -> None:
+    assert classify(ValueError("connection timed out")) == Classified(False, False, None)

@@ -1,0 +1,74 @@
+"""Writer turns (workers/lease.py) through real Redis, and a job that only waited for them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from app.config import Settings
+from app.sync import Syncer
+from tests.fixtures_worker import drupal_users
+from tests.test_worker import contact
+from workers.batch import GroupCommit, WriterBusy
+from workers.lease import WriterLease, database_key
+
+
+@pytest.fixture
+async def aredis(worker_settings: Settings) -> AsyncIterator[Redis]:
+    client: Redis = Redis.from_url(worker_settings.redis_url)
+    yield client
+    await client.aclose()
+
+
+def test_one_key_per_database_however_spelled(tmp_path: Path) -> None:
+    assert database_key("pgsql://a:secret@DB:5432/drupal") == database_key(
+        "postgresql://b@db:5432/drupal"
+    )
+    assert database_key("pgsql://db/drupal") != database_key("pgsql://db/other")
+    assert database_key(f"sqlite:///{tmp_path}/x.sqlite") == database_key(
+        f"sqlite:///{tmp_path}/./x.sqlite"
+    )
+
+
+async def test_turns_are_taken_in_arrival_order(worker_settings: Settings, aredis: Redis) -> None:
+    leases = [WriterLease(aredis, worker_settings.database_url) for _ in range(3)]
+    order: list[int] = []
+    first = leases[0].turn()
+    await first.__aenter__()
+
+    async def take(n: int) -> None:
+        async with leases[n].turn():
+            order.append(n)
+            await asyncio.sleep(0.05)
+
+    second = asyncio.create_task(take(1))
+    await asyncio.sleep(0.1)
+    third = asyncio.create_task(take(2))
+    await asyncio.sleep(0.1)
+    await first.__aexit__(None, None, None)
+    await asyncio.gather(second, third)
+    assert order == [1, 2]
+
+
+async def test_a_job_that_only_waited_for_the_turn_is_writer_busy_and_nothing_ran(
+    worker_settings: Settings, aredis: Redis, drupal_db: Path
+) -> None:
+    syncer = await Syncer.open(worker_settings)
+    other = WriterLease(aredis, worker_settings.database_url).turn()
+    await other.__aenter__()  # another worker writes
+    mine = WriterLease(aredis, worker_settings.database_url)
+    batch = GroupCommit(syncer.apply, 100, mine.turn)
+    deadline = asyncio.get_running_loop().time() + 0.3
+    with pytest.raises(WriterBusy):
+        await batch.apply([contact(1, email="ada@example.org")], deadline=deadline)
+    await other.__aexit__(None, None, None)
+    await batch.wait_idle()
+    assert drupal_users(drupal_db) == []  # the job left before its batch began
+    # Once the turn is free, the next job runs at once.
+    (outcome,) = await batch.apply([contact(2, email="grace@example.org")])
+    assert outcome.outcome == "created"
+    await syncer.close()

@@ -1,0 +1,126 @@
+"""Real `sfrelay worker` processes against database faults: a read-only SQLite file, a dead
+letter of a transient error replayed, two workers and a poison record in a 10,000 batch."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import redis
+
+from app.config import Settings
+from app.dead import list_dead_letters, replay_dead_letters
+from tests.fixtures_worker import WorkerProcess
+from tests.messages import sf_id
+from tests.test_sync_faults import make_read_only, make_writable
+from tests.test_worker_process import emails, enqueue, expected, wait_for
+
+Starter = type[WorkerProcess]
+
+
+def retried(client: redis.Redis, settings: Settings) -> bool:
+    """Some job has run more than once (arq counts its tries in arq:retry:<job id>)."""
+    return any(int(client.get(key) or 0) >= 2 for key in client.keys("arq:retry:*"))
+
+
+def drained(client: redis.Redis, settings: Settings) -> bool:
+    return client.zcard(settings.queue_name) == 0 and not client.keys("arq:in-progress:*")
+
+
+async def test_a_read_only_database_is_retried_and_applied_once_writable_nothing_dead(
+    worker_settings: Settings,
+    worker_process: Starter,
+    redis_client: redis.Redis,
+    drupal_db: Path,
+    tmp_path: Path,
+) -> None:
+    settings = worker_settings.model_copy(
+        update={"max_tries": 10, "retry_backoff_seconds": 0.2, "job_timeout_seconds": 10}
+    )
+    worker = worker_process(settings, tmp_path)
+    worker.wait_ready(redis_client)
+    make_read_only(drupal_db)
+    try:
+        for j in range(5):
+            enqueue(redis_client, settings, 100 * j, 100)
+        wait_for(lambda: retried(redis_client, settings), timeout=60)
+        assert emails(drupal_db) == []
+    finally:
+        make_writable(drupal_db)
+    wait_for(lambda: drained(redis_client, settings), timeout=120)
+    assert emails(drupal_db) == expected(0, 500)
+    assert await list_dead_letters(settings) == []
+    assert "attempt to write a readonly database; retrying in" in worker.output()
+
+
+async def test_a_dead_letter_of_a_transient_error_is_replayed_to_success(
+    worker_settings: Settings,
+    worker_process: Starter,
+    redis_client: redis.Redis,
+    drupal_db: Path,
+    tmp_path: Path,
+) -> None:
+    settings = worker_settings.model_copy(
+        update={"max_tries": 2, "retry_backoff_seconds": 0.1, "job_timeout_seconds": 10}
+    )
+    worker = worker_process(settings, tmp_path)
+    worker.wait_ready(redis_client)
+    make_read_only(drupal_db)
+    try:
+        enqueue(redis_client, settings, 1, 20)
+        wait_for(lambda: drained(redis_client, settings), timeout=60)
+        letters = await list_dead_letters(settings)
+    finally:
+        make_writable(drupal_db)
+    # The database was read-only: the letters are kept in Redis, with the database's reason.
+    assert sorted(d.notification_id or "" for d in letters) == [
+        sf_id("04l", n) for n in range(1, 21)
+    ]
+    assert {d.source for d in letters} == {"redis"}
+    assert all(d.error.startswith("gave up after 2 tries: Drupal database: ") for d in letters)
+    assert all("readonly" in d.error for d in letters)
+    assert emails(drupal_db) == []
+
+    result = await replay_dead_letters(settings, None)
+    assert (result.replayed, result.refused) == (20, {})
+    wait_for(lambda: drained(redis_client, settings), timeout=60)
+    assert emails(drupal_db) == expected(1, 20)
+    assert await list_dead_letters(settings) == []
+    worker.stop()
+
+
+def test_two_workers_and_a_poison_record_in_10000_nothing_else_dead(
+    worker_settings: Settings,
+    worker_process: Starter,
+    redis_client: redis.Redis,
+    drupal_db: Path,
+    tmp_path: Path,
+) -> None:
+    with sqlite3.connect(drupal_db) as db:
+        db.execute(
+            "CREATE TRIGGER poison BEFORE INSERT ON users_field_data "
+            "WHEN NEW.mail = 'user5000@example.org' "
+            "BEGIN SELECT RAISE(ABORT, 'CHECK constraint failed: poison'); END"
+        )
+    db.close()
+    # Long enough that a loaded test machine never turns slowness into retries.
+    settings = worker_settings.model_copy(update={"job_timeout_seconds": 30})
+    workers = [worker_process(settings, tmp_path) for _ in range(2)]
+    for worker in workers:  # the health-check key is shared: each says when it is ready
+        wait_for(lambda w=worker: "worker ready" in w.output(), timeout=60)  # type: ignore[misc]
+    for j in range(100):
+        enqueue(redis_client, settings, 100 * j, 100)
+
+    def done() -> bool:
+        return drained(redis_client, settings) and bool(asyncio.run(list_dead_letters(settings)))
+
+    wait_for(done, timeout=600)
+    assert emails(drupal_db) == sorted(set(expected(0, 10_000)) - {"user5000@example.org"})
+    [letter] = asyncio.run(list_dead_letters(settings))
+    assert (letter.notification_id, letter.attempts) == (sf_id("04l", 5000), settings.max_tries)
+    assert "poison" in letter.error
+    logs = [worker.output() for worker in workers]
+    # Both wrote; no job ever timed out or was retried as a whole.
+    assert all("created=" in log for log in logs)
+    assert not any("retrying in" in log or "no answer in time" in log for log in logs)

@@ -1,0 +1,141 @@
+"""Whose turn it is to write one Drupal database: a fair writer lease shared through Redis.
+
+The database's own writer lock (SQLite BEGIN IMMEDIATE, PostgreSQL advisory lock, MySQL
+GET_LOCK) keeps writes correct; it is not fair: a SQLite writer that commits and begins again
+at once wins over one that sleeps in its busy handler, and a waiting worker's jobs ran out of
+time. So workers of one database take turns, first come first served, before they take the
+database lock: a worker waiting for its turn registers in a Redis sorted set (by arrival
+time); the turn goes to the longest waiting worker when the lease is free. A worker gives its
+turn back after each batch, so two busy workers alternate batch by batch, and the lease
+expires (LEASE_S, renewed while held) when a worker dies holding it.
+
+If Redis cannot be asked, the worker goes on without its turn: the database lock still keeps
+the writes correct.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy.engine import make_url
+
+from app.drupal.url import async_url
+
+logger = logging.getLogger("sfrelay.worker")
+
+LEASE_S = 10.0  # a dead holder delays the others at most this long
+RENEW_S = 2.0
+POLL_S = 0.005  # a turn handed over costs the waiter at most this
+STALE_MS = 5000  # a waiter that stopped asking this long ago has left the line
+
+# KEYS: lease, line, seen. ARGV: token, lease ms, stale ms. 1 = the turn is ours.
+_TAKE = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local token = ARGV[1]
+if redis.call('GET', KEYS[1]) == token then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+redis.call('ZADD', KEYS[2], 'NX', ms, token)
+redis.call('HSET', KEYS[3], token, ms)
+while true do
+  local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  if head == nil or head == token then break end
+  local seen = tonumber(redis.call('HGET', KEYS[3], head) or '0')
+  if ms - seen <= tonumber(ARGV[3]) then return 0 end
+  redis.call('ZREM', KEYS[2], head)
+  redis.call('HDEL', KEYS[3], head)
+end
+if redis.call('SET', KEYS[1], token, 'NX', 'PX', ARGV[2]) then
+  redis.call('ZREM', KEYS[2], token)
+  redis.call('HDEL', KEYS[3], token)
+  return 1
+end
+return 0
+"""
+# KEYS: lease, line, seen. ARGV: token.
+_GIVE = """
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# KEYS: lease. ARGV: token, lease ms.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+def database_key(database_url: str) -> str:
+    """One key per database however its URL is spelled (scheme alias, credentials, a
+    relative SQLite path): backend, host, port and database name or absolute file."""
+    url = async_url(database_url) if "://" in database_url else make_url(database_url)
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        where = str(Path(url.database or "").resolve())
+    else:
+        where = f"{(url.host or 'localhost').lower()}:{url.port or ''}/{url.database or ''}"
+    digest = hashlib.sha256(f"{backend}|{where}".encode()).hexdigest()[:24]
+    return f"sfrelay:writer:{digest}"
+
+
+class WriterLease:
+    """`async with lease.turn():` waits for this worker's turn to write the database."""
+
+    def __init__(self, redis: Redis, database_url: str) -> None:
+        self.redis = redis
+        key = database_key(database_url)
+        self.keys = [key, key + ":line", key + ":seen"]
+        self.token = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}"
+        self._take = redis.register_script(_TAKE)
+        self._give = redis.register_script(_GIVE)
+        self._renew = redis.register_script(_RENEW)
+        self._warned = False
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        held = await self._wait()
+        renewer = asyncio.create_task(self._keep()) if held else None
+        try:
+            yield
+        finally:
+            if renewer is not None:
+                renewer.cancel()
+                with suppress(asyncio.CancelledError):
+                    await renewer
+            # Also when cancelled while waiting: leave the line.
+            with suppress(RedisError, OSError):
+                await asyncio.shield(self._give(keys=self.keys, args=[self.token]))
+
+    async def _wait(self) -> bool:
+        lease_ms = int(LEASE_S * 1000)
+        while True:
+            try:
+                if await self._take(keys=self.keys, args=[self.token, lease_ms, STALE_MS]):
+                    return True
+            except (RedisError, OSError) as exc:
+                if not self._warned:
+                    self._warned = True
+                    logger.warning(
+                        "writer turns unavailable (%s): writing without waiting for a turn; "
+                        "the database lock still keeps the writes correct",
+                        exc,
+                    )
+                return False
+            await asyncio.sleep(POLL_S)
+
+    async def _keep(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_S)
+            with suppress(RedisError, OSError):
+                await self._renew(keys=self.keys[:1], args=[self.token, int(LEASE_S * 1000)])
