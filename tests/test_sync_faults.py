@@ -210,7 +210,7 @@ async def test_a_worker_starting_never_waits_for_or_blocks_drupal_on_postgresql(
             )
             assert [tuple(r) for r in valid] == [
                 ("sfrelay_users_field_data_mail_lower", True),
-                ("sfrelay_users_field_data_name_lower", True),
+                ("sfrelay_users_field_data_name_lower_pattern", True),
             ]
     finally:
         await drupal.dispose()
