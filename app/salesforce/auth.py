@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -160,7 +161,11 @@ def login(creds: Credentials, session: requests.Session) -> tuple[str, str]:
             sf_version=creds.api_version,
         )
     try:
-        session_id, instance = call(session=session, domain=creds.domain)
+        # simple-salesforce also warns "user hasn't approved this consumer" with a URL for
+        # interactive consent; the error below says what an integration user needs instead.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            session_id, instance = call(session=session, domain=creds.domain)
     except SalesforceAuthenticationFailed as exc:
         code = exc.code
         if isinstance(code, int) and code >= 500:
