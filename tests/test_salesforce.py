@@ -132,6 +132,10 @@ async def test_refused_login_says_what_to_check_and_calls_nothing(
         ),
         ({"sf_username": "u@example.org"}, "the Salesforce settings are incomplete"),
         ({"sf_private_key_file": "/nonexistent.key"}, "also needs SFRELAY_SF_CONSUMER_KEY and"),
+        (
+            {"sf_username": "u@example.org", "sf_password": "p", "sf_api_version": "65.0"},
+            r"SOAP login\(\) does not exist in API 65\.0",
+        ),
     ],
 )
 def test_incomplete_credentials_are_refused_before_any_request(
@@ -485,3 +489,20 @@ async def test_server_errors_and_network_errors_are_retryable(
             await offline.login()
     finally:
         await offline.close()
+
+
+async def test_session_expiring_between_pages_is_renewed_and_paging_goes_on(
+    sf_server: SalesforceServer, sf_org: FakeOrg
+) -> None:
+    sf_org.page_size = 10
+    ids = add_contacts(sf_org, 25)
+    client = client_for(sf_server)
+    try:
+        pages = client.changed_records("Contact", T0, T0 + timedelta(hours=1))
+        first = await anext(pages)
+        sf_org.expire_sessions()
+        rest = [n async for page in pages for n in page]
+        assert [n["fields"]["Id"] for n in first + rest] == ids
+        assert (client.logins, sf_org.counts["401"], sf_org.counts["query_more"]) == (2, 1, 2)
+    finally:
+        await client.close()

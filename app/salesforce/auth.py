@@ -24,6 +24,10 @@ _FLOWS_HELP = (
 )
 
 
+# Salesforce's SOAP login() exists up to API 64.0 (help article 005132110).
+SOAP_LOGIN_LAST_VERSION = 64.0
+
+
 class AuthFlow(enum.StrEnum):
     JWT_BEARER = "jwt-bearer"
     CLIENT_CREDENTIALS = "client-credentials"
@@ -113,6 +117,12 @@ def credentials(settings: Settings) -> Credentials:
                 password=password + (token or ""),
                 consumer_key=key,
                 consumer_secret=secret,
+            )
+        if float(version) >= SOAP_LOGIN_LAST_VERSION + 1:
+            raise ConfigError(
+                f"SOAP login() does not exist in API {version} (Salesforce removed it from 65.0 "
+                "and retires it in Summer '27): set SFRELAY_SF_CONSUMER_KEY/SECRET for the OAuth "
+                "password flow, or better SFRELAY_SF_PRIVATE_KEY_FILE for JWT bearer"
             )
         return Credentials(
             AuthFlow.SOAP_LOGIN,
