@@ -145,7 +145,7 @@ class Settings(BaseSettings):
             )
         return value.strip()
 
-    @field_validator("sf_username", "sf_consumer_key", mode="before")
+    @field_validator("sf_username", "sf_consumer_key", "sf_private_key_file", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -161,6 +161,21 @@ def test_settings_refuse_a_url_as_domain_and_a_v_version() -> None:
         Settings(_env_file=None, sf_api_version="v62.0")
 
 
+def test_blank_salesforce_settings_mean_not_configured() -> None:
+    from app.salesforce import salesforce_configured
+
+    blank = Settings(
+        _env_file=None,
+        sf_username=" ",
+        sf_password="",
+        sf_consumer_key="",
+        sf_consumer_secret="",
+        sf_private_key_file="",
+    )
+    assert blank.sf_private_key_file is None
+    assert not salesforce_configured(blank)
+
+
 def test_secrets_are_not_in_the_settings_repr(sf_server: SalesforceServer) -> None:
     settings = sf_settings("oauth-password", sf_server)
     text = repr(settings) + str(settings.model_dump())
