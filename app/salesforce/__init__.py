@@ -20,7 +20,7 @@ Logins (app/salesforce/auth.py) follow the settings: a private key -> OAuth JWT 
 key + secret without a username -> client credentials; username + password -> OAuth password
 flow with the consumer key/secret, else SOAP login with the security token. An expired session
 (401 INVALID_SESSION_ID) is renewed once per failure. Errors: app/errors.py (Salesforce*,
-ApiLimitReached), mapped in one place (client.map_error).
+ApiLimitReached), mapped in one place (refusals.map_error).
 """
 
 from __future__ import annotations
