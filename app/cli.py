@@ -1,4 +1,4 @@
-"""The `sfrelay` command: up, serve, send, queue stats, status, why, worker, dead."""
+"""The `sfrelay` command: up, serve, send, queue stats, status, why, worker, dead, check."""
 
 from __future__ import annotations
 
@@ -193,6 +193,20 @@ def cmd_dead_replay(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if result.refused else 0
 
 
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    from app.check import all_ok, run_checks
+
+    results = asyncio.run(run_checks(settings))
+    ok = all_ok(results)
+    if args.json:
+        parts = {r.part: r.as_dict() for r in results}
+        print(orjson.dumps({"ok": ok, "parts": parts}).decode())
+    else:
+        for r in results:
+            print(f"{r.part:<11} {r.status:<15} {r.detail}")
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfrelay",
@@ -250,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("ids", nargs="*", metavar="ID", help="IDs from `sfrelay dead list`")
     replay.add_argument("--all", action="store_true", help="every dead letter")
     replay.set_defaults(func=cmd_dead_replay)
+
+    check = sub.add_parser(
+        "check", help="whether Redis, the Drupal database and Salesforce work (read-only)"
+    )
+    check.add_argument("--json", action="store_true", help="one JSON object")
+    check.set_defaults(func=cmd_check)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -92,6 +93,20 @@ class Settings(BaseSettings):
     # First retry delay; each further attempt waits twice as long (capped at one hour).
     retry_backoff_seconds: float = Field(default=30, ge=0)
 
+    # --- Salesforce API (app/salesforce/) -----------------------------------------------------
+    # The part of the login host before .salesforce.com: login, test (sandboxes) or a My Domain
+    # such as acme.my. The flow follows from what is set (app/salesforce/auth.py).
+    sf_domain: str = "login"
+    sf_username: str | None = None
+    sf_password: SecretStr | None = None
+    sf_security_token: SecretStr | None = None
+    sf_consumer_key: str | None = None
+    sf_consumer_secret: SecretStr | None = None
+    sf_private_key_file: Path | None = None
+    sf_api_version: str = "62.0"
+    # Polls refuse to start when the org has fewer daily API requests left than this.
+    sf_min_api_remaining: int = Field(default=1000, ge=0)
+
     @field_validator("org_ids", "handled_objects", "protected_roles", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
@@ -135,6 +150,37 @@ class Settings(BaseSettings):
                     "Setup > Company Information shows it)"
                 )
         return value
+
+    @field_validator("sf_domain")
+    @classmethod
+    def _sf_domain(cls, value: str) -> str:
+        value = value.strip()
+        if (
+            not value
+            or "/" in value
+            or ":" in value
+            or value.endswith(".salesforce.com")
+            or not re.fullmatch(r"[A-Za-z0-9.-]+", value)
+        ):
+            raise ValueError(
+                f"{value!r} is not a Salesforce login domain: give the part before "
+                ".salesforce.com (login, test for a sandbox, or your My Domain such as acme.my)"
+            )
+        return value
+
+    @field_validator("sf_api_version")
+    @classmethod
+    def _sf_api_version(cls, value: str) -> str:
+        if not re.fullmatch(r"\d{2,3}\.0", value.strip()):
+            raise ValueError(
+                f"{value!r} is not a Salesforce API version: write it like 62.0 (no leading v)"
+            )
+        return value.strip()
+
+    @field_validator("sf_username", "sf_consumer_key", "sf_private_key_file", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> Settings:

@@ -2,6 +2,8 @@
 
 SfrelayError
 ├── ConfigError               settings or mapping files are wrong: fix them and restart
+│   ├── SalesforceLoginFailed     Salesforce refused the credentials or the Connected App
+│   └── SalesforceQueryRefused    MALFORMED_QUERY / INVALID_FIELD: names the object and field
 ├── RejectedMessage           the receiver refuses a request (SOAP Fault, nothing stored)
 │   ├── BodyTooLarge          413
 │   ├── UnsupportedMediaType  415
@@ -11,8 +13,14 @@ SfrelayError
 │   ├── MalformedMessage      400: not XML, DOCTYPE, wrong envelope or operation, > 100
 │   └── UnknownOrganization   403: OrganizationId not in SFRELAY_ORG_IDS
 ├── RetryableError            transient: try again later (Redis down, database locked)
-│   └── QueueUnavailable      503: Redis did not confirm the write, nothing was acked
+│   ├── QueueUnavailable      503: Redis did not confirm the write, nothing was acked
+│   ├── SalesforceUnavailable network error, timeout, 5xx: the next run tries again
+│   └── ApiLimitReached       REQUEST_LIMIT_EXCEEDED, or fewer daily API requests left than
+│                             SFRELAY_SF_MIN_API_REMAINING: polling waits for the next run
 └── PermanentError            retrying cannot help: the record goes to the dead letters
+    └── SalesforceRequestRefused  any other refusal by the Salesforce API (error_code kept)
+
+Every Salesforce error carries `error_code`: Salesforce's errorCode (INVALID_FIELD, ...) or None.
 """
 
 from __future__ import annotations
@@ -105,3 +113,42 @@ class QueueUnavailable(RetryableError):
 
 class PermanentError(SfrelayError):
     """Retrying cannot help; the work goes to the dead letters with this reason."""
+
+
+class _SalesforceError(SfrelayError):
+    """Mixed into the Salesforce errors: Salesforce's own errorCode travels with the message."""
+
+    def __init__(self, message: str, error_code: str | None = None) -> None:
+        super().__init__(message)
+        self.error_code = error_code
+
+
+class SalesforceLoginFailed(_SalesforceError, ConfigError):
+    """Salesforce refused the login: the message says which setting to check."""
+
+
+class SalesforceQueryRefused(_SalesforceError, ConfigError):
+    """A query Salesforce refuses as written: usually a mapped field the org lacks."""
+
+    def __init__(
+        self,
+        message: str,
+        error_code: str | None = None,
+        sobject: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        super().__init__(message, error_code)
+        self.sobject = sobject
+        self.field = field
+
+
+class SalesforceUnavailable(_SalesforceError, RetryableError):
+    """Salesforce could not be reached or failed (network, timeout, 5xx)."""
+
+
+class ApiLimitReached(_SalesforceError, RetryableError):
+    """The org's daily API requests are (nearly) used up; polling resumes on a later run."""
+
+
+class SalesforceRequestRefused(_SalesforceError, PermanentError):
+    """The Salesforce API refused a request for a reason retrying cannot fix."""

@@ -12,7 +12,7 @@ from app.config import Settings
 from tests.servers import SHARED, RedisServer, free_port
 
 # Fixtures of the Drupal databases (SQLite copies, PostgreSQL, MariaDB) and of worker processes.
-pytest_plugins = ["tests.fixtures_db", "tests.fixtures_worker"]
+pytest_plugins = ["tests.fixtures_db", "tests.fixtures_worker", "tests.fixtures_salesforce"]
 
 MESSAGES = SHARED / "salesforce" / "messages"
 SHARED_WSDLS = SHARED / "salesforce" / "wsdl"

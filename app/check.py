@@ -1,0 +1,192 @@
+"""`sfrelay check`: whether each configured part works (Redis, the Drupal database, Salesforce).
+
+Read-only: it migrates nothing and writes nothing. A part that is not configured is reported as
+such, not as a failure (Redis always is: the receiver needs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from redis.exceptions import RedisError
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+from app.config import Settings
+from app.drupal import state
+from app.drupal.engine import create_engine
+from app.drupal.schema import inspect_drupal
+from app.errors import SfrelayError
+from app.mapping import load_field_map
+
+Status = Literal["ok", "failed", "not configured"]
+PARTS = ("redis", "drupal", "salesforce")
+
+
+@dataclass(slots=True)
+class PartResult:
+    part: str
+    status: Status
+    detail: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "detail": self.detail, **self.info}
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password (never printed)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy-style URL: say less rather than leak
+        return url.split("@")[-1]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc.orig if isinstance(exc, DBAPIError) else exc).strip()
+    return (text.splitlines() or [type(exc).__name__])[0][:300]
+
+
+async def check_redis(settings: Settings) -> PartResult:
+    from app.main import redis_client
+
+    redis = redis_client(settings)
+    where = _safe_url(settings.redis_url)
+    try:
+        await redis.ping()
+        server = await redis.info("server")
+        version = server.get("redis_version", "?")
+        return PartResult("redis", "ok", f"Redis {version} at {where}", {"version": version})
+    except (RedisError, OSError) as exc:
+        return PartResult(
+            "redis",
+            "failed",
+            f"no answer from {where}: {_first_line(exc)}; check SFRELAY_REDIS_URL",
+        )
+    finally:
+        await redis.aclose()
+
+
+async def check_drupal(settings: Settings) -> PartResult:
+    if "database_url" not in settings.model_fields_set:
+        return PartResult(
+            "drupal", "not configured", "SFRELAY_DATABASE_URL is not set: nothing is applied"
+        )
+    where = _safe_url(settings.database_url)
+    try:
+        field_map = load_field_map(settings.field_map)
+        engine = create_engine(settings.database_url)
+    except SfrelayError as exc:
+        return PartResult("drupal", "failed", str(exc))
+    try:
+        async with engine.connect() as conn:
+            schema = await inspect_drupal(conn, settings.drupal_version, field_map.user_fields)
+            version = None
+            if state.schema_version.name in schema.tables:
+                version = await conn.scalar(
+                    select(state.schema_version.c.version).where(state.schema_version.c.id == 1)
+                )
+            await conn.rollback()
+        field_map.validate(schema, settings.handled_objects)
+    except SfrelayError as exc:
+        return PartResult("drupal", "failed", f"{where}: {exc}")
+    except (DBAPIError, OSError) as exc:
+        return PartResult(
+            "drupal",
+            "failed",
+            f"cannot use {where}: {_first_line(exc)}; check SFRELAY_DATABASE_URL",
+        )
+    finally:
+        await engine.dispose()
+    drupal = "Drupal 7" if schema.major == 7 else "Drupal 8 or later"
+    ours = (
+        f"sfrelay tables at schema v{version}"
+        if version
+        else "sfrelay tables not created yet (the first worker creates them)"
+    )
+    fields = sorted(schema.fields)
+    return PartResult(
+        "drupal",
+        "ok",
+        f"{drupal} ({engine.dialect.name}), {len(schema.tables)} tables, field map valid "
+        f"({', '.join(settings.handled_objects)}; user fields: {', '.join(fields) or 'none'}), "
+        f"{ours}",
+        {
+            "drupal": 7 if schema.major == 7 else 8,
+            "backend": engine.dialect.name,
+            "tables": len(schema.tables),
+            "user_fields": fields,
+            "sfrelay_schema": version,
+        },
+    )
+
+
+async def check_salesforce(settings: Settings) -> PartResult:
+    from app.salesforce import SalesforceClient, salesforce_configured
+
+    if not salesforce_configured(settings):
+        return PartResult(
+            "salesforce",
+            "not configured",
+            "no SFRELAY_SF_* credentials: sfrelay works from Outbound Messages alone",
+        )
+    try:
+        client = SalesforceClient(settings)
+    except SfrelayError as exc:
+        return PartResult("salesforce", "failed", str(exc))
+    try:
+        instance = await client.login()
+        usage = await client.refresh_api_usage()
+        missing = {obj: await client.missing_fields(obj) for obj in settings.handled_objects}
+    except SfrelayError as exc:
+        return PartResult("salesforce", "failed", str(exc), {"flow": str(client.flow)})
+    finally:
+        await client.close()
+    info: dict[str, Any] = {
+        "flow": str(client.flow),
+        "instance": instance,
+        "api_version": client.api_version,
+        "api_requests_used": usage.used,
+        "api_requests_max": usage.max,
+        "api_requests_left": usage.remaining,
+        "unreadable_fields": {obj: names for obj, names in missing.items() if names},
+    }
+    head = f"login ok ({client.flow}) to {instance}, API {client.api_version}"
+    left = f"{usage.remaining:,} of {usage.max:,} daily API requests left"
+    unreadable = "; ".join(
+        f"{obj}: cannot read {', '.join(names)}" for obj, names in missing.items() if names
+    )
+    if unreadable:
+        return PartResult(
+            "salesforce",
+            "failed",
+            f"{head}, but {unreadable} (fix SFRELAY_FIELD_MAP or the integration user's field "
+            f"access); {left}",
+            info,
+        )
+    if usage.remaining < settings.sf_min_api_remaining:
+        return PartResult(
+            "salesforce",
+            "failed",
+            f"{head}, mapped fields readable, but only {left} "
+            f"(SFRELAY_SF_MIN_API_REMAINING={settings.sf_min_api_remaining}: polls wait)",
+            info,
+        )
+    objects = ", ".join(settings.handled_objects)
+    return PartResult(
+        "salesforce", "ok", f"{head}, mapped fields readable on {objects}, {left}", info
+    )
+
+
+async def run_checks(settings: Settings) -> list[PartResult]:
+    results = await asyncio.gather(
+        check_redis(settings), check_drupal(settings), check_salesforce(settings)
+    )
+    return list(results)
+
+
+def all_ok(results: list[PartResult]) -> bool:
+    return all(r.status != "failed" for r in results)

@@ -1,0 +1,172 @@
+"""`sfrelay check [--json]` as a real subprocess: every part configured, some not, a failing one."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests import sfserver
+from tests.drupal_schemas import site_copy
+from tests.fixtures_worker import PROJECT
+from tests.servers import RedisServer, free_port
+from tests.sfserver import FakeOrg, SalesforceServer
+
+
+def check(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SFRELAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", "check", *args],
+        cwd=cwd,  # a folder without a .env: the environment alone sets everything
+        env={**base, "PYTHONPATH": str(PROJECT), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def jwt_env(server: SalesforceServer) -> dict[str, str]:
+    return {
+        **server.env(),
+        "SFRELAY_SF_USERNAME": sfserver.USERNAME,
+        "SFRELAY_SF_CONSUMER_KEY": sfserver.CONSUMER_KEY,
+        "SFRELAY_SF_PRIVATE_KEY_FILE": str(server.private_key_file),
+    }
+
+
+def lines(output: str) -> dict[str, tuple[str, str]]:
+    """part -> (status, detail) from the text output."""
+    parsed = {}
+    for line in output.splitlines():
+        part, rest = line.split(maxsplit=1)
+        status = "not configured" if rest.startswith("not configured") else rest.split()[0]
+        parsed[part] = (status, rest[len(status) :].strip())
+    return parsed
+
+
+@pytest.mark.parametrize("site", ["drupal10-standard.sqlite", "drupal7-standard.sqlite"])
+def test_all_parts_configured_and_working(
+    redis_server: RedisServer,
+    sf_server: SalesforceServer,
+    sf_org: FakeOrg,
+    tmp_path: Path,
+    site: str,
+) -> None:
+    sf_org.api_used = 42
+    database = site_copy(site, tmp_path)
+    before = hashlib.sha256(database.read_bytes()).hexdigest()
+    env = {
+        "SFRELAY_REDIS_URL": redis_server.url,
+        "SFRELAY_DATABASE_URL": f"sqlite:///{database}",
+        **jwt_env(sf_server),
+    }
+    text = check(tmp_path, env)
+    assert text.returncode == 0, text.stdout + text.stderr
+    parts = lines(text.stdout)
+    assert list(parts) == ["redis", "drupal", "salesforce"]
+    assert {status for status, _ in parts.values()} == {"ok"}
+    drupal = "Drupal 7" if "drupal7" in site else "Drupal 8 or later"
+    assert parts["drupal"][1].startswith(f"{drupal} (sqlite), ")
+    assert "field map valid (Contact, Lead; user fields: field_first_name" in parts["drupal"][1]
+    assert "sfrelay tables not created yet" in parts["drupal"][1]
+    assert parts["salesforce"][1].startswith(
+        f"login ok (jwt-bearer) to {sfserver.INSTANCE}, API 62.0, mapped fields readable on "
+        "Contact, Lead, "
+    )
+
+    as_json = check(tmp_path, env, "--json")
+    assert as_json.returncode == 0
+    report = orjson.loads(as_json.stdout)
+    assert report["ok"] is True
+    assert report["parts"]["drupal"]["drupal"] == (7 if "drupal7" in site else 8)
+    assert report["parts"]["drupal"]["sfrelay_schema"] is None
+    salesforce = report["parts"]["salesforce"]
+    assert salesforce["status"] == "ok"
+    assert (salesforce["flow"], salesforce["api_version"]) == ("jwt-bearer", "62.0")
+    assert salesforce["api_requests_max"] == 15_000
+    assert salesforce["api_requests_left"] == 15_000 - salesforce["api_requests_used"]
+    assert salesforce["unreadable_fields"] == {}
+    # Read-only: no migration, no sfrelay table, not a byte changed.
+    assert hashlib.sha256(database.read_bytes()).hexdigest() == before
+
+
+def test_parts_not_configured_are_not_failures(
+    redis_server: RedisServer, sf_org: FakeOrg, tmp_path: Path
+) -> None:
+    text = check(tmp_path, {"SFRELAY_REDIS_URL": redis_server.url})
+    assert text.returncode == 0, text.stdout + text.stderr
+    parts = lines(text.stdout)
+    assert parts["redis"][0] == "ok"
+    assert parts["drupal"] == (
+        "not configured",
+        "SFRELAY_DATABASE_URL is not set: nothing is applied",
+    )
+    assert parts["salesforce"][0] == "not configured"
+    report = orjson.loads(check(tmp_path, {"SFRELAY_REDIS_URL": redis_server.url}, "--json").stdout)
+    assert report["ok"] is True
+    assert report["parts"]["salesforce"]["status"] == "not configured"
+    assert sf_org.connects == []
+
+
+def test_an_unreadable_mapped_field_fails_the_check(
+    redis_server: RedisServer, sf_server: SalesforceServer, sf_org: FakeOrg, tmp_path: Path
+) -> None:
+    del sf_org.fields["Lead"]["LastName"]
+    env = {"SFRELAY_REDIS_URL": redis_server.url, **jwt_env(sf_server)}
+    text = check(tmp_path, env)
+    assert text.returncode == 1
+    parts = lines(text.stdout)
+    assert parts["redis"][0] == "ok"
+    assert parts["salesforce"][0] == "failed"
+    assert "but Lead: cannot read LastName (fix SFRELAY_FIELD_MAP" in parts["salesforce"][1]
+    report = orjson.loads(check(tmp_path, env, "--json").stdout)
+    assert report["ok"] is False
+    assert report["parts"]["salesforce"]["unreadable_fields"] == {"Lead": ["LastName"]}
+
+
+def test_a_refused_salesforce_login_fails_without_showing_secrets(
+    redis_server: RedisServer, sf_server: SalesforceServer, sf_org: FakeOrg, tmp_path: Path
+) -> None:
+    env = {
+        "SFRELAY_REDIS_URL": redis_server.url,
+        **sf_server.env(),
+        "SFRELAY_SF_USERNAME": sfserver.USERNAME,
+        "SFRELAY_SF_PASSWORD": "wrong-Pa55",
+        "SFRELAY_SF_SECURITY_TOKEN": sfserver.SECURITY_TOKEN,
+        "SFRELAY_SF_CONSUMER_KEY": sfserver.CONSUMER_KEY,
+        "SFRELAY_SF_CONSUMER_SECRET": sfserver.CONSUMER_SECRET,
+    }
+    text = check(tmp_path, env)
+    assert text.returncode == 1
+    status, detail = lines(text.stdout)["salesforce"]
+    assert status == "failed"
+    assert detail.startswith(
+        "Salesforce refused the login (oauth-password at login.salesforce.com): invalid_grant"
+    )
+    for secret in ("wrong-Pa55", sfserver.SECURITY_TOKEN, sfserver.CONSUMER_SECRET):
+        assert secret not in text.stdout + text.stderr
+    assert sf_org.api_used == 0
+
+
+def test_unreachable_redis_and_missing_database_fail(sf_org: FakeOrg, tmp_path: Path) -> None:
+    env = {
+        "SFRELAY_REDIS_URL": f"redis://:hunter2@127.0.0.1:{free_port()}/0",
+        "SFRELAY_DATABASE_URL": f"sqlite:///{tmp_path / 'missing.sqlite'}",
+    }
+    text = check(tmp_path, env)
+    assert text.returncode == 1
+    parts = lines(text.stdout)
+    assert parts["redis"][0] == "failed"
+    assert parts["redis"][1].startswith("no answer from redis://:***@127.0.0.1:")
+    assert parts["drupal"] == (
+        "failed",
+        f"no Drupal SQLite database at {tmp_path / 'missing.sqlite'}: set SFRELAY_DATABASE_URL "
+        "to your site's file (sqlite:///path/to/sites/default/files/.ht.sqlite)",
+    )
+    assert "hunter2" not in text.stdout + text.stderr
+    assert not (tmp_path / "missing.sqlite").exists()
