@@ -132,8 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         try:
             await check_durability(enqueuer, settings)
-            if settings.ack_durability == "memory":
-                await warn_if_not_durable(redis)
+            await warn_if_not_durable(redis)  # memory without AOF, and eviction in any mode
         except BaseException:
             await redis.aclose()
             raise

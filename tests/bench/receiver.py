@@ -344,7 +344,7 @@ def _replica_of(primary: RedisServer, workdir: Path) -> Iterator[None]:
     try:
         with primary.client() as client:
             deadline = time.monotonic() + 30
-            while "state=online" not in str(client.info("replication").get("slave0", "")):
+            while client.info("replication").get("slave0", {}).get("state") != "online":
                 if time.monotonic() > deadline:
                     raise TimeoutError("the benchmark's replica did not come online")
                 time.sleep(0.05)
