@@ -172,6 +172,30 @@ async def test_redis_7_0_with_config_disabled_is_refused_as_unverifiable(
     )
 
 
+async def test_valkey_with_config_disabled_relies_on_waitaof_and_acks(
+    settings: Settings, servers: Callable[..., RedisServer]
+) -> None:
+    server = servers(valkey_binary(), "--rename-command", "CONFIG", '""')
+    body = outbound_message([contact()])
+    async with receiver(settings, server, "fsync") as client:
+        response = await client.post(URL, content=body, headers=XML)
+    assert response.status_code == 200
+    assert queued_ids(server.client()) == [notification_id(body)]
+
+
+async def test_refuses_a_valkey_that_refuses_waitaof(
+    settings: Settings, servers: Callable[..., RedisServer]
+) -> None:
+    server = servers(valkey_binary(), "--rename-command", "WAITAOF", '""')
+    version = server.client().info("server")["valkey_version"]
+    assert await refusal(settings, server, "fsync") == (
+        f"Valkey {version} at {where(server)} refuses WAITAOF (unknown command 'WAITAOF', with "
+        "args beginning with: '1' '0' '1000' ): allow the command, or "
+        "SFRELAY_ACK_DURABILITY=memory to accept losing acked notifications"
+    )
+    assert server.client().dbsize() == 0
+
+
 async def test_refuses_replica_mode_without_a_replica(
     settings: Settings, servers: Callable[..., RedisServer], kind: tuple[str | None, str]
 ) -> None:
