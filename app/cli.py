@@ -29,11 +29,12 @@ def _fail(message: str) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from app.main import create_app
+    from app.main import check_redis_at_start_up, create_app
     from app.server import uvicorn_options
 
     settings.require_receiver_ready()
     create_app(settings)  # fail here, with a clear message, not inside a worker process
+    asyncio.run(check_redis_at_start_up(settings))  # and refuse a Redis that cannot keep acks
     uvicorn.run(
         "app.main:create_app",
         factory=True,

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.durability import AckDurability
 from app.errors import ConfigError
 from app.sfid import canonical_id
 
@@ -71,6 +72,8 @@ class Settings(BaseSettings):
     # A queued job must outlive any backlog: arq's own default (1 day) would silently drop
     # work that waited longer than that.
     job_ttl_seconds: int = Field(default=14 * 24 * 3600, ge=24 * 3600)
+    # What an ack promises: fsync (on Redis's disk), replica (and on a replica), memory.
+    ack_durability: AckDurability = "fsync"
 
     # --- workers / Drupal ---------------------------------------------------------------------
     database_url: str = "sqlite:///drupal.sqlite"

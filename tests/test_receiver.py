@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -389,11 +390,18 @@ async def test_start_up_warns_when_redis_would_not_keep_acked_messages(
     async def warnings_at_start_up(redis_url: str) -> list[str]:
         caplog.clear()
         app = create_app(
-            Settings(_env_file=None, **{**settings.model_dump(), "redis_url": redis_url})
+            Settings(
+                _env_file=None,
+                **{**settings.model_dump(), "redis_url": redis_url, "ack_durability": "memory"},
+            )
         )
         async with app.router.lifespan_context(app):
             pass
-        return [r.getMessage() for r in caplog.records if r.name == "sfrelay.receiver"]
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "sfrelay.receiver" and r.levelno >= logging.WARNING
+        ]
 
     assert await warnings_at_start_up(settings.redis_url) == []
     careless = RedisServer(

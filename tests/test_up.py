@@ -68,6 +68,8 @@ def test_up_runs_redis_receiver_and_worker_until_interrupted(
     output = log.read_text()
     assert code == 0, output
     assert "sfrelay up: redis-server on 127.0.0.1" in output
+    # The default SFRELAY_ACK_DURABILITY=fsync: up's Redis fsyncs before it replies.
+    assert "ack durability fsync: confirmed by appendfsync always" in output
     assert f"sfrelay up: worker applying notifications to sqlite:///{drupal_db}" in output
     # Redis kept an append-only file in the data directory: what was acked survives.
     assert any((tmp_path / "data" / "redis").rglob("*.aof"))

@@ -19,8 +19,10 @@ from app.sfid import canonical_id
 from app.soap import ACK, OutboundMessage, parse_message
 from app.wsdl import load_contract
 
-# The benchmark passes its redis-server's URL to the uvicorn process in this variable.
+# The benchmark passes its redis-server's URL to the uvicorn process in this variable,
+# and sfrelay's SFRELAY_ACK_DURABILITY in the other.
 REDIS_URL_ENV = "BENCH_REDIS_URL"
+DURABILITY_ENV = "BENCH_ACK_DURABILITY"
 ORG_ID = "00D5g000004Xk2PEAS"
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -33,6 +35,7 @@ def bench_settings() -> Settings:
         org_ids=[ORG_ID],
         endpoint_token=None,
         redis_url=os.environ.get(REDIS_URL_ENV, "redis://127.0.0.1:6379/0"),
+        ack_durability=os.environ.get(DURABILITY_ENV, "fsync"),
     )
 
 
