@@ -369,3 +369,22 @@ async def test_replica_mode_acks_then_faults_without_the_replica_and_queues_the_
     on_replica = replica.client()
     assert sorted(queued_ids(on_replica)) == expected
     assert int(on_replica.hget("sfrelay:stats", "duplicates") or 0) == 2
+
+
+async def test_the_waiting_round_trip_reloads_a_flushed_script(
+    settings: Settings, servers: Callable[..., RedisServer]
+) -> None:
+    """A Redis restarted without its scripts (or SCRIPT FLUSH) answers NOSCRIPT to the
+    pipelined EVALSHA: the script is loaded and the round trip sent again, acked once."""
+    server = servers(valkey_binary())
+    control = server.client()
+    first, second = outbound_message([contact()]), outbound_message([contact()])
+    async with receiver(settings, server, "fsync") as client:
+        assert (await client.post(URL, content=first, headers=XML)).status_code == 200
+        control.script_flush()
+        response = await client.post(URL, content=second, headers=XML)
+        assert response.status_code == 200
+        assert ACK_TEXT in response.text
+    assert sorted(queued_ids(control)) == sorted([notification_id(first), notification_id(second)])
+    assert int(control.hget("sfrelay:stats", "duplicates") or 0) == 0
+    control.close()
