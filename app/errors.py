@@ -14,6 +14,8 @@ SfrelayError
 │   └── UnknownOrganization   403: OrganizationId not in SFRELAY_ORG_IDS
 ├── RetryableError            transient: try again later (Redis down, database locked)
 │   ├── QueueUnavailable      503: Redis did not confirm the write, nothing was acked
+│   │   ├── AckNotDurable     503: Redis cannot honour SFRELAY_ACK_DURABILITY (log says why)
+│   │   └── NotConfirmed      503: no fsync / replica confirmed the write in time
 │   ├── SalesforceUnavailable network error, timeout, 5xx: the next run tries again
 │   └── ApiLimitReached       REQUEST_LIMIT_EXCEEDED, or fewer daily API requests left than
 │                             SFRELAY_SF_MIN_API_REMAINING: polling waits for the next run
@@ -109,6 +111,24 @@ class QueueUnavailable(RetryableError):
     """
 
     faultstring = "temporarily unavailable: the queue (Redis) did not confirm the write"
+
+
+class AckNotDurable(QueueUnavailable):
+    """Redis answers but cannot keep an ack's promise (SFRELAY_ACK_DURABILITY): not acked."""
+
+    faultstring = (
+        "temporarily unavailable: the receiver's queue cannot store notifications durably "
+        "(SFRELAY_ACK_DURABILITY); its operator must fix Redis"
+    )
+
+
+class NotConfirmed(QueueUnavailable):
+    """The write landed but its fsync or replica did not confirm it in time: not acked (the
+    retry finds its notifications seen, and its own wait covers this write too)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"the queue (Redis) did not confirm the write: {problem}")
+        self.faultstring = f"temporarily unavailable: {self}"  # sfrelay's own words only
 
 
 class PermanentError(SfrelayError):

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from app.durability import AckDurability, AckWait, plan_ack_wait
-from app.errors import ConfigError, QueueUnavailable, clip
+from app.errors import AckNotDurable, ConfigError, NotConfirmed, QueueUnavailable, clip
 from app.sfid import SF_ID_FORM, canonical_id
 
 if TYPE_CHECKING:  # not at run time: `sfrelay status` and `why` start without zeep and lxml
@@ -277,7 +277,7 @@ class Enqueuer:
             else:
                 queued, skipped, dead, dupes = await self._write_and_wait(wait, keys, args)
         except ConfigError as exc:
-            raise QueueUnavailable(f"acks are not possible: {exc}") from exc
+            raise AckNotDurable(f"acks are not possible: {exc}") from exc
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"the queue (Redis) did not confirm the write: {exc}") from exc
         return EnqueueResult(queued, skipped, dead, dupes, job_id if queued else None)
@@ -300,7 +300,7 @@ class Enqueuer:
                     raise reply
             problem = wait.problem(confirmed)
             if problem is not None:
-                raise QueueUnavailable(f"the queue (Redis) did not confirm the write: {problem}")
+                raise NotConfirmed(problem)
             return written
         raise QueueUnavailable("the queue (Redis) did not load the enqueue script")
 
