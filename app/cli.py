@@ -223,9 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     up = sub.add_parser(
-        "up", help="everything on one machine: a local redis-server, the receiver and a worker"
+        "up", help="everything on one machine: a local Redis, the receiver and a worker"
     )
-    up.add_argument("--data-dir", default="var", help="where Redis keeps its data (default var/)")
+    up.add_argument(
+        "--data-dir",
+        default="var",
+        help="Redis's data, the demo site and sfrelay.env for the other commands (default var/)",
+    )
     up.set_defaults(func=cmd_up)
 
     send = sub.add_parser("send", help="POST a SOAP file the way Salesforce does")
@@ -278,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        settings = Settings()
+        # `up` writes var/sfrelay.env (LOCAL_ENV_FILE) for the other commands: never its input.
+        settings = Settings(_env_file=".env") if args.command == "up" else Settings()
     except ValidationError as exc:
         return _fail(f"invalid settings:\n{exc}")
     func: Command = args.func

@@ -16,6 +16,9 @@ from app.sfid import canonical_id
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WSDL_DIR = PROJECT_ROOT / "wsdl"
+# Written by `sfrelay up` (its local Redis, the demo site): read before .env, below the
+# environment, so commands typed in the same folder find what `up` runs (app/up.py).
+LOCAL_ENV_FILE = "var/sfrelay.env"
 
 # Salesforce retries a failed delivery for 24 hours: remember notification ids for longer.
 MIN_DEDUPE_TTL_S = 25 * 3600
@@ -41,7 +44,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="SFRELAY_",
-        env_file=".env",
+        env_file=(LOCAL_ENV_FILE, ".env"),  # later files win; the environment wins over both
         env_file_encoding="utf-8",
         extra="ignore",
     )

