@@ -1,4 +1,5 @@
-"""The demo site `sfrelay up` creates is Drupal 10's own user schema: compared with real sites."""
+"""The demo `sfrelay up` offers: Drupal 10's own user schema (compared with real sites), and a
+sample Contact message the receiver accepts."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.config import PROJECT_ROOT
+from app.config import DEFAULT_WSDL_DIR, PROJECT_ROOT
 from app.demo import DEMO_SITE_NAME, create_demo_site
 from app.drupal.engine import create_engine, nocase_utf8
 from app.drupal.schema import DrupalSchema, inspect_drupal, php_unserialize
+from app.sfid import is_valid_id
+from app.soap import is_notification_id, parse_message
+from app.up import SAMPLE_CONTACT_ID, SAMPLE_MESSAGE
+from app.wsdl import load_contract
 from tests.drupal_schemas import DRUPAL, SITES
 
 REFERENCE_SQL = DRUPAL / "drupal10-sqlite-users-schema.sql"
@@ -163,3 +168,16 @@ def test_an_existing_demo_site_is_kept_as_it_is(tmp_path: Path) -> None:
     assert not create_demo_site(demo_path)
     assert demo_path.read_bytes() == before
     assert [p.name for p in demo_path.parent.iterdir()] == ["drupal.sqlite"]  # no partial file
+
+
+def test_the_sample_contact_is_a_usable_notification_with_valid_ids() -> None:
+    body = SAMPLE_MESSAGE.read_bytes()
+    message = parse_message(body, load_contract(DEFAULT_WSDL_DIR), ["Contact", "Lead"])
+    [notification] = message.notifications
+    assert notification.problem is None
+    assert is_notification_id(notification.id) and len(notification.id) == 18
+    assert notification.record_id == SAMPLE_CONTACT_ID
+    assert is_valid_id(SAMPLE_CONTACT_ID) and SAMPLE_CONTACT_ID.startswith("003")
+    assert is_valid_id(message.organization_id) and message.organization_id.startswith("00D")
+    assert is_valid_id(message.action_id) and message.action_id.startswith("04k")
+    assert notification.fields["Email"] == "ada.lovelace@example.org"
