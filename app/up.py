@@ -78,7 +78,6 @@ class Stack:
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     stopping: bool = False
-    started_redis: bool = False
 
     def start_redis(self) -> None:
         """A redis-server with AOF on, unless one already answers at SFRELAY_REDIS_URL."""
@@ -101,7 +100,6 @@ class Stack:
         self.processes.append((name, process))
         _wait_listening("127.0.0.1", port, process, name)
         self.say(f"{name} on 127.0.0.1:{port}, data in {directory} (appendfsync always)")
-        self.started_redis = True
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         process = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=self.env)
@@ -199,7 +197,7 @@ def write_local_env(stack: Stack, demo: bool) -> Path:
         f"SFRELAY_HOST={settings.host}",
         f"SFRELAY_PORT={settings.port}",
     ]
-    if stack.started_redis:  # a URL of the user's own Redis may hold a password
+    if urlsplit(settings.redis_url).password is None:  # never write a password here
         lines.append(f"SFRELAY_REDIS_URL={settings.redis_url}")
     if demo:
         lines.append(f"SFRELAY_DATABASE_URL={settings.database_url}")

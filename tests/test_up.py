@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from app.config import Settings
+from app.up import Stack, write_local_env
 from tests.fixtures_worker import PROJECT, drupal_users, settings_env
 from tests.messages import contact, outbound_message
 from tests.servers import free_port, wait_for_port
@@ -290,3 +291,11 @@ def test_commands_read_what_up_wrote_below_dotenv_and_the_environment(
         "127.0.0.3",  # .env wins over it
         "redis://127.0.0.1:2/0",  # and the environment over both
     )
+
+
+def test_up_never_writes_a_redis_password_for_the_other_commands(tmp_path: Path) -> None:
+    settings = Settings(
+        _env_file=None, redis_url="redis://:s3cret-pw@127.0.0.1:6390/0", database_url="sqlite:///x"
+    )
+    path = write_local_env(Stack(settings, tmp_path, print), demo=False)
+    assert path.read_text().splitlines()[2:] == ["SFRELAY_HOST=127.0.0.1", "SFRELAY_PORT=8000"]
