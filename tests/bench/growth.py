@@ -298,8 +298,12 @@ def batch(count: int, offset: int, population: int = 10_000) -> list[dict[str, A
     rng = random.Random(offset)
     stamp = "2026-11-30T12:00:00.000Z"
     out = []
-    mapped = [i for i in range(offset, population, 2) if _mapped(i)]
-    members = [i for i in range(offset, population, 2) if not _mapped(i)]
+    # The timed batch (offset 0) uses the first 85% of the users, the others the rest.
+    mapped = [i for i in range(population) if _mapped(i)]
+    members = [i for i in range(population) if not _mapped(i)]
+    cut_mapped, cut_members = len(mapped) * 85 // 100, len(members) * 85 // 100
+    mapped = mapped[:cut_mapped] if offset == 0 else mapped[cut_mapped:]
+    members = members[:cut_members] if offset == 0 else members[cut_members:]
     rng.shuffle(mapped)
     rng.shuffle(members)
     for n in range(count):
