@@ -429,7 +429,8 @@ def print_plans(database: str, size: int, plans: list[Plan]) -> None:
         # SQLite's MULTI-INDEX OR repeats one search per OR term: show each line once.
         lines = [line for line in plan.plan if not re.fullmatch(r"INDEX \d+", line.strip())]
         for line, repeats in Counter(lines).items():
-            print(f"    {line}" + (f"  (x{repeats})" if repeats > 1 else ""))
+            shown = line if len(line) <= 200 else line[:197] + "..."
+            print(f"    {shown}" + (f"  (x{repeats})" if repeats > 1 else ""))
 
 
 # ---------------------------------------------------------------------------------- report

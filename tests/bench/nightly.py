@@ -572,11 +572,16 @@ def chart(run: Run, path: Path, night: Night) -> None:
     queue.set_ylabel("notifications\nqueued or applying")
     users.plot(at, [s.applied for s in run.samples], color="tab:green")
     users.axhline(len(night.expected), color="grey", linestyle=":", linewidth=1)
+    users.annotate(
+        f"{len(night.expected):,} users expected", (0, len(night.expected)), xytext=(2, 2),
+        textcoords="offset points", fontsize=8, color="grey",
+    )  # fmt: skip
     users.set_ylabel("users written\n(created + updated)")
     acks.scatter(
         [a for a, _ in run.acks], [lat * 1000 for _, lat in run.acks], s=4, color="tab:orange"
     )
     acks.set_ylabel("ack latency ms\n(each message)")
+    acks.set_ylim(bottom=0)
     acks.set_xlabel("seconds since the first message")
     for axis in (queue, users, acks):
         axis.axvline(run.acked_s, color="tab:orange", linestyle="--", linewidth=1)
