@@ -24,6 +24,18 @@ def _status() -> None:
     status.main([])
 
 
+def _nightly() -> None:
+    from tests.bench import nightly
+
+    nightly.main([])
+
+
+def _growth() -> None:
+    from tests.bench import growth
+
+    growth.main([])
+
+
 # Name -> runner with its default options; each module also runs alone with its own options
 # (`python -m tests.bench.receiver --help`). Imports are lazy: one benchmark's imports do not
 # slow down, or break, another's.
@@ -31,6 +43,8 @@ BENCHMARKS: dict[str, Callable[[], None]] = {
     "receiver": _receiver,
     "worker": _worker,
     "status": _status,
+    "nightly": _nightly,
+    "growth": _growth,
 }
 
 

@@ -1,0 +1,521 @@
+"""Cost as the site grows: the worker's users/s for the same 10,000-notification batch (70% new
+Contacts, 30% updates of mapped users and links by email to existing members) into Drupal 10
+sites that already hold 10,000, 100,000 and 1,000,000 users, on SQLite and PostgreSQL.
+
+The sites are seeded by this benchmark in Drupal's exact row shapes (users, users_field_data,
+user__roles, the user__field_* tables; sfrelay_record ledger rows for the mapped users) with
+bulk executemany / COPY, and cached under var/bench-cache/ (a seeded SQLite file per size; a
+PostgreSQL cluster there holding a template database per size). Each measurement starts from a
+fresh copy, runs a warm-up batch, then times `sfrelay worker --burst` on the batch.
+
+It also captures the real SQL the worker runs (a SQLAlchemy `before_cursor_execute` listener
+during a small apply into the largest site), prints the query plan of every look-up
+(EXPLAIN QUERY PLAN / EXPLAIN) and exits 1 when one scans a whole user table (users,
+users_field_data, user__*, sfrelay_record). Goal (issue 10): 1M users/s >= 0.9 x the 10k figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from app.config import PROJECT_ROOT, Settings
+from app.drupal.engine import create_engine, nocase_utf8
+from app.drupal.state import migrate
+from app.queue import decode_notifications
+from app.sync import Syncer
+from tests import drupal_schemas
+from tests.bench.nightly import FIRST_NAMES, LAST_NAMES, _ascii
+from tests.bench.worker import TYPES, _enqueue, drain
+from tests.fixtures_db import PG_BIN, _as_postgres
+from tests.messages import sf_id
+from tests.servers import SHARED, RedisServer, free_port, wait_for_port
+
+DRUPAL10 = SHARED / "drupal" / "sites" / "drupal10-standard.sqlite"
+CACHE = PROJECT_ROOT / "var" / "bench-cache"
+SIZES = (10_000, 100_000, 1_000_000)
+GOAL = 0.9
+FIRST_UID = 2  # the standard site holds uid 0 and 1
+EPOCH = 1_780_000_000  # seconds: the seeded users' created/changed
+USER_TABLES = re.compile(r"^(users|users_field_data|user__\w+|sfrelay_record)$")
+
+# --------------------------------------------------------------------------------- seeding
+#
+# Seeded user i (uid FIRST_UID + i): username "<First> <Last>" with Drupal's "_<n>" suffix when
+# the name repeats, mail Member<i>@Example.org; 4 in 5 are mapped to Contact 003...<10^7 + i>
+# (field rows + a sfrelay_record ledger row); 1 in 100 holds the content_editor role.
+
+
+def _person(i: int) -> tuple[str, str]:
+    """Common names, repeated, in ASCII: this benchmark measures the site's size; the nightly
+    one carries the non-ASCII names (SQLite's lower() folds ASCII only: see the README)."""
+    rng = random.Random(i)
+    first = rng.choices([n for n, _ in FIRST_NAMES], [w for _, w in FIRST_NAMES])[0]
+    last = rng.choices([n for n, _ in LAST_NAMES], [w for _, w in LAST_NAMES])[0]
+    return _ascii(first), _ascii(last)
+
+
+def _mapped(i: int) -> bool:
+    return i % 5 != 0
+
+
+def _seed_sf_id(i: int) -> str:
+    return sf_id("003", 10_000_000 + i)
+
+
+def seed_rows(size: int) -> Iterator[dict[str, list[tuple[Any, ...]]]]:
+    """The rows of `size` users, in chunks of 20,000 users: table -> rows."""
+    repeats: dict[str, int] = {}
+    for start in range(0, size, 20_000):
+        rows: dict[str, list[tuple[Any, ...]]] = {}
+        for i in range(start, min(size, start + 20_000)):
+            uid = FIRST_UID + i
+            first, last = _person(i)
+            base = f"{first} {last}"
+            seen = repeats[base.lower()] = repeats.get(base.lower(), 0) + 1
+            name = base if seen == 1 else f"{base}_{seen}"
+            mail = f"Member{i}@Example.org"
+            stamp = EPOCH + i
+            rows.setdefault("users", []).append((uid, str(uuid.UUID(int=uid)), "en"))
+            rows.setdefault("users_field_data", []).append(
+                (uid, "en", "en", None, name, None, mail, "UTC", 1, stamp, stamp, 0, 0, mail, 1)
+            )
+            if i % 100 == 7:
+                rows.setdefault("user__roles", []).append(
+                    ("user", 0, uid, uid, "en", 0, "content_editor")
+                )
+            if not _mapped(i):
+                continue
+            record = _seed_sf_id(i)
+            for field, value in (("first_name", first), ("last_name", last)):
+                rows.setdefault(f"user__field_{field}", []).append(
+                    ("user", 0, uid, uid, "en", 0, value)
+                )
+            rows.setdefault("user__field_salesforce_id", []).append(
+                ("user", 0, uid, uid, "en", 0, record)
+            )
+            notification = sf_id("04l", 10_000_000 + i)
+            history = orjson.dumps(
+                [{"at": float(stamp), "n": notification, "o": "created", "uid": uid}]
+            ).decode()
+            rows.setdefault("sfrelay_record", []).append(
+                (record, "Contact", uid, stamp * 1_000_000, notification, None, history, stamp)
+            )
+        yield rows
+
+
+COLUMNS = {
+    "users": ("uid", "uuid", "langcode"),
+    "users_field_data": (
+        "uid", "langcode", "preferred_langcode", "preferred_admin_langcode", "name", "pass",
+        "mail", "timezone", "status", "created", "changed", "access", "login", "init",
+        "default_langcode",
+    ),
+    "user__roles": (
+        "bundle", "deleted", "entity_id", "revision_id", "langcode", "delta", "roles_target_id",
+    ),
+    **{
+        f"user__field_{name}": (
+            "bundle", "deleted", "entity_id", "revision_id", "langcode", "delta",
+            f"field_{name}_value",
+        )
+        for name in ("first_name", "last_name", "salesforce_id")
+    },
+    "sfrelay_record": (
+        "sf_id", "object", "uid", "modstamp", "notification_id", "converted_to", "history",
+        "updated_at",
+    ),
+}  # fmt: skip
+
+
+async def _prepare(url: str) -> None:
+    """sfrelay's tables and indexes, as a worker's start would make them."""
+    engine = create_engine(url)
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+    syncer = await Syncer.open(Settings(_env_file=None, database_url=url))
+    await syncer.close()
+
+
+def seeded_sqlite(size: int) -> Path:
+    """The cached SQLite site with `size` users (seeded on first use)."""
+    path = CACHE / f"drupal10-{size}.sqlite"
+    if path.exists():
+        return path
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    shutil.copyfile(DRUPAL10, partial)
+    asyncio.run(_prepare(f"sqlite:///{partial}"))
+    started = time.perf_counter()
+    db = sqlite3.connect(partial)
+    db.create_collation("NOCASE_UTF8", nocase_utf8)
+    db.execute("PRAGMA journal_mode = OFF")
+    db.execute("PRAGMA synchronous = OFF")
+    for rows in seed_rows(size):
+        for table, values in rows.items():
+            marks = ", ".join("?" * len(COLUMNS[table]))
+            db.executemany(
+                f"INSERT INTO {table} ({', '.join(COLUMNS[table])}) VALUES ({marks})", values
+            )
+    db.commit()
+    db.execute("PRAGMA journal_mode = DELETE")  # what the real site uses
+    db.close()
+    partial.rename(path)
+    print(f"seeded {path.name}: {size:,} users in {time.perf_counter() - started:.0f} s",
+          file=sys.stderr)  # fmt: skip
+    return path
+
+
+# ------------------------------------------------------------ the cached PostgreSQL cluster
+
+
+@dataclass
+class Cluster:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def url(self, database: str) -> str:
+        return f"pgsql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def dsn(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+
+@contextmanager
+def pg_cluster() -> Iterator[Cluster]:
+    """PostgreSQL 15 on var/bench-cache/postgresql (kept between runs; the tests' flags)."""
+    directory = CACHE / "postgresql"
+    data = directory / "data"
+    if not (data / "PG_VERSION").exists():
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        if os.geteuid() == 0:
+            shutil.chown(directory, "postgres", "postgres")
+        initdb = [str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres"]
+        initdb += ["--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"]
+        subprocess.run(initdb, check=True, capture_output=True, **_as_postgres())
+    port = free_port()
+    command = [str(PG_BIN / "postgres"), "-D", str(data), "-p", str(port), "-k", str(directory)]
+    command += ["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]
+    command += ["-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+    with (CACHE / "postgresql.log").open("ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=log, **_as_postgres())
+    try:
+        wait_for_port(port, timeout=60)
+        time.sleep(0.5)
+        yield Cluster(port, process)
+    finally:
+        process.send_signal(signal.SIGINT)  # fast shutdown: the cache stays consistent
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def _admin(cluster: Cluster, *statements: str) -> list[Any]:
+    conn = await asyncpg.connect(cluster.dsn("postgres"))
+    try:
+        return [await conn.fetch(s) for s in statements]
+    finally:
+        await conn.close()
+
+
+def seeded_postgres(cluster: Cluster, size: int) -> str:
+    """The name of the cluster's template database with `size` users (seeded on first use)."""
+    name = f"seed_{size}"
+    (rows,) = asyncio.run(_admin(cluster, f"SELECT 1 FROM pg_database WHERE datname = '{name}'"))
+    if rows:
+        return name
+    partial = f"{name}_partial"
+    asyncio.run(_admin(cluster, f"DROP DATABASE IF EXISTS {partial}", f"CREATE DATABASE {partial}"))
+    started = time.perf_counter()
+    asyncio.run(_seed_postgres(cluster, partial, size))
+    asyncio.run(_admin(cluster, f"ALTER DATABASE {partial} RENAME TO {name}"))
+    print(f"seeded PostgreSQL {name}: {size:,} users in {time.perf_counter() - started:.0f} s",
+          file=sys.stderr)  # fmt: skip
+    return name
+
+
+async def _seed_postgres(cluster: Cluster, database: str, size: int) -> None:
+    engine = create_engine(cluster.url(database))
+    try:
+        async with engine.begin() as conn:
+            await drupal_schemas.load(conn, "postgresql", 10)
+    finally:
+        await engine.dispose()
+    await _prepare(cluster.url(database))
+    conn = await asyncpg.connect(cluster.dsn(database))
+    try:
+        for rows in seed_rows(size):
+            for table, values in rows.items():
+                await conn.copy_records_to_table(table, records=values, columns=COLUMNS[table])
+        await conn.execute(
+            "SELECT setval(pg_get_serial_sequence('users', 'uid'), MAX(uid)) FROM users"
+        )
+        await conn.execute("VACUUM ANALYZE")  # what autovacuum does on a real site
+    finally:
+        await conn.close()
+
+
+# -------------------------------------------------------------------------------- workload
+
+
+def _contact(record: str, number: int, first: str, last: str, mail: str, stamp: str) -> Any:
+    fields = {"Id": record, "FirstName": first, "LastName": last, "Email": mail}
+    fields["SystemModstamp"] = fields["LastModifiedDate"] = stamp
+    return {"id": sf_id("04l", number), "object": "Contact", "fields": fields}
+
+
+def batch(count: int, offset: int, population: int = 10_000) -> list[dict[str, Any]]:
+    """70% new Contacts, 15% updates of mapped users, 15% new Contacts whose mail an existing
+    member has (linked); all among the first `population` seeded users (the smallest site), so
+    the same batch fits every size. `offset` keeps the warm-up and the timed batch apart."""
+    rng = random.Random(offset)
+    stamp = "2026-11-30T12:00:00.000Z"
+    out = []
+    # The timed batch (offset 0) uses the first 85% of the users, the others the rest.
+    mapped = [i for i in range(population) if _mapped(i)]
+    members = [i for i in range(population) if not _mapped(i)]
+    cut_mapped, cut_members = len(mapped) * 85 // 100, len(members) * 85 // 100
+    mapped = mapped[:cut_mapped] if offset == 0 else mapped[cut_mapped:]
+    members = members[:cut_members] if offset == 0 else members[cut_members:]
+    rng.shuffle(mapped)
+    rng.shuffle(members)
+    for n in range(count):
+        number = 60_000_000 + offset * 100_000 + n
+        kind = n % 20
+        if kind < 14 or not mapped or not members:
+            first, last = _person(number)
+            mail = f"{first[:1]}.{last.replace(' ', '')}{n}.{offset}@New-Example.net"
+            out.append(_contact(sf_id("003", number), number, first, last, mail, stamp))
+        elif kind < 17:
+            i = mapped.pop()
+            first, last = _person(i)
+            out.append(
+                _contact(_seed_sf_id(i), number, first, f"{last}-Updated", f"Member{i}@Example.org",
+                         stamp)
+            )  # fmt: skip
+        else:
+            i = members.pop()
+            first, last = _person(i)
+            mail = f"member{i}@EXAMPLE.org"  # the same mail, another case
+            out.append(_contact(sf_id("003", number), number, first, last, mail, stamp))
+    rng.shuffle(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    database: str
+    size: int
+    notifications: int
+    seconds: float
+    outcomes: dict[str, int]
+
+    @property
+    def per_s(self) -> float:
+        return self.notifications / self.seconds
+
+
+def measure(
+    database: str, size: int, url: str, count: int, workdir: Path, population: int
+) -> Result:
+    """Warm-up batch, then the timed batch, each drained by `sfrelay worker --burst`."""
+    server = RedisServer(port=free_port(), directory=workdir / f"redis-{database}-{size}")
+    server.start()
+    client = server.client()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SFRELAY_")}
+    env.update(SFRELAY_REDIS_URL=server.url, SFRELAY_DATABASE_URL=url,
+               PYTHONPATH=str(PROJECT_ROOT))  # fmt: skip
+    try:
+        asyncio.run(_enqueue(server.url, batch(max(500, count // 5), 1, population)))
+        drain(env, client, workdir)
+        asyncio.run(_enqueue(server.url, batch(count, 0, population)))
+        result = drain(env, client, workdir)
+    finally:
+        client.close()
+        server.stop()
+    return Result(database, size, count, result.seconds, result.outcomes)
+
+
+# ---------------------------------------------------------------------------- query plans
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    sql: str
+    plan: list[str]
+    scans: list[str]  # user tables read whole
+
+
+async def capture_and_explain(url: str, dialect: str, population: int) -> list[Plan]:
+    """Every statement a small apply runs that reads or changes rows of a user table, with
+    the plan the database picks for it."""
+    captured: dict[str, Any] = {}
+
+    def listen(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        if statement.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE", "WITH")):
+            captured.setdefault(statement, parameters)
+
+    event.listen(Engine, "before_cursor_execute", listen)
+    syncer = await Syncer.open(Settings(_env_file=None, database_url=url))
+    try:
+        await syncer.apply(decode_notifications(batch(200, 3, population), TYPES))
+    finally:
+        event.remove(Engine, "before_cursor_execute", listen)
+    plans = []
+    try:
+        async with syncer.engine.connect() as conn:
+            for statement, parameters in captured.items():
+                params = parameters[0] if isinstance(parameters, list) else parameters
+                prefix = "EXPLAIN QUERY PLAN " if dialect == "sqlite" else "EXPLAIN "
+                rows = (await conn.exec_driver_sql(prefix + statement, params)).all()
+                lines = [str(row[-1]) for row in rows]
+                plans.append(Plan(statement, lines, _scans(lines, dialect)))
+            await conn.rollback()
+    finally:
+        await syncer.close()
+    return plans
+
+
+def _scans(lines: list[str], dialect: str) -> list[str]:
+    pattern = r"\bSCAN (\w+)" if dialect == "sqlite" else r"Seq Scan on (\w+)"
+    return [
+        line.strip()
+        for line in lines
+        if (m := re.search(pattern, line)) and USER_TABLES.match(m.group(1))
+    ]
+
+
+def _short(sql: str, width: int = 160) -> str:
+    sql = re.sub(r"\s+", " ", sql).strip()
+    sql = re.sub(r"(\?|\$\d+)(, (\?|\$\d+)){3,}", r"\1, ...", sql)
+    return sql if len(sql) <= width else sql[: width - 3] + "..."
+
+
+def print_plans(database: str, size: int, plans: list[Plan]) -> None:
+    print(f"\nQuery plans ({database}, {size:,} users): {len(plans)} statements on user tables")
+    for plan in plans:
+        mark = "FULL SCAN" if plan.scans else "ok"
+        print(f"- [{mark}] {_short(plan.sql)}")
+        # SQLite's MULTI-INDEX OR repeats one search per OR term: show each line once.
+        lines = [line for line in plan.plan if not re.fullmatch(r"INDEX \d+", line.strip())]
+        for line, repeats in Counter(lines).items():
+            shown = line if len(line) <= 200 else line[:197] + "..."
+            print(f"    {shown}" + (f"  (x{repeats})" if repeats > 1 else ""))
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def table(results: list[Result]) -> str:
+    lines = [
+        "| database | users in the site | notifications | seconds | users/s | vs 10k | goal |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    base: dict[str, float] = {}
+    for r in results:
+        base.setdefault(r.database, r.per_s)
+        ratio = r.per_s / base[r.database]
+        goal = f"≥ {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'}" if r.size >= 1e6 else ""
+        lines.append(
+            f"| {r.database} | {r.size:,} | {r.notifications:,} | {r.seconds:.2f} "
+            f"| {r.per_s:,.0f} | {ratio:.2f}x | {goal} |"
+        )
+    for r in results:
+        outcomes = " ".join(f"{k}={v}" for k, v in sorted(r.outcomes.items()))
+        lines.append(f"\n{r.database}, {r.size:,}: {outcomes}")
+    return "\n".join(lines)
+
+
+@contextmanager
+def _sites(database: str, work: Path) -> Iterator[Any]:
+    """size -> the URL of a fresh copy of the seeded site."""
+    if database == "sqlite":
+
+        def fresh_sqlite(size: int) -> str:
+            copy = work / f"site-{size}-{uuid.uuid4().hex[:8]}.sqlite"
+            shutil.copyfile(seeded_sqlite(size), copy)
+            return f"sqlite:///{copy}"
+
+        yield fresh_sqlite
+        return
+    with pg_cluster() as cluster:
+        made: list[str] = []
+
+        def fresh_pg(size: int) -> str:
+            template = seeded_postgres(cluster, size)
+            name = f"run_{size}_{uuid.uuid4().hex[:8]}"
+            asyncio.run(_admin(cluster, f"CREATE DATABASE {name} TEMPLATE {template}"))
+            made.append(name)
+            return cluster.url(name)
+
+        try:
+            yield fresh_pg
+        finally:
+            asyncio.run(_admin(cluster, *(f"DROP DATABASE IF EXISTS {n}" for n in made)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.growth", description=__doc__)
+    parser.add_argument("--notifications", type=int, default=10_000)
+    parser.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
+    parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    results: list[Result] = []
+    scans: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="sfrelay-growth-") as tmp_name:
+        work = Path(tmp_name)
+        for database in ["sqlite", "postgresql"] if args.db == "both" else [args.db]:
+            with _sites(database, work) as fresh:
+                for size in sizes:
+                    url = fresh(size)
+                    results.append(
+                        measure(database, size, url, args.notifications, work, min(sizes))
+                    )
+                    print(f"{database} {size:,}: {results[-1].per_s:,.0f} users/s",
+                          file=sys.stderr)  # fmt: skip
+                    if url.startswith("sqlite:///"):
+                        Path(url.removeprefix("sqlite:///")).unlink()
+                plans = asyncio.run(capture_and_explain(fresh(max(sizes)), database, min(sizes)))
+                print_plans(database, max(sizes), plans)
+                scans += [f"{database}: {_short(p.sql, 100)}: {p.scans}" for p in plans if p.scans]
+    print()
+    print(table(results))
+    if scans:
+        print("\nFAIL: look-ups that scan a whole user table:", *scans, sep="\n- ")
+        sys.exit(1)
+    print("\nPASS: every look-up on a user table uses an index.")
+
+
+if __name__ == "__main__":
+    main()
