@@ -14,7 +14,7 @@ from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings
-from app.drupal import state
+from app.drupal import ledger
 from app.drupal.engine import create_engine
 from app.errors import QueueUnavailable, RetryableError
 from app.queue import DEAD_KEY, FIRST_SEEN_KEY, enqueue_apply
@@ -110,10 +110,10 @@ async def count_database_dead_letters(settings: Settings) -> int:
     try:
         async with engine.connect() as conn:
             if not await conn.run_sync(
-                lambda sync: inspect(sync).has_table(state.dead_letters.name)
+                lambda sync: inspect(sync).has_table(ledger.dead_letters.name)
             ):
                 return 0
-            count = await conn.scalar(select(func.count()).select_from(state.dead_letters))
+            count = await conn.scalar(select(func.count()).select_from(ledger.dead_letters))
             return int(count or 0)
     except DBAPIError as exc:
         raise RetryableError(f"cannot read the Drupal database: {exc.orig}") from exc

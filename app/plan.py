@@ -18,8 +18,8 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.config import MatchByEmail
-from app.drupal import state
-from app.drupal.state import RecordState
+from app.drupal import ledger
+from app.drupal.ledger import RecordState
 from app.drupal.users import ExistingUser, Key, NewUser, UserChange, UserStore
 from app.mapping import FieldMap
 from app.records import Record, as_text, base_values, username_base, valid_email, with_suffix
@@ -73,10 +73,10 @@ def add_history(st: RecordState, r: Record, decision: Decision, now: float) -> N
 
 async def note_failure(conn: AsyncConnection, r: Record, outcome: str, detail: str) -> None:
     """Add a failed attempt to the record's history (its batch was rolled back)."""
-    states = await state.load(conn, [r.sf_id])
+    states = await ledger.load(conn, [r.sf_id])
     st = states.setdefault(r.sf_id, RecordState(r.sf_id, r.obj.sobject))
     add_history(st, r, Decision(outcome, None, detail), time.time())
-    await state.save(conn, [st])
+    await ledger.save(conn, [st])
 
 
 class Planner:
@@ -106,7 +106,7 @@ class Planner:
 
     async def load(self, records: list[Record]) -> None:
         ids = {r.sf_id for r in records} | {r.converted_to for r in records if r.converted_to}
-        self.plan.states = await state.load(self.conn, ids)
+        self.plan.states = await ledger.load(self.conn, ids)
         if self.configured_protected is None:
             self.protected = await self.store.protected_roles(self.conn)
         mapped = {s.uid for s in self.plan.states.values() if s.uid is not None}
@@ -124,7 +124,7 @@ class Planner:
             if user.mail and user.uid not in self.mail_of:
                 self.mail_of[user.uid] = user.mail.lower()
                 self.by_mail.setdefault(user.mail.lower(), set()).add(user.uid)
-        self.owner = await state.owners(self.conn, set(self.mail_of) | mapped)
+        self.owner = await ledger.owners(self.conn, set(self.mail_of) | mapped)
 
     def _record(self, r: Record, decision: Decision, *, applied: bool = False) -> None:
         self.plan.decisions[r.index] = decision

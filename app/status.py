@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings
-from app.drupal import state
+from app.drupal import ledger
 from app.drupal.readonly import read_engine, table_names
 from app.drupal.schema import detect_major
 from app.errors import ConfigError, QueueUnavailable
@@ -130,8 +130,8 @@ async def read_database(settings: Settings) -> tuple[dict[str, Any], int | None]
     try:
         async with asyncio.timeout(DATABASE_TIMEOUT_S), engine.connect() as conn:
             major, _ = await detect_major(conn, settings.drupal_version)
-            if state.dead_letters.name in await table_names(conn):
-                count = await conn.scalar(select(func.count()).select_from(state.dead_letters))
+            if ledger.dead_letters.name in await table_names(conn):
+                count = await conn.scalar(select(func.count()).select_from(ledger.dead_letters))
                 dead = int(count or 0)
             else:
                 dead = 0

@@ -91,13 +91,13 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
-from app.drupal import state
+from app.drupal import ledger
 from app.drupal.d7 import Drupal7
 from app.drupal.d10 import Drupal10
 from app.drupal.engine import create_engine, writer
 from app.drupal.errors import classify, is_transient
+from app.drupal.ledger import DeadLetter
 from app.drupal.schema import IMPLICIT_ROLES, DrupalSchema, inspect_drupal
-from app.drupal.state import DeadLetter
 from app.drupal.stats import Statistics
 from app.drupal.users import Key, UserStore
 from app.errors import ConfigError, RetryableError
@@ -176,8 +176,8 @@ class Syncer:
             _check_protected_roles(schema, field_map, settings.protected_roles)
             if schema.major == 10 and "cachetags" not in schema.tables:
                 await _create_cachetags(engine)
-            await state.migrate(engine)
-            await state.ensure_indexes(engine, schema.major)
+            await ledger.migrate(engine)
+            await ledger.ensure_indexes(engine, schema.major)
         except BaseException as exc:
             await engine.dispose()
             if isinstance(exc, DBAPIError | OSError):
@@ -273,7 +273,7 @@ class Syncer:
             await self.store.create(conn, list(plan.new.values()), now)
             plan.finish()
             await self.store.update(conn, list(plan.changes.values()), now)
-            await state.save(conn, plan.states.values())
+            await ledger.save(conn, plan.states.values())
         await self._statistics.created(len(plan.new))
         for record in records:
             decision = plan.decisions[record.index]
@@ -292,7 +292,7 @@ class Syncer:
         fields = notification.get("fields") or {}
         record_id = fields.get("Id")
         async with self.engine.begin() as conn:
-            return await state.add_dead_letter(
+            return await ledger.add_dead_letter(
                 conn,
                 notification,
                 notification_id=notification.get("id"),
@@ -304,12 +304,12 @@ class Syncer:
 
     async def list_dead_letters(self) -> list[DeadLetter]:
         async with self.engine.connect() as conn:
-            return await state.read_dead_letters(conn)
+            return await ledger.read_dead_letters(conn)
 
     async def take_dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
         """Remove and return the given dead letters (None = all), e.g. to replay them."""
         async with self.engine.begin() as conn:
-            return await state.read_dead_letters(conn, ids, remove=True)
+            return await ledger.read_dead_letters(conn, ids, remove=True)
 
     async def close(self) -> None:
         await self.engine.dispose()

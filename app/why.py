@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.config import Settings
-from app.drupal import state
+from app.drupal import ledger
 from app.drupal.readonly import read_engine, table_names
 from app.drupal.schema import detect_major
 from app.errors import QueueUnavailable, RetryableError
@@ -122,7 +122,7 @@ async def _from_database(settings: Settings, query: Query, result: Answer) -> No
         async with engine.connect() as conn:
             tables = await table_names(conn)
             major, _ = await detect_major(conn, settings.drupal_version)
-            has_records = state.records.name in tables
+            has_records = ledger.records.name in tables
             if query.kind == "record":
                 if has_records:
                     result.records = await _records(conn, [query.key], None, major, None)
@@ -138,7 +138,7 @@ async def _from_database(settings: Settings, query: Query, result: Answer) -> No
                     owners |= {f"uid {uid}" for uid in uids}
                     result.conflicts = await _conflicts(conn, owners, major, query.key)
                 result.users = users
-            if state.dead_letters.name in tables:
+            if ledger.dead_letters.name in tables:
                 result.dead = await _database_dead(conn, query)
     except DBAPIError as exc:
         raise RetryableError(f"cannot read the Drupal database: {exc.orig}") from exc
@@ -196,7 +196,7 @@ async def _records(
     major: int,
     email: str | None,
 ) -> list[dict[str, Any]]:
-    t = state.records
+    t = ledger.records
     query = select(t).order_by(t.c.sf_id)
     query = query.where(t.c.sf_id.in_(ids)) if ids is not None else query
     query = query.where(t.c.uid.in_(uids)) if uids is not None else query
@@ -211,7 +211,7 @@ async def _conflicts(
     """Records whose last outcomes include a duplicate-email conflict with one of `owners`
     (the Salesforce Ids and `uid <n>` holding the email). A scan of the rows that ever had a
     conflict (LIKE narrows it; each history is then parsed)."""
-    t = state.records
+    t = ledger.records
     rows = (
         await conn.execute(
             select(t).where(t.c.history.like('%"conflict_duplicate_email"%')).order_by(t.c.sf_id)
@@ -229,7 +229,7 @@ async def _conflicts(
 
 
 async def _database_dead(conn: AsyncConnection, query: Query) -> list[dict[str, Any]]:
-    t = state.dead_letters
+    t = ledger.dead_letters
     if query.kind == "record":
         # record_id is kept as received (15 or 18 characters, any case): narrow, then compare.
         forms = {query.key.lower(), query.key[:15].lower()}

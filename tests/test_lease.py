@@ -13,7 +13,7 @@ from app.config import Settings
 from app.sync import Syncer
 from tests.fixtures_worker import drupal_users
 from tests.test_worker import contact
-from workers.batch import GroupCommit, WriterBusy
+from workers.group_commit import GroupCommit, WriterBusy
 from workers.lease import WriterLease, database_key
 
 

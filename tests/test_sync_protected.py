@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from app.drupal import state
-from app.drupal.state import RecordState
+from app.drupal import ledger
+from app.drupal.ledger import RecordState
 from app.errors import ConfigError
 from app.sync import Outcome
 from tests.drupal_rows import (
@@ -76,7 +76,7 @@ async def test_admin_takeover_sequence(drupal_site: DrupalSite, tmp_path: Path) 
     assert await user_rows(site, 1) == admin
     # 3. A mapping to uid 1 left by an older sfrelay: its updates are refused as well.
     async with site.engine.begin() as conn:
-        await state.save(conn, [RecordState(sf(8), "Contact", uid=1, dirty=True)])
+        await ledger.save(conn, [RecordState(sf(8), "Contact", uid=1, dirty=True)])
     take = note(sf(8), "eve@evil.example", "Eve", "Attacker", Active__c=False)
     again = note(sf(8), "owned@evil.example", "Eve", "Owner", minutes=1)
     out = await syncer.apply([take, again])

@@ -29,7 +29,7 @@ from app.queue import (
 )
 from app.sfid import canonical_id
 from app.sync import Outcome, Syncer
-from workers.batch import GroupCommit, WriterBusy
+from workers.group_commit import GroupCommit, WriterBusy
 from workers.lease import WriterLease
 
 logger = logging.getLogger("sfrelay.worker")

@@ -1,4 +1,4 @@
-"""sfrelay's own tables in the Drupal database (all `sfrelay_`), their migrations and access.
+"""sfrelay's ledger of records in the Drupal database (`sfrelay_*` tables) and its migrations.
 
 sfrelay_record       one row per Salesforce record seen: Salesforce Id (18-character) <-> uid,
                      object, last applied modstamp and notification, the Contact a converted
