@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -17,7 +17,9 @@ from app.config import Settings
 from app.drupal import ledger
 from app.drupal.engine import create_engine
 from app.errors import QueueUnavailable, RetryableError
-from app.queue import DEAD_KEY, FIRST_SEEN_KEY, enqueue_apply
+from app.jobs import ApplyJob, JobNotification, Source
+from app.queue import DEAD_KEY, enqueue_apply
+from app.sfid import canonical_id
 from app.soap import MAX_NOTIFICATIONS
 from app.sync import DeadLetter, Syncer
 
@@ -162,22 +164,20 @@ async def replay_dead_letters(
                 replayable.append(entry)
         for chunk in _jobs(replayable):
             notification = chunk[0].notification or {}
-            kwargs = {
-                "organization_id": notification["organization_id"],
-                "action_id": notification["action_id"],
-                "received_at": min(entry.first_seen for entry in chunk),
-                "types": {},
-                "notifications": [],
-            }
-            for entry in chunk:
-                stored = dict(entry.notification or {})
-                kwargs["types"][stored["object"]] = stored.pop("types", {})
-                for key in ("organization_id", "action_id"):
-                    stored.pop(key)
-                kwargs["notifications"].append({**stored, FIRST_SEEN_KEY: entry.first_seen})
-            await enqueue_apply(
-                redis, settings.queue_name, kwargs, job_ttl_s=settings.job_ttl_seconds
+            job = ApplyJob(
+                organization_id=canonical_id(notification["organization_id"]),
+                source=Source.OUTBOUND_MESSAGE,
+                received_at=min(entry.first_seen for entry in chunk),
+                notifications=tuple(
+                    replace(
+                        JobNotification.from_json(entry.notification or {}),
+                        first_seen=entry.first_seen,
+                    )
+                    for entry in chunk
+                ),
+                action_id=notification["action_id"],
             )
+            await enqueue_apply(redis, settings.queue_name, job, job_ttl_s=settings.job_ttl_seconds)
             in_database = [int(e.id) for e in chunk if e.source == "database"]
             if in_database:
                 await syncer.take_dead_letters(in_database)

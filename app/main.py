@@ -131,7 +131,6 @@ async def check_redis_at_start_up(settings: Settings) -> None:
         enqueuer = Enqueuer(
             redis,
             handled_objects=settings.handled_objects,
-            field_types={},
             queue_name=settings.queue_name,
             dedupe_ttl_s=settings.dedupe_ttl_seconds,
             job_ttl_s=settings.job_ttl_seconds,
@@ -168,7 +167,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         enqueuer = Enqueuer(
             redis,
             handled_objects=settings.handled_objects,
-            field_types={k: dict(v) for k, v in contract.objects.items()},
             queue_name=settings.queue_name,
             dedupe_ttl_s=settings.dedupe_ttl_seconds,
             job_ttl_s=settings.job_ttl_seconds,

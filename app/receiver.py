@@ -244,11 +244,12 @@ async def outbound_message(request: Request) -> Response:
         async with _large_message_slot(request, len(body)):
             message = await _parse(request, body, settings)
             allowed_orgs: frozenset[str] = request.app.state.org_ids
-            if allowed_orgs and canonical_id(message.organization_id) not in allowed_orgs:
+            org15 = canonical_id(message.organization_id)
+            if allowed_orgs and org15 not in allowed_orgs:
                 raise UnknownOrganization(
                     f"organization {message.organization_id} is not in SFRELAY_ORG_IDS"
                 )
-            result = await enqueuer.enqueue(message, body)
+            result = await enqueuer.enqueue(message, org15, body)
     except RejectedMessage as exc:
         log.warning("refused (%s): %s", exc.status_code, exc.detail)
         return _soap(fault(exc.faultstring, exc.faultcode), exc.status_code)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
+from app.jobs import JobNotification
 from app.mapping import FieldMap, ObjectMap, render
 from app.sfid import canonical_id, checksum, to18
 
@@ -106,14 +107,14 @@ class Record:
         return (self.email or "").lower()
 
 
-def to_record(index: int, notification: dict[str, Any], field_map: FieldMap) -> Record:
-    fields = notification.get("fields") or {}
+def to_record(index: int, notification: JobNotification, field_map: FieldMap) -> Record:
+    fields = notification.fields
     raw_id = fields.get("Id")
     if not isinstance(raw_id, str) or not raw_id.strip():
         raise RecordError("the notification has no record Id")
     raw_id = raw_id.strip()
-    sobject = notification.get("object")
-    obj = field_map.objects.get(str(sobject))
+    sobject = notification.object
+    obj = field_map.objects.get(sobject)
     if obj is None:
         raise RecordError(f"the field map has no [{sobject}] section")
     email = fields.get(obj.email_field)
@@ -123,7 +124,7 @@ def to_record(index: int, notification: dict[str, Any], field_map: FieldMap) -> 
     converted_raw = converted.strip() if is_converted and isinstance(converted, str) else None
     return Record(
         index=index,
-        notification_id=str(notification.get("id") or ""),
+        notification_id=notification.id,
         raw_id=raw_id,
         sf_id=sf_key(raw_id),
         obj=obj,

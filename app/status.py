@@ -23,7 +23,8 @@ from app.drupal import ledger
 from app.drupal.readonly import read_engine, table_names
 from app.drupal.schema import detect_major
 from app.errors import ConfigError, QueueUnavailable
-from app.queue import DEAD_KEY, JOB_KEY_PREFIX, RATE_PREFIX, STATS_KEY, _notification_count
+from app.jobs import notification_count
+from app.queue import DEAD_KEY, JOB_KEY_PREFIX, RATE_PREFIX, STATS_KEY
 
 SAMPLE_JOBS = 100
 DATABASE_TIMEOUT_S = 5.0
@@ -73,7 +74,7 @@ async def read_status(settings: Settings, redis: Redis) -> Status:
     except (RedisError, OSError) as exc:
         raise QueueUnavailable(f"cannot read the queue (Redis): {exc}") from exc
 
-    sizes = [_notification_count(raw) for raw in raws if raw is not None]
+    sizes = [notification_count(raw) for raw in raws if raw is not None]
     exact = len(sample) >= jobs  # every job was read (those gone meanwhile were finished)
     if exact or not sizes:
         notifications = sum(sizes) if exact else jobs

@@ -8,10 +8,9 @@ Public API (the worker codes against this; it imports neither arq nor FastAPI)::
     outcomes = await syncer.apply(notifications)
     await syncer.close()
 
-`apply` takes notifications as `app.queue.decode_notifications` returns them
-(``{"id": ..., "object": "Contact"|"Lead", "fields": {"Id": ..., "Email": ..., ...}}``;
-datetime fields may be `datetime` objects or ISO strings) and returns one `Outcome` per
-notification, in order. The whole list is written in ONE transaction; if the database refuses
+`apply` takes an `app.jobs.ApplyJob`'s notifications (``JobNotification(id, object,
+fields)``, the fields as Salesforce sent them) and returns one `Outcome` per notification,
+in order. The whole list is written in ONE transaction; if the database refuses
 it on a per-record problem (constraint, trigger, bad value), the list is bisected: each half in
 its own transaction, recursively, so one bad record costs about 2 * log2(n) extra transactions
 and never blocks or rolls back the others. Per-record problems become outcomes, never
@@ -101,6 +100,7 @@ from app.drupal.schema import IMPLICIT_ROLES, DrupalSchema, inspect_drupal
 from app.drupal.stats import Statistics
 from app.drupal.users import Key, UserStore
 from app.errors import ConfigError, RetryableError
+from app.jobs import JobNotification
 from app.mapping import FieldMap, load_field_map
 from app.plan import Planner, note_failure
 from app.records import Record, RecordError, to_record
@@ -190,7 +190,7 @@ class Syncer:
         )
         return cls(engine, settings, schema, store, field_map)
 
-    async def apply(self, notifications: Sequence[dict[str, Any]]) -> list[Outcome]:
+    async def apply(self, notifications: Sequence[JobNotification]) -> list[Outcome]:
         """One Outcome per notification, in order (see the module docstring)."""
         outcomes: list[Outcome | None] = [None] * len(notifications)
         records: list[Record] = []
@@ -198,9 +198,8 @@ class Syncer:
             try:
                 records.append(to_record(index, notification, self.field_map))
             except RecordError as exc:
-                fields = notification.get("fields") or {}
                 outcomes[index] = Outcome(
-                    str(notification.get("id") or ""), fields.get("Id"), "failed", None, str(exc)
+                    notification.id, notification.record_id, "failed", None, str(exc)
                 )
         if records:
             await self._bisect(records, outcomes, whole=True)

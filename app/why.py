@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
+from arq.jobs import DeserializationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import column, func, select, table
@@ -25,7 +26,8 @@ from app.drupal import ledger
 from app.drupal.readonly import read_engine, table_names
 from app.drupal.schema import detect_major
 from app.errors import QueueUnavailable, RetryableError
-from app.queue import ATTEMPT_KEY, DEAD_KEY, JOB_KEY_PREFIX
+from app.jobs import read as read_job
+from app.queue import DEAD_KEY, JOB_KEY_PREFIX
 from app.records import sf_key
 
 _ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
@@ -311,22 +313,21 @@ def _queued(job_id: str, score: float, raw: bytes | None, query: Query) -> list[
     if raw is None:
         return []
     try:
-        job = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        job = read_job(raw)
+    except (DeserializationError, ValueError, KeyError, TypeError):
         return []  # not one of ours
-    kwargs = job.get("k") or {}
     found = []
-    for item in kwargs.get("notifications") or []:
-        if isinstance(item, dict) and _matches(item, query):
+    for item in job.notifications:
+        if _matches({"fields": item.fields}, query):
             found.append(
                 {
                     "job_id": job_id,
-                    "notification_id": item.get("id"),
-                    "record_id": (item.get("fields") or {}).get("Id"),
-                    "object": item.get("object"),
-                    "received_at": iso(kwargs.get("received_at")),
+                    "notification_id": item.id,
+                    "record_id": item.record_id,
+                    "object": item.object,
+                    "received_at": iso(job.received_at or None),
                     "ready_at": iso(score / 1000),
-                    "attempt": int(item.get(ATTEMPT_KEY, 1)),
+                    "attempt": item.attempt,
                 }
             )
     return found

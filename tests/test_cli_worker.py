@@ -10,6 +10,8 @@ import orjson
 import redis
 
 from app.config import Settings
+from app.jobs import read as read_job
+from app.sfid import canonical_id
 from app.sync import Syncer
 from tests.fixtures_worker import PROJECT, settings_env
 from tests.messages import ORG_ID, sf_id
@@ -64,11 +66,10 @@ async def test_dead_list_and_replay_by_id(
     assert replayed.stdout == "replayed 1 dead letters as 1 jobs\n"
     assert "replayed 1/1" in replayed.stderr
     [job_id] = list(redis_client.zrange(worker_settings.queue_name, 0, -1))
-    job = orjson.loads(redis_client.get(b"arq:job:" + job_id) or b"")
-    assert job["f"] == "apply_notifications"
-    assert job["k"]["organization_id"] == ORG_ID
-    assert [n["fields"]["Email"] for n in job["k"]["notifications"]] == ["dead2@example.org"]
-    assert job["k"]["notifications"][0]["first_seen"] == 1_700_000_000.0
+    job = read_job(redis_client.get(b"arq:job:" + job_id) or b"")
+    assert job.organization_id == canonical_id(ORG_ID)
+    assert [n.fields["Email"] for n in job.notifications] == ["dead2@example.org"]
+    assert job.notifications[0].first_seen == 1_700_000_000.0
 
     left = orjson.loads(sfrelay(worker_settings, tmp_path, "dead", "list", "--json").stdout)
     assert [d["id"] for d in left] == [str(first)]

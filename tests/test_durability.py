@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 import redis
 
 from app.config import PROJECT_ROOT, Settings
 from app.errors import ConfigError
+from app.jobs import read as read_job
 from app.main import create_app
+from app.queue import JOB_KEY_PREFIX
 from tests.messages import contact, outbound_message
 from tests.servers import RedisServer, free_port, valkey_binary
 
@@ -98,8 +99,9 @@ def notification_id(body: bytes) -> str:
 def queued_ids(client: redis.Redis) -> list[str]:
     ids = []
     for job_id in client.zrange("arq:queue", 0, -1):
-        job = orjson.loads(client.get(b"arq:job:" + job_id) or b"{}")
-        ids += [n["id"] for n in job["k"]["notifications"]]
+        raw = client.get(JOB_KEY_PREFIX.encode() + job_id)
+        assert raw is not None
+        ids += [n.id for n in read_job(raw).notifications]
     return ids
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 import redis
 import zeep
@@ -17,6 +16,8 @@ import zeep.exceptions
 from lxml import etree
 
 from app.config import DEFAULT_WSDL_DIR, Settings
+from app.jobs import JobNotification
+from app.jobs import read as read_job
 from app.main import create_app
 from tests.conftest import SHARED_WSDLS
 from tests.messages import ORG_ID, contact, outbound_message, sf_id
@@ -38,11 +39,10 @@ def endpoint(server: UvicornThread) -> str:
     return f"{server.url}/salesforce/outbound-message"
 
 
-def queued(redis_client: redis.Redis) -> list[dict[str, Any]]:
-    out = []
+def queued(redis_client: redis.Redis) -> list[JobNotification]:
+    out: list[JobNotification] = []
     for job_id in redis_client.zrange("arq:queue", 0, -1):
-        job = orjson.loads(redis_client.get(b"arq:job:" + job_id) or b"{}")
-        out += job["k"]["notifications"]
+        out += read_job(redis_client.get(b"arq:job:" + job_id) or b"").notifications
     return out
 
 
@@ -94,7 +94,7 @@ def test_zeep_with_our_contact_and_lead_wsdls(
         DEFAULT_WSDL_DIR / "lead.wsdl", endpoint(server), lead_fields, number=2, typed="Lead"
     )
     assert ack is True
-    by_object = {n["object"]: n["fields"] for n in queued(redis_client)}
+    by_object = {n.object: n.fields for n in queued(redis_client)}
     assert by_object["Contact"] == contact_fields
     assert by_object["Lead"]["IsConverted"] is True
     assert by_object["Lead"]["Email"] == "lead@example.org"
@@ -187,7 +187,7 @@ def test_redis_stopped_mid_run_nothing_acked_is_lost_nothing_half_written(
             own_redis.start()  # AOF brings back everything that was acked
             statuses = first + during
             client = own_redis.client()
-            stored = {n["id"] for n in queued(client)}
+            stored = {n.id for n in queued(client)}
             for body, status in zip(messages, statuses, strict=True):
                 notification_id = body.split(b"<Id>")[1].split(b"</Id>")[0].decode()
                 if status == 200:
@@ -196,7 +196,7 @@ def test_redis_stopped_mid_run_nothing_acked_is_lost_nothing_half_written(
                     assert status == 503
             # Every message again, as Salesforce retries: each notification queued exactly once.
             assert {post(body) for body in messages} == {200}
-            ids = [n["id"] for n in queued(client)]
+            ids = [n.id for n in queued(client)]
             assert len(ids) == len(set(ids)) == len(messages)
             client.close()
     finally:

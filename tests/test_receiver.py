@@ -13,8 +13,11 @@ import pytest
 import redis
 
 from app.config import Settings
+from app.jobs import ApplyJob, JobNotification, Source
+from app.jobs import read as read_job
 from app.main import create_app
-from app.queue import APPLY_JOB, DEAD_BODY_PREFIX, DEAD_KEY, SEEN_PREFIX
+from app.queue import DEAD_BODY_PREFIX, DEAD_KEY, SEEN_PREFIX
+from app.sfid import canonical_id
 from tests.conftest import shared_message
 from tests.messages import ORG_ID, Record, contact, outbound_message
 from tests.servers import RedisServer, free_port
@@ -48,21 +51,21 @@ async def make_client(settings: Settings) -> AsyncIterator[ClientFactory]:
         await lifespan.__aexit__(None, None, None)
 
 
-def queued_jobs(redis_client: redis.Redis) -> list[dict[str, Any]]:
+def queued_jobs(redis_client: redis.Redis) -> list[ApplyJob]:
     jobs = []
     for job_id in redis_client.zrange("arq:queue", 0, -1):
         raw = redis_client.get(b"arq:job:" + job_id)
         assert raw is not None
-        jobs.append(orjson.loads(raw))
+        jobs.append(read_job(raw))
     return jobs
 
 
-def queued_jobs_notifications(redis_client: redis.Redis) -> list[dict[str, Any]]:
-    return [n for job in queued_jobs(redis_client) for n in job["k"]["notifications"]]
+def queued_jobs_notifications(redis_client: redis.Redis) -> list[JobNotification]:
+    return [n for job in queued_jobs(redis_client) for n in job.notifications]
 
 
 def queued_notification_ids(redis_client: redis.Redis) -> list[str]:
-    return [n["id"] for n in queued_jobs_notifications(redis_client)]
+    return [n.id for n in queued_jobs_notifications(redis_client)]
 
 
 def fault_of(response: httpx.Response) -> str:
@@ -86,21 +89,20 @@ async def test_a_message_is_stored_as_one_arq_job_then_acked(
     assert response.headers["content-type"] == "text/xml; charset=utf-8"
     assert ACK_TEXT in response.text
     [job] = queued_jobs(redis_client)
-    assert job["f"] == APPLY_JOB
-    assert job["k"]["organization_id"] == ORG_ID
-    assert job["k"]["types"]["Contact"]["LastModifiedDate"] == "dateTime"
-    first, second = job["k"]["notifications"]
-    assert first == {
-        "id": records[0].notification_id,
-        "object": "Contact",
-        "fields": {
+    assert (job.organization_id, job.source) == (canonical_id(ORG_ID), Source.OUTBOUND_MESSAGE)
+    first, second = job.notifications
+    assert first == JobNotification(
+        records[0].notification_id,
+        "Contact",
+        {
             "Id": records[0].fields["Id"],
             "Email": "ada@example.org",
             "FirstName": "Ada",
             "LastName": "Love\nlace",
         },
-    }
-    assert second["fields"]["LastModifiedDate"] == "2024-05-01T10:00:00.000Z"
+    )
+    # Values travel as Salesforce sent them: a dateTime keeps its text.
+    assert second.fields["LastModifiedDate"] == "2024-05-01T10:00:00.000Z"
     # The raw body is kept only beside a dead letter.
     assert list(redis_client.scan_iter(DEAD_BODY_PREFIX + "*")) == []
     # arq's own job-expiry would drop a job that waited out a long backlog: ours lasts longer.
@@ -179,7 +181,7 @@ async def test_fields_no_wsdl_declares_are_reported_once(
         "add this Outbound Message's WSDL to type it"
         for name in ("Phone", "Title")
     ]
-    assert [n["fields"]["Title"] for n in queued_jobs_notifications(redis_client)] == ["CEO"] * 2
+    assert [n.fields["Title"] for n in queued_jobs_notifications(redis_client)] == ["CEO"] * 2
 
 
 @pytest.mark.parametrize(

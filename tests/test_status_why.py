@@ -22,8 +22,9 @@ from redis.asyncio import Redis
 
 from app.cli import main
 from app.config import Settings
+from app.jobs import ApplyJob, JobNotification, Source
 from app.main import create_app
-from app.queue import DEAD_KEY, RATE_PREFIX, enqueue_apply
+from app.queue import DEAD_KEY, JOB_KEY_PREFIX, RATE_PREFIX, enqueue_apply
 from app.sfid import to18
 from app.sync import Syncer
 from tests.fixtures_worker import WorkerProcess, run_worker
@@ -31,7 +32,6 @@ from tests.messages import ORG_ID, contact, outbound_message, sf_id
 from tests.servers import free_port
 from tests.test_cli_worker import sfrelay
 
-TYPES = {"Contact": {"LastModifiedDate": "dateTime", "SystemModstamp": "dateTime"}}
 RECEIVED_AT = 1_764_000_000.0  # 2025-11-24 16:00:00 UTC
 ADA = to18("0031I00000AbCdE")  # letters in it: its 15-character form is case-sensitive
 NO_MAIL = sf_id("003", 2)
@@ -56,14 +56,14 @@ def notification(
     return {"id": sf_id("04l", number), "object": "Contact", "fields": fields}
 
 
-def job(*notifications: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "organization_id": ORG_ID,
-        "action_id": sf_id("04k", 1),
-        "received_at": RECEIVED_AT,
-        "types": TYPES,
-        "notifications": list(notifications),
-    }
+def job(*notifications: dict[str, Any]) -> ApplyJob:
+    return ApplyJob(
+        ORG_ID,
+        Source.OUTBOUND_MESSAGE,
+        RECEIVED_AT,
+        tuple(JobNotification.from_json(n) for n in notifications),
+        sf_id("04k", 1),
+    )
 
 
 def utc(epoch: float) -> str:
@@ -533,16 +533,11 @@ def test_status_reads_a_sample_not_every_job(
         client: Redis = Redis.from_url(worker_settings.redis_url)
         async with client.pipeline(transaction=False) as pipe:
             for n in range(300):
-                kwargs = job(
+                one = job(
                     notification(2 * n, sf_id("003", 2 * n)),
                     notification(2 * n + 1, sf_id("003", 2 * n + 1)),
                 )
-                pipe.set(
-                    f"arq:job:j{n}",
-                    orjson.dumps(
-                        {"t": None, "f": "apply_notifications", "a": [], "k": kwargs, "et": 0}
-                    ),
-                )
+                pipe.set(f"{JOB_KEY_PREFIX}j{n}", one.serialize(0))
                 pipe.zadd(worker_settings.queue_name, {f"j{n}": 1_000 + n})
             await pipe.execute()
         await client.aclose()

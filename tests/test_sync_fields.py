@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 from app.config import Settings
 from app.errors import ConfigError, RetryableError
+from app.jobs import JobNotification
 from app.sync import Outcome, Syncer
 from tests.drupal_rows import (
     add_member,
@@ -72,7 +73,7 @@ async def test_custom_field_map_and_roles(drupal_site: DrupalSite, tmp_path: Pat
         site, CUSTOM_MAP.format(roles=f'["{role}"]' if role else "[]"), tmp_path
     )
     n = note(sf(1), "kim@example.com", Nickname__c="Kimmy", Active__c=False)
-    n["fields"]["TimeZone__c"] = "Europe/Paris"
+    n.fields["TimeZone__c"] = "Europe/Paris"
     (created,) = await syncer.apply([n])
     uid = created.uid
     assert created.outcome == "created" and uid is not None
@@ -210,7 +211,7 @@ async def test_one_failing_record_does_not_block_its_batch(drupal_site: DrupalSi
     await syncer.close()
     assert [o.outcome for o in out][::2] == ["created", "updated"] and out[3].outcome == "created"
     assert out[1].outcome in ("retry", "failed") and "boom" in (out[1].detail or "")
-    assert out[2] == Outcome(batch[2]["id"], sf(1), "updated", existing.uid)
+    assert out[2] == Outcome(batch[2].id, sf(1), "updated", existing.uid)
     assert await uids_with_mail(site, "boom@example.com") == []
     await assert_new_user(
         site,
@@ -234,21 +235,21 @@ async def test_dead_letters_round_trip(drupal_site: DrupalSite) -> None:
     syncer = await open_syncer(drupal_site)
     first = note(sf(1), "x@example.com", "X", "Y")
     second = note(sf(2), "y@example.com", "Y", "Z")
-    a = await syncer.dead_letter(first, "boom", 5, 1000.0)
-    b = await syncer.dead_letter(second, "bang", 3, 2000.0)
+    a = await syncer.dead_letter(first.as_json(), "boom", 5, 1000.0)
+    b = await syncer.dead_letter(second.as_json(), "bang", 3, 2000.0)
     listed = await syncer.list_dead_letters()
     assert [(d.id, d.record_id, d.error, d.attempts, d.first_seen) for d in listed] == [
         (a, sf(1), "boom", 5, 1000.0),
         (b, sf(2), "bang", 3, 2000.0),
     ]
     stored = listed[0].notification
-    assert stored["id"] == first["id"] and stored["fields"]["SystemModstamp"].startswith("2025-")
+    assert stored["id"] == first.id and stored["fields"]["SystemModstamp"].startswith("2025-")
     assert [d.id for d in await syncer.take_dead_letters([b])] == [b]
     assert [d.id for d in await syncer.list_dead_letters()] == [a]
     # A replayed dead letter (datetimes now ISO text) applies like the original.
     (replayed,) = await syncer.take_dead_letters(None)
     assert await syncer.list_dead_letters() == []
-    (outcome,) = await syncer.apply([replayed.notification])
+    (outcome,) = await syncer.apply([JobNotification.from_json(replayed.notification)])
     await syncer.close()
     assert outcome.outcome == "created"
     assert await uids_with_mail(drupal_site, "x@example.com") == [outcome.uid]
@@ -268,7 +269,7 @@ async def test_unknown_drupal_version_or_database(drupal_site: DrupalSite, tmp_p
 async def test_lead_without_a_synced_user_is_not_converted(drupal_site: DrupalSite) -> None:
     syncer = await open_syncer(drupal_site)
     lead = note(sf(9, "00Q"), "ghost@example.com", "Gh", "Ost", IsConverted=True)
-    lead["fields"]["ConvertedContactId"] = sf(9)
+    lead.fields["ConvertedContactId"] = sf(9)
     (out,) = await syncer.apply([lead])
     await syncer.close()
     assert (out.outcome, out.uid) == ("skipped_converted", None)

@@ -18,6 +18,7 @@ from sqlalchemy import event
 
 from app.config import Settings
 from app.drupal.engine import create_engine
+from app.jobs import JobNotification
 from app.records import clean_name
 from app.sync import Outcome, Syncer
 from tests import drupal_schemas
@@ -53,7 +54,7 @@ async def names_are_unique(site: DrupalSite) -> None:
     assert row["n"] == row["total"], row
 
 
-def spelling_notes(start: int, spellings: list[str], minutes: int = 0) -> list[dict[str, Any]]:
+def spelling_notes(start: int, spellings: list[str], minutes: int = 0) -> list[JobNotification]:
     out = []
     for i, name in enumerate(spellings, start):
         first, _, last = name.partition(" ")
@@ -154,7 +155,7 @@ async def test_mails_are_matched_as_the_database_compares_them(drupal_site: Drup
     )
     if same:  # the database says it is the same mail: never a second user with it
         assert site.backend == "mariadb"
-        assert out == Outcome(n["id"], sf(2), "conflict_duplicate_email", None, sf(1))
+        assert out == Outcome(n.id, sf(2), "conflict_duplicate_email", None, sf(1))
     else:
         assert out.outcome == "created"
 

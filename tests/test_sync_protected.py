@@ -63,7 +63,7 @@ async def test_admin_takeover_sequence(drupal_site: DrupalSite, tmp_path: Path) 
     # 1. A Contact with the administrator's email (any case): never linked.
     n = note(sf(7), "ADMIN@example.com", "Eve", "Attacker")
     assert await syncer.apply([n]) == [
-        Outcome(n["id"], sf(7), "conflict_protected_user", None, "uid 1")
+        Outcome(n.id, sf(7), "conflict_protected_user", None, "uid 1")
     ]
     assert await user_rows(site, 1) == admin
     assert await user_ids(site) == users
@@ -183,9 +183,9 @@ async def test_lead_conversion_onto_a_protected_user_is_refused(drupal_site: Dru
     await give_role(site, uid, role)
     before = await user_rows(site, uid)
     converted = note(lead, "lee@example.com", "Lee", "Lead", minutes=1, IsConverted=True)
-    converted["fields"]["ConvertedContactId"] = contact
+    converted.fields["ConvertedContactId"] = contact
     assert await syncer.apply([converted]) == [
-        Outcome(converted["id"], lead, "conflict_protected_user", uid, f"uid {uid} has role {role}")
+        Outcome(converted.id, lead, "conflict_protected_user", uid, f"uid {uid} has role {role}")
     ]
     # The Contact's own notification does not take that user either (the Lead still has it).
     (own,) = await syncer.apply([note(contact, "lee@example.com", "Lee", "Contact", minutes=2)])

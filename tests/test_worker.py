@@ -16,12 +16,11 @@ from redis.asyncio import Redis
 
 from app.config import Settings
 from app.dead import list_dead_letters, replay_dead_letters
-from app.queue import DEAD_KEY, STATS_KEY, enqueue_apply
+from app.jobs import ApplyJob, JobNotification, Source
+from app.queue import DEAD_KEY, JOB_KEY_PREFIX, STATS_KEY, enqueue_apply
 from tests.fixtures_worker import drupal_users, run_worker
 from tests.messages import ORG_ID, sf_id
 from workers.tasks import INTERRUPTED_TRIES, backoff_s
-
-TYPES = {"Contact": {"LastModifiedDate": "dateTime", "SystemModstamp": "dateTime"}}
 
 
 def contact(
@@ -44,14 +43,14 @@ def contact(
     return {"id": sf_id("04l", number), "object": "Contact", "fields": fields}
 
 
-def job(notifications: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "organization_id": ORG_ID,
-        "action_id": sf_id("04k", 1),
-        "received_at": time.time(),
-        "types": TYPES,
-        "notifications": notifications,
-    }
+def job(notifications: list[dict[str, Any]]) -> ApplyJob:
+    return ApplyJob(
+        ORG_ID,
+        Source.OUTBOUND_MESSAGE,
+        time.time(),
+        tuple(JobNotification.from_json(n) for n in notifications),
+        sf_id("04k", 1),
+    )
 
 
 @pytest.fixture
@@ -61,10 +60,10 @@ async def aredis(worker_settings: Settings) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-async def enqueue(aredis: Redis, settings: Settings, *jobs: dict[str, Any]) -> None:
-    for kwargs in jobs:
+async def enqueue(aredis: Redis, settings: Settings, *jobs: ApplyJob) -> None:
+    for one in jobs:
         assert await enqueue_apply(
-            aredis, settings.queue_name, kwargs, job_ttl_s=settings.job_ttl_seconds
+            aredis, settings.queue_name, one, job_ttl_s=settings.job_ttl_seconds
         )
 
 
@@ -234,7 +233,6 @@ async def test_a_failed_notification_is_dead_lettered_at_once_beside_applied_one
         **broken,
         "organization_id": ORG_ID,
         "action_id": sf_id("04k", 1),
-        "types": TYPES["Contact"],
     }
     assert stats(redis_client) == {"outcome:created": 1, "outcome:failed": 1, "outcome:dead": 1}
     assert redis_client.zcard(worker_settings.queue_name) == 0
@@ -252,8 +250,8 @@ async def test_a_retry_outcome_requeues_only_that_notification_until_max_tries(
             "BEGIN SELECT RAISE(ABORT, 'UNIQUE constraint failed: users_field_data.mail'); END"
         )
     db.close()
-    kwargs = job([contact(1, email="ada@example.org"), contact(2, email="taken@example.org")])
-    await enqueue(aredis, worker_settings, kwargs)
+    queued = job([contact(1, email="ada@example.org"), contact(2, email="taken@example.org")])
+    await enqueue(aredis, worker_settings, queued)
     worker = await run_worker(worker_settings)
     # The message's job, then two follow-up jobs holding only the refused notification.
     assert (worker.jobs_complete, worker.jobs_retried, worker.jobs_failed) == (3, 0, 0)
@@ -262,7 +260,7 @@ async def test_a_retry_outcome_requeues_only_that_notification_until_max_tries(
     assert (letter.notification_id, letter.attempts) == (sf_id("04l", 2), 3)
     assert letter.error.startswith("gave up after 3 attempts: ")
     assert "UNIQUE constraint failed: users_field_data.mail" in letter.error
-    assert letter.first_seen == kwargs["received_at"]
+    assert letter.first_seen == queued.received_at
     assert stats(redis_client) == {
         "outcome:created": 1,
         "outcome:retry": 3,
@@ -288,3 +286,32 @@ async def test_a_protected_user_is_counted_never_retried_nor_dead_lettered(
     assert redis_client.zcard(worker_settings.queue_name) == 0
     assert admin_row() == before
     assert [u[2] for u in drupal_users(drupal_db)] == ["ada@example.org"]
+
+
+async def test_a_job_queued_in_the_untagged_shape_before_version_2_still_applies(
+    worker_settings: Settings, redis_client: redis.Redis, drupal_db: Path
+) -> None:
+    # Exactly as the receiver of the previous release wrote it: no "v", a `types` side channel.
+    now_ms = int(time.time() * 1000)
+    old: dict[str, Any] = {
+        "t": None,
+        "f": "apply_notifications",
+        "a": [],
+        "et": now_ms,
+        "k": {
+            "organization_id": ORG_ID,
+            "action_id": sf_id("04k", 1),
+            "received_at": now_ms / 1000,
+            "types": {"Contact": {"LastModifiedDate": "dateTime", "SystemModstamp": "dateTime"}},
+            "notifications": [
+                contact(1, email="ada@example.org"),
+                {**contact(2, email="bob@example.org"), "attempt": 2, "first_seen": 1000.0},
+            ],
+        },
+    }
+    redis_client.set(JOB_KEY_PREFIX + "old", orjson.dumps(old))
+    redis_client.zadd(worker_settings.queue_name, {"old": now_ms})
+    worker = await run_worker(worker_settings)
+    assert (worker.jobs_complete, worker.jobs_failed) == (1, 0)
+    assert sorted(u[2] for u in drupal_users(drupal_db)) == ["ada@example.org", "bob@example.org"]
+    assert stats(redis_client) == {"outcome:created": 2}

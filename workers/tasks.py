@@ -9,7 +9,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import psutil
@@ -19,15 +19,8 @@ from redis.exceptions import RedisError
 
 from app.config import Settings
 from app.errors import QueueUnavailable, RetryableError
-from app.queue import (
-    ATTEMPT_KEY,
-    FIRST_SEEN_KEY,
-    STATS_KEY,
-    dead_letter_in_redis,
-    decode_notifications,
-    enqueue_apply,
-)
-from app.sfid import canonical_id
+from app.jobs import ApplyJob, JobNotification
+from app.queue import STATS_KEY, dead_letter_in_redis, enqueue_apply
 from app.sync import Outcome, Syncer
 from workers.group_commit import GroupCommit, WriterBusy
 from workers.lease import WriterLease
@@ -108,21 +101,14 @@ def backoff_s(settings: Settings, attempt: int) -> float:
     return float(min(settings.retry_backoff_seconds * 2 ** (attempt - 1), MAX_BACKOFF_S))
 
 
-async def apply_notifications(
-    ctx: dict[str, Any],
-    *,
-    organization_id: str,
-    action_id: str,
-    received_at: float,
-    types: dict[str, dict[str, str]],
-    notifications: list[dict[str, Any]],
-) -> None:
-    """Apply one Outbound Message's notifications to Drupal (see app.queue for the job)."""
+async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
+    """Apply one `ApplyJob`'s notifications to Drupal (its arguments: see app.jobs)."""
     state: WorkerState = ctx[STATE]
     settings = state.settings
     redis: Redis = ctx["redis"]
     job_try: int = ctx["job_try"]
-    job = _Job(organization_id, action_id, received_at, types, notifications)
+    job = ApplyJob.from_kwargs(kwargs)
+    notifications = job.notifications
     started = time.monotonic()
     # Every wait below ends before arq's job timeout: a job that arq times out is dropped.
     now = asyncio.get_running_loop().time()
@@ -130,7 +116,7 @@ async def apply_notifications(
     dead_by = now + settings.job_timeout_seconds * DEAD_LETTER_SHARE
     counts: Counter[str] = Counter()
     dead: list[_Letter] = []
-    retry: list[dict[str, Any]] = []
+    retry: list[JobNotification] = []
 
     if job_try >= settings.max_tries + INTERRUPTED_TRIES:
         # Every earlier run was cut short: this job may be what kills the worker.
@@ -138,9 +124,7 @@ async def apply_notifications(
         dead = [(item, reason, job_try) for item in notifications]
     else:
         try:
-            outcomes = await state.batch.apply(
-                decode_notifications(notifications, types), deadline=apply_by
-            )
+            outcomes = await state.batch.apply(notifications, deadline=apply_by)
         except WriterBusy:
             # Other workers' batches took the database until this job's deadline: nothing of
             # it ran and nothing failed. Back on the queue, due now, its tries unchanged.
@@ -161,14 +145,14 @@ async def apply_notifications(
             reason = f"{type(exc).__name__}: {exc}"
             dead = [(item, reason, job_try) for item in notifications]
         else:
-            retry = _sort_outcomes(settings, job, notifications, outcomes, counts, dead)
+            retry = _sort_outcomes(settings, job, outcomes, counts, dead)
     try:
         if retry:
-            delay = backoff_s(settings, min(int(item[ATTEMPT_KEY]) for item in retry) - 1)
+            delay = backoff_s(settings, min(item.attempt for item in retry) - 1)
             await enqueue_apply(
                 redis,
                 settings.queue_name,
-                job.kwargs(retry),
+                job.with_notifications(retry),
                 job_ttl_s=settings.job_ttl_seconds,
                 defer_s=delay,
                 job_id=f"{ctx['job_id']}.retry",
@@ -186,11 +170,11 @@ async def apply_notifications(
     await _finish(redis, ctx, job, counts, started)
 
 
-_Letter = tuple[dict[str, Any], str, int]  # notification, reason, attempts
+_Letter = tuple[JobNotification, str, int]  # notification, reason, attempts
 
 
 async def _requeue_waiting(
-    redis: Redis, ctx: dict[str, Any], settings: Settings, job: _Job
+    redis: Redis, ctx: dict[str, Any], settings: Settings, job: ApplyJob
 ) -> None:
     # A fixed follow-up id (.w<n>, counting up): a re-run of this job queues the same one.
     base, _, count = str(ctx["job_id"]).rpartition(".w")
@@ -201,7 +185,7 @@ async def _requeue_waiting(
         await enqueue_apply(
             redis,
             settings.queue_name,
-            job.kwargs(job.notifications),
+            job,
             job_ttl_s=settings.job_ttl_seconds,
             job_id=job_id,
         )
@@ -219,20 +203,19 @@ async def _requeue_waiting(
 
 def _sort_outcomes(
     settings: Settings,
-    job: _Job,
-    notifications: list[dict[str, Any]],
+    job: ApplyJob,
     outcomes: list[Outcome],
     counts: Counter[str],
     dead: list[_Letter],
-) -> list[dict[str, Any]]:
+) -> list[JobNotification]:
     """Count the outcomes, collect the dead letters; return the notifications to retry."""
-    retry: list[dict[str, Any]] = []
-    for item, outcome in zip(notifications, outcomes, strict=True):
+    retry: list[JobNotification] = []
+    for item, outcome in zip(job.notifications, outcomes, strict=True):
         counts[outcome.outcome] += 1
-        attempt = int(item.get(ATTEMPT_KEY, 1))
+        attempt = item.attempt
         detail = outcome.detail or outcome.outcome
         if outcome.outcome == "retry" and attempt < settings.max_tries:
-            retry.append({**item, ATTEMPT_KEY: attempt + 1, FIRST_SEEN_KEY: job.first_seen(item)})
+            retry.append(replace(item, attempt=attempt + 1, first_seen=job.first_seen(item)))
         elif outcome.outcome == "retry":
             dead.append((item, f"gave up after {attempt} attempts: {detail}", attempt))
         elif outcome.outcome == "failed":
@@ -240,40 +223,19 @@ def _sort_outcomes(
     return retry
 
 
-@dataclass(frozen=True, slots=True)
-class _Job:
-    organization_id: str
-    action_id: str
-    received_at: float
-    types: dict[str, dict[str, str]]
-    notifications: list[dict[str, Any]]
-
-    def first_seen(self, item: dict[str, Any]) -> float:
-        return float(item.get(FIRST_SEEN_KEY, self.received_at))
-
-    def kwargs(self, notifications: list[dict[str, Any]]) -> dict[str, Any]:
-        objects = {item["object"] for item in notifications}
-        return {
-            "organization_id": self.organization_id,
-            "action_id": self.action_id,
-            "received_at": self.received_at,
-            "types": {obj: self.types.get(obj, {}) for obj in sorted(objects)},
-            "notifications": notifications,
-        }
-
-    def stored(self, item: dict[str, Any]) -> dict[str, Any]:
-        """A notification as a dead letter keeps it: enough to queue it again on its own."""
-        clean = {k: v for k, v in item.items() if k not in (ATTEMPT_KEY, FIRST_SEEN_KEY)}
-        return {
-            **clean,
-            "organization_id": self.organization_id,
-            "action_id": self.action_id,
-            "types": self.types.get(item["object"], {}),
-        }
+def _stored(job: ApplyJob, item: JobNotification) -> dict[str, Any]:
+    """A notification as a dead letter keeps it: enough to queue it again on its own."""
+    return {
+        "id": item.id,
+        "object": item.object,
+        "fields": item.fields,
+        "organization_id": job.organization_id,
+        "action_id": job.action_id,
+    }
 
 
 async def _dead_letter(
-    state: WorkerState, redis: Redis, job: _Job, letters: list[_Letter], deadline: float
+    state: WorkerState, redis: Redis, job: ApplyJob, letters: list[_Letter], deadline: float
 ) -> None:
     """Store dead letters in the database, or in Redis when it cannot take them in time."""
     left = list(letters)
@@ -281,7 +243,7 @@ async def _dead_letter(
         async with asyncio.timeout_at(deadline):
             while left:
                 item, reason, attempts = left[0]
-                stored = job.stored(item)
+                stored = _stored(job, item)
                 # Detached: a stuck database write must not hold the job past its deadline
                 # (if it lands later, the letter is in both places; replaying both is harmless).
                 await state.detached(
@@ -295,14 +257,13 @@ async def _dead_letter(
             exc or type(exc).__name__,
         )
         now = time.time()
-        org15 = canonical_id(job.organization_id)
         await dead_letter_in_redis(
             redis,
             {
-                f"worker:{org15}:{item.get('id') or os.urandom(8).hex()}": {
-                    "notification_id": item.get("id"),
-                    "record_id": item.get("fields", {}).get("Id"),
-                    "notification": job.stored(item),
+                f"worker:{job.organization_id}:{item.id or os.urandom(8).hex()}": {
+                    "notification_id": item.id,
+                    "record_id": item.record_id,
+                    "notification": _stored(job, item),
                     "error": reason,
                     "attempts": attempts,
                     "first_seen": job.first_seen(item),
@@ -314,7 +275,7 @@ async def _dead_letter(
 
 
 async def _finish(
-    redis: Redis, ctx: dict[str, Any], job: _Job, counts: Counter[str], started: float
+    redis: Redis, ctx: dict[str, Any], job: ApplyJob, counts: Counter[str], started: float
 ) -> None:
     try:
         async with redis.pipeline(transaction=False) as pipe:
