@@ -51,7 +51,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 async def check_redis(settings: Settings) -> PartResult:
-    from app.main import redis_client
+    from app.queue import redis_client
 
     redis = redis_client(settings)
     where = _safe_url(settings.redis_url)

@@ -79,8 +79,7 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_queue_stats(args: argparse.Namespace, settings: Settings) -> int:
-    from app.main import redis_client
-    from app.queue import QueueStats, queue_stats
+    from app.queue import QueueStats, queue_stats, redis_client
 
     async def read() -> QueueStats:
         redis = redis_client(settings)
@@ -95,10 +94,10 @@ def cmd_queue_stats(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(f"{exc}; check SFRELAY_REDIS_URL")
     stats, outcomes = queue.as_dict(), queue.outcomes
     # Dead letters are also kept by the workers in Drupal's database, where one is configured.
-    from app.dead import count_database_dead_letters
+    from app.dead import count_in_database
 
     try:
-        stats["dead"] += asyncio.run(count_database_dead_letters(settings))
+        stats["dead"] += asyncio.run(count_in_database(settings))
     except (ConfigError, RetryableError) as exc:
         print(
             f"sfrelay: dead counts only Redis's dead letters: {exc} (check SFRELAY_DATABASE_URL)",

@@ -18,7 +18,7 @@ from app import __version__
 from app.config import Settings
 from app.durability import redis_location
 from app.errors import ConfigError
-from app.queue import Enqueuer
+from app.queue import Enqueuer, redis_client
 from app.receiver import ParseBudget, router
 from app.wsdl import load_contract
 
@@ -76,17 +76,6 @@ def redact_logs() -> None:
             target.addFilter(_REDACT)
 
 
-def redis_client(settings: Settings) -> Redis:
-    # Short timeouts: a request must fault (and Salesforce retry) long before its 60 s limit.
-    client: Redis = Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=2,
-        socket_timeout=5,
-        health_check_interval=15,
-    )
-    return client
-
-
 async def warn_if_not_durable(redis: Redis) -> None:
     """An ack promises Salesforce the notification is stored: say so when Redis cannot keep it."""
     try:
@@ -130,7 +119,6 @@ async def check_redis_at_start_up(settings: Settings) -> None:
     try:
         enqueuer = Enqueuer(
             redis,
-            handled_objects=settings.handled_objects,
             queue_name=settings.queue_name,
             dedupe_ttl_s=settings.dedupe_ttl_seconds,
             job_ttl_s=settings.job_ttl_seconds,
@@ -166,7 +154,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.parse_executor = executor
         enqueuer = Enqueuer(
             redis,
-            handled_objects=settings.handled_objects,
             queue_name=settings.queue_name,
             dedupe_ttl_s=settings.dedupe_ttl_seconds,
             job_ttl_s=settings.job_ttl_seconds,

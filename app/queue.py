@@ -1,7 +1,7 @@
 """The only module that knows Redis keys and how jobs are enqueued.
 
-`Enqueuer.submit` stores one `app.jobs.ApplyJob` from any source; an Outbound Message
-(`Enqueuer.enqueue`) is its first caller. A submission becomes at most one arq job holding
+`Enqueuer.submit` stores one `app.jobs.ApplyJob` from any source; the Outbound Message
+receiver (`app.receiver`) is its first caller. A submission becomes at most one arq job holding
 its new notifications, written by one Lua script in one round trip together with:
 
 - a dedupe key per notification id (`sfrelay:seen:<org>:<id>`, kept for 26 hours by default),
@@ -20,21 +20,18 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import orjson
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from app.config import Settings
 from app.durability import AckDurability, AckWait, plan_ack_wait
-from app.errors import ConfigError, QueueUnavailable, clip
-from app.jobs import ApplyJob, JobNotification, Source, notification_count
-from app.sfid import SF_ID_FORM
-
-if TYPE_CHECKING:  # not at run time: `sfrelay status` and `why` start without zeep and lxml
-    from app.soap import OutboundMessage
+from app.errors import ConfigError, QueueUnavailable
+from app.jobs import ApplyJob, notification_count
 
 JOB_KEY_PREFIX = "arq:job:"
 IN_PROGRESS_KEY_PREFIX = "arq:in-progress:"
@@ -46,6 +43,7 @@ DEAD_BODY_PREFIX = "sfrelay:dead-body:"
 # `received`, kept RATE_TTL_S (an hour of whole minutes and a margin) for `sfrelay status`.
 RATE_PREFIX = "sfrelay:rate:"
 RATE_TTL_S = 7260
+OUTCOME_PREFIX = "outcome:"  # a field of STATS_KEY per outcome: what the workers did
 
 # KEYS: queue, stats, dead hash, dead body key, job key, seen key per notification...,
 #       and, last, this minute's rate key (RATE_PREFIX)
@@ -145,7 +143,6 @@ class Enqueuer:
         self,
         redis: Redis,
         *,
-        handled_objects: Iterable[str],
         queue_name: str,
         dedupe_ttl_s: int,
         job_ttl_s: int,
@@ -157,7 +154,6 @@ class Enqueuer:
         self._durability: AckDurability = ack_durability
         self._location = redis_location
         self._ack_wait: AckWait | None = None  # planned by check_durability
-        self._handled = frozenset(handled_objects)
         self._queue_name = queue_name
         self._dedupe_ttl_s = dedupe_ttl_s
         self._job_ttl_ms = job_ttl_s * 1000
@@ -177,41 +173,6 @@ class Enqueuer:
                     "or set SFRELAY_ACK_DURABILITY=memory"
                 ) from exc
         return self._ack_wait
-
-    async def enqueue(self, message: OutboundMessage, org15: str, body: bytes) -> EnqueueResult:
-        """Store an Outbound Message of organization `org15` (its canonical 15-character id)."""
-        body_sha = hashlib.sha256(body).hexdigest()
-        now = time.time()
-        queued: list[JobNotification] = []
-        others: list[NotQueued] = []
-        for index, notification in enumerate(message.notifications):
-            # No notification id to dedupe on (or not an id at all: a 5,000-character one makes
-            # no key): the same body and position is the same notification.
-            if SF_ID_FORM.fullmatch(notification.id):
-                dedupe_id = notification.id
-            else:
-                dedupe_id = f"body:{body_sha}:{index}"
-            if notification.sobject and notification.sobject not in self._handled:
-                others.append(NotQueued(dedupe_id))
-            elif notification.problem is not None:
-                record_id = notification.record_id
-                dead = {
-                    "notification_id": clip(notification.id, 40),
-                    "object": notification.sobject,
-                    "record_id": record_id and clip(record_id, 40),
-                    "organization_id": message.organization_id,
-                    "action_id": message.action_id,
-                    "reason": notification.problem,
-                    "received_at": now,
-                    "body_sha256": body_sha,
-                }
-                others.append(NotQueued(dedupe_id, orjson.dumps(dead)))
-            else:
-                queued.append(
-                    JobNotification(notification.id, notification.sobject, notification.fields)
-                )
-        job = ApplyJob(org15, Source.OUTBOUND_MESSAGE, now, tuple(queued), message.action_id)
-        return await self.submit(job, others, body=body, body_sha=body_sha)
 
     async def submit(
         self,
@@ -337,7 +298,7 @@ async def queue_stats(redis: Redis, queue_name: str = "arq:queue") -> QueueStats
         outcomes={
             key.decode(): int(value)
             for key, value in sorted(counters.items())
-            if key.startswith(b"outcome:")
+            if key.startswith(OUTCOME_PREFIX.encode())
         },
     )
 
@@ -374,15 +335,55 @@ async def enqueue_apply(
     return bool(created)
 
 
-async def dead_letter_in_redis(redis: Redis, entries: dict[str, dict[str, Any]]) -> None:
+def redis_client(settings: Settings) -> Redis:
+    """The Redis client of the receiver, the CLI and the dead-letter code."""
+    # Short timeouts: a request must fault (and Salesforce retry) long before its 60 s limit.
+    client: Redis = Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        health_check_interval=15,
+    )
+    return client
+
+
+async def count_outcomes(redis: Redis, counts: Counter[str]) -> None:
+    """Add a job's outcomes to the `outcome:*` counters (shown by `sfrelay queue stats`)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for name, count in counts.items():
+            pipe.hincrby(STATS_KEY, f"{OUTCOME_PREFIX}{name}", count)
+        await pipe.execute()
+
+
+def worker_dead_letter_field(org15: str, notification_id: str) -> str:
+    """The `sfrelay:dead` field of a worker's dead letter (the receiver's: its seen key)."""
+    return f"worker:{org15}:{notification_id}"
+
+
+async def dead_letters_to_redis(redis: Redis, entries: dict[str, bytes]) -> None:
     """Keep dead letters in the `sfrelay:dead` hash when the database cannot take them."""
     if not entries:
         return
-    mapping = {key: orjson.dumps(entry) for key, entry in entries.items()}
     try:
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.hset(DEAD_KEY, mapping=mapping)
-            pipe.hincrby(STATS_KEY, "dead_fallback", len(mapping))
+            pipe.hset(DEAD_KEY, mapping=entries)
+            pipe.hincrby(STATS_KEY, "dead_fallback", len(entries))
             await pipe.execute()
     except (RedisError, OSError) as exc:
         raise QueueUnavailable(f"cannot write dead letters to Redis: {exc}") from exc
+
+
+async def dead_letters_in_redis(redis: Redis) -> dict[str, bytes]:
+    """The `sfrelay:dead` hash: field -> stored dead letter."""
+    try:
+        raw: dict[bytes, bytes] = await redis.hgetall(DEAD_KEY)  # type: ignore[misc]
+    except (RedisError, OSError) as exc:
+        raise QueueUnavailable(f"cannot read the dead letters in Redis: {exc}") from exc
+    return {key.decode(): value for key, value in raw.items()}
+
+
+async def remove_dead_letters_in_redis(redis: Redis, fields: Sequence[str]) -> None:
+    try:
+        await redis.hdel(DEAD_KEY, *fields)  # type: ignore[misc]
+    except (RedisError, OSError) as exc:
+        raise QueueUnavailable(f"the queue (Redis) failed during the replay: {exc}") from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from app.config import Network, Settings
+from app.dead import DeadLetter
 from app.errors import (
     LOG_DETAIL_MAX,
     NAME_MAX,
@@ -40,8 +42,9 @@ from app.errors import (
     UnsupportedMediaType,
     clip,
 )
-from app.queue import Enqueuer
-from app.sfid import canonical_id
+from app.jobs import ApplyJob, JobNotification, Source
+from app.queue import Enqueuer, NotQueued
+from app.sfid import SF_ID_FORM, canonical_id
 from app.soap import ACK, OutboundMessage, fault, parse_message
 from app.wsdl import Contract
 
@@ -232,6 +235,44 @@ def _report_undeclared(seen: set[tuple[str, str]], message: OutboundMessage) -> 
                 )
 
 
+def to_job(
+    message: OutboundMessage, org15: str, body_sha: str, handled: frozenset[str]
+) -> tuple[ApplyJob, list[NotQueued]]:
+    """The message's usable notifications as one job; the skipped and unusable beside it."""
+    now = time.time()
+    queued: list[JobNotification] = []
+    others: list[NotQueued] = []
+    for index, notification in enumerate(message.notifications):
+        if notification.problem is None and notification.sobject in handled:  # the usual case
+            queued.append(
+                JobNotification(notification.id, notification.sobject, notification.fields)
+            )
+            continue
+        # No notification id to dedupe on (or not an id at all: a 5,000-character one makes
+        # no key): the same body and position is the same notification.
+        if SF_ID_FORM.fullmatch(notification.id):
+            dedupe_id = notification.id
+        else:
+            dedupe_id = f"body:{body_sha}:{index}"
+        if notification.sobject and notification.sobject not in handled:
+            others.append(NotQueued(dedupe_id))
+        else:
+            record_id = notification.record_id
+            dead = DeadLetter(
+                job=ApplyJob(org15, Source.OUTBOUND_MESSAGE, now, (), message.action_id),
+                reason=notification.problem or "",
+                notification_id=clip(notification.id, 40) or None,
+                record_id=record_id and clip(record_id, 40),
+                attempts=0,
+                first_seen=now,
+                last_seen=now,
+                body_sha256=body_sha,
+            )
+            others.append(NotQueued(dedupe_id, dead.dumps()))
+    job = ApplyJob(org15, Source.OUTBOUND_MESSAGE, now, tuple(queued), message.action_id)
+    return job, others
+
+
 @router.post(ENDPOINT)
 async def outbound_message(request: Request) -> Response:
     started = time.perf_counter()
@@ -249,7 +290,9 @@ async def outbound_message(request: Request) -> Response:
                 raise UnknownOrganization(
                     f"organization {message.organization_id} is not in SFRELAY_ORG_IDS"
                 )
-            result = await enqueuer.enqueue(message, org15, body)
+            body_sha = hashlib.sha256(body).hexdigest()
+            job, others = to_job(message, org15, body_sha, frozenset(settings.handled_objects))
+            result = await enqueuer.submit(job, others, body=body, body_sha=body_sha)
     except RejectedMessage as exc:
         log.warning("refused (%s): %s", exc.status_code, exc.detail)
         return _soap(fault(exc.faultstring, exc.faultcode), exc.status_code)

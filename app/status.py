@@ -15,12 +15,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
+from app import dead as dead_letters
 from app.config import Settings
-from app.drupal import ledger
-from app.drupal.readonly import read_engine, table_names
+from app.drupal.readonly import read_engine
 from app.drupal.schema import detect_major
 from app.errors import ConfigError, QueueUnavailable
 from app.jobs import notification_count
@@ -131,11 +130,7 @@ async def read_database(settings: Settings) -> tuple[dict[str, Any], int | None]
     try:
         async with asyncio.timeout(DATABASE_TIMEOUT_S), engine.connect() as conn:
             major, _ = await detect_major(conn, settings.drupal_version)
-            if ledger.dead_letters.name in await table_names(conn):
-                count = await conn.scalar(select(func.count()).select_from(ledger.dead_letters))
-                dead = int(count or 0)
-            else:
-                dead = 0
+            dead = await dead_letters.count(conn)
         return {"reachable": True, "drupal": major, "error": None}, dead
     except TimeoutError:
         error = f"no answer within {DATABASE_TIMEOUT_S:.0f} s"

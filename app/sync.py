@@ -70,10 +70,8 @@ Rules in detail (app/plan.py decides, app/drupal/ writes):
 - SQLite and PostgreSQL get sfrelay_* indexes on lower(mail) / lower(name) of Drupal's user
   table, and PostgreSQL's statistics are refreshed during bulk loads (app/drupal/stats.py).
 
-Dead letters live in the Drupal database too (table ``sfrelay_dead_letter``):
-`dead_letter()` stores one, `list_dead_letters()` lists them, `take_dead_letters(ids)` removes
-and returns them (``None`` = all) for a replay. `DeadLetter.notification` is the stored
-notification (datetimes come back as ISO strings; `apply` accepts those).
+Dead letters (what the worker does with `failed` and exhausted `retry` outcomes) are
+`app.dead`'s.
 """
 
 from __future__ import annotations
@@ -83,7 +81,6 @@ import time
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import Column, Integer, MetaData, String, Table
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -95,7 +92,6 @@ from app.drupal.d7 import Drupal7
 from app.drupal.d10 import Drupal10
 from app.drupal.engine import create_engine, writer
 from app.drupal.errors import classify, is_transient
-from app.drupal.ledger import DeadLetter
 from app.drupal.schema import IMPLICIT_ROLES, DrupalSchema, inspect_drupal
 from app.drupal.stats import Statistics
 from app.drupal.users import Key, UserStore
@@ -105,7 +101,7 @@ from app.mapping import FieldMap, load_field_map
 from app.plan import Planner, note_failure
 from app.records import Record, RecordError, to_record
 
-__all__ = ["OUTCOMES", "DeadLetter", "Outcome", "Syncer", "is_transient"]
+__all__ = ["OUTCOMES", "Outcome", "Syncer", "is_transient"]
 
 logger = logging.getLogger("sfrelay.worker")
 
@@ -283,32 +279,6 @@ class Syncer:
                 plan.resolve(decision.key),
                 decision.detail,
             )
-
-    async def dead_letter(
-        self, notification: dict[str, Any], error: str, attempts: int, first_seen: float
-    ) -> int:
-        """Store a notification that kept failing; returns the row id."""
-        fields = notification.get("fields") or {}
-        record_id = fields.get("Id")
-        async with self.engine.begin() as conn:
-            return await ledger.add_dead_letter(
-                conn,
-                notification,
-                notification_id=notification.get("id"),
-                record_id=record_id if isinstance(record_id, str) else None,
-                error=error,
-                attempts=attempts,
-                first_seen=first_seen,
-            )
-
-    async def list_dead_letters(self) -> list[DeadLetter]:
-        async with self.engine.connect() as conn:
-            return await ledger.read_dead_letters(conn)
-
-    async def take_dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
-        """Remove and return the given dead letters (None = all), e.g. to replay them."""
-        async with self.engine.begin() as conn:
-            return await ledger.read_dead_letters(conn, ids, remove=True)
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -21,13 +21,15 @@ from sqlalchemy import column, func, select, table
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app import dead
 from app.config import Settings
+from app.dead import DeadLetter
 from app.drupal import ledger
 from app.drupal.readonly import read_engine, table_names
 from app.drupal.schema import detect_major
 from app.errors import QueueUnavailable, RetryableError
 from app.jobs import read as read_job
-from app.queue import DEAD_KEY, JOB_KEY_PREFIX
+from app.queue import JOB_KEY_PREFIX
 from app.records import sf_key
 
 _ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
@@ -140,8 +142,7 @@ async def _from_database(settings: Settings, query: Query, result: Answer) -> No
                     owners |= {f"uid {uid}" for uid in uids}
                     result.conflicts = await _conflicts(conn, owners, major, query.key)
                 result.users = users
-            if ledger.dead_letters.name in tables:
-                result.dead = await _database_dead(conn, query)
+            result.dead = await _database_dead(conn, query)
     except DBAPIError as exc:
         raise RetryableError(f"cannot read the Drupal database: {exc.orig}") from exc
     finally:
@@ -231,32 +232,34 @@ async def _conflicts(
 
 
 async def _database_dead(conn: AsyncConnection, query: Query) -> list[dict[str, Any]]:
-    t = ledger.dead_letters
     if query.kind == "record":
-        # record_id is kept as received (15 or 18 characters, any case): narrow, then compare.
-        forms = {query.key.lower(), query.key[:15].lower()}
-        where = func.lower(t.c.record_id).in_(sorted(forms))
+        letters = await dead.in_database(conn, record_id=query.key)
     else:
-        where = t.c.payload.like("%@%")  # narrowed by the parsed Email below
-    rows = await conn.execute(select(t).where(where).order_by(t.c.id))
-    found = []
-    for row in rows:
-        payload = orjson.loads(row.payload)
-        if not _matches(payload, query, row.record_id):
-            continue
-        found.append(
-            {
-                "id": str(row.id),
-                "source": "database",
-                "notification_id": row.notification_id,
-                "record_id": row.record_id,
-                "error": _mask(row.error, query.key if query.kind == "email" else None),
-                "attempts": row.attempts,
-                "first_seen": iso(row.first_seen),
-                "last_seen": iso(row.last_seen),
-            }
-        )
-    return found
+        letters = await dead.in_database(conn, with_email=True)  # narrowed by Email below
+    email = query.key if query.kind == "email" else None
+    return [_dead(letter, email) for letter in letters if _letter_matches(letter, query)]
+
+
+def _letter_matches(letter: DeadLetter, query: Query) -> bool:
+    notification = letter.notification
+    if notification is not None:
+        fields = notification.fields
+    else:  # refused on receipt: only its record Id is known
+        fields = {"Id": letter.record_id} if letter.record_id else {}
+    return _matches({"fields": fields}, query, letter.record_id)
+
+
+def _dead(letter: DeadLetter, email: str | None) -> dict[str, Any]:
+    return {
+        "id": letter.id,
+        "source": letter.kept.value if letter.kept else None,
+        "notification_id": letter.notification_id,
+        "record_id": letter.record_id,
+        "error": _mask(letter.error, email),
+        "attempts": letter.attempts,
+        "first_seen": iso(letter.first_seen),
+        "last_seen": iso(letter.last_seen),
+    }
 
 
 def _matches(notification: dict[str, Any], query: Query, record_id: Any = None) -> bool:
@@ -277,36 +280,12 @@ async def _from_redis(settings: Settings, query: Query, result: Answer) -> None:
             raws = await redis.mget([JOB_KEY_PREFIX + job_id.decode() for job_id, _ in chunk])
             for (job_id, score), raw in zip(chunk, raws, strict=True):
                 result.queued += _queued(job_id.decode(), score, raw, query)
-        dead: dict[bytes, bytes] = await redis.hgetall(DEAD_KEY)  # type: ignore[misc]
+        kept = await dead.in_redis(redis)
     except (RedisError, OSError) as exc:
         raise QueueUnavailable(f"cannot read the queue (Redis): {exc}") from exc
     finally:
         await redis.aclose()
-    for key, raw in sorted(dead.items()):
-        try:
-            value = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            continue
-        notification = value.get("notification") or {
-            "fields": {"Id": value.get("record_id")} if value.get("record_id") else {}
-        }
-        if not _matches(notification, query, value.get("record_id")):
-            continue
-        refused = "notification" not in value
-        error = f"refused on receipt: {value.get('reason', '')}" if refused else value.get("error")
-        seen = value.get("received_at") if refused else value.get("last_seen")
-        result.dead.append(
-            {
-                "id": key.decode(),
-                "source": "redis",
-                "notification_id": value.get("notification_id"),
-                "record_id": value.get("record_id"),
-                "error": _mask(error, email),
-                "attempts": int(value.get("attempts", 0)),
-                "first_seen": iso(value.get("first_seen", seen)),
-                "last_seen": iso(seen),
-            }
-        )
+    result.dead += [_dead(letter, email) for letter in kept if _letter_matches(letter, query)]
 
 
 def _queued(job_id: str, score: float, raw: bytes | None, query: Query) -> list[dict[str, Any]]:

@@ -9,7 +9,10 @@ from pathlib import Path
 import orjson
 import redis
 
+from app import dead
 from app.config import Settings
+from app.dead import DeadLetter
+from app.jobs import ApplyJob, JobNotification, Source
 from app.jobs import read as read_job
 from app.sfid import canonical_id
 from app.sync import Syncer
@@ -29,17 +32,16 @@ def sfrelay(settings: Settings, cwd: Path, *args: str) -> subprocess.CompletedPr
 
 
 async def add_dead_letter(settings: Settings, number: int) -> int:
-    syncer = await Syncer.open(settings)
+    syncer = await Syncer.open(settings)  # a worker's start-up creates the table
+    job = ApplyJob(canonical_id(ORG_ID), Source.OUTBOUND_MESSAGE, 1_700_000_000.0, (), "04k")
+    notification = JobNotification(
+        sf_id("04l", number),
+        "Contact",
+        {"Id": sf_id("003", number), "Email": f"dead{number}@example.org"},
+    )
     try:
-        notification = {
-            "id": sf_id("04l", number),
-            "object": "Contact",
-            "fields": {"Id": sf_id("003", number), "Email": f"dead{number}@example.org"},
-            "organization_id": ORG_ID,
-            "action_id": sf_id("04k", 1),
-            "types": {},
-        }
-        return await syncer.dead_letter(notification, "boom", 5, 1_700_000_000.0)
+        async with syncer.engine.begin() as conn:
+            return await dead.add(conn, DeadLetter.of(job, notification, "boom", 5))
     finally:
         await syncer.close()
 
@@ -86,9 +88,14 @@ def test_dead_replay_says_what_to_give(worker_settings: Settings, tmp_path: Path
     assert unknown.stderr == "not replayed 999: no such dead letter (see `sfrelay dead list`)\n"
 
 
-def test_dead_list_with_nothing_dead(worker_settings: Settings, tmp_path: Path) -> None:
+def test_dead_list_with_nothing_dead(
+    worker_settings: Settings, tmp_path: Path, drupal_db: Path
+) -> None:
+    before = drupal_db.read_bytes()
     listed = sfrelay(worker_settings, tmp_path, "dead", "list")
     assert (listed.returncode, listed.stdout) == (0, "no dead letters\n")
+    # Read-only: no worker has created sfrelay's tables yet, and listing does not either.
+    assert drupal_db.read_bytes() == before
 
 
 def test_worker_burst_on_an_empty_queue_exits_zero(

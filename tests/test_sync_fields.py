@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
+from app import dead
 from app.config import Settings
+from app.dead import DeadLetter
 from app.errors import ConfigError, RetryableError
-from app.jobs import JobNotification
+from app.jobs import ApplyJob, Source
 from app.sync import Outcome, Syncer
 from tests.drupal_rows import (
     add_member,
@@ -27,7 +30,10 @@ from tests.drupal_rows import (
     user_ids,
 )
 from tests.fixtures_db import DrupalSite, Server
+from tests.messages import ORG_ID
 from tests.servers import free_port
+
+ORG15 = ORG_ID[:15]
 
 # An unprivileged extra role each site has (the minimal profile has none; D7's standard
 # profile only has administrator, which sfrelay never grants: the test makes "editor").
@@ -232,24 +238,22 @@ async def test_one_failing_record_does_not_block_its_batch(drupal_site: DrupalSi
 
 
 async def test_dead_letters_round_trip(drupal_site: DrupalSite) -> None:
-    syncer = await open_syncer(drupal_site)
+    syncer = await open_syncer(drupal_site)  # a worker's start-up creates the table
+    job = ApplyJob(ORG15, Source.OUTBOUND_MESSAGE, 1000.0, ())
     first = note(sf(1), "x@example.com", "X", "Y")
-    second = note(sf(2), "y@example.com", "Y", "Z")
-    a = await syncer.dead_letter(first.as_json(), "boom", 5, 1000.0)
-    b = await syncer.dead_letter(second.as_json(), "bang", 3, 2000.0)
-    listed = await syncer.list_dead_letters()
-    assert [(d.id, d.record_id, d.error, d.attempts, d.first_seen) for d in listed] == [
-        (a, sf(1), "boom", 5, 1000.0),
-        (b, sf(2), "bang", 3, 2000.0),
-    ]
+    second = replace(note(sf(2), "y@example.com", "Y", "Z"), first_seen=2000.0)
+    async with syncer.engine.begin() as conn:
+        a = await dead.add(conn, DeadLetter.of(job, first, "boom", 5))
+        b = await dead.add(conn, DeadLetter.of(job, second, "bang", 3))
+    async with syncer.engine.connect() as conn:
+        listed = await dead.in_database(conn)
+    letters = [(d.id, d.record_id, d.error, d.attempts, d.first_seen) for d in listed]
+    assert letters == [(str(a), sf(1), "boom", 5, 1000.0), (str(b), sf(2), "bang", 3, 2000.0)]
+    assert [d.kept for d in listed] == [dead.Kept.DATABASE] * 2
+    # Stored as it arrived: a replay applies it like the original.
     stored = listed[0].notification
-    assert stored["id"] == first.id and stored["fields"]["SystemModstamp"].startswith("2025-")
-    assert [d.id for d in await syncer.take_dead_letters([b])] == [b]
-    assert [d.id for d in await syncer.list_dead_letters()] == [a]
-    # A replayed dead letter (datetimes now ISO text) applies like the original.
-    (replayed,) = await syncer.take_dead_letters(None)
-    assert await syncer.list_dead_letters() == []
-    (outcome,) = await syncer.apply([JobNotification.from_json(replayed.notification)])
+    assert stored == first
+    (outcome,) = await syncer.apply([stored])
     await syncer.close()
     assert outcome.outcome == "created"
     assert await uids_with_mail(drupal_site, "x@example.com") == [outcome.uid]

@@ -15,7 +15,7 @@ import redis
 from redis.asyncio import Redis
 
 from app.config import Settings
-from app.dead import list_dead_letters, replay_dead_letters
+from app.dead import Kept, list_dead_letters, replay_dead_letters
 from app.jobs import ApplyJob, JobNotification, Source
 from app.queue import DEAD_KEY, JOB_KEY_PREFIX, STATS_KEY, enqueue_apply
 from tests.fixtures_worker import drupal_users, run_worker
@@ -150,11 +150,12 @@ async def test_a_locked_database_is_retried_then_dead_lettered_in_redis_then_rep
     letters = await list_dead_letters(settings)
     # The database write of the letter, cut short, may land once the lock is gone: then the
     # letter is in both places, and replaying both has no second effect.
-    assert {(d.source, d.notification_id) for d in letters} <= {
-        ("redis", sf_id("04l", 1)),
-        ("database", sf_id("04l", 1)),
+    assert {(d.kept, d.notification_id) for d in letters} <= {
+        (Kept.REDIS, sf_id("04l", 1)),
+        (Kept.DATABASE, sf_id("04l", 1)),
     }
-    [letter] = [d for d in letters if d.source == "redis"]
+    [letter] = [d for d in letters if d.kept is Kept.REDIS]
+    assert letter.source is Source.OUTBOUND_MESSAGE
     assert letter.error.startswith("gave up after 2 tries: ")
     assert letter.attempts == 2
 
@@ -178,10 +179,10 @@ async def test_a_job_interrupted_too_often_is_dead_lettered_not_dropped(
     assert worker.jobs_complete == 1
     assert drupal_users(drupal_db) == []
     [letter] = await list_dead_letters(worker_settings)
-    assert (letter.source, letter.attempts) == ("database", tries + 1)
+    assert (letter.kept, letter.attempts) == (Kept.DATABASE, tries + 1)
     assert letter.error == f"the worker was stopped or killed while applying this job {tries} times"
     assert letter.notification is not None
-    assert letter.notification["fields"]["Email"] == "ada@example.org"
+    assert letter.notification.fields["Email"] == "ada@example.org"
     assert stats(redis_client) == {"outcome:dead": 1}
 
 
@@ -227,13 +228,14 @@ async def test_a_failed_notification_is_dead_lettered_at_once_beside_applied_one
     assert (worker.jobs_complete, worker.jobs_retried) == (1, 0)
     assert [u[2] for u in drupal_users(drupal_db)] == ["ada@example.org"]
     [letter] = await list_dead_letters(worker_settings)
-    assert (letter.source, letter.notification_id, letter.attempts) == ("database", broken["id"], 1)
+    assert (letter.kept, letter.notification_id, letter.attempts) == (
+        Kept.DATABASE,
+        broken["id"],
+        1,
+    )
     assert letter.error == "the notification has no record Id"
-    assert letter.notification == {
-        **broken,
-        "organization_id": ORG_ID,
-        "action_id": sf_id("04k", 1),
-    }
+    assert letter.notification == JobNotification.from_json(broken)
+    assert (letter.job.organization_id, letter.job.action_id) == (ORG_ID[:15], sf_id("04k", 1))
     assert stats(redis_client) == {"outcome:created": 1, "outcome:failed": 1, "outcome:dead": 1}
     assert redis_client.zcard(worker_settings.queue_name) == 0
 
@@ -269,25 +271,6 @@ async def test_a_retry_outcome_requeues_only_that_notification_until_max_tries(
     }
 
 
-async def test_a_protected_user_is_counted_never_retried_nor_dead_lettered(
-    worker_settings: Settings, aredis: Redis, redis_client: redis.Redis, drupal_db: Path
-) -> None:
-    def admin_row() -> list[tuple[Any, ...]]:
-        with sqlite3.connect(drupal_db) as db:
-            return db.execute("SELECT * FROM users_field_data WHERE uid = 1").fetchall()
-
-    before = admin_row()
-    takeover = contact(1, email="admin@example.com", first="Eve")
-    await enqueue(aredis, worker_settings, job([takeover, contact(2, email="ada@example.org")]))
-    worker = await run_worker(worker_settings)
-    assert (worker.jobs_complete, worker.jobs_failed, worker.jobs_retried) == (1, 0, 0)
-    assert stats(redis_client) == {"outcome:conflict_protected_user": 1, "outcome:created": 1}
-    assert await list_dead_letters(worker_settings) == []
-    assert redis_client.zcard(worker_settings.queue_name) == 0
-    assert admin_row() == before
-    assert [u[2] for u in drupal_users(drupal_db)] == ["ada@example.org"]
-
-
 async def test_a_job_queued_in_the_untagged_shape_before_version_2_still_applies(
     worker_settings: Settings, redis_client: redis.Redis, drupal_db: Path
 ) -> None:
@@ -315,3 +298,56 @@ async def test_a_job_queued_in_the_untagged_shape_before_version_2_still_applies
     assert (worker.jobs_complete, worker.jobs_failed) == (1, 0)
     assert sorted(u[2] for u in drupal_users(drupal_db)) == ["ada@example.org", "bob@example.org"]
     assert stats(redis_client) == {"outcome:created": 2}
+
+
+async def test_dead_letters_stored_before_version_2_are_listed_and_replayed(
+    worker_settings: Settings, redis_client: redis.Redis, drupal_db: Path
+) -> None:
+    await run_worker(worker_settings)  # start-up creates the table
+    stored = {**contact(1, email="ada@example.org"), "organization_id": ORG_ID, "action_id": "a"}
+    with sqlite3.connect(drupal_db) as db:  # a worker's row, as the previous release wrote it
+        db.execute(
+            "INSERT INTO sfrelay_dead_letter (notification_id, record_id, payload, error, "
+            "attempts, first_seen, last_seen) VALUES (?, ?, ?, 'boom', 5, 1000.0, 2000.0)",
+            (sf_id("04l", 1), sf_id("003", 1), orjson.dumps({**stored, "types": {}}).decode()),
+        )
+    db.close()
+    # A worker's letter kept in Redis while the database was down, as it was written then.
+    fallback = {
+        "notification_id": sf_id("04l", 2),
+        "record_id": sf_id("003", 2),
+        "notification": {**contact(2, email="bob@example.org"), "organization_id": ORG_ID},
+        "error": "bang",
+        "attempts": 3,
+        "first_seen": 1500.0,
+        "last_seen": 2500.0,
+    }
+    redis_client.hset(DEAD_KEY, "worker:x:2", orjson.dumps(fallback))
+    letters = await list_dead_letters(worker_settings)
+    assert [(d.kept, d.notification_id, d.error, d.attempts, d.first_seen) for d in letters] == [
+        (Kept.DATABASE, sf_id("04l", 1), "boom", 5, 1000.0),
+        (Kept.REDIS, sf_id("04l", 2), "bang", 3, 1500.0),
+    ]
+    result = await replay_dead_letters(worker_settings, None)
+    assert (result.replayed, result.refused) == (2, {})
+    await run_worker(worker_settings)
+    assert sorted(u[2] for u in drupal_users(drupal_db)) == ["ada@example.org", "bob@example.org"]
+
+
+async def test_a_protected_user_is_counted_never_retried_nor_dead_lettered(
+    worker_settings: Settings, aredis: Redis, redis_client: redis.Redis, drupal_db: Path
+) -> None:
+    def admin_row() -> list[tuple[Any, ...]]:
+        with sqlite3.connect(drupal_db) as db:
+            return db.execute("SELECT * FROM users_field_data WHERE uid = 1").fetchall()
+
+    before = admin_row()
+    takeover = contact(1, email="admin@example.com", first="Eve")
+    await enqueue(aredis, worker_settings, job([takeover, contact(2, email="ada@example.org")]))
+    worker = await run_worker(worker_settings)
+    assert (worker.jobs_complete, worker.jobs_failed, worker.jobs_retried) == (1, 0, 0)
+    assert stats(redis_client) == {"outcome:conflict_protected_user": 1, "outcome:created": 1}
+    assert await list_dead_letters(worker_settings) == []
+    assert redis_client.zcard(worker_settings.queue_name) == 0
+    assert admin_row() == before
+    assert [u[2] for u in drupal_users(drupal_db)] == ["ada@example.org"]

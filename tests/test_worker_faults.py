@@ -10,7 +10,7 @@ from pathlib import Path
 import redis
 
 from app.config import Settings
-from app.dead import list_dead_letters, replay_dead_letters
+from app.dead import Kept, list_dead_letters, replay_dead_letters
 from tests.fixtures_worker import WorkerProcess
 from tests.messages import sf_id
 from tests.test_sync_faults import make_read_only, make_writable
@@ -77,7 +77,7 @@ async def test_a_dead_letter_of_a_transient_error_is_replayed_to_success(
     assert sorted(d.notification_id or "" for d in letters) == [
         sf_id("04l", n) for n in range(1, 21)
     ]
-    assert {d.source for d in letters} == {"redis"}
+    assert {d.kept for d in letters} == {Kept.REDIS}
     assert all(d.error.startswith("gave up after 2 tries: Drupal database: ") for d in letters)
     assert all("readonly" in d.error for d in letters)
     assert emails(drupal_db) == []

@@ -17,10 +17,12 @@ from arq import Retry
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app import dead
 from app.config import Settings
+from app.dead import DeadLetter
 from app.errors import QueueUnavailable, RetryableError
 from app.jobs import ApplyJob, JobNotification
-from app.queue import STATS_KEY, dead_letter_in_redis, enqueue_apply
+from app.queue import count_outcomes, enqueue_apply
 from app.sync import Outcome, Syncer
 from workers.group_commit import GroupCommit, WriterBusy
 from workers.lease import WriterLease
@@ -223,65 +225,24 @@ def _sort_outcomes(
     return retry
 
 
-def _stored(job: ApplyJob, item: JobNotification) -> dict[str, Any]:
-    """A notification as a dead letter keeps it: enough to queue it again on its own."""
-    return {
-        "id": item.id,
-        "object": item.object,
-        "fields": item.fields,
-        "organization_id": job.organization_id,
-        "action_id": job.action_id,
-    }
-
-
 async def _dead_letter(
     state: WorkerState, redis: Redis, job: ApplyJob, letters: list[_Letter], deadline: float
 ) -> None:
     """Store dead letters in the database, or in Redis when it cannot take them in time."""
-    left = list(letters)
-    try:
-        async with asyncio.timeout_at(deadline):
-            while left:
-                item, reason, attempts = left[0]
-                stored = _stored(job, item)
-                # Detached: a stuck database write must not hold the job past its deadline
-                # (if it lands later, the letter is in both places; replaying both is harmless).
-                await state.detached(
-                    state.syncer.dead_letter(stored, reason, attempts, job.first_seen(item))
-                )
-                left.pop(0)
-    except Exception as exc:  # whatever broke, the notifications must be kept somewhere
-        logger.warning(
-            "the database did not take %d dead letters (%s): keeping them in Redis",
-            len(left),
-            exc or type(exc).__name__,
-        )
-        now = time.time()
-        await dead_letter_in_redis(
-            redis,
-            {
-                f"worker:{job.organization_id}:{item.id or os.urandom(8).hex()}": {
-                    "notification_id": item.id,
-                    "record_id": item.record_id,
-                    "notification": _stored(job, item),
-                    "error": reason,
-                    "attempts": attempts,
-                    "first_seen": job.first_seen(item),
-                    "last_seen": now,
-                }
-                for item, reason, attempts in left
-            },
-        )
+    await dead.keep(
+        [DeadLetter.of(job, item, reason, attempts) for item, reason, attempts in letters],
+        state.syncer.engine,
+        redis,
+        deadline,
+        state.detached,
+    )
 
 
 async def _finish(
     redis: Redis, ctx: dict[str, Any], job: ApplyJob, counts: Counter[str], started: float
 ) -> None:
     try:
-        async with redis.pipeline(transaction=False) as pipe:
-            for name, count in counts.items():
-                pipe.hincrby(STATS_KEY, f"outcome:{name}", count)
-            await pipe.execute()
+        await count_outcomes(redis, counts)
     except (RedisError, OSError) as exc:  # counters only: not worth failing the job for
         logger.warning("job %s: outcome counters not recorded: %s", ctx["job_id"], exc)
     summary = " ".join(f"{name}={count}" for name, count in sorted(counts.items()))
