@@ -22,6 +22,7 @@ from app.drupal import ledger
 from app.drupal.ledger import RecordState
 from app.drupal.users import ExistingUser, Key, NewUser, UserChange, UserStore
 from app.mapping import FieldMap
+from app.outcomes import Outcome, OutcomeKind
 from app.records import Record, as_text, base_values, username_base, valid_email, with_suffix
 
 HISTORY_SIZE = 10  # outcomes kept per Salesforce record in sfrelay_record.history
@@ -29,17 +30,10 @@ SUPERUSERS = frozenset({0, 1})  # the anonymous user and Drupal's own administra
 
 
 @dataclass(slots=True)
-class Decision:
-    outcome: str
-    key: int | None = None  # uid, or a pending new user's negative key
-    detail: str | None = None
-
-
-@dataclass(slots=True)
 class Plan:
     """Everything one batch will write."""
 
-    decisions: dict[int, Decision] = field(default_factory=dict)  # record index -> decision
+    decisions: dict[int, Outcome] = field(default_factory=dict)  # record index -> outcome
     new: dict[int, NewUser] = field(default_factory=dict)  # negative key -> user
     new_sources: dict[int, Record] = field(default_factory=dict)  # key -> latest record
     changes: dict[int, UserChange] = field(default_factory=dict)  # uid -> change
@@ -61,21 +55,21 @@ class Plan:
                     entry["uid"] = self.resolve(entry["uid"])
 
 
-def add_history(st: RecordState, r: Record, decision: Decision, now: float) -> None:
-    entry: dict[str, Any] = {"at": round(now, 3), "n": r.notification_id, "o": decision.outcome}
-    if decision.key is not None:
-        entry["uid"] = decision.key  # a pending user's key until Plan.finish()
+def add_history(st: RecordState, r: Record, decision: Outcome, now: float) -> None:
+    entry: dict[str, Any] = {"at": round(now, 3), "n": r.notification_id, "o": decision.kind}
+    if decision.uid is not None:
+        entry["uid"] = decision.uid  # a pending user's key until Plan.finish()
     if decision.detail:
         entry["d"] = decision.detail
     st.history = [*st.history, entry][-HISTORY_SIZE:]
     st.dirty = True
 
 
-async def note_failure(conn: AsyncConnection, r: Record, outcome: str, detail: str) -> None:
+async def note_failure(conn: AsyncConnection, r: Record, kind: OutcomeKind, detail: str) -> None:
     """Add a failed attempt to the record's history (its batch was rolled back)."""
     states = await ledger.load(conn, [r.sf_id])
     st = states.setdefault(r.sf_id, RecordState(r.sf_id, r.obj.sobject))
-    add_history(st, r, Decision(outcome, None, detail), time.time())
+    add_history(st, r, Outcome(r.notification_id, r.raw_id, kind, None, detail), time.time())
     await ledger.save(conn, [st])
 
 
@@ -126,7 +120,16 @@ class Planner:
                 self.by_mail.setdefault(user.mail.lower(), set()).add(user.uid)
         self.owner = await ledger.owners(self.conn, set(self.mail_of) | mapped)
 
-    def _record(self, r: Record, decision: Decision, *, applied: bool = False) -> None:
+    def _record(
+        self,
+        r: Record,
+        kind: OutcomeKind,
+        key: int | None = None,
+        detail: str | None = None,
+        *,
+        applied: bool = False,
+    ) -> None:
+        decision = Outcome(r.notification_id, r.raw_id, kind, key, detail)
         self.plan.decisions[r.index] = decision
         st = self.plan.states.setdefault(r.sf_id, RecordState(r.sf_id, r.obj.sobject))
         add_history(st, r, decision, self.now)
@@ -155,26 +158,26 @@ class Planner:
         st = self.plan.states.get(r.sf_id)
         if st is not None:
             if r.notification_id and r.notification_id == st.notification_id:
-                return self._record(r, Decision("duplicate", st.uid))
+                return self._record(r, OutcomeKind.DUPLICATE, st.uid)
             if r.modstamp is not None and st.modstamp is not None:
                 if r.modstamp < st.modstamp:
-                    return self._record(r, Decision("stale", st.uid))
+                    return self._record(r, OutcomeKind.STALE, st.uid)
                 if r.modstamp == st.modstamp:
-                    return self._record(r, Decision("duplicate", st.uid))
+                    return self._record(r, OutcomeKind.DUPLICATE, st.uid)
             if st.converted_to:
                 detail = f"the Lead was converted to {st.converted_to}"
-                return self._record(r, Decision("stale", st.uid, detail))
+                return self._record(r, OutcomeKind.STALE, st.uid, detail)
         if r.converted_to:
             return self._convert(r, st)
         if r.email is None:
-            return self._record(r, Decision("skipped_no_email"))
+            return self._record(r, OutcomeKind.SKIPPED_NO_EMAIL)
         if not valid_email(r.email):
-            return self._record(r, Decision("skipped_invalid_email", detail=r.email))
+            return self._record(r, OutcomeKind.SKIPPED_INVALID_EMAIL, detail=r.email)
         if granted := self._granted(r.obj.roles):
-            return self._record(r, Decision("conflict_protected_user", None, granted))
+            return self._record(r, OutcomeKind.CONFLICT_PROTECTED_USER, None, granted)
         key = st.uid if st is not None else None
         if key is not None and (key < 0 or key in self.existing):
-            return self._update(r, key, "updated")
+            return self._update(r, key, OutcomeKind.UPDATED)
         candidates = self.by_mail.get(r.mail_key, set())
         if not candidates:
             return self._create(r)
@@ -187,13 +190,13 @@ class Planner:
         ):
             # Linking would merge two Salesforce records (or pick one of several users).
             others = [self.owner.get(k) or f"uid {k}" for k in sorted(candidates)]
-            return self._record(r, Decision("conflict_duplicate_email", None, ", ".join(others)))
+            return self._record(r, OutcomeKind.CONFLICT_DUPLICATE_EMAIL, None, ", ".join(others))
         if why := self._protection(only):
-            return self._record(r, Decision("conflict_protected_user", None, why))
+            return self._record(r, OutcomeKind.CONFLICT_PROTECTED_USER, None, why)
         if self.match_by_email == "never-logged-in" and self.existing[only].login != 0:
             detail = f"uid {only} has logged in (SFRELAY_MATCH_BY_EMAIL=never-logged-in)"
-            return self._record(r, Decision("conflict_duplicate_email", None, detail))
-        return self._update(r, only, "linked")
+            return self._record(r, OutcomeKind.CONFLICT_DUPLICATE_EMAIL, None, detail)
+        return self._update(r, only, OutcomeKind.LINKED)
 
     def _map(self, r: Record, key: int) -> RecordState:
         st = self.plan.states.setdefault(r.sf_id, RecordState(r.sf_id, r.obj.sobject))
@@ -224,17 +227,17 @@ class Planner:
         self.plan.new_sources[key] = r
         self._map(r, key)
         self._set_mail(key, r.mail_key)
-        self._record(r, Decision("created", key), applied=True)
+        self._record(r, OutcomeKind.CREATED, key, applied=True)
 
-    def _update(self, r: Record, key: int, outcome: str) -> None:
+    def _update(self, r: Record, key: int, outcome: OutcomeKind) -> None:
         if key >= 0 and (why := self._protection(key)):
             # Mapped before it became protected: the mapping stays, nothing is written.
-            shown = key if outcome == "updated" else None
-            return self._record(r, Decision("conflict_protected_user", shown, why))
+            shown = key if outcome is OutcomeKind.UPDATED else None
+            return self._record(r, OutcomeKind.CONFLICT_PROTECTED_USER, shown, why)
         clash = sorted(k for k in self.by_mail.get(r.mail_key, set()) if k != key)
         if clash:
             detail = ", ".join(self.owner.get(k) or f"uid {k}" for k in clash)
-            return self._record(r, Decision("conflict_duplicate_email", key, detail))
+            return self._record(r, OutcomeKind.CONFLICT_DUPLICATE_EMAIL, key, detail)
         self._map(r, key)
         self._set_mail(key, r.mail_key)
         base = {**base_values(r), "mail": r.email}
@@ -255,21 +258,21 @@ class Planner:
             change.roles = tuple(dict.fromkeys((*change.roles, *r.obj.roles)))
             if self.field_map.update_username:
                 self.plan.renames[key] = (r, self.existing[key].name)
-        self._record(r, Decision(outcome, key), applied=True)
+        self._record(r, outcome, key, applied=True)
 
     def _convert(self, r: Record, st: RecordState | None) -> None:
         if st is None or st.uid is None:
             detail = "the Lead was never synced; the Contact's own notifications sync it"
-            return self._record(r, Decision("skipped_converted", None, detail))
+            return self._record(r, OutcomeKind.SKIPPED_CONVERTED, None, detail)
         key, target_id = st.uid, r.converted_to or ""
         contact = self.field_map.objects.get("Contact", r.obj)
         why = self._protection(key) if key in self.existing or key in SUPERUSERS else None
         if why := why or self._granted(contact.roles):
-            return self._record(r, Decision("conflict_protected_user", key, why))
+            return self._record(r, OutcomeKind.CONFLICT_PROTECTED_USER, key, why)
         target = self.plan.states.get(target_id)
         if target is not None and target.uid not in (None, key) and not target.converted_to:
             detail = f"Contact {target_id} is already mapped to uid {target.uid}: merge in Drupal"
-            return self._record(r, Decision("failed", key, detail))
+            return self._record(r, OutcomeKind.FAILED, key, detail)
         if target is None:
             target = self.plan.states[target_id] = RecordState(target_id, "Contact")
         # The Contact's own versions apply from now on: it starts without a modstamp.
@@ -285,7 +288,7 @@ class Planner:
             )
             change.fields.update(ids)
             change.roles = tuple(dict.fromkeys((*change.roles, *contact.roles)))
-        self._record(r, Decision("converted", key, target_id), applied=True)
+        self._record(r, OutcomeKind.CONVERTED, key, target_id, applied=True)
 
     async def names(self) -> None:
         """Unique usernames for the new users (and renames, when configured).

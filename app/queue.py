@@ -32,6 +32,7 @@ from app.config import Settings
 from app.durability import AckDurability, AckWait, plan_ack_wait
 from app.errors import ConfigError, QueueUnavailable
 from app.jobs import ApplyJob, notification_count
+from app.outcomes import OutcomeKind
 
 JOB_KEY_PREFIX = "arq:job:"
 IN_PROGRESS_KEY_PREFIX = "arq:in-progress:"
@@ -347,11 +348,11 @@ def redis_client(settings: Settings) -> Redis:
     return client
 
 
-async def count_outcomes(redis: Redis, counts: Counter[str]) -> None:
+async def count_outcomes(redis: Redis, counts: Counter[OutcomeKind]) -> None:
     """Add a job's outcomes to the `outcome:*` counters (shown by `sfrelay queue stats`)."""
     async with redis.pipeline(transaction=False) as pipe:
         for name, count in counts.items():
-            pipe.hincrby(STATS_KEY, f"{OUTCOME_PREFIX}{name}", count)
+            pipe.hincrby(STATS_KEY, f"{OUTCOME_PREFIX}{name.value}", count)
         await pipe.execute()
 
 

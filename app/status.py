@@ -23,7 +23,7 @@ from app.drupal.readonly import read_engine
 from app.drupal.schema import detect_major
 from app.errors import ConfigError, QueueUnavailable
 from app.jobs import notification_count
-from app.queue import DEAD_KEY, JOB_KEY_PREFIX, RATE_PREFIX, STATS_KEY
+from app.queue import DEAD_KEY, JOB_KEY_PREFIX, OUTCOME_PREFIX, RATE_PREFIX, STATS_KEY
 
 SAMPLE_JOBS = 100
 DATABASE_TIMEOUT_S = 5.0
@@ -97,9 +97,9 @@ async def read_status(settings: Settings, redis: Redis) -> Status:
             "last_hour": sum(rates[1:]),
         },
         outcomes={
-            k.removeprefix("outcome:"): v
+            k.removeprefix(OUTCOME_PREFIX): v
             for k, v in sorted(decoded.items())
-            if k.startswith("outcome:")
+            if k.startswith(OUTCOME_PREFIX)
         },
         receiver={name: decoded.get(name, 0) for name in RECEIVER_COUNTERS},
         dead={"redis": int(dead_redis), "database": None},

@@ -9,15 +9,15 @@ Public API (the worker codes against this; it imports neither arq nor FastAPI)::
     await syncer.close()
 
 `apply` takes an `app.jobs.ApplyJob`'s notifications (``JobNotification(id, object,
-fields)``, the fields as Salesforce sent them) and returns one `Outcome` per notification,
-in order. The whole list is written in ONE transaction; if the database refuses
+fields)``, the fields as Salesforce sent them) and returns one `app.outcomes.Outcome` per
+notification, in order. The whole list is written in ONE transaction; if the database refuses
 it on a per-record problem (constraint, trigger, bad value), the list is bisected: each half in
 its own transaction, recursively, so one bad record costs about 2 * log2(n) extra transactions
 and never blocks or rolls back the others. Per-record problems become outcomes, never
 exceptions:
 
 ==========================  ===================================================================
-outcome                     meaning
+OutcomeKind                 meaning
 ==========================  ===================================================================
 created                     a new Drupal user (uid) was written
 updated                     the mapped Drupal user was updated
@@ -80,7 +80,7 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import replace
 
 from sqlalchemy import Column, Integer, MetaData, String, Table
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -98,41 +98,13 @@ from app.drupal.users import Key, UserStore
 from app.errors import ConfigError, RetryableError
 from app.jobs import JobNotification
 from app.mapping import FieldMap, load_field_map
+from app.outcomes import Outcome, OutcomeKind
 from app.plan import Planner, note_failure
 from app.records import Record, RecordError, to_record
 
-__all__ = ["OUTCOMES", "Outcome", "Syncer", "is_transient"]
+__all__ = ["Outcome", "OutcomeKind", "Syncer", "is_transient"]
 
 logger = logging.getLogger("sfrelay.worker")
-
-OUTCOMES = frozenset(
-    {
-        "created",
-        "updated",
-        "linked",
-        "converted",
-        "skipped_no_email",
-        "skipped_invalid_email",
-        "skipped_converted",
-        "stale",
-        "duplicate",
-        "conflict_duplicate_email",
-        "conflict_protected_user",
-        "retry",
-        "failed",
-    }
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What happened to one notification."""
-
-    notification_id: str
-    record_id: str | None  # the Salesforce Id, as received
-    outcome: str  # one of OUTCOMES
-    uid: int | None = None
-    detail: str | None = None  # the other Id for conflicts, the error for retry/failed
 
 
 def _error(exc: BaseException) -> str:
@@ -195,7 +167,7 @@ class Syncer:
                 records.append(to_record(index, notification, self.field_map))
             except RecordError as exc:
                 outcomes[index] = Outcome(
-                    notification.id, notification.record_id, "failed", None, str(exc)
+                    notification.id, notification.record_id, OutcomeKind.FAILED, None, str(exc)
                 )
         if records:
             await self._bisect(records, outcomes, whole=True)
@@ -230,7 +202,7 @@ class Syncer:
         (record,) = records
         # A constraint can be another writer (Drupal itself) that took the same name or id
         # meanwhile: worth another try. Anything else will fail again.
-        kind = "retry" if isinstance(failure, IntegrityError) else "failed"
+        kind = OutcomeKind.RETRY if isinstance(failure, IntegrityError) else OutcomeKind.FAILED
         outcomes[record.index] = Outcome(
             record.notification_id, record.raw_id, kind, None, _error(failure)
         )
@@ -272,13 +244,7 @@ class Syncer:
         await self._statistics.created(len(plan.new))
         for record in records:
             decision = plan.decisions[record.index]
-            outcomes[record.index] = Outcome(
-                record.notification_id,
-                record.raw_id,
-                decision.outcome,
-                plan.resolve(decision.key),
-                decision.detail,
-            )
+            outcomes[record.index] = replace(decision, uid=plan.resolve(decision.uid))
 
     async def close(self) -> None:
         await self.engine.dispose()

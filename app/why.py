@@ -29,6 +29,7 @@ from app.drupal.readonly import read_engine, table_names
 from app.drupal.schema import detect_major
 from app.errors import QueueUnavailable, RetryableError
 from app.jobs import read as read_job
+from app.outcomes import OutcomeKind
 from app.queue import JOB_KEY_PREFIX
 from app.records import sf_key
 
@@ -217,14 +218,16 @@ async def _conflicts(
     t = ledger.records
     rows = (
         await conn.execute(
-            select(t).where(t.c.history.like('%"conflict_duplicate_email"%')).order_by(t.c.sf_id)
+            select(t)
+            .where(t.c.history.like(f'%"{OutcomeKind.CONFLICT_DUPLICATE_EMAIL.value}"%'))
+            .order_by(t.c.sf_id)
         )
     ).all()
     found = []
     for row in rows:
         for entry in orjson.loads(row.history):
             others = set((entry.get("d") or "").split(", "))
-            if entry.get("o") == "conflict_duplicate_email" and others & owners:
+            if entry.get("o") == OutcomeKind.CONFLICT_DUPLICATE_EMAIL and others & owners:
                 found.append(row)
                 break
     existing = await _existing_uids(conn, major, {r.uid for r in found if r.uid is not None})
@@ -313,22 +316,24 @@ def _queued(job_id: str, score: float, raw: bytes | None, query: Query) -> list[
 
 
 # What each outcome means, for someone who knows Salesforce but not sfrelay.
-_MEANING = {
-    "created": "created Drupal user {uid}",
-    "updated": "updated Drupal user {uid}",
-    "linked": "linked to the existing Drupal user {uid}, which has the same email",
-    "converted": "the Lead was converted: Drupal user {uid} now belongs to Contact {detail}",
-    "skipped_no_email": "skipped: the record has no email, and a Drupal user needs one",
-    "skipped_invalid_email": "skipped: its email is not one Drupal accepts",
-    "skipped_converted": "skipped: {detail}",
-    "stale": "ignored: older than the version already applied",
-    "duplicate": "ignored: this version was already applied",
-    "conflict_duplicate_email": (
+_MEANING: dict[str, str] = {
+    OutcomeKind.CREATED: "created Drupal user {uid}",
+    OutcomeKind.UPDATED: "updated Drupal user {uid}",
+    OutcomeKind.LINKED: "linked to the existing Drupal user {uid}, which has the same email",
+    OutcomeKind.CONVERTED: (
+        "the Lead was converted: Drupal user {uid} now belongs to Contact {detail}"
+    ),
+    OutcomeKind.SKIPPED_NO_EMAIL: "skipped: the record has no email, and a Drupal user needs one",
+    OutcomeKind.SKIPPED_INVALID_EMAIL: "skipped: its email is not one Drupal accepts",
+    OutcomeKind.SKIPPED_CONVERTED: "skipped: {detail}",
+    OutcomeKind.STALE: "ignored: older than the version already applied",
+    OutcomeKind.DUPLICATE: "ignored: this version was already applied",
+    OutcomeKind.CONFLICT_DUPLICATE_EMAIL: (
         "NOT synced: its email already belongs to {detail} in Drupal; give one of them "
         "another email in Salesforce, or merge them"
     ),
-    "retry": "failed for now, retried later: {detail}",
-    "failed": "FAILED: {detail} (`sfrelay dead list` shows the notification)",
+    OutcomeKind.RETRY: "failed for now, retried later: {detail}",
+    OutcomeKind.FAILED: "FAILED: {detail} (`sfrelay dead list` shows the notification)",
 }
 
 
@@ -350,12 +355,12 @@ def _others(detail: str) -> str:
 def meaning(entry: dict[str, Any], email: str | None) -> str:
     outcome = entry["outcome"]
     detail = entry["detail"] or ""
-    if outcome == "conflict_duplicate_email":
+    if outcome == OutcomeKind.CONFLICT_DUPLICATE_EMAIL:
         detail = _others(detail)
     text = _MEANING.get(outcome, f"{outcome}: {{detail}}").format(uid=entry["uid"], detail=detail)
-    if outcome == "skipped_invalid_email" and email and entry["detail"]:
+    if outcome == OutcomeKind.SKIPPED_INVALID_EMAIL and email and entry["detail"]:
         text += f" ({entry['detail']})"
-    if outcome == "stale" and entry["detail"]:
+    if outcome == OutcomeKind.STALE and entry["detail"]:
         text += f" ({entry['detail']})"
     return text
 

@@ -75,5 +75,5 @@ async def test_a_job_that_only_waited_for_the_turn_is_writer_busy_and_nothing_ra
     (outcome,) = await batch.apply(
         [JobNotification.from_json(contact(2, email="grace@example.org"))]
     )
-    assert outcome.outcome == "created"
+    assert outcome.kind == "created"
     await syncer.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from app.drupal.schema import has_table
-from app.sync import Outcome
+from app.outcomes import Outcome
 from tests.drupal_rows import (
     add_member,
     assert_new_user,
@@ -23,7 +23,7 @@ from tests.fixtures_db import DrupalSite
 
 
 def kinds(outcomes: list[Outcome]) -> list[str]:
-    return [o.outcome for o in outcomes]
+    return [o.kind for o in outcomes]
 
 
 async def add_cache_entry(site: DrupalSite, uid: int) -> tuple[str | None, str]:
@@ -175,7 +175,7 @@ async def test_two_records_with_one_email_never_make_two_users(drupal_site: Drup
     d = note(sf(3), "Pat@Example.com", "Oth", "Er", minutes=2)
     (conflict,) = await syncer.apply([d])
     await syncer.close()
-    assert (conflict.outcome, conflict.detail, conflict.uid) == (
+    assert (conflict.kind, conflict.detail, conflict.uid) == (
         "conflict_duplicate_email",
         sf(1),
         out[1].uid,
@@ -234,7 +234,7 @@ async def test_lead_conversion_keeps_one_account(drupal_site: DrupalSite) -> Non
     syncer = await open_syncer(site)
     (created,) = await syncer.apply([note(lead, "lee@example.com", "Lee", "Lead")])
     uid = created.uid
-    assert created.outcome == "created" and uid is not None
+    assert created.kind == "created" and uid is not None
     converted = note(lead, "lee@example.com", "Lee", "Lead", minutes=1, IsConverted=True)
     converted.fields["ConvertedContactId"] = contact
     assert await syncer.apply([converted]) == [
@@ -249,7 +249,7 @@ async def test_lead_conversion_keeps_one_account(drupal_site: DrupalSite) -> Non
         ]
     )
     await syncer.close()
-    assert [(o.outcome, o.uid) for o in out] == [("updated", uid), ("stale", uid)]
+    assert [(o.kind, o.uid) for o in out] == [("updated", uid), ("stale", uid)]
     assert await uids_with_mail(site, "lee@example.com") == [uid]
     assert (await field_values(site, uid))["field_last_name"] == "Contact"
     states = await site.rows("SELECT sf_id, uid, converted_to FROM sfrelay_record ORDER BY sf_id")
@@ -283,3 +283,12 @@ async def test_invalid_email_is_skipped(drupal_site: DrupalSite) -> None:
     assert kinds(out) == ["skipped_invalid_email"] * len(bad)
     assert [o.detail for o in out] == bad
     assert await user_ids(drupal_site) == users
+
+
+def test_the_readme_names_every_outcome() -> None:
+    from app.config import PROJECT_ROOT
+    from app.outcomes import OutcomeKind
+
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## What the workers write", 1)[1].split("\n## ", 1)[0]
+    assert [k for k in OutcomeKind if f"`{k}`" not in section] == []

@@ -15,7 +15,8 @@ from app.config import Settings
 from app.dead import DeadLetter
 from app.errors import ConfigError, RetryableError
 from app.jobs import ApplyJob, Source
-from app.sync import Outcome, Syncer
+from app.outcomes import Outcome
+from app.sync import Syncer
 from tests.drupal_rows import (
     add_member,
     add_role,
@@ -82,7 +83,7 @@ async def test_custom_field_map_and_roles(drupal_site: DrupalSite, tmp_path: Pat
     n.fields["TimeZone__c"] = "Europe/Paris"
     (created,) = await syncer.apply([n])
     uid = created.uid
-    assert created.outcome == "created" and uid is not None
+    assert created.kind == "created" and uid is not None
     row = await base_row(site, uid)
     assert (row["name"], row["status"], row["timezone"]) == ("Kimmy", 0, "Europe/Paris")
     assert await field_values(site, uid) == {
@@ -95,7 +96,7 @@ async def test_custom_field_map_and_roles(drupal_site: DrupalSite, tmp_path: Pat
     member = await add_member(site, "member", "member@example.com", roles=("member",))
     again = note(sf(1), "kim@example.com", minutes=1, Nickname__c="Kim", Active__c=True)
     linked = note(sf(2), "member@example.com", Nickname__c="Boss")
-    assert [o.outcome for o in await syncer.apply([again, linked])] == ["updated", "linked"]
+    assert [o.kind for o in await syncer.apply([again, linked])] == ["updated", "linked"]
     await syncer.close()
     assert (await base_row(site, uid))["status"] == 1
     assert (await base_row(site, uid))["name"] == "Kimmy"
@@ -141,7 +142,7 @@ async def test_usernames_are_valid_unique_and_kept(drupal_site: DrupalSite, tmp_
         note(sf(6), "a6@example.com", "Hubert", long_last),
     ]
     out = await syncer.apply(batch)
-    assert [o.outcome for o in out] == ["created"] * 6
+    assert [o.kind for o in out] == ["created"] * 6
     (third,) = await syncer.apply([note(sf(7), "a7@example.com", "john", "doe")])
     names = [(await base_row(site, o.uid or 0))["name"] for o in [*out, third]]
     assert names == [
@@ -178,7 +179,7 @@ async def test_concurrent_workers_never_share_a_name(drupal_site: DrupalSite) ->
     await one.close()
     await two.close()
     uids = [o.uid for out in results for o in out]
-    assert [o.outcome for out in results for o in out] == ["created"] * 6
+    assert [o.kind for out in results for o in out] == ["created"] * 6
     names = sorted([(await base_row(site, uid or 0))["name"] for uid in uids])
     assert names == ["Sam Lee", *(f"Sam Lee_{n}" for n in range(2, 7))]
 
@@ -215,8 +216,8 @@ async def test_one_failing_record_does_not_block_its_batch(drupal_site: DrupalSi
     ]
     out = await syncer.apply(batch)
     await syncer.close()
-    assert [o.outcome for o in out][::2] == ["created", "updated"] and out[3].outcome == "created"
-    assert out[1].outcome in ("retry", "failed") and "boom" in (out[1].detail or "")
+    assert [o.kind for o in out][::2] == ["created", "updated"] and out[3].kind == "created"
+    assert out[1].kind in ("retry", "failed") and "boom" in (out[1].detail or "")
     assert out[2] == Outcome(batch[2].id, sf(1), "updated", existing.uid)
     assert await uids_with_mail(site, "boom@example.com") == []
     await assert_new_user(
@@ -234,7 +235,7 @@ async def test_one_failing_record_does_not_block_its_batch(drupal_site: DrupalSi
         (sf(3), None),  # the failed attempt is in its history, nothing else
         (sf(4), out[3].uid),
     ]
-    assert f'"o":"{out[1].outcome}"' in states[2]["history"] and "boom" in states[2]["history"]
+    assert f'"o":"{out[1].kind}"' in states[2]["history"] and "boom" in states[2]["history"]
 
 
 async def test_dead_letters_round_trip(drupal_site: DrupalSite) -> None:
@@ -255,7 +256,7 @@ async def test_dead_letters_round_trip(drupal_site: DrupalSite) -> None:
     assert stored == first
     (outcome,) = await syncer.apply([stored])
     await syncer.close()
-    assert outcome.outcome == "created"
+    assert outcome.kind == "created"
     assert await uids_with_mail(drupal_site, "x@example.com") == [outcome.uid]
 
 
@@ -276,7 +277,7 @@ async def test_lead_without_a_synced_user_is_not_converted(drupal_site: DrupalSi
     lead.fields["ConvertedContactId"] = sf(9)
     (out,) = await syncer.apply([lead])
     await syncer.close()
-    assert (out.outcome, out.uid) == ("skipped_converted", None)
+    assert (out.kind, out.uid) == ("skipped_converted", None)
     assert await uids_with_mail(drupal_site, "ghost@example.com") == []
 
 
@@ -317,4 +318,4 @@ async def test_a_database_gone_mid_run_is_retryable(pg_server: Server) -> None:
     # Back again: the same call simply succeeds.
     (later,) = await syncer.apply([note(sf(2), "b@example.com", "B", "C")])
     await syncer.close()
-    assert (created.outcome, later.outcome) == ("created", "created")
+    assert (created.kind, later.kind) == ("created", "created")

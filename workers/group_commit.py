@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from app.errors import RetryableError
 from app.jobs import JobNotification
-from app.sync import Outcome
+from app.outcomes import Outcome
 
 logger = logging.getLogger("sfrelay.worker")
 

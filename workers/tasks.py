@@ -22,8 +22,9 @@ from app.config import Settings
 from app.dead import DeadLetter
 from app.errors import QueueUnavailable, RetryableError
 from app.jobs import ApplyJob, JobNotification
+from app.outcomes import Outcome, OutcomeKind
 from app.queue import count_outcomes, enqueue_apply
-from app.sync import Outcome, Syncer
+from app.sync import Syncer
 from workers.group_commit import GroupCommit, WriterBusy
 from workers.lease import WriterLease
 
@@ -116,7 +117,7 @@ async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
     now = asyncio.get_running_loop().time()
     apply_by = now + settings.job_timeout_seconds * APPLY_SHARE
     dead_by = now + settings.job_timeout_seconds * DEAD_LETTER_SHARE
-    counts: Counter[str] = Counter()
+    counts: Counter[OutcomeKind] = Counter()
     dead: list[_Letter] = []
     retry: list[JobNotification] = []
 
@@ -159,10 +160,10 @@ async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
                 defer_s=delay,
                 job_id=f"{ctx['job_id']}.retry",
             )
-            counts["requeued"] += len(retry)
+            counts[OutcomeKind.REQUEUED] += len(retry)
         if dead:
             await _dead_letter(state, redis, job, dead, dead_by)
-            counts["dead"] += len(dead)
+            counts[OutcomeKind.DEAD] += len(dead)
     except QueueUnavailable as exc:
         # Failing here would let arq delete the job with its retries and dead letters unsaved;
         # running the whole job again is harmless (applying twice has no second effect).
@@ -207,20 +208,20 @@ def _sort_outcomes(
     settings: Settings,
     job: ApplyJob,
     outcomes: list[Outcome],
-    counts: Counter[str],
+    counts: Counter[OutcomeKind],
     dead: list[_Letter],
 ) -> list[JobNotification]:
     """Count the outcomes, collect the dead letters; return the notifications to retry."""
     retry: list[JobNotification] = []
     for item, outcome in zip(job.notifications, outcomes, strict=True):
-        counts[outcome.outcome] += 1
+        counts[outcome.kind] += 1
         attempt = item.attempt
-        detail = outcome.detail or outcome.outcome
-        if outcome.outcome == "retry" and attempt < settings.max_tries:
+        detail = outcome.detail or outcome.kind
+        if outcome.kind is OutcomeKind.RETRY and attempt < settings.max_tries:
             retry.append(replace(item, attempt=attempt + 1, first_seen=job.first_seen(item)))
-        elif outcome.outcome == "retry":
+        elif outcome.kind is OutcomeKind.RETRY:
             dead.append((item, f"gave up after {attempt} attempts: {detail}", attempt))
-        elif outcome.outcome == "failed":
+        elif outcome.kind is OutcomeKind.FAILED:
             dead.append((item, detail, attempt))
     return retry
 
@@ -239,7 +240,7 @@ async def _dead_letter(
 
 
 async def _finish(
-    redis: Redis, ctx: dict[str, Any], job: ApplyJob, counts: Counter[str], started: float
+    redis: Redis, ctx: dict[str, Any], job: ApplyJob, counts: Counter[OutcomeKind], started: float
 ) -> None:
     try:
         await count_outcomes(redis, counts)
