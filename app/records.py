@@ -10,7 +10,7 @@ from typing import Any
 
 from app.jobs import JobNotification
 from app.mapping import FieldMap, ObjectMap, render
-from app.sfid import canonical_id, checksum, to18
+from app.sfid import sf_key
 
 NAME_MAX = 60  # Drupal's UserInterface::USERNAME_MAX_LENGTH
 MAIL_MAX = 254  # Drupal's users_field_data.mail / D7 users.mail
@@ -54,14 +54,6 @@ def modstamp(fields: dict[str, Any]) -> int | None:
         delta = value - datetime(1970, 1, 1, tzinfo=UTC)
         return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
     return None
-
-
-def sf_key(sf_id: str) -> str:
-    """The 18-character, case-correct form: the key sfrelay stores a record under."""
-    head, suffix = sf_id[:15], sf_id[15:].upper()
-    if len(sf_id) == 18 and checksum(head) == suffix:
-        return head + suffix  # the usual case, an id as Salesforce sends it: one checksum
-    return to18(canonical_id(sf_id))
 
 
 def as_text(value: Any, length: int | None = None) -> str | None:

@@ -234,11 +234,11 @@ class Syncer:
             await planner.load(records)
             for record in records:
                 planner.decide(record)
-            await planner.names()
+            await planner.pick_usernames()
             plan = planner.plan
             now = int(time.time())
             await self.store.create(conn, list(plan.new.values()), now)
-            plan.finish()
+            plan.resolve_new_uids()
             await self.store.update(conn, list(plan.changes.values()), now)
             await ledger.save(conn, plan.states.values())
         await self._statistics.created(len(plan.new))

@@ -31,7 +31,7 @@ from app.errors import QueueUnavailable, RetryableError
 from app.jobs import read as read_job
 from app.outcomes import OutcomeKind
 from app.queue import JOB_KEY_PREFIX
-from app.records import sf_key
+from app.sfid import sf_key
 
 _ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
 _EMAIL_LIKE = re.compile(r"[^\s@,;:()<>\"']+@[^\s@,;:()<>\"']+")

@@ -22,10 +22,10 @@ from app.config import Settings
 from app.errors import ApiLimitReached, SalesforceQueryRefused, SalesforceUnavailable
 from app.jobs import JobNotification
 from app.mapping import FieldMap, load_field_map
-from app.records import sf_key
 from app.salesforce import soql
 from app.salesforce.auth import AuthFlow, credentials, login
 from app.salesforce.refusals import map_error
+from app.sfid import sf_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

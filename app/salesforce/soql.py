@@ -10,7 +10,7 @@ from typing import Any
 from app.errors import ConfigError
 from app.jobs import JobNotification
 from app.mapping import EMAIL_LOCAL, FieldMap, ObjectMap, placeholders
-from app.records import sf_key
+from app.sfid import sf_key
 
 # Every handled object has these; Salesforce's own version and deletion markers.
 SYSTEM_FIELDS = ("Id", "SystemModstamp", "LastModifiedDate", "IsDeleted")
