@@ -16,7 +16,7 @@ import orjson
 from pydantic import ValidationError
 
 from app.config import Settings
-from app.errors import ConfigError, QueueUnavailable, RetryableError
+from app.errors import ConfigError, ProcessFailed, QueueUnavailable, RetryableError
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         return func(args, settings)
-    except ConfigError as exc:
+    except (ConfigError, ProcessFailed) as exc:
         return _fail(str(exc))
     except QueueUnavailable as exc:
         return _fail(f"{exc}; check SFRELAY_REDIS_URL and that Redis runs")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
+from app.errors import RecordError
 from app.jobs import JobNotification
 from app.mapping import FieldMap, ObjectMap, render
 from app.sfid import sf_key
@@ -23,10 +24,6 @@ _DOMAIN = r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9\-]*[a-zA-Z0-9])\.?)+"
 _IPV4 = r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}"
 _IPV6 = r"[0-9a-fA-F]{1,4}(?::[0-9a-fA-F]{1,4}){7}"
 _EMAIL = re.compile(rf"{_LOCAL}@(?:{_DOMAIN}|\[(?:{_IPV4}|{_IPV6})\])")
-
-
-class RecordError(ValueError):
-    """The notification cannot be applied as it is (a permanent, per-record problem)."""
 
 
 def valid_email(mail: str) -> bool:

@@ -95,12 +95,12 @@ from app.drupal.errors import classify, is_transient
 from app.drupal.schema import IMPLICIT_ROLES, DrupalSchema, inspect_drupal
 from app.drupal.stats import Statistics
 from app.drupal.users import Key, UserStore
-from app.errors import ConfigError, RetryableError
+from app.errors import ConfigError, RecordError, RetryableError
 from app.jobs import JobNotification
 from app.mapping import FieldMap, load_field_map
 from app.outcomes import Outcome, OutcomeKind
 from app.plan import Planner, note_failure
-from app.records import Record, RecordError, to_record
+from app.records import Record, to_record
 
 __all__ = ["Outcome", "OutcomeKind", "Syncer", "is_transient"]
 

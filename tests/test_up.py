@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from app.config import Settings
 from tests.fixtures_worker import PROJECT, drupal_users, settings_env
@@ -94,3 +95,24 @@ def test_up_without_a_drupal_database_still_receives_and_says_why_no_worker(
     output = log.read_text()
     assert code == 0, output
     assert f"no worker: no Drupal SQLite database at {tmp_path}/missing.sqlite" in output
+
+
+def test_a_process_that_exits_at_start_is_a_failed_process_not_a_config_error() -> None:
+    from app.errors import ConfigError, ProcessFailed
+    from app.up import _wait_listening
+
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    port = free_port()
+    with pytest.raises(ProcessFailed) as caught:
+        _wait_listening("127.0.0.1", port, exited, "redis-server")
+    assert not isinstance(caught.value, ConfigError)
+    assert str(caught.value) == (
+        f"redis-server did not start on 127.0.0.1:{port} (see its output above)"
+    )
+
+
+def test_a_record_error_is_a_permanent_error_of_the_tree() -> None:
+    from app.errors import PermanentError, RecordError, SfrelayError
+
+    assert issubclass(RecordError, PermanentError) and issubclass(PermanentError, SfrelayError)
