@@ -266,7 +266,7 @@ class Enqueuer:
         raise QueueUnavailable("the queue (Redis) did not load the enqueue script")
 
 
-async def queue_stats(redis: Redis, queue_name: str = "arq:queue") -> QueueStats:
+async def queue_stats(redis: Redis, queue_name: str) -> QueueStats:
     """Notifications waiting, being applied, and dead letters (counts of notifications)."""
     try:
         job_ids = [j.decode() for j in await redis.zrange(queue_name, 0, -1)]
