@@ -198,18 +198,15 @@ class Enqueuer:
             DEAD_BODY_PREFIX + body_sha,
             JOB_KEY_PREFIX + job_id,
         ]
-        kinds: list[str] = []
-        payloads: list[bytes] = []
-        org15 = job.organization_id
-        for notification in job.notifications:
-            keys.append(_seen_key(org15, notification.id))
-            kinds.append("q")
-            payloads.append(notification.dumps())
-        for other in others:
-            keys.append(_seen_key(org15, other.dedupe_id))
-            kinds.append("s" if other.dead_letter is None else "d")
-            payloads.append(other.dead_letter or b"")
+        seen = _seen_key(job.organization_id, "")
+        keys += [seen + notification.id for notification in job.notifications]
+        keys += [seen + other.dedupe_id for other in others]
         keys.append(f"{RATE_PREFIX}{int(job.received_at) // 60}")
+        kinds = "q" * len(job.notifications) + "".join(
+            "s" if other.dead_letter is None else "d" for other in others
+        )
+        payloads = [notification.dumps() for notification in job.notifications]
+        payloads += [other.dead_letter or b"" for other in others]
         prefix, suffix = job.frame(now_ms)
         kept = b""
         if "d" in kinds and body:
@@ -227,7 +224,7 @@ class Enqueuer:
             suffix,
             kept,
             int(job.received_at),
-            "".join(kinds),
+            kinds,
             b"\n".join(payloads),
             RATE_TTL_S,
         ]
