@@ -116,6 +116,13 @@ class QueueUnavailable(RetryableError):
 
     faultstring = "temporarily unavailable: the queue (Redis) did not confirm the write"
 
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        """`reason`, when given, is safe to show the sender (no address beyond host:port, no
+        script hash): what SFRELAY_ACK_DURABILITY found wrong. It ends the faultstring."""
+        super().__init__(message)
+        if reason is not None:
+            self.faultstring = clip_words(f"temporarily unavailable: {reason}")
+
 
 class PermanentError(SfrelayError):
     """Retrying cannot help; the work goes to the dead letters with this reason."""

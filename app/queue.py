@@ -235,7 +235,8 @@ class Enqueuer:
             else:
                 queued, skipped, dead, dupes = await self._write_and_wait(wait, keys, args)
         except ConfigError as exc:
-            raise QueueUnavailable(f"acks are not possible: {exc}") from exc
+            reason = f"acks are not possible: {exc}"
+            raise QueueUnavailable(reason, reason=reason) from exc
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"the queue (Redis) did not confirm the write: {exc}") from exc
         return EnqueueResult(queued, skipped, dead, dupes, job_id if queued else None)
@@ -253,12 +254,18 @@ class Enqueuer:
             if isinstance(written, NoScriptError):
                 await self._redis.script_load(_ENQUEUE_LUA)
                 continue
-            for reply in (written, *confirmed):
-                if isinstance(reply, Exception):
-                    raise reply
+            if isinstance(written, Exception):
+                raise written
+            refused = next((r for r in confirmed if isinstance(r, Exception)), None)
+            if isinstance(refused, ResponseError):  # the wait itself refused (no AOF, ...)
+                reason = f"the queue (Redis) did not confirm the write: {refused}"
+                raise QueueUnavailable(reason, reason=reason)
+            if refused is not None:
+                raise refused
             problem = wait.problem(confirmed)
             if problem is not None:
-                raise QueueUnavailable(f"the queue (Redis) did not confirm the write: {problem}")
+                reason = f"the queue (Redis) did not confirm the write: {problem}"
+                raise QueueUnavailable(reason, reason=reason)
             return written
         raise QueueUnavailable("the queue (Redis) did not load the enqueue script")
 
