@@ -34,8 +34,11 @@ from app.errors import ConfigError, QueueUnavailable
 from app.jobs import ApplyJob, notification_count
 from app.outcomes import OutcomeKind
 
+# arq's own keys (arq/constants.py), which an unmodified arq worker reads and writes.
 JOB_KEY_PREFIX = "arq:job:"
 IN_PROGRESS_KEY_PREFIX = "arq:in-progress:"
+RETRY_KEY_PREFIX = "arq:retry:"
+DEFAULT_QUEUE = "arq:queue"  # SFRELAY_QUEUE_NAME's default
 SEEN_PREFIX = "sfrelay:seen:"
 STATS_KEY = "sfrelay:stats"
 DEAD_KEY = "sfrelay:dead"
@@ -45,6 +48,10 @@ DEAD_BODY_PREFIX = "sfrelay:dead-body:"
 RATE_PREFIX = "sfrelay:rate:"
 RATE_TTL_S = 7260
 OUTCOME_PREFIX = "outcome:"  # a field of STATS_KEY per outcome: what the workers did
+# The turn to write one Drupal database (workers/lease.py): `sfrelay:writer:<digest>`.
+WRITER_PREFIX = "sfrelay:writer:"
+READY_PROBE_KEY = "sfrelay:ready-probe"  # /readyz writes it (only if it exists) to test writes
+HEALTH_CHECK_SUFFIX = ":health-check"  # arq's health_check_key_suffix (arq/constants.py)
 
 # KEYS: queue, stats, dead hash, dead body key, job key, seen key per notification...,
 #       and, last, this minute's rate key (RATE_PREFIX)
@@ -340,13 +347,13 @@ async def enqueue_apply(
     return bool(created)
 
 
-def redis_client(settings: Settings) -> Redis:
+def redis_client(settings: Settings, *, timeout_s: float = 5) -> Redis:
     """The Redis client of the receiver, the CLI and the dead-letter code."""
     # Short timeouts: a request must fault (and Salesforce retry) long before its 60 s limit.
     client: Redis = Redis.from_url(
         settings.redis_url,
         socket_connect_timeout=2,
-        socket_timeout=5,
+        socket_timeout=timeout_s,
         health_check_interval=15,
     )
     return client

@@ -44,7 +44,7 @@ from app.errors import (
     clip,
 )
 from app.jobs import ApplyJob, JobNotification, Source
-from app.queue import Enqueuer, NotQueued
+from app.queue import READY_PROBE_KEY, Enqueuer, NotQueued
 from app.sfid import SF_ID_FORM, canonical_id
 from app.soap import ACK, OutboundMessage, fault, parse_message
 from app.wsdl import Contract
@@ -62,7 +62,6 @@ PARSE_INLINE_BYTES = 64 * 1024
 
 # A key that never exists: `SET key 1 XX` is refused exactly when Redis refuses the ack's writes
 # (OOM, MISCONF, READONLY, NOREPLICAS) and otherwise changes nothing, not even the AOF.
-READY_PROBE_KEY = "sfrelay:ready-probe"
 
 router = APIRouter()
 

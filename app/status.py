@@ -23,11 +23,18 @@ from app.drupal.readonly import read_engine
 from app.drupal.schema import detect_major
 from app.errors import ConfigError, QueueUnavailable
 from app.jobs import notification_count
-from app.queue import DEAD_KEY, JOB_KEY_PREFIX, OUTCOME_PREFIX, RATE_PREFIX, STATS_KEY
+from app.queue import (
+    DEAD_KEY,
+    HEALTH_CHECK_SUFFIX,
+    JOB_KEY_PREFIX,
+    OUTCOME_PREFIX,
+    RATE_PREFIX,
+    STATS_KEY,
+    redis_client,
+)
 
 SAMPLE_JOBS = 100
 DATABASE_TIMEOUT_S = 5.0
-HEALTH_CHECK_SUFFIX = ":health-check"  # arq's health_check_key_suffix (arq/constants.py)
 # Counters the receiver keeps in sfrelay:stats beside the workers' outcome:* ones.
 RECEIVER_COUNTERS = ("queued_total", "skipped", "duplicates", "dead_received", "dead_fallback")
 
@@ -144,7 +151,7 @@ async def read_database(settings: Settings) -> tuple[dict[str, Any], int | None]
 
 
 async def collect(settings: Settings) -> Status:
-    redis: Redis = Redis.from_url(settings.redis_url, socket_timeout=5)
+    redis = redis_client(settings)
     try:
         database_task = asyncio.create_task(read_database(settings))
         try:

@@ -91,7 +91,7 @@ from app.drupal import ledger
 from app.drupal.d7 import Drupal7
 from app.drupal.d10 import Drupal10
 from app.drupal.engine import create_engine, writer
-from app.drupal.errors import classify, is_transient
+from app.drupal.errors import classify
 from app.drupal.schema import IMPLICIT_ROLES, DrupalSchema, inspect_drupal
 from app.drupal.stats import Statistics
 from app.drupal.users import Key, UserStore
@@ -102,7 +102,7 @@ from app.outcomes import Outcome, OutcomeKind
 from app.plan import Planner, note_failure
 from app.records import Record, to_record
 
-__all__ = ["Outcome", "OutcomeKind", "Syncer", "is_transient"]
+__all__ = ["Outcome", "OutcomeKind", "Syncer"]
 
 logger = logging.getLogger("sfrelay.worker")
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import orjson
 from arq.jobs import DeserializationError
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import column, func, select, table
 from sqlalchemy.exc import DBAPIError
@@ -30,7 +29,7 @@ from app.drupal.schema import detect_major
 from app.errors import QueueUnavailable, RetryableError
 from app.jobs import read as read_job
 from app.outcomes import OutcomeKind
-from app.queue import JOB_KEY_PREFIX
+from app.queue import JOB_KEY_PREFIX, redis_client
 from app.sfid import sf_key
 
 _ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
@@ -274,7 +273,7 @@ def _matches(notification: dict[str, Any], query: Query, record_id: Any = None) 
 
 
 async def _from_redis(settings: Settings, query: Query, result: Answer) -> None:
-    redis: Redis = Redis.from_url(settings.redis_url, socket_timeout=10)
+    redis = redis_client(settings, timeout_s=10)
     email = query.key if query.kind == "email" else None
     try:
         scores = await redis.zrange(settings.queue_name, 0, -1, withscores=True)

@@ -14,6 +14,7 @@ from app.config import Settings
 from app.dead import DeadLetter
 from app.jobs import ApplyJob, JobNotification, Source
 from app.jobs import read as read_job
+from app.queue import DEAD_KEY, JOB_KEY_PREFIX, SEEN_PREFIX
 from app.sfid import canonical_id
 from app.sync import Syncer
 from tests.fixtures_worker import PROJECT, settings_env
@@ -68,7 +69,7 @@ async def test_dead_list_and_replay_by_id(
     assert replayed.stdout == "replayed 1 dead letters as 1 jobs\n"
     assert "replayed 1/1" in replayed.stderr
     [job_id] = list(redis_client.zrange(worker_settings.queue_name, 0, -1))
-    job = read_job(redis_client.get(b"arq:job:" + job_id) or b"")
+    job = read_job(redis_client.get(JOB_KEY_PREFIX.encode() + job_id) or b"")
     assert job.organization_id == canonical_id(ORG_ID)
     assert [n.fields["Email"] for n in job.notifications] == ["dead2@example.org"]
     assert job.notifications[0].first_seen == 1_700_000_000.0
@@ -121,7 +122,7 @@ def test_worker_says_what_to_do_when_the_database_is_wrong(
 async def test_queue_stats_counts_the_database_dead_letters_too(
     worker_settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    redis_client.hset("sfrelay:dead", "sfrelay:seen:x:04l000000000001AAA", b'{"reason": "no Id"}')
+    redis_client.hset(DEAD_KEY, f"{SEEN_PREFIX}x:04l000000000001AAA", b'{"reason": "no Id"}')
     await add_dead_letter(worker_settings, 1)
     await add_dead_letter(worker_settings, 2)
     stats = sfrelay(worker_settings, tmp_path, "queue", "stats", "--json")

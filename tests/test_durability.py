@@ -20,7 +20,7 @@ from app.config import PROJECT_ROOT, Settings
 from app.errors import ConfigError
 from app.jobs import read as read_job
 from app.main import create_app
-from app.queue import JOB_KEY_PREFIX
+from app.queue import DEFAULT_QUEUE, JOB_KEY_PREFIX, STATS_KEY
 from tests.messages import contact, outbound_message
 from tests.servers import RedisServer, free_port, valkey_binary
 
@@ -98,7 +98,7 @@ def notification_id(body: bytes) -> str:
 
 def queued_ids(client: redis.Redis) -> list[str]:
     ids = []
-    for job_id in client.zrange("arq:queue", 0, -1):
+    for job_id in client.zrange(DEFAULT_QUEUE, 0, -1):
         raw = client.get(JOB_KEY_PREFIX.encode() + job_id)
         assert raw is not None
         ids += [n.id for n in read_job(raw).notifications]
@@ -370,4 +370,4 @@ async def test_replica_mode_acks_then_faults_without_the_replica_and_queues_the_
     assert sorted(queued_ids(primary.client())) == expected
     on_replica = replica.client()
     assert sorted(queued_ids(on_replica)) == expected
-    assert int(on_replica.hget("sfrelay:stats", "duplicates") or 0) == 2
+    assert int(on_replica.hget(STATS_KEY, "duplicates") or 0) == 2

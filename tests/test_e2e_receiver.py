@@ -19,6 +19,7 @@ from app.config import DEFAULT_WSDL_DIR, Settings
 from app.jobs import JobNotification
 from app.jobs import read as read_job
 from app.main import create_app
+from app.queue import DEFAULT_QUEUE, JOB_KEY_PREFIX, STATS_KEY
 from tests.conftest import SHARED_WSDLS
 from tests.messages import ORG_ID, contact, outbound_message, sf_id
 from tests.servers import RedisServer, UvicornThread, free_port
@@ -41,8 +42,8 @@ def endpoint(server: UvicornThread) -> str:
 
 def queued(redis_client: redis.Redis) -> list[JobNotification]:
     out: list[JobNotification] = []
-    for job_id in redis_client.zrange("arq:queue", 0, -1):
-        out += read_job(redis_client.get(b"arq:job:" + job_id) or b"").notifications
+    for job_id in redis_client.zrange(DEFAULT_QUEUE, 0, -1):
+        out += read_job(redis_client.get(JOB_KEY_PREFIX.encode() + job_id) or b"").notifications
     return out
 
 
@@ -116,7 +117,7 @@ def test_zeep_with_real_salesforce_wsdls(
     prefix = {"Contact": "003", "Account": "001"}.get(name, "a0R")
     assert notify(wsdl, endpoint(server), {"Id": sf_id(prefix, 3)}, number=3, typed=name) is True
     handled = sobject_type.qname.localname == "Contact"
-    skipped = int(redis_client.hget("sfrelay:stats", "skipped") or 0)
+    skipped = int(redis_client.hget(STATS_KEY, "skipped") or 0)
     assert (len(queued(redis_client)), skipped) == ((1, 0) if handled else (0, 1))
 
 

@@ -16,7 +16,14 @@ from app.config import Settings
 from app.jobs import ApplyJob, JobNotification, Source
 from app.jobs import read as read_job
 from app.main import create_app
-from app.queue import DEAD_BODY_PREFIX, DEAD_KEY, SEEN_PREFIX
+from app.queue import (
+    DEAD_BODY_PREFIX,
+    DEAD_KEY,
+    DEFAULT_QUEUE,
+    JOB_KEY_PREFIX,
+    SEEN_PREFIX,
+    STATS_KEY,
+)
 from app.sfid import canonical_id
 from tests.conftest import shared_message
 from tests.messages import ORG_ID, Record, contact, outbound_message
@@ -53,8 +60,8 @@ async def make_client(settings: Settings) -> AsyncIterator[ClientFactory]:
 
 def queued_jobs(redis_client: redis.Redis) -> list[ApplyJob]:
     jobs = []
-    for job_id in redis_client.zrange("arq:queue", 0, -1):
-        raw = redis_client.get(b"arq:job:" + job_id)
+    for job_id in redis_client.zrange(DEFAULT_QUEUE, 0, -1):
+        raw = redis_client.get(JOB_KEY_PREFIX.encode() + job_id)
         assert raw is not None
         jobs.append(read_job(raw))
     return jobs
@@ -106,8 +113,8 @@ async def test_a_message_is_stored_as_one_arq_job_then_acked(
     # The raw body is kept only beside a dead letter.
     assert list(redis_client.scan_iter(DEAD_BODY_PREFIX + "*")) == []
     # arq's own job-expiry would drop a job that waited out a long backlog: ours lasts longer.
-    job_id = redis_client.zrange("arq:queue", 0, -1)[0]
-    assert redis_client.pttl(b"arq:job:" + job_id) > 7 * 24 * 3600 * 1000
+    job_id = redis_client.zrange(DEFAULT_QUEUE, 0, -1)[0]
+    assert redis_client.pttl(JOB_KEY_PREFIX.encode() + job_id) > 7 * 24 * 3600 * 1000
 
 
 async def test_redelivery_and_rebatching_queue_only_new_notifications(
@@ -127,7 +134,7 @@ async def test_redelivery_and_rebatching_queue_only_new_notifications(
     rebatched = outbound_message([old, new])
     assert ACK_TEXT in (await client.post(URL, content=rebatched, headers=XML)).text
     assert queued_notification_ids(redis_client) == [new.notification_id]
-    assert redis_client.hget("sfrelay:stats", "duplicates") == b"2"
+    assert redis_client.hget(STATS_KEY, "duplicates") == b"2"
 
 
 async def test_unhandled_objects_are_acked_and_counted_as_skipped(
@@ -137,7 +144,7 @@ async def test_unhandled_objects_are_acked_and_counted_as_skipped(
     account = Record("Account", {"Id": "0011I000008ZxYzQAK", "Name": "Acme"})
     body = outbound_message([account, contact(Email="c@example.org")])
     assert ACK_TEXT in (await client.post(URL, content=body, headers=XML)).text
-    assert redis_client.hget("sfrelay:stats", "skipped") == b"1"
+    assert redis_client.hget(STATS_KEY, "skipped") == b"1"
     assert len(queued_notification_ids(redis_client)) == 1
 
 
@@ -204,7 +211,7 @@ async def test_real_messages_are_acked(
     assert ACK_TEXT in response.text
     stored = (
         len(queued_notification_ids(redis_client))
-        + int(redis_client.hget("sfrelay:stats", "skipped") or 0)
+        + int(redis_client.hget(STATS_KEY, "skipped") or 0)
         + redis_client.hlen(DEAD_KEY)
     )
     assert stored == shared_message(name).count(b"<Notification>")

@@ -17,7 +17,15 @@ from redis.asyncio import Redis
 from app.config import Settings
 from app.dead import Kept, list_dead_letters, replay_dead_letters
 from app.jobs import ApplyJob, JobNotification, Source
-from app.queue import DEAD_KEY, JOB_KEY_PREFIX, STATS_KEY, enqueue_apply
+from app.queue import (
+    DEAD_KEY,
+    JOB_KEY_PREFIX,
+    OUTCOME_PREFIX,
+    RETRY_KEY_PREFIX,
+    SEEN_PREFIX,
+    STATS_KEY,
+    enqueue_apply,
+)
 from tests.fixtures_worker import drupal_users, run_worker
 from tests.messages import ORG_ID, sf_id
 from workers.tasks import INTERRUPTED_TRIES, backoff_s
@@ -69,7 +77,7 @@ async def enqueue(aredis: Redis, settings: Settings, *jobs: ApplyJob) -> None:
 
 def stats(client: redis.Redis) -> dict[str, int]:
     raw = dict(client.hgetall(STATS_KEY))
-    return {k.decode(): int(v) for k, v in raw.items() if k.startswith(b"outcome:")}
+    return {k.decode(): int(v) for k, v in raw.items() if k.startswith(OUTCOME_PREFIX.encode())}
 
 
 async def test_a_job_becomes_drupal_users_and_outcome_counters(
@@ -174,7 +182,7 @@ async def test_a_job_interrupted_too_often_is_dead_lettered_not_dropped(
     [job_id] = list(redis_client.zrange(worker_settings.queue_name, 0, -1))
     # arq counts a try each time a run starts: as if workers died on this job again and again.
     tries = worker_settings.max_tries + INTERRUPTED_TRIES - 1
-    redis_client.set(b"arq:retry:" + job_id, tries)
+    redis_client.set(RETRY_KEY_PREFIX.encode() + job_id, tries)
     worker = await run_worker(worker_settings)
     assert worker.jobs_complete == 1
     assert drupal_users(drupal_db) == []
@@ -204,14 +212,14 @@ async def test_a_redis_dead_letter_from_the_receiver_is_listed_but_not_replayed(
         "received_at": 1_700_000_000.0,
         "body_sha256": "0" * 64,
     }
-    redis_client.hset(DEAD_KEY, "sfrelay:seen:x:y", orjson.dumps(entry))
+    redis_client.hset(DEAD_KEY, f"{SEEN_PREFIX}x:y", orjson.dumps(entry))
     [letter] = await list_dead_letters(worker_settings)
     assert letter.error == "refused on receipt: sObject has no xsi:type in the sObject namespace"
-    result = await replay_dead_letters(worker_settings, ["sfrelay:seen:x:y", "12345"])
+    result = await replay_dead_letters(worker_settings, [f"{SEEN_PREFIX}x:y", "12345"])
     assert result.replayed == 0
     assert result.refused == {
         "12345": "no such dead letter (see `sfrelay dead list`)",
-        "sfrelay:seen:x:y": "refused on receipt: sObject has no xsi:type in the sObject "
+        f"{SEEN_PREFIX}x:y": "refused on receipt: sObject has no xsi:type in the sObject "
         "namespace; it cannot be applied as it is: fix it in Salesforce and let Salesforce "
         "send it again",
     }

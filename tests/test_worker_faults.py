@@ -11,6 +11,7 @@ import redis
 
 from app.config import Settings
 from app.dead import Kept, list_dead_letters, replay_dead_letters
+from app.queue import IN_PROGRESS_KEY_PREFIX, RETRY_KEY_PREFIX
 from tests.fixtures_worker import WorkerProcess
 from tests.messages import sf_id
 from tests.test_sync_faults import make_read_only, make_writable
@@ -21,11 +22,11 @@ Starter = type[WorkerProcess]
 
 def retried(client: redis.Redis, settings: Settings) -> bool:
     """Some job has run more than once (arq counts its tries in arq:retry:<job id>)."""
-    return any(int(client.get(key) or 0) >= 2 for key in client.keys("arq:retry:*"))
+    return any(int(client.get(key) or 0) >= 2 for key in client.keys(RETRY_KEY_PREFIX + "*"))
 
 
 def drained(client: redis.Redis, settings: Settings) -> bool:
-    return client.zcard(settings.queue_name) == 0 and not client.keys("arq:in-progress:*")
+    return client.zcard(settings.queue_name) == 0 and not client.keys(IN_PROGRESS_KEY_PREFIX + "*")
 
 
 async def test_a_read_only_database_is_retried_and_applied_once_writable_nothing_dead(

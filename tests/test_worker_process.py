@@ -16,7 +16,7 @@ import redis
 
 from app.config import Settings
 from app.jobs import ApplyJob, JobNotification, Source
-from app.queue import JOB_KEY_PREFIX
+from app.queue import IN_PROGRESS_KEY_PREFIX, JOB_KEY_PREFIX
 from tests.fixtures_worker import PROJECT, WorkerProcess, drupal_users, settings_env
 from tests.messages import ORG_ID, sf_id
 
@@ -110,7 +110,7 @@ def test_sigterm_lets_the_running_job_finish_and_leaves_the_rest_queued(
     worker.wait_ready(redis_client)
     with write_locked(drupal_db):
         running = enqueue(redis_client, settings, 1, 5)
-        wait_for(lambda: redis_client.exists(f"arq:in-progress:{running}"))
+        wait_for(lambda: redis_client.exists(IN_PROGRESS_KEY_PREFIX + running))
         worker.signal(signal.SIGTERM)
         time.sleep(0.3)
         enqueue(redis_client, settings, 100, 5)  # arrives while the worker stops
@@ -136,7 +136,7 @@ def test_sigkill_mid_job_the_next_worker_runs_the_job_again_once(
     first.wait_ready(redis_client)
     with write_locked(drupal_db):
         job_id = enqueue(redis_client, settings, 1, 5)
-        wait_for(lambda: redis_client.exists(f"arq:in-progress:{job_id}"))
+        wait_for(lambda: redis_client.exists(IN_PROGRESS_KEY_PREFIX + job_id))
         first.signal(signal.SIGKILL)
         assert first.wait(10) == -signal.SIGKILL
     assert redis_client.zscore(settings.queue_name, job_id) is not None

@@ -32,7 +32,7 @@ from sqlalchemy import text
 from app.config import PROJECT_ROOT, Settings
 from app.drupal.engine import create_engine
 from app.jobs import ApplyJob, JobNotification, Source
-from app.queue import STATS_KEY, enqueue_apply
+from app.queue import DEFAULT_QUEUE, HEALTH_CHECK_SUFFIX, OUTCOME_PREFIX, STATS_KEY, enqueue_apply
 from app.sfid import to18
 from app.sync import Syncer
 from tests.servers import SHARED, RedisServer, free_port
@@ -97,7 +97,7 @@ async def _enqueue(redis_url: str, notifications: list[JobNotification]) -> None
                 tuple(notifications[start : start + JOB_SIZE]),
                 ACTION_ID,
             )
-            await enqueue_apply(client, "arq:queue", job, job_ttl_s=86400)
+            await enqueue_apply(client, DEFAULT_QUEUE, job, job_ttl_s=86400)
     finally:
         await client.aclose()
 
@@ -123,7 +123,7 @@ def drain(env: dict[str, str], client: redis.Redis, workdir: Path) -> Drain:
         stderr=subprocess.STDOUT,
     )
     watched = psutil.Process(process.pid)
-    while not client.exists("arq:queue:health-check"):
+    while not client.exists(DEFAULT_QUEUE + HEALTH_CHECK_SUFFIX):
         if process.poll() is not None:
             raise RuntimeError((workdir / "worker.log").read_text())
         time.sleep(0.005)
@@ -143,7 +143,11 @@ def drain(env: dict[str, str], client: redis.Redis, workdir: Path) -> Drain:
     if process.returncode != 0:
         raise RuntimeError((workdir / "worker.log").read_text())
     raw = client.hgetall(STATS_KEY)
-    outcomes = {k.decode()[8:]: int(v) for k, v in raw.items() if k.startswith(b"outcome:")}
+    outcomes = {
+        k.decode().removeprefix(OUTCOME_PREFIX): int(v)
+        for k, v in raw.items()
+        if k.startswith(OUTCOME_PREFIX.encode())
+    }
     mb = 2**20
     return Drain(seconds, ready / mb, peak / mb, last / mb, outcomes)
 
