@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings
-from app.drupal import state
+from app.drupal import ledger
 from app.drupal.engine import create_engine
 from app.drupal.schema import inspect_drupal
 from app.errors import SfrelayError
@@ -51,7 +51,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 async def check_redis(settings: Settings) -> PartResult:
-    from app.main import redis_client
+    from app.queue import redis_client
 
     redis = redis_client(settings)
     where = _safe_url(settings.redis_url)
@@ -85,9 +85,9 @@ async def check_drupal(settings: Settings) -> PartResult:
         async with engine.connect() as conn:
             schema = await inspect_drupal(conn, settings.drupal_version, field_map.user_fields)
             version = None
-            if state.schema_version.name in schema.tables:
+            if ledger.schema_version.name in schema.tables:
                 version = await conn.scalar(
-                    select(state.schema_version.c.version).where(state.schema_version.c.id == 1)
+                    select(ledger.schema_version.c.version).where(ledger.schema_version.c.id == 1)
                 )
             await conn.rollback()
         field_map.validate(schema, settings.handled_objects)

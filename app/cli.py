@@ -16,7 +16,7 @@ import orjson
 from pydantic import ValidationError
 
 from app.config import Settings
-from app.errors import ConfigError, QueueUnavailable, RetryableError
+from app.errors import ConfigError, ProcessFailed, QueueUnavailable, RetryableError
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -79,8 +79,7 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_queue_stats(args: argparse.Namespace, settings: Settings) -> int:
-    from app.main import redis_client
-    from app.queue import QueueStats, queue_stats
+    from app.queue import QueueStats, queue_stats, redis_client
 
     async def read() -> QueueStats:
         redis = redis_client(settings)
@@ -95,10 +94,10 @@ def cmd_queue_stats(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(f"{exc}; check SFRELAY_REDIS_URL")
     stats, outcomes = queue.as_dict(), queue.outcomes
     # Dead letters are also kept by the workers in Drupal's database, where one is configured.
-    from app.dead import count_database_dead_letters
+    from app.dead import count_in_database
 
     try:
-        stats["dead"] += asyncio.run(count_database_dead_letters(settings))
+        stats["dead"] += asyncio.run(count_in_database(settings))
     except (ConfigError, RetryableError) as exc:
         print(
             f"sfrelay: dead counts only Redis's dead letters: {exc} (check SFRELAY_DATABASE_URL)",
@@ -289,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         return func(args, settings)
-    except ConfigError as exc:
+    except (ConfigError, ProcessFailed) as exc:
         return _fail(str(exc))
     except QueueUnavailable as exc:
         return _fail(f"{exc}; check SFRELAY_REDIS_URL and that Redis runs")

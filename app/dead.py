@@ -1,45 +1,220 @@
-"""Dead letters wherever they are (the Drupal database, or Redis as a fallback): list, replay."""
+"""Dead letters: notifications sfrelay could not apply, wherever they are kept; list, count, replay.
+
+A dead letter is one `DeadLetter`, whoever writes it:
+
+- the receiver, for an authentic notification it cannot use (kept in Redis beside the raw
+  body; listed, never replayed: Salesforce must send it again once fixed);
+- a worker, for a notification that kept failing: in the Drupal database's
+  ``sfrelay_dead_letter`` table, or in Redis when the database cannot take it in time.
+
+This module alone writes, reads, counts, removes and replays them. Readers never migrate:
+before a worker has created the table, the database simply holds no dead letters. Redis key
+names are `app.queue`'s.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
-from sqlalchemy import func, inspect, select
+from sqlalchemy import (
+    Column,
+    Double,
+    Integer,
+    String,
+    Table,
+    Text,
+    delete,
+    func,
+    insert,
+    inspect,
+    select,
+)
+from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app import queue
 from app.config import Settings
-from app.drupal import state
 from app.drupal.engine import create_engine
-from app.errors import QueueUnavailable, RetryableError
-from app.queue import DEAD_KEY, FIRST_SEEN_KEY, enqueue_apply
-from app.soap import MAX_NOTIFICATIONS
-from app.sync import DeadLetter, Syncer
+from app.drupal.ledger import metadata
+from app.errors import RetryableError
+from app.jobs import ApplyJob, JobNotification, Source
+
+logger = logging.getLogger("sfrelay.dead")
 
 Progress = Callable[[int, int], None]
+Run = Callable[[Coroutine[Any, Any, int]], Awaitable[int]]
+
+_LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql")
+table = Table(
+    "sfrelay_dead_letter",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("notification_id", String(40), nullable=True),
+    Column("record_id", String(18), nullable=True, index=True),
+    Column("payload", _LongText, nullable=False),  # DeadLetter.dumps()
+    Column("error", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("first_seen", Double, nullable=False),
+    Column("last_seen", Double, nullable=False),
+)
+
+REFUSED_ON_RECEIPT = "refused on receipt: "
+
+
+class Kept(StrEnum):
+    """Where a dead letter is kept."""
+
+    DATABASE = "database"
+    REDIS = "redis"
 
 
 @dataclass(frozen=True, slots=True)
-class DeadEntry:
-    """One dead letter; `id` is the database row id, or the Redis hash field."""
+class DeadLetter:
+    """One notification sfrelay could not apply, and why."""
 
-    id: str
-    source: str  # "database" or "redis"
+    job: ApplyJob  # source, organization, action, and the notification (none: refused)
+    reason: str
     notification_id: str | None
     record_id: str | None
-    error: str
     attempts: int
-    first_seen: float
-    last_seen: float
-    notification: dict[str, Any] | None  # None: refused on receipt, nothing to apply
+    first_seen: float  # epoch seconds
+    last_seen: float  # epoch seconds: when it was dead-lettered
+    body_sha256: str | None = None  # the receiver keeps the raw body under this digest
+    id: str = ""  # the database row id or the Redis hash field, once kept
+    kept: Kept | None = None
+
+    @classmethod
+    def of(
+        cls, job: ApplyJob, notification: JobNotification, reason: str, attempts: int
+    ) -> DeadLetter:
+        """A worker's dead letter for one of `job`'s notifications."""
+        return cls(
+            job=job.with_notifications([replace(notification, attempt=1, first_seen=None)]),
+            reason=reason,
+            notification_id=notification.id or None,
+            record_id=notification.record_id,
+            attempts=attempts,
+            first_seen=job.first_seen(notification),
+            last_seen=time.time(),
+        )
+
+    @property
+    def source(self) -> Source:
+        return self.job.source
+
+    @property
+    def notification(self) -> JobNotification | None:
+        """What to apply again; None: refused on receipt, nothing to apply."""
+        return self.job.notifications[0] if self.job.notifications else None
+
+    @property
+    def error(self) -> str:
+        """The reason as `sfrelay dead list` shows it."""
+        return self.reason if self.notification else REFUSED_ON_RECEIPT + self.reason
+
+    def dumps(self) -> bytes:
+        return orjson.dumps(
+            {
+                "v": 2,
+                "job": self.job.kwargs(),
+                "reason": self.reason,
+                "notification_id": self.notification_id,
+                "record_id": self.record_id,
+                "attempts": self.attempts,
+                "first_seen": self.first_seen,
+                "last_seen": self.last_seen,
+                "body_sha256": self.body_sha256,
+            }
+        )
+
+    @classmethod
+    def loads(cls, raw: bytes | str, id: str, kept: Kept) -> DeadLetter:
+        """Read any shape sfrelay ever stored (the untagged ones before version 2 too)."""
+        value: dict[str, Any] = orjson.loads(raw)
+        if value.get("v") != 2:
+            return _untagged(value, id, kept)
+        return cls(
+            job=ApplyJob.from_kwargs(value["job"]),
+            reason=str(value["reason"]),
+            notification_id=value.get("notification_id"),
+            record_id=value.get("record_id"),
+            attempts=int(value["attempts"]),
+            first_seen=float(value["first_seen"]),
+            last_seen=float(value["last_seen"]),
+            body_sha256=value.get("body_sha256"),
+            id=id,
+            kept=kept,
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The `sfrelay dead list --json` form (unchanged: `source` says where it is kept)."""
+        notification = self.notification
+        return {
+            "id": self.id,
+            "source": self.kept.value if self.kept else None,
+            "notification_id": self.notification_id,
+            "record_id": self.record_id,
+            "error": self.error,
+            "attempts": self.attempts,
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "notification": None if notification is None else self.job.flat(notification),
+        }
+
+
+def _untagged(value: dict[str, Any], id: str, kept: Kept) -> DeadLetter:
+    """The three shapes stored before version 2."""
+    if "notification" in value:  # a worker's, in Redis because the database was down
+        return DeadLetter(
+            job=ApplyJob.from_flat(value["notification"]),
+            reason=str(value.get("error", "")),
+            notification_id=value.get("notification_id"),
+            record_id=value.get("record_id"),
+            attempts=int(value.get("attempts", 1)),
+            first_seen=float(value.get("first_seen", 0)),
+            last_seen=float(value.get("last_seen", 0)),
+            id=id,
+            kept=kept,
+        )
+    if "reason" in value:  # the receiver's: the notification itself was unusable
+        job = ApplyJob.from_kwargs(value)  # its organization, action and time of receipt
+        return DeadLetter(
+            job=job,
+            reason=str(value["reason"]),
+            notification_id=value.get("notification_id"),
+            record_id=value.get("record_id"),
+            attempts=0,
+            first_seen=job.received_at,
+            last_seen=job.received_at,
+            body_sha256=value.get("body_sha256"),
+            id=id,
+            kept=kept,
+        )
+    # A database row's payload: the flat notification (its error, attempts and times are the
+    # row's columns).
+    job = ApplyJob.from_flat(value)
+    return DeadLetter(
+        job=job,
+        reason="",
+        notification_id=job.notifications[0].id,
+        record_id=job.notifications[0].record_id,
+        attempts=1,
+        first_seen=0.0,
+        last_seen=0.0,
+        id=id,
+        kept=kept,
+    )
 
 
 @dataclass
@@ -49,89 +224,171 @@ class ReplayResult:
     refused: dict[str, str] = field(default_factory=dict)
 
 
-def _from_database(letter: DeadLetter) -> DeadEntry:
-    return DeadEntry(
-        id=str(letter.id),
-        source="database",
-        notification_id=letter.notification_id,
-        record_id=letter.record_id,
-        error=letter.error,
-        attempts=letter.attempts,
-        first_seen=letter.first_seen,
-        last_seen=letter.last_seen,
-        notification=letter.notification,
-    )
+# --- writing -------------------------------------------------------------------------------
 
 
-def _from_redis(key: str, raw: bytes) -> DeadEntry:
-    value = orjson.loads(raw)
-    if "notification" in value:  # written by a worker whose database was down
-        return DeadEntry(
-            id=key,
-            source="redis",
-            notification_id=value.get("notification_id"),
-            record_id=value.get("record_id"),
-            error=value.get("error", ""),
-            attempts=int(value.get("attempts", 1)),
-            first_seen=float(value.get("first_seen", 0)),
-            last_seen=float(value.get("last_seen", 0)),
-            notification=value["notification"],
+async def add(conn: AsyncConnection, letter: DeadLetter) -> int:
+    """Store one dead letter in the database; returns its row id."""
+    result = await conn.execute(
+        insert(table).values(
+            notification_id=letter.notification_id,
+            record_id=letter.record_id,
+            payload=letter.dumps().decode(),
+            error=letter.reason,
+            attempts=letter.attempts,
+            first_seen=letter.first_seen,
+            last_seen=letter.last_seen,
         )
-    # Written by the receiver: the notification itself was unusable.
-    received = float(value.get("received_at", 0))
-    return DeadEntry(
-        id=key,
-        source="redis",
-        notification_id=value.get("notification_id"),
-        record_id=value.get("record_id"),
-        error=f"refused on receipt: {value.get('reason', '')}",
-        attempts=0,
-        first_seen=received,
-        last_seen=received,
-        notification=None,
     )
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
 
 
-async def _redis_entries(redis: Redis) -> list[DeadEntry]:
+async def keep(
+    letters: Sequence[DeadLetter],
+    engine: AsyncEngine,
+    redis: Redis,
+    deadline: float,
+    run: Run | None = None,
+) -> Kept:
+    """Store dead letters in the database, or in Redis when it cannot take them by `deadline`.
+
+    `run` wraps each database write (a worker detaches it, so that a stuck write cannot
+    hold the job past its deadline; if it lands later, the letter is in both places, and
+    replaying both is harmless). Raises QueueUnavailable when Redis cannot take them either.
+    """
+    left = list(letters)
     try:
-        raw: dict[bytes, bytes] = await redis.hgetall(DEAD_KEY)  # type: ignore[misc]
-    except (RedisError, OSError) as exc:
-        raise QueueUnavailable(f"cannot read the dead letters in Redis: {exc}") from exc
-    return [_from_redis(key.decode(), value) for key, value in raw.items()]
+        async with asyncio.timeout_at(deadline):
+            while left:
+                write = _add_one(engine, left[0])
+                await (run(write) if run is not None else write)
+                left.pop(0)
+        return Kept.DATABASE
+    except Exception as exc:  # whatever broke, the notifications must be kept somewhere
+        logger.warning(
+            "the database did not take %d dead letters (%s): keeping them in Redis",
+            len(left),
+            exc or type(exc).__name__,
+        )
+    await queue.dead_letters_to_redis(
+        redis,
+        {
+            queue.worker_dead_letter_field(
+                letter.job.organization_id, letter.notification_id or os.urandom(8).hex()
+            ): letter.dumps()
+            for letter in left
+        },
+    )
+    return Kept.REDIS
 
 
-async def count_database_dead_letters(settings: Settings) -> int:
-    """Dead letters in the Drupal database's sfrelay_dead_letter table (0 before it exists).
+async def _add_one(engine: AsyncEngine, letter: DeadLetter) -> int:
+    async with engine.begin() as conn:
+        return await add(conn, letter)
 
-    A plain count: no migrations, nothing written, so `sfrelay queue stats` stays read-only.
+
+# --- reading (never migrates) --------------------------------------------------------------
+
+
+async def _has_table(conn: AsyncConnection) -> bool:
+    return bool(await conn.run_sync(lambda sync: inspect(sync).has_table(table.name)))
+
+
+async def in_database(
+    conn: AsyncConnection, *, record_id: str | None = None, with_email: bool = False
+) -> list[DeadLetter]:
+    """The dead letters in the database, oldest first (none before the table exists).
+
+    Narrowed, for `sfrelay why`, to those of one record (`record_id`, any of its forms: they
+    are kept as received) or to those whose notification holds an `@` (`with_email`).
+    """
+    if not await _has_table(conn):
+        return []  # no worker has run yet: no dead letters
+    query = select(table).order_by(table.c.id)
+    if record_id is not None:
+        forms = {record_id.lower(), record_id[:15].lower()}
+        query = query.where(func.lower(table.c.record_id).in_(sorted(forms)))
+    if with_email:
+        query = query.where(table.c.payload.like("%@%"))
+    found = []
+    for row in await conn.execute(query):
+        letter = DeadLetter.loads(row.payload, str(row.id), Kept.DATABASE)
+        # The columns are the truth for what the untagged payload did not hold.
+        found.append(
+            replace(
+                letter,
+                reason=row.error,
+                attempts=row.attempts,
+                first_seen=row.first_seen,
+                last_seen=row.last_seen,
+            )
+        )
+    return found
+
+
+async def _database(settings: Settings) -> AsyncEngine:
+    return create_engine(settings.database_url, pool_size=1)
+
+
+async def count_in_database(settings: Settings) -> int:
+    """Dead letters in the Drupal database (0 before the table exists); reads only.
+
     Raises ConfigError or RetryableError when the database cannot be used.
     """
-    engine = create_engine(settings.database_url, pool_size=1)
+    engine = await _database(settings)
     try:
         async with engine.connect() as conn:
-            if not await conn.run_sync(
-                lambda sync: inspect(sync).has_table(state.dead_letters.name)
-            ):
-                return 0
-            count = await conn.scalar(select(func.count()).select_from(state.dead_letters))
-            return int(count or 0)
+            return await count(conn)
     except DBAPIError as exc:
         raise RetryableError(f"cannot read the Drupal database: {exc.orig}") from exc
     finally:
         await engine.dispose()
 
 
-async def list_dead_letters(settings: Settings) -> list[DeadEntry]:
-    """Every dead letter, oldest last seen first."""
-    syncer = await Syncer.open(settings)
-    redis: Redis = Redis.from_url(settings.redis_url)
+async def count(conn: AsyncConnection) -> int:
+    """Dead letters in the database (0 before the table exists); reads only."""
+    if not await _has_table(conn):
+        return 0
+    found = await conn.scalar(select(func.count()).select_from(table))
+    return int(found or 0)
+
+
+async def in_redis(redis: Redis) -> list[DeadLetter]:
+    """The dead letters kept in Redis (the receiver's, and workers' the database refused)."""
+    stored = await queue.dead_letters_in_redis(redis)
+    letters = []
+    for key, raw in sorted(stored.items()):
+        try:
+            letters.append(DeadLetter.loads(raw, key, Kept.REDIS))
+        except (ValueError, KeyError, TypeError):
+            logger.warning("dead letter %s in Redis is not one sfrelay can read: left alone", key)
+    return letters
+
+
+async def _everywhere(engine: AsyncEngine, redis: Redis) -> list[DeadLetter]:
     try:
-        entries = [_from_database(letter) for letter in await syncer.list_dead_letters()]
-        entries += await _redis_entries(redis)
+        async with engine.connect() as conn:
+            letters = await in_database(conn)
+    except DBAPIError as exc:
+        raise RetryableError(f"cannot read the Drupal database: {exc.orig}") from exc
+    return letters + await in_redis(redis)
+
+
+async def list_dead_letters(settings: Settings) -> list[DeadLetter]:
+    """Every dead letter, oldest last seen first; reads only."""
+    engine = await _database(settings)
+    redis = queue.redis_client(settings)
+    try:
+        letters = await _everywhere(engine, redis)
     finally:
         await redis.aclose()
-        await syncer.close()
-    return sorted(entries, key=lambda entry: (entry.last_seen, entry.id))
+        await engine.dispose()
+    return sorted(letters, key=lambda letter: (letter.last_seen, letter.id))
+
+
+# --- replay --------------------------------------------------------------------------------
 
 
 async def replay_dead_letters(
@@ -142,85 +399,77 @@ async def replay_dead_letters(
     Each chunk is queued before it is removed: a replay cut short leaves a dead letter both
     queued and listed, which is harmless (applying twice has no second effect), never lost.
     """
-    syncer = await Syncer.open(settings)
-    redis: Redis = Redis.from_url(settings.redis_url)
+    engine = await _database(settings)
+    redis = queue.redis_client(settings)
     result = ReplayResult()
     try:
-        entries = [_from_database(letter) for letter in await syncer.list_dead_letters()]
-        entries += await _redis_entries(redis)
-        by_id = {entry.id: entry for entry in entries}
-        chosen = entries if ids is None else [by_id[i] for i in ids if i in by_id]
+        letters = await _everywhere(engine, redis)
+        by_id = {letter.id: letter for letter in letters}
+        chosen = letters if ids is None else [by_id[i] for i in ids if i in by_id]
         if ids is not None:
             for missing in (i for i in ids if i not in by_id):
                 result.refused[missing] = "no such dead letter (see `sfrelay dead list`)"
         replayable = []
-        for entry in chosen:
-            why = _why_not_replayable(entry)
+        for letter in chosen:
+            why = _why_not_replayable(letter)
             if why:
-                result.refused[entry.id] = why
+                result.refused[letter.id] = why
             else:
-                replayable.append(entry)
+                replayable.append(letter)
         for chunk in _jobs(replayable):
-            notification = chunk[0].notification or {}
-            kwargs = {
-                "organization_id": notification["organization_id"],
-                "action_id": notification["action_id"],
-                "received_at": min(entry.first_seen for entry in chunk),
-                "types": {},
-                "notifications": [],
-            }
-            for entry in chunk:
-                stored = dict(entry.notification or {})
-                kwargs["types"][stored["object"]] = stored.pop("types", {})
-                for key in ("organization_id", "action_id"):
-                    stored.pop(key)
-                kwargs["notifications"].append({**stored, FIRST_SEEN_KEY: entry.first_seen})
-            await enqueue_apply(
-                redis, settings.queue_name, kwargs, job_ttl_s=settings.job_ttl_seconds
+            job = replace(
+                chunk[0].job,
+                received_at=min(letter.first_seen for letter in chunk),
+                notifications=tuple(
+                    replace(letter.notification, first_seen=letter.first_seen)
+                    for letter in chunk
+                    if letter.notification is not None
+                ),
             )
-            in_database = [int(e.id) for e in chunk if e.source == "database"]
+            await queue.enqueue_apply(
+                redis, settings.queue_name, job, job_ttl_s=settings.job_ttl_seconds
+            )
+            in_database = [int(letter.id) for letter in chunk if letter.kept is Kept.DATABASE]
             if in_database:
-                await syncer.take_dead_letters(in_database)
-            in_redis = [e.id for e in chunk if e.source == "redis"]
+                try:
+                    async with engine.begin() as conn:
+                        await conn.execute(delete(table).where(table.c.id.in_(in_database)))
+                except DBAPIError as exc:
+                    raise RetryableError(f"cannot write the Drupal database: {exc.orig}") from exc
+            in_redis = [letter.id for letter in chunk if letter.kept is Kept.REDIS]
             if in_redis:
-                await redis.hdel(DEAD_KEY, *in_redis)  # type: ignore[misc]
+                await queue.remove_dead_letters_in_redis(redis, in_redis)
             result.replayed += len(chunk)
             result.jobs += 1
             if progress is not None:
                 progress(result.replayed, len(replayable))
-    except (RedisError, OSError) as exc:
-        raise QueueUnavailable(f"the queue (Redis) failed during the replay: {exc}") from exc
     finally:
         await redis.aclose()
-        await syncer.close()
+        await engine.dispose()
     return result
 
 
-def _why_not_replayable(entry: DeadEntry) -> str | None:
-    if entry.notification is None:
+def _why_not_replayable(letter: DeadLetter) -> str | None:
+    if letter.notification is None:
         return (
-            f"{entry.error}; it cannot be applied as it is: fix it in Salesforce and let "
+            f"{letter.error}; it cannot be applied as it is: fix it in Salesforce and let "
             "Salesforce send it again"
         )
-    missing = [
-        key
-        for key in ("organization_id", "action_id", "object", "fields")
-        if key not in entry.notification
-    ]
-    if missing:
-        return f"the stored notification lacks {', '.join(missing)}"
+    if not letter.job.organization_id or not letter.notification.object:
+        return "the stored notification lacks its organization or object"
     return None
 
 
-def _jobs(entries: list[DeadEntry]) -> list[list[DeadEntry]]:
-    """Chunks of at most one message's worth, each from one organization and action."""
+def _jobs(letters: list[DeadLetter]) -> list[list[DeadLetter]]:
+    """Chunks of at most one message's worth, each from one organization, action and source."""
+    # Imported here: app.soap loads lxml, which `sfrelay status` and `why` need not.
+    from app.soap import MAX_NOTIFICATIONS
 
-    def key(entry: DeadEntry) -> tuple[str, str]:
-        notification = entry.notification or {}
-        return (notification["organization_id"], notification["action_id"])
+    def key(letter: DeadLetter) -> tuple[str, str, str]:
+        return (letter.job.organization_id, letter.job.action_id, letter.source.value)
 
-    chunks: list[list[DeadEntry]] = []
-    for _, group in itertools.groupby(sorted(entries, key=key), key=key):
+    chunks: list[list[DeadLetter]] = []
+    for _, group in itertools.groupby(sorted(letters, key=key), key=key):
         members = list(group)
         for start in range(0, len(members), MAX_NOTIFICATIONS):
             chunks.append(members[start : start + MAX_NOTIFICATIONS])

@@ -12,6 +12,7 @@ SfrelayError
 │   ├── RequestTimeout        408: the body did not arrive within SFRELAY_READ_TIMEOUT_SECONDS
 │   ├── MalformedMessage      400: not XML, DOCTYPE, wrong envelope or operation, > 100
 │   └── UnknownOrganization   403: OrganizationId not in SFRELAY_ORG_IDS
+├── ProcessFailed             `sfrelay up`: a process it started did not come up (see its output)
 ├── RetryableError            transient: try again later (Redis down, database locked)
 │   ├── QueueUnavailable      503: Redis did not confirm the write, nothing was acked
 │   │   ├── AckNotDurable     503: Redis cannot honour SFRELAY_ACK_DURABILITY (log says why)
@@ -20,6 +21,7 @@ SfrelayError
 │   └── ApiLimitReached       REQUEST_LIMIT_EXCEEDED, or fewer daily API requests left than
 │                             SFRELAY_SF_MIN_API_REMAINING: polling waits for the next run
 └── PermanentError            retrying cannot help: the record goes to the dead letters
+    ├── RecordError           this notification cannot be applied as it is (no Id, bad date)
     └── SalesforceRequestRefused  any other refusal by the Salesforce API (error_code kept)
 
 Every Salesforce error carries `error_code`: Salesforce's errorCode (INVALID_FIELD, ...) or None.
@@ -100,6 +102,10 @@ class UnknownOrganization(RejectedMessage):
     status_code = 403
 
 
+class ProcessFailed(SfrelayError):
+    """A process `sfrelay up` started exited or did not listen in time."""
+
+
 class RetryableError(SfrelayError):
     """Transient: the same work will succeed later."""
 
@@ -172,3 +178,7 @@ class ApiLimitReached(_SalesforceError, RetryableError):
 
 class SalesforceRequestRefused(_SalesforceError, PermanentError):
     """The Salesforce API refused a request for a reason retrying cannot fix."""
+
+
+class RecordError(PermanentError):
+    """One notification cannot be applied as it is: the sync's `failed` outcome."""

@@ -18,8 +18,8 @@ from app import __version__
 from app.config import Settings
 from app.durability import redis_location
 from app.errors import ConfigError
-from app.queue import Enqueuer
-from app.receiver import ParseBudget, router
+from app.queue import Enqueuer, redis_client
+from app.receiver import ParseBudget, ReceiverState, router
 from app.wsdl import load_contract
 
 log = logging.getLogger("sfrelay.receiver")
@@ -76,17 +76,6 @@ def redact_logs() -> None:
             target.addFilter(_REDACT)
 
 
-def redis_client(settings: Settings) -> Redis:
-    # Short timeouts: a request must fault (and Salesforce retry) long before its 60 s limit.
-    client: Redis = Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=2,
-        socket_timeout=5,
-        health_check_interval=15,
-    )
-    return client
-
-
 async def warn_if_not_durable(redis: Redis) -> None:
     """An ack promises Salesforce the notification is stored: say so when Redis cannot keep it."""
     try:
@@ -130,8 +119,6 @@ async def check_redis_at_start_up(settings: Settings) -> None:
     try:
         enqueuer = Enqueuer(
             redis,
-            handled_objects=settings.handled_objects,
-            field_types={},
             queue_name=settings.queue_name,
             dedupe_ttl_s=settings.dedupe_ttl_seconds,
             job_ttl_s=settings.job_ttl_seconds,
@@ -159,16 +146,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = redis_client(settings)
-        app.state.redis = redis
-        app.state.unready_reason = None
-        # Two max-size messages parse at once (the cores this is sized for); more wait.
-        app.state.parse_budget = ParseBudget(2 * settings.max_body_bytes)
         executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sfrelay-parse")
-        app.state.parse_executor = executor
         enqueuer = Enqueuer(
             redis,
-            handled_objects=settings.handled_objects,
-            field_types={k: dict(v) for k, v in contract.objects.items()},
             queue_name=settings.queue_name,
             dedupe_ttl_s=settings.dedupe_ttl_seconds,
             job_ttl_s=settings.job_ttl_seconds,
@@ -182,7 +162,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             executor.shutdown(wait=False, cancel_futures=True)
             await redis.aclose()
             raise
-        app.state.enqueuer = enqueuer
+        app.state.receiver = ReceiverState(
+            settings=settings,
+            contract=contract,
+            redis=redis,
+            enqueuer=enqueuer,
+            org_ids=settings.canonical_org_ids,
+            handled=frozenset(settings.handled_objects),
+            # Two max-size messages parse at once (the cores this is sized for); more wait.
+            parse_budget=ParseBudget(2 * settings.max_body_bytes),
+            parse_executor=executor,
+        )
         # Everything loaded so far (zeep's WSDL model, FastAPI's routes) lives as long as the
         # process: keep the cyclic GC from scanning it again on every full collection.
         gc.freeze()
@@ -200,9 +190,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         openapi_url=None,
     )
-    app.state.settings = settings
-    app.state.contract = contract
-    app.state.org_ids = settings.canonical_org_ids
-    app.state.undeclared_seen = set()
     app.include_router(router)
     return app

@@ -1,7 +1,8 @@
-"""The only module that knows job names, Redis keys and how notifications are enqueued.
+"""The only module that knows Redis keys and how jobs are enqueued.
 
-A message becomes at most one arq job (`apply_notifications`) holding its new, usable
-notifications, written by one Lua script in one round trip together with:
+`Enqueuer.submit` stores one `app.jobs.ApplyJob` from any source; the Outbound Message
+receiver (`app.receiver`) is its first caller. A submission becomes at most one arq job holding
+its new notifications, written by one Lua script in one round trip together with:
 
 - a dedupe key per notification id (`sfrelay:seen:<org>:<id>`, kept for 26 hours by default),
   so a redelivered notification, alone or re-batched beside new ones, is never queued twice;
@@ -10,7 +11,8 @@ notifications, written by one Lua script in one round trip together with:
   is kept as long as a job (`job_ttl_s`), without its SessionId's content.
 
 The job is stored exactly as arq's own `enqueue_job` stores it (`arq:job:<id>` + the queue's
-sorted set), serialized as JSON, so an unmodified arq worker runs it.
+sorted set, laid out by arq's `serialize_job`, see `app.jobs`), so an unmodified arq worker
+runs it.
 """
 
 from __future__ import annotations
@@ -18,25 +20,25 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import orjson
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from app.config import Settings
 from app.durability import AckDurability, AckWait, plan_ack_wait
-from app.errors import AckNotDurable, ConfigError, NotConfirmed, QueueUnavailable, clip
-from app.sfid import SF_ID_FORM, canonical_id
+from app.errors import AckNotDurable, ConfigError, NotConfirmed, QueueUnavailable
+from app.jobs import ApplyJob, notification_count
+from app.outcomes import OutcomeKind
 
-if TYPE_CHECKING:  # not at run time: `sfrelay status` and `why` start without zeep and lxml
-    from app.soap import Notification, OutboundMessage
-
-APPLY_JOB = "apply_notifications"
+# arq's own keys (arq/constants.py), which an unmodified arq worker reads and writes.
 JOB_KEY_PREFIX = "arq:job:"
 IN_PROGRESS_KEY_PREFIX = "arq:in-progress:"
+RETRY_KEY_PREFIX = "arq:retry:"
+DEFAULT_QUEUE = "arq:queue"  # SFRELAY_QUEUE_NAME's default
 SEEN_PREFIX = "sfrelay:seen:"
 STATS_KEY = "sfrelay:stats"
 DEAD_KEY = "sfrelay:dead"
@@ -45,6 +47,11 @@ DEAD_BODY_PREFIX = "sfrelay:dead-body:"
 # `received`, kept RATE_TTL_S (an hour of whole minutes and a margin) for `sfrelay status`.
 RATE_PREFIX = "sfrelay:rate:"
 RATE_TTL_S = 7260
+OUTCOME_PREFIX = "outcome:"  # a field of STATS_KEY per outcome: what the workers did
+# The turn to write one Drupal database (workers/lease.py): `sfrelay:writer:<digest>`.
+WRITER_PREFIX = "sfrelay:writer:"
+READY_PROBE_KEY = "sfrelay:ready-probe"  # /readyz writes it (only if it exists) to test writes
+HEALTH_CHECK_SUFFIX = ":health-check"  # arq's health_check_key_suffix (arq/constants.py)
 
 # KEYS: queue, stats, dead hash, dead body key, job key, seen key per notification...,
 #       and, last, this minute's rate key (RATE_PREFIX)
@@ -92,15 +99,6 @@ return {#queued, skipped, dead, dupes}
 """
 
 
-def job_serializer(data: dict[str, Any]) -> bytes:
-    return orjson.dumps(data)
-
-
-def job_deserializer(raw: bytes) -> dict[str, Any]:
-    result: dict[str, Any] = orjson.loads(raw)
-    return result
-
-
 @dataclass(frozen=True, slots=True)
 class EnqueueResult:
     queued: int
@@ -130,27 +128,20 @@ class QueueStats:
         }
 
 
-def _seen_key(org15: str, notification: Notification, body_sha: str, index: int) -> str:
-    if SF_ID_FORM.fullmatch(notification.id):
-        return f"{SEEN_PREFIX}{org15}:{notification.id}"
-    # No notification id to dedupe on (or not an id at all: a 5,000-character one makes no
-    # key): the same body and position is the same notification.
-    return f"{SEEN_PREFIX}{org15}:body:{body_sha}:{index}"
+def _seen_key(org15: str, dedupe_id: str) -> str:
+    return f"{SEEN_PREFIX}{org15}:{dedupe_id}"
 
 
-def notification_payload(notification: Notification) -> dict[str, Any]:
-    payload: dict[str, Any] = {
-        "id": notification.id,
-        "object": notification.sobject,
-        "fields": notification.fields,
-    }
-    if notification.undeclared:
-        payload["undeclared"] = notification.undeclared
-    return payload
+@dataclass(frozen=True, slots=True)
+class NotQueued:
+    """A notification stored beside a job but not in it: skipped, or a dead letter."""
+
+    dedupe_id: str  # the notification id, or a stand-in unique to its message
+    dead_letter: bytes | None = None  # None: skipped (no mapping handles its object)
 
 
 class Enqueuer:
-    """Writes a parsed message to Redis in one round trip (see the module docstring).
+    """Writes a job to Redis in one round trip (see the module docstring).
 
     With SFRELAY_ACK_DURABILITY fsync or replica, the round trip also carries the wait that
     confirms it (`WAITAOF`/`WAIT`, see app.durability), pipelined after the script.
@@ -160,8 +151,6 @@ class Enqueuer:
         self,
         redis: Redis,
         *,
-        handled_objects: Iterable[str],
-        field_types: dict[str, dict[str, str]],
         queue_name: str,
         dedupe_ttl_s: int,
         job_ttl_s: int,
@@ -173,12 +162,6 @@ class Enqueuer:
         self._durability: AckDurability = ack_durability
         self._location = redis_location
         self._ack_wait: AckWait | None = None  # planned by check_durability
-        self._handled = frozenset(handled_objects)
-        # Only the non-string kinds travel: the worker turns those strings back into objects.
-        self._typed = {
-            obj: {name: kind for name, kind in fields.items() if kind in ("dateTime", "date")}
-            for obj, fields in field_types.items()
-        }
         self._queue_name = queue_name
         self._dedupe_ttl_s = dedupe_ttl_s
         self._job_ttl_ms = job_ttl_s * 1000
@@ -199,11 +182,21 @@ class Enqueuer:
                 ) from exc
         return self._ack_wait
 
-    async def enqueue(self, message: OutboundMessage, body: bytes) -> EnqueueResult:
-        org15 = canonical_id(message.organization_id)
-        body_sha = hashlib.sha256(body).hexdigest()
-        now = time.time()
-        now_ms = int(now * 1000)
+    async def submit(
+        self,
+        job: ApplyJob,
+        others: Sequence[NotQueued] = (),
+        *,
+        body: bytes = b"",
+        body_sha: str | None = None,
+    ) -> EnqueueResult:
+        """Store `job` (its notifications deduped by id) and `others` in one round trip.
+
+        `body` is the raw request, kept once (without its SessionId's content) beside the
+        dead letters among `others`.
+        """
+        body_sha = body_sha or hashlib.sha256(body).hexdigest()
+        now_ms = int(job.received_at * 1000)
         job_id = uuid.uuid4().hex
         keys = [
             self._queue_name,
@@ -212,46 +205,18 @@ class Enqueuer:
             DEAD_BODY_PREFIX + body_sha,
             JOB_KEY_PREFIX + job_id,
         ]
-        kinds: list[str] = []
-        payloads: list[bytes] = []
-        objects: set[str] = set()
-        for index, notification in enumerate(message.notifications):
-            keys.append(_seen_key(org15, notification, body_sha, index))
-            if notification.sobject and notification.sobject not in self._handled:
-                kinds.append("s")
-                payloads.append(b"")
-            elif notification.problem is not None:
-                record_id = notification.record_id
-                dead = {
-                    "notification_id": clip(notification.id, 40),
-                    "object": notification.sobject,
-                    "record_id": record_id and clip(record_id, 40),
-                    "organization_id": message.organization_id,
-                    "action_id": message.action_id,
-                    "reason": notification.problem,
-                    "received_at": now,
-                    "body_sha256": body_sha,
-                }
-                kinds.append("d")
-                payloads.append(orjson.dumps(dead))
-            else:
-                objects.add(notification.sobject)
-                kinds.append("q")
-                payloads.append(orjson.dumps(notification_payload(notification)))
-        keys.append(f"{RATE_PREFIX}{int(now) // 60}")
-        kwargs = {
-            "organization_id": message.organization_id,
-            "action_id": message.action_id,
-            "received_at": now,
-            "types": {obj: self._typed.get(obj, {}) for obj in sorted(objects)},
-        }
-        # arq's job layout: {"t": try, "f": function, "a": args, "k": kwargs, "et": enqueued ms}
-        # with the notifications list spliced in by the script.
-        head = orjson.dumps({"t": None, "f": APPLY_JOB, "a": [], "et": now_ms, "k": kwargs})
-        prefix = head[:-2] + b',"notifications":['
-        suffix = b"]}}"
+        seen = _seen_key(job.organization_id, "")
+        keys += [seen + notification.id for notification in job.notifications]
+        keys += [seen + other.dedupe_id for other in others]
+        keys.append(f"{RATE_PREFIX}{int(job.received_at) // 60}")
+        kinds = "q" * len(job.notifications) + "".join(
+            "s" if other.dead_letter is None else "d" for other in others
+        )
+        payloads = [notification.dumps() for notification in job.notifications]
+        payloads += [other.dead_letter or b"" for other in others]
+        prefix, suffix = job.frame(now_ms)
         kept = b""
-        if "d" in kinds:
+        if "d" in kinds and body:
             # Only a dead letter keeps the raw body, never the session id Salesforce may send
             # (imported here: app.soap loads lxml, which `sfrelay status` and `why` need not).
             from app.soap import without_session_id
@@ -265,8 +230,8 @@ class Enqueuer:
             prefix,
             suffix,
             kept,
-            int(now),
-            "".join(kinds),
+            int(job.received_at),
+            kinds,
             b"\n".join(payloads),
             RATE_TTL_S,
         ]
@@ -295,9 +260,14 @@ class Enqueuer:
             if isinstance(written, NoScriptError):
                 await self._redis.script_load(_ENQUEUE_LUA)
                 continue
-            for reply in (written, *confirmed):
-                if isinstance(reply, Exception):
-                    raise reply
+            if isinstance(written, Exception):
+                raise written
+            refused = next((r for r in confirmed if isinstance(r, Exception)), None)
+            if isinstance(refused, ResponseError):  # the wait itself refused (no AOF, ...)
+                # Redis's words (addresses, settings) are for the log, not the sender.
+                raise QueueUnavailable(f"the queue (Redis) did not confirm the write: {refused}")
+            if refused is not None:
+                raise refused
             problem = wait.problem(confirmed)
             if problem is not None:
                 raise NotConfirmed(problem)
@@ -305,33 +275,7 @@ class Enqueuer:
         raise QueueUnavailable("the queue (Redis) did not load the enqueue script")
 
 
-def decode_value(kind: str, value: Any) -> Any:
-    """Turn a JSON-carried value of a typed field back into its Python object."""
-    if value is None:
-        return None
-    if kind == "dateTime":
-        return datetime.fromisoformat(value)
-    if kind == "date":
-        return date.fromisoformat(value)
-    return value
-
-
-def decode_notifications(
-    notifications: Sequence[dict[str, Any]], types: dict[str, dict[str, str]]
-) -> list[dict[str, Any]]:
-    """The job's notifications with dateTime and date fields as datetime and date objects."""
-    decoded = []
-    for item in notifications:
-        kinds = types.get(item["object"], {})
-        fields = {
-            name: decode_value(kinds[name], value) if name in kinds else value
-            for name, value in item["fields"].items()
-        }
-        decoded.append({**item, "fields": fields})
-    return decoded
-
-
-async def queue_stats(redis: Redis, queue_name: str = "arq:queue") -> QueueStats:
+async def queue_stats(redis: Redis, queue_name: str) -> QueueStats:
     """Notifications waiting, being applied, and dead letters (counts of notifications)."""
     try:
         job_ids = [j.decode() for j in await redis.zrange(queue_name, 0, -1)]
@@ -346,7 +290,7 @@ async def queue_stats(redis: Redis, queue_name: str = "arq:queue") -> QueueStats
             for raw, running in zip(replies[::2], replies[1::2], strict=True):
                 if raw is None:
                     continue
-                count = _notification_count(raw)
+                count = notification_count(raw)
                 if running:
                     in_progress += count
                 else:
@@ -364,36 +308,21 @@ async def queue_stats(redis: Redis, queue_name: str = "arq:queue") -> QueueStats
         outcomes={
             key.decode(): int(value)
             for key, value in sorted(counters.items())
-            if key.startswith(b"outcome:")
+            if key.startswith(OUTCOME_PREFIX.encode())
         },
     )
-
-
-def _notification_count(raw: bytes) -> int:
-    try:
-        job = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return 1  # not one of ours (e.g. a pickled job another producer wrote): one job
-    kwargs = job.get("k") or {}
-    notifications = kwargs.get("notifications")
-    return len(notifications) if isinstance(notifications, list) else 1
-
-
-# Per-notification bookkeeping of retried and replayed notifications (absent on a first try).
-ATTEMPT_KEY = "attempt"
-FIRST_SEEN_KEY = "first_seen"
 
 
 async def enqueue_apply(
     redis: Redis,
     queue_name: str,
-    kwargs: dict[str, Any],
+    job: ApplyJob,
     *,
     job_ttl_s: int,
     defer_s: float = 0.0,
     job_id: str | None = None,
 ) -> bool:
-    """Queue an `apply_notifications` job (retries, replays); False if `job_id` already exists.
+    """Queue `job` on its own (retries, replays); False if `job_id` already exists.
 
     A fixed `job_id` makes the write idempotent: a worker that re-runs an interrupted job
     re-enqueues the same follow-up job, not a second one.
@@ -401,10 +330,14 @@ async def enqueue_apply(
     job_id = job_id or uuid.uuid4().hex
     now_ms = int(time.time() * 1000)
     score = now_ms + int(defer_s * 1000)
-    job = orjson.dumps({"t": None, "f": APPLY_JOB, "a": [], "k": kwargs, "et": now_ms})
     try:
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.set(JOB_KEY_PREFIX + job_id, job, px=job_ttl_s * 1000 + score - now_ms, nx=True)
+            pipe.set(
+                JOB_KEY_PREFIX + job_id,
+                job.serialize(now_ms),
+                px=job_ttl_s * 1000 + score - now_ms,
+                nx=True,
+            )
             pipe.zadd(queue_name, {job_id: score}, nx=True)
             created, _ = await pipe.execute()
     except (RedisError, OSError) as exc:
@@ -412,15 +345,55 @@ async def enqueue_apply(
     return bool(created)
 
 
-async def dead_letter_in_redis(redis: Redis, entries: dict[str, dict[str, Any]]) -> None:
+def redis_client(settings: Settings, *, timeout_s: float = 5) -> Redis:
+    """The Redis client of the receiver, the CLI and the dead-letter code."""
+    # Short timeouts: a request must fault (and Salesforce retry) long before its 60 s limit.
+    client: Redis = Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=2,
+        socket_timeout=timeout_s,
+        health_check_interval=15,
+    )
+    return client
+
+
+async def count_outcomes(redis: Redis, counts: Counter[OutcomeKind]) -> None:
+    """Add a job's outcomes to the `outcome:*` counters (shown by `sfrelay queue stats`)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for name, count in counts.items():
+            pipe.hincrby(STATS_KEY, f"{OUTCOME_PREFIX}{name.value}", count)
+        await pipe.execute()
+
+
+def worker_dead_letter_field(org15: str, notification_id: str) -> str:
+    """The `sfrelay:dead` field of a worker's dead letter (the receiver's: its seen key)."""
+    return f"worker:{org15}:{notification_id}"
+
+
+async def dead_letters_to_redis(redis: Redis, entries: dict[str, bytes]) -> None:
     """Keep dead letters in the `sfrelay:dead` hash when the database cannot take them."""
     if not entries:
         return
-    mapping = {key: orjson.dumps(entry) for key, entry in entries.items()}
     try:
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.hset(DEAD_KEY, mapping=mapping)
-            pipe.hincrby(STATS_KEY, "dead_fallback", len(mapping))
+            pipe.hset(DEAD_KEY, mapping=entries)
+            pipe.hincrby(STATS_KEY, "dead_fallback", len(entries))
             await pipe.execute()
     except (RedisError, OSError) as exc:
         raise QueueUnavailable(f"cannot write dead letters to Redis: {exc}") from exc
+
+
+async def dead_letters_in_redis(redis: Redis) -> dict[str, bytes]:
+    """The `sfrelay:dead` hash: field -> stored dead letter."""
+    try:
+        raw: dict[bytes, bytes] = await redis.hgetall(DEAD_KEY)  # type: ignore[misc]
+    except (RedisError, OSError) as exc:
+        raise QueueUnavailable(f"cannot read the dead letters in Redis: {exc}") from exc
+    return {key.decode(): value for key, value in raw.items()}
+
+
+async def remove_dead_letters_in_redis(redis: Redis, fields: Sequence[str]) -> None:
+    try:
+        await redis.hdel(DEAD_KEY, *fields)  # type: ignore[misc]
+    except (RedisError, OSError) as exc:
+        raise QueueUnavailable(f"the queue (Redis) failed during the replay: {exc}") from exc

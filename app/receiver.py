@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -11,6 +12,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -26,6 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from app.config import Network, Settings
+from app.dead import DeadLetter
 from app.errors import (
     LOG_DETAIL_MAX,
     NAME_MAX,
@@ -40,8 +43,9 @@ from app.errors import (
     UnsupportedMediaType,
     clip,
 )
-from app.queue import Enqueuer
-from app.sfid import canonical_id
+from app.jobs import ApplyJob, JobNotification, Source
+from app.queue import READY_PROBE_KEY, Enqueuer, NotQueued
+from app.sfid import SF_ID_FORM, canonical_id
 from app.soap import ACK, OutboundMessage, fault, parse_message
 from app.wsdl import Contract
 
@@ -58,9 +62,29 @@ PARSE_INLINE_BYTES = 64 * 1024
 
 # A key that never exists: `SET key 1 XX` is refused exactly when Redis refuses the ack's writes
 # (OOM, MISCONF, READONLY, NOREPLICAS) and otherwise changes nothing, not even the AOF.
-READY_PROBE_KEY = "sfrelay:ready-probe"
 
 router = APIRouter()
+
+
+@dataclass(slots=True)
+class ReceiverState:
+    """What the routes use, opened once by the app's lifespan (`app.state.receiver`)."""
+
+    settings: Settings
+    contract: Contract
+    redis: Redis
+    enqueuer: Enqueuer
+    org_ids: frozenset[str]  # SFRELAY_ORG_IDS, canonical 15-character form
+    handled: frozenset[str]  # SFRELAY_HANDLED_OBJECTS
+    parse_budget: ParseBudget  # bytes of large messages parsed at once
+    parse_executor: Executor  # the threads large messages parse in
+    undeclared_seen: set[tuple[str, str]] = field(default_factory=set)
+    unready_reason: str | None = None  # what /readyz last logged
+
+
+def _state(request: Request) -> ReceiverState:
+    state: ReceiverState = request.app.state.receiver
+    return state
 
 
 def _soap(body: bytes, status_code: int) -> Response:
@@ -198,23 +222,21 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
 _UNDECLARED_REPORTED_MAX = 1000
 
 
-def _large_message_slot(request: Request, size: int) -> AbstractAsyncContextManager[None]:
+def _large_message_slot(state: ReceiverState, size: int) -> AbstractAsyncContextManager[None]:
     """Small messages go straight through; large ones wait for room in the parse budget."""
     if size <= PARSE_INLINE_BYTES:
         return nullcontext()
-    budget: ParseBudget = request.app.state.parse_budget
-    return budget.hold(size)
+    return state.parse_budget.hold(size)
 
 
-async def _parse(request: Request, body: bytes, settings: Settings) -> OutboundMessage:
+async def _parse(state: ReceiverState, body: bytes) -> OutboundMessage:
     """Parse on the event loop when small, else in the parse threads: the loop keeps answering
     (health checks, other messages) while a large message parses."""
-    contract: Contract = request.app.state.contract
+    handled = state.settings.handled_objects
     if len(body) <= PARSE_INLINE_BYTES:
-        return parse_message(body, contract, settings.handled_objects)
-    executor: Executor = request.app.state.parse_executor
+        return parse_message(body, state.contract, handled)
     return await asyncio.get_running_loop().run_in_executor(
-        executor, parse_message, body, contract, settings.handled_objects
+        state.parse_executor, parse_message, body, state.contract, handled
     )
 
 
@@ -232,23 +254,63 @@ def _report_undeclared(seen: set[tuple[str, str]], message: OutboundMessage) -> 
                 )
 
 
+def to_job(
+    message: OutboundMessage, org15: str, body_sha: str, handled: frozenset[str]
+) -> tuple[ApplyJob, list[NotQueued]]:
+    """The message's usable notifications as one job; the skipped and unusable beside it."""
+    now = time.time()
+    queued: list[JobNotification] = []
+    others: list[NotQueued] = []
+    for index, notification in enumerate(message.notifications):
+        if notification.problem is None and notification.sobject in handled:  # the usual case
+            queued.append(
+                JobNotification(notification.id, notification.sobject, notification.fields)
+            )
+            continue
+        # No notification id to dedupe on (or not an id at all: a 5,000-character one makes
+        # no key): the same body and position is the same notification.
+        if SF_ID_FORM.fullmatch(notification.id):
+            dedupe_id = notification.id
+        else:
+            dedupe_id = f"body:{body_sha}:{index}"
+        if notification.sobject and notification.sobject not in handled:
+            others.append(NotQueued(dedupe_id))
+        else:
+            record_id = notification.record_id
+            dead = DeadLetter(
+                job=ApplyJob(org15, Source.OUTBOUND_MESSAGE, now, (), message.action_id),
+                reason=notification.problem or "",
+                notification_id=clip(notification.id, 40) or None,
+                record_id=record_id and clip(record_id, 40),
+                attempts=0,
+                first_seen=now,
+                last_seen=now,
+                body_sha256=body_sha,
+            )
+            others.append(NotQueued(dedupe_id, dead.dumps()))
+    job = ApplyJob(org15, Source.OUTBOUND_MESSAGE, now, tuple(queued), message.action_id)
+    return job, others
+
+
 @router.post(ENDPOINT)
 async def outbound_message(request: Request) -> Response:
     started = time.perf_counter()
-    settings: Settings = request.app.state.settings
-    enqueuer: Enqueuer = request.app.state.enqueuer
+    state = _state(request)
+    settings = state.settings
     try:
         _check_sender(request, settings)
         _check_media_type(request)
         body = await _read_body(request, settings.max_body_bytes, settings.read_timeout_seconds)
-        async with _large_message_slot(request, len(body)):
-            message = await _parse(request, body, settings)
-            allowed_orgs: frozenset[str] = request.app.state.org_ids
-            if allowed_orgs and canonical_id(message.organization_id) not in allowed_orgs:
+        async with _large_message_slot(state, len(body)):
+            message = await _parse(state, body)
+            org15 = canonical_id(message.organization_id)
+            if state.org_ids and org15 not in state.org_ids:
                 raise UnknownOrganization(
                     f"organization {message.organization_id} is not in SFRELAY_ORG_IDS"
                 )
-            result = await enqueuer.enqueue(message, body)
+            body_sha = hashlib.sha256(body).hexdigest()
+            job, others = to_job(message, org15, body_sha, state.handled)
+            result = await state.enqueuer.submit(job, others, body=body, body_sha=body_sha)
     except RejectedMessage as exc:
         log.warning("refused (%s): %s", exc.status_code, exc.detail)
         return _soap(fault(exc.faultstring, exc.faultcode), exc.status_code)
@@ -267,7 +329,7 @@ async def outbound_message(request: Request) -> Response:
             fault("internal error in the receiver: not acked, retry later", "soapenv:Server"),
             500,
         )
-    _report_undeclared(request.app.state.undeclared_seen, message)
+    _report_undeclared(state.undeclared_seen, message)
     log.info(
         "acked org=%s action=%s notifications=%d queued=%d skipped=%d dead=%d duplicates=%d "
         "job=%s in %.1f ms",
@@ -297,7 +359,7 @@ async def other_methods(request: Request) -> Response:
 @router.get(ENDPOINT)
 async def wsdl(request: Request) -> Response:
     """`?wsdl` returns the Contact WSDL; `?wsdl=Lead` the WSDL of another object."""
-    contract: Contract = request.app.state.contract
+    contract = _state(request).contract
     wanted = request.query_params.get("wsdl")
     if wanted is None:
         return _soap(fault("POST Outbound Messages here; GET ?wsdl for the WSDL"), 405)
@@ -339,9 +401,9 @@ def _refusal(exc: ResponseError) -> str:
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     """200 only when an ack could be written now: Redis answers AND accepts writes."""
-    redis: Redis = request.app.state.redis
+    state = _state(request)
     try:
-        await redis.set(READY_PROBE_KEY, b"1", xx=True, px=1000)
+        await state.redis.set(READY_PROBE_KEY, b"1", xx=True, px=1000)
     except ResponseError as exc:
         reason = _refusal(exc)
     except BusyLoadingError:
@@ -349,9 +411,9 @@ async def readyz(request: Request) -> JSONResponse:
     except (RedisError, OSError):
         reason = "Redis does not answer: check SFRELAY_REDIS_URL and that Redis runs"
     else:
-        request.app.state.unready_reason = None
+        state.unready_reason = None
         return JSONResponse({"status": "ready", "redis": "ok"})
-    if request.app.state.unready_reason != reason:  # say it once, not at every probe
-        request.app.state.unready_reason = reason
+    if state.unready_reason != reason:  # say it once, not at every probe
+        state.unready_reason = reason
         log.error("not ready: %s", reason)
     return JSONResponse({"status": "unavailable", "redis": reason}, status_code=503)

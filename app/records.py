@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
+from app.errors import RecordError
+from app.jobs import JobNotification
 from app.mapping import FieldMap, ObjectMap, render
-from app.sfid import canonical_id, checksum, to18
+from app.sfid import sf_key
 
 NAME_MAX = 60  # Drupal's UserInterface::USERNAME_MAX_LENGTH
 MAIL_MAX = 254  # Drupal's users_field_data.mail / D7 users.mail
@@ -22,10 +24,6 @@ _DOMAIN = r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9\-]*[a-zA-Z0-9])\.?)+"
 _IPV4 = r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}"
 _IPV6 = r"[0-9a-fA-F]{1,4}(?::[0-9a-fA-F]{1,4}){7}"
 _EMAIL = re.compile(rf"{_LOCAL}@(?:{_DOMAIN}|\[(?:{_IPV4}|{_IPV6})\])")
-
-
-class RecordError(ValueError):
-    """The notification cannot be applied as it is (a permanent, per-record problem)."""
 
 
 def valid_email(mail: str) -> bool:
@@ -53,14 +51,6 @@ def modstamp(fields: dict[str, Any]) -> int | None:
         delta = value - datetime(1970, 1, 1, tzinfo=UTC)
         return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
     return None
-
-
-def sf_key(sf_id: str) -> str:
-    """The 18-character, case-correct form: the key sfrelay stores a record under."""
-    head, suffix = sf_id[:15], sf_id[15:].upper()
-    if len(sf_id) == 18 and checksum(head) == suffix:
-        return head + suffix  # the usual case, an id as Salesforce sends it: one checksum
-    return to18(canonical_id(sf_id))
 
 
 def as_text(value: Any, length: int | None = None) -> str | None:
@@ -106,14 +96,14 @@ class Record:
         return (self.email or "").lower()
 
 
-def to_record(index: int, notification: dict[str, Any], field_map: FieldMap) -> Record:
-    fields = notification.get("fields") or {}
+def to_record(index: int, notification: JobNotification, field_map: FieldMap) -> Record:
+    fields = notification.fields
     raw_id = fields.get("Id")
     if not isinstance(raw_id, str) or not raw_id.strip():
         raise RecordError("the notification has no record Id")
     raw_id = raw_id.strip()
-    sobject = notification.get("object")
-    obj = field_map.objects.get(str(sobject))
+    sobject = notification.object
+    obj = field_map.objects.get(sobject)
     if obj is None:
         raise RecordError(f"the field map has no [{sobject}] section")
     email = fields.get(obj.email_field)
@@ -123,7 +113,7 @@ def to_record(index: int, notification: dict[str, Any], field_map: FieldMap) -> 
     converted_raw = converted.strip() if is_converted and isinstance(converted, str) else None
     return Record(
         index=index,
-        notification_id=str(notification.get("id") or ""),
+        notification_id=notification.id,
         raw_id=raw_id,
         sf_id=sf_key(raw_id),
         obj=obj,

@@ -56,14 +56,17 @@ def canonical_id(sf_id: str) -> str:
     return "".join(chars)
 
 
-def same_id(a: str, b: str) -> bool:
-    """Whether two 15- or 18-character ids name the same record."""
-    return canonical_id(a) == canonical_id(b)
-
-
 def is_valid_id(value: str) -> bool:
     """A Salesforce id as Salesforce writes it: 15 ASCII letters and digits, or 18 whose last
     three are the checksum of the first 15 (exactly: a mangled case or suffix fails)."""
     if len(value) not in (15, 18) or not value.isascii() or not value.isalnum():
         return False
     return len(value) == 15 or value[15:] == checksum(value[:15])
+
+
+def sf_key(sf_id: str) -> str:
+    """The 18-character, case-correct form: the key sfrelay stores a record under."""
+    head, suffix = sf_id[:15], sf_id[15:].upper()
+    if len(sf_id) == 18 and checksum(head) == suffix:
+        return head + suffix  # the usual case, an id as Salesforce sends it: one checksum
+    return to18(canonical_id(sf_id))

@@ -139,8 +139,8 @@ def _convert_date(text: str) -> str:
     return date.fromisoformat(text).isoformat()
 
 
-# Values travel as JSON: booleans and numbers natively; dates and times as normalised ISO
-# strings, tagged with their kind in the job so that workers turn them back into objects.
+# Values travel as JSON: booleans and numbers natively; dates and times as the ISO text
+# Salesforce sends (app.records reads them where they are written).
 _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "boolean": _convert_boolean,
     "double": _convert_double,

@@ -15,19 +15,26 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
+from app import dead as dead_letters
 from app.config import Settings
-from app.drupal import state
-from app.drupal.readonly import read_engine, table_names
+from app.drupal.readonly import read_engine
 from app.drupal.schema import detect_major
 from app.errors import ConfigError, QueueUnavailable
-from app.queue import DEAD_KEY, JOB_KEY_PREFIX, RATE_PREFIX, STATS_KEY, _notification_count
+from app.jobs import notification_count
+from app.queue import (
+    DEAD_KEY,
+    HEALTH_CHECK_SUFFIX,
+    JOB_KEY_PREFIX,
+    OUTCOME_PREFIX,
+    RATE_PREFIX,
+    STATS_KEY,
+    redis_client,
+)
 
 SAMPLE_JOBS = 100
 DATABASE_TIMEOUT_S = 5.0
-HEALTH_CHECK_SUFFIX = ":health-check"  # arq's health_check_key_suffix (arq/constants.py)
 # Counters the receiver keeps in sfrelay:stats beside the workers' outcome:* ones.
 RECEIVER_COUNTERS = ("queued_total", "skipped", "duplicates", "dead_received", "dead_fallback")
 
@@ -73,7 +80,7 @@ async def read_status(settings: Settings, redis: Redis) -> Status:
     except (RedisError, OSError) as exc:
         raise QueueUnavailable(f"cannot read the queue (Redis): {exc}") from exc
 
-    sizes = [_notification_count(raw) for raw in raws if raw is not None]
+    sizes = [notification_count(raw) for raw in raws if raw is not None]
     exact = len(sample) >= jobs  # every job was read (those gone meanwhile were finished)
     if exact or not sizes:
         notifications = sum(sizes) if exact else jobs
@@ -97,9 +104,9 @@ async def read_status(settings: Settings, redis: Redis) -> Status:
             "last_hour": sum(rates[1:]),
         },
         outcomes={
-            k.removeprefix("outcome:"): v
+            k.removeprefix(OUTCOME_PREFIX): v
             for k, v in sorted(decoded.items())
-            if k.startswith("outcome:")
+            if k.startswith(OUTCOME_PREFIX)
         },
         receiver={name: decoded.get(name, 0) for name in RECEIVER_COUNTERS},
         dead={"redis": int(dead_redis), "database": None},
@@ -130,11 +137,7 @@ async def read_database(settings: Settings) -> tuple[dict[str, Any], int | None]
     try:
         async with asyncio.timeout(DATABASE_TIMEOUT_S), engine.connect() as conn:
             major, _ = await detect_major(conn, settings.drupal_version)
-            if state.dead_letters.name in await table_names(conn):
-                count = await conn.scalar(select(func.count()).select_from(state.dead_letters))
-                dead = int(count or 0)
-            else:
-                dead = 0
+            dead = await dead_letters.count(conn)
         return {"reachable": True, "drupal": major, "error": None}, dead
     except TimeoutError:
         error = f"no answer within {DATABASE_TIMEOUT_S:.0f} s"
@@ -148,7 +151,7 @@ async def read_database(settings: Settings) -> tuple[dict[str, Any], int | None]
 
 
 async def collect(settings: Settings) -> Status:
-    redis: Redis = Redis.from_url(settings.redis_url, socket_timeout=5)
+    redis = redis_client(settings)
     try:
         database_task = asyncio.create_task(read_database(settings))
         try:

@@ -8,9 +8,8 @@ Public API (the worker codes against this; it imports neither arq nor FastAPI)::
     outcomes = await syncer.apply(notifications)
     await syncer.close()
 
-`apply` takes notifications as `app.queue.decode_notifications` returns them
-(``{"id": ..., "object": "Contact"|"Lead", "fields": {"Id": ..., "Email": ..., ...}}``;
-datetime fields may be `datetime` objects or ISO strings) and returns one `Outcome` per
+`apply` takes an `app.jobs.ApplyJob`'s notifications (``JobNotification(id, object,
+fields)``, the fields as Salesforce sent them) and returns one `app.outcomes.Outcome` per
 notification, in order. The whole list is written in ONE transaction; if the database refuses
 it on a per-record problem (constraint, trigger, bad value), the list is bisected: each half in
 its own transaction, recursively, so one bad record costs about 2 * log2(n) extra transactions
@@ -18,7 +17,7 @@ and never blocks or rolls back the others. Per-record problems become outcomes, 
 exceptions:
 
 ==========================  ===================================================================
-outcome                     meaning
+OutcomeKind                 meaning
 ==========================  ===================================================================
 created                     a new Drupal user (uid) was written
 updated                     the mapped Drupal user was updated
@@ -71,10 +70,8 @@ Rules in detail (app/plan.py decides, app/drupal/ writes):
 - SQLite and PostgreSQL get sfrelay_* indexes on lower(mail) / lower(name) of Drupal's user
   table, and PostgreSQL's statistics are refreshed during bulk loads (app/drupal/stats.py).
 
-Dead letters live in the Drupal database too (table ``sfrelay_dead_letter``):
-`dead_letter()` stores one, `list_dead_letters()` lists them, `take_dead_letters(ids)` removes
-and returns them (``None`` = all) for a replay. `DeadLetter.notification` is the stored
-notification (datetimes come back as ISO strings; `apply` accepts those).
+Dead letters (what the worker does with `failed` and exhausted `retry` outcomes) are
+`app.dead`'s.
 """
 
 from __future__ import annotations
@@ -83,60 +80,31 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import suppress
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import replace
 
 from sqlalchemy import Column, Integer, MetaData, String, Table
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
-from app.drupal import state
+from app.drupal import ledger
 from app.drupal.d7 import Drupal7
 from app.drupal.d10 import Drupal10
 from app.drupal.engine import create_engine, writer
-from app.drupal.errors import classify, is_transient
+from app.drupal.errors import classify
 from app.drupal.schema import IMPLICIT_ROLES, DrupalSchema, inspect_drupal
-from app.drupal.state import DeadLetter
 from app.drupal.stats import Statistics
 from app.drupal.users import Key, UserStore
-from app.errors import ConfigError, RetryableError
+from app.errors import ConfigError, RecordError, RetryableError
+from app.jobs import JobNotification
 from app.mapping import FieldMap, load_field_map
+from app.outcomes import Outcome, OutcomeKind
 from app.plan import Planner, note_failure
-from app.records import Record, RecordError, to_record
+from app.records import Record, to_record
 
-__all__ = ["OUTCOMES", "DeadLetter", "Outcome", "Syncer", "is_transient"]
+__all__ = ["Outcome", "OutcomeKind", "Syncer"]
 
 logger = logging.getLogger("sfrelay.worker")
-
-OUTCOMES = frozenset(
-    {
-        "created",
-        "updated",
-        "linked",
-        "converted",
-        "skipped_no_email",
-        "skipped_invalid_email",
-        "skipped_converted",
-        "stale",
-        "duplicate",
-        "conflict_duplicate_email",
-        "conflict_protected_user",
-        "retry",
-        "failed",
-    }
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What happened to one notification."""
-
-    notification_id: str
-    record_id: str | None  # the Salesforce Id, as received
-    outcome: str  # one of OUTCOMES
-    uid: int | None = None
-    detail: str | None = None  # the other Id for conflicts, the error for retry/failed
 
 
 def _error(exc: BaseException) -> str:
@@ -176,8 +144,8 @@ class Syncer:
             _check_protected_roles(schema, field_map, settings.protected_roles)
             if schema.major == 10 and "cachetags" not in schema.tables:
                 await _create_cachetags(engine)
-            await state.migrate(engine)
-            await state.ensure_indexes(engine, schema.major)
+            await ledger.migrate(engine)
+            await ledger.ensure_indexes(engine, schema.major)
         except BaseException as exc:
             await engine.dispose()
             if isinstance(exc, DBAPIError | OSError):
@@ -190,7 +158,7 @@ class Syncer:
         )
         return cls(engine, settings, schema, store, field_map)
 
-    async def apply(self, notifications: Sequence[dict[str, Any]]) -> list[Outcome]:
+    async def apply(self, notifications: Sequence[JobNotification]) -> list[Outcome]:
         """One Outcome per notification, in order (see the module docstring)."""
         outcomes: list[Outcome | None] = [None] * len(notifications)
         records: list[Record] = []
@@ -198,9 +166,8 @@ class Syncer:
             try:
                 records.append(to_record(index, notification, self.field_map))
             except RecordError as exc:
-                fields = notification.get("fields") or {}
                 outcomes[index] = Outcome(
-                    str(notification.get("id") or ""), fields.get("Id"), "failed", None, str(exc)
+                    notification.id, notification.record_id, OutcomeKind.FAILED, None, str(exc)
                 )
         if records:
             await self._bisect(records, outcomes, whole=True)
@@ -235,7 +202,7 @@ class Syncer:
         (record,) = records
         # A constraint can be another writer (Drupal itself) that took the same name or id
         # meanwhile: worth another try. Anything else will fail again.
-        kind = "retry" if isinstance(failure, IntegrityError) else "failed"
+        kind = OutcomeKind.RETRY if isinstance(failure, IntegrityError) else OutcomeKind.FAILED
         outcomes[record.index] = Outcome(
             record.notification_id, record.raw_id, kind, None, _error(failure)
         )
@@ -267,49 +234,17 @@ class Syncer:
             await planner.load(records)
             for record in records:
                 planner.decide(record)
-            await planner.names()
+            await planner.pick_usernames()
             plan = planner.plan
             now = int(time.time())
             await self.store.create(conn, list(plan.new.values()), now)
-            plan.finish()
+            plan.resolve_new_uids()
             await self.store.update(conn, list(plan.changes.values()), now)
-            await state.save(conn, plan.states.values())
+            await ledger.save(conn, plan.states.values())
         await self._statistics.created(len(plan.new))
         for record in records:
             decision = plan.decisions[record.index]
-            outcomes[record.index] = Outcome(
-                record.notification_id,
-                record.raw_id,
-                decision.outcome,
-                plan.resolve(decision.key),
-                decision.detail,
-            )
-
-    async def dead_letter(
-        self, notification: dict[str, Any], error: str, attempts: int, first_seen: float
-    ) -> int:
-        """Store a notification that kept failing; returns the row id."""
-        fields = notification.get("fields") or {}
-        record_id = fields.get("Id")
-        async with self.engine.begin() as conn:
-            return await state.add_dead_letter(
-                conn,
-                notification,
-                notification_id=notification.get("id"),
-                record_id=record_id if isinstance(record_id, str) else None,
-                error=error,
-                attempts=attempts,
-                first_seen=first_seen,
-            )
-
-    async def list_dead_letters(self) -> list[DeadLetter]:
-        async with self.engine.connect() as conn:
-            return await state.read_dead_letters(conn)
-
-    async def take_dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
-        """Remove and return the given dead letters (None = all), e.g. to replay them."""
-        async with self.engine.begin() as conn:
-            return await state.read_dead_letters(conn, ids, remove=True)
+            outcomes[record.index] = replace(decision, uid=plan.resolve(decision.uid))
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from app.config import LOCAL_ENV_FILE, PROJECT_ROOT, Settings
 from app.demo import create_demo_site
 from app.drupal.engine import create_engine
-from app.errors import ConfigError
+from app.errors import ConfigError, ProcessFailed
 
 RESTART_DELAY_S = 1.0
 STOP_TIMEOUT_S = 30.0
@@ -64,7 +64,7 @@ def _wait_listening(host: str, port: int, process: subprocess.Popen[bytes], what
     deadline = time.monotonic() + 20
     while not _listening(host, port):
         if process.poll() is not None or time.monotonic() > deadline:
-            raise ConfigError(f"{what} did not start on {host}:{port} (see its output above)")
+            raise ProcessFailed(f"{what} did not start on {host}:{port} (see its output above)")
         time.sleep(0.05)
 
 

@@ -14,19 +14,23 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
+from arq.jobs import DeserializationError
 from redis.exceptions import RedisError
 from sqlalchemy import column, func, select, table
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app import dead
 from app.config import Settings
-from app.drupal import state
+from app.dead import DeadLetter
+from app.drupal import ledger
 from app.drupal.readonly import read_engine, table_names
 from app.drupal.schema import detect_major
 from app.errors import QueueUnavailable, RetryableError
-from app.queue import ATTEMPT_KEY, DEAD_KEY, JOB_KEY_PREFIX
-from app.records import sf_key
+from app.jobs import read as read_job
+from app.outcomes import OutcomeKind
+from app.queue import JOB_KEY_PREFIX, redis_client
+from app.sfid import sf_key
 
 _ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
 _EMAIL_LIKE = re.compile(r"[^\s@,;:()<>\"']+@[^\s@,;:()<>\"']+")
@@ -122,7 +126,7 @@ async def _from_database(settings: Settings, query: Query, result: Answer) -> No
         async with engine.connect() as conn:
             tables = await table_names(conn)
             major, _ = await detect_major(conn, settings.drupal_version)
-            has_records = state.records.name in tables
+            has_records = ledger.records.name in tables
             if query.kind == "record":
                 if has_records:
                     result.records = await _records(conn, [query.key], None, major, None)
@@ -138,8 +142,7 @@ async def _from_database(settings: Settings, query: Query, result: Answer) -> No
                     owners |= {f"uid {uid}" for uid in uids}
                     result.conflicts = await _conflicts(conn, owners, major, query.key)
                 result.users = users
-            if state.dead_letters.name in tables:
-                result.dead = await _database_dead(conn, query)
+            result.dead = await _database_dead(conn, query)
     except DBAPIError as exc:
         raise RetryableError(f"cannot read the Drupal database: {exc.orig}") from exc
     finally:
@@ -196,7 +199,7 @@ async def _records(
     major: int,
     email: str | None,
 ) -> list[dict[str, Any]]:
-    t = state.records
+    t = ledger.records
     query = select(t).order_by(t.c.sf_id)
     query = query.where(t.c.sf_id.in_(ids)) if ids is not None else query
     query = query.where(t.c.uid.in_(uids)) if uids is not None else query
@@ -211,17 +214,19 @@ async def _conflicts(
     """Records whose last outcomes include a duplicate-email conflict with one of `owners`
     (the Salesforce Ids and `uid <n>` holding the email). A scan of the rows that ever had a
     conflict (LIKE narrows it; each history is then parsed)."""
-    t = state.records
+    t = ledger.records
     rows = (
         await conn.execute(
-            select(t).where(t.c.history.like('%"conflict_duplicate_email"%')).order_by(t.c.sf_id)
+            select(t)
+            .where(t.c.history.like(f'%"{OutcomeKind.CONFLICT_DUPLICATE_EMAIL.value}"%'))
+            .order_by(t.c.sf_id)
         )
     ).all()
     found = []
     for row in rows:
         for entry in orjson.loads(row.history):
             others = set((entry.get("d") or "").split(", "))
-            if entry.get("o") == "conflict_duplicate_email" and others & owners:
+            if entry.get("o") == OutcomeKind.CONFLICT_DUPLICATE_EMAIL and others & owners:
                 found.append(row)
                 break
     existing = await _existing_uids(conn, major, {r.uid for r in found if r.uid is not None})
@@ -229,32 +234,34 @@ async def _conflicts(
 
 
 async def _database_dead(conn: AsyncConnection, query: Query) -> list[dict[str, Any]]:
-    t = state.dead_letters
     if query.kind == "record":
-        # record_id is kept as received (15 or 18 characters, any case): narrow, then compare.
-        forms = {query.key.lower(), query.key[:15].lower()}
-        where = func.lower(t.c.record_id).in_(sorted(forms))
+        letters = await dead.in_database(conn, record_id=query.key)
     else:
-        where = t.c.payload.like("%@%")  # narrowed by the parsed Email below
-    rows = await conn.execute(select(t).where(where).order_by(t.c.id))
-    found = []
-    for row in rows:
-        payload = orjson.loads(row.payload)
-        if not _matches(payload, query, row.record_id):
-            continue
-        found.append(
-            {
-                "id": str(row.id),
-                "source": "database",
-                "notification_id": row.notification_id,
-                "record_id": row.record_id,
-                "error": _mask(row.error, query.key if query.kind == "email" else None),
-                "attempts": row.attempts,
-                "first_seen": iso(row.first_seen),
-                "last_seen": iso(row.last_seen),
-            }
-        )
-    return found
+        letters = await dead.in_database(conn, with_email=True)  # narrowed by Email below
+    email = query.key if query.kind == "email" else None
+    return [_dead(letter, email) for letter in letters if _letter_matches(letter, query)]
+
+
+def _letter_matches(letter: DeadLetter, query: Query) -> bool:
+    notification = letter.notification
+    if notification is not None:
+        fields = notification.fields
+    else:  # refused on receipt: only its record Id is known
+        fields = {"Id": letter.record_id} if letter.record_id else {}
+    return _matches({"fields": fields}, query, letter.record_id)
+
+
+def _dead(letter: DeadLetter, email: str | None) -> dict[str, Any]:
+    return {
+        "id": letter.id,
+        "source": letter.kept.value if letter.kept else None,
+        "notification_id": letter.notification_id,
+        "record_id": letter.record_id,
+        "error": _mask(letter.error, email),
+        "attempts": letter.attempts,
+        "first_seen": iso(letter.first_seen),
+        "last_seen": iso(letter.last_seen),
+    }
 
 
 def _matches(notification: dict[str, Any], query: Query, record_id: Any = None) -> bool:
@@ -266,7 +273,7 @@ def _matches(notification: dict[str, Any], query: Query, record_id: Any = None) 
 
 
 async def _from_redis(settings: Settings, query: Query, result: Answer) -> None:
-    redis: Redis = Redis.from_url(settings.redis_url, socket_timeout=10)
+    redis = redis_client(settings, timeout_s=10)
     email = query.key if query.kind == "email" else None
     try:
         scores = await redis.zrange(settings.queue_name, 0, -1, withscores=True)
@@ -275,80 +282,57 @@ async def _from_redis(settings: Settings, query: Query, result: Answer) -> None:
             raws = await redis.mget([JOB_KEY_PREFIX + job_id.decode() for job_id, _ in chunk])
             for (job_id, score), raw in zip(chunk, raws, strict=True):
                 result.queued += _queued(job_id.decode(), score, raw, query)
-        dead: dict[bytes, bytes] = await redis.hgetall(DEAD_KEY)  # type: ignore[misc]
+        kept = await dead.in_redis(redis)
     except (RedisError, OSError) as exc:
         raise QueueUnavailable(f"cannot read the queue (Redis): {exc}") from exc
     finally:
         await redis.aclose()
-    for key, raw in sorted(dead.items()):
-        try:
-            value = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            continue
-        notification = value.get("notification") or {
-            "fields": {"Id": value.get("record_id")} if value.get("record_id") else {}
-        }
-        if not _matches(notification, query, value.get("record_id")):
-            continue
-        refused = "notification" not in value
-        error = f"refused on receipt: {value.get('reason', '')}" if refused else value.get("error")
-        seen = value.get("received_at") if refused else value.get("last_seen")
-        result.dead.append(
-            {
-                "id": key.decode(),
-                "source": "redis",
-                "notification_id": value.get("notification_id"),
-                "record_id": value.get("record_id"),
-                "error": _mask(error, email),
-                "attempts": int(value.get("attempts", 0)),
-                "first_seen": iso(value.get("first_seen", seen)),
-                "last_seen": iso(seen),
-            }
-        )
+    result.dead += [_dead(letter, email) for letter in kept if _letter_matches(letter, query)]
 
 
 def _queued(job_id: str, score: float, raw: bytes | None, query: Query) -> list[dict[str, Any]]:
     if raw is None:
         return []
     try:
-        job = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        job = read_job(raw)
+    except (DeserializationError, ValueError, KeyError, TypeError):
         return []  # not one of ours
-    kwargs = job.get("k") or {}
     found = []
-    for item in kwargs.get("notifications") or []:
-        if isinstance(item, dict) and _matches(item, query):
+    for item in job.notifications:
+        if _matches({"fields": item.fields}, query):
             found.append(
                 {
                     "job_id": job_id,
-                    "notification_id": item.get("id"),
-                    "record_id": (item.get("fields") or {}).get("Id"),
-                    "object": item.get("object"),
-                    "received_at": iso(kwargs.get("received_at")),
+                    "notification_id": item.id,
+                    "record_id": item.record_id,
+                    "object": item.object,
+                    "received_at": iso(job.received_at or None),
                     "ready_at": iso(score / 1000),
-                    "attempt": int(item.get(ATTEMPT_KEY, 1)),
+                    "attempt": item.attempt,
                 }
             )
     return found
 
 
 # What each outcome means, for someone who knows Salesforce but not sfrelay.
-_MEANING = {
-    "created": "created Drupal user {uid}",
-    "updated": "updated Drupal user {uid}",
-    "linked": "linked to the existing Drupal user {uid}, which has the same email",
-    "converted": "the Lead was converted: Drupal user {uid} now belongs to Contact {detail}",
-    "skipped_no_email": "skipped: the record has no email, and a Drupal user needs one",
-    "skipped_invalid_email": "skipped: its email is not one Drupal accepts",
-    "skipped_converted": "skipped: {detail}",
-    "stale": "ignored: older than the version already applied",
-    "duplicate": "ignored: this version was already applied",
-    "conflict_duplicate_email": (
+_MEANING: dict[str, str] = {
+    OutcomeKind.CREATED: "created Drupal user {uid}",
+    OutcomeKind.UPDATED: "updated Drupal user {uid}",
+    OutcomeKind.LINKED: "linked to the existing Drupal user {uid}, which has the same email",
+    OutcomeKind.CONVERTED: (
+        "the Lead was converted: Drupal user {uid} now belongs to Contact {detail}"
+    ),
+    OutcomeKind.SKIPPED_NO_EMAIL: "skipped: the record has no email, and a Drupal user needs one",
+    OutcomeKind.SKIPPED_INVALID_EMAIL: "skipped: its email is not one Drupal accepts",
+    OutcomeKind.SKIPPED_CONVERTED: "skipped: {detail}",
+    OutcomeKind.STALE: "ignored: older than the version already applied",
+    OutcomeKind.DUPLICATE: "ignored: this version was already applied",
+    OutcomeKind.CONFLICT_DUPLICATE_EMAIL: (
         "NOT synced: its email already belongs to {detail} in Drupal; give one of them "
         "another email in Salesforce, or merge them"
     ),
-    "retry": "failed for now, retried later: {detail}",
-    "failed": "FAILED: {detail} (`sfrelay dead list` shows the notification)",
+    OutcomeKind.RETRY: "failed for now, retried later: {detail}",
+    OutcomeKind.FAILED: "FAILED: {detail} (`sfrelay dead list` shows the notification)",
 }
 
 
@@ -370,12 +354,12 @@ def _others(detail: str) -> str:
 def meaning(entry: dict[str, Any], email: str | None) -> str:
     outcome = entry["outcome"]
     detail = entry["detail"] or ""
-    if outcome == "conflict_duplicate_email":
+    if outcome == OutcomeKind.CONFLICT_DUPLICATE_EMAIL:
         detail = _others(detail)
     text = _MEANING.get(outcome, f"{outcome}: {{detail}}").format(uid=entry["uid"], detail=detail)
-    if outcome == "skipped_invalid_email" and email and entry["detail"]:
+    if outcome == OutcomeKind.SKIPPED_INVALID_EMAIL and email and entry["detail"]:
         text += f" ({entry['detail']})"
-    if outcome == "stale" and entry["detail"]:
+    if outcome == OutcomeKind.STALE and entry["detail"]:
         text += f" ({entry['detail']})"
     return text
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import zeep
 from zeep.xsd.types import builtins as xsd
@@ -14,8 +15,8 @@ from app.errors import ConfigError
 SOBJECT_NS = "urn:sobject.enterprise.soap.sforce.com"
 _NOT_OBJECTS = {"sObject", "AggregateResult"}
 
-# The scalar kinds a field value is converted to on receipt (see app.soap.convert_value).
-FieldType = str  # "string" | "boolean" | "double" | "int" | "date" | "dateTime" | "time"
+# The scalar kinds a field value is checked as on receipt (see app.soap._CONVERTERS).
+FieldType = Literal["string", "boolean", "double", "int", "date", "dateTime", "time"]
 
 
 def _kind(xsd_type: object) -> FieldType:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Settings
+from app.jobs import JobNotification
 from app.sfid import to18
 from app.sync import Syncer
 from tests.fixtures_db import DrupalSite
@@ -33,10 +34,11 @@ def note(
     obj: str | None = None,
     nid: str | None = None,
     **extra: Any,
-) -> dict[str, Any]:
-    """A decoded notification (as app.queue.decode_notifications returns it)."""
+) -> JobNotification:
+    """A job's notification, its values as Salesforce sends them."""
     sobject = obj or ("Lead" if record_id.startswith("00Q") else "Contact")
-    fields: dict[str, Any] = {"Id": record_id, "SystemModstamp": T0 + timedelta(minutes=minutes)}
+    stamp = (T0 + timedelta(minutes=minutes)).isoformat(timespec="milliseconds")
+    fields: dict[str, Any] = {"Id": record_id, "SystemModstamp": stamp.replace("+00:00", "Z")}
     if email != "":
         fields["Email"] = email
     if first is not None:
@@ -44,7 +46,7 @@ def note(
     if last is not None:
         fields["LastName"] = last
     fields.update(extra)
-    return {"id": nid or f"04l5g{next(_notes):013d}", "object": sobject, "fields": fields}
+    return JobNotification(nid or f"04l5g{next(_notes):013d}", sobject, fields)
 
 
 async def open_syncer(

@@ -9,7 +9,13 @@ from pathlib import Path
 import orjson
 import redis
 
+from app import dead
 from app.config import Settings
+from app.dead import DeadLetter
+from app.jobs import ApplyJob, JobNotification, Source
+from app.jobs import read as read_job
+from app.queue import DEAD_KEY, JOB_KEY_PREFIX, SEEN_PREFIX
+from app.sfid import canonical_id
 from app.sync import Syncer
 from tests.fixtures_worker import PROJECT, settings_env
 from tests.messages import ORG_ID, sf_id
@@ -27,17 +33,16 @@ def sfrelay(settings: Settings, cwd: Path, *args: str) -> subprocess.CompletedPr
 
 
 async def add_dead_letter(settings: Settings, number: int) -> int:
-    syncer = await Syncer.open(settings)
+    syncer = await Syncer.open(settings)  # a worker's start-up creates the table
+    job = ApplyJob(canonical_id(ORG_ID), Source.OUTBOUND_MESSAGE, 1_700_000_000.0, (), "04k")
+    notification = JobNotification(
+        sf_id("04l", number),
+        "Contact",
+        {"Id": sf_id("003", number), "Email": f"dead{number}@example.org"},
+    )
     try:
-        notification = {
-            "id": sf_id("04l", number),
-            "object": "Contact",
-            "fields": {"Id": sf_id("003", number), "Email": f"dead{number}@example.org"},
-            "organization_id": ORG_ID,
-            "action_id": sf_id("04k", 1),
-            "types": {},
-        }
-        return await syncer.dead_letter(notification, "boom", 5, 1_700_000_000.0)
+        async with syncer.engine.begin() as conn:
+            return await dead.add(conn, DeadLetter.of(job, notification, "boom", 5))
     finally:
         await syncer.close()
 
@@ -64,11 +69,10 @@ async def test_dead_list_and_replay_by_id(
     assert replayed.stdout == "replayed 1 dead letters as 1 jobs\n"
     assert "replayed 1/1" in replayed.stderr
     [job_id] = list(redis_client.zrange(worker_settings.queue_name, 0, -1))
-    job = orjson.loads(redis_client.get(b"arq:job:" + job_id) or b"")
-    assert job["f"] == "apply_notifications"
-    assert job["k"]["organization_id"] == ORG_ID
-    assert [n["fields"]["Email"] for n in job["k"]["notifications"]] == ["dead2@example.org"]
-    assert job["k"]["notifications"][0]["first_seen"] == 1_700_000_000.0
+    job = read_job(redis_client.get(JOB_KEY_PREFIX.encode() + job_id) or b"")
+    assert job.organization_id == canonical_id(ORG_ID)
+    assert [n.fields["Email"] for n in job.notifications] == ["dead2@example.org"]
+    assert job.notifications[0].first_seen == 1_700_000_000.0
 
     left = orjson.loads(sfrelay(worker_settings, tmp_path, "dead", "list", "--json").stdout)
     assert [d["id"] for d in left] == [str(first)]
@@ -85,9 +89,14 @@ def test_dead_replay_says_what_to_give(worker_settings: Settings, tmp_path: Path
     assert unknown.stderr == "not replayed 999: no such dead letter (see `sfrelay dead list`)\n"
 
 
-def test_dead_list_with_nothing_dead(worker_settings: Settings, tmp_path: Path) -> None:
+def test_dead_list_with_nothing_dead(
+    worker_settings: Settings, tmp_path: Path, drupal_db: Path
+) -> None:
+    before = drupal_db.read_bytes()
     listed = sfrelay(worker_settings, tmp_path, "dead", "list")
     assert (listed.returncode, listed.stdout) == (0, "no dead letters\n")
+    # Read-only: no worker has created sfrelay's tables yet, and listing does not either.
+    assert drupal_db.read_bytes() == before
 
 
 def test_worker_burst_on_an_empty_queue_exits_zero(
@@ -113,7 +122,7 @@ def test_worker_says_what_to_do_when_the_database_is_wrong(
 async def test_queue_stats_counts_the_database_dead_letters_too(
     worker_settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    redis_client.hset("sfrelay:dead", "sfrelay:seen:x:04l000000000001AAA", b'{"reason": "no Id"}')
+    redis_client.hset(DEAD_KEY, f"{SEEN_PREFIX}x:04l000000000001AAA", b'{"reason": "no Id"}')
     await add_dead_letter(worker_settings, 1)
     await add_dead_letter(worker_settings, 2)
     stats = sfrelay(worker_settings, tmp_path, "queue", "stats", "--json")

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 import redis
 
 from app.config import PROJECT_ROOT, Settings
 from app.errors import AckNotDurable, ConfigError, QueueUnavailable
+from app.jobs import read as read_job
 from app.main import create_app
+from app.queue import DEFAULT_QUEUE, JOB_KEY_PREFIX, STATS_KEY
 from tests.messages import contact, outbound_message
 from tests.servers import RedisServer, free_port, valkey_binary
 
@@ -97,9 +98,10 @@ def notification_id(body: bytes) -> str:
 
 def queued_ids(client: redis.Redis) -> list[str]:
     ids = []
-    for job_id in client.zrange("arq:queue", 0, -1):
-        job = orjson.loads(client.get(b"arq:job:" + job_id) or b"{}")
-        ids += [n["id"] for n in job["k"]["notifications"]]
+    for job_id in client.zrange(DEFAULT_QUEUE, 0, -1):
+        raw = client.get(JOB_KEY_PREFIX.encode() + job_id)
+        assert raw is not None
+        ids += [n.id for n in read_job(raw).notifications]
     return ids
 
 
@@ -369,7 +371,7 @@ async def test_replica_mode_acks_then_faults_without_the_replica_and_queues_the_
     assert sorted(queued_ids(primary.client())) == expected
     on_replica = replica.client()
     assert sorted(queued_ids(on_replica)) == expected
-    assert int(on_replica.hget("sfrelay:stats", "duplicates") or 0) == 2
+    assert int(on_replica.hget(STATS_KEY, "duplicates") or 0) == 2
 
 
 async def test_the_waiting_round_trip_reloads_a_flushed_script(
@@ -387,5 +389,5 @@ async def test_the_waiting_round_trip_reloads_a_flushed_script(
         assert response.status_code == 200
         assert ACK_TEXT in response.text
     assert sorted(queued_ids(control)) == sorted([notification_id(first), notification_id(second)])
-    assert int(control.hget("sfrelay:stats", "duplicates") or 0) == 0
+    assert int(control.hget(STATS_KEY, "duplicates") or 0) == 0
     control.close()

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 import redis
 import zeep
@@ -17,7 +16,10 @@ import zeep.exceptions
 from lxml import etree
 
 from app.config import DEFAULT_WSDL_DIR, Settings
+from app.jobs import JobNotification
+from app.jobs import read as read_job
 from app.main import create_app
+from app.queue import DEFAULT_QUEUE, JOB_KEY_PREFIX, STATS_KEY
 from tests.conftest import SHARED_WSDLS
 from tests.messages import ORG_ID, contact, outbound_message, sf_id
 from tests.servers import RedisServer, UvicornThread, free_port
@@ -38,11 +40,10 @@ def endpoint(server: UvicornThread) -> str:
     return f"{server.url}/salesforce/outbound-message"
 
 
-def queued(redis_client: redis.Redis) -> list[dict[str, Any]]:
-    out = []
-    for job_id in redis_client.zrange("arq:queue", 0, -1):
-        job = orjson.loads(redis_client.get(b"arq:job:" + job_id) or b"{}")
-        out += job["k"]["notifications"]
+def queued(redis_client: redis.Redis) -> list[JobNotification]:
+    out: list[JobNotification] = []
+    for job_id in redis_client.zrange(DEFAULT_QUEUE, 0, -1):
+        out += read_job(redis_client.get(JOB_KEY_PREFIX.encode() + job_id) or b"").notifications
     return out
 
 
@@ -94,7 +95,7 @@ def test_zeep_with_our_contact_and_lead_wsdls(
         DEFAULT_WSDL_DIR / "lead.wsdl", endpoint(server), lead_fields, number=2, typed="Lead"
     )
     assert ack is True
-    by_object = {n["object"]: n["fields"] for n in queued(redis_client)}
+    by_object = {n.object: n.fields for n in queued(redis_client)}
     assert by_object["Contact"] == contact_fields
     assert by_object["Lead"]["IsConverted"] is True
     assert by_object["Lead"]["Email"] == "lead@example.org"
@@ -116,7 +117,7 @@ def test_zeep_with_real_salesforce_wsdls(
     prefix = {"Contact": "003", "Account": "001"}.get(name, "a0R")
     assert notify(wsdl, endpoint(server), {"Id": sf_id(prefix, 3)}, number=3, typed=name) is True
     handled = sobject_type.qname.localname == "Contact"
-    skipped = int(redis_client.hget("sfrelay:stats", "skipped") or 0)
+    skipped = int(redis_client.hget(STATS_KEY, "skipped") or 0)
     assert (len(queued(redis_client)), skipped) == ((1, 0) if handled else (0, 1))
 
 
@@ -187,7 +188,7 @@ def test_redis_stopped_mid_run_nothing_acked_is_lost_nothing_half_written(
             own_redis.start()  # AOF brings back everything that was acked
             statuses = first + during
             client = own_redis.client()
-            stored = {n["id"] for n in queued(client)}
+            stored = {n.id for n in queued(client)}
             for body, status in zip(messages, statuses, strict=True):
                 notification_id = body.split(b"<Id>")[1].split(b"</Id>")[0].decode()
                 if status == 200:
@@ -196,7 +197,7 @@ def test_redis_stopped_mid_run_nothing_acked_is_lost_nothing_half_written(
                     assert status == 503
             # Every message again, as Salesforce retries: each notification queued exactly once.
             assert {post(body) for body in messages} == {200}
-            ids = [n["id"] for n in queued(client)]
+            ids = [n.id for n in queued(client)]
             assert len(ids) == len(set(ids)) == len(messages)
             client.close()
     finally:

@@ -22,6 +22,7 @@ from lxml import etree
 
 from app.config import Settings
 from app.errors import LOG_DETAIL_MAX
+from app.jobs import JobNotification
 from app.main import create_app
 from app.queue import DEAD_BODY_PREFIX, DEAD_KEY, RATE_PREFIX, SEEN_PREFIX, STATS_KEY
 from app.sfid import to18
@@ -99,7 +100,7 @@ class Case:
     queued: int = 0  # notifications queued in jobs
     dead: tuple[str, ...] = ()  # reasons of the dead letters written on receipt
     skipped: int = 0
-    check: Callable[[list[dict[str, Any]]], bool] | None = None  # on the queued notifications
+    check: Callable[[list[JobNotification]], bool] | None = None  # on the queued notifications
 
 
 def ack(id: str, body: bytes, *, queued: int = 1, **kwargs: Any) -> Case:
@@ -191,7 +192,7 @@ CASES = [
     ack(
         "cdata_value_is_text",
         good().replace(b"ok@example.org", b"<![CDATA[ok@example.org]]>"),
-        check=lambda ns: ns[0]["fields"]["Email"] == "ok@example.org",
+        check=lambda ns: ns[0].fields["Email"] == "ok@example.org",
     ),
     ack(
         "cdata_with_markup_stays_text",
@@ -199,8 +200,7 @@ CASES = [
             b"ok@example.org", b"<![CDATA[</sf:Email><sf:Id>" + ACCOUNT_ID.encode() + b"</sf:Id>]]>"
         ),
         check=lambda ns: (
-            ns[0]["fields"]["Id"].startswith("003")
-            and ns[0]["fields"]["Email"].startswith("</sf:Email>")
+            ns[0].fields["Id"].startswith("003") and ns[0].fields["Email"].startswith("</sf:Email>")
         ),
     ),
     refused(
@@ -306,7 +306,7 @@ CASES = [
     ack(
         "utf8_non_ascii_values",
         outbound_message([contact(Email="o@example.org", LastName="Ødegaard Núñez İ")]),
-        check=lambda ns: ns[0]["fields"]["LastName"] == "Ødegaard Núñez İ",
+        check=lambda ns: ns[0].fields["LastName"] == "Ødegaard Núñez İ",
     ),
     refused(
         "invalid_utf8_byte",

@@ -10,10 +10,11 @@ import pytest
 from redis.asyncio import Redis
 
 from app.config import Settings
+from app.jobs import JobNotification
 from app.sync import Syncer
 from tests.fixtures_worker import drupal_users
 from tests.test_worker import contact
-from workers.batch import GroupCommit, WriterBusy
+from workers.group_commit import GroupCommit, WriterBusy
 from workers.lease import WriterLease, database_key
 
 
@@ -64,11 +65,15 @@ async def test_a_job_that_only_waited_for_the_turn_is_writer_busy_and_nothing_ra
     batch = GroupCommit(syncer.apply, 100, mine.turn)
     deadline = asyncio.get_running_loop().time() + 0.3
     with pytest.raises(WriterBusy):
-        await batch.apply([contact(1, email="ada@example.org")], deadline=deadline)
+        await batch.apply(
+            [JobNotification.from_json(contact(1, email="ada@example.org"))], deadline=deadline
+        )
     await other.__aexit__(None, None, None)
     await batch.wait_idle()
     assert drupal_users(drupal_db) == []  # the job left before its batch began
     # Once the turn is free, the next job runs at once.
-    (outcome,) = await batch.apply([contact(2, email="grace@example.org")])
-    assert outcome.outcome == "created"
+    (outcome,) = await batch.apply(
+        [JobNotification.from_json(contact(2, email="grace@example.org"))]
+    )
+    assert outcome.kind == "created"
     await syncer.close()

@@ -10,8 +10,8 @@ from app.drupal.engine import create_engine
 from app.drupal.url import async_url
 from app.errors import ConfigError
 from app.mapping import DEFAULT_FIELD_MAP, load_field_map, parse_field_map, render
-from app.records import clean_name, sf_key, valid_email, with_suffix
-from app.sfid import to18
+from app.records import clean_name, valid_email, with_suffix
+from app.sfid import sf_key, to18
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,18 @@ import pytest
 import redis
 
 from app.config import Settings
+from app.jobs import ApplyJob, JobNotification, Source
+from app.jobs import read as read_job
 from app.main import create_app
-from app.queue import APPLY_JOB, DEAD_BODY_PREFIX, DEAD_KEY, SEEN_PREFIX
+from app.queue import (
+    DEAD_BODY_PREFIX,
+    DEAD_KEY,
+    DEFAULT_QUEUE,
+    JOB_KEY_PREFIX,
+    SEEN_PREFIX,
+    STATS_KEY,
+)
+from app.sfid import canonical_id
 from tests.conftest import shared_message
 from tests.messages import ORG_ID, Record, contact, outbound_message
 from tests.servers import RedisServer, free_port
@@ -48,21 +58,21 @@ async def make_client(settings: Settings) -> AsyncIterator[ClientFactory]:
         await lifespan.__aexit__(None, None, None)
 
 
-def queued_jobs(redis_client: redis.Redis) -> list[dict[str, Any]]:
+def queued_jobs(redis_client: redis.Redis) -> list[ApplyJob]:
     jobs = []
-    for job_id in redis_client.zrange("arq:queue", 0, -1):
-        raw = redis_client.get(b"arq:job:" + job_id)
+    for job_id in redis_client.zrange(DEFAULT_QUEUE, 0, -1):
+        raw = redis_client.get(JOB_KEY_PREFIX.encode() + job_id)
         assert raw is not None
-        jobs.append(orjson.loads(raw))
+        jobs.append(read_job(raw))
     return jobs
 
 
-def queued_jobs_notifications(redis_client: redis.Redis) -> list[dict[str, Any]]:
-    return [n for job in queued_jobs(redis_client) for n in job["k"]["notifications"]]
+def queued_jobs_notifications(redis_client: redis.Redis) -> list[JobNotification]:
+    return [n for job in queued_jobs(redis_client) for n in job.notifications]
 
 
 def queued_notification_ids(redis_client: redis.Redis) -> list[str]:
-    return [n["id"] for n in queued_jobs_notifications(redis_client)]
+    return [n.id for n in queued_jobs_notifications(redis_client)]
 
 
 def fault_of(response: httpx.Response) -> str:
@@ -86,26 +96,25 @@ async def test_a_message_is_stored_as_one_arq_job_then_acked(
     assert response.headers["content-type"] == "text/xml; charset=utf-8"
     assert ACK_TEXT in response.text
     [job] = queued_jobs(redis_client)
-    assert job["f"] == APPLY_JOB
-    assert job["k"]["organization_id"] == ORG_ID
-    assert job["k"]["types"]["Contact"]["LastModifiedDate"] == "dateTime"
-    first, second = job["k"]["notifications"]
-    assert first == {
-        "id": records[0].notification_id,
-        "object": "Contact",
-        "fields": {
+    assert (job.organization_id, job.source) == (canonical_id(ORG_ID), Source.OUTBOUND_MESSAGE)
+    first, second = job.notifications
+    assert first == JobNotification(
+        records[0].notification_id,
+        "Contact",
+        {
             "Id": records[0].fields["Id"],
             "Email": "ada@example.org",
             "FirstName": "Ada",
             "LastName": "Love\nlace",
         },
-    }
-    assert second["fields"]["LastModifiedDate"] == "2024-05-01T10:00:00.000Z"
+    )
+    # Values travel as Salesforce sent them: a dateTime keeps its text.
+    assert second.fields["LastModifiedDate"] == "2024-05-01T10:00:00.000Z"
     # The raw body is kept only beside a dead letter.
     assert list(redis_client.scan_iter(DEAD_BODY_PREFIX + "*")) == []
     # arq's own job-expiry would drop a job that waited out a long backlog: ours lasts longer.
-    job_id = redis_client.zrange("arq:queue", 0, -1)[0]
-    assert redis_client.pttl(b"arq:job:" + job_id) > 7 * 24 * 3600 * 1000
+    job_id = redis_client.zrange(DEFAULT_QUEUE, 0, -1)[0]
+    assert redis_client.pttl(JOB_KEY_PREFIX.encode() + job_id) > 7 * 24 * 3600 * 1000
 
 
 async def test_redelivery_and_rebatching_queue_only_new_notifications(
@@ -125,7 +134,7 @@ async def test_redelivery_and_rebatching_queue_only_new_notifications(
     rebatched = outbound_message([old, new])
     assert ACK_TEXT in (await client.post(URL, content=rebatched, headers=XML)).text
     assert queued_notification_ids(redis_client) == [new.notification_id]
-    assert redis_client.hget("sfrelay:stats", "duplicates") == b"2"
+    assert redis_client.hget(STATS_KEY, "duplicates") == b"2"
 
 
 async def test_unhandled_objects_are_acked_and_counted_as_skipped(
@@ -135,7 +144,7 @@ async def test_unhandled_objects_are_acked_and_counted_as_skipped(
     account = Record("Account", {"Id": "0011I000008ZxYzQAK", "Name": "Acme"})
     body = outbound_message([account, contact(Email="c@example.org")])
     assert ACK_TEXT in (await client.post(URL, content=body, headers=XML)).text
-    assert redis_client.hget("sfrelay:stats", "skipped") == b"1"
+    assert redis_client.hget(STATS_KEY, "skipped") == b"1"
     assert len(queued_notification_ids(redis_client)) == 1
 
 
@@ -179,7 +188,7 @@ async def test_fields_no_wsdl_declares_are_reported_once(
         "add this Outbound Message's WSDL to type it"
         for name in ("Phone", "Title")
     ]
-    assert [n["fields"]["Title"] for n in queued_jobs_notifications(redis_client)] == ["CEO"] * 2
+    assert [n.fields["Title"] for n in queued_jobs_notifications(redis_client)] == ["CEO"] * 2
 
 
 @pytest.mark.parametrize(
@@ -202,7 +211,7 @@ async def test_real_messages_are_acked(
     assert ACK_TEXT in response.text
     stored = (
         len(queued_notification_ids(redis_client))
-        + int(redis_client.hget("sfrelay:stats", "skipped") or 0)
+        + int(redis_client.hget(STATS_KEY, "skipped") or 0)
         + redis_client.hlen(DEAD_KEY)
     )
     assert stored == shared_message(name).count(b"<Notification>")

@@ -20,6 +20,7 @@ from app.errors import (
     SalesforceQueryRefused,
     SalesforceUnavailable,
 )
+from app.jobs import JobNotification
 from app.mapping import load_field_map
 from app.records import to_record
 from app.salesforce import SalesforceApi, SalesforceClient
@@ -55,7 +56,7 @@ def add_contacts(org: FakeOrg, count: int, start: datetime = T0, step_s: float =
     return ids
 
 
-async def collect(pages: Any) -> list[dict[str, Any]]:
+async def collect(pages: Any) -> list[JobNotification]:
     return [n async for page in pages for n in page]
 
 
@@ -270,12 +271,12 @@ async def test_changed_records_page_by_page_in_the_queue_shape(
         rest = [n async for page in pages for n in page]
         assert sf_org.counts["query_more"] == 3
         notifications = first + rest
-        assert [n["fields"]["Id"] for n in notifications] == ids
+        assert [n.fields["Id"] for n in notifications] == ids
         one = notifications[0]
-        assert one == {
-            "id": f"{ids[0]}@20261120080000000",
-            "object": "Contact",
-            "fields": {
+        assert one == JobNotification(
+            f"{ids[0]}@20261120080000000",
+            "Contact",
+            {
                 "Id": ids[0],
                 "Email": "c1@example.org",
                 "FirstName": "Ada",
@@ -285,7 +286,7 @@ async def test_changed_records_page_by_page_in_the_queue_shape(
                 "IsDeleted": False,
                 "MasterRecordId": None,
             },
-        }
+        )
         record = to_record(0, one, load_field_map(None))  # the rules read it as pushed
         assert record.email == "c1@example.org"
         assert record.modstamp == int(T0.timestamp() * 1_000_000)
@@ -302,7 +303,7 @@ async def test_changed_records_window_is_half_open_and_utc(
     try:
         cet = T0.astimezone(ZoneInfo("Europe/Paris"))
         found = await collect(client.changed_records("Contact", cet, T0 + timedelta(seconds=3)))
-        assert [n["fields"]["Id"] for n in found] == ids[1:4]
+        assert [n.fields["Id"] for n in found] == ids[1:4]
         with pytest.raises(ValueError, match="has no time zone"):
             client.changed_records("Contact", datetime(2026, 11, 20), T0)
         assert sf_org.counts["query"] == 1
@@ -330,17 +331,17 @@ async def test_lead_fields_and_deleted_merged_records_with_query_all(
     try:
         end = T0 + timedelta(hours=1)
         live = await collect(client.changed_records("Contact", T0, end))
-        assert [n["fields"]["Id"] for n in live] == [winner]
+        assert [n.fields["Id"] for n in live] == [winner]
         everything = await collect(client.changed_records("Contact", T0, end, include_deleted=True))
-        deleted = everything[1]["fields"]
+        deleted = everything[1].fields
         assert (deleted["Id"], deleted["IsDeleted"], deleted["MasterRecordId"]) == (
             loser,
             True,
             winner,
         )
         (lead_notification,) = await collect(client.changed_records("Lead", T0, end))
-        assert lead_notification["fields"]["IsConverted"] is True
-        assert lead_notification["fields"]["ConvertedContactId"] == winner
+        assert lead_notification.fields["IsConverted"] is True
+        assert lead_notification.fields["ConvertedContactId"] == winner
     finally:
         await client.close()
 
@@ -354,13 +355,13 @@ async def test_records_by_id_in_batches_under_the_url_limit(
     client = client_for(sf_server)
     try:
         found = await collect(client.records_by_id("Contact", wanted))
-        assert sorted(n["fields"]["Id"] for n in found) == sorted(set(ids) - {ids[5]})
+        assert sorted(n.fields["Id"] for n in found) == sorted(set(ids) - {ids[5]})
         assert sf_org.counts["query"] == -(-651 // IDS_PER_QUERY) == 3
         assert max(sf_org.request_lines) < 16_384
         with_deleted = await collect(
             client.records_by_id("Contact", [ids[5]], include_deleted=True)
         )
-        assert with_deleted[0]["fields"]["IsDeleted"] is True
+        assert with_deleted[0].fields["IsDeleted"] is True
         with pytest.raises(ValueError, match="is not a Salesforce record Id"):
             await collect(client.records_by_id("Contact", ["003' OR Id != '"]))
         assert sf_org.counts["query"] + sf_org.counts["queryAll"] == 4
@@ -517,7 +518,7 @@ async def test_session_expiring_between_pages_is_renewed_and_paging_goes_on(
         first = await anext(pages)
         sf_org.expire_sessions()
         rest = [n async for page in pages for n in page]
-        assert [n["fields"]["Id"] for n in first + rest] == ids
+        assert [n.fields["Id"] for n in first + rest] == ids
         assert (client.logins, sf_org.counts["401"], sf_org.counts["query_more"]) == (2, 1, 2)
     finally:
         await client.close()

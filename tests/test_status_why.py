@@ -20,10 +20,13 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
+from app import dead
 from app.cli import main
 from app.config import Settings
+from app.dead import DeadLetter
+from app.jobs import ApplyJob, JobNotification, Source
 from app.main import create_app
-from app.queue import DEAD_KEY, RATE_PREFIX, enqueue_apply
+from app.queue import DEAD_KEY, JOB_KEY_PREFIX, RATE_PREFIX, SEEN_PREFIX, enqueue_apply
 from app.sfid import to18
 from app.sync import Syncer
 from tests.fixtures_worker import WorkerProcess, run_worker
@@ -31,7 +34,6 @@ from tests.messages import ORG_ID, contact, outbound_message, sf_id
 from tests.servers import free_port
 from tests.test_cli_worker import sfrelay
 
-TYPES = {"Contact": {"LastModifiedDate": "dateTime", "SystemModstamp": "dateTime"}}
 RECEIVED_AT = 1_764_000_000.0  # 2025-11-24 16:00:00 UTC
 ADA = to18("0031I00000AbCdE")  # letters in it: its 15-character form is case-sensitive
 NO_MAIL = sf_id("003", 2)
@@ -56,14 +58,14 @@ def notification(
     return {"id": sf_id("04l", number), "object": "Contact", "fields": fields}
 
 
-def job(*notifications: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "organization_id": ORG_ID,
-        "action_id": sf_id("04k", 1),
-        "received_at": RECEIVED_AT,
-        "types": TYPES,
-        "notifications": list(notifications),
-    }
+def job(*notifications: dict[str, Any]) -> ApplyJob:
+    return ApplyJob(
+        ORG_ID,
+        Source.OUTBOUND_MESSAGE,
+        RECEIVED_AT,
+        tuple(JobNotification.from_json(n) for n in notifications),
+        sf_id("04k", 1),
+    )
 
 
 def utc(epoch: float) -> str:
@@ -116,31 +118,23 @@ async def _sync(settings: Settings) -> tuple[str, float, int]:
         )
         [(queued_job, score)] = await client.zrange(settings.queue_name, 0, -1, withscores=True)
         # Dead: one kept by a worker in the database, one refused by the receiver (Redis).
-        syncer = await Syncer.open(settings)
-        try:
-            stored = {
-                **notification(4, DEAD_DB, email="dead4@example.org"),
-                "organization_id": ORG_ID,
-                "action_id": sf_id("04k", 1),
-                "types": {},
-            }
-            dead_row = await syncer.dead_letter(
-                stored, "boom for dead4@example.org", 5, RECEIVED_AT
-            )
-        finally:
-            await syncer.close()
-        refused = {
-            "notification_id": sf_id("04l", 5),
-            "object": "Contact",
-            "record_id": DEAD_REDIS,
-            "organization_id": ORG_ID,
-            "action_id": sf_id("04k", 1),
-            "reason": "LastModifiedDate is not a dateTime",
-            "received_at": RECEIVED_AT,
-            "body_sha256": "0" * 64,
-        }
+        dead_row = await add_database_dead_letter(
+            settings,
+            notification(4, DEAD_DB, email="dead4@example.org"),
+            "boom for dead4@example.org",
+        )
+        refused = DeadLetter(
+            job=ApplyJob(ORG_ID, Source.OUTBOUND_MESSAGE, RECEIVED_AT, (), sf_id("04k", 1)),
+            reason="LastModifiedDate is not a dateTime",
+            notification_id=sf_id("04l", 5),
+            record_id=DEAD_REDIS,
+            attempts=0,
+            first_seen=RECEIVED_AT,
+            last_seen=RECEIVED_AT,
+            body_sha256="0" * 64,
+        )
         await client.hset(  # type: ignore[misc]
-            DEAD_KEY, f"sfrelay:seen:{ORG_ID[:15]}:{sf_id('04l', 5)}", orjson.dumps(refused)
+            DEAD_KEY, f"{SEEN_PREFIX}{ORG_ID[:15]}:{sf_id('04l', 5)}", refused.dumps()
         )
     finally:
         await client.aclose()
@@ -319,7 +313,7 @@ def test_why_dead_records_in_the_database_and_in_redis(
     assert (code, err) == (0, "")
     assert orjson.loads(lines[0])["dead"] == [
         {
-            "id": f"sfrelay:seen:{ORG_ID[:15]}:{sf_id('04l', 5)}",
+            "id": f"{SEEN_PREFIX}{ORG_ID[:15]}:{sf_id('04l', 5)}",
             "source": "redis",
             "notification_id": sf_id("04l", 5),
             "record_id": DEAD_REDIS,
@@ -461,7 +455,11 @@ def test_status_one_screen(
         worker_settings.queue_name,
         {redis_client.zrange(worker_settings.queue_name, 0, 0)[0]: (time.time() - 125) * 1000},
     )
-    asyncio.run(add_database_dead_letter(worker_settings))
+    asyncio.run(
+        add_database_dead_letter(
+            worker_settings, notification(40, DEAD_DB, email="d@example.org"), "boom"
+        )
+    )
     before = fingerprint(drupal_db, redis_client)
 
     code, lines, err = run(capsys, worker_settings, "status")
@@ -512,16 +510,16 @@ def test_status_one_screen(
     ]
 
 
-async def add_database_dead_letter(settings: Settings) -> None:
+async def add_database_dead_letter(
+    settings: Settings, one: dict[str, Any], reason: str, attempts: int = 5
+) -> int:
+    """A worker's dead letter in the database (its tables created as a worker does)."""
     syncer = await Syncer.open(settings)
     try:
-        stored = {
-            **notification(40, DEAD_DB, email="d@example.org"),
-            "organization_id": ORG_ID,
-            "action_id": sf_id("04k", 1),
-            "types": {},
-        }
-        await syncer.dead_letter(stored, "boom", 5, RECEIVED_AT)
+        applied = job(one)
+        letter = DeadLetter.of(applied, applied.notifications[0], reason, attempts)
+        async with syncer.engine.begin() as conn:
+            return await dead.add(conn, letter)
     finally:
         await syncer.close()
 
@@ -533,16 +531,11 @@ def test_status_reads_a_sample_not_every_job(
         client: Redis = Redis.from_url(worker_settings.redis_url)
         async with client.pipeline(transaction=False) as pipe:
             for n in range(300):
-                kwargs = job(
+                one = job(
                     notification(2 * n, sf_id("003", 2 * n)),
                     notification(2 * n + 1, sf_id("003", 2 * n + 1)),
                 )
-                pipe.set(
-                    f"arq:job:j{n}",
-                    orjson.dumps(
-                        {"t": None, "f": "apply_notifications", "a": [], "k": kwargs, "et": 0}
-                    ),
-                )
+                pipe.set(f"{JOB_KEY_PREFIX}j{n}", one.serialize(0))
                 pipe.zadd(worker_settings.queue_name, {f"j{n}": 1_000 + n})
             await pipe.execute()
         await client.aclose()

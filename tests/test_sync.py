@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from app.drupal.schema import has_table
-from app.sync import Outcome
+from app.outcomes import Outcome
 from tests.drupal_rows import (
     add_member,
     assert_new_user,
@@ -23,7 +23,7 @@ from tests.fixtures_db import DrupalSite
 
 
 def kinds(outcomes: list[Outcome]) -> list[str]:
-    return [o.outcome for o in outcomes]
+    return [o.kind for o in outcomes]
 
 
 async def add_cache_entry(site: DrupalSite, uid: int) -> tuple[str | None, str]:
@@ -58,7 +58,7 @@ async def test_create_writes_the_rows_drupal_writes(drupal_site: DrupalSite) -> 
     before = {t: await tag(site, t) for t in ("user_list", "4xx-response")}
     syncer = await open_syncer(site)
     n = note(sf(1), "Jane.Doe@Example.com", "Jane", "Doe")
-    assert await syncer.apply([n]) == [Outcome(n["id"], sf(1), "created", uid)]
+    assert await syncer.apply([n]) == [Outcome(n.id, sf(1), "created", uid)]
     await syncer.close()
 
     await assert_new_user(
@@ -73,7 +73,7 @@ async def test_create_writes_the_rows_drupal_writes(drupal_site: DrupalSite) -> 
             assert await tag(site, name) == count + 1
     (state,) = await site.rows("SELECT * FROM sfrelay_record")
     assert (state["sf_id"], state["object"], state["uid"]) == (sf(1), "Contact", uid)
-    assert state["notification_id"] == n["id"] and state["converted_to"] is None
+    assert state["notification_id"] == n.id and state["converted_to"] is None
     assert state["modstamp"] == 1_740_830_400_000_000  # 2025-03-01T12:00Z in microseconds
 
 
@@ -93,7 +93,7 @@ async def test_update_changes_fields_and_invalidates_caches(drupal_site: DrupalS
     tags = {t: await tag(site, t) for t in (f"user:{uid}", "user_list", "4xx-response")}
 
     n = note(sf(1), "jane.smith@example.com", "Janet", None, minutes=5)
-    assert await syncer.apply([n]) == [Outcome(n["id"], sf(1), "updated", uid)]
+    assert await syncer.apply([n]) == [Outcome(n.id, sf(1), "updated", uid)]
     await syncer.close()
 
     row = await base_row(site, uid)
@@ -134,7 +134,7 @@ async def test_link_by_email_updates_the_existing_user(drupal_site: DrupalSite) 
     before = await base_row(site, uid)
     syncer = await open_syncer(site)
     n = note(sf(7), "MEMBER@example.com", "Site", "Member")
-    assert await syncer.apply([n]) == [Outcome(n["id"], sf(7), "linked", uid)]
+    assert await syncer.apply([n]) == [Outcome(n.id, sf(7), "linked", uid)]
     await syncer.close()
     after = await base_row(site, uid)
     assert (after["name"], after["pass"]) == ("member", before["pass"])  # never the password
@@ -155,7 +155,7 @@ async def test_without_match_by_email_an_existing_mail_is_a_conflict(
     syncer = await open_syncer(drupal_site, match_by_email=False)
     n = note(sf(7), "admin@example.com", "Site", "Admin")
     assert await syncer.apply([n]) == [
-        Outcome(n["id"], sf(7), "conflict_duplicate_email", None, "uid 1")
+        Outcome(n.id, sf(7), "conflict_duplicate_email", None, "uid 1")
     ]
     await syncer.close()
     assert await user_ids(drupal_site) == users
@@ -175,7 +175,7 @@ async def test_two_records_with_one_email_never_make_two_users(drupal_site: Drup
     d = note(sf(3), "Pat@Example.com", "Oth", "Er", minutes=2)
     (conflict,) = await syncer.apply([d])
     await syncer.close()
-    assert (conflict.outcome, conflict.detail, conflict.uid) == (
+    assert (conflict.kind, conflict.detail, conflict.uid) == (
         "conflict_duplicate_email",
         sf(1),
         out[1].uid,
@@ -194,10 +194,10 @@ async def test_older_versions_are_stale_whatever_the_order(drupal_site: DrupalSi
     assert kinds(await syncer.apply([old])) == ["stale"]
     # Without SystemModstamp, LastModifiedDate orders the versions.
     lm = note(sf(2), "lm@example.com", "L", "M", LastModifiedDate=None)
-    lm["fields"]["LastModifiedDate"] = lm["fields"].pop("SystemModstamp")
+    lm.fields["LastModifiedDate"] = lm.fields.pop("SystemModstamp")
     older = note(sf(2), "lm-old@example.com", "L", "M")
-    older["fields"]["LastModifiedDate"] = "2020-01-01T00:00:00.000Z"  # ISO text is accepted
-    del older["fields"]["SystemModstamp"]
+    older.fields["LastModifiedDate"] = "2020-01-01T00:00:00.000Z"  # ISO text is accepted
+    del older.fields["SystemModstamp"]
     assert kinds(await syncer.apply([lm, older])) == ["created", "stale"]
     await syncer.close()
     uid = out[0].uid
@@ -234,11 +234,11 @@ async def test_lead_conversion_keeps_one_account(drupal_site: DrupalSite) -> Non
     syncer = await open_syncer(site)
     (created,) = await syncer.apply([note(lead, "lee@example.com", "Lee", "Lead")])
     uid = created.uid
-    assert created.outcome == "created" and uid is not None
+    assert created.kind == "created" and uid is not None
     converted = note(lead, "lee@example.com", "Lee", "Lead", minutes=1, IsConverted=True)
-    converted["fields"]["ConvertedContactId"] = contact
+    converted.fields["ConvertedContactId"] = contact
     assert await syncer.apply([converted]) == [
-        Outcome(converted["id"], lead, "converted", uid, contact)
+        Outcome(converted.id, lead, "converted", uid, contact)
     ]
     assert (await field_values(site, uid))["field_salesforce_id"] == contact
     # The Contact's own notification updates that same user; the Lead's later ones do nothing.
@@ -249,7 +249,7 @@ async def test_lead_conversion_keeps_one_account(drupal_site: DrupalSite) -> Non
         ]
     )
     await syncer.close()
-    assert [(o.outcome, o.uid) for o in out] == [("updated", uid), ("stale", uid)]
+    assert [(o.kind, o.uid) for o in out] == [("updated", uid), ("stale", uid)]
     assert await uids_with_mail(site, "lee@example.com") == [uid]
     assert (await field_values(site, uid))["field_last_name"] == "Contact"
     states = await site.rows("SELECT sf_id, uid, converted_to FROM sfrelay_record ORDER BY sf_id")
@@ -283,3 +283,12 @@ async def test_invalid_email_is_skipped(drupal_site: DrupalSite) -> None:
     assert kinds(out) == ["skipped_invalid_email"] * len(bad)
     assert [o.detail for o in out] == bad
     assert await user_ids(drupal_site) == users
+
+
+def test_the_readme_names_every_outcome() -> None:
+    from app.config import PROJECT_ROOT
+    from app.outcomes import OutcomeKind
+
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## What the workers write", 1)[1].split("\n## ", 1)[0]
+    assert [k for k in OutcomeKind if f"`{k}`" not in section] == []

@@ -81,9 +81,9 @@ async def test_a_refused_record_costs_log_n_transactions_and_the_others_land(
     # A constraint is "retry" (another writer may have taken the row meanwhile) where the
     # driver calls it an integrity error; MariaDB's CHECK error (4025) is not one: "failed".
     expected = "failed" if site.backend == "mariadb" else "retry"
-    assert (poison.outcome, poison.uid, poison.record_id) == (expected, None, sf(37))
+    assert (poison.kind, poison.uid, poison.record_id) == (expected, None, sf(37))
     assert poison.detail is not None and "refuse_poison" in poison.detail
-    assert [o.outcome for i, o in enumerate(outcomes) if i != 37] == ["created"] * (n - 1)
+    assert [o.kind for i, o in enumerate(outcomes) if i != 37] == ["created"] * (n - 1)
     assert len(await user_ids(site)) == len(before) + n - 1
     assert await uids_with_mail(site, POISON) == []
     for i in (0, 36, 38, 63):
@@ -133,7 +133,7 @@ async def test_a_read_only_sqlite_file_is_retryable_and_writable_again_just_work
     path = Path(site.url.removeprefix("sqlite:///"))
     syncer = await open_syncer(site)
     (first,) = await syncer.apply([note(sf(1), "ada@example.org", "Ada", "Byron")])
-    assert first.outcome == "created"
+    assert first.kind == "created"
     make_read_only(path)
     try:
         with pytest.raises(RetryableError, match="attempt to write a readonly database"):
@@ -149,7 +149,7 @@ async def test_a_read_only_sqlite_file_is_retryable_and_writable_again_just_work
         ]
     )
     await syncer.close()
-    assert [o.outcome for o in outcomes] == ["created", "created"]
+    assert [o.kind for o in outcomes] == ["created", "created"]
     assert await site.rows("SELECT * FROM sfrelay_dead_letter") == []
     for mail in ("ada@example.org", "grace@example.org", "alan@example.org"):
         assert len(await uids_with_mail(site, mail)) == 1
@@ -196,7 +196,7 @@ async def test_a_worker_starting_never_waits_for_or_blocks_drupal_on_postgresql(
             await open_tx.commit()
             # The worker works.
             (created,) = await syncer.apply([note(sf(1), "ada@example.org", "Ada", "Byron")])
-            assert created.outcome == "created"
+            assert created.kind == "created"
             await syncer.close()
         # Once nothing holds the table, the next start creates what was missing, concurrently.
         await (await Syncer.open(settings)).close()

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
+from app import dead
 from app.config import Settings
+from app.dead import DeadLetter
 from app.errors import ConfigError, RetryableError
-from app.sync import Outcome, Syncer
+from app.jobs import ApplyJob, Source
+from app.outcomes import Outcome
+from app.sync import Syncer
 from tests.drupal_rows import (
     add_member,
     add_role,
@@ -26,7 +31,10 @@ from tests.drupal_rows import (
     user_ids,
 )
 from tests.fixtures_db import DrupalSite, Server
+from tests.messages import ORG_ID
 from tests.servers import free_port
+
+ORG15 = ORG_ID[:15]
 
 # An unprivileged extra role each site has (the minimal profile has none; D7's standard
 # profile only has administrator, which sfrelay never grants: the test makes "editor").
@@ -72,10 +80,10 @@ async def test_custom_field_map_and_roles(drupal_site: DrupalSite, tmp_path: Pat
         site, CUSTOM_MAP.format(roles=f'["{role}"]' if role else "[]"), tmp_path
     )
     n = note(sf(1), "kim@example.com", Nickname__c="Kimmy", Active__c=False)
-    n["fields"]["TimeZone__c"] = "Europe/Paris"
+    n.fields["TimeZone__c"] = "Europe/Paris"
     (created,) = await syncer.apply([n])
     uid = created.uid
-    assert created.outcome == "created" and uid is not None
+    assert created.kind == "created" and uid is not None
     row = await base_row(site, uid)
     assert (row["name"], row["status"], row["timezone"]) == ("Kimmy", 0, "Europe/Paris")
     assert await field_values(site, uid) == {
@@ -88,7 +96,7 @@ async def test_custom_field_map_and_roles(drupal_site: DrupalSite, tmp_path: Pat
     member = await add_member(site, "member", "member@example.com", roles=("member",))
     again = note(sf(1), "kim@example.com", minutes=1, Nickname__c="Kim", Active__c=True)
     linked = note(sf(2), "member@example.com", Nickname__c="Boss")
-    assert [o.outcome for o in await syncer.apply([again, linked])] == ["updated", "linked"]
+    assert [o.kind for o in await syncer.apply([again, linked])] == ["updated", "linked"]
     await syncer.close()
     assert (await base_row(site, uid))["status"] == 1
     assert (await base_row(site, uid))["name"] == "Kimmy"
@@ -134,7 +142,7 @@ async def test_usernames_are_valid_unique_and_kept(drupal_site: DrupalSite, tmp_
         note(sf(6), "a6@example.com", "Hubert", long_last),
     ]
     out = await syncer.apply(batch)
-    assert [o.outcome for o in out] == ["created"] * 6
+    assert [o.kind for o in out] == ["created"] * 6
     (third,) = await syncer.apply([note(sf(7), "a7@example.com", "john", "doe")])
     names = [(await base_row(site, o.uid or 0))["name"] for o in [*out, third]]
     assert names == [
@@ -171,7 +179,7 @@ async def test_concurrent_workers_never_share_a_name(drupal_site: DrupalSite) ->
     await one.close()
     await two.close()
     uids = [o.uid for out in results for o in out]
-    assert [o.outcome for out in results for o in out] == ["created"] * 6
+    assert [o.kind for out in results for o in out] == ["created"] * 6
     names = sorted([(await base_row(site, uid or 0))["name"] for uid in uids])
     assert names == ["Sam Lee", *(f"Sam Lee_{n}" for n in range(2, 7))]
 
@@ -208,9 +216,9 @@ async def test_one_failing_record_does_not_block_its_batch(drupal_site: DrupalSi
     ]
     out = await syncer.apply(batch)
     await syncer.close()
-    assert [o.outcome for o in out][::2] == ["created", "updated"] and out[3].outcome == "created"
-    assert out[1].outcome in ("retry", "failed") and "boom" in (out[1].detail or "")
-    assert out[2] == Outcome(batch[2]["id"], sf(1), "updated", existing.uid)
+    assert [o.kind for o in out][::2] == ["created", "updated"] and out[3].kind == "created"
+    assert out[1].kind in ("retry", "failed") and "boom" in (out[1].detail or "")
+    assert out[2] == Outcome(batch[2].id, sf(1), "updated", existing.uid)
     assert await uids_with_mail(site, "boom@example.com") == []
     await assert_new_user(
         site,
@@ -227,30 +235,28 @@ async def test_one_failing_record_does_not_block_its_batch(drupal_site: DrupalSi
         (sf(3), None),  # the failed attempt is in its history, nothing else
         (sf(4), out[3].uid),
     ]
-    assert f'"o":"{out[1].outcome}"' in states[2]["history"] and "boom" in states[2]["history"]
+    assert f'"o":"{out[1].kind}"' in states[2]["history"] and "boom" in states[2]["history"]
 
 
 async def test_dead_letters_round_trip(drupal_site: DrupalSite) -> None:
-    syncer = await open_syncer(drupal_site)
+    syncer = await open_syncer(drupal_site)  # a worker's start-up creates the table
+    job = ApplyJob(ORG15, Source.OUTBOUND_MESSAGE, 1000.0, ())
     first = note(sf(1), "x@example.com", "X", "Y")
-    second = note(sf(2), "y@example.com", "Y", "Z")
-    a = await syncer.dead_letter(first, "boom", 5, 1000.0)
-    b = await syncer.dead_letter(second, "bang", 3, 2000.0)
-    listed = await syncer.list_dead_letters()
-    assert [(d.id, d.record_id, d.error, d.attempts, d.first_seen) for d in listed] == [
-        (a, sf(1), "boom", 5, 1000.0),
-        (b, sf(2), "bang", 3, 2000.0),
-    ]
+    second = replace(note(sf(2), "y@example.com", "Y", "Z"), first_seen=2000.0)
+    async with syncer.engine.begin() as conn:
+        a = await dead.add(conn, DeadLetter.of(job, first, "boom", 5))
+        b = await dead.add(conn, DeadLetter.of(job, second, "bang", 3))
+    async with syncer.engine.connect() as conn:
+        listed = await dead.in_database(conn)
+    letters = [(d.id, d.record_id, d.error, d.attempts, d.first_seen) for d in listed]
+    assert letters == [(str(a), sf(1), "boom", 5, 1000.0), (str(b), sf(2), "bang", 3, 2000.0)]
+    assert [d.kept for d in listed] == [dead.Kept.DATABASE] * 2
+    # Stored as it arrived: a replay applies it like the original.
     stored = listed[0].notification
-    assert stored["id"] == first["id"] and stored["fields"]["SystemModstamp"].startswith("2025-")
-    assert [d.id for d in await syncer.take_dead_letters([b])] == [b]
-    assert [d.id for d in await syncer.list_dead_letters()] == [a]
-    # A replayed dead letter (datetimes now ISO text) applies like the original.
-    (replayed,) = await syncer.take_dead_letters(None)
-    assert await syncer.list_dead_letters() == []
-    (outcome,) = await syncer.apply([replayed.notification])
+    assert stored == first
+    (outcome,) = await syncer.apply([stored])
     await syncer.close()
-    assert outcome.outcome == "created"
+    assert outcome.kind == "created"
     assert await uids_with_mail(drupal_site, "x@example.com") == [outcome.uid]
 
 
@@ -268,10 +274,10 @@ async def test_unknown_drupal_version_or_database(drupal_site: DrupalSite, tmp_p
 async def test_lead_without_a_synced_user_is_not_converted(drupal_site: DrupalSite) -> None:
     syncer = await open_syncer(drupal_site)
     lead = note(sf(9, "00Q"), "ghost@example.com", "Gh", "Ost", IsConverted=True)
-    lead["fields"]["ConvertedContactId"] = sf(9)
+    lead.fields["ConvertedContactId"] = sf(9)
     (out,) = await syncer.apply([lead])
     await syncer.close()
-    assert (out.outcome, out.uid) == ("skipped_converted", None)
+    assert (out.kind, out.uid) == ("skipped_converted", None)
     assert await uids_with_mail(drupal_site, "ghost@example.com") == []
 
 
@@ -312,4 +318,4 @@ async def test_a_database_gone_mid_run_is_retryable(pg_server: Server) -> None:
     # Back again: the same call simply succeeds.
     (later,) = await syncer.apply([note(sf(2), "b@example.com", "B", "C")])
     await syncer.close()
-    assert (created.outcome, later.outcome) == ("created", "created")
+    assert (created.kind, later.kind) == ("created", "created")

@@ -18,6 +18,7 @@ from sqlalchemy import event
 
 from app.config import Settings
 from app.drupal.engine import create_engine
+from app.jobs import JobNotification
 from app.records import clean_name
 from app.sync import Outcome, Syncer
 from tests import drupal_schemas
@@ -53,7 +54,7 @@ async def names_are_unique(site: DrupalSite) -> None:
     assert row["n"] == row["total"], row
 
 
-def spelling_notes(start: int, spellings: list[str], minutes: int = 0) -> list[dict[str, Any]]:
+def spelling_notes(start: int, spellings: list[str], minutes: int = 0) -> list[JobNotification]:
     out = []
     for i, name in enumerate(spellings, start):
         first, _, last = name.partition(" ")
@@ -88,7 +89,7 @@ async def test_names_colliding_by_unicode_case_in_one_batch_and_across(
         later += await syncer.apply(spelling_notes(i, [name]))
     await syncer.close()
     for o in [*first, *later]:
-        assert o.outcome == "created", o
+        assert o.kind == "created", o
     await names_are_unique(site)
     names = await created_names(site, [*first, *later])
     assert [stem(n) for n in names] == [*spellings, *spellings]
@@ -107,7 +108,7 @@ async def test_a_contact_named_like_an_existing_user_gets_a_suffix(
     again = note(sf(2), "rosa2@example.com", "Rosa", "Ødegaard", minutes=1)
     (replay,) = await syncer.apply([again])
     await syncer.close()
-    assert (one.outcome, two.outcome, replay.outcome) == ("created", "created", "updated")
+    assert (one.kind, two.kind, replay.kind) == ("created", "created", "updated")
     assert await created_names(site, [one, two]) == ["Rosa Ødegaard", "Rosa Ødegaard_2"]
     await names_are_unique(site)
 
@@ -129,7 +130,7 @@ async def test_two_workers_with_colliding_international_names(drupal_site: Drupa
     await one.close()
     await two.close()
     outcomes = [o for out in results for o in out]
-    assert [o.outcome for o in outcomes] == ["created"] * len(outcomes), outcomes
+    assert [o.kind for o in outcomes] == ["created"] * len(outcomes), outcomes
     await names_are_unique(site)
 
 
@@ -154,9 +155,9 @@ async def test_mails_are_matched_as_the_database_compares_them(drupal_site: Drup
     )
     if same:  # the database says it is the same mail: never a second user with it
         assert site.backend == "mariadb"
-        assert out == Outcome(n["id"], sf(2), "conflict_duplicate_email", None, sf(1))
+        assert out == Outcome(n.id, sf(2), "conflict_duplicate_email", None, sf(1))
     else:
-        assert out.outcome == "created"
+        assert out.kind == "created"
 
 
 # --- property: names the unique index judges equal never reach it as two users' names ---
@@ -249,7 +250,7 @@ def test_equal_names_never_reach_the_database_as_two_users(property_site: Any) -
             return [*await syncer.apply(notes[:1]), *await syncer.apply(notes[1:])]
 
         outcomes = loop.run_until_complete(run())
-        assert [o.outcome for o in outcomes] == ["created", "created"], (a, b, outcomes)
+        assert [o.kind for o in outcomes] == ["created", "created"], (a, b, outcomes)
         loop.run_until_complete(names_are_unique(site))
 
     check()
@@ -278,7 +279,7 @@ async def test_name_and_mail_lookups_stay_indexed(drupal_site: DrupalSite) -> No
     out = await syncer.apply(spelling_notes(100, [group[0] for group in COLLIDING]))
     event.remove(syncer.engine.sync_engine, "before_cursor_execute", capture)
     await syncer.close()
-    assert {o.outcome for o in out} == {"created"}
+    assert {o.kind for o in out} == {"created"}
     assert any("name" in s and ">=" in s for s, _ in sent), sent  # the suffix ranges
     assert any("mail" in s for s, _ in sent), sent
     async with site.engine.connect() as conn:

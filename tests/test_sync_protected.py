@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from app.drupal import state
-from app.drupal.state import RecordState
+from app.drupal import ledger
+from app.drupal.ledger import RecordState
 from app.errors import ConfigError
 from app.sync import Outcome
 from tests.drupal_rows import (
@@ -63,7 +63,7 @@ async def test_admin_takeover_sequence(drupal_site: DrupalSite, tmp_path: Path) 
     # 1. A Contact with the administrator's email (any case): never linked.
     n = note(sf(7), "ADMIN@example.com", "Eve", "Attacker")
     assert await syncer.apply([n]) == [
-        Outcome(n["id"], sf(7), "conflict_protected_user", None, "uid 1")
+        Outcome(n.id, sf(7), "conflict_protected_user", None, "uid 1")
     ]
     assert await user_rows(site, 1) == admin
     assert await user_ids(site) == users
@@ -72,16 +72,16 @@ async def test_admin_takeover_sequence(drupal_site: DrupalSite, tmp_path: Path) 
     # 2. Its Email edited: a new user of its own; uid 1's mail, name and fields untouched.
     edit = note(sf(7), "eve@evil.example", "Eve", "Attacker", minutes=1)
     (created,) = await syncer.apply([edit])
-    assert created.outcome == "created" and created.uid not in (0, 1)
+    assert created.kind == "created" and created.uid not in (0, 1)
     assert await user_rows(site, 1) == admin
     # 3. A mapping to uid 1 left by an older sfrelay: its updates are refused as well.
     async with site.engine.begin() as conn:
-        await state.save(conn, [RecordState(sf(8), "Contact", uid=1, dirty=True)])
+        await ledger.save(conn, [RecordState(sf(8), "Contact", uid=1, dirty=True)])
     take = note(sf(8), "eve@evil.example", "Eve", "Attacker", Active__c=False)
     again = note(sf(8), "owned@evil.example", "Eve", "Owner", minutes=1)
     out = await syncer.apply([take, again])
     await syncer.close()
-    assert [(o.outcome, o.uid, o.detail) for o in out] == [
+    assert [(o.kind, o.uid, o.detail) for o in out] == [
         ("conflict_protected_user", 1, "uid 1"),
         ("conflict_protected_user", 1, "uid 1"),
     ]
@@ -116,7 +116,7 @@ async def test_admin_role_and_administer_users_holders_are_never_linked(
         note(sf(5), "plain@example.com", "P", "Lain"),
     ]
     out = await syncer.apply(batch)
-    assert [(o.outcome, o.uid, o.detail) for o in out] == [
+    assert [(o.kind, o.uid, o.detail) for o in out] == [
         ("conflict_protected_user", None, f"uid {boss} has role {role}"),
         ("conflict_protected_user", None, f"uid {manager} has role user_manager"),
         ("conflict_protected_user", None, f"uid {keeper} has role permission_keeper"),
@@ -125,7 +125,7 @@ async def test_admin_role_and_administer_users_holders_are_never_linked(
     ]
     # The Contacts' Email edited: each gets a user of its own; the protected ones stay as is.
     edits = [note(sf(i), f"new{i}@example.com", minutes=1) for i in range(1, 5)]
-    assert [o.outcome for o in await syncer.apply(edits)] == ["created"] * 4
+    assert [o.kind for o in await syncer.apply(edits)] == ["created"] * 4
     await syncer.close()
     for uid in protected:
         assert await user_rows(site, uid) == before[uid], uid
@@ -143,7 +143,7 @@ async def test_a_role_made_protected_after_linking_takes_effect_at_the_next_noti
     out = await syncer.apply(
         [note(sf(1), "promoted@example.com", "Pro"), note(sf(2), "editor@example.com", "Ed")]
     )
-    assert [(o.outcome, o.uid) for o in out] == [("linked", promoted), ("linked", editor)]
+    assert [(o.kind, o.uid) for o in out] == [("linked", promoted), ("linked", editor)]
     # In Drupal: one user gets the administrator role, the other's role gets a permission.
     await give_role(site, promoted, role)
     await grant_permissions(site, "editor", ("administer users",))
@@ -155,7 +155,7 @@ async def test_a_role_made_protected_after_linking_takes_effect_at_the_next_noti
         ]
     )
     await syncer.close()
-    assert [(o.outcome, o.uid, o.detail) for o in out] == [
+    assert [(o.kind, o.uid, o.detail) for o in out] == [
         ("conflict_protected_user", promoted, f"uid {promoted} has role {role}"),
         ("conflict_protected_user", editor, f"uid {editor} has role editor"),
     ]
@@ -179,18 +179,18 @@ async def test_lead_conversion_onto_a_protected_user_is_refused(drupal_site: Dru
     syncer = await open_syncer(site)
     (created,) = await syncer.apply([note(lead, "lee@example.com", "Lee", "Lead")])
     uid = created.uid
-    assert created.outcome == "created" and uid is not None
+    assert created.kind == "created" and uid is not None
     await give_role(site, uid, role)
     before = await user_rows(site, uid)
     converted = note(lead, "lee@example.com", "Lee", "Lead", minutes=1, IsConverted=True)
-    converted["fields"]["ConvertedContactId"] = contact
+    converted.fields["ConvertedContactId"] = contact
     assert await syncer.apply([converted]) == [
-        Outcome(converted["id"], lead, "conflict_protected_user", uid, f"uid {uid} has role {role}")
+        Outcome(converted.id, lead, "conflict_protected_user", uid, f"uid {uid} has role {role}")
     ]
     # The Contact's own notification does not take that user either (the Lead still has it).
     (own,) = await syncer.apply([note(contact, "lee@example.com", "Lee", "Contact", minutes=2)])
     await syncer.close()
-    assert (own.outcome, own.uid, own.detail) == ("conflict_duplicate_email", None, lead)
+    assert (own.kind, own.uid, own.detail) == ("conflict_duplicate_email", None, lead)
     assert await user_rows(site, uid) == before
     states = await site.rows("SELECT sf_id, uid, converted_to FROM sfrelay_record ORDER BY sf_id")
     assert states == [
@@ -215,7 +215,7 @@ async def test_protected_roles_setting_replaces_the_default(drupal_site: DrupalS
         ]
     )
     await syncer.close()
-    assert [(o.outcome, o.uid, o.detail) for o in out] == [
+    assert [(o.kind, o.uid, o.detail) for o in out] == [
         ("linked", boss, None),  # the administrator role is not in the list any more
         ("conflict_protected_user", None, f"uid {editor} has role editor"),
         ("conflict_protected_user", None, "uid 1"),  # uid 1 is always protected
@@ -255,7 +255,7 @@ async def test_never_logged_in_links_only_users_who_never_logged_in(
         [note(sf(1), "fresh@example.com", "F"), note(sf(2), "Active@example.com", "A")]
     )
     await syncer.close()
-    assert [(o.outcome, o.uid, o.detail) for o in out] == [
+    assert [(o.kind, o.uid, o.detail) for o in out] == [
         ("linked", fresh, None),
         (
             "conflict_duplicate_email",

@@ -299,3 +299,24 @@ def test_up_never_writes_a_redis_password_for_the_other_commands(tmp_path: Path)
     )
     path = write_local_env(Stack(settings, tmp_path, print), demo=False)
     assert path.read_text().splitlines()[2:] == ["SFRELAY_HOST=127.0.0.1", "SFRELAY_PORT=8000"]
+
+
+def test_a_process_that_exits_at_start_is_a_failed_process_not_a_config_error() -> None:
+    from app.errors import ConfigError, ProcessFailed
+    from app.up import _wait_listening
+
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    port = free_port()
+    with pytest.raises(ProcessFailed) as caught:
+        _wait_listening("127.0.0.1", port, exited, "redis-server")
+    assert not isinstance(caught.value, ConfigError)
+    assert str(caught.value) == (
+        f"redis-server did not start on 127.0.0.1:{port} (see its output above)"
+    )
+
+
+def test_a_record_error_is_a_permanent_error_of_the_tree() -> None:
+    from app.errors import PermanentError, RecordError, SfrelayError
+
+    assert issubclass(RecordError, PermanentError) and issubclass(PermanentError, SfrelayError)

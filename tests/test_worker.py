@@ -15,13 +15,20 @@ import redis
 from redis.asyncio import Redis
 
 from app.config import Settings
-from app.dead import list_dead_letters, replay_dead_letters
-from app.queue import DEAD_KEY, STATS_KEY, enqueue_apply
+from app.dead import Kept, list_dead_letters, replay_dead_letters
+from app.jobs import ApplyJob, JobNotification, Source
+from app.queue import (
+    DEAD_KEY,
+    JOB_KEY_PREFIX,
+    OUTCOME_PREFIX,
+    RETRY_KEY_PREFIX,
+    SEEN_PREFIX,
+    STATS_KEY,
+    enqueue_apply,
+)
 from tests.fixtures_worker import drupal_users, run_worker
 from tests.messages import ORG_ID, sf_id
 from workers.tasks import INTERRUPTED_TRIES, backoff_s
-
-TYPES = {"Contact": {"LastModifiedDate": "dateTime", "SystemModstamp": "dateTime"}}
 
 
 def contact(
@@ -44,14 +51,14 @@ def contact(
     return {"id": sf_id("04l", number), "object": "Contact", "fields": fields}
 
 
-def job(notifications: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "organization_id": ORG_ID,
-        "action_id": sf_id("04k", 1),
-        "received_at": time.time(),
-        "types": TYPES,
-        "notifications": notifications,
-    }
+def job(notifications: list[dict[str, Any]]) -> ApplyJob:
+    return ApplyJob(
+        ORG_ID,
+        Source.OUTBOUND_MESSAGE,
+        time.time(),
+        tuple(JobNotification.from_json(n) for n in notifications),
+        sf_id("04k", 1),
+    )
 
 
 @pytest.fixture
@@ -61,16 +68,16 @@ async def aredis(worker_settings: Settings) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-async def enqueue(aredis: Redis, settings: Settings, *jobs: dict[str, Any]) -> None:
-    for kwargs in jobs:
+async def enqueue(aredis: Redis, settings: Settings, *jobs: ApplyJob) -> None:
+    for one in jobs:
         assert await enqueue_apply(
-            aredis, settings.queue_name, kwargs, job_ttl_s=settings.job_ttl_seconds
+            aredis, settings.queue_name, one, job_ttl_s=settings.job_ttl_seconds
         )
 
 
 def stats(client: redis.Redis) -> dict[str, int]:
     raw = dict(client.hgetall(STATS_KEY))
-    return {k.decode(): int(v) for k, v in raw.items() if k.startswith(b"outcome:")}
+    return {k.decode(): int(v) for k, v in raw.items() if k.startswith(OUTCOME_PREFIX.encode())}
 
 
 async def test_a_job_becomes_drupal_users_and_outcome_counters(
@@ -151,11 +158,12 @@ async def test_a_locked_database_is_retried_then_dead_lettered_in_redis_then_rep
     letters = await list_dead_letters(settings)
     # The database write of the letter, cut short, may land once the lock is gone: then the
     # letter is in both places, and replaying both has no second effect.
-    assert {(d.source, d.notification_id) for d in letters} <= {
-        ("redis", sf_id("04l", 1)),
-        ("database", sf_id("04l", 1)),
+    assert {(d.kept, d.notification_id) for d in letters} <= {
+        (Kept.REDIS, sf_id("04l", 1)),
+        (Kept.DATABASE, sf_id("04l", 1)),
     }
-    [letter] = [d for d in letters if d.source == "redis"]
+    [letter] = [d for d in letters if d.kept is Kept.REDIS]
+    assert letter.source is Source.OUTBOUND_MESSAGE
     assert letter.error.startswith("gave up after 2 tries: ")
     assert letter.attempts == 2
 
@@ -174,15 +182,15 @@ async def test_a_job_interrupted_too_often_is_dead_lettered_not_dropped(
     [job_id] = list(redis_client.zrange(worker_settings.queue_name, 0, -1))
     # arq counts a try each time a run starts: as if workers died on this job again and again.
     tries = worker_settings.max_tries + INTERRUPTED_TRIES - 1
-    redis_client.set(b"arq:retry:" + job_id, tries)
+    redis_client.set(RETRY_KEY_PREFIX.encode() + job_id, tries)
     worker = await run_worker(worker_settings)
     assert worker.jobs_complete == 1
     assert drupal_users(drupal_db) == []
     [letter] = await list_dead_letters(worker_settings)
-    assert (letter.source, letter.attempts) == ("database", tries + 1)
+    assert (letter.kept, letter.attempts) == (Kept.DATABASE, tries + 1)
     assert letter.error == f"the worker was stopped or killed while applying this job {tries} times"
     assert letter.notification is not None
-    assert letter.notification["fields"]["Email"] == "ada@example.org"
+    assert letter.notification.fields["Email"] == "ada@example.org"
     assert stats(redis_client) == {"outcome:dead": 1}
 
 
@@ -204,14 +212,14 @@ async def test_a_redis_dead_letter_from_the_receiver_is_listed_but_not_replayed(
         "received_at": 1_700_000_000.0,
         "body_sha256": "0" * 64,
     }
-    redis_client.hset(DEAD_KEY, "sfrelay:seen:x:y", orjson.dumps(entry))
+    redis_client.hset(DEAD_KEY, f"{SEEN_PREFIX}x:y", orjson.dumps(entry))
     [letter] = await list_dead_letters(worker_settings)
     assert letter.error == "refused on receipt: sObject has no xsi:type in the sObject namespace"
-    result = await replay_dead_letters(worker_settings, ["sfrelay:seen:x:y", "12345"])
+    result = await replay_dead_letters(worker_settings, [f"{SEEN_PREFIX}x:y", "12345"])
     assert result.replayed == 0
     assert result.refused == {
         "12345": "no such dead letter (see `sfrelay dead list`)",
-        "sfrelay:seen:x:y": "refused on receipt: sObject has no xsi:type in the sObject "
+        f"{SEEN_PREFIX}x:y": "refused on receipt: sObject has no xsi:type in the sObject "
         "namespace; it cannot be applied as it is: fix it in Salesforce and let Salesforce "
         "send it again",
     }
@@ -228,14 +236,14 @@ async def test_a_failed_notification_is_dead_lettered_at_once_beside_applied_one
     assert (worker.jobs_complete, worker.jobs_retried) == (1, 0)
     assert [u[2] for u in drupal_users(drupal_db)] == ["ada@example.org"]
     [letter] = await list_dead_letters(worker_settings)
-    assert (letter.source, letter.notification_id, letter.attempts) == ("database", broken["id"], 1)
+    assert (letter.kept, letter.notification_id, letter.attempts) == (
+        Kept.DATABASE,
+        broken["id"],
+        1,
+    )
     assert letter.error == "the notification has no record Id"
-    assert letter.notification == {
-        **broken,
-        "organization_id": ORG_ID,
-        "action_id": sf_id("04k", 1),
-        "types": TYPES["Contact"],
-    }
+    assert letter.notification == JobNotification.from_json(broken)
+    assert (letter.job.organization_id, letter.job.action_id) == (ORG_ID[:15], sf_id("04k", 1))
     assert stats(redis_client) == {"outcome:created": 1, "outcome:failed": 1, "outcome:dead": 1}
     assert redis_client.zcard(worker_settings.queue_name) == 0
 
@@ -252,8 +260,8 @@ async def test_a_retry_outcome_requeues_only_that_notification_until_max_tries(
             "BEGIN SELECT RAISE(ABORT, 'UNIQUE constraint failed: users_field_data.mail'); END"
         )
     db.close()
-    kwargs = job([contact(1, email="ada@example.org"), contact(2, email="taken@example.org")])
-    await enqueue(aredis, worker_settings, kwargs)
+    queued = job([contact(1, email="ada@example.org"), contact(2, email="taken@example.org")])
+    await enqueue(aredis, worker_settings, queued)
     worker = await run_worker(worker_settings)
     # The message's job, then two follow-up jobs holding only the refused notification.
     assert (worker.jobs_complete, worker.jobs_retried, worker.jobs_failed) == (3, 0, 0)
@@ -262,13 +270,76 @@ async def test_a_retry_outcome_requeues_only_that_notification_until_max_tries(
     assert (letter.notification_id, letter.attempts) == (sf_id("04l", 2), 3)
     assert letter.error.startswith("gave up after 3 attempts: ")
     assert "UNIQUE constraint failed: users_field_data.mail" in letter.error
-    assert letter.first_seen == kwargs["received_at"]
+    assert letter.first_seen == queued.received_at
     assert stats(redis_client) == {
         "outcome:created": 1,
         "outcome:retry": 3,
         "outcome:requeued": 2,
         "outcome:dead": 1,
     }
+
+
+async def test_a_job_queued_in_the_untagged_shape_before_version_2_still_applies(
+    worker_settings: Settings, redis_client: redis.Redis, drupal_db: Path
+) -> None:
+    # Exactly as the receiver of the previous release wrote it: no "v", a `types` side channel.
+    now_ms = int(time.time() * 1000)
+    old: dict[str, Any] = {
+        "t": None,
+        "f": "apply_notifications",
+        "a": [],
+        "et": now_ms,
+        "k": {
+            "organization_id": ORG_ID,
+            "action_id": sf_id("04k", 1),
+            "received_at": now_ms / 1000,
+            "types": {"Contact": {"LastModifiedDate": "dateTime", "SystemModstamp": "dateTime"}},
+            "notifications": [
+                contact(1, email="ada@example.org"),
+                {**contact(2, email="bob@example.org"), "attempt": 2, "first_seen": 1000.0},
+            ],
+        },
+    }
+    redis_client.set(JOB_KEY_PREFIX + "old", orjson.dumps(old))
+    redis_client.zadd(worker_settings.queue_name, {"old": now_ms})
+    worker = await run_worker(worker_settings)
+    assert (worker.jobs_complete, worker.jobs_failed) == (1, 0)
+    assert sorted(u[2] for u in drupal_users(drupal_db)) == ["ada@example.org", "bob@example.org"]
+    assert stats(redis_client) == {"outcome:created": 2}
+
+
+async def test_dead_letters_stored_before_version_2_are_listed_and_replayed(
+    worker_settings: Settings, redis_client: redis.Redis, drupal_db: Path
+) -> None:
+    await run_worker(worker_settings)  # start-up creates the table
+    stored = {**contact(1, email="ada@example.org"), "organization_id": ORG_ID, "action_id": "a"}
+    with sqlite3.connect(drupal_db) as db:  # a worker's row, as the previous release wrote it
+        db.execute(
+            "INSERT INTO sfrelay_dead_letter (notification_id, record_id, payload, error, "
+            "attempts, first_seen, last_seen) VALUES (?, ?, ?, 'boom', 5, 1000.0, 2000.0)",
+            (sf_id("04l", 1), sf_id("003", 1), orjson.dumps({**stored, "types": {}}).decode()),
+        )
+    db.close()
+    # A worker's letter kept in Redis while the database was down, as it was written then.
+    fallback = {
+        "notification_id": sf_id("04l", 2),
+        "record_id": sf_id("003", 2),
+        "notification": {**contact(2, email="bob@example.org"), "organization_id": ORG_ID},
+        "error": "bang",
+        "attempts": 3,
+        "first_seen": 1500.0,
+        "last_seen": 2500.0,
+    }
+    redis_client.hset(DEAD_KEY, "worker:x:2", orjson.dumps(fallback))
+    letters = await list_dead_letters(worker_settings)
+    assert [(d.kept, d.notification_id, d.error, d.attempts, d.first_seen) for d in letters] == [
+        (Kept.DATABASE, sf_id("04l", 1), "boom", 5, 1000.0),
+        (Kept.REDIS, sf_id("04l", 2), "bang", 3, 1500.0),
+    ]
+    result = await replay_dead_letters(worker_settings, None)
+    assert (result.replayed, result.refused) == (2, {})
+    await run_worker(worker_settings)
+    assert sorted(u[2] for u in drupal_users(drupal_db)) == ["ada@example.org", "bob@example.org"]
 
 
 async def test_a_protected_user_is_counted_never_retried_nor_dead_lettered(

@@ -10,7 +10,8 @@ from pathlib import Path
 import redis
 
 from app.config import Settings
-from app.dead import list_dead_letters, replay_dead_letters
+from app.dead import Kept, list_dead_letters, replay_dead_letters
+from app.queue import IN_PROGRESS_KEY_PREFIX, RETRY_KEY_PREFIX
 from tests.fixtures_worker import WorkerProcess
 from tests.messages import sf_id
 from tests.test_sync_faults import make_read_only, make_writable
@@ -21,11 +22,11 @@ Starter = type[WorkerProcess]
 
 def retried(client: redis.Redis, settings: Settings) -> bool:
     """Some job has run more than once (arq counts its tries in arq:retry:<job id>)."""
-    return any(int(client.get(key) or 0) >= 2 for key in client.keys("arq:retry:*"))
+    return any(int(client.get(key) or 0) >= 2 for key in client.keys(RETRY_KEY_PREFIX + "*"))
 
 
 def drained(client: redis.Redis, settings: Settings) -> bool:
-    return client.zcard(settings.queue_name) == 0 and not client.keys("arq:in-progress:*")
+    return client.zcard(settings.queue_name) == 0 and not client.keys(IN_PROGRESS_KEY_PREFIX + "*")
 
 
 async def test_a_read_only_database_is_retried_and_applied_once_writable_nothing_dead(
@@ -77,7 +78,7 @@ async def test_a_dead_letter_of_a_transient_error_is_replayed_to_success(
     assert sorted(d.notification_id or "" for d in letters) == [
         sf_id("04l", n) for n in range(1, 21)
     ]
-    assert {d.source for d in letters} == {"redis"}
+    assert {d.kept for d in letters} == {Kept.REDIS}
     assert all(d.error.startswith("gave up after 2 tries: Drupal database: ") for d in letters)
     assert all("readonly" in d.error for d in letters)
     assert emails(drupal_db) == []

@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import orjson
 import redis
 
 from app.config import Settings
-from app.queue import APPLY_JOB, JOB_KEY_PREFIX
+from app.jobs import ApplyJob, JobNotification, Source
+from app.queue import IN_PROGRESS_KEY_PREFIX, JOB_KEY_PREFIX
 from tests.fixtures_worker import PROJECT, WorkerProcess, drupal_users, settings_env
 from tests.messages import ORG_ID, sf_id
 
@@ -28,24 +28,17 @@ def enqueue(
 ) -> str:
     """One job of `count` new Contacts, numbered from `first`, queued as the receiver does."""
     notifications = [
-        {
-            "id": sf_id("04l", n),
-            "object": "Contact",
-            "fields": {"Id": sf_id("003", n), "Email": f"user{n}@example.org", "LastName": f"U{n}"},
-        }
+        JobNotification(
+            sf_id("04l", n),
+            "Contact",
+            {"Id": sf_id("003", n), "Email": f"user{n}@example.org", "LastName": f"U{n}"},
+        )
         for n in range(first, first + count)
     ]
-    kwargs = {
-        "organization_id": ORG_ID,
-        "action_id": sf_id("04k", 1),
-        "received_at": time.time(),
-        "types": {"Contact": {}},
-        "notifications": notifications,
-    }
+    job = ApplyJob(ORG_ID, Source.OUTBOUND_MESSAGE, time.time(), tuple(notifications))
     job_id = f"job{first}"
     now_ms = int(time.time() * 1000)
-    body: dict[str, object] = {"t": None, "f": APPLY_JOB, "a": [], "k": kwargs, "et": now_ms}
-    client.set(JOB_KEY_PREFIX + job_id, orjson.dumps(body))
+    client.set(JOB_KEY_PREFIX + job_id, job.serialize(now_ms))
     client.zadd(settings.queue_name, {job_id: now_ms + int(defer_s * 1000)})
     return job_id
 
@@ -117,7 +110,7 @@ def test_sigterm_lets_the_running_job_finish_and_leaves_the_rest_queued(
     worker.wait_ready(redis_client)
     with write_locked(drupal_db):
         running = enqueue(redis_client, settings, 1, 5)
-        wait_for(lambda: redis_client.exists(f"arq:in-progress:{running}"))
+        wait_for(lambda: redis_client.exists(IN_PROGRESS_KEY_PREFIX + running))
         worker.signal(signal.SIGTERM)
         time.sleep(0.3)
         enqueue(redis_client, settings, 100, 5)  # arrives while the worker stops
@@ -143,7 +136,7 @@ def test_sigkill_mid_job_the_next_worker_runs_the_job_again_once(
     first.wait_ready(redis_client)
     with write_locked(drupal_db):
         job_id = enqueue(redis_client, settings, 1, 5)
-        wait_for(lambda: redis_client.exists(f"arq:in-progress:{job_id}"))
+        wait_for(lambda: redis_client.exists(IN_PROGRESS_KEY_PREFIX + job_id))
         first.signal(signal.SIGKILL)
         assert first.wait(10) == -signal.SIGKILL
     assert redis_client.zscore(settings.queue_name, job_id) is not None

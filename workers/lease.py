@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.engine import make_url
 
 from app.drupal.url import async_url
+from app.queue import WRITER_PREFIX
 
 logger = logging.getLogger("sfrelay.worker")
 
@@ -86,7 +87,7 @@ def database_key(database_url: str) -> str:
     else:
         where = f"{(url.host or 'localhost').lower()}:{url.port or ''}/{url.database or ''}"
     digest = hashlib.sha256(f"{backend}|{where}".encode()).hexdigest()[:24]
-    return f"sfrelay:writer:{digest}"
+    return WRITER_PREFIX + digest
 
 
 class WriterLease:

@@ -8,7 +8,7 @@ from typing import Any
 from arq.connections import RedisSettings
 
 from app.config import Settings
-from app.queue import job_deserializer, job_serializer
+from app.jobs import deserialize, serialize
 from app.soap import MAX_NOTIFICATIONS
 from workers import tasks
 
@@ -41,8 +41,8 @@ def worker_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "functions": [tasks.apply_notifications],
         "queue_name": settings.queue_name,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
-        "job_serializer": job_serializer,
-        "job_deserializer": job_deserializer,
+        "job_serializer": serialize,
+        "job_deserializer": deserialize,
         "on_startup": startup,
         "on_shutdown": shutdown,
         "after_job_end": tasks.after_job_end,

@@ -9,7 +9,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import psutil
@@ -17,19 +17,15 @@ from arq import Retry
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app import dead
 from app.config import Settings
+from app.dead import DeadLetter
 from app.errors import QueueUnavailable, RetryableError
-from app.queue import (
-    ATTEMPT_KEY,
-    FIRST_SEEN_KEY,
-    STATS_KEY,
-    dead_letter_in_redis,
-    decode_notifications,
-    enqueue_apply,
-)
-from app.sfid import canonical_id
-from app.sync import Outcome, Syncer
-from workers.batch import GroupCommit, WriterBusy
+from app.jobs import ApplyJob, JobNotification
+from app.outcomes import Outcome, OutcomeKind
+from app.queue import count_outcomes, enqueue_apply
+from app.sync import Syncer
+from workers.group_commit import GroupCommit, WriterBusy
 from workers.lease import WriterLease
 
 logger = logging.getLogger("sfrelay.worker")
@@ -108,29 +104,22 @@ def backoff_s(settings: Settings, attempt: int) -> float:
     return float(min(settings.retry_backoff_seconds * 2 ** (attempt - 1), MAX_BACKOFF_S))
 
 
-async def apply_notifications(
-    ctx: dict[str, Any],
-    *,
-    organization_id: str,
-    action_id: str,
-    received_at: float,
-    types: dict[str, dict[str, str]],
-    notifications: list[dict[str, Any]],
-) -> None:
-    """Apply one Outbound Message's notifications to Drupal (see app.queue for the job)."""
+async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
+    """Apply one `ApplyJob`'s notifications to Drupal (its arguments: see app.jobs)."""
     state: WorkerState = ctx[STATE]
     settings = state.settings
     redis: Redis = ctx["redis"]
     job_try: int = ctx["job_try"]
-    job = _Job(organization_id, action_id, received_at, types, notifications)
+    job = ApplyJob.from_kwargs(kwargs)
+    notifications = job.notifications
     started = time.monotonic()
     # Every wait below ends before arq's job timeout: a job that arq times out is dropped.
     now = asyncio.get_running_loop().time()
     apply_by = now + settings.job_timeout_seconds * APPLY_SHARE
     dead_by = now + settings.job_timeout_seconds * DEAD_LETTER_SHARE
-    counts: Counter[str] = Counter()
+    counts: Counter[OutcomeKind] = Counter()
     dead: list[_Letter] = []
-    retry: list[dict[str, Any]] = []
+    retry: list[JobNotification] = []
 
     if job_try >= settings.max_tries + INTERRUPTED_TRIES:
         # Every earlier run was cut short: this job may be what kills the worker.
@@ -138,9 +127,7 @@ async def apply_notifications(
         dead = [(item, reason, job_try) for item in notifications]
     else:
         try:
-            outcomes = await state.batch.apply(
-                decode_notifications(notifications, types), deadline=apply_by
-            )
+            outcomes = await state.batch.apply(notifications, deadline=apply_by)
         except WriterBusy:
             # Other workers' batches took the database until this job's deadline: nothing of
             # it ran and nothing failed. Back on the queue, due now, its tries unchanged.
@@ -161,22 +148,22 @@ async def apply_notifications(
             reason = f"{type(exc).__name__}: {exc}"
             dead = [(item, reason, job_try) for item in notifications]
         else:
-            retry = _sort_outcomes(settings, job, notifications, outcomes, counts, dead)
+            retry = _sort_outcomes(settings, job, outcomes, counts, dead)
     try:
         if retry:
-            delay = backoff_s(settings, min(int(item[ATTEMPT_KEY]) for item in retry) - 1)
+            delay = backoff_s(settings, min(item.attempt for item in retry) - 1)
             await enqueue_apply(
                 redis,
                 settings.queue_name,
-                job.kwargs(retry),
+                job.with_notifications(retry),
                 job_ttl_s=settings.job_ttl_seconds,
                 defer_s=delay,
                 job_id=f"{ctx['job_id']}.retry",
             )
-            counts["requeued"] += len(retry)
+            counts[OutcomeKind.REQUEUED] += len(retry)
         if dead:
             await _dead_letter(state, redis, job, dead, dead_by)
-            counts["dead"] += len(dead)
+            counts[OutcomeKind.DEAD] += len(dead)
     except QueueUnavailable as exc:
         # Failing here would let arq delete the job with its retries and dead letters unsaved;
         # running the whole job again is harmless (applying twice has no second effect).
@@ -186,11 +173,11 @@ async def apply_notifications(
     await _finish(redis, ctx, job, counts, started)
 
 
-_Letter = tuple[dict[str, Any], str, int]  # notification, reason, attempts
+_Letter = tuple[JobNotification, str, int]  # notification, reason, attempts
 
 
 async def _requeue_waiting(
-    redis: Redis, ctx: dict[str, Any], settings: Settings, job: _Job
+    redis: Redis, ctx: dict[str, Any], settings: Settings, job: ApplyJob
 ) -> None:
     # A fixed follow-up id (.w<n>, counting up): a re-run of this job queues the same one.
     base, _, count = str(ctx["job_id"]).rpartition(".w")
@@ -201,7 +188,7 @@ async def _requeue_waiting(
         await enqueue_apply(
             redis,
             settings.queue_name,
-            job.kwargs(job.notifications),
+            job,
             job_ttl_s=settings.job_ttl_seconds,
             job_id=job_id,
         )
@@ -219,108 +206,44 @@ async def _requeue_waiting(
 
 def _sort_outcomes(
     settings: Settings,
-    job: _Job,
-    notifications: list[dict[str, Any]],
+    job: ApplyJob,
     outcomes: list[Outcome],
-    counts: Counter[str],
+    counts: Counter[OutcomeKind],
     dead: list[_Letter],
-) -> list[dict[str, Any]]:
+) -> list[JobNotification]:
     """Count the outcomes, collect the dead letters; return the notifications to retry."""
-    retry: list[dict[str, Any]] = []
-    for item, outcome in zip(notifications, outcomes, strict=True):
-        counts[outcome.outcome] += 1
-        attempt = int(item.get(ATTEMPT_KEY, 1))
-        detail = outcome.detail or outcome.outcome
-        if outcome.outcome == "retry" and attempt < settings.max_tries:
-            retry.append({**item, ATTEMPT_KEY: attempt + 1, FIRST_SEEN_KEY: job.first_seen(item)})
-        elif outcome.outcome == "retry":
+    retry: list[JobNotification] = []
+    for item, outcome in zip(job.notifications, outcomes, strict=True):
+        counts[outcome.kind] += 1
+        attempt = item.attempt
+        detail = outcome.detail or outcome.kind
+        if outcome.kind is OutcomeKind.RETRY and attempt < settings.max_tries:
+            retry.append(replace(item, attempt=attempt + 1, first_seen=job.first_seen(item)))
+        elif outcome.kind is OutcomeKind.RETRY:
             dead.append((item, f"gave up after {attempt} attempts: {detail}", attempt))
-        elif outcome.outcome == "failed":
+        elif outcome.kind is OutcomeKind.FAILED:
             dead.append((item, detail, attempt))
     return retry
 
 
-@dataclass(frozen=True, slots=True)
-class _Job:
-    organization_id: str
-    action_id: str
-    received_at: float
-    types: dict[str, dict[str, str]]
-    notifications: list[dict[str, Any]]
-
-    def first_seen(self, item: dict[str, Any]) -> float:
-        return float(item.get(FIRST_SEEN_KEY, self.received_at))
-
-    def kwargs(self, notifications: list[dict[str, Any]]) -> dict[str, Any]:
-        objects = {item["object"] for item in notifications}
-        return {
-            "organization_id": self.organization_id,
-            "action_id": self.action_id,
-            "received_at": self.received_at,
-            "types": {obj: self.types.get(obj, {}) for obj in sorted(objects)},
-            "notifications": notifications,
-        }
-
-    def stored(self, item: dict[str, Any]) -> dict[str, Any]:
-        """A notification as a dead letter keeps it: enough to queue it again on its own."""
-        clean = {k: v for k, v in item.items() if k not in (ATTEMPT_KEY, FIRST_SEEN_KEY)}
-        return {
-            **clean,
-            "organization_id": self.organization_id,
-            "action_id": self.action_id,
-            "types": self.types.get(item["object"], {}),
-        }
-
-
 async def _dead_letter(
-    state: WorkerState, redis: Redis, job: _Job, letters: list[_Letter], deadline: float
+    state: WorkerState, redis: Redis, job: ApplyJob, letters: list[_Letter], deadline: float
 ) -> None:
     """Store dead letters in the database, or in Redis when it cannot take them in time."""
-    left = list(letters)
-    try:
-        async with asyncio.timeout_at(deadline):
-            while left:
-                item, reason, attempts = left[0]
-                stored = job.stored(item)
-                # Detached: a stuck database write must not hold the job past its deadline
-                # (if it lands later, the letter is in both places; replaying both is harmless).
-                await state.detached(
-                    state.syncer.dead_letter(stored, reason, attempts, job.first_seen(item))
-                )
-                left.pop(0)
-    except Exception as exc:  # whatever broke, the notifications must be kept somewhere
-        logger.warning(
-            "the database did not take %d dead letters (%s): keeping them in Redis",
-            len(left),
-            exc or type(exc).__name__,
-        )
-        now = time.time()
-        org15 = canonical_id(job.organization_id)
-        await dead_letter_in_redis(
-            redis,
-            {
-                f"worker:{org15}:{item.get('id') or os.urandom(8).hex()}": {
-                    "notification_id": item.get("id"),
-                    "record_id": item.get("fields", {}).get("Id"),
-                    "notification": job.stored(item),
-                    "error": reason,
-                    "attempts": attempts,
-                    "first_seen": job.first_seen(item),
-                    "last_seen": now,
-                }
-                for item, reason, attempts in left
-            },
-        )
+    await dead.keep(
+        [DeadLetter.of(job, item, reason, attempts) for item, reason, attempts in letters],
+        state.syncer.engine,
+        redis,
+        deadline,
+        state.detached,
+    )
 
 
 async def _finish(
-    redis: Redis, ctx: dict[str, Any], job: _Job, counts: Counter[str], started: float
+    redis: Redis, ctx: dict[str, Any], job: ApplyJob, counts: Counter[OutcomeKind], started: float
 ) -> None:
     try:
-        async with redis.pipeline(transaction=False) as pipe:
-            for name, count in counts.items():
-                pipe.hincrby(STATS_KEY, f"outcome:{name}", count)
-            await pipe.execute()
+        await count_outcomes(redis, counts)
     except (RedisError, OSError) as exc:  # counters only: not worth failing the job for
         logger.warning("job %s: outcome counters not recorded: %s", ctx["job_id"], exc)
     summary = " ".join(f"{name}={count}" for name, count in sorted(counts.items()))

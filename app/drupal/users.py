@@ -134,7 +134,7 @@ class Equality:
     - ``nocase``: SQLite's NOCASE_UTF8 column collation (Drupal 8+ name): the column's own
       index; keys are the collation's own function (app.drupal.engine.nocase_key).
     - ``lower``: SQLite and PostgreSQL, lower() computed by the database itself, on both
-      sides, through the sfrelay_*_lower expression indexes (app.drupal.state).
+      sides, through the sfrelay_*_lower expression indexes (app.drupal.ledger).
     - ``collation``: MySQL/MariaDB, the column's own collation (utf8mb4_general_ci ignores
       case and accents): the column's index; keys are WEIGHT_STRING()s under it.
     Every look-up is an indexed IN or range: never a scan of the user table.
@@ -239,7 +239,7 @@ class Equality:
                 low, high = f"{key}_", f"{key}`"
                 if self.dialect == "postgresql":
                     # Code point order whatever the database's locale: the text_pattern_ops
-                    # index (app.drupal.state) serves ~>=~ / ~<~.
+                    # index (app.drupal.ledger) serves ~>=~ / ~<~.
                     ranges.append(and_(lowered.op("~>=~")(low), lowered.op("~<~")(high)))
                 else:
                     ranges.append(and_(lowered >= low, lowered < high))

@@ -11,8 +11,8 @@ worker thread, so a worker keeps applying pushed notifications while a poll wait
         ...                                        # a list of notifications per page
     await client.close()
 
-Notifications have the queue's shape: ``{"id": "<Id18>@<modstamp digits>", "object":
-"Contact", "fields": {"Id": ..., "Email": ..., "SystemModstamp": "...000Z", ...}}`` with the
+Notifications are `app.jobs.JobNotification`s, as a pushed one: id ``<Id18>@<modstamp digits>``,
+object ``Contact``, fields ``{"Id": ..., "Email": ..., "SystemModstamp": "...000Z", ...}`` with the
 mapped fields, the username template's fields, SystemModstamp, LastModifiedDate, IsDeleted,
 MasterRecordId (Contact, Lead) and IsConverted/ConvertedContactId (Lead).
 
@@ -27,8 +27,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
+from app.jobs import JobNotification
 from app.salesforce.auth import AuthFlow, credentials, salesforce_configured
 from app.salesforce.client import (
     ApiUsage,
@@ -73,11 +74,11 @@ class SalesforceApi(Protocol):
 
     def changed_records(
         self, sobject: str, start: datetime, end: datetime, *, include_deleted: bool = False
-    ) -> AsyncIterator[list[dict[str, Any]]]: ...
+    ) -> AsyncIterator[list[JobNotification]]: ...
 
     def records_by_id(
         self, sobject: str, ids: Iterable[str], *, include_deleted: bool = False
-    ) -> AsyncIterator[list[dict[str, Any]]]: ...
+    ) -> AsyncIterator[list[JobNotification]]: ...
 
     async def deleted_records(
         self, sobject: str, start: datetime, end: datetime

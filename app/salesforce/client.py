@@ -20,11 +20,12 @@ from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSessi
 
 from app.config import Settings
 from app.errors import ApiLimitReached, SalesforceQueryRefused, SalesforceUnavailable
+from app.jobs import JobNotification
 from app.mapping import FieldMap, load_field_map
-from app.records import sf_key
 from app.salesforce import soql
 from app.salesforce.auth import AuthFlow, credentials, login
 from app.salesforce.refusals import map_error
+from app.sfid import sf_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -246,7 +247,7 @@ class SalesforceClient:
 
     async def _pages(
         self, what: str, query: str, include_deleted: bool, sobject: str
-    ) -> AsyncIterator[list[dict[str, Any]]]:
+    ) -> AsyncIterator[list[JobNotification]]:
         """One list of notifications per page Salesforce returns (nextRecordsUrl), fetched
         only when the previous one was taken: a million records never sit in memory."""
         self._check_headroom()
@@ -267,7 +268,7 @@ class SalesforceClient:
         end: datetime,
         *,
         include_deleted: bool = False,
-    ) -> AsyncIterator[list[dict[str, Any]]]:
+    ) -> AsyncIterator[list[JobNotification]]:
         """Records whose SystemModstamp is in [start, end) (UTC, to the second), oldest first,
         a page at a time, as notifications; `include_deleted` uses queryAll (IsDeleted,
         MasterRecordId tell deletions and merges)."""
@@ -276,7 +277,7 @@ class SalesforceClient:
 
     async def records_by_id(
         self, sobject: str, ids: Iterable[str], *, include_deleted: bool = False
-    ) -> AsyncIterator[list[dict[str, Any]]]:
+    ) -> AsyncIterator[list[JobNotification]]:
         """The current version of each record (for refetch), IDS_PER_QUERY Ids per query;
         records deleted since are missing (or, with `include_deleted`, have IsDeleted)."""
         fields = self.field_set(sobject)

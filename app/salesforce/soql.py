@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app.errors import ConfigError
+from app.jobs import JobNotification
 from app.mapping import EMAIL_LOCAL, FieldMap, ObjectMap, placeholders
-from app.records import sf_key
+from app.sfid import sf_key
 
 # Every handled object has these; Salesforce's own version and deletion markers.
 SYSTEM_FIELDS = ("Id", "SystemModstamp", "LastModifiedDate", "IsDeleted")
@@ -129,8 +130,8 @@ def synthetic_id(record_id: str, stamp: str | None) -> str:
     return f"{record_id}@{digits or '-'}"
 
 
-def to_notification(sobject: str, record: dict[str, Any]) -> dict[str, Any]:
-    """A REST record in the shape the queue carries for an Outbound Message notification."""
+def to_notification(sobject: str, record: dict[str, Any]) -> JobNotification:
+    """A REST record as the notification an `app.jobs.ApplyJob` carries (as if pushed)."""
     fields: dict[str, Any] = {}
     for name, value in record.items():
         if name == "attributes":
@@ -144,8 +145,6 @@ def to_notification(sobject: str, record: dict[str, Any]) -> dict[str, Any]:
     if isinstance(record_id, str) and _RECORD_ID.fullmatch(record_id):
         fields["Id"] = record_id = sf_key(record_id)
     stamp = fields.get("SystemModstamp") or fields.get("LastModifiedDate")
-    return {
-        "id": synthetic_id(str(record_id), stamp if isinstance(stamp, str) else None),
-        "object": sobject,
-        "fields": fields,
-    }
+    return JobNotification(
+        synthetic_id(str(record_id), stamp if isinstance(stamp, str) else None), sobject, fields
+    )

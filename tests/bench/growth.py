@@ -43,12 +43,12 @@ from sqlalchemy.engine import Engine
 
 from app.config import PROJECT_ROOT, Settings
 from app.drupal.engine import create_engine, nocase_utf8
-from app.drupal.state import migrate
-from app.queue import decode_notifications
+from app.drupal.ledger import migrate
+from app.jobs import JobNotification
 from app.sync import Syncer
 from tests import drupal_schemas
 from tests.bench.nightly import FIRST_NAMES, LAST_NAMES, _ascii
-from tests.bench.worker import TYPES, _enqueue, drain
+from tests.bench.worker import _enqueue, drain
 from tests.fixtures_db import PG_BIN, _as_postgres
 from tests.messages import sf_id
 from tests.servers import SHARED, RedisServer, free_port, wait_for_port
@@ -285,13 +285,15 @@ async def _seed_postgres(cluster: Cluster, database: str, size: int) -> None:
 # -------------------------------------------------------------------------------- workload
 
 
-def _contact(record: str, number: int, first: str, last: str, mail: str, stamp: str) -> Any:
+def _contact(
+    record: str, number: int, first: str, last: str, mail: str, stamp: str
+) -> JobNotification:
     fields = {"Id": record, "FirstName": first, "LastName": last, "Email": mail}
     fields["SystemModstamp"] = fields["LastModifiedDate"] = stamp
-    return {"id": sf_id("04l", number), "object": "Contact", "fields": fields}
+    return JobNotification(sf_id("04l", number), "Contact", fields)
 
 
-def batch(count: int, offset: int, population: int = 10_000) -> list[dict[str, Any]]:
+def batch(count: int, offset: int, population: int = 10_000) -> list[JobNotification]:
     """70% new Contacts, 15% updates of mapped users, 15% new Contacts whose mail an existing
     member has (linked); all among the first `population` seeded users (the smallest site), so
     the same batch fits every size. `offset` keeps the warm-up and the timed batch apart."""
@@ -388,7 +390,7 @@ async def capture_and_explain(url: str, dialect: str, population: int) -> list[P
     event.listen(Engine, "before_cursor_execute", listen)
     syncer = await Syncer.open(Settings(_env_file=None, database_url=url))
     try:
-        await syncer.apply(decode_notifications(batch(200, 3, population), TYPES))
+        await syncer.apply(batch(200, 3, population))
     finally:
         event.remove(Engine, "before_cursor_execute", listen)
     plans = []

@@ -48,8 +48,7 @@ from sqlalchemy import text
 
 from app.config import PROJECT_ROOT
 from app.drupal.engine import create_engine
-from app.queue import DEAD_KEY, STATS_KEY
-from app.status import HEALTH_CHECK_SUFFIX
+from app.queue import DEAD_KEY, HEALTH_CHECK_SUFFIX, STATS_KEY
 from tests.bench.receiver import ACKED, Connection
 from tests.messages import ACTION_ID, ORG_ID, Record, outbound_message, sf_id
 from tests.servers import SHARED, RedisServer, free_port

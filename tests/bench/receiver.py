@@ -26,7 +26,7 @@ import redis
 import uvloop
 
 from app.config import PROJECT_ROOT
-from app.queue import STATS_KEY
+from app.queue import DEFAULT_QUEUE, STATS_KEY
 from app.receiver import ENDPOINT
 from app.sfid import to18
 from tests.bench.receiver_apps import DURABILITY_ENV, ORG_ID, REDIS_URL_ENV
@@ -53,7 +53,7 @@ def _queued_notifications(client: redis.Redis) -> int:
 
 
 def _arq_jobs(client: redis.Redis) -> int:
-    return int(client.zcard("arq:queue"))
+    return int(client.zcard(DEFAULT_QUEUE))
 
 
 def _keys(client: redis.Redis) -> int:

@@ -12,8 +12,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from app.config import Settings
+from app.jobs import JobNotification
 from app.main import create_app
-from app.queue import notification_payload
 from app.receiver import ENDPOINT, SOAP_CONTENT_TYPE
 from app.sfid import canonical_id
 from app.soap import ACK, OutboundMessage, parse_message
@@ -97,7 +97,9 @@ def naive_app() -> FastAPI:
             # The notification id as arq's job id: arq's own way to refuse a redelivery.
             await request.app.state.arq.enqueue_job(
                 "apply_notification",
-                notification_payload(notification),
+                JobNotification(
+                    notification.id, notification.sobject, notification.fields
+                ).as_json(),
                 organization_id=message.organization_id,
                 _job_id=notification.id,
             )

@@ -22,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import orjson
 from redis.asyncio import Redis
 
 from app.config import Settings
+from app.jobs import ApplyJob, JobNotification, Source
 from app.queue import JOB_KEY_PREFIX, queue_stats
 from app.status import collect
 from tests.messages import ORG_ID, sf_id
@@ -39,34 +39,23 @@ async def fill(redis: Redis, queue: str, jobs: int, per_job: int) -> None:
     for start in range(0, jobs, 1000):
         async with redis.pipeline(transaction=False) as pipe:
             for j in range(start, min(jobs, start + 1000)):
-                notifications = [
-                    {
-                        "id": sf_id("04l", j * per_job + n),
-                        "object": "Contact",
-                        "fields": {
+                notifications = tuple(
+                    JobNotification(
+                        sf_id("04l", j * per_job + n),
+                        "Contact",
+                        {
                             "Id": sf_id("003", j * per_job + n),
                             "Email": f"user{j * per_job + n}@example.org",
                             "LastName": "Byron",
                             "SystemModstamp": "2026-11-20T10:00:00.000Z",
                         },
-                    }
+                    )
                     for n in range(per_job)
-                ]
-                kwargs = {
-                    "organization_id": ORG_ID,
-                    "action_id": sf_id("04k", 1),
-                    "received_at": now_ms / 1000,
-                    "types": {"Contact": {"SystemModstamp": "dateTime"}},
-                    "notifications": notifications,
-                }
-                job: dict[str, object] = {
-                    "t": None,
-                    "f": "apply_notifications",
-                    "a": [],
-                    "et": now_ms,
-                    "k": kwargs,
-                }
-                pipe.set(f"{JOB_KEY_PREFIX}j{j}", orjson.dumps(job))
+                )
+                job = ApplyJob(
+                    ORG_ID, Source.OUTBOUND_MESSAGE, now_ms / 1000, notifications, sf_id("04k", 1)
+                )
+                pipe.set(f"{JOB_KEY_PREFIX}j{j}", job.serialize(now_ms))
                 pipe.zadd(queue, {f"j{j}": now_ms - jobs + j})
             await pipe.execute()
 

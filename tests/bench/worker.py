@@ -31,7 +31,8 @@ from sqlalchemy import text
 
 from app.config import PROJECT_ROOT, Settings
 from app.drupal.engine import create_engine
-from app.queue import STATS_KEY, decode_notifications, enqueue_apply
+from app.jobs import ApplyJob, JobNotification, Source
+from app.queue import DEFAULT_QUEUE, HEALTH_CHECK_SUFFIX, OUTCOME_PREFIX, STATS_KEY, enqueue_apply
 from app.sfid import to18
 from app.sync import Syncer
 from tests.servers import SHARED, RedisServer, free_port
@@ -44,7 +45,6 @@ JOB_SIZE = 100
 BATCH: int = Settings.model_fields["worker_batch_size"].default
 TARGETS = {"sqlite": 5000.0, "postgresql": 3000.0}
 RSS_TARGET_MB = 20.0
-TYPES = {"Contact": {"SystemModstamp": "dateTime", "LastModifiedDate": "dateTime"}}
 FIELDS = ("first_name", "last_name", "salesforce_id")
 
 
@@ -52,15 +52,15 @@ FIELDS = ("first_name", "last_name", "salesforce_id")
 class Workload:
     """Preloaded records (untimed), then the timed notifications: new, updates, no email."""
 
-    preload: list[dict[str, Any]]
-    timed: list[dict[str, Any]]
+    preload: list[JobNotification]
+    timed: list[JobNotification]
 
     @property
     def writes(self) -> int:
-        return sum(1 for n in self.timed if "Email" in n["fields"])
+        return sum(1 for n in self.timed if "Email" in n.fields)
 
 
-def _contact(number: int, *, email: bool, stamp: str, version: int = 0) -> dict[str, Any]:
+def _contact(number: int, *, email: bool, stamp: str, version: int = 0) -> JobNotification:
     fields: dict[str, Any] = {
         "Id": to18(f"0035g{number:010d}"),
         "FirstName": f"First{number}",
@@ -70,7 +70,7 @@ def _contact(number: int, *, email: bool, stamp: str, version: int = 0) -> dict[
     }
     if email:
         fields["Email"] = f"user{number}.v{version}@example.org"
-    return {"id": to18(f"04l5{version}{number:010d}"), "object": "Contact", "fields": fields}
+    return JobNotification(to18(f"04l5{version}{number:010d}"), "Contact", fields)
 
 
 def workload(total: int) -> Workload:
@@ -86,18 +86,18 @@ def workload(total: int) -> Workload:
     return Workload(preload, timed)
 
 
-async def _enqueue(redis_url: str, notifications: list[dict[str, Any]]) -> None:
+async def _enqueue(redis_url: str, notifications: list[JobNotification]) -> None:
     client: Redis = Redis.from_url(redis_url)
     try:
         for start in range(0, len(notifications), JOB_SIZE):
-            kwargs = {
-                "organization_id": ORG_ID,
-                "action_id": ACTION_ID,
-                "received_at": time.time(),
-                "types": TYPES,
-                "notifications": notifications[start : start + JOB_SIZE],
-            }
-            await enqueue_apply(client, "arq:queue", kwargs, job_ttl_s=86400)
+            job = ApplyJob(
+                ORG_ID,
+                Source.OUTBOUND_MESSAGE,
+                time.time(),
+                tuple(notifications[start : start + JOB_SIZE]),
+                ACTION_ID,
+            )
+            await enqueue_apply(client, DEFAULT_QUEUE, job, job_ttl_s=86400)
     finally:
         await client.aclose()
 
@@ -123,7 +123,7 @@ def drain(env: dict[str, str], client: redis.Redis, workdir: Path) -> Drain:
         stderr=subprocess.STDOUT,
     )
     watched = psutil.Process(process.pid)
-    while not client.exists("arq:queue:health-check"):
+    while not client.exists(DEFAULT_QUEUE + HEALTH_CHECK_SUFFIX):
         if process.poll() is not None:
             raise RuntimeError((workdir / "worker.log").read_text())
         time.sleep(0.005)
@@ -143,7 +143,11 @@ def drain(env: dict[str, str], client: redis.Redis, workdir: Path) -> Drain:
     if process.returncode != 0:
         raise RuntimeError((workdir / "worker.log").read_text())
     raw = client.hgetall(STATS_KEY)
-    outcomes = {k.decode()[8:]: int(v) for k, v in raw.items() if k.startswith(b"outcome:")}
+    outcomes = {
+        k.decode().removeprefix(OUTCOME_PREFIX): int(v)
+        for k, v in raw.items()
+        if k.startswith(OUTCOME_PREFIX.encode())
+    }
     mb = 2**20
     return Drain(seconds, ready / mb, peak / mb, last / mb, outcomes)
 
@@ -155,10 +159,10 @@ def _rows(workload: Workload, max_uid: int) -> tuple[list[dict[str, Any]], ...]:
     """
     now = int(time.time())
     users, data, fields, updates = [], [], [], []
-    preloaded = {n["fields"]["Id"]: max_uid + 1 + i for i, n in enumerate(workload.preload)}
+    preloaded = {n.fields["Id"]: max_uid + 1 + i for i, n in enumerate(workload.preload)}
     uid = max_uid + len(preloaded)
     for item in workload.timed:
-        f = item["fields"]
+        f = item.fields
         if "Email" not in f:
             continue
         if f["Id"] in preloaded:
@@ -238,10 +242,10 @@ async def syncer_alone(database_url: str, workload: Workload, batch: int) -> flo
     syncer = await Syncer.open(settings)
     try:
         for start in range(0, len(workload.preload), batch):
-            await syncer.apply(decode_notifications(workload.preload[start : start + batch], TYPES))
+            await syncer.apply(workload.preload[start : start + batch])
         started = time.perf_counter()
         for start in range(0, len(workload.timed), batch):
-            await syncer.apply(decode_notifications(workload.timed[start : start + batch], TYPES))
+            await syncer.apply(workload.timed[start : start + batch])
         return workload.writes / (time.perf_counter() - started)
     finally:
         await syncer.close()

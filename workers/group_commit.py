@@ -16,14 +16,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
 
 from app.errors import RetryableError
-from app.sync import Outcome
+from app.jobs import JobNotification
+from app.outcomes import Outcome
 
 logger = logging.getLogger("sfrelay.worker")
 
-Apply = Callable[[Sequence[dict[str, Any]]], Awaitable[list[Outcome]]]
+Apply = Callable[[Sequence[JobNotification]], Awaitable[list[Outcome]]]
 Turn = Callable[[], AbstractAsyncContextManager[None]]
 
 
@@ -33,7 +33,7 @@ class WriterBusy(Exception):
 
 @dataclass(slots=True)
 class _Waiter:
-    notifications: Sequence[dict[str, Any]]
+    notifications: Sequence[JobNotification]
     future: asyncio.Future[list[Outcome]]
     started: bool = field(default=False)
 
@@ -57,7 +57,7 @@ class GroupCommit:
         self._runner: asyncio.Task[None] | None = None
 
     async def apply(
-        self, notifications: Sequence[dict[str, Any]], deadline: float | None = None
+        self, notifications: Sequence[JobNotification], deadline: float | None = None
     ) -> list[Outcome]:
         """The outcomes; past `deadline` (loop time) WriterBusy if the job never started,
         TimeoutError if it was being applied."""

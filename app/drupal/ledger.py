@@ -1,9 +1,9 @@
-"""sfrelay's own tables in the Drupal database (all `sfrelay_`), their migrations and access.
+"""sfrelay's ledger of records in the Drupal database (`sfrelay_*` tables) and its migrations.
 
 sfrelay_record       one row per Salesforce record seen: Salesforce Id (18-character) <-> uid,
                      object, last applied modstamp and notification, the Contact a converted
                      Lead became, and the outcomes of the last N attempts (JSON)
-sfrelay_dead_letter  notifications that kept failing: payload, error, attempts, timestamps
+sfrelay_dead_letter  notifications that kept failing (defined and used by app/dead.py)
 sfrelay_schema       the migration version
 
 and, on Drupal's own user table, indexes named sfrelay_* for the case-insensitive look-ups
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    delete,
     insert,
     inspect,
     select,
@@ -62,19 +61,6 @@ records = Table(
     Column("updated_at", Double, nullable=False),
 )
 
-dead_letters = Table(
-    "sfrelay_dead_letter",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("notification_id", String(40), nullable=True),
-    Column("record_id", String(18), nullable=True, index=True),
-    Column("payload", _LongText, nullable=False),
-    Column("error", Text, nullable=False),
-    Column("attempts", Integer, nullable=False),
-    Column("first_seen", Double, nullable=False),
-    Column("last_seen", Double, nullable=False),
-)
-
 schema_version = Table(
     "sfrelay_schema",
     metadata,
@@ -84,6 +70,8 @@ schema_version = Table(
 
 
 def _v1(sync_conn: Connection) -> None:
+    from app.dead import table as dead_letters  # the dead-letter module owns its table
+
     metadata.create_all(sync_conn, tables=[records, dead_letters], checkfirst=True)
 
 
@@ -206,70 +194,6 @@ async def save(conn: AsyncConnection, states: Iterable[RecordState]) -> None:
                 new.append((state.sf_id, *_values(state, now)))
     await insert_rows(conn, records.name, ("sf_id", *_COLUMNS), new)
     await update_rows(conn, records.name, _COLUMNS, ("sf_id",), changed)
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A notification that kept failing, as stored in sfrelay_dead_letter."""
-
-    id: int
-    notification_id: str | None
-    record_id: str | None
-    notification: dict[str, Any]  # as given to dead_letter(); datetimes as ISO strings
-    error: str
-    attempts: int
-    first_seen: float  # epoch seconds
-    last_seen: float  # epoch seconds: when it was dead-lettered
-
-
-async def add_dead_letter(
-    conn: AsyncConnection,
-    payload: dict[str, Any],
-    *,
-    notification_id: str | None,
-    record_id: str | None,
-    error: str,
-    attempts: int,
-    first_seen: float,
-) -> int:
-    result = await conn.execute(
-        insert(dead_letters).values(
-            notification_id=notification_id,
-            record_id=record_id,
-            payload=orjson.dumps(payload, option=orjson.OPT_NAIVE_UTC).decode(),
-            error=error,
-            attempts=attempts,
-            first_seen=first_seen,
-            last_seen=time.time(),
-        )
-    )
-    key = result.inserted_primary_key
-    assert key is not None
-    return int(key[0])
-
-
-async def read_dead_letters(
-    conn: AsyncConnection, ids: Sequence[int] | None = None, *, remove: bool = False
-) -> list[DeadLetter]:
-    query = select(dead_letters).order_by(dead_letters.c.id)
-    if ids is not None:
-        query = query.where(dead_letters.c.id.in_(list(ids)))
-    found = [
-        DeadLetter(
-            id=row.id,
-            notification_id=row.notification_id,
-            record_id=row.record_id,
-            notification=orjson.loads(row.payload),
-            error=row.error,
-            attempts=row.attempts,
-            first_seen=row.first_seen,
-            last_seen=row.last_seen,
-        )
-        for row in await conn.execute(query)
-    ]
-    if remove and found:
-        await conn.execute(delete(dead_letters).where(dead_letters.c.id.in_([d.id for d in found])))
-    return found
 
 
 # (Drupal major, dialect) -> sfrelay_* expression indexes on Drupal's user table, serving

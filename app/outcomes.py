@@ -1,0 +1,38 @@
+"""What happened to one notification: `OutcomeKind` (a fixed set) and the `Outcome` result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class OutcomeKind(StrEnum):
+    """The outcome of applying one notification (see app/sync.py for each one's meaning)."""
+
+    CREATED = "created"
+    UPDATED = "updated"
+    LINKED = "linked"
+    CONVERTED = "converted"
+    SKIPPED_NO_EMAIL = "skipped_no_email"
+    SKIPPED_INVALID_EMAIL = "skipped_invalid_email"
+    SKIPPED_CONVERTED = "skipped_converted"
+    STALE = "stale"
+    DUPLICATE = "duplicate"
+    CONFLICT_DUPLICATE_EMAIL = "conflict_duplicate_email"
+    CONFLICT_PROTECTED_USER = "conflict_protected_user"
+    RETRY = "retry"
+    FAILED = "failed"
+    # What the worker then did with a `retry` or `failed` one (counted, never planned).
+    REQUEUED = "requeued"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one notification (what the planner decided, then the sync's result)."""
+
+    notification_id: str
+    record_id: str | None  # the Salesforce Id, as received
+    kind: OutcomeKind
+    uid: int | None = None  # while planning, a pending new user's negative key
+    detail: str | None = None  # the other Id for conflicts, the error for retry/failed
