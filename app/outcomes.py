@@ -20,11 +20,19 @@ class OutcomeKind(StrEnum):
     DUPLICATE = "duplicate"
     CONFLICT_DUPLICATE_EMAIL = "conflict_duplicate_email"
     CONFLICT_PROTECTED_USER = "conflict_protected_user"
+    # Deletes, undeletes and merges (app/lifecycle.py).
+    BLOCKED = "blocked"
+    UNBLOCKED = "unblocked"
+    UNLINKED = "unlinked"
+    MERGED = "merged"
+    DELETED = "deleted"  # a delete noted, with nothing to change (detail: why)
     RETRY = "retry"
     FAILED = "failed"
     # What the worker then did with a `retry` or `failed` one (counted, never planned).
     REQUEUED = "requeued"
     DEAD = "dead"
+    # A poll (reconcile, backfill) stopped because the org's API requests ran low.
+    API_LIMIT = "api_limit"
 
 
 @dataclass(frozen=True, slots=True)
