@@ -112,6 +112,12 @@ class Settings(BaseSettings):
     sf_api_version: str = "62.0"
     # Polls refuse to start when the org has fewer daily API requests left than this.
     sf_min_api_remaining: int = Field(default=1000, ge=0)
+    # How often the worker reconciles with Salesforce (0: never); needs the SF_* credentials.
+    reconcile_every_seconds: int = Field(default=900, ge=0)
+    # What a record deleted in Salesforce does to its Drupal user (never deletes the row).
+    on_delete: Literal["block", "unlink", "ignore"] = "block"
+    # message: apply the Outbound Message's values; refetch: read the record's current values.
+    payload_mode: Literal["message", "refetch"] = "message"
 
     @field_validator("org_ids", "handled_objects", "protected_roles", mode="before")
     @classmethod
