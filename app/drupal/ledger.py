@@ -4,6 +4,8 @@ sfrelay_record       one row per Salesforce record seen: Salesforce Id (18-chara
                      object, last applied modstamp and notification, the Contact a converted
                      Lead became, and the outcomes of the last N attempts (JSON)
 sfrelay_dead_letter  notifications that kept failing (defined and used by app/dead.py)
+sfrelay_cursor       reconcile watermarks and backfill checkpoints (app/drupal/cursors.py)
+sfrelay_block        the users sfrelay blocked, and for which record (app/lifecycle.py)
 sfrelay_schema       the migration version
 
 and, on Drupal's own user table, indexes named sfrelay_* for the case-insensitive look-ups
@@ -75,8 +77,15 @@ def _v1(sync_conn: Connection) -> None:
     metadata.create_all(sync_conn, tables=[records, dead_letters], checkfirst=True)
 
 
+def _v2(sync_conn: Connection) -> None:
+    from app.drupal.cursors import cursors  # reconcile watermarks, backfill checkpoints
+    from app.lifecycle import blocks  # the users sfrelay blocked
+
+    metadata.create_all(sync_conn, tables=[cursors, blocks], checkfirst=True)
+
+
 # Append only: each step takes the schema from version i to i + 1.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
 
 
 async def migrate(engine: AsyncEngine) -> int:

@@ -1,0 +1,225 @@
+"""Deletes, undeletes and merges: what a record deleted in Salesforce does to its Drupal user.
+
+A notification whose fields say ``IsDeleted = true`` (a reconcile's or refetch's queryAll row,
+or a record gone since) is a deletion; with ``MasterRecordId`` set it is the loser of a merge.
+The rules, decided beside the planner's in the same transaction:
+
+- order first: a deletion older than (or as old as) the version applied is `stale`/`duplicate`;
+- a merge loser hands its Drupal user to the survivor when the survivor has none (`merged`);
+  when both have users, the loser's user is blocked (`blocked`, detail names both Ids);
+- otherwise SFRELAY_ON_DELETE: `block` (status 0, with the cache invalidation Drupal's save
+  does; remembered in sfrelay_block), `unlink` (the mapping is forgotten, the user kept) or
+  `ignore`; `deleted` when there is nothing to change (detail: why);
+- a live version of a record whose user sfrelay blocked unblocks it (`unblocked`); a user
+  blocked by anyone else (a Drupal administrator) is never unblocked by sfrelay;
+- sfrelay never deletes a user row: Drupal's cancel methods reassign or delete the user's
+  content, which a database writer cannot do safely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, Double, String, Table, delete, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.drupal import ledger
+from app.drupal.bulk import insert_rows
+from app.drupal.ledger import RecordState, metadata
+from app.drupal.users import UserChange, chunks
+from app.outcomes import OutcomeKind
+from app.plan import Planner
+from app.records import Record
+from app.sfid import sf_key
+
+blocks = Table(
+    "sfrelay_block",
+    metadata,
+    Column("uid", BigInteger, primary_key=True, autoincrement=False),
+    Column("sf_id", String(18), nullable=False),
+    Column("blocked_at", Double, nullable=False),
+)
+
+# Drupal's anonymous user and the first administrator: sfrelay never blocks them.
+PROTECTED_UIDS = frozenset({0, 1})
+
+
+def is_protected(uid: int) -> bool:
+    """The one check before sfrelay blocks a user (main's `conflict_protected_user` guard)."""
+    return uid in PROTECTED_UIDS
+
+
+def is_deletion(fields: dict[str, Any]) -> bool:
+    return fields.get("IsDeleted") in (True, "true", "1", 1)
+
+
+def merged_into(fields: dict[str, Any]) -> str | None:
+    master = fields.get("MasterRecordId")
+    return sf_key(master) if is_deletion(fields) and isinstance(master, str) and master else None
+
+
+class Lifecycle:
+    """Deletions and unblocks for one batch, written through the planner's plan."""
+
+    def __init__(self, planner: Planner, on_delete: str, major: int) -> None:
+        self.planner, self.on_delete, self.major = planner, on_delete, major
+        self.ours: dict[int, str] = {}  # uid -> Id of the record sfrelay blocked it for
+        self.status: dict[int, int] = {}
+        self.block: dict[int, str] = {}  # to insert into sfrelay_block
+        self.unblock: set[int] = set()  # to delete from it
+
+    async def load(self, conn: AsyncConnection, records: list[Record]) -> None:
+        states = self.planner.plan.states
+        survivors = {m for r in records if (m := merged_into(r.fields))} - states.keys()
+        states.update(await ledger.load(conn, survivors))
+        uids = sorted({s.uid for s in states.values() if s.uid is not None and s.uid > 0})
+        await self.load_blocks(conn)
+        self.status = await _statuses(conn, self.major, uids)
+        missing = [u for u in uids if u not in self.planner.existing]
+        self.planner.existing.update(await self.planner.store.users(conn, missing))
+
+    async def load_blocks(self, conn: AsyncConnection) -> None:
+        """For a batch without deletions: only whether sfrelay blocked any of its users."""
+        states = self.planner.plan.states
+        uids = sorted({s.uid for s in states.values() if s.uid is not None and s.uid > 0})
+        for chunk in chunks(uids):
+            query = select(blocks.c.uid, blocks.c.sf_id).where(blocks.c.uid.in_(chunk))
+            self.ours.update({int(uid): sf_id for uid, sf_id in await conn.execute(query)})
+        if self.ours:
+            self.status = await _statuses(conn, self.major, self.ours)
+
+    def decide(self, r: Record) -> None:
+        """A deletion (is_deletion(r.fields))."""
+        p = self.planner
+        st = p.plan.states.get(r.sf_id)
+        if st is not None and r.modstamp is not None and st.modstamp is not None:
+            if r.modstamp < st.modstamp:
+                return p._set_outcome(r, OutcomeKind.STALE, st.uid)
+            if r.modstamp == st.modstamp:
+                return p._set_outcome(r, OutcomeKind.DUPLICATE, st.uid)
+        uid = st.uid if st is not None else None
+        master = merged_into(r.fields)
+        if uid is None or uid < 0:
+            why = "the record has no Drupal user"
+            return p._set_outcome(r, OutcomeKind.DELETED, None, why, applied=True)
+        if master is not None:
+            survivor = p.plan.states.get(master)
+            if survivor is None or survivor.uid is None or survivor.converted_to:
+                return self._hand_over(r, uid, master)
+            detail = f"{r.sf_id} merged into {master}, which has uid {survivor.uid}"
+            return self._block(r, uid, detail)
+        if self.on_delete == "ignore":
+            return p._set_outcome(
+                r, OutcomeKind.DELETED, uid, "SFRELAY_ON_DELETE=ignore", applied=True
+            )
+        if self.on_delete == "unlink":
+            assert st is not None
+            st.uid, st.dirty = None, True
+            p.owner.pop(uid, None)
+            return p._set_outcome(r, OutcomeKind.UNLINKED, uid, applied=True)
+        return self._block(r, uid, None)
+
+    def _hand_over(self, r: Record, uid: int, master: str) -> None:
+        p = self.planner
+        loser = p.plan.states[r.sf_id]
+        survivor = p.plan.states.setdefault(master, RecordState(master, r.obj.sobject))
+        # The survivor's own versions apply from now on: it starts without a modstamp.
+        survivor.uid, survivor.object, survivor.converted_to = uid, r.obj.sobject, None
+        survivor.dirty = True
+        loser.uid, loser.dirty = None, True
+        p.owner[uid] = master
+        ids = {f: master for f, source in r.obj.fields.items() if source == "Id"}
+        if ids and uid in p.existing:
+            self._change(uid).fields.update(ids)
+        detail = f"{r.sf_id} merged into {master}: its user now belongs to {master}"
+        p._set_outcome(r, OutcomeKind.MERGED, uid, detail, applied=True)
+
+    def _block(self, r: Record, uid: int, detail: str | None) -> None:
+        p = self.planner
+        if is_protected(uid):
+            why = f"uid {uid} is protected: never blocked"
+            return p._set_outcome(r, OutcomeKind.DELETED, uid, _join(detail, why), applied=True)
+        if uid not in p.existing:
+            why = f"uid {uid} no longer exists in Drupal"
+            return p._set_outcome(r, OutcomeKind.DELETED, uid, _join(detail, why), applied=True)
+        if self.status.get(uid) == 0 and uid not in self.ours:
+            why = f"uid {uid} was already blocked (not by sfrelay)"
+            return p._set_outcome(r, OutcomeKind.DELETED, uid, _join(detail, why), applied=True)
+        self._change(uid).base["status"] = 0
+        self.status[uid] = 0
+        self.ours[uid] = self.block[uid] = r.sf_id
+        self.unblock.discard(uid)
+        p._set_outcome(r, OutcomeKind.BLOCKED, uid, detail, applied=True)
+
+    def after_live(self, r: Record) -> None:
+        """After the planner applied a live version: unblock a user sfrelay blocked for it."""
+        p = self.planner
+        decision = p.plan.decisions.get(r.index)
+        if decision is None or decision.kind not in (OutcomeKind.UPDATED, OutcomeKind.LINKED):
+            return
+        uid = decision.uid
+        if uid is None or self.ours.get(uid) != r.sf_id:
+            return
+        if self.status.get(uid) == 0:
+            self._change(uid).base["status"] = 1
+            self.status[uid] = 1
+        del self.ours[uid]
+        self.block.pop(uid, None)
+        self.unblock.add(uid)
+        p._set_outcome(r, OutcomeKind.UNBLOCKED, uid, f"{r.sf_id} is live again", applied=True)
+
+    def _change(self, uid: int) -> UserChange:
+        changes = self.planner.plan.changes
+        change = changes.get(uid)
+        if change is None:
+            langcodes = self.planner.existing[uid].langcodes
+            change = changes[uid] = UserChange(uid, {}, {}, (), langcodes)
+        return change
+
+    async def save(self, conn: AsyncConnection, now: float) -> None:
+        gone = sorted(self.unblock | set(self.block))
+        for chunk in chunks(gone):
+            await conn.execute(delete(blocks).where(blocks.c.uid.in_(chunk)))
+        rows = [(uid, sf_id, now) for uid, sf_id in sorted(self.block.items())]
+        await insert_rows(conn, blocks.name, ("uid", "sf_id", "blocked_at"), rows)
+
+
+def _join(first: str | None, second: str) -> str:
+    return f"{first}; {second}" if first else second
+
+
+async def _statuses(conn: AsyncConnection, major: int, uids: Iterable[int]) -> dict[int, int]:
+    """uid -> status (1 active, 0 blocked) of the users that exist."""
+    table = "users_field_data" if major >= 8 else "users"
+    found: dict[int, int] = {}
+    for chunk in chunks(sorted(set(uids))):
+        marks = ", ".join(f":u{i}" for i in range(len(chunk)))
+        params = {f"u{i}": uid for i, uid in enumerate(chunk)}
+        rows = await conn.execute(
+            text(f"SELECT uid, status FROM {table} WHERE uid IN ({marks})"),  # noqa: S608
+            params,
+        )
+        for uid, status in rows:
+            found[int(uid)] = min(found.get(int(uid), 1), int(status))
+    return found
+
+
+async def decide_batch(
+    conn: AsyncConnection, planner: Planner, records: list[Record], on_delete: str, major: int
+) -> Lifecycle:
+    """Decide every record of a batch: deletions first (a live version after a deletion in the
+    same batch is then an undelete), live versions by the planner, then unblocks."""
+    lifecycle = Lifecycle(planner, on_delete, major)
+    if any(is_deletion(r.fields) for r in records):
+        await lifecycle.load(conn, records)
+        for record in records:
+            if is_deletion(record.fields):
+                lifecycle.decide(record)
+    elif planner.plan.states:
+        await lifecycle.load_blocks(conn)
+    for record in records:
+        if not is_deletion(record.fields):
+            planner.decide(record)
+            lifecycle.after_live(record)
+    return lifecycle
