@@ -12,6 +12,8 @@ The rules, decided beside the planner's in the same transaction:
   `ignore`; `deleted` when there is nothing to change (detail: why);
 - a live version of a record whose user sfrelay blocked unblocks it (`unblocked`); a user
   blocked by anyone else (a Drupal administrator) is never unblocked by sfrelay;
+- a protected user (uid 0, uid 1, a protected role: the planner's `_protection`) is never
+  blocked, unblocked, unlinked or handed over: `conflict_protected_user`, nothing written;
 - sfrelay never deletes a user row: Drupal's cancel methods reassign or delete the user's
   content, which a database writer cannot do safely.
 """
@@ -29,7 +31,7 @@ from app.drupal.bulk import insert_rows
 from app.drupal.ledger import RecordState, metadata
 from app.drupal.users import UserChange, chunks
 from app.outcomes import OutcomeKind
-from app.plan import Planner
+from app.plan import SUPERUSERS, Planner
 from app.records import Record
 from app.sfid import sf_key
 
@@ -40,14 +42,6 @@ blocks = Table(
     Column("sf_id", String(18), nullable=False),
     Column("blocked_at", Double, nullable=False),
 )
-
-# Drupal's anonymous user and the first administrator: sfrelay never blocks them.
-PROTECTED_UIDS = frozenset({0, 1})
-
-
-def is_protected(uid: int) -> bool:
-    """The one check before sfrelay blocks a user (main's `conflict_protected_user` guard)."""
-    return uid in PROTECTED_UIDS
 
 
 def is_deletion(fields: dict[str, Any]) -> bool:
@@ -115,13 +109,30 @@ class Lifecycle:
             )
         if self.on_delete == "unlink":
             assert st is not None
+            if self._refused(r, uid, None):
+                return None
             st.uid, st.dirty = None, True
             p.owner.pop(uid, None)
             return p._set_outcome(r, OutcomeKind.UNLINKED, uid, applied=True)
         return self._block(r, uid, None)
 
+    def _refused(self, r: Record, uid: int, detail: str | None) -> bool:
+        """The planner's protected-user guard (uid 0, 1, a protected role), before any change
+        to a user: `conflict_protected_user`, nothing written, the deletion not applied (a
+        later one acts once the role is gone). A user gone from Drupal is the caller's case."""
+        p = self.planner
+        if uid not in SUPERUSERS and uid not in p.existing:
+            return False
+        why = p._protection(uid)
+        if why is None:
+            return False
+        p._set_outcome(r, OutcomeKind.CONFLICT_PROTECTED_USER, uid, _join(detail, why))
+        return True
+
     def _hand_over(self, r: Record, uid: int, master: str) -> None:
         p = self.planner
+        if self._refused(r, uid, f"{r.sf_id} merged into {master}"):
+            return
         loser = p.plan.states[r.sf_id]
         survivor = p.plan.states.setdefault(master, RecordState(master, r.obj.sobject))
         # The survivor's own versions apply from now on: it starts without a modstamp.
@@ -137,9 +148,8 @@ class Lifecycle:
 
     def _block(self, r: Record, uid: int, detail: str | None) -> None:
         p = self.planner
-        if is_protected(uid):
-            why = f"uid {uid} is protected: never blocked"
-            return p._set_outcome(r, OutcomeKind.DELETED, uid, _join(detail, why), applied=True)
+        if self._refused(r, uid, detail):
+            return None
         if uid not in p.existing:
             why = f"uid {uid} no longer exists in Drupal"
             return p._set_outcome(r, OutcomeKind.DELETED, uid, _join(detail, why), applied=True)
@@ -159,8 +169,8 @@ class Lifecycle:
         if decision is None or decision.kind not in (OutcomeKind.UPDATED, OutcomeKind.LINKED):
             return
         uid = decision.uid
-        if uid is None or self.ours.get(uid) != r.sf_id:
-            return
+        if uid is None or self.ours.get(uid) != r.sf_id or p._protection(uid):
+            return  # (the planner refuses a protected user's update before this)
         if self.status.get(uid) == 0:
             self._change(uid).base["status"] = 1
             self.status[uid] = 1

@@ -97,6 +97,7 @@ from app.drupal.stats import Statistics
 from app.drupal.users import Key, UserStore
 from app.errors import ConfigError, RecordError, RetryableError
 from app.jobs import JobNotification
+from app.lifecycle import decide_batch
 from app.mapping import FieldMap, load_field_map
 from app.outcomes import Outcome, OutcomeKind
 from app.plan import Planner, note_failure
@@ -232,8 +233,9 @@ class Syncer:
                 frozenset(self.settings.protected_roles) or None,
             )
             await planner.load(records)
-            for record in records:
-                planner.decide(record)
+            lifecycle = await decide_batch(
+                conn, planner, records, self.settings.on_delete, self.schema.major
+            )
             await planner.pick_usernames()
             plan = planner.plan
             now = int(time.time())
@@ -241,6 +243,7 @@ class Syncer:
             plan.resolve_new_uids()
             await self.store.update(conn, list(plan.changes.values()), now)
             await ledger.save(conn, plan.states.values())
+            await lifecycle.save(conn, time.time())
         await self._statistics.created(len(plan.new))
         for record in records:
             decision = plan.decisions[record.index]

@@ -1,0 +1,273 @@
+"""Deletes, undeletes and merges on real Drupal 10 and Drupal 7 SQLite copies (app/lifecycle.py)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from app.drupal import ledger
+from app.drupal.ledger import RecordState
+from app.outcomes import Outcome, OutcomeKind
+from app.sync import Syncer
+from tests.drupal_rows import (
+    base_row,
+    field_values,
+    give_role,
+    note,
+    open_syncer,
+    sf,
+    tag,
+    uids_with_mail,
+    user_rows,
+)
+from tests.fixtures_db import DrupalSite
+from tests.test_sync_protected import admin_role
+
+SITES = pytest.mark.parametrize("drupal_site", ["sqlite-d10", "sqlite-d7"], indirect=True)
+
+
+def kinds(outcomes: list[Outcome]) -> list[str]:
+    return [o.kind.value for o in outcomes]
+
+
+async def status(site: DrupalSite, uid: int) -> int:
+    return int((await base_row(site, uid))["status"])
+
+
+async def mapping(site: DrupalSite, sf_id: str) -> tuple[int | None, list[str]]:
+    rows = await site.rows("SELECT uid, history FROM sfrelay_record WHERE sf_id = :s", s=sf_id)
+    if not rows:
+        return None, []
+    return rows[0]["uid"], [h["o"] for h in orjson.loads(rows[0]["history"])]
+
+
+async def blocked_rows(site: DrupalSite) -> list[dict[str, object]]:
+    return await site.rows("SELECT uid, sf_id FROM sfrelay_block ORDER BY uid")
+
+
+async def create(syncer: Syncer, site: DrupalSite, n: int, minutes: int = 0) -> int:
+    outcomes = await syncer.apply([note(sf(n), f"p{n}@example.org", "P", f"L{n}", minutes=minutes)])
+    assert kinds(outcomes) == ["created"]
+    (uid,) = await uids_with_mail(site, f"p{n}@example.org")
+    return uid
+
+
+@SITES
+async def test_delete_blocks_then_undelete_unblocks(drupal_site: DrupalSite) -> None:
+    site = drupal_site
+    syncer = await open_syncer(site)
+    try:
+        uid = await create(syncer, site, 1)
+        before = await tag(site, f"user:{uid}")
+        outcomes = await syncer.apply([note(sf(1), "p1@example.org", minutes=5, IsDeleted=True)])
+        assert kinds(outcomes) == ["blocked"] and outcomes[0].uid == uid
+        assert await status(site, uid) == 0
+        if site.major == 10:
+            assert await tag(site, f"user:{uid}") == before + 1  # Drupal's cache invalidation
+        assert await blocked_rows(site) == [{"uid": uid, "sf_id": sf(1)}]
+        # The same deletion again, and an older live version: nothing changes.
+        again = await syncer.apply(
+            [
+                note(sf(1), "p1@example.org", minutes=5, IsDeleted=True),
+                note(sf(1), "p1@example.org", minutes=3),
+            ]
+        )
+        assert kinds(again) == ["duplicate", "stale"]
+        assert await status(site, uid) == 0
+        # Undeleted in Salesforce: a newer live version.
+        back = await syncer.apply([note(sf(1), "p1@example.org", "P", "Back", minutes=9)])
+        assert kinds(back) == ["unblocked"]
+        assert await status(site, uid) == 1
+        assert (await field_values(site, uid))["field_last_name"] == "Back"
+        assert await blocked_rows(site) == []
+        assert (await mapping(site, sf(1)))[1] == [
+            "created",
+            "blocked",
+            "duplicate",
+            "stale",
+            "updated",
+            "unblocked",
+        ]
+    finally:
+        await syncer.close()
+
+
+@SITES
+async def test_a_user_an_administrator_blocked_is_never_unblocked(drupal_site: DrupalSite) -> None:
+    site = drupal_site
+    syncer = await open_syncer(site)
+    table = "users_field_data" if site.major == 10 else "users"
+    try:
+        uid = await create(syncer, site, 2)
+        await site.execute(f"UPDATE {table} SET status = 0 WHERE uid = :u", u=uid)
+        outcomes = await syncer.apply([note(sf(2), "p2@example.org", minutes=5, IsDeleted=True)])
+        assert kinds(outcomes) == ["deleted"]
+        assert outcomes[0].detail == f"uid {uid} was already blocked (not by sfrelay)"
+        back = await syncer.apply([note(sf(2), "p2@example.org", minutes=9)])
+        assert kinds(back) == ["updated"]
+        assert await status(site, uid) == 0
+        assert await blocked_rows(site) == []
+    finally:
+        await syncer.close()
+
+
+@SITES
+async def test_unlink_and_ignore_leave_the_user(drupal_site: DrupalSite) -> None:
+    site = drupal_site
+    syncer = await open_syncer(site, on_delete="unlink")
+    try:
+        uid = await create(syncer, site, 3)
+        outcomes = await syncer.apply([note(sf(3), "p3@example.org", minutes=5, IsDeleted=True)])
+        assert kinds(outcomes) == ["unlinked"] and outcomes[0].uid == uid
+        assert await status(site, uid) == 1
+        assert (await mapping(site, sf(3)))[0] is None
+    finally:
+        await syncer.close()
+    syncer = await open_syncer(site, on_delete="ignore")
+    try:
+        uid = await create(syncer, site, 4)
+        outcomes = await syncer.apply([note(sf(4), "p4@example.org", minutes=5, IsDeleted=True)])
+        assert kinds(outcomes) == ["deleted"] and outcomes[0].detail == "SFRELAY_ON_DELETE=ignore"
+        assert await status(site, uid) == 1
+        assert (await mapping(site, sf(4)))[0] == uid
+    finally:
+        await syncer.close()
+
+
+@SITES
+async def test_protected_users_are_never_blocked_unlinked_or_handed_over(
+    drupal_site: DrupalSite,
+) -> None:
+    """The planner's guard (uid 0, 1, a protected role) holds for deletions and merges."""
+    site = drupal_site
+    role = await admin_role(site)
+    syncer = await open_syncer(site)
+    try:
+        # uid 1 mapped by an older sfrelay, and members given the admin role once linked.
+        async with site.engine.begin() as conn:
+            await ledger.save(conn, [RecordState(sf(5), "Contact", uid=1, dirty=True)])
+        boss, lost, kept = [await create(syncer, site, n) for n in (6, 7, 8)]
+        survivor = await create(syncer, site, 9)
+        for uid in (boss, lost, kept):
+            await give_role(site, uid, role)
+        before = {uid: await user_rows(site, uid) for uid in (1, boss, lost, kept, survivor)}
+        gone = await syncer.apply(
+            [
+                note(sf(5), "x5@example.org", minutes=5, IsDeleted=True),
+                note(sf(6), "p6@example.org", minutes=5, IsDeleted=True),
+                note(sf(7), "p7@example.org", minutes=5, IsDeleted=True, MasterRecordId=sf(12)),
+                note(sf(8), "p8@example.org", minutes=5, IsDeleted=True, MasterRecordId=sf(9)),
+            ]
+        )
+        has_role = f"has role {role}"
+        assert [(o.kind, o.uid, o.detail) for o in gone] == [
+            ("conflict_protected_user", 1, "uid 1"),
+            ("conflict_protected_user", boss, f"uid {boss} {has_role}"),
+            (
+                "conflict_protected_user",
+                lost,
+                f"{sf(7)} merged into {sf(12)}; uid {lost} {has_role}",
+            ),
+            (
+                "conflict_protected_user",
+                kept,
+                f"{sf(8)} merged into {sf(9)}, which has uid {survivor}; uid {kept} {has_role}",
+            ),
+        ]
+        assert {uid: await user_rows(site, uid) for uid in before} == before
+        assert await blocked_rows(site) == []
+        assert [(await mapping(site, sf(n)))[0] for n in (5, 6, 7, 8, 9)] == [
+            1,
+            boss,
+            lost,
+            kept,
+            survivor,
+        ]
+        assert (await mapping(site, sf(12)))[0] is None
+        assert (await mapping(site, sf(6)))[1] == ["created", "conflict_protected_user"]
+    finally:
+        await syncer.close()
+    syncer = await open_syncer(site, on_delete="unlink")
+    try:
+        out = await syncer.apply([note(sf(6), "p6@example.org", minutes=6, IsDeleted=True)])
+        assert [(o.kind, o.uid) for o in out] == [("conflict_protected_user", boss)]
+        assert (await mapping(site, sf(6)))[0] == boss
+    finally:
+        await syncer.close()
+
+
+@SITES
+async def test_a_user_blocked_by_sfrelay_then_protected_stays_blocked(
+    drupal_site: DrupalSite,
+) -> None:
+    site = drupal_site
+    role = await admin_role(site)
+    syncer = await open_syncer(site)
+    try:
+        uid = await create(syncer, site, 13)
+        out = await syncer.apply([note(sf(13), "p13@example.org", minutes=5, IsDeleted=True)])
+        assert kinds(out) == ["blocked"]
+        await give_role(site, uid, role)
+        before = await user_rows(site, uid)
+        back = await syncer.apply([note(sf(13), "p13@example.org", "P", "Back", minutes=9)])
+        assert [(o.kind, o.uid) for o in back] == [("conflict_protected_user", uid)]
+        assert await status(site, uid) == 0
+        assert await user_rows(site, uid) == before
+        assert await blocked_rows(site) == [{"uid": uid, "sf_id": sf(13)}]
+    finally:
+        await syncer.close()
+
+
+@SITES
+async def test_merges_hand_over_or_block_and_name_both_ids(drupal_site: DrupalSite) -> None:
+    site = drupal_site
+    syncer = await open_syncer(site)
+    try:
+        loser_uid = await create(syncer, site, 10)
+        # The survivor has no user: the loser's user becomes the survivor's.
+        outcomes = await syncer.apply(
+            [note(sf(10), "p10@example.org", minutes=5, IsDeleted=True, MasterRecordId=sf(11))]
+        )
+        assert kinds(outcomes) == ["merged"] and outcomes[0].uid == loser_uid
+        assert (
+            outcomes[0].detail == f"{sf(10)} merged into {sf(11)}: its user now belongs to {sf(11)}"
+        )
+        assert await status(site, loser_uid) == 1
+        assert (await mapping(site, sf(11)))[0] == loser_uid
+        assert (await mapping(site, sf(10)))[0] is None
+        assert (await field_values(site, loser_uid))["field_salesforce_id"] == sf(11)
+        # The survivor's next version updates that user.
+        survivor = await syncer.apply([note(sf(11), "p10@example.org", "P", "Kept", minutes=6)])
+        assert kinds(survivor) == ["updated"] and survivor[0].uid == loser_uid
+        # Both have users: the loser's is blocked and the outcome names both Ids.
+        a, b = await create(syncer, site, 20), await create(syncer, site, 21)
+        both = await syncer.apply(
+            [note(sf(20), "p20@example.org", minutes=5, IsDeleted=True, MasterRecordId=sf(21))]
+        )
+        assert kinds(both) == ["blocked"] and both[0].uid == a
+        assert both[0].detail == f"{sf(20)} merged into {sf(21)}, which has uid {b}"
+        assert (await status(site, a), await status(site, b)) == (0, 1)
+    finally:
+        await syncer.close()
+
+
+@SITES
+async def test_a_deleted_record_without_a_user_writes_nothing(drupal_site: DrupalSite) -> None:
+    site = drupal_site
+    syncer = await open_syncer(site)
+    try:
+        users_before = await site.rows(
+            "SELECT count(*) AS n FROM " + ("users_field_data" if site.major == 10 else "users")
+        )
+        outcomes = await syncer.apply([note(sf(30), "p30@example.org", minutes=5, IsDeleted=True)])
+        assert (
+            kinds(outcomes) == ["deleted"] and outcomes[0].detail == "the record has no Drupal user"
+        )
+        users_after = await site.rows(
+            "SELECT count(*) AS n FROM " + ("users_field_data" if site.major == 10 else "users")
+        )
+        assert users_after == users_before
+        assert await blocked_rows(site) == []
+        assert OutcomeKind.DELETED == "deleted"
+    finally:
+        await syncer.close()
