@@ -207,6 +207,24 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if ok else 1
 
 
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from app.reconcile import parse_since, run_reconcile
+
+    since = parse_since(args.since) if args.since else None
+    report = asyncio.run(run_reconcile(settings, since=since, dry_run=args.dry_run))
+    if report.stopped:
+        print(f"sfrelay: reconcile stopped early: {report.stopped}", file=sys.stderr)
+    if args.json:
+        print(orjson.dumps({**report.as_dict(), "dry_run": args.dry_run}).decode())
+    else:
+        counts = {k: v for k, v in report.as_dict().items() if k != "stopped"}
+        print(
+            ("would queue: " if args.dry_run else "")
+            + ", ".join(f"{k} {v}" for k, v in counts.items())
+        )
+    return 1 if report.errors else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfrelay",
@@ -274,6 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--json", action="store_true", help="one JSON object")
     check.set_defaults(func=cmd_check)
+
+    reconcile = sub.add_parser(
+        "reconcile", help="queue what push missed: records changed or deleted in Salesforce"
+    )
+    reconcile.add_argument("--since", help="ISO 8601 start (default: the stored watermark)")
+    reconcile.add_argument("--dry-run", action="store_true", help="count, queue nothing")
+    reconcile.add_argument("--json", action="store_true", help="one JSON object as the last line")
+    reconcile.set_defaults(func=cmd_reconcile)
     return parser
 
 

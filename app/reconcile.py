@@ -1,0 +1,311 @@
+"""Reconciliation, push's safety net: records changed in Salesforce since the watermark, queued
+through the same queue and rules as pushed ones (`Enqueuer.submit`, `Source.RECONCILE`).
+
+Per handled object: SOQL (queryAll, so deletions and merge losers come too) over
+``SystemModstamp`` from the stored watermark minus `OVERLAP` to Salesforce's clock now, page by
+page, oldest first. Each record is
+
+- `current` when sfrelay already applied that version (sfrelay_record's modstamp): not queued;
+- `no_email` when it is live and has no usable email: counted, never written;
+- `deleted` / `merged` (a deletion, with MasterRecordId for a merge loser): queued when the
+  record has a Drupal user, for app/lifecycle.py to apply;
+- otherwise queued.
+
+The watermark (Salesforce's time: the last queued page's SystemModstamp, then the `Date` of the
+response the run started from) lives in sfrelay_cursor and advances only after the records up to
+it were queued: a crash repeats work, never skips it. A record seen by push and by reconcile is
+applied once (the planner's order guard makes the second `duplicate` or `stale`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.config import Settings
+from app.drupal import cursors, ledger
+from app.errors import (
+    ApiLimitReached,
+    ConfigError,
+    SalesforceLoginFailed,
+    SalesforceQueryRefused,
+    SalesforceRequestRefused,
+    SalesforceUnavailable,
+)
+from app.jobs import ApplyJob, JobNotification, Source
+from app.lifecycle import is_deletion, merged_into
+from app.mapping import FieldMap
+from app.outcomes import OutcomeKind
+from app.queue import Enqueuer, count_outcomes
+from app.records import modstamp, valid_email
+from app.salesforce import SalesforceApi
+from app.salesforce.soql import parse_datetime
+from app.sfid import canonical_id, sf_key
+
+log = logging.getLogger("sfrelay.reconcile")
+
+# Start this far before the watermark: a transaction that committed late can carry a
+# SystemModstamp older than records already read. Versions read twice are `current`.
+OVERLAP = timedelta(minutes=10)
+JOB_SIZE = 200  # notifications per queued job (a page of 2,000 becomes ten jobs)
+# The organization of polled jobs when SFRELAY_ORG_IDS names none (development).
+UNKNOWN_ORG = "00D000000000000"
+# What Salesforce can answer that ends a poll (counted in `errors`); Redis and database errors
+# are not among them: they propagate (the CLI names the setting, the cron job logs them).
+SALESFORCE_ERRORS = (
+    ApiLimitReached,
+    SalesforceLoginFailed,
+    SalesforceQueryRefused,
+    SalesforceRequestRefused,
+    SalesforceUnavailable,
+)
+
+
+@dataclass(slots=True)
+class PollReport:
+    queried: int = 0
+    queued: int = 0
+    current: int = 0
+    no_email: int = 0
+    deleted: int = 0
+    merged: int = 0
+    errors: int = 0
+    stopped: str | None = None  # why the run stopped early
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def add(self, other: PollReport) -> None:
+        for name in ("queried", "queued", "current", "no_email", "deleted", "merged", "errors"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.stopped = self.stopped or other.stopped
+
+
+def organization(settings: Settings) -> str:
+    orgs = sorted(settings.canonical_org_ids)
+    return orgs[0] if orgs else canonical_id(UNKNOWN_ORG)
+
+
+def handled(settings: Settings, field_map: FieldMap) -> list[str]:
+    return [o for o in settings.handled_objects if o in field_map.objects]
+
+
+def usable_email(notification: JobNotification, field_map: FieldMap) -> bool:
+    obj = field_map.objects.get(notification.object)
+    email = notification.fields.get(obj.email_field) if obj is not None else None
+    return isinstance(email, str) and bool(email.strip()) and valid_email(email.strip())
+
+
+class Poller:
+    """Sorts polled pages into the report's counts and queues what must be applied."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        enqueuer: Enqueuer | None,  # None: --dry-run
+        field_map: FieldMap,
+        source: Source,
+    ) -> None:
+        self.engine, self.enqueuer, self.field_map = engine, enqueuer, field_map
+        self.source, self.org = source, organization(settings)
+
+    async def take(self, page: list[JobNotification], report: PollReport) -> None:
+        async with self.engine.connect() as conn:
+            states = await ledger.load(conn, {sf_key(n.fields["Id"]) for n in page})
+        wanted: list[JobNotification] = []
+        for n in page:
+            report.queried += 1
+            st = states.get(sf_key(n.fields["Id"]))
+            stamp = modstamp(n.fields)
+            applied = st is not None and st.modstamp is not None and stamp is not None
+            if applied and stamp <= st.modstamp:  # type: ignore[operator, union-attr]
+                report.current += 1
+                continue
+            if is_deletion(n.fields):
+                if merged_into(n.fields):
+                    report.merged += 1
+                else:
+                    report.deleted += 1
+                if st is not None and st.uid is not None:
+                    wanted.append(n)
+                continue
+            if not usable_email(n, self.field_map):
+                report.no_email += 1
+                continue
+            wanted.append(n)
+        if self.enqueuer is None:
+            report.queued += len(wanted)
+            return
+        for start in range(0, len(wanted), JOB_SIZE):
+            chunk = tuple(wanted[start : start + JOB_SIZE])
+            job = ApplyJob(self.org, self.source, time.time(), chunk)
+            result = await self.enqueuer.submit(job)
+            report.queued += result.queued
+            report.current += result.duplicates  # this very version is queued already
+
+
+async def poll_object(
+    api: SalesforceApi,
+    poller: Poller,
+    sobject: str,
+    start: datetime,
+    end: datetime,
+    report: PollReport,
+    on_page: Callable[[JobNotification], Any] | None = None,
+) -> None:
+    """Queue [start, end) of `sobject`; `on_page(last notification)` after each page queued.
+    Salesforce errors end the object's run: counted in `errors`, named in `stopped`."""
+    pages: AsyncIterator[list[JobNotification]] = api.changed_records(
+        sobject, start, end, include_deleted=True
+    )
+    try:
+        async for page in pages:
+            await poller.take(page, report)
+            if page and on_page is not None:
+                await on_page(page[-1])
+    except SALESFORCE_ERRORS as exc:
+        report.errors += 1
+        report.stopped = f"{sobject}: {exc}"
+        log.warning("poll of %s stopped: %s", sobject, exc)
+        if isinstance(exc, ApiLimitReached):
+            raise
+
+
+async def reconcile(
+    settings: Settings,
+    api: SalesforceApi,
+    engine: AsyncEngine,
+    redis: Redis | None,
+    field_map: FieldMap,
+    *,
+    since: datetime | None = None,
+    dry_run: bool = False,
+) -> PollReport:
+    """One reconciliation run over every handled object (see the module docstring)."""
+    report = PollReport()
+    enqueuer = None
+    if not dry_run:
+        assert redis is not None
+        enqueuer = Enqueuer(
+            redis,
+            queue_name=settings.queue_name,
+            dedupe_ttl_s=settings.dedupe_ttl_seconds,
+            job_ttl_s=settings.job_ttl_seconds,
+        )
+    poller = Poller(settings, engine, enqueuer, field_map, Source.RECONCILE)
+    objects = handled(settings, field_map)
+    starts: dict[str, datetime] = {}
+    for sobject in objects:
+        mark = await cursors.get(engine, cursors.watermark_name(sobject))
+        if since is not None:
+            starts[sobject] = since
+            if mark is None and not dry_run:  # a run cut short resumes from here
+                await cursors.put(engine, cursors.watermark_name(sobject), since.isoformat())
+        elif mark is not None:
+            starts[sobject] = parse_datetime(mark) - OVERLAP
+        else:
+            raise ConfigError(
+                f"no reconcile watermark for {sobject} yet: run `sfrelay backfill` first (it "
+                "leaves one where it started), or give `sfrelay reconcile --since <ISO 8601>`"
+            )
+    try:
+        await api.require_api_headroom()
+        end = await api.server_time()
+        for sobject in objects:
+            name = cursors.watermark_name(sobject)
+
+            async def advance(last: JobNotification, name: str = name) -> None:
+                stamp = last.fields.get("SystemModstamp")
+                if not dry_run and isinstance(stamp, str):
+                    await cursors.put(engine, name, parse_datetime(stamp).isoformat())
+
+            part = PollReport()
+            try:
+                await poll_object(api, poller, sobject, starts[sobject], end, part, advance)
+            finally:
+                report.add(part)
+            if part.stopped is None and not dry_run:
+                await cursors.put(engine, name, end.isoformat())
+    except SALESFORCE_ERRORS as exc:
+        if report.stopped is None:  # before the first page
+            report.errors += 1
+            report.stopped = str(exc)
+            log.warning("reconcile stopped: %s", exc)
+        if isinstance(exc, ApiLimitReached) and redis is not None:
+            await count_outcomes(redis, Counter({OutcomeKind.API_LIMIT: 1}))
+    return report
+
+
+@dataclass(slots=True)
+class PollContext:
+    """What a poll command opens: Salesforce, the Drupal database (migrated), Redis."""
+
+    settings: Settings
+    api: SalesforceApi
+    engine: AsyncEngine
+    redis: Redis
+    field_map: FieldMap
+
+    @classmethod
+    async def open(cls, settings: Settings) -> PollContext:
+        from app.drupal.engine import create_engine
+        from app.mapping import load_field_map
+        from app.queue import redis_client
+        from app.salesforce import SalesforceClient, salesforce_configured
+
+        if not salesforce_configured(settings):
+            raise ConfigError(
+                "Salesforce is not configured: set the SFRELAY_SF_* settings (README, "
+                "'Salesforce API'), then check them with `sfrelay check`"
+            )
+        field_map = load_field_map(settings.field_map)
+        api = SalesforceClient(settings, field_map)
+        engine = create_engine(settings.database_url)
+        try:
+            await ledger.migrate(engine)
+        except Exception:
+            await engine.dispose()
+            raise
+        return cls(settings, api, engine, redis_client(settings), field_map)
+
+    async def close(self) -> None:
+        await self.api.close()
+        await self.engine.dispose()
+        await self.redis.aclose()
+
+
+def parse_since(text: str) -> datetime:
+    """--since: ISO 8601 with a time zone (Salesforce's times are UTC)."""
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            f"--since {text!r} is not an ISO 8601 time: write it like 2026-01-31T08:00:00Z"
+        ) from None
+    if value.tzinfo is None:
+        raise ConfigError(
+            f"--since {text!r} has no time zone: add Z for UTC (2026-01-31T08:00:00Z)"
+        )
+    return value
+
+
+async def run_reconcile(
+    settings: Settings, *, since: datetime | None = None, dry_run: bool = False
+) -> PollReport:
+    """`sfrelay reconcile`: open everything, run once, close."""
+    ctx = await PollContext.open(settings)
+    try:
+        return await reconcile(
+            settings, ctx.api, ctx.engine, ctx.redis, ctx.field_map, since=since, dry_run=dry_run
+        )
+    finally:
+        await ctx.close()

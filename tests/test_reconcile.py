@@ -1,0 +1,262 @@
+"""Reconciliation against the local Salesforce, real Redis and a Drupal 10 SQLite copy."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+
+from app.cli import main
+from app.config import Settings
+from app.drupal import cursors
+from app.drupal.engine import create_engine
+from app.jobs import ApplyJob, JobNotification, Source
+from app.queue import Enqueuer, queue_stats, redis_client
+from app.reconcile import run_reconcile
+from app.salesforce.soql import to_notification
+from tests.fixtures_salesforce import sf_settings
+from tests.fixtures_worker import drupal_users, run_worker, settings_env
+from tests.messages import sf_id
+from tests.sfserver import FakeOrg, SalesforceServer, sf_datetime
+
+T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def rc_settings(
+    worker_settings: Settings, sf_server: SalesforceServer, sf_org: FakeOrg
+) -> Settings:
+    return sf_settings(
+        "jwt-bearer",
+        sf_server,
+        redis_url=worker_settings.redis_url,
+        database_url=worker_settings.database_url,
+        org_ids=worker_settings.org_ids,
+        job_timeout_seconds=5,
+        retry_backoff_seconds=0,
+        max_tries=3,
+        worker_max_rss_mb=100_000,
+    )
+
+
+def add(org: FakeOrg, n: int, at: datetime, email: str | None = "default", last: str = "") -> str:
+    record_id = sf_id("003", n)
+    org.add(
+        "Contact",
+        record_id,
+        Email=f"c{n}@example.org" if email == "default" else email,
+        FirstName="Ada",
+        LastName=last or f"L{n}",
+        SystemModstamp=at,
+    )
+    return record_id
+
+
+def users(path: Path) -> dict[str, tuple[str, str, int]]:
+    """Salesforce Id -> (mail, last name, status) of every user sfrelay wrote."""
+    return {row[6]: (row[2], row[5], row[3]) for row in drupal_users(path)}
+
+
+async def pushed(settings: Settings, org: FakeOrg, record_id: str) -> None:
+    """The record's current version as an Outbound Message would have queued it."""
+    rendered = org.render(
+        "Contact",
+        org.records["Contact"][record_id],
+        ["Id", "Email", "FirstName", "LastName", "SystemModstamp"],
+    )
+    notification = to_notification("Contact", rendered)
+    push = JobNotification(f"04l{record_id[3:15]}XYZ", "Contact", notification.fields)
+    client = redis_client(settings)
+    try:
+        enqueuer = Enqueuer(
+            client,
+            queue_name=settings.queue_name,
+            dedupe_ttl_s=settings.dedupe_ttl_seconds,
+            job_ttl_s=settings.job_ttl_seconds,
+        )
+        job = ApplyJob(
+            sorted(settings.canonical_org_ids)[0], Source.OUTBOUND_MESSAGE, time.time(), (push,)
+        )
+        assert (await enqueuer.submit(job)).queued == 1
+    finally:
+        await client.aclose()
+
+
+async def queued(settings: Settings) -> int:
+    client = redis_client(settings)
+    try:
+        return (await queue_stats(client, settings.queue_name)).queued
+    finally:
+        await client.aclose()
+
+
+async def test_a_30_hour_outage_is_found_once_each_and_no_email_left_out(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path
+) -> None:
+    settings = rc_settings
+    # Before the outage: 10 records, pushed and applied; the first run starts at --since.
+    sf_org.fixed_time = T0 + timedelta(hours=1)
+    before = [add(sf_org, n, T0 + timedelta(minutes=n)) for n in range(1, 11)]
+    first = await run_reconcile(settings, since=T0)
+    assert (first.queried, first.queued, first.no_email, first.errors) == (10, 10, 0, 0)
+    await run_worker(settings)
+    assert set(users(drupal_db)) == set(before)
+    # The outage: 30 hours in which Salesforce's deliveries failed and were dropped.
+    start = T0 + timedelta(hours=2)
+    changed = [add(sf_org, n, start + timedelta(hours=n), last=f"New{n}") for n in range(1, 5)]
+    created = [add(sf_org, n, start + timedelta(hours=n)) for n in range(11, 17)]
+    no_email = [add(sf_org, 17, start, email=None), add(sf_org, 18, start, email="  ")]
+    # One change did get through by push and was applied before reconcile ran.
+    late = add(sf_org, 19, start + timedelta(hours=29))
+    await pushed(settings, sf_org, late)
+    await run_worker(settings)
+    sf_org.fixed_time = start + timedelta(hours=30)
+    report = await run_reconcile(settings)
+    assert report.as_dict() == {
+        "queried": 4 + 6 + 2 + 1,
+        "queued": 4 + 6,
+        "current": 1,
+        "no_email": 2,
+        "deleted": 0,
+        "merged": 0,
+        "errors": 0,
+        "stopped": None,
+    }
+    await run_worker(settings)
+    found = users(drupal_db)
+    assert set(found) == {*before, *created, late}
+    assert not set(no_email) & set(found)
+    for n, record_id in enumerate(changed, start=1):
+        assert found[record_id] == (f"c{n}@example.org", f"New{n}", 1)
+    # Each applied once: one created/updated entry per version in the history.
+    engine = create_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            from app.drupal import ledger
+
+            states = await ledger.load(conn, changed)
+        for state in states.values():
+            assert [h["o"] for h in state.history] == ["created", "updated"]
+        mark = await cursors.get(engine, cursors.watermark_name("Contact"))
+        assert mark == sf_org.fixed_time.isoformat()
+    finally:
+        await engine.dispose()
+    # A second run straight after queues nothing.
+    again = await run_reconcile(settings)
+    assert (again.queried, again.queued) == (0, 0)
+    # Over the outage again: Drupal has every version already.
+    over = await run_reconcile(settings, since=start)
+    assert (over.queried, over.queued, over.current, over.no_email) == (13, 0, 11, 2)
+    assert await queued(settings) == 0
+
+
+async def test_deletes_and_merges_found_by_reconcile_act_on_the_right_users(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path
+) -> None:
+    settings = rc_settings
+    sf_org.fixed_time = T0 + timedelta(hours=1)
+    ids = [add(sf_org, n, T0 + timedelta(minutes=n)) for n in range(1, 6)]
+    await run_reconcile(settings, since=T0)
+    await run_worker(settings)
+    by_id = {row[6]: row[0] for row in drupal_users(drupal_db)}
+    sf_org.delete("Contact", ids[0], T0 + timedelta(hours=2))
+    sf_org.delete("Contact", ids[1], T0 + timedelta(hours=2), master=ids[2])  # both have users
+    new_survivor = add(sf_org, 50, T0 + timedelta(minutes=1), email=None)  # never synced
+    sf_org.delete("Contact", ids[3], T0 + timedelta(hours=2), master=new_survivor)
+    sf_org.fixed_time = T0 + timedelta(hours=3)
+    report = await run_reconcile(settings)
+    assert (report.deleted, report.merged, report.queued) == (1, 2, 3)
+    await run_worker(settings)
+    found = {row[0]: row[3] for row in drupal_users(drupal_db)}
+    assert found[by_id[ids[0]]] == 0  # blocked
+    assert found[by_id[ids[1]]] == 0  # merge loser whose survivor has a user
+    assert found[by_id[ids[2]]] == 1
+    assert found[by_id[ids[3]]] == 1  # handed over to the survivor
+    assert found[by_id[ids[4]]] == 1
+    assert users(drupal_db)[new_survivor][2] == 1
+
+
+def test_a_first_run_without_watermark_refuses_and_changes_nothing(
+    rc_settings: Settings,
+    sf_org: FakeOrg,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in settings_env(rc_settings).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SFRELAY_SF_USERNAME", rc_settings.sf_username or "")
+    monkeypatch.setenv("SFRELAY_SF_CONSUMER_KEY", rc_settings.sf_consumer_key or "")
+    monkeypatch.setenv("SFRELAY_SF_PRIVATE_KEY_FILE", str(rc_settings.sf_private_key_file))
+    monkeypatch.setenv("SFRELAY_ORG_IDS", ",".join(rc_settings.org_ids))
+    add(sf_org, 1, T0)
+    assert main(["reconcile", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "sfrelay: no reconcile watermark for Contact yet: run `sfrelay backfill` first (it leaves "
+        "one where it started), or give `sfrelay reconcile --since <ISO 8601>`\n"
+    )
+    assert redis_client.keys("*") == []
+    assert sf_org.counts["query"] + sf_org.counts["queryAll"] == 0
+    assert main(["reconcile", "--since", "2026-11-20T07:00:00"]) == 2
+    assert "has no time zone" in capsys.readouterr().err
+    # --dry-run counts and queues nothing, stores no watermark.
+    sf_org.fixed_time = T0 + timedelta(hours=1)
+    assert main(["reconcile", "--since", "2026-11-20T07:00:00Z", "--dry-run", "--json"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert orjson.loads(last) == {
+        "queried": 1,
+        "queued": 1,
+        "current": 0,
+        "no_email": 0,
+        "deleted": 0,
+        "merged": 0,
+        "errors": 0,
+        "stopped": None,
+        "dry_run": True,
+    }
+    assert [k for k in redis_client.keys("*") if not k.startswith(b"sfrelay:stats")] == []
+    assert main(["reconcile", "--json"]) == 2  # still no watermark
+
+
+async def test_the_api_limit_reached_mid_run_stops_and_resumes_next_run(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path, redis_client: redis.Redis
+) -> None:
+    settings = rc_settings.model_copy(update={"sf_min_api_remaining": 100})
+    sf_org.page_size = 10
+    sf_org.fixed_time = T0 + timedelta(hours=1)
+    ids = [add(sf_org, n, T0 + timedelta(seconds=n)) for n in range(1, 41)]
+    sf_org.api_max = 1000
+    sf_org.api_used = 880  # a few requests before the limit
+
+    original = sf_org.page
+
+    def page(locator: str, offset: int, version: str) -> dict[str, object]:
+        if offset >= 20:
+            sf_org.api_used = 950  # someone else used the org's requests meanwhile
+        return original(locator, offset, version)
+
+    sf_org.page = page  # type: ignore[method-assign]
+    report = await run_reconcile(settings, since=T0)
+    assert report.errors == 1 and report.stopped is not None
+    assert "daily API requests are left" in report.stopped
+    assert report.queued == 30
+    assert redis_client.hget("sfrelay:stats", "outcome:api_limit") == b"1"
+    engine = create_engine(settings.database_url)
+    try:
+        mark = await cursors.get(engine, cursors.watermark_name("Contact"))
+    finally:
+        await engine.dispose()
+    assert mark == (T0 + timedelta(seconds=30)).isoformat()  # the last page queued
+    await run_worker(settings)
+    sf_org.api_used = 0
+    sf_org.page = original  # type: ignore[method-assign]
+    resumed = await run_reconcile(settings)
+    assert resumed.errors == 0 and resumed.queued == 10
+    await run_worker(settings)
+    assert set(users(drupal_db)) == set(ids)
+    assert sf_datetime(T0)  # the server's rendering is what the client parsed
