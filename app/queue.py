@@ -51,6 +51,9 @@ OUTCOME_PREFIX = "outcome:"  # a field of STATS_KEY per outcome: what the worker
 # The turn to write one Drupal database (workers/lease.py): `sfrelay:writer:<digest>`.
 WRITER_PREFIX = "sfrelay:writer:"
 READY_PROBE_KEY = "sfrelay:ready-probe"  # /readyz writes it (only if it exists) to test writes
+# The reconcile claim (claim_reconcile): one run at a time across workers, not before it is due.
+RECONCILE_RUNNING_KEY = "sfrelay:reconcile:running"  # held while a reconcile runs
+RECONCILE_DUE_KEY = "sfrelay:reconcile:recent"  # exists until the next run is due
 HEALTH_CHECK_SUFFIX = ":health-check"  # arq's health_check_key_suffix (arq/constants.py)
 
 # KEYS: queue, stats, dead hash, dead body key, job key, seen key per notification...,
@@ -397,3 +400,23 @@ async def remove_dead_letters_in_redis(redis: Redis, fields: Sequence[str]) -> N
         await redis.hdel(DEAD_KEY, *fields)  # type: ignore[misc]
     except (RedisError, OSError) as exc:
         raise QueueUnavailable(f"the queue (Redis) failed during the replay: {exc}") from exc
+
+
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+async def claim_reconcile(redis: Redis, token: str, every_s: int, hold_s: int) -> bool:
+    """True when this worker may reconcile now: none running, none within `every_s`."""
+    if not await redis.set(RECONCILE_RUNNING_KEY, token, nx=True, ex=hold_s):
+        return False
+    if await redis.set(RECONCILE_DUE_KEY, token, nx=True, ex=every_s):
+        return True
+    await release_reconcile(redis, token)
+    return False
+
+
+async def release_reconcile(redis: Redis, token: str) -> None:
+    await redis.eval(_RELEASE_LUA, 1, RECONCILE_RUNNING_KEY, token)  # type: ignore[misc]
