@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -260,3 +261,48 @@ async def test_the_api_limit_reached_mid_run_stops_and_resumes_next_run(
     await run_worker(settings)
     assert set(users(drupal_db)) == set(ids)
     assert sf_datetime(T0)  # the server's rendering is what the client parsed
+
+
+async def test_the_cron_job_runs_once_at_a_time_and_never_crashes_the_worker(
+    rc_settings: Settings, sf_org: FakeOrg, redis_client: redis.Redis
+) -> None:
+    from arq.connections import RedisSettings, create_pool
+
+    from workers import polls, tasks
+    from workers.main import worker_options
+
+    settings = rc_settings.model_copy(update={"reconcile_every_seconds": 600})
+    assert [job.name for job in worker_options(settings)["cron_jobs"]] == ["sfrelay:reconcile"]
+    off = rc_settings.model_copy(update={"reconcile_every_seconds": 0})
+    assert worker_options(off)["cron_jobs"] == []
+    sf_org.fixed_time = T0 + timedelta(hours=1)
+    ids = [add(sf_org, n, T0 + timedelta(minutes=n)) for n in range(1, 4)]
+    await run_reconcile(settings, since=T0 - timedelta(hours=1), dry_run=False)
+    before = await queued(settings)
+    assert before == 3
+    ids.append(add(sf_org, 9, T0 + timedelta(minutes=50)))
+    pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+    ctx: dict[str, object] = {"redis": pool}
+    other: dict[str, object] = {"redis": pool}
+    await tasks.startup(ctx, settings)
+    other[tasks.STATE] = ctx[tasks.STATE]
+    try:
+        runs = sf_org.counts["queryAll"]
+        await asyncio.gather(polls.reconcile_job(ctx), polls.reconcile_job(other))
+        assert sf_org.counts["queryAll"] - runs == 2  # one run: one query per object
+        assert await queued(settings) == 4  # it queued the new record
+        assert redis_client.ttl("sfrelay:reconcile:recent") > 500
+        assert not redis_client.exists("sfrelay:reconcile:running")
+        # Not due again yet: nothing asked of Salesforce.
+        asked = sf_org.counts["queryAll"]
+        await polls.reconcile_job(ctx)
+        assert sf_org.counts["queryAll"] == asked
+        # Salesforce failing: logged, the worker carries on, the claim is released.
+        redis_client.delete("sfrelay:reconcile:recent")
+        sf_org.fail_next = [(503, "SERVER_UNAVAILABLE", "down")] * 10
+        await polls.reconcile_job(ctx)
+        assert not redis_client.exists("sfrelay:reconcile:running")
+    finally:
+        await polls.close(ctx)
+        await tasks.shutdown(ctx)
+        await pool.aclose()

@@ -10,7 +10,7 @@ from arq.connections import RedisSettings
 from app.config import Settings
 from app.jobs import deserialize, serialize
 from app.soap import MAX_NOTIFICATIONS
-from workers import tasks
+from workers import polls, tasks
 
 # Jobs run at once by one worker; their notifications are applied together (group commit):
 # two batches' worth (SFRELAY_WORKER_BATCH_SIZE), so one gathers while the other is written,
@@ -36,9 +36,11 @@ def worker_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         await tasks.shutdown(ctx)
+        await polls.close(ctx)
 
     options: dict[str, Any] = {
         "functions": [tasks.apply_notifications],
+        "cron_jobs": polls.cron_jobs(settings),
         "queue_name": settings.queue_name,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "job_serializer": serialize,
