@@ -101,6 +101,7 @@ class SalesforceClient:
         self._login_lock = threading.Lock()
         self._thread = threading.local()
         self.api_usage: ApiUsage | None = None
+        self.last_total_size: int | None = None  # totalSize of the last query (progress, ETA)
         self.logins = 0
 
     @property
@@ -252,6 +253,7 @@ class SalesforceClient:
         only when the previous one was taken: a million records never sit in memory."""
         self._check_headroom()
         result = await self._run(what, lambda sf: sf.query(query, include_deleted=include_deleted))
+        self.last_total_size = result.get("totalSize")
         while True:
             yield [soql.to_notification(sobject, record) for record in result["records"]]
             if result.get("done", True):
