@@ -225,6 +225,38 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if report.errors else 0
 
 
+def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    from app.backfill import Progress, run_backfill
+    from app.reconcile import parse_since
+
+    since = parse_since(args.since) if args.since else None
+    tty = sys.stderr.isatty()
+
+    def progress(sobject: str) -> Progress:
+        return Progress(sys.stderr, tty, label=sobject)
+
+    started = time.monotonic()
+    report = asyncio.run(
+        run_backfill(
+            settings,
+            objects=[args.object] if args.object else None,
+            since=since,
+            dry_run=args.dry_run,
+            progress=progress,
+        )
+    )
+    elapsed = time.monotonic() - started
+    if report.stopped:
+        print(
+            f"sfrelay: backfill stopped early: {report.stopped}; run it again to resume",
+            file=sys.stderr,
+        )
+    counts = ", ".join(f"{k} {v}" for k, v in report.as_dict().items() if k != "stopped")
+    prefix = "dry run (nothing queued): " if args.dry_run else "backfill done: "
+    print(f"{prefix}{counts} in {elapsed:.0f} s")
+    return 1 if report.errors else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfrelay",
@@ -300,6 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--dry-run", action="store_true", help="count, queue nothing")
     reconcile.add_argument("--json", action="store_true", help="one JSON object as the last line")
     reconcile.set_defaults(func=cmd_reconcile)
+
+    backfill = sub.add_parser(
+        "backfill", help="queue every matching Salesforce record (resumable; then reconcile)"
+    )
+    backfill.add_argument("--object", choices=["Contact", "Lead"], help="one object only")
+    backfill.add_argument("--since", help="only records changed from this ISO 8601 time")
+    backfill.add_argument("--dry-run", action="store_true", help="count, queue nothing")
+    backfill.set_defaults(func=cmd_backfill)
     return parser
 
 

@@ -1,0 +1,183 @@
+"""`sfrelay backfill`: every matching record, queued like a reconcile (`Source.BACKFILL`), a
+page at a time (never all in memory), resumable after a kill, leaving the reconcile watermark
+at the time it started.
+
+Per object: Salesforce's clock when the backfill started and the SystemModstamp of the last
+queued page are checkpointed in sfrelay_cursor (`backfill:<Object>`) after each page; a second
+run resumes from there (the versions read again are `current` or deduped in the queue). Once the
+object is done, its reconcile watermark becomes the start time (unless it is later already)
+and the checkpoint is dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO
+
+import orjson
+
+from app.config import Settings
+from app.drupal import cursors
+from app.errors import ApiLimitReached, ConfigError
+from app.jobs import JobNotification, Source
+from app.outcomes import OutcomeKind
+from app.queue import Enqueuer, count_outcomes
+from app.reconcile import SALESFORCE_ERRORS, PollContext, Poller, PollReport, handled, poll_object
+from app.salesforce.soql import parse_datetime
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    started: datetime  # Salesforce's clock when this object's backfill began
+    after: datetime  # records from here on are still to queue
+
+    def dumps(self) -> str:
+        return orjson.dumps(
+            {"started": self.started.isoformat(), "after": self.after.isoformat()}
+        ).decode()
+
+    @classmethod
+    def loads(cls, text: str) -> Checkpoint:
+        data = orjson.loads(text)
+        return cls(parse_datetime(data["started"]), parse_datetime(data["after"]))
+
+
+@dataclass(slots=True)
+class Progress:
+    """Records, rate and ETA: one rewritten line on a terminal, a plain line every
+    `every_s` seconds otherwise."""
+
+    out: IO[str]
+    tty: bool
+    every_s: float = 5.0
+    done: int = 0
+    total: int | None = None
+    started: float = field(default_factory=time.monotonic)
+    last: float = 0.0
+    label: str = ""
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = self.done / elapsed
+        text = f"{self.label}: {self.done:,} records, {rate:,.0f}/s"
+        if self.total:
+            left = max(self.total - self.done, 0)
+            eta = left / rate if rate else 0.0
+            text += f", {self.done * 100 // max(self.total, 1)}% of {self.total:,}"
+            text += f", ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+        return text
+
+    def page(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if self.tty:
+            print("\r" + self.line(), end="", file=self.out, flush=True)
+        elif now - self.last >= self.every_s:
+            self.last = now
+            print(self.line(), file=self.out, flush=True)
+
+    def end(self) -> None:
+        if self.tty and self.done:
+            print(file=self.out, flush=True)
+
+
+async def backfill(
+    ctx: PollContext,
+    *,
+    objects: list[str] | None = None,
+    since: datetime | None = None,
+    dry_run: bool = False,
+    progress: Callable[[str], Progress] | None = None,
+) -> PollReport:
+    settings, engine = ctx.settings, ctx.engine
+    enqueuer = None
+    if not dry_run:
+        enqueuer = Enqueuer(
+            ctx.redis,
+            queue_name=settings.queue_name,
+            dedupe_ttl_s=settings.dedupe_ttl_seconds,
+            job_ttl_s=settings.job_ttl_seconds,
+        )
+    poller = Poller(settings, engine, enqueuer, ctx.field_map, Source.BACKFILL)
+    report = PollReport()
+    for sobject in objects or handled(settings, ctx.field_map):
+        if sobject not in ctx.field_map.objects:
+            raise ConfigError(f"the field map has no [{sobject}] section: nothing to backfill")
+        part = PollReport()
+        shown = progress(sobject) if progress is not None else None
+        try:
+            await _one_object(ctx, poller, sobject, since, dry_run, part, shown)
+        except SALESFORCE_ERRORS as exc:
+            if part.stopped is None:  # before its first page
+                part.errors += 1
+                part.stopped = f"{sobject}: {exc}"
+            if isinstance(exc, ApiLimitReached):
+                if not dry_run:
+                    await count_outcomes(ctx.redis, Counter({OutcomeKind.API_LIMIT: 1}))
+                break
+        finally:
+            report.add(part)
+            if shown is not None:
+                shown.end()
+    return report
+
+
+async def _one_object(
+    ctx: PollContext,
+    poller: Poller,
+    sobject: str,
+    since: datetime | None,
+    dry_run: bool,
+    part: PollReport,
+    shown: Progress | None,
+) -> None:
+    engine = ctx.engine
+    name = cursors.checkpoint_name(sobject)
+    saved = await cursors.get(engine, name)
+    await ctx.api.require_api_headroom()
+    if saved is not None and not dry_run:
+        point = Checkpoint.loads(saved)
+    else:
+        point = Checkpoint(await ctx.api.server_time(), since or EPOCH)
+        if not dry_run:
+            await cursors.put(engine, name, point.dumps())
+
+    async def checkpoint(last: JobNotification) -> None:
+        if shown is not None:
+            if shown.total is None:
+                shown.total = getattr(ctx.api, "last_total_size", None)
+            shown.page(part.queried - shown.done)
+        stamp = last.fields.get("SystemModstamp")
+        if not dry_run and isinstance(stamp, str):
+            point.after = parse_datetime(stamp)
+            await cursors.put(engine, name, point.dumps())
+
+    await poll_object(ctx.api, poller, sobject, point.after, point.started, part, checkpoint)
+    if part.stopped is not None or dry_run:
+        return
+    watermark = cursors.watermark_name(sobject)
+    mark = await cursors.get(engine, watermark)
+    if mark is None or parse_datetime(mark) < point.started:
+        await cursors.put(engine, watermark, point.started.isoformat())
+    await cursors.drop(engine, name)
+
+
+async def run_backfill(
+    settings: Settings,
+    *,
+    objects: list[str] | None = None,
+    since: datetime | None = None,
+    dry_run: bool = False,
+    progress: Callable[[str], Progress] | None = None,
+) -> PollReport:
+    ctx = await PollContext.open(settings)
+    try:
+        return await backfill(ctx, objects=objects, since=since, dry_run=dry_run, progress=progress)
+    finally:
+        await ctx.close()

@@ -1,0 +1,155 @@
+"""Backfill: 20,000 records from the local Salesforce, killed mid-run and resumed."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from app.backfill import Checkpoint, run_backfill
+from app.config import Settings
+from app.drupal import cursors
+from app.drupal.engine import create_engine
+from app.reconcile import run_reconcile
+from tests.fixtures_worker import PROJECT, run_worker, settings_env
+from tests.sfserver import FakeOrg, SalesforceServer
+from tests.test_reconcile import T0, add, queued, rc_settings, users
+
+__all__ = ["rc_settings"]
+
+COUNT = 20_000
+
+
+def sf_env(settings: Settings, server: SalesforceServer) -> dict[str, str]:
+    return {
+        **settings_env(
+            settings,
+            sf_username=settings.sf_username,
+            sf_consumer_key=settings.sf_consumer_key,
+            sf_private_key_file=settings.sf_private_key_file,
+            org_ids=",".join(settings.org_ids),
+            reconcile_every_seconds=0,
+        ),
+        **server.env(),
+        "PYTHONPATH": str(PROJECT),
+    }
+
+
+async def cursor(settings: Settings, name: str) -> str | None:
+    engine = create_engine(settings.database_url)
+    try:
+        return await cursors.get(engine, name)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_backfill_killed_mid_run_resumes_and_ends_with_exactly_the_users(
+    rc_settings: Settings,
+    sf_org: FakeOrg,
+    sf_server: SalesforceServer,
+    drupal_db: Path,
+    tmp_path: Path,
+) -> None:
+    settings = rc_settings
+    sf_org.page_size = 1000
+    sf_org.fixed_time = T0 + timedelta(days=1)
+    expected = set()
+    for n in range(1, COUNT + 1):
+        if n % 200 == 0:
+            add(sf_org, n, T0 + timedelta(seconds=n), email=None)
+        else:
+            expected.add(add(sf_org, n, T0 + timedelta(seconds=n)))
+    arrived, release = threading.Event(), threading.Event()
+    original = sf_org.page
+
+    def page(locator: str, offset: int, version: str) -> dict[str, Any]:
+        if offset >= 8000 and not release.is_set():
+            arrived.set()
+            release.wait(30)
+        return original(locator, offset, version)
+
+    sf_org.page = page  # type: ignore[method-assign]
+    log = tmp_path / "backfill.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "backfill", "--object", "Contact"],
+            cwd=tmp_path,
+            env=sf_env(settings, sf_server),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert arrived.wait(60), log.read_text()
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(10) == -signal.SIGKILL
+    finally:
+        release.set()
+        sf_org.page = original  # type: ignore[method-assign]
+        if process.poll() is None:
+            process.kill()
+    output = log.read_text()
+    assert "Contact: 1,000 records" in output  # progress lines (not a terminal)
+    saved = await cursor(settings, cursors.checkpoint_name("Contact"))
+    assert saved is not None
+    point = Checkpoint.loads(saved)
+    assert point.started == sf_org.fixed_time
+    assert point.after == T0 + timedelta(seconds=8000)  # the last page queued
+    assert await cursor(settings, cursors.watermark_name("Contact")) is None
+    assert await queued(settings) == 8000 - 40  # 40 of the first 8,000 have no email
+
+    served = sf_org.served_records
+    report = await run_backfill(settings, objects=["Contact"])
+    assert sf_org.served_records - served == COUNT - 8000 + 1  # resumed, not restarted
+    assert (report.queried, report.queued, report.no_email, report.errors) == (
+        12_001,
+        12_000 - 60,
+        61,  # record 8,000 (read again: the checkpoint's own) has no email
+        0,
+    )
+    assert report.current == 0
+    assert await cursor(settings, cursors.checkpoint_name("Contact")) is None
+    assert await cursor(settings, cursors.watermark_name("Contact")) == point.started.isoformat()
+    await run_worker(settings)
+    assert set(users(drupal_db)) == expected
+    assert len(users(drupal_db)) == COUNT - 100
+    # Reconcile carries on from the backfill's start: nothing new.
+    leads = await run_backfill(settings, objects=["Lead"])
+    assert (leads.queried, leads.errors) == (0, 0)
+    sf_org.fixed_time = point.started + timedelta(minutes=5)
+    follow = await run_reconcile(settings)
+    assert (follow.queued, follow.errors) == (0, 0)
+
+
+async def test_a_dry_run_backfill_counts_and_stores_nothing(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path
+) -> None:
+    sf_org.fixed_time = T0 + timedelta(days=1)
+    for n in range(1, 6):
+        add(sf_org, n, T0 + timedelta(seconds=n), email=None if n == 5 else "default")
+    report = await run_backfill(rc_settings, dry_run=True)
+    assert (report.queried, report.queued, report.no_email) == (5, 4, 1)
+    assert await queued(rc_settings) == 0
+    assert await cursor(rc_settings, cursors.checkpoint_name("Contact")) is None
+    assert await cursor(rc_settings, cursors.watermark_name("Contact")) is None
+    assert users(drupal_db) == {}
+
+
+def test_progress_on_a_terminal_rewrites_one_line_with_rate_and_eta() -> None:
+    import io
+
+    from app.backfill import Progress
+
+    out = io.StringIO()
+    shown = Progress(out, tty=True, label="Contact", total=4000)
+    shown.page(1000)
+    shown.page(1000)
+    shown.end()
+    lines = out.getvalue().split("\r")
+    assert lines[0] == ""
+    assert lines[2].startswith("Contact: 2,000 records, ")
+    assert ", 50% of 4,000, ETA " in lines[2]
+    assert out.getvalue().endswith("\n")
