@@ -12,7 +12,7 @@ Field values travel exactly as the source sent them (a dateTime stays Salesforce
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
@@ -183,3 +183,21 @@ def notification_count(raw: bytes) -> int:
     kwargs = job.get("k") or {}
     notifications = kwargs.get("notifications")
     return len(notifications) if isinstance(notifications, list) else 1
+
+
+def without(
+    raw: bytes, drop: Callable[[JobNotification], bool]
+) -> tuple[bytes | None, list[JobNotification]]:
+    """A stored job rewritten without the notifications `drop` picks (arq's layout, tries and
+    enqueue time kept): (the new bytes, or None when nothing is left; what was dropped)."""
+    job = orjson.loads(raw)
+    kwargs = job.get("k") or {}
+    notifications = [JobNotification.from_json(n) for n in kwargs.get("notifications") or ()]
+    dropped = [n for n in notifications if drop(n)]
+    if not dropped:
+        return raw, []
+    kept = [n.as_json() for n in notifications if not drop(n)]
+    if not kept:
+        return None, dropped
+    job["k"] = {**kwargs, "notifications": kept}
+    return orjson.dumps(job), dropped
