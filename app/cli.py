@@ -137,6 +137,26 @@ def cmd_why(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if result.found else 1
 
 
+def cmd_queue_purge(args: argparse.Namespace, settings: Settings) -> int:
+    from app.purge import run_purge
+
+    if not args.no_email:
+        return _fail("say what to purge: --no-email (queued records without a usable email)")
+    report = asyncio.run(
+        run_purge(settings, check_salesforce=args.check_salesforce, dry_run=args.dry_run)
+    )
+    if args.json:
+        print(orjson.dumps({**report.as_dict(), "dry_run": args.dry_run}).decode())
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {report.removed} queued notifications without a usable email")
+        if report.kept:
+            print(f"kept {report.kept}: Salesforce has an email for them now")
+        if report.busy:
+            print(f"left {report.busy} jobs a worker was running (it skips those records)")
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from arq.worker import create_worker
     from redis.exceptions import RedisError
@@ -293,6 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
     stats = queue_sub.add_parser("stats", help="notifications waiting, being applied, dead")
     stats.add_argument("--json", action="store_true", help="one JSON object")
     stats.set_defaults(func=cmd_queue_stats)
+    purge = queue_sub.add_parser(
+        "purge", help="take queued notifications out (recorded as skipped), safe while workers run"
+    )
+    purge.add_argument(
+        "--no-email", action="store_true", help="those whose record has no usable email"
+    )
+    purge.add_argument(
+        "--check-salesforce",
+        action="store_true",
+        help="only if Salesforce still has no email for the record",
+    )
+    purge.add_argument("--dry-run", action="store_true", help="count, remove nothing")
+    purge.add_argument("--json", action="store_true", help="one JSON object")
+    purge.set_defaults(func=cmd_queue_purge)
 
     status = sub.add_parser(
         "status", help="queue, traffic, outcomes, dead letters, workers, database: one screen"

@@ -23,6 +23,7 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from redis.asyncio import Redis
@@ -420,3 +421,35 @@ async def claim_reconcile(redis: Redis, token: str, every_s: int, hold_s: int) -
 
 async def release_reconcile(redis: Redis, token: str) -> None:
     await redis.eval(_RELEASE_LUA, 1, RECONCILE_RUNNING_KEY, token)  # type: ignore[misc]
+
+
+class JobRewrite(Enum):
+    DONE = 1
+    CHANGED = 0  # the job is no longer what was read: read it again
+    BUSY = -1  # a worker holds it (arq's in-progress key): left to it
+
+
+# KEYS: job, in-progress, queue; ARGV: bytes read, new bytes ('' = none left), job id.
+_REWRITE_JOB_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[3], ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+end
+return 1
+"""
+
+
+async def rewrite_queued_job(
+    redis: Redis, queue_name: str, job_id: str, raw: bytes, new: bytes | None
+) -> JobRewrite:
+    """Replace a queued job's stored bytes `raw` with `new` (None: take the job out of the
+    queue) in one step, only if no worker holds it and it is still `raw` (safe while workers
+    run; app/purge.py)."""
+    keys = (JOB_KEY_PREFIX + job_id, IN_PROGRESS_KEY_PREFIX + job_id, queue_name)
+    args = (*keys, raw, new or b"", job_id)
+    done = await redis.eval(_REWRITE_JOB_LUA, 3, *args)  # type: ignore[misc, arg-type]
+    return JobRewrite(int(done))
