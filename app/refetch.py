@@ -1,0 +1,46 @@
+"""Refetch mode (SFRELAY_PAYLOAD_MODE=refetch): a notification is only a signal. The worker reads
+each record's current values by SOQL (``WHERE Id IN (...)``, 300 Ids per query, queryAll so
+records in the recycle bin come back with IsDeleted) instead of trusting the message body: Id-only
+Outbound Messages work and a stale payload can never win. A record gone entirely (deleted and
+purged, or never readable) is handled as a deletion (app/lifecycle.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from app.jobs import JobNotification
+from app.mapping import FieldMap
+from app.salesforce import SalesforceApi
+from app.sfid import sf_key
+
+
+async def current(
+    api: SalesforceApi, notifications: Sequence[JobNotification], field_map: FieldMap
+) -> list[JobNotification]:
+    """The notifications with the records' current fields (same ids, attempts, first seen)."""
+    wanted: dict[str, set[str]] = {}
+    for n in notifications:
+        record_id = n.record_id
+        if n.object in field_map.objects and record_id and _looks_like_id(record_id):
+            wanted.setdefault(n.object, set()).add(sf_key(record_id))
+    found: dict[str, dict[str, object]] = {}
+    for sobject, ids in wanted.items():
+        async for page in api.records_by_id(sobject, sorted(ids), include_deleted=True):
+            for record in page:
+                found[str(record.fields["Id"])] = record.fields
+    result = []
+    for n in notifications:
+        record_id = n.record_id
+        if n.object not in wanted or not record_id or not _looks_like_id(record_id):
+            result.append(n)  # not ours to read: the rules judge it as sent
+            continue
+        fields = found.get(sf_key(record_id))
+        if fields is None:
+            fields = {"Id": sf_key(record_id), "IsDeleted": True}
+        result.append(replace(n, fields=dict(fields)))
+    return result
+
+
+def _looks_like_id(value: str) -> bool:
+    return len(value) in (15, 18) and value.isalnum() and value.isascii()
