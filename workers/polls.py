@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from arq.cron import CronJob, cron
 
+from app import refetch
 from app.config import Settings
-from app.errors import SfrelayError
+from app.errors import ConfigError, SfrelayError
+from app.jobs import JobNotification
 from app.queue import claim_reconcile, release_reconcile
 from app.reconcile import reconcile
 from app.salesforce import SalesforceClient, salesforce_configured
@@ -25,6 +28,11 @@ RUN_TIMEOUT_S = 3600
 
 def cron_jobs(settings: Settings) -> list[CronJob]:
     """The reconcile job when it is on (checked every minute; it runs when due)."""
+    if settings.payload_mode == "refetch" and not salesforce_configured(settings):
+        raise ConfigError(
+            "SFRELAY_PAYLOAD_MODE=refetch reads records from Salesforce: set the SFRELAY_SF_* "
+            "settings (README, 'Salesforce API'), or SFRELAY_PAYLOAD_MODE=message"
+        )
     if settings.reconcile_every_seconds <= 0 or not salesforce_configured(settings):
         return []
     return [
@@ -41,6 +49,20 @@ def cron_jobs(settings: Settings) -> list[CronJob]:
     ]
 
 
+def salesforce(ctx: dict[str, Any], state: WorkerState) -> SalesforceClient:
+    """The worker's one Salesforce client (reconcile and refetch share it)."""
+    client: SalesforceClient | None = ctx.get(CLIENT)
+    if client is None:
+        client = ctx[CLIENT] = SalesforceClient(state.settings, state.syncer.field_map)
+    return client
+
+
+async def refetched(
+    ctx: dict[str, Any], state: WorkerState, notifications: Sequence[JobNotification]
+) -> list[JobNotification]:
+    return await refetch.current(salesforce(ctx, state), notifications, state.syncer.field_map)
+
+
 async def reconcile_job(ctx: dict[str, Any]) -> None:
     state: WorkerState = ctx[STATE]
     settings = state.settings
@@ -49,11 +71,8 @@ async def reconcile_job(ctx: dict[str, Any]) -> None:
     if not await claim_reconcile(redis, token, settings.reconcile_every_seconds, RUN_TIMEOUT_S):
         return
     try:
-        client = ctx.get(CLIENT)
-        if client is None:
-            client = ctx[CLIENT] = SalesforceClient(settings, state.syncer.field_map)
         report = await reconcile(
-            settings, client, state.syncer.engine, redis, state.syncer.field_map
+            settings, salesforce(ctx, state), state.syncer.engine, redis, state.syncer.field_map
         )
         logger.info(
             "reconcile: %s",
