@@ -127,6 +127,11 @@ async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
         dead = [(item, reason, job_try) for item in notifications]
     else:
         try:
+            if settings.payload_mode == "refetch":
+                from workers.polls import refetched  # (workers.polls imports this module)
+
+                async with asyncio.timeout_at(apply_by):
+                    notifications = tuple(await refetched(ctx, state, notifications))
             outcomes = await state.batch.apply(notifications, deadline=apply_by)
         except WriterBusy:
             # Other workers' batches took the database until this job's deadline: nothing of

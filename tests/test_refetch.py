@@ -1,0 +1,76 @@
+"""Refetch mode: Id-only messages, stale payloads and records deleted since, on a worker."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import redis
+
+from app.config import Settings
+from app.jobs import JobNotification
+from tests.drupal_rows import note, sf
+from tests.fixtures_worker import drupal_users, run_worker
+from tests.sfserver import FakeOrg
+from tests.test_purge import enqueue
+from tests.test_reconcile import T0, rc_settings
+
+__all__ = ["rc_settings"]
+
+
+def users(path: Path) -> dict[str, tuple[str, str, int]]:
+    return {row[6]: (row[2], row[5], row[3]) for row in drupal_users(path)}
+
+
+async def test_id_only_messages_read_the_current_values_and_deletions(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path, redis_client: redis.Redis
+) -> None:
+    message = rc_settings
+    refetch = rc_settings.model_copy(update={"payload_mode": "refetch"})
+    # Synced by push first (message mode): four users.
+    await enqueue(
+        message, [[note(sf(n), f"r{n}@example.org", "R", f"Old{n}") for n in range(1, 5)]]
+    )
+    await run_worker(message)
+    assert {k: v[1] for k, v in users(drupal_db).items()} == {sf(n): f"Old{n}" for n in range(1, 5)}
+    # Salesforce now: 1 changed, 2 in the recycle bin, 3 gone entirely, 4 changed.
+    later = T0 + timedelta(hours=1)
+    for n in (1, 2, 4):
+        sf_org.add(
+            "Contact",
+            sf(n),
+            Email=f"r{n}@example.org",
+            FirstName="R",
+            LastName=f"New{n}",
+            SystemModstamp=later,
+        )
+    sf_org.delete("Contact", sf(2), later + timedelta(minutes=1))
+    # An Id-only message for 1, 2, 3 and a stale full payload for 4; Salesforce fails once.
+    id_only = [JobNotification(f"04l9z{n:013d}", "Contact", {"Id": sf(n)}) for n in (1, 2, 3)]
+    stale = note(sf(4), "stale@example.org", "R", "Stale", minutes=30)
+    await enqueue(refetch, [[*id_only, stale]])
+    sf_org.fail_next = [(503, "SERVER_UNAVAILABLE", "Service unavailable")]
+    await run_worker(refetch)
+    found = users(drupal_db)
+    assert found[sf(1)] == ("r1@example.org", "New1", 1)
+    assert found[sf(2)][2] == 0  # deleted since: blocked
+    assert found[sf(3)][2] == 0  # gone entirely: handled as a delete
+    assert found[sf(4)] == ("r4@example.org", "New4", 1)  # the stale payload never won
+    stats = redis_client.hgetall("sfrelay:stats")
+    assert (int(stats[b"outcome:updated"]), int(stats[b"outcome:blocked"])) == (2, 2)
+    assert sf_org.counts["queryAll"] >= 1
+
+
+async def test_refetch_without_salesforce_settings_refuses_to_start(
+    worker_settings: Settings,
+) -> None:
+    import pytest
+
+    from app.errors import ConfigError
+    from workers.main import worker_options
+
+    with pytest.raises(ConfigError) as refused:
+        worker_options(worker_settings.model_copy(update={"payload_mode": "refetch"}))
+    assert str(refused.value).startswith(
+        "SFRELAY_PAYLOAD_MODE=refetch reads records from Salesforce"
+    )
