@@ -36,6 +36,12 @@ def _growth() -> None:
     growth.main([])
 
 
+def _backfill() -> None:
+    from tests.bench import backfill
+
+    backfill.main([])
+
+
 # Name -> runner with its default options; each module also runs alone with its own options
 # (`python -m tests.bench.receiver --help`). Imports are lazy: one benchmark's imports do not
 # slow down, or break, another's.
@@ -45,6 +51,7 @@ BENCHMARKS: dict[str, Callable[[], None]] = {
     "status": _status,
     "nightly": _nightly,
     "growth": _growth,
+    "backfill": _backfill,
 }
 
 
