@@ -74,3 +74,19 @@ async def test_refetch_without_salesforce_settings_refuses_to_start(
     assert str(refused.value).startswith(
         "SFRELAY_PAYLOAD_MODE=refetch reads records from Salesforce"
     )
+
+
+async def test_a_worker_refuses_to_start_when_a_mapped_field_is_unreadable(
+    rc_settings: Settings, sf_org: FakeOrg
+) -> None:
+    import pytest
+
+    from app.errors import ConfigError
+
+    del sf_org.fields["Contact"]["LastName"]
+    with pytest.raises(ConfigError) as refused:
+        await run_worker(rc_settings.model_copy(update={"payload_mode": "refetch"}))
+    assert str(refused.value) == (
+        "Salesforce: the integration user cannot read Contact LastName: fix SFRELAY_FIELD_MAP "
+        "or the user's field access (`sfrelay check` shows every part)"
+    )

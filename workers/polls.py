@@ -12,7 +12,7 @@ from arq.cron import CronJob, cron
 
 from app import refetch
 from app.config import Settings
-from app.errors import ConfigError, SfrelayError
+from app.errors import ApiLimitReached, ConfigError, SalesforceUnavailable, SfrelayError
 from app.jobs import JobNotification
 from app.queue import claim_reconcile, release_reconcile
 from app.reconcile import reconcile
@@ -47,6 +47,30 @@ def cron_jobs(settings: Settings) -> list[CronJob]:
             keep_result=0,
         )
     ]
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    """When this worker reads Salesforce: every mapped field must be readable (ConfigError
+    naming them, before any job); Salesforce being unreachable only delays that check."""
+    state: WorkerState = ctx[STATE]
+    settings = state.settings
+    reads = settings.reconcile_every_seconds > 0 or settings.payload_mode == "refetch"
+    if not reads or not salesforce_configured(settings):
+        return
+    client = salesforce(ctx, state)
+    try:
+        for sobject in settings.handled_objects:
+            if sobject not in state.syncer.field_map.objects:
+                continue
+            missing = await client.missing_fields(sobject)
+            if missing:
+                raise ConfigError(
+                    f"Salesforce: the integration user cannot read {sobject} "
+                    f"{', '.join(missing)}: fix SFRELAY_FIELD_MAP or the user's field access "
+                    "(`sfrelay check` shows every part)"
+                )
+    except (SalesforceUnavailable, ApiLimitReached) as exc:
+        logger.warning("mapped fields not checked in Salesforce now: %s", exc)
 
 
 def salesforce(ctx: dict[str, Any], state: WorkerState) -> SalesforceClient:
