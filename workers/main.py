@@ -33,6 +33,7 @@ def worker_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
 
     async def startup(ctx: dict[str, Any]) -> None:
         await tasks.startup(ctx, settings)
+        await polls.startup(ctx)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         await tasks.shutdown(ctx)
