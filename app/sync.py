@@ -35,7 +35,14 @@ conflict_duplicate_email    another Salesforce record (detail: its Id) or an unm
                             user (detail: ``uid <n>``) already has this email; nothing written
 conflict_protected_user     the Drupal user is uid 0 or 1 or holds a protected role (detail:
                             ``uid 1``, ``uid <n> has role <role>``): never linked, updated,
-                            blocked or unblocked; nothing written, never retried
+                            blocked, unblocked, unlinked or handed over by a merge; nothing
+                            written, never retried
+blocked                     deleted in Salesforce (or a merge loser whose survivor has a user):
+                            its user got status 0 (SFRELAY_ON_DELETE=block; app/lifecycle.py)
+unblocked                   a live version of a record whose user sfrelay had blocked
+unlinked                    deleted in Salesforce: the mapping was forgotten (ON_DELETE=unlink)
+merged                      a merge loser's user now belongs to the survivor (detail: both Ids)
+deleted                     a deletion with nothing to change (detail: why)
 retry                       transient per-record error (detail: the error): try again later
 failed                      permanent per-record error (detail: the error): dead-letter it
 ==========================  ===================================================================
