@@ -190,8 +190,13 @@ def without(
 ) -> tuple[bytes | None, list[JobNotification]]:
     """A stored job rewritten without the notifications `drop` picks (arq's layout, tries and
     enqueue time kept): (the new bytes, or None when nothing is left; what was dropped)."""
-    job = orjson.loads(raw)
-    kwargs = job.get("k") or {}
+    try:
+        job = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw, []  # e.g. a pickled job another producer wrote: not ours to edit
+    kwargs = job.get("k") if isinstance(job, dict) else None
+    if not isinstance(kwargs, dict) or job.get("f") != APPLY_JOB:
+        return raw, []
     notifications = [JobNotification.from_json(n) for n in kwargs.get("notifications") or ()]
     dropped = [n for n in notifications if drop(n)]
     if not dropped:

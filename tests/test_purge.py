@@ -162,3 +162,17 @@ async def test_purge_while_a_worker_runs_loses_and_repeats_nothing(
     assert int(stats[b"outcome:skipped_no_email"]) == without
     assert int(stats[b"outcome:created"]) == len(with_email)
     assert {row[6] for row in drupal_users(drupal_db)} == with_email
+
+
+async def test_purge_leaves_jobs_that_are_not_sfrelays_alone(
+    worker_settings: Settings, redis_client: redis.Redis
+) -> None:
+    redis_client.set("arq:job:other", b"\x80\x04pickled")
+    redis_client.set(
+        "arq:job:json", orjson.dumps({"f": "other_task", "k": {"notifications": [{}]}})
+    )
+    redis_client.zadd(worker_settings.queue_name, {"other": 1, "json": 2})
+    before = {k: redis_client.dump(k) for k in redis_client.keys("*")}
+    report = await run_purge(worker_settings, check_salesforce=False, dry_run=False)
+    assert report.removed == 0
+    assert {k: redis_client.dump(k) for k in redis_client.keys("*")} == before
