@@ -331,6 +331,27 @@ _MEANING: dict[str, str] = {
         "NOT synced: its email already belongs to {detail} in Drupal; give one of them "
         "another email in Salesforce, or merge them"
     ),
+    OutcomeKind.CONFLICT_PROTECTED_USER: (
+        "NOT synced: a protected Drupal account ({detail}); sfrelay never changes uid 0, uid 1 "
+        "or a user holding a protected role (SFRELAY_PROTECTED_ROLES), so nothing was written"
+    ),
+    OutcomeKind.BLOCKED: (
+        "deleted in Salesforce: Drupal user {uid} was blocked (SFRELAY_ON_DELETE=block); "
+        "undeleting the record unblocks it"
+    ),
+    OutcomeKind.UNBLOCKED: (
+        "undeleted in Salesforce: Drupal user {uid}, which sfrelay had blocked, was unblocked"
+    ),
+    OutcomeKind.UNLINKED: (
+        "deleted in Salesforce: no longer linked to Drupal user {uid}, which was left as it "
+        "was (SFRELAY_ON_DELETE=unlink)"
+    ),
+    OutcomeKind.MERGED: "merged in Salesforce: {detail} (Drupal user {uid})",
+    OutcomeKind.DELETED: "deleted in Salesforce; nothing changed in Drupal: {detail}",
+    OutcomeKind.API_LIMIT: (
+        "not read from Salesforce: the org's daily API requests ran low "
+        "(SFRELAY_SF_MIN_API_REMAINING); the next reconcile resumes"
+    ),
     OutcomeKind.RETRY: "failed for now, retried later: {detail}",
     OutcomeKind.FAILED: "FAILED: {detail} (`sfrelay dead list` shows the notification)",
 }
@@ -361,6 +382,11 @@ def meaning(entry: dict[str, Any], email: str | None) -> str:
         text += f" ({entry['detail']})"
     if outcome == OutcomeKind.STALE and entry["detail"]:
         text += f" ({entry['detail']})"
+    if outcome == OutcomeKind.BLOCKED and entry["detail"]:  # a merge whose survivor has a user
+        text = (
+            f"merged in Salesforce: {entry['detail']}; Drupal user {entry['uid']} (the merged "
+            "record's) was blocked, the survivor's user kept"
+        )
     return text
 
 

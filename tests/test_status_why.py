@@ -646,3 +646,79 @@ def test_status_and_why_say_what_to_do_when_redis_is_down(
     assert err.startswith("sfrelay: cannot read the queue (Redis): ")
     assert err.endswith("; check SFRELAY_REDIS_URL and that Redis runs\n")
     assert hashlib.sha256(drupal_db.read_bytes()).hexdigest() == before
+
+
+def test_why_every_outcome_a_history_holds_is_said_in_words() -> None:
+    from app.outcomes import OutcomeKind
+    from app.why import _MEANING
+
+    counted_only = {OutcomeKind.REQUEUED, OutcomeKind.DEAD}  # never in a record's history
+    assert [k.value for k in OutcomeKind if k not in _MEANING and k not in counted_only] == []
+
+
+@pytest.mark.parametrize(
+    ("outcome", "uid", "detail", "text"),
+    [
+        (
+            "conflict_protected_user",
+            None,
+            "uid 7 has role administrator",
+            "NOT synced: a protected Drupal account (uid 7 has role administrator); sfrelay "
+            "never changes uid 0, uid 1 or a user holding a protected role "
+            "(SFRELAY_PROTECTED_ROLES), so nothing was written",
+        ),
+        (
+            "blocked",
+            7,
+            None,
+            "deleted in Salesforce: Drupal user 7 was blocked (SFRELAY_ON_DELETE=block); "
+            "undeleting the record unblocks it",
+        ),
+        (
+            "blocked",
+            7,
+            f"{ADA} merged into {TWIN}, which has uid 9",
+            f"merged in Salesforce: {ADA} merged into {TWIN}, which has uid 9; Drupal user 7 "
+            "(the merged record's) was blocked, the survivor's user kept",
+        ),
+        (
+            "unblocked",
+            7,
+            f"{ADA} is live again",
+            "undeleted in Salesforce: Drupal user 7, which sfrelay had blocked, was unblocked",
+        ),
+        (
+            "unlinked",
+            7,
+            None,
+            "deleted in Salesforce: no longer linked to Drupal user 7, which was left as it was "
+            "(SFRELAY_ON_DELETE=unlink)",
+        ),
+        (
+            "merged",
+            7,
+            f"{ADA} merged into {TWIN}: its user now belongs to {TWIN}",
+            f"merged in Salesforce: {ADA} merged into {TWIN}: its user now belongs to {TWIN} "
+            "(Drupal user 7)",
+        ),
+        (
+            "deleted",
+            None,
+            "the record has no Drupal user",
+            "deleted in Salesforce; nothing changed in Drupal: the record has no Drupal user",
+        ),
+        (
+            "api_limit",
+            None,
+            None,
+            "not read from Salesforce: the org's daily API requests ran low "
+            "(SFRELAY_SF_MIN_API_REMAINING); the next reconcile resumes",
+        ),
+    ],
+)
+def test_why_says_the_lifecycle_outcomes_in_words(
+    outcome: str, uid: int | None, detail: str | None, text: str
+) -> None:
+    from app.why import meaning
+
+    assert meaning({"outcome": outcome, "uid": uid, "detail": detail}, None) == text
