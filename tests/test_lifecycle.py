@@ -271,3 +271,22 @@ async def test_a_deleted_record_without_a_user_writes_nothing(drupal_site: Drupa
         assert OutcomeKind.DELETED == "deleted"
     finally:
         await syncer.close()
+
+
+@pytest.mark.parametrize("drupal_site", ["sqlite-d10", "pg-d10", "mariadb-d10"], indirect=True)
+async def test_a_version_1_ledger_upgrades_in_order(drupal_site: DrupalSite) -> None:
+    """A database an earlier sfrelay migrated (version 1: records, dead letters) gains
+    sfrelay_cursor and sfrelay_block; its rows stay."""
+    site = drupal_site
+    async with site.engine.begin() as conn:
+        await conn.run_sync(ledger.MIGRATIONS[0])
+        await conn.run_sync(ledger.metadata.create_all, tables=[ledger.schema_version])
+        await conn.execute(ledger.schema_version.insert().values(id=1, version=1))
+        await ledger.save(conn, [RecordState(sf(40), "Contact", uid=5, dirty=True)])
+    tables = "SELECT count(*) AS n FROM sfrelay_cursor UNION ALL SELECT count(*) FROM sfrelay_block"
+    with pytest.raises(Exception, match="sfrelay_cursor"):
+        await site.rows(tables)
+    assert await ledger.migrate(site.engine) == len(ledger.MIGRATIONS) == 2
+    assert await site.rows("SELECT id, version FROM sfrelay_schema") == [{"id": 1, "version": 2}]
+    assert [r["n"] for r in await site.rows(tables)] == [0, 0]
+    assert (await mapping(site, sf(40)))[0] == 5
