@@ -116,11 +116,11 @@ class JsonFormatter(logging.Formatter):
             for key, value in extra.items():
                 if key not in _BASE_KEYS:
                     line[key] = scrub_line(value) if isinstance(value, str) else value
-        if record.name == "uvicorn.access" and isinstance(record.args, tuple):
-            if len(record.args) == 5:
-                client, method, path, _version, status = record.args
-                line.update(client=client, method=method, path=scrub_line(str(path)))
-                line["status"] = status
+        args = record.args
+        if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
+            client, method, path, _version, status = args
+            line.update(client=client, method=method, path=scrub_line(str(path)))
+            line["status"] = status
         if record.exc_info:
             line["exc"] = scrub_line(self.formatException(record.exc_info))
         return orjson.dumps(line, default=str).decode()

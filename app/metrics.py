@@ -53,7 +53,7 @@ QUEUE_READ_TIMEOUT_S = 0.5
 # Objects no mapping handles keep their own label up to this many per process, then "other".
 OTHER_OBJECTS_MAX = 20
 
-disable_created_metrics()  # the *_created series double the output for nothing here
+disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series double the output for nothing here
 
 REGISTRY = CollectorRegistry()
 
@@ -103,7 +103,8 @@ REFUSAL_REASONS = tuple(
     sorted(
         {
             *(_snake(c.__name__) for c in _subclasses(RejectedMessage)),
-            *(_snake(c.__name__) for c in (QueueUnavailable, *_subclasses(QueueUnavailable))),
+            _snake(QueueUnavailable.__name__),
+            *(_snake(c.__name__) for c in _subclasses(QueueUnavailable)),
             CLIENT_DISCONNECTED,
             INTERNAL_ERROR,
         }
@@ -236,7 +237,7 @@ def _scrape_registry() -> CollectorRegistry:
     """What a scrape reports besides the queue: this process's, or all processes' files."""
     if os.environ.get(MULTIPROC_ENV):
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return registry
     return REGISTRY
 
@@ -292,4 +293,3 @@ def multiprocess_dir(workers: int) -> Iterator[str | None]:
     finally:
         os.environ.pop(MULTIPROC_ENV, None)
         shutil.rmtree(directory, ignore_errors=True)
-
