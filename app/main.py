@@ -16,7 +16,10 @@ from app import __version__
 from app.config import Settings
 from app.durability import redis_location
 from app.errors import ConfigError
-from app.logs import RedactSecrets, redact_logs, scrub  # moved to app.logs
+from app.logs import RedactSecrets as RedactSecrets  # moved to app.logs
+from app.logs import redact_logs
+from app.logs import scrub as scrub
+from app.metrics import router as metrics_router
 from app.queue import Enqueuer, redis_client
 from app.receiver import ParseBudget, ReceiverState, router
 from app.wsdl import load_contract
@@ -139,4 +142,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None,
     )
     app.include_router(router)
+    app.include_router(metrics_router)  # GET /metrics (app/metrics.py)
     return app
