@@ -19,6 +19,7 @@ from app.errors import ConfigError
 from app.logs import RedactSecrets as RedactSecrets  # moved to app.logs
 from app.logs import redact_logs
 from app.logs import scrub as scrub
+from app.metrics import QueueGauges
 from app.metrics import router as metrics_router
 from app.queue import Enqueuer, redis_client
 from app.receiver import ParseBudget, ReceiverState, router
@@ -123,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Two max-size messages parse at once (the cores this is sized for); more wait.
             parse_budget=ParseBudget(2 * settings.max_body_bytes),
             parse_executor=executor,
+            queue_gauges=QueueGauges(redis, settings.queue_name),
         )
         # Everything loaded so far (zeep's WSDL model, FastAPI's routes) lives as long as the
         # process: keep the cyclic GC from scanning it again on every full collection.

@@ -44,6 +44,7 @@ from app.queue import DEAD_KEY
 
 if TYPE_CHECKING:
     from app.queue import EnqueueResult
+    from app.receiver import ReceiverState
     from app.soap import OutboundMessage
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -145,21 +146,21 @@ def result_counts(
 ) -> dict[tuple[str, str], int]:
     """Notifications by (object, result).
 
-    Each notification's kind is decided as `Enqueuer.enqueue` decides it (skipped: object
-    not handled; dead: a problem; else queued); the enqueue script returns how many of each
-    kind were new, the rest of the kind were duplicates. A Salesforce Outbound Message carries
-    one object, so this is exact; in a hand-made message mixing objects, a kind's duplicates
-    are attributed to its objects in order.
+    Each notification's kind is decided as `app.receiver.to_job` decides it (queued: usable
+    and handled; skipped: object not handled; dead: the rest); the enqueue script returns how
+    many of each kind were new, the rest of the kind were duplicates. A Salesforce Outbound
+    Message carries one object, so this is exact; in a hand-made message mixing objects, a kind's
+    duplicates are attributed to its objects in order.
     """
     handled = frozenset(handled)
     by_kind: dict[str, Tally[str]] = {"queued": Tally(), "skipped": Tally(), "dead": Tally()}
     for n in message.notifications:
-        if n.sobject and n.sobject not in handled:
-            kind = "skipped"
-        elif n.problem is not None:
-            kind = "dead"
-        else:
+        if n.problem is None and n.sobject in handled:
             kind = "queued"
+        elif n.sobject and n.sobject not in handled:
+            kind = "skipped"
+        else:
+            kind = "dead"
         by_kind[kind][_object_label(n.sobject, handled)] += 1
     stored = {"queued": result.queued, "skipped": result.skipped, "dead": result.dead}
     counts: dict[tuple[str, str], int] = {}
@@ -249,10 +250,8 @@ router = APIRouter()
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    gauges: QueueGauges | None = getattr(request.app.state, "queue_gauges", None)
-    if gauges is None:
-        gauges = QueueGauges(request.app.state.redis, request.app.state.settings.queue_name)
-        request.app.state.queue_gauges = gauges
+    state: ReceiverState = request.app.state.receiver
+    gauges = state.queue_gauges
     await gauges.refresh()
     registry = _scrape_registry()
     body = generate_latest(registry) + generate_latest(_Only(gauges))
