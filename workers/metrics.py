@@ -12,12 +12,12 @@ import logging
 from collections import Counter as Tally
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
+from app.jobs import JobNotification
 from app.logs import fields
-from app.sync import OUTCOMES, Outcome
+from app.outcomes import Outcome, OutcomeKind
 
 logger = logging.getLogger("sfrelay.worker")
 
@@ -25,12 +25,15 @@ REGISTRY = CollectorRegistry()
 
 OUTCOMES_TOTAL = Counter(
     "sfrelay_worker_outcomes",
-    "Notifications applied to Drupal, by outcome (app/sync.py lists them)",
+    "Notifications applied to Drupal, by outcome (app/outcomes.py lists them)",
     ["outcome"],
     registry=REGISTRY,
 )
-for _outcome in sorted(OUTCOMES):
-    OUTCOMES_TOTAL.labels(_outcome)
+# What applying decides; `requeued` and `dead` are what the worker then did with a retry or
+# a failure (DEAD_LETTERS counts the latter).
+APPLIED = tuple(k for k in OutcomeKind if k not in (OutcomeKind.REQUEUED, OutcomeKind.DEAD))
+for _outcome in APPLIED:
+    OUTCOMES_TOTAL.labels(_outcome.value)
 DEAD_LETTERS = Counter(
     "sfrelay_worker_dead_letters",
     "Notifications the worker dead-lettered (failed, or out of tries): sfrelay dead list",
@@ -56,9 +59,12 @@ LAG_SECONDS = Histogram(
 )
 
 # Outcomes that wrote the user (the lag is theirs) and those not worth a line of their own.
-WRITTEN = frozenset({"created", "updated", "linked", "converted"})
-TRIVIAL = frozenset({"updated", "duplicate"})
-_WARNED = frozenset({"retry", "failed"})
+WRITTEN = frozenset(
+    {OutcomeKind.CREATED, OutcomeKind.UPDATED, OutcomeKind.LINKED, OutcomeKind.CONVERTED}
+)
+TRIVIAL = frozenset({OutcomeKind.UPDATED, OutcomeKind.DUPLICATE})
+_WARNED = frozenset({OutcomeKind.RETRY, OutcomeKind.FAILED})
+_CONFLICTS = frozenset({OutcomeKind.CONFLICT_DUPLICATE_EMAIL, OutcomeKind.CONFLICT_PROTECTED_USER})
 
 _served: list[int] = []
 
@@ -78,7 +84,7 @@ def batch_applied(
     """One applied batch: its size and duration, and its log line."""
     BATCH_SIZE.observe(notifications)
     APPLY_SECONDS.observe(seconds)
-    tally = Tally(o.outcome for o in outcomes)
+    tally = Tally(o.kind.value for o in outcomes)
     summary = " ".join(f"{name}={count}" for name, count in sorted(tally.items()))
     logger.info(
         "applied %d notifications of %d jobs in %.0f ms: %s",
@@ -96,8 +102,8 @@ def batch_applied(
     )
 
 
-def _modstamp(item: Mapping[str, Any]) -> datetime | None:
-    value = (item.get("fields") or {}).get("SystemModstamp")
+def _modstamp(item: JobNotification) -> datetime | None:
+    value = item.fields.get("SystemModstamp")
     if isinstance(value, datetime):
         return value
     if isinstance(value, str):
@@ -109,24 +115,24 @@ def _modstamp(item: Mapping[str, Any]) -> datetime | None:
 
 
 def outcomes_decided(
-    job_id: str, notifications: Sequence[Mapping[str, Any]], outcomes: Sequence[Outcome]
+    job_id: str, notifications: Sequence[JobNotification], outcomes: Sequence[Outcome]
 ) -> None:
     """The lag of each written record, and a line per non-trivial outcome (Ids and uid only:
     a retry's or failure's error may quote a value, it is kept in the dead letter instead)."""
     now = datetime.now().astimezone()
     for item, outcome in zip(notifications, outcomes, strict=True):
-        if outcome.outcome in WRITTEN:
+        if outcome.kind in WRITTEN:
             stamp = _modstamp(item)
             if stamp is not None and stamp.tzinfo is not None:
                 LAG_SECONDS.observe(max(0.0, (now - stamp).total_seconds()))
-        if outcome.outcome in TRIVIAL:
+        if outcome.kind in TRIVIAL:
             continue
-        detail = outcome.detail if outcome.outcome.startswith("conflict_") else None
+        detail = outcome.detail if outcome.kind in _CONFLICTS else None
         logger.log(
-            logging.WARNING if outcome.outcome in _WARNED else logging.INFO,
+            logging.WARNING if outcome.kind in _WARNED else logging.INFO,
             "job %s: %s %s notification %s uid %s%s",
             job_id,
-            outcome.outcome,
+            outcome.kind.value,
             outcome.record_id or "-",
             outcome.notification_id,
             outcome.uid if outcome.uid is not None else "-",
@@ -134,7 +140,7 @@ def outcomes_decided(
             extra=fields(
                 event="outcome",
                 job_id=job_id,
-                outcome=outcome.outcome,
+                outcome=outcome.kind.value,
                 record_id=outcome.record_id,
                 notification_id=outcome.notification_id,
                 uid=outcome.uid,
@@ -143,10 +149,10 @@ def outcomes_decided(
         )
 
 
-def job_finished(counts: Mapping[str, int]) -> None:
+def job_finished(counts: Mapping[OutcomeKind, int]) -> None:
     """A finished job's outcomes (as counted into sfrelay:stats) and dead letters."""
-    for name, count in counts.items():
-        if name in OUTCOMES:
-            OUTCOMES_TOTAL.labels(name).inc(count)
-    if counts.get("dead"):
-        DEAD_LETTERS.inc(counts["dead"])
+    for kind, count in counts.items():
+        if kind in APPLIED:
+            OUTCOMES_TOTAL.labels(kind.value).inc(count)
+    if counts.get(OutcomeKind.DEAD):
+        DEAD_LETTERS.inc(counts[OutcomeKind.DEAD])
