@@ -100,6 +100,8 @@ def _subclasses(cls: type[BaseException]) -> Iterator[type[BaseException]]:
 # branches answer besides them.
 CLIENT_DISCONNECTED = "client_disconnected"
 INTERNAL_ERROR = "internal_error"
+# Answered by the connection guard (app/server.py) before any request reaches the app.
+CONNECTION_REFUSALS = {"408": "request_head_timeout", "503": "too_many_connections"}
 REFUSAL_REASONS = tuple(
     sorted(
         {
@@ -108,6 +110,7 @@ REFUSAL_REASONS = tuple(
             *(_snake(c.__name__) for c in _subclasses(QueueUnavailable)),
             CLIENT_DISCONNECTED,
             INTERNAL_ERROR,
+            *CONNECTION_REFUSALS.values(),
         }
     )
 )
@@ -124,6 +127,11 @@ def refused(exc: BaseException) -> None:
     else:
         reason = INTERNAL_ERROR
     REFUSED.labels(reason if reason in REFUSAL_REASONS else INTERNAL_ERROR).inc()
+
+
+def connection_refused(status: str) -> None:
+    """Count a connection app/server.py answered and closed ("408 ...", "503 ...")."""
+    REFUSED.labels(CONNECTION_REFUSALS.get(status[:3], INTERNAL_ERROR)).inc()
 
 
 _other_objects: set[str] = set()
