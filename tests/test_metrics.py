@@ -3,6 +3,7 @@ database; `sfrelay serve --workers 2` (multiprocess); the Grafana dashboard's me
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -12,12 +13,14 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
@@ -26,6 +29,7 @@ from app.metrics import REFUSAL_REASONS
 from app.queue import STATS_KEY
 from app.receiver import ENDPOINT
 from app.sync import OUTCOMES
+from tests import test_receiver_hostile_clients as hostile
 from tests.fixtures_worker import PROJECT, WorkerProcess, drupal_users
 from tests.messages import Record, contact, lead, outbound_message, sf_id
 from tests.servers import RedisServer, UvicornThread, free_port, wait_for_port
@@ -40,8 +44,12 @@ def scrape(url: str) -> Samples:
     response = httpx.get(url, timeout=10)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
+    return parse(response.text)
+
+
+def parse(text: str) -> Samples:
     samples: Samples = {}
-    for family in text_string_to_metric_families(response.text):
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
@@ -232,12 +240,24 @@ def test_the_queue_depth_is_read_at_scrape_time(
     assert value(scrape(server.url + "/metrics"), "sfrelay_queue_jobs") == 2
 
 
+def acks_by_process(directory: Path) -> dict[str, float]:
+    """Acks each receiver process recorded in its own multiprocess file."""
+    acks: dict[str, float] = {}
+    for path in directory.glob("histogram_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        for key, count, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+            if json.loads(key)[1] == "sfrelay_receiver_ack_seconds_bucket":
+                acks[pid] = acks.get(pid, 0.0) + count
+    return acks
+
+
 def test_serve_with_two_workers_sums_the_counters_of_both(
     redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     port = free_port()
     temp = tmp_path / "tmp"
     temp.mkdir()
+    log = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SFRELAY_", "PROMETHEUS_"))}
     env.update(
         SFRELAY_ORG_IDS="00D1I000003qqqEUAQ",
@@ -246,51 +266,91 @@ def test_serve_with_two_workers_sums_the_counters_of_both(
         SFRELAY_ACK_DURABILITY="memory",
         TMPDIR=str(temp),
         PYTHONPATH=str(PROJECT),
+        PYTHONUNBUFFERED="1",
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--workers", "2"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--workers", "2"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        wait_for_port(port, timeout=30)
+        # The parent binds the port; each process says when it serves.
+        deadline = time.monotonic() + 60
+        while log.read_text().count("Application startup complete") < 2:
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
         (directory,) = temp.glob("sfrelay-metrics-*")
         url = f"http://127.0.0.1:{port}"
-        for number in range(12):
+
+        def send(number: int) -> int:
             records = [contact(Email=f"m{number}-{i}@example.org") for i in range(3)]
-            # A new connection each time: the kernel spreads them over both processes.
-            assert post(url, outbound_message(records)) == 200
+            return post(url, outbound_message(records))  # a new connection each time
+
+        # Concurrent connections: the kernel hands them to both processes.
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(send, range(40))) == [200] * 40
         assert post(url, b"<x/>", {"content-type": "application/json"}) == 415
-        pids = set()
+        by_process = acks_by_process(directory)
+        # (uvicorn may replace a process that answered its pings late: its files stay counted)
+        assert len([pid for pid, acks in by_process.items() if acks]) >= 2, by_process
+        assert sum(by_process.values()) == 40
         for _ in range(6):  # whichever process answers, it reports the sum of both
             samples = scrape(url + "/metrics")
-            assert (
-                value(
-                    samples,
-                    "sfrelay_receiver_notifications_total",
-                    object="Contact",
-                    result="queued",
-                )
-                == 36
+            queued = value(
+                samples, "sfrelay_receiver_notifications_total", object="Contact", result="queued"
             )
-            assert value(samples, "sfrelay_receiver_ack_seconds_count") == 12
-            assert (
-                value(
-                    samples,
-                    "sfrelay_receiver_refused_requests_total",
-                    reason="unsupported_media_type",
-                )
-                == 1
+            assert queued == 120
+            assert value(samples, "sfrelay_receiver_ack_seconds_count") == 40
+            refused = value(
+                samples, "sfrelay_receiver_refused_requests_total", reason="unsupported_media_type"
             )
+            assert refused == 1
             # The gauge is read by the answering process: one sample, never a sum.
-            assert value(samples, "sfrelay_queue_jobs") == redis_client.zcard("arq:queue") == 12
-            pids |= {f.name.rsplit("_", 1)[-1] for f in directory.glob("*.db")}
-        assert len(pids) >= 2, pids  # each process keeps its own files
+            assert value(samples, "sfrelay_queue_jobs") == redis_client.zcard("arq:queue") == 40
     finally:
         process.terminate()
-        output, _ = process.communicate(timeout=30)
-    assert process.returncode == 0, output
+        process.wait(30)
+    assert process.returncode == 0, log.read_text()
     assert list(temp.glob("sfrelay-metrics-*")) == []  # removed for the operator
+
+
+async def test_connections_the_guard_closes_are_counted_by_reason(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    before = scrape_reasons()
+    with hostile.receiver(settings, read_timeout_seconds=1) as server:
+        connections = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
+        stop = asyncio.Event()
+        tricklers = [asyncio.create_task(hostile.trickle(w, stop)) for _, w in connections]
+        answers = await asyncio.gather(*(hostile.read_until_closed(r) for r, _ in connections))
+        stop.set()
+        await asyncio.gather(*tricklers)
+        for _, writer in connections:
+            writer.close()
+        assert all(a is not None and a.startswith(b"HTTP/1.1 408 ") for a in answers)
+        async with httpx.AsyncClient() as client:
+            response = await client.get(server.url + "/metrics")
+    after = {
+        dict(key)["reason"]: v
+        for (name, key), v in parse(response.text).items()
+        if name == "sfrelay_receiver_refused_requests_total"
+    }
+    assert {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)} == {
+        "request_head_timeout": 3.0
+    }
+    assert redis_client.dbsize() == 0
+
+
+def scrape_reasons() -> dict[str, float]:
+    """The refusal counters of this process (the in-process receivers share them)."""
+    from app.metrics import REFUSED
+
+    return {
+        sample.labels["reason"]: sample.value
+        for metric in REFUSED.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    }
