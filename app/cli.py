@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +55,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from app.up import up
 
     def say(line: str) -> None:
+        if settings.log_format == "json":  # logging: one JSON object per line (app/logs.py)
+            logging.getLogger("sfrelay.up").info(line)
+            return
         print(f"sfrelay up: {line}", file=sys.stderr, flush=True)
 
     return up(settings, Path(args.data_dir), say)
