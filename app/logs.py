@@ -14,7 +14,6 @@ and for uvicorn's access log `client`, `method`, `path` (scrubbed) and `status`.
 from __future__ import annotations
 
 import logging
-import logging.config
 import re
 import sys
 import time
@@ -145,10 +144,10 @@ def uvicorn_config(fmt: LogFormat) -> dict[str, Any]:
 
     def handler(formatter: str, stream: str) -> dict[str, Any]:
         return {
-            "class": "logging.StreamHandler",
+            "()": "app.logs.StandardStream",
             "formatter": formatter,
             "filters": ["redact"],
-            "stream": stream,
+            "to": stream,
         }
 
     return {
@@ -157,9 +156,9 @@ def uvicorn_config(fmt: LogFormat) -> dict[str, Any]:
         "filters": {"redact": {"()": "app.logs.RedactSecrets"}},
         "formatters": formatters,
         "handlers": {
-            "sfrelay": handler("sfrelay", "ext://sys.stderr"),
-            "uvicorn_default": handler("uvicorn_default", "ext://sys.stderr"),
-            "uvicorn_access": handler("uvicorn_access", "ext://sys.stdout"),
+            "sfrelay": handler("sfrelay", "stderr"),
+            "uvicorn_default": handler("uvicorn_default", "stderr"),
+            "uvicorn_access": handler("uvicorn_access", "stdout"),
         },
         "loggers": {
             "uvicorn": {"handlers": ["uvicorn_default"], "level": "INFO", "propagate": False},
@@ -174,12 +173,41 @@ def uvicorn_config(fmt: LogFormat) -> dict[str, Any]:
     }
 
 
+class StandardStream(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler writing to sys.stderr or sys.stdout as they are when a line is written."""
+
+    def __init__(self, to: str = "stderr") -> None:
+        self._to = to
+        super().__init__()
+        self.sfrelay = True  # installed by configure(): configure() may replace it
+
+    @property
+    def stream(self) -> Any:
+        return getattr(sys, self._to)
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def configure(fmt: LogFormat = "text") -> None:
-    """The logging of any sfrelay command (the receiver's uvicorn loggers included)."""
-    logging.config.dictConfig(uvicorn_config(fmt))
+    """The root logger of any sfrelay command: the format asked for, every line scrubbed.
+
+    uvicorn's loggers are set by `uvicorn_config` in each of its processes. A root logger that
+    already has handlers of another's (an application embedding sfrelay, pytest) is left alone.
+    """
+    root = logging.getLogger()
+    if any(not getattr(h, "sfrelay", False) for h in root.handlers):
+        return
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    handler = StandardStream("stderr")
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(_REDACT)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 def configure_default() -> None:
     """Before the settings are read (or when they are invalid): text on standard error."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format=TEXT_FORMAT, stream=sys.stderr)
+    configure("text")
