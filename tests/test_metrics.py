@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
 from app.main import create_app
-from app.metrics import REFUSAL_REASONS
+from app.metrics import REFUSAL_REASONS, multiprocess_dir
 from app.queue import STATS_KEY
 from app.receiver import ENDPOINT
 from app.sync import OUTCOMES
@@ -354,3 +354,24 @@ def scrape_reasons() -> dict[str, float]:
         for sample in metric.samples
         if sample.name.endswith("_total")
     }
+
+
+def test_an_operators_own_multiproc_dir_is_used_and_emptied_of_old_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    given = tmp_path / "prometheus"
+    given.mkdir()
+    (given / "counter_123.db").write_bytes(b"old")
+    (given / "notes.txt").write_text("kept")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(given))
+    with multiprocess_dir(4) as directory:
+        assert directory == str(given)
+        assert sorted(p.name for p in given.iterdir()) == ["notes.txt"]
+    assert given.is_dir()  # the operator's: not removed
+
+
+def test_one_process_needs_no_multiproc_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    with multiprocess_dir(1) as directory:
+        assert directory is None
+        assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
