@@ -13,7 +13,14 @@ from collections import Counter as Tally
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
 
 from app.jobs import JobNotification
 from app.logs import fields
@@ -21,7 +28,10 @@ from app.outcomes import Outcome, OutcomeKind
 
 logger = logging.getLogger("sfrelay.worker")
 
+disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
+
 REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)  # the worker's CPU and memory (process_*)
 
 OUTCOMES_TOTAL = Counter(
     "sfrelay_worker_outcomes",
