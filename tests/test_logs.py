@@ -21,11 +21,12 @@ import redis
 
 from app.config import Settings
 from app.logs import JsonFormatter, RedactSecrets, fields
-from app.queue import STATS_KEY
+from app.queue import OUTCOME_PREFIX, STATS_KEY
 from app.receiver import ENDPOINT
 from tests.fixtures_worker import PROJECT, WorkerProcess
 from tests.messages import contact, lead, outbound_message
 from tests.servers import RedisServer, free_port, wait_for_port
+from workers.metrics import APPLIED
 
 TOKEN = "a-long-random-token-value-0123456789"
 SESSION = "00D1I000003qqqE!AQ0AQH0dMHZfz972Szmpkb58urFRkgeBGsxL_QJWwYMfAbUeeG7c"
@@ -104,10 +105,11 @@ def _traffic(server: Serve) -> None:
 
 def _wait_outcomes(client: redis.Redis, expected: int, worker: WorkerProcess) -> None:
     deadline = time.monotonic() + 60
+    applied = {f"{OUTCOME_PREFIX}{kind.value}".encode() for kind in APPLIED}
     while True:
         done = 0
         for key, count in client.hgetall(STATS_KEY).items():
-            done += int(count) if key.startswith(b"outcome:") else 0
+            done += int(count) if key in applied else 0
         if done >= expected:
             return
         if worker.process.poll() is not None or time.monotonic() > deadline:

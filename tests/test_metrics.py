@@ -26,13 +26,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.config import Settings
 from app.main import create_app
 from app.metrics import REFUSAL_REASONS, multiprocess_dir
-from app.queue import STATS_KEY
+from app.queue import DEAD_KEY, DEFAULT_QUEUE, OUTCOME_PREFIX, STATS_KEY
 from app.receiver import ENDPOINT
-from app.sync import OUTCOMES
 from tests import test_receiver_hostile_clients as hostile
 from tests.fixtures_worker import PROJECT, WorkerProcess, drupal_users
 from tests.messages import Record, contact, lead, outbound_message, sf_id
 from tests.servers import RedisServer, UvicornThread, free_port, wait_for_port
+from workers.metrics import APPLIED
 
 XML = {"content-type": "text/xml; charset=UTF-8", "SOAPAction": '""'}
 DASHBOARD = PROJECT / "deploy" / "grafana" / "sfrelay.json"
@@ -112,11 +112,12 @@ def server(settings: Settings) -> Iterator[UvicornThread]:
 def _wait_applied(client: redis.Redis, expected: int, worker: WorkerProcess) -> None:
     """Until the workers have counted `expected` outcomes and the queue is empty."""
     deadline = time.monotonic() + 60
+    applied = {f"{OUTCOME_PREFIX}{kind.value}".encode() for kind in APPLIED}
     while True:
         done = 0
         for key, count in client.hgetall(STATS_KEY).items():
-            done += int(count) if key.startswith(b"outcome:") else 0
-        if done >= expected and client.zcard("arq:queue") == 0:
+            done += int(count) if key in applied else 0
+        if done >= expected and client.zcard(DEFAULT_QUEUE) == 0:
             return
         if worker.process.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"not applied ({done}/{expected}):\n{worker.output()}")
@@ -187,9 +188,9 @@ def test_a_real_run_metrics_match_drupal_and_cover_the_dashboard(
     assert len(drupal_users(drupal_db)) == counted["created"]
     assert value(worker_samples, "sfrelay_worker_dead_letters_total") == dead_letter_rows(drupal_db)
     # Every outcome label exists from the start, taken from the code's own list.
-    assert {dict(k)["outcome"] for n, k in worker_samples if n.endswith("outcomes_total")} == set(
-        OUTCOMES
-    )
+    assert {dict(k)["outcome"] for n, k in worker_samples if n.endswith("outcomes_total")} == {
+        kind.value for kind in APPLIED
+    }
     # Batches hold every notification applied; the lag is observed for each write.
     assert value(worker_samples, "sfrelay_worker_batch_notifications_sum") == sum(recorded.values())
     assert value(worker_samples, "sfrelay_worker_apply_seconds_count") == value(
@@ -218,10 +219,8 @@ def test_a_real_run_metrics_match_drupal_and_cover_the_dashboard(
     } == set(REFUSAL_REASONS)
     assert value(received, "sfrelay_receiver_ack_seconds_count") == 7
     assert value(received, "sfrelay_receiver_enqueue_seconds_count") == 7
-    assert value(receiver_samples, "sfrelay_queue_jobs") == redis_client.zcard("arq:queue") == 0
-    assert value(receiver_samples, "sfrelay_redis_dead_letters") == redis_client.hlen(
-        "sfrelay:dead"
-    )
+    assert value(receiver_samples, "sfrelay_queue_jobs") == redis_client.zcard(DEFAULT_QUEUE) == 0
+    assert value(receiver_samples, "sfrelay_redis_dead_letters") == redis_client.hlen(DEAD_KEY)
     assert value(receiver_samples, "sfrelay_redis_up") == 1
 
     # The dashboard queries only names these two processes expose.
@@ -309,7 +308,7 @@ def test_serve_with_two_workers_sums_the_counters_of_both(
             )
             assert refused == 1
             # The gauge is read by the answering process: one sample, never a sum.
-            assert value(samples, "sfrelay_queue_jobs") == redis_client.zcard("arq:queue") == 40
+            assert value(samples, "sfrelay_queue_jobs") == redis_client.zcard(DEFAULT_QUEUE) == 40
     finally:
         process.terminate()
         process.wait(30)
