@@ -43,6 +43,7 @@ from app.errors import QueueUnavailable, RejectedMessage
 from app.queue import DEAD_KEY
 
 if TYPE_CHECKING:
+    from app.jobs import ApplyJob
     from app.queue import EnqueueResult
     from app.receiver import ReceiverState
     from app.soap import OutboundMessage
@@ -184,11 +185,33 @@ def result_counts(
     return counts
 
 
+def _all_queued_counts(job: ApplyJob, result: EnqueueResult) -> dict[tuple[str, str], int] | None:
+    """The usual message (every notification queued, one object) counted without a loop in
+    Python over its notifications; None for any other."""
+    objects = {n.object for n in job.notifications}
+    if len(objects) != 1:
+        return None
+    (obj,) = objects
+    counts = {(obj, "queued"): result.queued}
+    if result.duplicates:
+        counts[(obj, "duplicate")] = result.duplicates
+    return {key: count for key, count in counts.items() if count}
+
+
 def acked(
-    message: OutboundMessage, result: EnqueueResult, handled: Iterable[str], seconds: float
+    message: OutboundMessage,
+    job: ApplyJob,
+    result: EnqueueResult,
+    handled: Iterable[str],
+    seconds: float,
 ) -> dict[tuple[str, str], int]:
-    """Record an acked message; returns its counts by (object, result) for the log line."""
-    counts = result_counts(message, result, handled)
+    """Record an acked message (`job`: its queued notifications, see app.receiver.to_job);
+    returns its counts by (object, result) for the log line."""
+    counts = None
+    if len(job.notifications) == len(message.notifications) and not result.skipped:
+        counts = _all_queued_counts(job, result)
+    if counts is None:
+        counts = result_counts(message, result, handled)
     for (obj, kind), count in counts.items():
         NOTIFICATIONS.labels(obj, kind).inc(count)
     ACK_SECONDS.observe(seconds)

@@ -338,7 +338,7 @@ async def outbound_message(request: Request) -> Response:
         )
     _report_undeclared(state.undeclared_seen, message)
     seconds = time.perf_counter() - started
-    by_object = metrics.acked(message, result, state.handled, seconds)
+    by_object = metrics.acked(message, job, result, state.handled, seconds)
     objects = ",".join(sorted({obj for obj, _ in by_object})) or "-"
     log.info(
         "acked org=%s action=%s object=%s notifications=%d queued=%d skipped=%d dead=%d "

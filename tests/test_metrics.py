@@ -25,9 +25,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
 from app.main import create_app
-from app.metrics import REFUSAL_REASONS, multiprocess_dir
-from app.queue import DEAD_KEY, DEFAULT_QUEUE, OUTCOME_PREFIX, STATS_KEY
-from app.receiver import ENDPOINT
+from app.metrics import REFUSAL_REASONS, _all_queued_counts, multiprocess_dir, result_counts
+from app.queue import DEAD_KEY, DEFAULT_QUEUE, OUTCOME_PREFIX, STATS_KEY, EnqueueResult
+from app.receiver import ENDPOINT, to_job
+from app.soap import parse_message
+from app.wsdl import load_contract
 from tests import test_receiver_hostile_clients as hostile
 from tests.fixtures_worker import PROJECT, WorkerProcess, drupal_users
 from tests.messages import Record, contact, lead, outbound_message, sf_id
@@ -374,3 +376,21 @@ def test_one_process_needs_no_multiproc_dir(monkeypatch: pytest.MonkeyPatch) -> 
     with multiprocess_dir(1) as directory:
         assert directory is None
         assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+
+
+@pytest.mark.parametrize(("queued", "duplicates"), [(3, 0), (1, 2), (0, 3)])
+def test_the_usual_messages_short_count_equals_the_general_one(
+    settings: Settings, queued: int, duplicates: int
+) -> None:
+    """An all-queued one-object message is counted without a loop over its notifications;
+    the result is the one the general count gives, new and duplicate alike."""
+    handled = frozenset(settings.handled_objects)
+    records = [contact(Id=sf_id("003", i), Email=f"u{i}@example.org") for i in range(3)]
+    message = parse_message(outbound_message(records), load_contract(settings.wsdl_dir), handled)
+    job, others = to_job(message, "00D1I000003qqqE", "sha", handled)
+    assert len(job.notifications) == 3 and not others
+    result = EnqueueResult(queued=queued, skipped=0, dead=0, duplicates=duplicates, job_id=None)
+    short = _all_queued_counts(job, result)
+    assert short is not None
+    assert short == result_counts(message, result, handled)
+    assert sum(short.values()) == 3
