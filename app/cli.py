@@ -29,21 +29,25 @@ def _fail(message: str) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
+    from app.logs import uvicorn_config
     from app.main import check_redis_at_start_up, create_app
+    from app.metrics import multiprocess_dir
     from app.server import uvicorn_options
 
     settings.require_receiver_ready()
     create_app(settings)  # fail here, with a clear message, not inside a worker process
     asyncio.run(check_redis_at_start_up(settings))  # and refuse a Redis that cannot keep acks
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        workers=args.workers,
-        log_level="info",
-        **uvicorn_options(settings),
-    )
+    with multiprocess_dir(args.workers):  # metrics: PROMETHEUS_MULTIPROC_DIR for N processes
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=args.host or settings.host,
+            port=args.port or settings.port,
+            workers=args.workers,
+            log_level="info",
+            log_config=uvicorn_config(settings.log_format),  # logging: app/logs.py
+            **uvicorn_options(settings),
+        )
     return 0
 
 
@@ -51,6 +55,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from app.up import up
 
     def say(line: str) -> None:
+        if settings.log_format == "json":  # logging: one JSON object per line (app/logs.py)
+            logging.getLogger("sfrelay.up").info(line)
+            return
         print(f"sfrelay up: {line}", file=sys.stderr, flush=True)
 
     return up(settings, Path(args.data_dir), say)
@@ -378,13 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from app.logs import configure, configure_default
+
+    configure_default()
     args = build_parser().parse_args(argv)
     try:
         # `up` writes var/sfrelay.env (LOCAL_ENV_FILE) for the other commands: never its input.
         settings = Settings(_env_file=".env") if args.command == "up" else Settings()
     except ValidationError as exc:
         return _fail(f"invalid settings:\n{exc}")
+    configure(settings.log_format)  # logging of every command: app/logs.py
     func: Command = args.func
     try:
         return func(args, settings)

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     )
 
     env: Literal["development", "production"] = "production"
+    # Log lines as text (default) or one JSON object per line (app/logs.py).
+    log_format: Literal["text", "json"] = "text"
 
     # --- receiver -----------------------------------------------------------------------------
     org_ids: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -92,6 +94,8 @@ class Settings(BaseSettings):
     max_tries: int = Field(default=5, ge=1)
     worker_max_rss_mb: int = Field(default=512, ge=32)
     worker_batch_size: int = Field(default=2000, ge=1)
+    # A worker serves Prometheus metrics on this port (0.0.0.0); unset: none.
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # arq's job timeout; a killed worker's job is re-run by another once its in-progress mark
     # expires (this + 10 s), and a stopping worker waits this long for its running jobs (give
     # the container at least this stop grace period). A job normally takes well under 1 s.

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import gc
 import logging
-import re
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from urllib.parse import unquote
 
 from fastapi import FastAPI
 from redis.asyncio import Redis
@@ -18,62 +16,16 @@ from app import __version__
 from app.config import Settings
 from app.durability import redis_location
 from app.errors import ConfigError
+from app.logs import RedactSecrets as RedactSecrets  # moved to app.logs
+from app.logs import redact_logs
+from app.logs import scrub as scrub
+from app.metrics import QueueGauges
+from app.metrics import router as metrics_router
 from app.queue import Enqueuer, redis_client
 from app.receiver import ParseBudget, ReceiverState, router
 from app.wsdl import load_contract
 
 log = logging.getLogger("sfrelay.receiver")
-
-_SECRET_PARAM = re.compile(
-    r"((?:^|[?&;\s])(?:token|access_token|sessionid|session_id|sid|password)=)[^&;\s]+", re.I
-)
-# A Salesforce session id: the organization id, "!", then the session's secret.
-_SESSION_ID = re.compile(r"\b00D[A-Za-z0-9]{12}(?:[A-Za-z0-9]{3})?![A-Za-z0-9._\-]+")
-_PERCENT_WORD = re.compile(r"\S*%[0-9A-Fa-f]{2}\S*")
-
-
-def _decoded(word: str) -> str:
-    for _ in range(3):  # %2574oken is %74oken is token
-        decoded = unquote(word)
-        if decoded == word:
-            break
-        word = decoded
-    return word
-
-
-def scrub(text: str) -> str:
-    """`text` without secrets: query parameters judged as the application decodes them
-    (`?%74oken=` is `?token=`), and anything shaped like a Salesforce session id."""
-    if "%" in text:
-        text = _PERCENT_WORD.sub(lambda m: _decoded(m.group()), text)
-    return _SESSION_ID.sub("***", _SECRET_PARAM.sub(r"\1***", text))
-
-
-class RedactSecrets(logging.Filter):
-    """Scrub tokens and session ids from every log line (uvicorn's access log and ours)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.args and isinstance(record.msg, str):
-            record.msg = scrub(record.msg)  # already the whole line (else a format string)
-        elif isinstance(record.args, tuple):
-            record.args = tuple(scrub(a) if isinstance(a, str) else a for a in record.args)
-        elif isinstance(record.args, dict):
-            record.args = {k: scrub(v) if isinstance(v, str) else v for k, v in record.args.items()}
-        return True
-
-
-_REDACT = RedactSecrets()
-
-
-def redact_logs() -> None:
-    """Put the filter on every handler that can print a request line: the root logger's (ours
-    propagate there) and uvicorn's, and on uvicorn's access logger should its handlers change."""
-    names = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
-    loggers = [logging.getLogger(name) for name in names]
-    targets: list[logging.Filterer] = [loggers[-1], *(h for lg in loggers for h in lg.handlers)]
-    for target in targets:
-        if _REDACT not in target.filters:
-            target.addFilter(_REDACT)
 
 
 async def warn_if_not_durable(redis: Redis) -> None:
@@ -172,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Two max-size messages parse at once (the cores this is sized for); more wait.
             parse_budget=ParseBudget(2 * settings.max_body_bytes),
             parse_executor=executor,
+            queue_gauges=QueueGauges(redis, settings.queue_name),
         )
         # Everything loaded so far (zeep's WSDL model, FastAPI's routes) lives as long as the
         # process: keep the cyclic GC from scanning it again on every full collection.
@@ -191,4 +144,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None,
     )
     app.include_router(router)
+    app.include_router(metrics_router)  # GET /metrics (app/metrics.py)
     return app

@@ -27,6 +27,7 @@ from redis.exceptions import (
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from app import logs, metrics
 from app.config import Network, Settings
 from app.dead import DeadLetter
 from app.errors import (
@@ -78,6 +79,7 @@ class ReceiverState:
     handled: frozenset[str]  # SFRELAY_HANDLED_OBJECTS
     parse_budget: ParseBudget  # bytes of large messages parsed at once
     parse_executor: Executor  # the threads large messages parse in
+    queue_gauges: metrics.QueueGauges  # what GET /metrics reads from Redis (app/metrics.py)
     undeclared_seen: set[tuple[str, str]] = field(default_factory=set)
     unready_reason: str | None = None  # what /readyz last logged
 
@@ -310,38 +312,60 @@ async def outbound_message(request: Request) -> Response:
                 )
             body_sha = hashlib.sha256(body).hexdigest()
             job, others = to_job(message, org15, body_sha, state.handled)
-            result = await state.enqueuer.submit(job, others, body=body, body_sha=body_sha)
+            with metrics.ENQUEUE_SECONDS.time():
+                result = await state.enqueuer.submit(job, others, body=body, body_sha=body_sha)
     except RejectedMessage as exc:
+        metrics.refused(exc)
         log.warning("refused (%s): %s", exc.status_code, exc.detail)
         return _soap(fault(exc.faultstring, exc.faultcode), exc.status_code)
     except QueueUnavailable as exc:
+        metrics.refused(exc)
         # The detail (addresses, the script's hash) is for the log; the sender gets the gist.
         log.error("not acked, Salesforce will retry: %s", clip(str(exc), LOG_DETAIL_MAX))
         return _soap(fault(exc.faultstring, "soapenv:Server"), 503)
-    except ClientDisconnect:
+    except ClientDisconnect as exc:
+        metrics.refused(exc)
         log.warning("the client disconnected before the end of its body: nothing stored")
         return _soap(fault("the client disconnected before the end of its body"), 400)
     except HTTPException:
         raise  # an HTTP answer chosen on purpose (FastAPI renders it)
     except Exception as exc:  # a bug: still a SOAP Fault (Salesforce retries), never an ack
+        metrics.refused(exc)
         log.error("internal error, not acked: %s", clip(repr(exc), LOG_DETAIL_MAX), exc_info=exc)
         return _soap(
             fault("internal error in the receiver: not acked, retry later", "soapenv:Server"),
             500,
         )
     _report_undeclared(state.undeclared_seen, message)
+    seconds = time.perf_counter() - started
+    by_object = metrics.acked(message, job, result, state.handled, seconds)
+    objects = ",".join(sorted({obj for obj, _ in by_object})) or "-"
     log.info(
-        "acked org=%s action=%s notifications=%d queued=%d skipped=%d dead=%d duplicates=%d "
-        "job=%s in %.1f ms",
+        "acked org=%s action=%s object=%s notifications=%d queued=%d skipped=%d dead=%d "
+        "duplicates=%d job=%s in %.1f ms",
         message.organization_id,
         clip(message.action_id, NAME_MAX),
+        objects,
         len(message.notifications),
         result.queued,
         result.skipped,
         result.dead,
         result.duplicates,
         result.job_id,
-        (time.perf_counter() - started) * 1000,
+        seconds * 1000,
+        extra=logs.fields(
+            event="received",
+            organization_id=message.organization_id,
+            action_id=clip(message.action_id, NAME_MAX),
+            object=objects,
+            count=len(message.notifications),
+            queued=result.queued,
+            skipped=result.skipped,
+            dead=result.dead,
+            duplicates=result.duplicates,
+            job_id=result.job_id,
+            duration_ms=round(seconds * 1000, 3),
+        ),
     )
     return _soap(ACK, 200)
 

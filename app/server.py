@@ -25,6 +25,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from app import metrics
 from app.config import Settings
 
 log = logging.getLogger("sfrelay.receiver")
@@ -94,6 +95,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         )
 
     def _close_with(self, status: str, text: str) -> None:
+        metrics.connection_refused(status)  # metrics: refusals by reason
         self._head_arrived()
         if not self.transport.is_closing():
             self.transport.write(_response(status, text))

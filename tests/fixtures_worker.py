@@ -80,6 +80,9 @@ def settings_env(settings: Settings, **extra: object) -> dict[str, str]:
         SFRELAY_WORKER_MAX_RSS_MB=str(settings.worker_max_rss_mb),
         PYTHONUNBUFFERED="1",
     )
+    if settings.worker_metrics_port is not None:
+        env["SFRELAY_WORKER_METRICS_PORT"] = str(settings.worker_metrics_port)
+    env["SFRELAY_LOG_FORMAT"] = settings.log_format
     env.update({f"SFRELAY_{k.upper()}": str(v) for k, v in extra.items()})
     return env
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from app.errors import RetryableError
 from app.jobs import JobNotification
 from app.outcomes import Outcome
+from workers.metrics import batch_applied
 
 logger = logging.getLogger("sfrelay.worker")
 
@@ -147,12 +148,8 @@ class GroupCommit:
             for waiter in batch:
                 await self._apply_batch([waiter])
             return
-        logger.debug(
-            "applied %d notifications of %d jobs in %.0f ms",
-            len(outcomes),
-            len(batch),
-            (time.perf_counter() - started) * 1000,
-        )
+        # metrics and the batch's log line (workers/metrics.py)
+        batch_applied(len(outcomes), len(batch), time.perf_counter() - started, outcomes)
         start = 0
         for waiter in batch:
             end = start + len(waiter.notifications)

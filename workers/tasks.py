@@ -22,9 +22,11 @@ from app.config import Settings
 from app.dead import DeadLetter
 from app.errors import QueueUnavailable, RetryableError
 from app.jobs import ApplyJob, JobNotification
+from app.logs import fields
 from app.outcomes import Outcome, OutcomeKind
 from app.queue import count_outcomes, enqueue_apply
 from app.sync import Syncer
+from workers import metrics as worker_metrics
 from workers.group_commit import GroupCommit, WriterBusy
 from workers.lease import WriterLease
 
@@ -69,6 +71,7 @@ async def startup(ctx: dict[str, Any], settings: Settings) -> None:
     batch = GroupCommit(syncer.apply, settings.worker_batch_size, lease.turn)
     state = WorkerState(settings, syncer, batch)
     ctx[STATE] = state
+    worker_metrics.serve(settings.worker_metrics_port)  # metrics: SFRELAY_WORKER_METRICS_PORT
     logger.info("worker ready: rss %.0f MB", _rss_mb(state))
 
 
@@ -154,6 +157,7 @@ async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
             dead = [(item, reason, job_try) for item in notifications]
         else:
             retry = _sort_outcomes(settings, job, outcomes, counts, dead)
+            worker_metrics.outcomes_decided(ctx["job_id"], notifications, outcomes)
     try:
         if retry:
             delay = backoff_s(settings, min(item.attempt for item in retry) - 1)
@@ -251,6 +255,7 @@ async def _finish(
         await count_outcomes(redis, counts)
     except (RedisError, OSError) as exc:  # counters only: not worth failing the job for
         logger.warning("job %s: outcome counters not recorded: %s", ctx["job_id"], exc)
+    worker_metrics.job_finished(counts)  # metrics: outcomes by kind, dead letters
     summary = " ".join(f"{name}={count}" for name, count in sorted(counts.items()))
     logger.info(
         "job %s try %d: %d notifications in %.0f ms: %s",
@@ -259,6 +264,14 @@ async def _finish(
         len(job.notifications),
         (time.monotonic() - started) * 1000,
         summary or "nothing",
+        extra=fields(
+            event="job",
+            job_id=ctx["job_id"],
+            job_try=ctx["job_try"],
+            notifications=len(job.notifications),
+            duration_ms=round((time.monotonic() - started) * 1000, 3),
+            outcomes={kind.value: n for kind, n in sorted(counts.items())},  # JSON keys: str
+        ),
     )
 
 

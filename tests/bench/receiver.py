@@ -70,6 +70,7 @@ class Variant:
     durability: str = "fsync"  # SFRELAY_ACK_DURABILITY of the sfrelay app
     appendfsync: str = "always"  # the redis-server's, set for this variant
     replica: bool = False  # a second redis-server replicates the first during the run
+    scrape: bool = False  # GET /metrics every --scrape seconds during the run
 
 
 SFRELAY = "tests.bench.receiver_apps:sfrelay_app"
@@ -81,6 +82,13 @@ VARIANTS = (
             appendfsync="everysec"),
     Variant("naive (arq per notification)", "tests.bench.receiver_apps:naive_app", _arq_jobs),
 )  # fmt: skip
+
+# --scrape: the default sfrelay with and without a Prometheus scrape, beside the ceiling.
+SCRAPE_VARIANTS = (
+    VARIANTS[0],
+    VARIANTS[1],
+    Variant("sfrelay, fsync, scraped", SFRELAY, _queued_notifications, scrape=True),
+)
 
 _BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
 _PLACEHOLDER = "@" * 18
@@ -151,6 +159,7 @@ class Run:
     acked_total: int = 0  # warm-up included, to compare with what Redis holds
     stored: int = 0
     cpu: dict[str, float] = field(default_factory=dict)  # process -> share of one core
+    scrapes: list[float] = field(default_factory=list)  # seconds of each GET /metrics
 
     @property
     def rate(self) -> float:
@@ -230,13 +239,38 @@ class Connection:
         self._writer.close()
 
 
+async def _scrape_every(port: int, every: float, durations: list[float]) -> None:
+    """GET /metrics every `every` seconds, as Prometheus would, until cancelled."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        while True:
+            await asyncio.sleep(every)
+            started = time.perf_counter()
+            response = await client.get("/metrics")
+            durations.append(time.perf_counter() - started)
+            if response.status_code != 200 or b"sfrelay_queue_jobs" not in response.content:
+                raise RuntimeError(f"/metrics answered {response.status_code}")
+
+
 async def _load(
-    port: int, messages: ContactMessages, concurrency: int, warmup: float, seconds: float
+    port: int,
+    messages: ContactMessages,
+    concurrency: int,
+    warmup: float,
+    seconds: float,
+    scrape_every: float | None = None,
+    scrapes: list[float] | None = None,
 ) -> tuple[list[float], list[str], int, float]:
     """`concurrency` connections posting back to back: warm-up, then the timed run."""
     latencies: list[float] = []
     errors: list[str] = []
     acked = 0
+    scraper = (
+        asyncio.create_task(
+            _scrape_every(port, scrape_every, scrapes if scrapes is not None else [])
+        )
+        if scrape_every
+        else None
+    )
 
     async def post_until(connection: Connection, deadline: float, timed: bool) -> None:
         nonlocal acked
@@ -263,6 +297,10 @@ async def _load(
     finally:
         for connection in connections:
             connection.close()
+        if scraper is not None:
+            if scraper.done():
+                scraper.result()  # a failed scrape fails the run
+            scraper.cancel()
     return latencies, errors, acked, elapsed
 
 
@@ -293,6 +331,7 @@ def measure(
     warmup: float,
     seconds: float,
     profile: Path | None = None,
+    scrape_every: float | None = None,
 ) -> Run:
     client = redis_server.client()
     client.flushall()
@@ -309,9 +348,11 @@ def measure(
         ),
     ):
         before = _cpu_usage(server, redis_process)
+        scrapes: list[float] = []
+        every = scrape_every if variant.scrape else None
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             latencies, errors, acked, elapsed = runner.run(
-                _load(port, messages, concurrency, warmup, seconds)
+                _load(port, messages, concurrency, warmup, seconds, every, scrapes)
             )
         after = _cpu_usage(server, redis_process)
     # Warm-up included: the share of a core over the whole load, not only the timed part.
@@ -328,6 +369,7 @@ def measure(
         acked_total=acked * notifications if variant.stores else 0,
         stored=stored,
         cpu=used,
+        scrapes=scrapes,
     )
 
 
@@ -402,6 +444,35 @@ def report(runs: Sequence[Run], concurrency: int, server: str, rounds: int = 1) 
     return "\n".join(lines)
 
 
+def report_scrape(rounds: Sequence[Sequence[Run]], every: float) -> str:
+    """The default sfrelay without and with a /metrics scrape every `every` s, round by round:
+    the spread of the unscraped runs is the benchmark's noise."""
+    plain = [r[1] for r in rounds]
+    scraped = [r[2] for r in rounds]
+    lines = [
+        "",
+        f"/metrics scraped every {every:g} s (rounds alternate the variants):",
+        "| round | fsync msgs/s | scraped msgs/s | fsync p99 ms | scraped p99 ms "
+        "| scrapes, max ms |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for number, (a, b) in enumerate(zip(plain, scraped, strict=True), 1):
+        worst = max(b.scrapes, default=0.0) * 1000
+        lines.append(
+            f"| {number} | {a.rate:.0f} | {b.rate:.0f} | {a.percentile_ms(99):.1f} | "
+            f"{b.percentile_ms(99):.1f} | {len(b.scrapes)}, {worst:.1f} |"
+        )
+    rates = [r.rate for r in plain]
+    noise = (max(rates) - min(rates)) / (sum(rates) / len(rates)) if len(rates) > 1 else 0.0
+    a_med = sorted(rates)[len(rates) // 2]
+    b_med = sorted(r.rate for r in scraped)[len(scraped) // 2]
+    lines.append(
+        f"median: {a_med:.0f} vs {b_med:.0f} msgs/s scraped ({b_med / a_med - 1:+.1%}); "
+        f"spread of the unscraped rounds (noise): {noise:.1%}"
+    )
+    return "\n".join(lines)
+
+
 def print_profile(path: Path, limit: int = 25) -> None:
     stats = pstats.Stats(str(path))
     stats.sort_stats("tottime").print_stats(limit)
@@ -427,7 +498,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         choices=sorted({v.factory.rpartition(":")[2] for v in VARIANTS}),
         help="also run this app's server under cProfile and print where its time goes",
     )
+    parser.add_argument(
+        "--scrape",
+        type=float,
+        metavar="SECONDS",
+        help="measure only the default sfrelay, without and with GET /metrics every SECONDS "
+        "(Prometheus's way; 5 is a fast scrape), and report both",
+    )
     args = parser.parse_args(argv)
+    variants = SCRAPE_VARIANTS if args.scrape else VARIANTS
     options = {
         "notifications": args.notifications,
         "concurrency": args.concurrency,
@@ -450,7 +529,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             # Rounds alternate the variants, so a burst of load from other processes hits them
             # alike; each variant's median round is reported.
             rounds = [
-                [measure(variant, redis_server, workdir, **options) for variant in VARIANTS]
+                [
+                    measure(variant, redis_server, workdir, scrape_every=args.scrape, **options)
+                    for variant in variants
+                ]
                 for _ in range(args.rounds)
             ]
             runs = [
@@ -458,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for each in zip(*rounds, strict=True)
             ]
             print(report(runs, args.concurrency, server, args.rounds), flush=True)
+            if args.scrape:
+                print(report_scrape(rounds, args.scrape), flush=True)
             if args.profile:
                 variant = next(v for v in VARIANTS if v.factory.endswith(":" + args.profile))
                 profile = workdir / "uvicorn.prof"
