@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from app.config import Settings
 from app.jobs import JobNotification
 from app.sfid import to18
@@ -60,6 +62,14 @@ async def open_syncer(
     return await Syncer.open(
         Settings(_env_file=None, database_url=site.url, field_map=path, **settings)
     )
+
+
+async def ledger_history(site: DrupalSite, sf_id: str) -> tuple[int | None, list[dict[str, Any]]]:
+    """The record's uid in sfrelay's ledger and its history, parsed: one dict per attempt
+    ("o" the outcome, "d" its detail, "uid", "n" the notification, "at")."""
+    (row,) = await site.rows("SELECT uid, history FROM sfrelay_record WHERE sf_id = :s", s=sf_id)
+    entries: list[dict[str, Any]] = orjson.loads(row["history"])
+    return row["uid"], entries
 
 
 async def user_ids(site: DrupalSite) -> list[int]:
