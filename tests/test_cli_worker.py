@@ -17,8 +17,8 @@ from app.jobs import read as read_job
 from app.queue import DEAD_KEY, JOB_KEY_PREFIX, SEEN_PREFIX
 from app.sfid import canonical_id
 from app.sync import Syncer
+from tests.factories import ORG_ID, sf_id
 from tests.fixtures_worker import PROJECT, settings_env
-from tests.messages import ORG_ID, sf_id
 
 
 def sfrelay(settings: Settings, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -21,7 +21,8 @@ from app.jobs import read as read_job
 from app.main import create_app
 from app.queue import DEFAULT_QUEUE, JOB_KEY_PREFIX, STATS_KEY
 from tests.conftest import SHARED_WSDLS
-from tests.messages import ORG_ID, contact, outbound_message, sf_id
+from tests.factories import ORG_ID, sf_id
+from tests.messages import contact, outbound_message
 from tests.servers import RedisServer, UvicornThread, free_port
 
 BINDING = "{http://soap.sforce.com/2005/09/outbound}NotificationBinding"

@@ -12,7 +12,8 @@ from app.errors import MalformedMessage
 from app.soap import ACK, OutboundMessage, fault, parse_message
 from app.wsdl import Contract, load_contract
 from tests.conftest import shared_message
-from tests.messages import ORG_ID, contact, lead, outbound_message
+from tests.factories import ORG_ID
+from tests.messages import contact, lead, outbound_message
 
 HANDLED = ("Contact", "Lead")
 

@@ -12,14 +12,13 @@ from tests.drupal_rows import (
     base_row,
     field_values,
     ledger_history,
-    note,
     open_syncer,
-    sf,
     tag,
     uids_with_mail,
     user_ids,
 )
 from tests.drupal_schemas import DRUPAL
+from tests.factories import note, sf
 from tests.fixtures_db import DrupalSite
 
 

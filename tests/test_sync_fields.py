@@ -24,15 +24,13 @@ from tests.drupal_rows import (
     base_row,
     field_values,
     ledger_history,
-    note,
     open_syncer,
     roles,
-    sf,
     uids_with_mail,
     user_ids,
 )
+from tests.factories import ORG_ID, note, sf
 from tests.fixtures_db import DrupalSite, Server
-from tests.messages import ORG_ID
 from tests.servers import free_port
 
 ORG15 = ORG_ID[:15]

@@ -23,12 +23,11 @@ from tests.drupal_rows import (
     give_role,
     grant_permissions,
     ledger_history,
-    note,
     open_syncer,
-    sf,
     user_ids,
     user_rows,
 )
+from tests.factories import note, sf
 from tests.fixtures_db import DrupalSite
 
 DEFAULT_MAP = (Path(__file__).parent.parent / "app" / "fieldmap.default.toml").read_text()
