@@ -158,7 +158,10 @@ def test_sigkill_mid_job_the_next_worker_runs_the_job_again_once(
     with write_locked(drupal_db):
         job_id = enqueue(settings, 1, 5)
         in_progress = IN_PROGRESS_KEY_PREFIX + job_id
-        wait_for(lambda: redis_client.exists(in_progress))
+        lease = database_key(settings.database_url)
+        # Killed mid-write: the job has started and holds the writer turn, its batch waiting
+        # on the lock.
+        wait_for(lambda: redis_client.exists(in_progress, lease) == 2)
         first.signal(signal.SIGKILL)
         assert first.wait(10) == -signal.SIGKILL
     assert redis_client.zscore(settings.queue_name, job_id) is not None
@@ -167,7 +170,6 @@ def test_sigkill_mid_job_the_next_worker_runs_the_job_again_once(
     # The killed worker's in-progress mark would expire after the job timeout + 10 s (arq),
     # its writer lease after LEASE_S: expire both now, as Redis would then.
     assert 0 < redis_client.pttl(in_progress) <= (60 + 10) * 1000
-    lease = database_key(settings.database_url)
     assert 0 < redis_client.pttl(lease) <= LEASE_S * 1000
     redis_client.delete(in_progress, lease)
     second = worker_process(settings, tmp_path, "--burst")
