@@ -1,52 +1,24 @@
-"""Test helpers: notifications to apply, and the exact Drupal rows a user must have."""
+"""Test helpers: the exact Drupal rows a user must have, and sfrelay's ledger read back.
+
+`sf`, `note` and `T0` live in tests.factories (re-exported here for older imports)."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from app.config import Settings
-from app.jobs import JobNotification
-from app.sfid import to18
 from app.sync import Syncer
+from tests.factories import T0 as T0
+from tests.factories import note as note
+from tests.factories import sf as sf
 from tests.fixtures_db import DrupalSite
 
 FIELDS = ("field_first_name", "field_last_name", "field_salesforce_id")
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-_notes = iter(range(1, 1_000_000))
-
-
-def sf(n: int, prefix: str = "003") -> str:
-    """A real-shaped 18-character Salesforce Id (003 Contact, 00Q Lead)."""
-    return to18(f"{prefix}5g0000{n:06d}")
-
-
-def note(
-    record_id: str,
-    email: str | None = "",
-    first: str | None = None,
-    last: str | None = None,
-    *,
-    minutes: int = 0,
-    obj: str | None = None,
-    nid: str | None = None,
-    **extra: Any,
-) -> JobNotification:
-    """A job's notification, its values as Salesforce sends them."""
-    sobject = obj or ("Lead" if record_id.startswith("00Q") else "Contact")
-    stamp = (T0 + timedelta(minutes=minutes)).isoformat(timespec="milliseconds")
-    fields: dict[str, Any] = {"Id": record_id, "SystemModstamp": stamp.replace("+00:00", "Z")}
-    if email != "":
-        fields["Email"] = email
-    if first is not None:
-        fields["FirstName"] = first
-    if last is not None:
-        fields["LastName"] = last
-    fields.update(extra)
-    return JobNotification(nid or f"04l5g{next(_notes):013d}", sobject, fields)
 
 
 async def open_syncer(
@@ -60,6 +32,14 @@ async def open_syncer(
     return await Syncer.open(
         Settings(_env_file=None, database_url=site.url, field_map=path, **settings)
     )
+
+
+async def ledger_history(site: DrupalSite, sf_id: str) -> tuple[int | None, list[dict[str, Any]]]:
+    """The record's uid in sfrelay's ledger and its history, parsed: one dict per attempt
+    ("o" the outcome, "d" its detail, "uid", "n" the notification, "at")."""
+    (row,) = await site.rows("SELECT uid, history FROM sfrelay_record WHERE sf_id = :s", s=sf_id)
+    entries: list[dict[str, Any]] = orjson.loads(row["history"])
+    return row["uid"], entries
 
 
 async def user_ids(site: DrupalSite) -> list[int]:

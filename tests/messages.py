@@ -6,17 +6,12 @@ import itertools
 from dataclasses import dataclass, field
 from xml.sax.saxutils import escape
 
-from app.sfid import to18
-
-ORG_ID = "00D1I000003qqqEUAQ"
-ACTION_ID = "04k1I000000bmsHQAQ"
+# Ids come from tests.factories; re-exported for the modules that import them from here.
+from tests.factories import ACTION_ID as ACTION_ID
+from tests.factories import ORG_ID as ORG_ID
+from tests.factories import sf_id as sf_id
 
 _counter = itertools.count(1)
-
-
-def sf_id(prefix: str, number: int) -> str:
-    """A valid 18-character Salesforce id with a 3-character key prefix."""
-    return to18(f"{prefix}{number:012d}")
 
 
 @dataclass

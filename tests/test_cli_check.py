@@ -1,4 +1,7 @@
-"""`sfrelay check [--json]` as a real subprocess: every part configured, some not, a failing one."""
+"""`sfrelay check [--json]`: every part configured, some not, a failing one.
+
+Through `app.cli.main` in this process (the `cli` fixture); one real subprocess shows the
+command line itself works."""
 
 from __future__ import annotations
 
@@ -12,13 +15,16 @@ import orjson
 import pytest
 
 from tests import sfserver
+from tests.conftest import Cli
 from tests.drupal_schemas import site_copy
 from tests.fixtures_worker import PROJECT
 from tests.servers import RedisServer, free_port
 from tests.sfserver import FakeOrg, SalesforceServer
 
 
-def check(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def check_subprocess(
+    cwd: Path, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("SFRELAY_")}
     return subprocess.run(
         [sys.executable, "-m", "app.cli", "check", *args],
@@ -55,6 +61,7 @@ def test_all_parts_configured_and_working(
     sf_server: SalesforceServer,
     sf_org: FakeOrg,
     tmp_path: Path,
+    cli: Cli,
     site: str,
 ) -> None:
     sf_org.api_used = 42
@@ -65,7 +72,7 @@ def test_all_parts_configured_and_working(
         "SFRELAY_DATABASE_URL": f"sqlite:///{database}",
         **jwt_env(sf_server),
     }
-    text = check(tmp_path, env)
+    text = cli(env, "check")
     assert text.returncode == 0, text.stdout + text.stderr
     parts = lines(text.stdout)
     assert list(parts) == ["redis", "drupal", "salesforce"]
@@ -79,7 +86,7 @@ def test_all_parts_configured_and_working(
         "Contact, Lead, "
     )
 
-    as_json = check(tmp_path, env, "--json")
+    as_json = cli(env, "check", "--json")
     assert as_json.returncode == 0
     report = orjson.loads(as_json.stdout)
     assert report["ok"] is True
@@ -96,9 +103,9 @@ def test_all_parts_configured_and_working(
 
 
 def test_parts_not_configured_are_not_failures(
-    redis_server: RedisServer, sf_org: FakeOrg, tmp_path: Path
+    redis_server: RedisServer, sf_org: FakeOrg, tmp_path: Path, cli: Cli
 ) -> None:
-    text = check(tmp_path, {"SFRELAY_REDIS_URL": redis_server.url})
+    text = check_subprocess(tmp_path, {"SFRELAY_REDIS_URL": redis_server.url})
     assert text.returncode == 0, text.stdout + text.stderr
     parts = lines(text.stdout)
     assert parts["redis"][0] == "ok"
@@ -107,30 +114,38 @@ def test_parts_not_configured_are_not_failures(
         "SFRELAY_DATABASE_URL is not set: nothing is applied",
     )
     assert parts["salesforce"][0] == "not configured"
-    report = orjson.loads(check(tmp_path, {"SFRELAY_REDIS_URL": redis_server.url}, "--json").stdout)
+    report = orjson.loads(cli({"SFRELAY_REDIS_URL": redis_server.url}, "check", "--json").stdout)
     assert report["ok"] is True
     assert report["parts"]["salesforce"]["status"] == "not configured"
     assert sf_org.connects == []
 
 
 def test_an_unreadable_mapped_field_fails_the_check(
-    redis_server: RedisServer, sf_server: SalesforceServer, sf_org: FakeOrg, tmp_path: Path
+    redis_server: RedisServer,
+    sf_server: SalesforceServer,
+    sf_org: FakeOrg,
+    tmp_path: Path,
+    cli: Cli,
 ) -> None:
     del sf_org.fields["Lead"]["LastName"]
     env = {"SFRELAY_REDIS_URL": redis_server.url, **jwt_env(sf_server)}
-    text = check(tmp_path, env)
+    text = cli(env, "check")
     assert text.returncode == 1
     parts = lines(text.stdout)
     assert parts["redis"][0] == "ok"
     assert parts["salesforce"][0] == "failed"
     assert "but Lead: cannot read LastName (fix SFRELAY_FIELD_MAP" in parts["salesforce"][1]
-    report = orjson.loads(check(tmp_path, env, "--json").stdout)
+    report = orjson.loads(cli(env, "check", "--json").stdout)
     assert report["ok"] is False
     assert report["parts"]["salesforce"]["unreadable_fields"] == {"Lead": ["LastName"]}
 
 
 def test_a_refused_salesforce_login_fails_without_showing_secrets(
-    redis_server: RedisServer, sf_server: SalesforceServer, sf_org: FakeOrg, tmp_path: Path
+    redis_server: RedisServer,
+    sf_server: SalesforceServer,
+    sf_org: FakeOrg,
+    tmp_path: Path,
+    cli: Cli,
 ) -> None:
     env = {
         "SFRELAY_REDIS_URL": redis_server.url,
@@ -141,7 +156,7 @@ def test_a_refused_salesforce_login_fails_without_showing_secrets(
         "SFRELAY_SF_CONSUMER_KEY": sfserver.CONSUMER_KEY,
         "SFRELAY_SF_CONSUMER_SECRET": sfserver.CONSUMER_SECRET,
     }
-    text = check(tmp_path, env)
+    text = cli(env, "check")
     assert text.returncode == 1
     status, detail = lines(text.stdout)["salesforce"]
     assert status == "failed"
@@ -149,16 +164,18 @@ def test_a_refused_salesforce_login_fails_without_showing_secrets(
         "Salesforce refused the login (oauth-password at login.salesforce.com): invalid_grant"
     )
     for secret in ("wrong-Pa55", sfserver.SECURITY_TOKEN, sfserver.CONSUMER_SECRET):
-        assert secret not in text.stdout + text.stderr
+        assert secret not in text.stdout + text.stderr + text.log
     assert sf_org.api_used == 0
 
 
-def test_unreachable_redis_and_missing_database_fail(sf_org: FakeOrg, tmp_path: Path) -> None:
+def test_unreachable_redis_and_missing_database_fail(
+    sf_org: FakeOrg, tmp_path: Path, cli: Cli
+) -> None:
     env = {
         "SFRELAY_REDIS_URL": f"redis://:hunter2@127.0.0.1:{free_port()}/0",
         "SFRELAY_DATABASE_URL": f"sqlite:///{tmp_path / 'missing.sqlite'}",
     }
-    text = check(tmp_path, env)
+    text = cli(env, "check")
     assert text.returncode == 1
     parts = lines(text.stdout)
     assert parts["redis"][0] == "failed"
@@ -168,5 +185,5 @@ def test_unreachable_redis_and_missing_database_fail(sf_org: FakeOrg, tmp_path: 
         f"no Drupal SQLite database at {tmp_path / 'missing.sqlite'}: set SFRELAY_DATABASE_URL "
         "to your site's file (sqlite:///path/to/sites/default/files/.ht.sqlite)",
     )
-    assert "hunter2" not in text.stdout + text.stderr
+    assert "hunter2" not in text.stdout + text.stderr + text.log
     assert not (tmp_path / "missing.sqlite").exists()

@@ -1,4 +1,7 @@
-"""The receiver-side commands, run as a user runs them: `sfrelay serve`, `send`, `queue stats`."""
+"""The receiver-side commands: `sfrelay serve`, `send`, `queue stats`.
+
+Through `app.cli.main` in this process (the `cli` fixture); one real `sfrelay` subprocess per
+command shows the command line itself works."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import pytest
 
 from app.config import Settings
 from app.main import create_app
-from tests.conftest import shared_message
+from tests.conftest import Cli, shared_message
 from tests.messages import contact, outbound_message
 from tests.servers import RedisServer, UvicornThread, free_port, wait_for_port
 
@@ -45,6 +48,7 @@ def server(settings: Settings) -> Iterator[UvicornThread]:
 def test_send_prints_the_ack_and_exits_zero(
     server: UvicornThread, redis_server: RedisServer, tmp_path: Path
 ) -> None:
+    """`send` and `queue stats` as a user runs them: subprocesses."""
     message = tmp_path / "message.xml"
     message.write_bytes(outbound_message([contact(Email="a@example.org")]))
     url = f"{server.url}/salesforce/outbound-message"
@@ -62,38 +66,38 @@ def test_send_prints_the_ack_and_exits_zero(
     }
 
 
-def test_send_reads_stdin_and_exits_nonzero_on_a_fault(server: UvicornThread) -> None:
+def test_send_reads_stdin_and_exits_nonzero_on_a_fault(server: UvicornThread, cli: Cli) -> None:
     url = f"{server.url}/salesforce/outbound-message"
     body = shared_message("aspnet_AspNetWebHooks__OutboundMessage2.xml")
-    result = run(["send", "-", "--url", url], {}, stdin=body)
+    result = cli({}, "send", "-", "--url", url, stdin=body)
     assert result.returncode == 1
     assert "<faultstring>the message has no OrganizationId</faultstring>" in result.stdout
 
 
-def test_send_says_what_to_do_when_nothing_listens(tmp_path: Path) -> None:
+def test_send_says_what_to_do_when_nothing_listens(tmp_path: Path, cli: Cli) -> None:
     message = tmp_path / "m.xml"
     message.write_bytes(b"<x/>")
     url = f"http://127.0.0.1:{free_port()}/salesforce/outbound-message"
-    result = run(["send", str(message), "--url", url], {})
+    result = cli({}, "send", str(message), "--url", url)
     assert result.returncode == 2
     assert "is `sfrelay serve` running?" in result.stderr
 
 
-def test_queue_stats_says_what_to_do_when_redis_is_down() -> None:
-    result = run(["queue", "stats"], {"SFRELAY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+def test_queue_stats_says_what_to_do_when_redis_is_down(cli: Cli) -> None:
+    result = cli({"SFRELAY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, "queue", "stats")
     assert result.returncode == 2
     assert "check SFRELAY_REDIS_URL" in result.stderr
 
 
-def test_serve_refuses_to_start_without_org_ids() -> None:
-    result = run(["serve"], {"SFRELAY_ENV": "production"})
+def test_serve_refuses_to_start_without_org_ids(cli: Cli) -> None:
+    result = cli({"SFRELAY_ENV": "production"}, "serve")
     assert result.returncode == 2
     assert "SFRELAY_ORG_IDS is not set" in result.stderr
 
 
-def test_serve_refuses_a_placeholder_token() -> None:
+def test_serve_refuses_a_placeholder_token(cli: Cli) -> None:
     env = {"SFRELAY_ORG_IDS": "00D1I000003qqqEUAQ", "SFRELAY_ENDPOINT_TOKEN": "changeme"}
-    result = run(["serve"], env)
+    result = cli(env, "serve")
     assert result.returncode == 2
     assert "SFRELAY_ENDPOINT_TOKEN is a placeholder" in result.stderr
 

@@ -1,4 +1,7 @@
-"""`sfrelay worker` and `sfrelay dead list|replay` as real subprocesses."""
+"""`sfrelay worker`, `sfrelay dead list|replay` and `queue stats` with a database.
+
+Through `app.cli.main` in this process (the `cli` fixture); one real `sfrelay` subprocess per
+command (`worker`, `dead`) shows the command line itself works."""
 
 from __future__ import annotations
 
@@ -12,13 +15,14 @@ import redis
 from app import dead
 from app.config import Settings
 from app.dead import DeadLetter
-from app.jobs import ApplyJob, JobNotification, Source
+from app.jobs import JobNotification
 from app.jobs import read as read_job
 from app.queue import DEAD_KEY, JOB_KEY_PREFIX, SEEN_PREFIX
 from app.sfid import canonical_id
 from app.sync import Syncer
+from tests.conftest import Cli
+from tests.factories import ORG_ID, apply_job, contact_json, sf_id
 from tests.fixtures_worker import PROJECT, settings_env
-from tests.messages import ORG_ID, sf_id
 
 
 def sfrelay(settings: Settings, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -34,11 +38,9 @@ def sfrelay(settings: Settings, cwd: Path, *args: str) -> subprocess.CompletedPr
 
 async def add_dead_letter(settings: Settings, number: int) -> int:
     syncer = await Syncer.open(settings)  # a worker's start-up creates the table
-    job = ApplyJob(canonical_id(ORG_ID), Source.OUTBOUND_MESSAGE, 1_700_000_000.0, (), "04k")
-    notification = JobNotification(
-        sf_id("04l", number),
-        "Contact",
-        {"Id": sf_id("003", number), "Email": f"dead{number}@example.org"},
+    job = apply_job([], received_at=1_700_000_000.0, org_id=canonical_id(ORG_ID), action_id="04k")
+    notification = JobNotification.from_json(
+        contact_json(number, email=f"dead{number}@example.org")
     )
     try:
         async with syncer.engine.begin() as conn:
@@ -48,7 +50,7 @@ async def add_dead_letter(settings: Settings, number: int) -> int:
 
 
 async def test_dead_list_and_replay_by_id(
-    worker_settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    worker_settings: Settings, redis_client: redis.Redis, tmp_path: Path, cli: Cli
 ) -> None:
     first = await add_dead_letter(worker_settings, 1)
     second = await add_dead_letter(worker_settings, 2)
@@ -60,11 +62,12 @@ async def test_dead_list_and_replay_by_id(
         (str(first), "database", "boom", 5),
         (str(second), "database", "boom", 5),
     ]
-    table = sfrelay(worker_settings, tmp_path, "dead", "list").stdout.splitlines()
+    env = settings_env(worker_settings)
+    table = cli(env, "dead", "list").stdout.splitlines()
     assert table[0].split()[:4] == ["ID", "NOTIFICATION", "RECORD", "TRIES"]
     assert table[1].split()[:4] == [str(first), sf_id("04l", 1), sf_id("003", 1), "5"]
 
-    replayed = sfrelay(worker_settings, tmp_path, "dead", "replay", str(second))
+    replayed = cli(env, "dead", "replay", str(second))
     assert replayed.returncode == 0, replayed.stderr
     assert replayed.stdout == "replayed 1 dead letters as 1 jobs\n"
     assert "replayed 1/1" in replayed.stderr
@@ -74,26 +77,24 @@ async def test_dead_list_and_replay_by_id(
     assert [n.fields["Email"] for n in job.notifications] == ["dead2@example.org"]
     assert job.notifications[0].first_seen == 1_700_000_000.0
 
-    left = orjson.loads(sfrelay(worker_settings, tmp_path, "dead", "list", "--json").stdout)
+    left = orjson.loads(cli(env, "dead", "list", "--json").stdout)
     assert [d["id"] for d in left] == [str(first)]
 
 
-def test_dead_replay_says_what_to_give(worker_settings: Settings, tmp_path: Path) -> None:
-    nothing = sfrelay(worker_settings, tmp_path, "dead", "replay")
+def test_dead_replay_says_what_to_give(worker_settings: Settings, cli: Cli) -> None:
+    nothing = cli(settings_env(worker_settings), "dead", "replay")
     assert nothing.returncode == 2
     assert nothing.stderr == (
         "sfrelay: name the dead letters to replay (IDs from `sfrelay dead list`) or --all\n"
     )
-    unknown = sfrelay(worker_settings, tmp_path, "dead", "replay", "999")
+    unknown = cli(settings_env(worker_settings), "dead", "replay", "999")
     assert unknown.returncode == 1
     assert unknown.stderr == "not replayed 999: no such dead letter (see `sfrelay dead list`)\n"
 
 
-def test_dead_list_with_nothing_dead(
-    worker_settings: Settings, tmp_path: Path, drupal_db: Path
-) -> None:
+def test_dead_list_with_nothing_dead(worker_settings: Settings, drupal_db: Path, cli: Cli) -> None:
     before = drupal_db.read_bytes()
-    listed = sfrelay(worker_settings, tmp_path, "dead", "list")
+    listed = cli(settings_env(worker_settings), "dead", "list")
     assert (listed.returncode, listed.stdout) == (0, "no dead letters\n")
     # Read-only: no worker has created sfrelay's tables yet, and listing does not either.
     assert drupal_db.read_bytes() == before
@@ -110,6 +111,8 @@ def test_worker_burst_on_an_empty_queue_exits_zero(
 def test_worker_says_what_to_do_when_the_database_is_wrong(
     worker_settings: Settings, tmp_path: Path
 ) -> None:
+    # A subprocess: arq installs its signal handlers before the database is opened, which
+    # only the main thread of a process may do.
     wrong = worker_settings.model_copy(update={"database_url": "oracle://db/drupal"})
     failed = sfrelay(wrong, tmp_path, "worker", "--burst")
     assert failed.returncode == 2
@@ -120,17 +123,17 @@ def test_worker_says_what_to_do_when_the_database_is_wrong(
 
 
 async def test_queue_stats_counts_the_database_dead_letters_too(
-    worker_settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    worker_settings: Settings, redis_client: redis.Redis, tmp_path: Path, cli: Cli
 ) -> None:
     redis_client.hset(DEAD_KEY, f"{SEEN_PREFIX}x:04l000000000001AAA", b'{"reason": "no Id"}')
     await add_dead_letter(worker_settings, 1)
     await add_dead_letter(worker_settings, 2)
-    stats = sfrelay(worker_settings, tmp_path, "queue", "stats", "--json")
+    stats = cli(settings_env(worker_settings), "queue", "stats", "--json")
     assert stats.returncode == 0, stats.stderr
     assert orjson.loads(stats.stdout)["dead"] == 3
     assert stats.stderr == ""
     # Without a usable database, it says so and counts what Redis holds.
     elsewhere = worker_settings.model_copy(update={"database_url": f"sqlite:///{tmp_path}/x.db"})
-    stats = sfrelay(elsewhere, tmp_path, "queue", "stats", "--json")
+    stats = cli(settings_env(elsewhere), "queue", "stats", "--json")
     assert orjson.loads(stats.stdout)["dead"] == 1
     assert "dead counts only Redis's dead letters: no Drupal SQLite database at" in stats.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,8 @@ from app.jobs import read as read_job
 from app.main import create_app
 from app.queue import DEFAULT_QUEUE, JOB_KEY_PREFIX, STATS_KEY
 from tests.conftest import SHARED_WSDLS
-from tests.messages import ORG_ID, contact, outbound_message, sf_id
+from tests.factories import ORG_ID, sf_id
+from tests.messages import contact, outbound_message
 from tests.servers import RedisServer, UvicornThread, free_port
 
 BINDING = "{http://soap.sforce.com/2005/09/outbound}NotificationBinding"
@@ -137,7 +137,7 @@ def test_a_fault_reaches_zeep_as_a_fault(server: UvicornThread, redis_client: re
     assert redis_client.dbsize() == 0
 
 
-def test_hostile_bodies_are_refused_fast_and_the_server_stays_responsive(
+def test_hostile_bodies_are_refused_and_the_server_stays_responsive(
     server: UvicornThread, redis_client: redis.Redis
 ) -> None:
     hostile = {
@@ -152,13 +152,14 @@ def test_hostile_bodies_are_refused_fast_and_the_server_stays_responsive(
         "deep nesting": b"<a>" * 200_000 + b"</a>" * 200_000,
         "oversize": b"<a>" + b"x" * (9 * 1024 * 1024) + b"</a>",
     }
+    # How fast they are refused is measured by the benchmarks (python -m tests.bench receiver);
+    # here: each refused with its own status, nothing stored, /healthz answered after each.
+    expected = {"xxe": 400, "billion laughs": 400, "deep nesting": 400, "oversize": 413}
     with httpx.Client(timeout=10) as http:
         for name, body in hostile.items():
-            started = time.perf_counter()
             response = http.post(endpoint(server), content=body, headers=XML)
-            elapsed = time.perf_counter() - started
-            assert response.status_code in (400, 413), name
-            assert elapsed < 2.0, f"{name} took {elapsed:.2f} s"
+            assert response.status_code == expected[name], name
+            assert redis_client.dbsize() == 0, name
             assert http.get(f"{server.url}/healthz").status_code == 200
     assert redis_client.dbsize() == 0
 

@@ -15,6 +15,7 @@ import zeep
 from app.config import DEFAULT_WSDL_DIR, Settings
 from app.main import create_app
 from app.receiver import ENDPOINT
+from tests.factories import ORG_ID, sf_id
 from tests.fixtures_worker import (
     PROJECT,
     WorkerProcess,
@@ -22,7 +23,7 @@ from tests.fixtures_worker import (
     drupal_users,
     settings_env,
 )
-from tests.messages import ORG_ID, contact, lead, outbound_message, sf_id
+from tests.messages import contact, lead, outbound_message
 from tests.servers import UvicornThread
 
 BINDING = "{http://soap.sforce.com/2005/09/outbound}NotificationBinding"

@@ -13,7 +13,7 @@ from app.errors import RetryableError
 from app.jobs import JobNotification
 from app.outcomes import Outcome, OutcomeKind
 from app.sync import Syncer
-from tests.drupal_rows import note, sf
+from tests.factories import new_contacts
 from workers.group_commit import GroupCommit
 
 
@@ -39,14 +39,10 @@ async def syncer(drupal_db: Path) -> AsyncIterator[Syncer]:
     await syncer.close()
 
 
-def job(first: int, count: int) -> list[JobNotification]:
-    return [note(sf(n), f"user{n}@example.org", "U", str(n)) for n in range(first, first + count)]
-
-
 async def test_concurrent_jobs_share_calls_of_whole_jobs_up_to_the_size(syncer: Syncer) -> None:
     recorder = Recorder(syncer)
     group = GroupCommit(recorder.apply, max_notifications=4)
-    jobs = [job(1, 2), job(3, 2), job(5, 2)]
+    jobs = [new_contacts(1, 2), new_contacts(3, 2), new_contacts(5, 2)]
     results = await asyncio.gather(*(group.apply(j) for j in jobs))
     # Jobs started together join one call; the third would exceed 4 and waits for the next.
     assert recorder.calls == [4, 2]
@@ -58,7 +54,7 @@ async def test_concurrent_jobs_share_calls_of_whole_jobs_up_to_the_size(syncer: 
 async def test_a_job_larger_than_the_size_is_never_split(syncer: Syncer) -> None:
     recorder = Recorder(syncer)
     group = GroupCommit(recorder.apply, max_notifications=2)
-    outcomes = await group.apply(job(1, 5))
+    outcomes = await group.apply(new_contacts(1, 5))
     assert recorder.calls == [5]
     assert len(outcomes) == 5
 
@@ -66,7 +62,7 @@ async def test_a_job_larger_than_the_size_is_never_split(syncer: Syncer) -> None
 async def test_a_bug_in_a_shared_call_fails_only_the_job_that_causes_it(syncer: Syncer) -> None:
     recorder = Recorder(syncer, refuse="user3@example.org")
     group = GroupCommit(recorder.apply, max_notifications=10)
-    good, bad = job(1, 2), job(3, 2)
+    good, bad = new_contacts(1, 2), new_contacts(3, 2)
     results = await asyncio.gather(group.apply(good), group.apply(bad), return_exceptions=True)
     # The shared call fails; each job is then applied alone.
     assert recorder.calls == [4, 2, 2]
@@ -80,7 +76,7 @@ async def test_a_retryable_error_fails_every_job_of_the_call() -> None:
 
     group = GroupCommit(locked, max_notifications=10)
     results = await asyncio.gather(
-        group.apply(job(1, 1)), group.apply(job(2, 1)), return_exceptions=True
+        group.apply(new_contacts(1, 1)), group.apply(new_contacts(2, 1)), return_exceptions=True
     )
     assert [type(r) for r in results] == [RetryableError, RetryableError]
     await group.wait_idle()

@@ -30,7 +30,8 @@ from app.soap import parse_message
 from app.wsdl import load_contract
 from tests import test_receiver
 from tests.conftest import shared_message
-from tests.messages import ORG_ID, Record, contact, lead, outbound_message, sf_id
+from tests.factories import ORG_ID, sf_id
+from tests.messages import Record, contact, lead, outbound_message
 from tests.test_receiver import ACK_TEXT, URL, XML, ClientFactory, queued_jobs_notifications
 
 make_client = test_receiver.make_client  # the in-process app + httpx client fixture

@@ -10,10 +10,9 @@ import pytest
 from redis.asyncio import Redis
 
 from app.config import Settings
-from app.jobs import JobNotification
 from app.sync import Syncer
+from tests.factories import note, sf
 from tests.fixtures_worker import drupal_users
-from tests.test_worker import contact
 from workers.group_commit import GroupCommit, WriterBusy
 from workers.lease import WriterLease, database_key
 
@@ -65,15 +64,11 @@ async def test_a_job_that_only_waited_for_the_turn_is_writer_busy_and_nothing_ra
     batch = GroupCommit(syncer.apply, 100, mine.turn)
     deadline = asyncio.get_running_loop().time() + 0.3
     with pytest.raises(WriterBusy):
-        await batch.apply(
-            [JobNotification.from_json(contact(1, email="ada@example.org"))], deadline=deadline
-        )
+        await batch.apply([note(sf(1), "ada@example.org")], deadline=deadline)
     await other.__aexit__(None, None, None)
     await batch.wait_idle()
     assert drupal_users(drupal_db) == []  # the job left before its batch began
     # Once the turn is free, the next job runs at once.
-    (outcome,) = await batch.apply(
-        [JobNotification.from_json(contact(2, email="grace@example.org"))]
-    )
+    (outcome,) = await batch.apply([note(sf(2), "grace@example.org")])
     assert outcome.kind == "created"
     await syncer.close()

@@ -14,7 +14,7 @@ from app.outcomes import Outcome, OutcomeKind
 from app.plan import Plan, Planner
 from app.records import to_record
 from app.sync import Syncer
-from tests.drupal_rows import note, sf
+from tests.factories import note, sf
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ from app.queue import (
 )
 from app.sfid import canonical_id
 from tests.conftest import shared_message
-from tests.messages import ORG_ID, Record, contact, outbound_message
+from tests.factories import ORG_ID
+from tests.messages import Record, contact, outbound_message
 from tests.servers import RedisServer, free_port
 
 URL = "/salesforce/outbound-message"

@@ -26,8 +26,8 @@ from app.records import to_record
 from app.salesforce import SalesforceApi, SalesforceClient
 from app.salesforce.soql import IDS_PER_QUERY
 from tests import sfserver
+from tests.factories import sf_id
 from tests.fixtures_salesforce import sf_settings
-from tests.messages import sf_id
 from tests.sfserver import FakeOrg, SalesforceServer
 
 FLOWS = ["jwt-bearer", "client-credentials", "oauth-password", "soap-login"]

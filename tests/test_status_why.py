@@ -24,13 +24,13 @@ from app import dead
 from app.cli import main
 from app.config import Settings
 from app.dead import DeadLetter
-from app.jobs import ApplyJob, JobNotification, Source
 from app.main import create_app
 from app.queue import DEAD_KEY, JOB_KEY_PREFIX, RATE_PREFIX, SEEN_PREFIX, enqueue_apply
 from app.sfid import to18
 from app.sync import Syncer
+from tests.factories import ORG_ID, apply_job, contact_json, sf_id
 from tests.fixtures_worker import WorkerProcess, run_worker
-from tests.messages import ORG_ID, contact, outbound_message, sf_id
+from tests.messages import contact, outbound_message
 from tests.servers import free_port
 from tests.test_cli_worker import sfrelay
 
@@ -41,31 +41,6 @@ TWIN = sf_id("003", 3)  # Ada's email in another Contact
 DEAD_DB = sf_id("003", 4)
 DEAD_REDIS = sf_id("003", 5)
 UNKNOWN = sf_id("003", 99)
-
-
-def notification(
-    number: int, record: str, *, email: str | None = None, modified: str = "2026-11-20T10:00:00Z"
-) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "Id": record,
-        "FirstName": "Ada",
-        "LastName": "Byron",
-        "LastModifiedDate": modified,
-        "SystemModstamp": modified,
-    }
-    if email is not None:
-        fields["Email"] = email
-    return {"id": sf_id("04l", number), "object": "Contact", "fields": fields}
-
-
-def job(*notifications: dict[str, Any]) -> ApplyJob:
-    return ApplyJob(
-        ORG_ID,
-        Source.OUTBOUND_MESSAGE,
-        RECEIVED_AT,
-        tuple(JobNotification.from_json(n) for n in notifications),
-        sf_id("04k", 1),
-    )
 
 
 def utc(epoch: float) -> str:
@@ -97,34 +72,43 @@ async def _sync(settings: Settings) -> tuple[str, float, int]:
         await enqueue_apply(
             client,
             settings.queue_name,
-            job(
-                notification(1, ADA, email="Ada@Example.org"),
-                notification(2, NO_MAIL),
-                notification(3, TWIN, email="ada@example.org"),
+            apply_job(
+                [
+                    contact_json(1, ADA, email="Ada@Example.org"),
+                    contact_json(2, NO_MAIL),
+                    contact_json(3, TWIN, email="ada@example.org"),
+                ],
+                received_at=RECEIVED_AT,
             ),
             job_ttl_s=settings.job_ttl_seconds,
         )
         await run_worker(settings)
         # 2: a newer version of Ada updates her user.
-        newer = notification(11, ADA, email="Ada@Example.org", modified="2026-11-21T10:00:00Z")
+        newer = contact_json(11, ADA, email="Ada@Example.org", modified="2026-11-21T10:00:00Z")
         await enqueue_apply(
-            client, settings.queue_name, job(newer), job_ttl_s=settings.job_ttl_seconds
+            client,
+            settings.queue_name,
+            apply_job([newer], received_at=RECEIVED_AT),
+            job_ttl_s=settings.job_ttl_seconds,
         )
         await run_worker(settings)
         # 3: queued, not applied: a new version of the Contact without an email.
-        again = notification(12, NO_MAIL, modified="2026-11-22T10:00:00Z")
+        again = contact_json(12, NO_MAIL, modified="2026-11-22T10:00:00Z")
         await enqueue_apply(
-            client, settings.queue_name, job(again), job_ttl_s=settings.job_ttl_seconds
+            client,
+            settings.queue_name,
+            apply_job([again], received_at=RECEIVED_AT),
+            job_ttl_s=settings.job_ttl_seconds,
         )
         [(queued_job, score)] = await client.zrange(settings.queue_name, 0, -1, withscores=True)
         # Dead: one kept by a worker in the database, one refused by the receiver (Redis).
         dead_row = await add_database_dead_letter(
             settings,
-            notification(4, DEAD_DB, email="dead4@example.org"),
+            contact_json(4, DEAD_DB, email="dead4@example.org"),
             "boom for dead4@example.org",
         )
         refused = DeadLetter(
-            job=ApplyJob(ORG_ID, Source.OUTBOUND_MESSAGE, RECEIVED_AT, (), sf_id("04k", 1)),
+            job=apply_job([], received_at=RECEIVED_AT),
             reason="LastModifiedDate is not a dateTime",
             notification_id=sf_id("04l", 5),
             record_id=DEAD_REDIS,
@@ -457,7 +441,7 @@ def test_status_one_screen(
     )
     asyncio.run(
         add_database_dead_letter(
-            worker_settings, notification(40, DEAD_DB, email="d@example.org"), "boom"
+            worker_settings, contact_json(40, DEAD_DB, email="d@example.org"), "boom"
         )
     )
     before = fingerprint(drupal_db, redis_client)
@@ -516,7 +500,7 @@ async def add_database_dead_letter(
     """A worker's dead letter in the database (its tables created as a worker does)."""
     syncer = await Syncer.open(settings)
     try:
-        applied = job(one)
+        applied = apply_job([one], received_at=RECEIVED_AT)
         letter = DeadLetter.of(applied, applied.notifications[0], reason, attempts)
         async with syncer.engine.begin() as conn:
             return await dead.add(conn, letter)
@@ -531,9 +515,12 @@ def test_status_reads_a_sample_not_every_job(
         client: Redis = Redis.from_url(worker_settings.redis_url)
         async with client.pipeline(transaction=False) as pipe:
             for n in range(300):
-                one = job(
-                    notification(2 * n, sf_id("003", 2 * n)),
-                    notification(2 * n + 1, sf_id("003", 2 * n + 1)),
+                one = apply_job(
+                    [
+                        contact_json(2 * n, sf_id("003", 2 * n)),
+                        contact_json(2 * n + 1, sf_id("003", 2 * n + 1)),
+                    ],
+                    received_at=RECEIVED_AT,
                 )
                 pipe.set(f"{JOB_KEY_PREFIX}j{n}", one.serialize(0))
                 pipe.zadd(worker_settings.queue_name, {f"j{n}": 1_000 + n})

@@ -19,8 +19,9 @@ from app.config import Settings
 from app.drupal.engine import create_engine
 from app.errors import RetryableError
 from app.sync import Syncer
-from tests.drupal_rows import note, open_syncer, sf, uids_with_mail, user_ids
+from tests.drupal_rows import open_syncer, uids_with_mail, user_ids
 from tests.drupal_schemas import site_copy
+from tests.factories import note, sf
 from tests.fixtures_db import SITES, DrupalSite, Server
 
 POISON = "poison@example.org"

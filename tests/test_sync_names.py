@@ -22,7 +22,8 @@ from app.jobs import JobNotification
 from app.records import clean_name
 from app.sync import Outcome, Syncer
 from tests import drupal_schemas
-from tests.drupal_rows import note, open_syncer, sf
+from tests.drupal_rows import open_syncer
+from tests.factories import note, sf
 from tests.fixtures_db import SITES, DrupalSite, Server
 
 # Spellings one Drupal database or another takes for one username.

@@ -8,7 +8,6 @@ as they were.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -23,12 +22,12 @@ from tests.drupal_rows import (
     field_values,
     give_role,
     grant_permissions,
-    note,
+    ledger_history,
     open_syncer,
-    sf,
     user_ids,
     user_rows,
 )
+from tests.factories import note, sf
 from tests.fixtures_db import DrupalSite
 
 DEFAULT_MAP = (Path(__file__).parent.parent / "app" / "fieldmap.default.toml").read_text()
@@ -49,11 +48,6 @@ async def admin_role(site: DrupalSite) -> str:
     return "administrator"
 
 
-async def history(site: DrupalSite, sf_id: str) -> tuple[int | None, str]:
-    (row,) = await site.rows("SELECT uid, history FROM sfrelay_record WHERE sf_id = :s", s=sf_id)
-    return row["uid"], row["history"]
-
-
 async def test_admin_takeover_sequence(drupal_site: DrupalSite, tmp_path: Path) -> None:
     site = drupal_site
     admin = await user_rows(site, 1)
@@ -67,8 +61,9 @@ async def test_admin_takeover_sequence(drupal_site: DrupalSite, tmp_path: Path) 
     ]
     assert await user_rows(site, 1) == admin
     assert await user_ids(site) == users
-    uid, entries = await history(site, sf(7))
-    assert uid is None and '"o":"conflict_protected_user","d":"uid 1"' in entries
+    uid, entries = await ledger_history(site, sf(7))
+    assert uid is None
+    assert [(e["o"], e["d"]) for e in entries] == [("conflict_protected_user", "uid 1")]
     # 2. Its Email edited: a new user of its own; uid 1's mail, name and fields untouched.
     edit = note(sf(7), "eve@evil.example", "Eve", "Attacker", minutes=1)
     (created,) = await syncer.apply([edit])
@@ -88,8 +83,11 @@ async def test_admin_takeover_sequence(drupal_site: DrupalSite, tmp_path: Path) 
     assert await user_rows(site, 1) == admin
     assert await user_rows(site, 0) == anonymous
     assert await user_ids(site) == [*users, created.uid]
-    uid, entries = await history(site, sf(8))
-    assert uid == 1 and entries.count('"o":"conflict_protected_user"') == 2
+    uid, entries = await ledger_history(site, sf(8))
+    assert uid == 1
+    assert [(e["o"], e["uid"], e["d"]) for e in entries] == [
+        ("conflict_protected_user", 1, "uid 1")
+    ] * 2
 
 
 async def test_admin_role_and_administer_users_holders_are_never_linked(
@@ -162,8 +160,8 @@ async def test_a_role_made_protected_after_linking_takes_effect_at_the_next_noti
     for uid in (promoted, editor):
         assert await user_rows(site, uid) == before[uid], uid
     for sf_id, uid, held in ((sf(1), promoted, role), (sf(2), editor, "editor")):
-        mapped, entries = await history(site, sf_id)
-        last = json.loads(entries)[-1]
+        mapped, entries = await ledger_history(site, sf_id)
+        last = entries[-1]
         assert mapped == uid  # the mapping stays; nothing is written while it is protected
         assert (last["o"], last["uid"], last["d"]) == (
             "conflict_protected_user",

@@ -26,39 +26,9 @@ from app.queue import (
     STATS_KEY,
     enqueue_apply,
 )
+from tests.factories import ORG_ID, apply_job, contact_json, sf_id
 from tests.fixtures_worker import drupal_users, run_worker
-from tests.messages import ORG_ID, sf_id
 from workers.tasks import INTERRUPTED_TRIES, backoff_s
-
-
-def contact(
-    number: int,
-    *,
-    email: str | None = None,
-    first: str = "Ada",
-    last: str = "Byron",
-    modified: str = "2026-11-20T10:00:00.000Z",
-) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "Id": sf_id("003", number),
-        "FirstName": first,
-        "LastName": last,
-        "LastModifiedDate": modified,
-        "SystemModstamp": modified,
-    }
-    if email is not None:
-        fields["Email"] = email
-    return {"id": sf_id("04l", number), "object": "Contact", "fields": fields}
-
-
-def job(notifications: list[dict[str, Any]]) -> ApplyJob:
-    return ApplyJob(
-        ORG_ID,
-        Source.OUTBOUND_MESSAGE,
-        time.time(),
-        tuple(JobNotification.from_json(n) for n in notifications),
-        sf_id("04k", 1),
-    )
 
 
 @pytest.fixture
@@ -84,11 +54,11 @@ async def test_a_job_becomes_drupal_users_and_outcome_counters(
     worker_settings: Settings, aredis: Redis, redis_client: redis.Redis, drupal_db: Path
 ) -> None:
     notifications = [
-        contact(1, email="ada@example.org"),
-        contact(2, email="grace@example.org", first="Grace", last="Hopper"),
-        contact(3),  # no email: never a user
+        contact_json(1, email="ada@example.org"),
+        contact_json(2, email="grace@example.org", first="Grace", last="Hopper"),
+        contact_json(3),  # no email: never a user
     ]
-    await enqueue(aredis, worker_settings, job(notifications))
+    await enqueue(aredis, worker_settings, apply_job(notifications))
     worker = await run_worker(worker_settings)
     assert (worker.jobs_complete, worker.jobs_failed, worker.jobs_retried) == (1, 0, 0)
     assert drupal_users(drupal_db) == [
@@ -104,7 +74,7 @@ async def test_the_same_job_again_has_no_second_effect(
     worker_settings: Settings, aredis: Redis, redis_client: redis.Redis, drupal_db: Path
 ) -> None:
     # What a worker killed after its commit leaves: the job runs a second time.
-    kwargs = job([contact(n, email=f"user{n}@example.org") for n in range(1, 51)])
+    kwargs = apply_job([contact_json(n, email=f"user{n}@example.org") for n in range(1, 51)])
     await enqueue(aredis, worker_settings, kwargs)
     await run_worker(worker_settings)
     first = drupal_users(drupal_db)
@@ -119,7 +89,7 @@ async def test_concurrent_jobs_are_applied_whole_and_all_of_them(
     worker_settings: Settings, aredis: Redis, redis_client: redis.Redis, drupal_db: Path
 ) -> None:
     jobs = [
-        job([contact(100 * j + n, email=f"j{j}n{n}@example.org") for n in range(100)])
+        apply_job([contact_json(100 * j + n, email=f"j{j}n{n}@example.org") for n in range(100)])
         for j in range(8)
     ]
     await enqueue(aredis, worker_settings.model_copy(update={"worker_batch_size": 250}), *jobs)
@@ -136,7 +106,7 @@ async def test_a_locked_database_is_retried_then_dead_lettered_in_redis_then_rep
 ) -> None:
     settings = worker_settings.model_copy(update={"job_timeout_seconds": 1.5, "max_tries": 2})
     # Due in a moment: the worker opens the database first, then another writer locks it.
-    kwargs = job([contact(1, email="ada@example.org")])
+    kwargs = apply_job([contact_json(1, email="ada@example.org")])
     assert await enqueue_apply(aredis, settings.queue_name, kwargs, job_ttl_s=3600, defer_s=0.5)
     lock = sqlite3.connect(drupal_db, isolation_level=None, check_same_thread=False)
 
@@ -178,7 +148,7 @@ async def test_a_locked_database_is_retried_then_dead_lettered_in_redis_then_rep
 async def test_a_job_interrupted_too_often_is_dead_lettered_not_dropped(
     worker_settings: Settings, aredis: Redis, redis_client: redis.Redis, drupal_db: Path
 ) -> None:
-    await enqueue(aredis, worker_settings, job([contact(1, email="ada@example.org")]))
+    await enqueue(aredis, worker_settings, apply_job([contact_json(1, email="ada@example.org")]))
     [job_id] = list(redis_client.zrange(worker_settings.queue_name, 0, -1))
     # arq counts a try each time a run starts: as if workers died on this job again and again.
     tries = worker_settings.max_tries + INTERRUPTED_TRIES - 1
@@ -229,9 +199,11 @@ async def test_a_redis_dead_letter_from_the_receiver_is_listed_but_not_replayed(
 async def test_a_failed_notification_is_dead_lettered_at_once_beside_applied_ones(
     worker_settings: Settings, aredis: Redis, redis_client: redis.Redis, drupal_db: Path
 ) -> None:
-    broken = contact(2, email="broken@example.org")
+    broken = contact_json(2, email="broken@example.org")
     del broken["fields"]["Id"]
-    await enqueue(aredis, worker_settings, job([contact(1, email="ada@example.org"), broken]))
+    await enqueue(
+        aredis, worker_settings, apply_job([contact_json(1, email="ada@example.org"), broken])
+    )
     worker = await run_worker(worker_settings)
     assert (worker.jobs_complete, worker.jobs_retried) == (1, 0)
     assert [u[2] for u in drupal_users(drupal_db)] == ["ada@example.org"]
@@ -260,7 +232,9 @@ async def test_a_retry_outcome_requeues_only_that_notification_until_max_tries(
             "BEGIN SELECT RAISE(ABORT, 'UNIQUE constraint failed: users_field_data.mail'); END"
         )
     db.close()
-    queued = job([contact(1, email="ada@example.org"), contact(2, email="taken@example.org")])
+    queued = apply_job(
+        [contact_json(1, email="ada@example.org"), contact_json(2, email="taken@example.org")]
+    )
     await enqueue(aredis, worker_settings, queued)
     worker = await run_worker(worker_settings)
     # The message's job, then two follow-up jobs holding only the refused notification.
@@ -295,8 +269,8 @@ async def test_a_job_queued_in_the_untagged_shape_before_version_2_still_applies
             "received_at": now_ms / 1000,
             "types": {"Contact": {"LastModifiedDate": "dateTime", "SystemModstamp": "dateTime"}},
             "notifications": [
-                contact(1, email="ada@example.org"),
-                {**contact(2, email="bob@example.org"), "attempt": 2, "first_seen": 1000.0},
+                contact_json(1, email="ada@example.org"),
+                {**contact_json(2, email="bob@example.org"), "attempt": 2, "first_seen": 1000.0},
             ],
         },
     }
@@ -312,7 +286,11 @@ async def test_dead_letters_stored_before_version_2_are_listed_and_replayed(
     worker_settings: Settings, redis_client: redis.Redis, drupal_db: Path
 ) -> None:
     await run_worker(worker_settings)  # start-up creates the table
-    stored = {**contact(1, email="ada@example.org"), "organization_id": ORG_ID, "action_id": "a"}
+    stored = {
+        **contact_json(1, email="ada@example.org"),
+        "organization_id": ORG_ID,
+        "action_id": "a",
+    }
     with sqlite3.connect(drupal_db) as db:  # a worker's row, as the previous release wrote it
         db.execute(
             "INSERT INTO sfrelay_dead_letter (notification_id, record_id, payload, error, "
@@ -324,7 +302,7 @@ async def test_dead_letters_stored_before_version_2_are_listed_and_replayed(
     fallback = {
         "notification_id": sf_id("04l", 2),
         "record_id": sf_id("003", 2),
-        "notification": {**contact(2, email="bob@example.org"), "organization_id": ORG_ID},
+        "notification": {**contact_json(2, email="bob@example.org"), "organization_id": ORG_ID},
         "error": "bang",
         "attempts": 3,
         "first_seen": 1500.0,
@@ -350,8 +328,10 @@ async def test_a_protected_user_is_counted_never_retried_nor_dead_lettered(
             return db.execute("SELECT * FROM users_field_data WHERE uid = 1").fetchall()
 
     before = admin_row()
-    takeover = contact(1, email="admin@example.com", first="Eve")
-    await enqueue(aredis, worker_settings, job([takeover, contact(2, email="ada@example.org")]))
+    takeover = contact_json(1, email="admin@example.com", first="Eve")
+    await enqueue(
+        aredis, worker_settings, apply_job([takeover, contact_json(2, email="ada@example.org")])
+    )
     worker = await run_worker(worker_settings)
     assert (worker.jobs_complete, worker.jobs_failed, worker.jobs_retried) == (1, 0, 0)
     assert stats(redis_client) == {"outcome:conflict_protected_user": 1, "outcome:created": 1}

@@ -12,8 +12,8 @@ import redis
 from app.config import Settings
 from app.dead import Kept, list_dead_letters, replay_dead_letters
 from app.queue import IN_PROGRESS_KEY_PREFIX, RETRY_KEY_PREFIX
+from tests.factories import sf_id
 from tests.fixtures_worker import WorkerProcess
-from tests.messages import sf_id
 from tests.test_sync_faults import make_read_only, make_writable
 from tests.test_worker_process import emails, enqueue, expected, wait_for
 
@@ -44,7 +44,7 @@ async def test_a_read_only_database_is_retried_and_applied_once_writable_nothing
     make_read_only(drupal_db)
     try:
         for j in range(5):
-            enqueue(redis_client, settings, 100 * j, 100)
+            enqueue(settings, 100 * j, 100)
         wait_for(lambda: retried(redis_client, settings), timeout=60)
         assert emails(drupal_db) == []
     finally:
@@ -69,7 +69,7 @@ async def test_a_dead_letter_of_a_transient_error_is_replayed_to_success(
     worker.wait_ready(redis_client)
     make_read_only(drupal_db)
     try:
-        enqueue(redis_client, settings, 1, 20)
+        enqueue(settings, 1, 20)
         wait_for(lambda: drained(redis_client, settings), timeout=60)
         letters = await list_dead_letters(settings)
     finally:
@@ -111,7 +111,7 @@ def test_two_workers_and_a_poison_record_in_10000_nothing_else_dead(
     for worker in workers:  # the health-check key is shared: each says when it is ready
         wait_for(lambda w=worker: "worker ready" in w.output(), timeout=60)  # type: ignore[misc]
     for j in range(100):
-        enqueue(redis_client, settings, 100 * j, 100)
+        enqueue(settings, 100 * j, 100)
 
     def done() -> bool:
         return drained(redis_client, settings) and bool(asyncio.run(list_dead_letters(settings)))

@@ -2,44 +2,56 @@
 
 from __future__ import annotations
 
-import re
+import asyncio
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import orjson
 import redis
 
 from app.config import Settings
-from app.jobs import ApplyJob, JobNotification, Source
-from app.queue import IN_PROGRESS_KEY_PREFIX, JOB_KEY_PREFIX
+from app.queue import (
+    DEAD_KEY,
+    IN_PROGRESS_KEY_PREFIX,
+    JOB_KEY_PREFIX,
+    RETRY_KEY_PREFIX,
+    enqueue_apply,
+    redis_client,
+)
+from tests.factories import apply_job, new_contacts, sf_id
 from tests.fixtures_worker import PROJECT, WorkerProcess, drupal_users, settings_env
-from tests.messages import ORG_ID, sf_id
+from workers.lease import LEASE_S, database_key
 
 Starter = type[WorkerProcess]
 
 
-def enqueue(
-    client: redis.Redis, settings: Settings, first: int, count: int, defer_s: float = 0
-) -> str:
-    """One job of `count` new Contacts, numbered from `first`, queued as the receiver does."""
-    notifications = [
-        JobNotification(
-            sf_id("04l", n),
-            "Contact",
-            {"Id": sf_id("003", n), "Email": f"user{n}@example.org", "LastName": f"U{n}"},
-        )
-        for n in range(first, first + count)
-    ]
-    job = ApplyJob(ORG_ID, Source.OUTBOUND_MESSAGE, time.time(), tuple(notifications))
+def enqueue(settings: Settings, first: int, count: int, defer_s: float = 0) -> str:
+    """One job of `count` new Contacts, numbered from `first`, queued through the queue's entry."""
     job_id = f"job{first}"
-    now_ms = int(time.time() * 1000)
-    client.set(JOB_KEY_PREFIX + job_id, job.serialize(now_ms))
-    client.zadd(settings.queue_name, {job_id: now_ms + int(defer_s * 1000)})
+
+    async def put() -> bool:
+        client = redis_client(settings)
+        try:
+            return await enqueue_apply(
+                client,
+                settings.queue_name,
+                apply_job(new_contacts(first, count)),
+                job_ttl_s=settings.job_ttl_seconds,
+                defer_s=defer_s,
+                job_id=job_id,
+            )
+        finally:
+            await client.aclose()
+
+    with ThreadPoolExecutor(1) as thread:  # its own event loop, also from an async test
+        assert thread.submit(asyncio.run, put()).result()
     return job_id
 
 
@@ -64,6 +76,14 @@ def write_locked(path: Path) -> Iterator[sqlite3.Connection]:
         lock.close()
 
 
+def ledger_outcomes(path: Path) -> dict[str, list[str]]:
+    """Salesforce Id -> the outcomes in its ledger history, oldest first."""
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT sf_id, history FROM sfrelay_record ORDER BY sf_id").fetchall()
+    db.close()
+    return {sf_id: [entry["o"] for entry in orjson.loads(history)] for sf_id, history in rows}
+
+
 def wait_for(condition: Callable[[], object], timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -84,10 +104,10 @@ def test_memory_guard_exits_zero_and_the_restarted_worker_finishes_the_queue(
     worker = worker_process(settings, tmp_path)
     worker.wait_ready(redis_client)
     for j in range(3):
-        enqueue(redis_client, settings, 10 * j, 10)
+        enqueue(settings, 10 * j, 10)
     # Due only once the first worker has stopped: what a restarted worker must find.
     for j in range(3, 6):
-        enqueue(redis_client, settings, 10 * j, 10, defer_s=3)
+        enqueue(settings, 10 * j, 10, defer_s=3)
     runs = [(worker.wait(30), worker.output())]
     while redis_client.zcard(settings.queue_name) and len(runs) < 5:  # the supervisor
         worker = worker_process(settings, tmp_path)
@@ -109,11 +129,11 @@ def test_sigterm_lets_the_running_job_finish_and_leaves_the_rest_queued(
     worker = worker_process(settings, tmp_path)
     worker.wait_ready(redis_client)
     with write_locked(drupal_db):
-        running = enqueue(redis_client, settings, 1, 5)
+        running = enqueue(settings, 1, 5)
         wait_for(lambda: redis_client.exists(IN_PROGRESS_KEY_PREFIX + running))
         worker.signal(signal.SIGTERM)
         time.sleep(0.3)
-        enqueue(redis_client, settings, 100, 5)  # arrives while the worker stops
+        enqueue(settings, 100, 5)  # arrives while the worker stops
         time.sleep(0.3)
         assert worker.process.poll() is None  # still finishing its job
     assert worker.wait(20) == 0
@@ -130,23 +150,40 @@ def test_sigkill_mid_job_the_next_worker_runs_the_job_again_once(
     drupal_db: Path,
     tmp_path: Path,
 ) -> None:
-    # The job's in-progress mark outlives a killed worker by the job timeout + 10 s (arq).
-    settings = worker_settings.model_copy(update={"job_timeout_seconds": 1})
+    # A job timeout the first try cannot reach while the test holds the lock (it is killed
+    # as soon as the job starts): the job is on its first try when the worker dies.
+    settings = worker_settings.model_copy(update={"job_timeout_seconds": 60})
     first = worker_process(settings, tmp_path)
     first.wait_ready(redis_client)
     with write_locked(drupal_db):
-        job_id = enqueue(redis_client, settings, 1, 5)
-        wait_for(lambda: redis_client.exists(IN_PROGRESS_KEY_PREFIX + job_id))
+        job_id = enqueue(settings, 1, 5)
+        in_progress = IN_PROGRESS_KEY_PREFIX + job_id
+        lease = database_key(settings.database_url)
+        # Killed mid-write: the job has started and holds the writer turn, its batch waiting
+        # on the lock.
+        wait_for(lambda: redis_client.exists(in_progress, lease) == 2)
         first.signal(signal.SIGKILL)
         assert first.wait(10) == -signal.SIGKILL
     assert redis_client.zscore(settings.queue_name, job_id) is not None
+    assert redis_client.get(RETRY_KEY_PREFIX + job_id) == b"1"  # started once, never finished
     assert emails(drupal_db) == []
+    # The killed worker's in-progress mark would expire after the job timeout + 10 s (arq),
+    # its writer lease after LEASE_S: expire both now, as Redis would then.
+    assert 0 < redis_client.pttl(in_progress) <= (60 + 10) * 1000
+    assert 0 < redis_client.pttl(lease) <= LEASE_S * 1000
+    redis_client.delete(in_progress, lease)
     second = worker_process(settings, tmp_path, "--burst")
     assert second.wait(40) == 0
+    # Run again, once: every Contact created once, with one attempt in its history, nothing
+    # dead, nothing left queued, arq's try counter gone with the finished job.
     assert emails(drupal_db) == expected(1, 5)
-    # Try 2, or later if the first worker's batch had already timed out once on the lock.
-    assert re.search(rf"job {job_id} try [2-9]: 5 notifications .* created=5\n", second.output())
+    assert ledger_outcomes(drupal_db) == {sf_id("003", n): ["created"] for n in range(1, 6)}
     assert redis_client.zcard(settings.queue_name) == 0
+    assert not redis_client.exists(RETRY_KEY_PREFIX + job_id, JOB_KEY_PREFIX + job_id)
+    assert redis_client.hlen(DEAD_KEY) == 0
+    with sqlite3.connect(drupal_db) as db:
+        assert db.execute("SELECT count(*) FROM sfrelay_dead_letter").fetchone() == (0,)
+    db.close()
 
 
 def test_arq_health_check_follows_the_running_worker(
