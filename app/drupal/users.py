@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import ARRAY, ColumnElement, Text, and_, bindparam, func, or_, select, text
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    ColumnElement,
+    Integer,
+    Text,
+    and_,
+    bindparam,
+    cast,
+    func,
+    or_,
+    select,
+    text,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import TableClause
 
@@ -299,20 +312,67 @@ class Lookups:
         return taken
 
     async def max_suffixes(self, conn: AsyncConnection, bases: Iterable[str]) -> dict[Key, int]:
+        """The highest n per base, computed by the database (SQLite, PostgreSQL): one number
+        per base comes back, not its names. A 1,000,000-user site has thousands of
+        `John Smith_<n>`: sending them all to Python made each batch's cost grow with the
+        site. A stored name whose case differs in length from the base's (a few Unicode
+        letters) is not counted: a pick that collides with it is caught by taken_names."""
+        eq = self._name
+        if eq.dialect not in ("sqlite", "postgresql"):
+            return await self._max_suffixes_read(conn, bases)
+        keys = await eq.keys(conn, bases)
+        found = dict.fromkeys(keys.values(), 1)
+        for chunk in chunks(sorted(keys), 50):
+            columns = []
+            for i, base in enumerate(chunk):
+                tail = func.substr(eq.column, len(base) + 2)
+                if eq.dialect == "sqlite":
+                    digits = and_(tail != "", tail.op("NOT GLOB")("*[^0-9]*"))
+                    number = cast(tail, Integer)
+                else:
+                    digits = tail.op("~")("^[0-9]{1,18}$")
+                    number = cast(tail, BigInteger)
+                columns.append(
+                    select(func.max(number))
+                    .where(await eq.prefixed(conn, [base], keys), digits, func.length(tail) <= 18)
+                    .scalar_subquery()
+                    .label(f"n{i}")
+                )
+            row = (await conn.execute(select(*columns))).one()
+            for base, n in zip(chunk, row, strict=True):
+                if n is not None:
+                    found[keys[base]] = max(found[keys[base]], int(n))
+        return found
+
+    async def _max_suffixes_read(
+        self, conn: AsyncConnection, bases: Iterable[str]
+    ) -> dict[Key, int]:
+        """MySQL: the names `<base>_...` read over the index, their numbers taken here."""
         eq = self._name
         keys = await eq.keys(conn, bases)
         found = dict.fromkeys(keys.values(), 1)
         names: set[str] = set()
         for chunk in chunks(sorted(keys), 100):
             query = select(eq.column).where(await eq.prefixed(conn, chunk, keys))
-            names.update(name for (name,) in await conn.execute(query))
-        numbered: list[tuple[str, int]] = []
+            names.update(name for (name,) in (await conn.execute(query)).all())
+        numbered = await self._numbered(conn, names)
+        for stem, n in numbered(sorted(names)):
+            if stem in found:
+                found[stem] = max(found[stem], n)
+        return found
+
+    async def _numbered(
+        self, conn: AsyncConnection, names: set[str]
+    ) -> Callable[[list[str]], list[tuple[Key, int]]]:
+        """name -> (its stem's key, n) for the names `<stem>_<n>` among `names`."""
+        split: dict[str, tuple[str, int]] = {}
         for name in names:
             stem, _, number = name.rpartition("_")
             if number.isascii() and number.isdigit():
-                numbered.append((stem, int(number)))
-        stems = await eq.keys(conn, {stem for stem, _ in numbered})
-        for stem, n in numbered:
-            if stems[stem] in found:
-                found[stems[stem]] = max(found[stems[stem]], n)
-        return found
+                split[name] = (stem, int(number))
+        stems = await self._name.keys(conn, {stem for stem, _ in split.values()})
+
+        def numbered(some: list[str]) -> list[tuple[Key, int]]:
+            return [(stems[split[n][0]], split[n][1]) for n in some if n in split]
+
+        return numbered
