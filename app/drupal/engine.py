@@ -34,16 +34,27 @@ def nocase_utf8(a: str, b: str) -> int:
     return (la > lb) - (la < lb)
 
 
+def require_sqlite_file(path: str | None) -> None:
+    """SQLite would create an empty file for a mistyped path; a Drupal site has one already."""
+    if path and not Path(path).is_file():
+        raise ConfigError(
+            f"no Drupal SQLite database at {path}: set SFRELAY_DATABASE_URL to "
+            "your site's file (sqlite:///path/to/sites/default/files/.ht.sqlite)"
+        )
+
+
+def register_nocase_utf8(dbapi_connection: Any) -> None:
+    """Drupal's collation on one aiosqlite connection (aiosqlite has no create_collation:
+    sqlite3's runs on aiosqlite's own thread)."""
+    aio = dbapi_connection.driver_connection
+    await_only(aio._execute(aio._conn.create_collation, "NOCASE_UTF8", nocase_utf8))
+
+
 def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
     parsed = async_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        # SQLite would create an empty file for a mistyped path; a Drupal site has one already.
-        if parsed.database and not Path(parsed.database).is_file():
-            raise ConfigError(
-                f"no Drupal SQLite database at {parsed.database}: set SFRELAY_DATABASE_URL to "
-                "your site's file (sqlite:///path/to/sites/default/files/.ht.sqlite)"
-            )
+        require_sqlite_file(parsed.database)
         engine = create_async_engine(
             parsed,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S},
@@ -67,9 +78,7 @@ def _sqlite_events(engine: AsyncEngine) -> None:
         # pysqlite's implicit BEGIN (deferred, only before DML) breaks read-then-write
         # batches and savepoints: sfrelay emits BEGIN IMMEDIATE itself (below).
         dbapi_connection.isolation_level = None
-        aio = dbapi_connection.driver_connection
-        # aiosqlite has no create_collation: run sqlite3's on aiosqlite's own thread.
-        await_only(aio._execute(aio._conn.create_collation, "NOCASE_UTF8", nocase_utf8))
+        register_nocase_utf8(dbapi_connection)
         # Batches touch index pages all over a big user table; SQLite's default 2 MB page
         # cache re-reads them for every batch. Per connection only: Drupal is unaffected.
         cursor = dbapi_connection.cursor()

@@ -6,17 +6,14 @@ PostgreSQL and MySQL sessions are READ ONLY, so a mistake here fails instead of 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, inspect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
-from sqlalchemy.util import await_only
 
-from app.drupal.engine import nocase_utf8
+from app.drupal.engine import register_nocase_utf8, require_sqlite_file
 from app.drupal.url import async_url
-from app.errors import ConfigError
 
 CONNECT_TIMEOUT_S = 3
 
@@ -26,11 +23,7 @@ def read_engine(url: str) -> AsyncEngine:
     parsed = async_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        if parsed.database and not Path(parsed.database).is_file():
-            raise ConfigError(
-                f"no Drupal SQLite database at {parsed.database}: set SFRELAY_DATABASE_URL to "
-                "your site's file (sqlite:///path/to/sites/default/files/.ht.sqlite)"
-            )
+        require_sqlite_file(parsed.database)
         engine = create_async_engine(
             parsed, connect_args={"timeout": CONNECT_TIMEOUT_S}, poolclass=NullPool
         )
@@ -38,8 +31,7 @@ def read_engine(url: str) -> AsyncEngine:
         @event.listens_for(engine.sync_engine, "connect")
         def _connect(dbapi_connection: Any, _record: Any) -> None:
             dbapi_connection.isolation_level = None  # each SELECT its own read transaction
-            aio = dbapi_connection.driver_connection
-            await_only(aio._execute(aio._conn.create_collation, "NOCASE_UTF8", nocase_utf8))
+            register_nocase_utf8(dbapi_connection)
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA query_only = ON")
             cursor.close()
