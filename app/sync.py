@@ -87,7 +87,6 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import suppress
-from dataclasses import replace
 
 from sqlalchemy import Column, Integer, MetaData, String, Table
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -254,7 +253,15 @@ class Syncer:
         await self._statistics.created(len(plan.new))
         for record in records:
             decision = plan.decisions[record.index]
-            outcomes[record.index] = replace(decision, uid=plan.resolve(decision.uid))
+            if decision.uid is not None and decision.uid < 0:  # a new user: its uid now
+                decision = Outcome(
+                    decision.notification_id,
+                    decision.record_id,
+                    decision.kind,
+                    plan.resolve(decision.uid),
+                    decision.detail,
+                )
+            outcomes[record.index] = decision
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -62,3 +62,31 @@ async def update_rows(
     """Each row: the new values of `columns`, then the values of `keys` that pick the row."""
     if rows:
         await conn.exec_driver_sql(update_sql(conn.dialect, table, columns, keys), list(rows))
+
+
+SELECT_CHUNK = 1000  # values per IN (...): far below every backend's bound-parameter limit
+
+
+@lru_cache(maxsize=256)
+def in_sql(dialect: Dialect, sql: str, count: int) -> str:
+    """`sql` with its `{in}` (as in `WHERE uid {in}`) made a membership test of `count`
+    bound values: `IN (?, ?, ...)`, or `= ANY($1)` with one array on PostgreSQL (asyncpg),
+    one prepared statement whatever the count."""
+    if dialect.paramstyle == "numeric_dollar":
+        return sql.replace("{in}", "= ANY($1)")
+    marks = ", ".join(_placeholders(str(dialect.paramstyle), count))
+    return sql.replace("{in}", f"IN ({marks})")
+
+
+async def select_in(conn: AsyncConnection, sql: str, values: Sequence[Any]) -> list[Any]:
+    """The rows of `sql`, a SELECT whose only bound value is its `{in}` (see in_sql), for
+    every value of `values`, a chunk per statement, straight through the driver: the
+    statement text is one per chunk size, so no SQL is compiled per batch."""
+    rows: list[Any] = []  # Rows
+    array = conn.dialect.paramstyle == "numeric_dollar"
+    for start in range(0, len(values), SELECT_CHUNK):
+        chunk = list(values[start : start + SELECT_CHUNK])
+        statement = in_sql(conn.dialect, sql, 0 if array else len(chunk))
+        result = await conn.exec_driver_sql(statement, (chunk,) if array else tuple(chunk))
+        rows.extend(result.all())
+    return rows

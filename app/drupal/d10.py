@@ -11,7 +11,7 @@ from sqlalchemy import column, delete, func, select, table
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import TableClause
 
-from app.drupal.bulk import insert_rows, update_rows
+from app.drupal.bulk import insert_rows, select_in, update_rows
 from app.drupal.cache import delete_cache_rows, invalidate_tags
 from app.drupal.schema import DrupalSchema, read_protected_roles
 from app.drupal.users import (
@@ -55,6 +55,14 @@ _BASE_COLUMNS = {
 }
 
 
+_USERS = (
+    "SELECT uid, name, mail, langcode, default_langcode, login FROM users_field_data WHERE uid {in}"
+)
+_HELD_ROLES = (
+    "SELECT entity_id, roles_target_id FROM user__roles WHERE deleted = 0 AND entity_id {in}"
+)
+
+
 def field_table(name: str) -> TableClause:
     return table(f"user__{name}", *(column(c) for c in _FIELD_COLUMNS), column(f"{name}_value"))
 
@@ -71,32 +79,20 @@ class Drupal10(Lookups):
 
     async def users(self, conn: AsyncConnection, uids: Iterable[int]) -> dict[int, ExistingUser]:
         wanted = sorted({uid for uid in uids if uid > 0})
-        rows: dict[int, list[Any]] = defaultdict(list)
-        for chunk in chunks(wanted):
-            query = select(
-                field_data.c.uid,
-                field_data.c.name,
-                field_data.c.mail,
-                field_data.c.langcode,
-                field_data.c.default_langcode,
-                field_data.c.login,
-            ).where(field_data.c.uid.in_(chunk))
-            for row in await conn.execute(query):
-                rows[int(row.uid)].append(row)
+        rows: dict[int, list[tuple[Any, ...]]] = defaultdict(list)
+        for row in await select_in(conn, _USERS, wanted):
+            rows[int(row[0])].append(tuple(row))
         held: dict[int, set[str]] = defaultdict(set)
-        for chunk in chunks(sorted(rows)):
-            held_query = select(roles.c.entity_id, roles.c.roles_target_id).where(
-                roles.c.entity_id.in_(chunk), roles.c.deleted == 0
-            )
-            for entity_id, target in await conn.execute(held_query):
-                held[int(entity_id)].add(str(target))
+        for entity_id, target in await select_in(conn, _HELD_ROLES, sorted(rows)):
+            held[int(entity_id)].add(str(target))
         found = {}
         for uid, translations in rows.items():
-            translations.sort(key=lambda r: -int(r.default_langcode))  # the original first
-            first = translations[0]
-            langcodes = tuple(r.langcode for r in translations)
+            if len(translations) > 1:
+                translations.sort(key=lambda r: -int(r[4]))  # the original (default_langcode) first
+            _, name, mail, _, _, login = translations[0]
+            langcodes = tuple(r[3] for r in translations)
             found[uid] = ExistingUser(
-                uid, first.name, first.mail, langcodes, frozenset(held[uid]), int(first.login or 0)
+                uid, name, mail, langcodes, frozenset(held[uid]), int(login or 0)
             )
         return found
 

@@ -41,7 +41,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.drupal.bulk import insert_rows, update_rows
+from app.drupal.bulk import insert_rows, select_in, update_rows
 from app.drupal.engine import writer
 from app.drupal.errors import is_transient
 
@@ -132,36 +132,24 @@ class RecordState:
     dirty: bool = False
 
 
+_LOAD = (
+    "SELECT sf_id, object, uid, modstamp, notification_id, converted_to, history"
+    " FROM sfrelay_record WHERE sf_id {in}"
+)
+_OWNERS = "SELECT uid, sf_id FROM sfrelay_record WHERE converted_to IS NULL AND uid {in}"
+
+
 async def load(conn: AsyncConnection, sf_ids: Iterable[str]) -> dict[str, RecordState]:
-    ids = sorted(set(sf_ids))
-    if not ids:
-        return {}
-    rows = await conn.execute(select(records).where(records.c.sf_id.in_(ids)))
+    rows = await select_in(conn, _LOAD, sorted(set(sf_ids)))
     return {
-        row.sf_id: RecordState(
-            sf_id=row.sf_id,
-            object=row.object,
-            uid=row.uid,
-            modstamp=row.modstamp,
-            notification_id=row.notification_id,
-            converted_to=row.converted_to,
-            history=orjson.loads(row.history),
-            stored=True,
-        )
-        for row in rows
+        sf_id: RecordState(sf_id, sobject, uid, stamp, nid, converted, orjson.loads(history), True)
+        for sf_id, sobject, uid, stamp, nid, converted, history in rows
     }
 
 
 async def owners(conn: AsyncConnection, uids: Iterable[int]) -> dict[int, str]:
     """uid -> the Salesforce Id it is mapped to (converted Leads no longer own theirs)."""
-    wanted = sorted(set(uids))
-    if not wanted:
-        return {}
-    rows = await conn.execute(
-        select(records.c.uid, records.c.sf_id).where(
-            records.c.uid.in_(wanted), records.c.converted_to.is_(None)
-        )
-    )
+    rows = await select_in(conn, _OWNERS, sorted(set(uids)))
     return {int(uid): sf_id for uid, sf_id in rows}
 
 
