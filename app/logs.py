@@ -56,8 +56,15 @@ def scrub(text: str) -> str:
     return _SESSION_ID.sub("***", _SECRET_PARAM.sub(r"\1***", text))
 
 
+# Every pattern above needs one of these: a text without them is clean as it is (most log
+# arguments: Ids, counts, object names), and the regular expressions are skipped.
+_MARKS = frozenset("=!%@")
+
+
 def scrub_line(text: str) -> str:
     """`scrub`, and email addresses masked: what any log line may show."""
+    if _MARKS.isdisjoint(text):
+        return text
     text = scrub(text)
     return _EMAIL.sub("***@***", text) if "@" in text else text
 

@@ -18,9 +18,12 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from hypothesis import example, given
+from hypothesis import strategies as st
 
+from app import logs
 from app.config import Settings
-from app.logs import JsonFormatter, RedactSecrets, fields
+from app.logs import JsonFormatter, RedactSecrets, fields, scrub, scrub_line
 from app.queue import OUTCOME_PREFIX, STATS_KEY
 from app.receiver import ENDPOINT
 from tests.fixtures_worker import PROJECT, WorkerProcess
@@ -234,3 +237,19 @@ def test_every_line_is_scrubbed_of_emails_and_the_json_fields_too() -> None:
     assert line["detail"] == "***@***"
     assert line["uid"] == 7
     assert list(line) == [*JSON_KEYS, "detail", "uid"]
+
+
+@given(st.text(alphabet=st.characters(exclude_characters="=!%@")))
+@example("00D5g000004Xk2PEAS 003000000000001AAA Ødegaard_2 token sid 04l5")
+def test_text_without_marks_needs_no_scrubbing(text: str) -> None:
+    """scrub_line returns such a text untouched without running its patterns: every pattern
+    must need one of the marks (a new pattern that does not breaks this)."""
+    assert scrub(text) == text
+    assert logs._EMAIL.sub("***@***", text) == text
+    assert scrub_line(text) is text
+
+
+def test_text_with_marks_is_still_scrubbed() -> None:
+    assert scrub_line("see a@b.example?token=s3cret") == "see ***@***?token=***"
+    assert scrub_line("sid 00D5g000004Xk2P!AQ4AQFh3") == "sid ***"
+    assert scrub_line("GET /x?%74oken=s3cret") == "GET /x?token=***"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 from typing import Any
 
@@ -24,6 +25,9 @@ POLL_DELAY_S = 0.05
 HEALTH_CHECK_INTERVAL_S = 30
 
 
+GC_THRESHOLD = 10_000  # allocations between young collections (CPython's default: 700)
+
+
 def max_jobs(settings: Settings) -> int:
     return max(MIN_JOBS, 2 * math.ceil(settings.worker_batch_size / MAX_NOTIFICATIONS))
 
@@ -34,6 +38,12 @@ def worker_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
     async def startup(ctx: dict[str, Any]) -> None:
         await tasks.startup(ctx, settings)
         await polls.startup(ctx)
+        # What start-up built lives as long as the process (modules, SQLAlchemy's and
+        # pydantic's caches, ~100,000 objects): out of the cyclic collector's sight, a full
+        # collection during a batch scans the batch only (it was 15-25% of a batch's time),
+        # and young collections run less often (a batch allocates ~100 objects per record).
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD, 10, 10)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         await tasks.shutdown(ctx)
