@@ -23,7 +23,7 @@ from app.drupal.ledger import RecordState
 from app.drupal.users import ExistingUser, Key, NewUser, UserChange, UserStore
 from app.mapping import FieldMap
 from app.outcomes import Outcome, OutcomeKind
-from app.records import Record, as_text, base_values, username_base, valid_email, with_suffix
+from app.records import Record, as_text, base_values, username_base, with_suffix
 
 HISTORY_SIZE = 10  # outcomes kept per Salesforce record in sfrelay_record.history
 SUPERUSERS = frozenset({0, 1})  # the anonymous user and Drupal's own administrator
@@ -97,6 +97,8 @@ class Planner:
         self.mail_of: dict[int, str] = {}
         self.owner: dict[int, str] = {}  # uid or key -> the Salesforce Id mapped to it
         self.now = time.time()
+        self._columns: dict[str, tuple[tuple[str, str, int | None], ...]] = {}
+        self._custom_defaults: dict[str, dict[str, str | None]] = {}
 
     async def load(self, records: list[Record]) -> None:
         ids = {r.sf_id for r in records} | {r.converted_to for r in records if r.converted_to}
@@ -104,7 +106,7 @@ class Planner:
         if self.configured_protected is None:
             self.protected = await self.store.protected_roles(self.conn)
         mapped = {s.uid for s in self.plan.states.values() if s.uid is not None}
-        mails = {r.mail_key for r in records if r.email and valid_email(r.email)}
+        mails = {r.mail_key for r in records if r.mail_ok}
         found = await self.store.uids_by_mail(self.conn, mails)
         by_mail = {uid for uids in found.values() for uid in uids}
         self.existing = await self.store.users(self.conn, mapped | by_mail)
@@ -131,7 +133,7 @@ class Planner:
     ) -> None:
         decision = Outcome(r.notification_id, r.raw_id, kind, key, detail)
         self.plan.decisions[r.index] = decision
-        st = self.plan.states.setdefault(r.sf_id, RecordState(r.sf_id, r.obj.sobject))
+        st = self._state(r)
         add_history(st, r, decision, self.now)
         if applied:
             st.modstamp = r.modstamp
@@ -171,7 +173,7 @@ class Planner:
             return self._convert(r, st)
         if r.email is None:
             return self._set_outcome(r, OutcomeKind.SKIPPED_NO_EMAIL)
-        if not valid_email(r.email):
+        if not r.mail_ok:
             return self._set_outcome(r, OutcomeKind.SKIPPED_INVALID_EMAIL, detail=r.email)
         if granted := self._granted(r.obj.roles):
             return self._set_outcome(r, OutcomeKind.CONFLICT_PROTECTED_USER, None, granted)
@@ -200,8 +202,14 @@ class Planner:
             return self._set_outcome(r, OutcomeKind.CONFLICT_DUPLICATE_EMAIL, None, detail)
         return self._update(r, only, OutcomeKind.LINKED)
 
+    def _state(self, r: Record) -> RecordState:
+        st = self.plan.states.get(r.sf_id)
+        if st is None:
+            st = self.plan.states[r.sf_id] = RecordState(r.sf_id, r.obj.sobject)
+        return st
+
     def _map(self, r: Record, key: int) -> RecordState:
-        st = self.plan.states.setdefault(r.sf_id, RecordState(r.sf_id, r.obj.sobject))
+        st = self._state(r)
         st.uid, st.object, st.dirty = key, r.obj.sobject, True
         self.owner[key] = r.sf_id
         return st
@@ -214,16 +222,21 @@ class Planner:
         self.by_mail.setdefault(mail, set()).add(key)
 
     def _field_values(self, r: Record) -> dict[str, str | None]:
-        return {
-            drupal: as_text(r.fields[source], self.lengths.get(drupal))
-            for drupal, source in r.obj.fields.items()
-            if source in r.fields
-        }
+        columns = self._columns.get(r.obj.sobject)
+        if columns is None:  # once per object and batch: (Drupal field, source, length)
+            columns = tuple((d, s, self.lengths.get(d)) for d, s in r.obj.fields.items())
+            self._columns[r.obj.sobject] = columns
+        values = r.fields
+        return {drupal: as_text(values[s], n) for drupal, s, n in columns if s in values}
 
     def _create(self, r: Record) -> None:
         key = -(len(self.plan.new) + 1)
         base = {**r.obj.defaults, **base_values(r)}
-        custom = {k: as_text(v) for k, v in r.obj.defaults.items() if k.startswith("field_")}
+        custom = self._custom_defaults.get(r.obj.sobject)
+        if custom is None:
+            defaults = r.obj.defaults.items()
+            custom = {k: as_text(v) for k, v in defaults if k.startswith("field_")}
+            self._custom_defaults[r.obj.sobject] = custom
         user = NewUser("", r.email or "", base, {**custom, **self._field_values(r)}, r.obj.roles)
         self.plan.new[key] = user
         self.plan.new_sources[key] = r

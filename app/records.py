@@ -90,10 +90,8 @@ class Record:
     email: str | None  # stripped; None when missing or blank
     converted_to: str | None  # sf_key(ConvertedContactId) of a converted Lead
     converted_raw: str | None
-
-    @property
-    def mail_key(self) -> str:
-        return (self.email or "").lower()
+    mail_key: str  # email.lower() ('' without one): the batch's own index of mails
+    mail_ok: bool  # there is an email, and Drupal would accept it (valid_email)
 
 
 def to_record(index: int, notification: JobNotification, field_map: FieldMap) -> Record:
@@ -107,7 +105,7 @@ def to_record(index: int, notification: JobNotification, field_map: FieldMap) ->
     if obj is None:
         raise RecordError(f"the field map has no [{sobject}] section")
     email = fields.get(obj.email_field)
-    email = email.strip() if isinstance(email, str) and email.strip() else None
+    email = (email.strip() or None) if isinstance(email, str) else None
     converted = fields.get("ConvertedContactId")
     is_converted = fields.get("IsConverted") in (True, "true", "1", 1)
     converted_raw = converted.strip() if is_converted and isinstance(converted, str) else None
@@ -122,6 +120,8 @@ def to_record(index: int, notification: JobNotification, field_map: FieldMap) ->
         email=email,
         converted_to=sf_key(converted_raw) if converted_raw else None,
         converted_raw=converted_raw,
+        mail_key=email.lower() if email else "",
+        mail_ok=email is not None and valid_email(email),
     )
 
 
