@@ -23,11 +23,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Double, String, Table, delete, select, text
+from sqlalchemy import BigInteger, Column, Double, String, Table, delete
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.drupal import ledger
-from app.drupal.bulk import insert_rows
+from app.drupal.bulk import insert_rows, select_in
 from app.drupal.ledger import RecordState, metadata
 from app.drupal.users import UserChange, chunks
 from app.outcomes import OutcomeKind
@@ -77,9 +77,8 @@ class Lifecycle:
         """For a batch without deletions: only whether sfrelay blocked any of its users."""
         states = self.planner.plan.states
         uids = sorted({s.uid for s in states.values() if s.uid is not None and s.uid > 0})
-        for chunk in chunks(uids):
-            query = select(blocks.c.uid, blocks.c.sf_id).where(blocks.c.uid.in_(chunk))
-            self.ours.update({int(uid): sf_id for uid, sf_id in await conn.execute(query)})
+        ours = await select_in(conn, "SELECT uid, sf_id FROM sfrelay_block WHERE uid {in}", uids)
+        self.ours.update({int(uid): sf_id for uid, sf_id in ours})
         if self.ours:
             self.status = await _statuses(conn, self.major, self.ours)
 
@@ -203,15 +202,9 @@ async def _statuses(conn: AsyncConnection, major: int, uids: Iterable[int]) -> d
     """uid -> status (1 active, 0 blocked) of the users that exist."""
     table = "users_field_data" if major >= 8 else "users"
     found: dict[int, int] = {}
-    for chunk in chunks(sorted(set(uids))):
-        marks = ", ".join(f":u{i}" for i in range(len(chunk)))
-        params = {f"u{i}": uid for i, uid in enumerate(chunk)}
-        rows = await conn.execute(
-            text(f"SELECT uid, status FROM {table} WHERE uid IN ({marks})"),  # noqa: S608
-            params,
-        )
-        for uid, status in rows:
-            found[int(uid)] = min(found.get(int(uid), 1), int(status))
+    read = f"SELECT uid, status FROM {table} WHERE uid {{in}}"  # noqa: S608
+    for uid, status in await select_in(conn, read, sorted(set(uids))):
+        found[int(uid)] = min(found.get(int(uid), 1), int(status))
     return found
 
 

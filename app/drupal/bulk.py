@@ -4,15 +4,15 @@ columns in the driver's own paramstyle, each row is a tuple. SQLAlchemy's `execu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import CursorResult, Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 
-def _placeholders(paramstyle: str, count: int, first: int = 1) -> list[str]:
+def placeholders(paramstyle: str, count: int, first: int = 1) -> list[str]:
     if paramstyle == "qmark":
         return ["?"] * count
     if paramstyle == "numeric_dollar":  # asyncpg
@@ -27,7 +27,7 @@ def _placeholders(paramstyle: str, count: int, first: int = 1) -> list[str]:
 @lru_cache(maxsize=256)
 def insert_sql(dialect: Dialect, table: str, columns: tuple[str, ...]) -> str:
     quote = dialect.identifier_preparer.quote
-    marks = _placeholders(str(dialect.paramstyle), len(columns))
+    marks = placeholders(str(dialect.paramstyle), len(columns))
     # Identifiers are sfrelay's own (quoted as the dialect does); values are always bound.
     names = ", ".join(quote(c) for c in columns)
     return f"INSERT INTO {quote(table)} ({names}) VALUES ({', '.join(marks)})"  # noqa: S608
@@ -39,7 +39,7 @@ def update_sql(
 ) -> str:
     """UPDATE table SET columns... WHERE keys... (each row: the columns' values, then the keys')."""
     quote = dialect.identifier_preparer.quote
-    marks = _placeholders(str(dialect.paramstyle), len(columns) + len(keys))
+    marks = placeholders(str(dialect.paramstyle), len(columns) + len(keys))
     pairs = [f"{quote(name)} = {mark}" for name, mark in zip(columns + keys, marks, strict=True)]
     sets, where = ", ".join(pairs[: len(columns)]), " AND ".join(pairs[len(columns) :])
     return f"UPDATE {quote(table)} SET {sets} WHERE {where}"  # noqa: S608
@@ -64,7 +64,7 @@ async def update_rows(
         await conn.exec_driver_sql(update_sql(conn.dialect, table, columns, keys), list(rows))
 
 
-SELECT_CHUNK = 1000  # values per IN (...): far below every backend's bound-parameter limit
+SELECT_CHUNK = 1024  # values per IN (...): far below every backend's bound-parameter limit
 
 
 @lru_cache(maxsize=256)
@@ -74,19 +74,51 @@ def in_sql(dialect: Dialect, sql: str, count: int) -> str:
     one prepared statement whatever the count."""
     if dialect.paramstyle == "numeric_dollar":
         return sql.replace("{in}", "= ANY($1)")
-    marks = ", ".join(_placeholders(str(dialect.paramstyle), count))
+    marks = ", ".join(placeholders(str(dialect.paramstyle), count))
     return sql.replace("{in}", f"IN ({marks})")
 
 
 async def select_in(conn: AsyncConnection, sql: str, values: Sequence[Any]) -> list[Any]:
     """The rows of `sql`, a SELECT whose only bound value is its `{in}` (see in_sql), for
-    every value of `values`, a chunk per statement, straight through the driver: the
-    statement text is one per chunk size, so no SQL is compiled per batch."""
+    every value of `values`, a chunk per statement, straight through the driver: no SQL is
+    compiled per batch."""
     rows: list[Any] = []  # Rows
+    async for result in _each_chunk(conn, sql, values):
+        rows.extend(result.all())
+    return rows
+
+
+async def execute_in(conn: AsyncConnection, sql: str, values: Sequence[Any]) -> None:
+    """`sql` (a DELETE or UPDATE whose only bound value is its `{in}`) for every value."""
+    async for _ in _each_chunk(conn, sql, values):
+        pass
+
+
+async def _each_chunk(
+    conn: AsyncConnection, sql: str, values: Sequence[Any]
+) -> AsyncIterator[CursorResult[Any]]:
     array = conn.dialect.paramstyle == "numeric_dollar"
     for start in range(0, len(values), SELECT_CHUNK):
         chunk = list(values[start : start + SELECT_CHUNK])
-        statement = in_sql(conn.dialect, sql, 0 if array else len(chunk))
-        result = await conn.exec_driver_sql(statement, (chunk,) if array else tuple(chunk))
-        rows.extend(result.all())
-    return rows
+        if array:
+            yield await conn.exec_driver_sql(in_sql(conn.dialect, sql, 0), (chunk,))
+            continue
+        # A few statement texts, not one per count: each is prepared once and stays in the
+        # driver's statement cache (128 per connection on SQLite: one text per count kept
+        # ~10 MB of prepared statements, growing batch by batch). The last value repeated
+        # matches nothing more.
+        size = max(16, 1 << (len(chunk) - 1).bit_length())
+        padded = (*chunk, *[chunk[-1]] * (size - len(chunk)))
+        yield await conn.exec_driver_sql(in_sql(conn.dialect, sql, size), padded)
+
+
+@lru_cache(maxsize=64)
+def upsert_counter_sql(dialect: Dialect, table: str, key: str, counter: str) -> str:
+    """INSERT (key, counter = 1), or counter + 1 where the key exists: one row per key."""
+    quote = dialect.identifier_preparer.quote
+    (mark,) = placeholders(str(dialect.paramstyle), 1)
+    t, k, c = quote(table), quote(key), quote(counter)
+    head = f"INSERT INTO {t} ({k}, {c}) VALUES ({mark}, 1)"  # noqa: S608
+    if dialect.name == "mysql":
+        return f"{head} ON DUPLICATE KEY UPDATE {c} = {c} + 1"
+    return f"{head} ON CONFLICT ({k}) DO UPDATE SET {c} = {t}.{c} + 1"

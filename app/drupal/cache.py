@@ -4,35 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import column, delete, literal_column, table
-from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.drupal.bulk import execute_in, upsert_counter_sql
 from app.drupal.schema import has_table
-
-cachetags = table("cachetags", column("tag"), column("invalidations"))
 
 
 async def invalidate_tags(conn: AsyncConnection, tags: Iterable[str]) -> None:
     """Increment each tag's invalidation counter (insert it with 1 if absent), as
-    Drupal's DatabaseCacheTagsChecksum does; one executemany upsert."""
-    rows = [{"tag": tag, "invalidations": 1} for tag in sorted(set(tags))]
-    if not rows:
-        return
-    dialect = conn.dialect.name
-    # A literal 1, not a bound one: aiomysql's executemany cannot bind in the ON DUPLICATE part.
-    incremented = cachetags.c.invalidations + literal_column("1")
-    if dialect == "mysql":
-        my = mysql.insert(cachetags)
-        stmt = my.on_duplicate_key_update(invalidations=incremented)
-    else:
-        module = postgresql if dialect == "postgresql" else sqlite
-        ins = module.insert(cachetags)
-        stmt = ins.on_conflict_do_update(
-            index_elements=[cachetags.c.tag],
-            set_={"invalidations": incremented},
-        )
-    await conn.execute(stmt, rows)
+    Drupal's DatabaseCacheTagsChecksum does; one executemany upsert through the driver."""
+    rows = [(tag,) for tag in sorted(set(tags))]
+    if rows:
+        sql = upsert_counter_sql(conn.dialect, "cachetags", "tag", "invalidations")
+        await conn.exec_driver_sql(sql, rows)
 
 
 async def delete_cache_rows(conn: AsyncConnection, bin_table: str, cids: Iterable[str]) -> None:
@@ -40,6 +24,5 @@ async def delete_cache_rows(conn: AsyncConnection, bin_table: str, cids: Iterabl
     wanted = sorted(set(cids))
     if not wanted or not await has_table(conn, bin_table):
         return
-    bin_ = table(bin_table, column("cid"))
-    for start in range(0, len(wanted), 500):
-        await conn.execute(delete(bin_).where(bin_.c.cid.in_(wanted[start : start + 500])))
+    quoted = conn.dialect.identifier_preparer.quote(bin_table)
+    await execute_in(conn, f"DELETE FROM {quoted} WHERE cid {{in}}", wanted)  # noqa: S608

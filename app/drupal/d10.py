@@ -7,11 +7,11 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import column, delete, func, select, table
+from sqlalchemy import column, func, select, table
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import TableClause
 
-from app.drupal.bulk import insert_rows, select_in, update_rows
+from app.drupal.bulk import execute_in, insert_rows, select_in, update_rows
 from app.drupal.cache import delete_cache_rows, invalidate_tags
 from app.drupal.schema import DrupalSchema, read_protected_roles
 from app.drupal.users import (
@@ -58,6 +58,7 @@ _BASE_COLUMNS = {
 _USERS = (
     "SELECT uid, name, mail, langcode, default_langcode, login FROM users_field_data WHERE uid {in}"
 )
+_ROLES_HELD = "SELECT entity_id, roles_target_id, delta FROM user__roles WHERE entity_id {in}"
 _HELD_ROLES = (
     "SELECT entity_id, roles_target_id FROM user__roles WHERE deleted = 0 AND entity_id {in}"
 )
@@ -190,12 +191,14 @@ class Drupal10(Lookups):
             }
             if wanted:
                 stored: dict[int, dict[tuple[str, int], Any]] = defaultdict(dict)
-                for chunk in chunks(sorted(wanted)):
-                    query = select(
-                        field.c.entity_id, field.c.langcode, field.c.delta, field.c[value_column]
-                    ).where(field.c.entity_id.in_(chunk))
-                    for uid, langcode, delta, value in await conn.execute(query):
-                        stored[int(uid)][(langcode, int(delta))] = value
+                q = conn.dialect.identifier_preparer.quote
+                name_q, value_q = q(field.name), q(value_column)
+                read = (
+                    f"SELECT entity_id, langcode, delta, {value_q} FROM {name_q}"  # noqa: S608
+                    " WHERE entity_id {in}"
+                )
+                for uid, langcode, delta, value in await select_in(conn, read, sorted(wanted)):
+                    stored[int(uid)][(langcode, int(delta))] = value
                 wanted = {uid: rows for uid, rows in wanted.items() if stored[uid] != rows}
                 # Same rows, other values: UPDATE in place (no index but the row's changes).
                 same = [
@@ -216,8 +219,8 @@ class Drupal10(Lookups):
                     changed,
                 )
                 stale = [uid for uid in wanted if stored[uid]]
-                for chunk in chunks(stale):
-                    await conn.execute(delete(field).where(field.c.entity_id.in_(chunk)))
+                drop = f"DELETE FROM {name_q} WHERE entity_id {{in}}"  # noqa: S608
+                await execute_in(conn, drop, stale)
             rows = [
                 self._field_row(uid, langcode, delta, value)
                 for uid, values in wanted.items()
@@ -240,12 +243,9 @@ class Drupal10(Lookups):
         if not changes:
             return
         have: dict[int, dict[str, int]] = defaultdict(dict)  # uid -> role -> delta
-        for chunk in chunks(sorted({c.uid for c in changes})):
-            query = select(roles.c.entity_id, roles.c.roles_target_id, roles.c.delta).where(
-                roles.c.entity_id.in_(chunk)
-            )
-            for uid, role, delta in await conn.execute(query):
-                have[int(uid)][role] = int(delta)
+        uids = sorted({c.uid for c in changes})
+        for uid, role, delta in await select_in(conn, _ROLES_HELD, uids):
+            have[int(uid)][role] = int(delta)
         rows = []
         for change in changes:
             current = have[change.uid]

@@ -24,7 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import TableClause
 
-from app.drupal.bulk import update_rows
+from app.drupal.bulk import placeholders, update_rows
 from app.drupal.engine import nocase_key
 
 # What a name or mail is compared by, as the database compares it: text (SQLite, PostgreSQL)
@@ -164,6 +164,7 @@ class Equality:
             else "lower"
         )
         self._collation: tuple[str, str] | None = None  # MySQL (charset, collation)
+        self._keys_sql_cache: dict[int, str] = {}
 
     async def _mysql_collation(self, conn: AsyncConnection) -> tuple[str, str]:
         if self._collation is None:
@@ -215,17 +216,31 @@ class Equality:
                 rows = await conn.execute(query, {"vals": chunk})
                 found.update((v, self.post(k)) for v, k in rows)
                 continue
-            params = {f"p{i}": v for i, v in enumerate(chunk)}
+            # Straight through the driver, padded to a few sizes: one statement text per
+            # count (compiled, then cached by SQLAlchemy and the driver) grew the worker's
+            # memory batch by batch.
+            size = max(16, 1 << (len(chunk) - 1).bit_length())
+            padded = (*chunk, *[chunk[-1]] * (size - len(chunk)))
+            row = (await conn.exec_driver_sql(await self._keys_sql(conn, size), padded)).one()
+            found.update((v, self.post(k)) for v, k in zip(chunk, row, strict=False))
+        return found
+
+    async def _keys_sql(self, conn: AsyncConnection, count: int) -> str:
+        """SELECT the key of each of `count` bound values (the driver's paramstyle)."""
+        sql = self._keys_sql_cache.get(count)
+        if sql is None:
+            marks = placeholders(str(conn.dialect.paramstyle), count)
             if self.kind == "collation":
+                charset, collation = await self._mysql_collation(conn)
                 exprs = [
-                    f"WEIGHT_STRING(TRIM(TRAILING ' ' FROM {await self._as_column(conn, p)}))"
-                    for p in params
+                    f"WEIGHT_STRING(TRIM(TRAILING ' ' FROM CONVERT({mark} USING {charset})"
+                    f" COLLATE {collation}))"
+                    for mark in marks
                 ]
             else:
-                exprs = [f"lower(:{p})" for p in params]
-            row = (await conn.execute(text(f"SELECT {', '.join(exprs)}"), params)).one()
-            found.update((v, self.post(k)) for v, k in zip(chunk, row, strict=True))
-        return found
+                exprs = [f"lower({mark})" for mark in marks]
+            sql = self._keys_sql_cache[count] = "SELECT " + ", ".join(exprs)
+        return sql
 
     async def equal_to(
         self, conn: AsyncConnection, values: list[str], keys: dict[str, Key]
