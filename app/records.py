@@ -33,6 +33,9 @@ def valid_email(mail: str) -> bool:
     return not (local.startswith(".") or local.endswith(".") or ".." in local)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def modstamp(fields: dict[str, Any]) -> int | None:
     """The record version: SystemModstamp, else LastModifiedDate, in microseconds (UTC)."""
     for name in ("SystemModstamp", "LastModifiedDate"):
@@ -41,14 +44,14 @@ def modstamp(fields: dict[str, Any]) -> int | None:
             continue
         if isinstance(value, str):
             try:
-                value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+                value = datetime.fromisoformat(value)  # Python 3.11+ reads the "Z" too
             except ValueError as exc:
                 raise RecordError(f"{name} is not a dateTime: {value!r}") from exc
         if not isinstance(value, datetime):
             raise RecordError(f"{name} is not a dateTime: {value!r}")
         if value.tzinfo is None:
             value = value.replace(tzinfo=UTC)  # Salesforce sends UTC
-        delta = value - datetime(1970, 1, 1, tzinfo=UTC)
+        delta = value - _EPOCH
         return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
     return None
 

@@ -130,6 +130,9 @@ class RecordState:
     history: list[dict[str, Any]] = field(default_factory=list)
     stored: bool = False  # a row exists already
     dirty: bool = False
+    # The stored row's (object, uid, converted_to): a save that leaves them as they were
+    # writes the other columns only, and the uid index is not touched.
+    mapping: tuple[str, int | None, str | None] | None = None
 
 
 _LOAD = (
@@ -142,7 +145,17 @@ _OWNERS = "SELECT uid, sf_id FROM sfrelay_record WHERE converted_to IS NULL AND 
 async def load(conn: AsyncConnection, sf_ids: Iterable[str]) -> dict[str, RecordState]:
     rows = await select_in(conn, _LOAD, sorted(set(sf_ids)))
     return {
-        sf_id: RecordState(sf_id, sobject, uid, stamp, nid, converted, orjson.loads(history), True)
+        sf_id: RecordState(
+            sf_id,
+            sobject,
+            uid,
+            stamp,
+            nid,
+            converted,
+            orjson.loads(history),
+            stored=True,
+            mapping=(sobject, uid, converted),
+        )
         for sf_id, sobject, uid, stamp, nid, converted, history in rows
     }
 
@@ -178,19 +191,29 @@ def _values(state: RecordState, now: float) -> tuple[Any, ...]:
     )
 
 
+_ROUTINE = ("modstamp", "notification_id", "history", "updated_at")
+
+
 async def save(conn: AsyncConnection, states: Iterable[RecordState]) -> None:
-    """Write every changed state: one executemany INSERT and one executemany UPDATE."""
+    """Write every changed state: one executemany INSERT, and one executemany UPDATE per
+    kind of change (most updates leave the mapping as it was: modstamp and history only)."""
     now = time.time()
     new: list[tuple[Any, ...]] = []
     changed: list[tuple[Any, ...]] = []
+    routine: list[tuple[Any, ...]] = []
     for state in states:
-        if state.dirty:
-            if state.stored:
-                changed.append((*_values(state, now), state.sf_id))
-            else:
-                new.append((state.sf_id, *_values(state, now)))
+        if not state.dirty:
+            continue
+        if not state.stored:
+            new.append((state.sf_id, *_values(state, now)))
+        elif state.mapping == (state.object, state.uid, state.converted_to):
+            history = orjson.dumps(state.history).decode()
+            routine.append((state.modstamp, state.notification_id, history, now, state.sf_id))
+        else:
+            changed.append((*_values(state, now), state.sf_id))
     await insert_rows(conn, records.name, ("sf_id", *_COLUMNS), new)
     await update_rows(conn, records.name, _COLUMNS, ("sf_id",), changed)
+    await update_rows(conn, records.name, _ROUTINE, ("sf_id",), routine)
 
 
 # (Drupal major, dialect) -> sfrelay_* expression indexes on Drupal's user table, serving
