@@ -165,17 +165,35 @@ class Syncer:
         )
         return cls(engine, settings, schema, store, field_map)
 
+    def prepare(self, notifications: Sequence[JobNotification]) -> list[Record | Outcome]:
+        """What of the rules needs no database: each notification as a Record, or the
+        Outcome of one refused outright (no Id, an object the field map lacks). A worker
+        prepares a job when it arrives, before its turn to write (workers/group_commit.py)."""
+        items: list[Record | Outcome] = []
+        for notification in notifications:
+            try:
+                items.append(to_record(0, notification, self.field_map))
+            except RecordError as exc:
+                failed = OutcomeKind.FAILED
+                items.append(
+                    Outcome(notification.id, notification.record_id, failed, None, str(exc))
+                )
+        return items
+
     async def apply(self, notifications: Sequence[JobNotification]) -> list[Outcome]:
         """One Outcome per notification, in order (see the module docstring)."""
-        outcomes: list[Outcome | None] = [None] * len(notifications)
+        return await self.apply_prepared(self.prepare(notifications))
+
+    async def apply_prepared(self, items: Sequence[Record | Outcome]) -> list[Outcome]:
+        """apply() of what prepare() made: one Outcome per item, in order."""
+        outcomes: list[Outcome | None] = [None] * len(items)
         records: list[Record] = []
-        for index, notification in enumerate(notifications):
-            try:
-                records.append(to_record(index, notification, self.field_map))
-            except RecordError as exc:
-                outcomes[index] = Outcome(
-                    notification.id, notification.record_id, OutcomeKind.FAILED, None, str(exc)
-                )
+        for index, item in enumerate(items):
+            if isinstance(item, Outcome):
+                outcomes[index] = item
+            else:
+                item.index = index  # its place in this call
+                records.append(item)
         if records:
             await self._bisect(records, outcomes, whole=True)
         return [o for o in outcomes if o is not None]

@@ -16,15 +16,17 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 from app.errors import RetryableError
-from app.jobs import JobNotification
 from app.outcomes import Outcome
 from workers.metrics import batch_applied
 
 logger = logging.getLogger("sfrelay.worker")
 
-Apply = Callable[[Sequence[JobNotification]], Awaitable[list[Outcome]]]
+# Syncer.apply (notifications) or Syncer.apply_prepared (what Syncer.prepare made of them):
+# one Outcome per item, in order.
+Apply = Callable[[Sequence[Any]], Awaitable[list[Outcome]]]
 Turn = Callable[[], AbstractAsyncContextManager[None]]
 
 
@@ -34,7 +36,7 @@ class WriterBusy(Exception):
 
 @dataclass(slots=True)
 class _Waiter:
-    notifications: Sequence[JobNotification]
+    notifications: Sequence[Any]  # JobNotifications, or what Syncer.prepare made of them
     future: asyncio.Future[list[Outcome]]
     started: bool = field(default=False)
 
@@ -58,7 +60,7 @@ class GroupCommit:
         self._runner: asyncio.Task[None] | None = None
 
     async def apply(
-        self, notifications: Sequence[JobNotification], deadline: float | None = None
+        self, notifications: Sequence[Any], deadline: float | None = None
     ) -> list[Outcome]:
         """The outcomes; past `deadline` (loop time) WriterBusy if the job never started,
         TimeoutError if it was being applied."""

@@ -68,7 +68,7 @@ async def startup(ctx: dict[str, Any], settings: Settings) -> None:
     syncer = await Syncer.open(settings)
     # Workers of one database take turns to write it (workers/lease.py).
     lease = WriterLease(ctx["redis"], settings.database_url)
-    batch = GroupCommit(syncer.apply, settings.worker_batch_size, lease.turn)
+    batch = GroupCommit(syncer.apply_prepared, settings.worker_batch_size, lease.turn)
     state = WorkerState(settings, syncer, batch)
     ctx[STATE] = state
     worker_metrics.serve(settings.worker_metrics_port)  # metrics: SFRELAY_WORKER_METRICS_PORT
@@ -135,7 +135,9 @@ async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
 
                 async with asyncio.timeout_at(apply_by):
                     notifications = tuple(await refetched(ctx, state, notifications))
-            outcomes = await state.batch.apply(notifications, deadline=apply_by)
+            # Records are made now, while another batch (or worker) writes the database.
+            prepared = state.syncer.prepare(notifications)
+            outcomes = await state.batch.apply(prepared, deadline=apply_by)
         except WriterBusy:
             # Other workers' batches took the database until this job's deadline: nothing of
             # it ran and nothing failed. Back on the queue, due now, its tries unchanged.
