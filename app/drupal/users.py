@@ -393,7 +393,9 @@ class Lookups:
         """The lower() keys among `stems` (already lower()ed) that a stored name has."""
         probe, found = self._probe, set[str]()
         stored = probe.stored_key()
-        for chunk in chunks(sorted(set(stems))):
+        # PostgreSQL: one array parameter, whatever its length (a round probes thousands)
+        size = 10 * CHUNK if probe.dialect == "postgresql" else CHUNK
+        for chunk in chunks(sorted(set(stems)), size):
             if probe.dialect == "postgresql":
                 condition = stored == any_(bindparam("stems", chunk, type_=ARRAY(Text)))
             else:
