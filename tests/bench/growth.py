@@ -12,6 +12,10 @@ It also captures the real SQL the worker runs (a SQLAlchemy `before_cursor_execu
 during a small apply into the largest site), prints the query plan of every look-up
 (EXPLAIN QUERY PLAN / EXPLAIN) and exits 1 when one scans a whole user table (users,
 users_field_data, user__*, sfrelay_record). Goal (issue 10): 1M users/s >= 0.9 x the 10k figure.
+
+Beside wall-clock seconds it reports CPU seconds of the timed batch: the worker process's (from
+ready to exit) and, on PostgreSQL, the server's (postmaster, its processes, and the backends
+that ended meanwhile). On a shared machine the CPU ratio is the steadier of the two.
 """
 
 from __future__ import annotations
