@@ -373,7 +373,7 @@ class Planner:
                     continue
                 picked[key], claimed[keys[name]] = name, key
             if behind:  # memory is behind the database: read it again (never go back)
-                for bk, n in (await store.max_suffixes(conn, behind)).items():
+                for bk, n in (await store.max_suffixes(conn, behind, exact=True)).items():
                     self.suffixes[bk] = max(self.suffixes.get(bk, 1), n)
             wanted = retry
         for key, name in picked.items():

@@ -222,7 +222,7 @@ async def save(conn: AsyncConnection, states: Iterable[RecordState]) -> None:
 # PostgreSQL's name index is text_pattern_ops: equality, and the `_<n>` suffix ranges in
 # code point order whatever the database's locale.
 _LOOKUP_INDEXES = {
-    (10, "sqlite"): [("users_field_data", "mail", "")],
+    (10, "sqlite"): [("users_field_data", "mail", ""), ("users_field_data", "name", "")],
     (10, "postgresql"): [("users_field_data", "mail", ""), ("users_field_data", "name", "pattern")],
     (7, "sqlite"): [("users", "mail", ""), ("users", "name", "")],
     (7, "postgresql"): [("users", "mail", ""), ("users", "name", "pattern")],

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Integer,
     Text,
     and_,
+    any_,
     bindparam,
     cast,
     func,
@@ -95,8 +96,12 @@ class UserStore(Protocol):
         """The keys of the names among `names` that are in use."""
         ...
 
-    async def max_suffixes(self, conn: AsyncConnection, bases: Iterable[str]) -> dict[Key, int]:
-        """Each base's key -> the highest n of the names `<base>_<n>` in use (1: none)."""
+    async def max_suffixes(
+        self, conn: AsyncConnection, bases: Iterable[str], *, exact: bool = False
+    ) -> dict[Key, int]:
+        """Each base's key -> an n with `<base>_<n>` in use and `<base>_<n+1>` free, found in
+        a few index probes (1: none). `exact`: the highest n in use, read from every
+        `<base>_...` name (a cost growing with the namesakes)."""
         ...
 
     async def create(self, conn: AsyncConnection, users: list[NewUser], now: int) -> None:
@@ -109,6 +114,7 @@ class UserStore(Protocol):
 
 
 CHUNK = 500  # ids per IN (...): far below every backend's bound-parameter limit
+SUFFIX_SPLIT = 4  # a suffix probe splits [in use, free] into this many parts per round
 
 
 def chunks(values: list[Any], size: int = CHUNK) -> Iterable[list[Any]]:
@@ -247,7 +253,10 @@ class Equality:
     ) -> ColumnElement[bool]:
         """column = any of `values`, as the database compares (indexed)."""
         if self.kind == "lower":
-            return func.lower(self.column).in_(sorted({str(keys[v]) for v in values}))
+            wanted = sorted({str(keys[v]) for v in values})
+            if self.dialect == "postgresql":  # one array parameter: one statement to plan
+                return func.lower(self.column) == any_(bindparam(None, wanted, type_=ARRAY(Text)))
+            return func.lower(self.column).in_(wanted)
         if self.kind == "collation":
             params = {f"e{i}": v for i, v in enumerate(values)}
             items = [await self._as_column(conn, p) for p in params]
@@ -293,6 +302,9 @@ class Lookups:
         self._table = table
         self._name = Equality(table, "name", dialect, nocase=nocase_name)
         self._mail = Equality(table, "mail", dialect, nocase=False)
+        # The suffix probes' lower(name): a database function over the sfrelay_*_name_lower
+        # index (app.drupal.ledger), so that a probe costs no Python collation callback.
+        self._probe = Equality(table, "name", dialect, nocase=False)
 
     async def uids_by_mail(
         self, conn: AsyncConnection, mails: Iterable[str]
@@ -315,8 +327,16 @@ class Lookups:
 
     async def taken_names(self, conn: AsyncConnection, names: Iterable[str]) -> set[Key]:
         eq, wanted = self._name, sorted(set(names))
-        keys = await eq.keys(conn, wanted) if eq.kind == "lower" else {}
         taken: set[Key] = set()
+        if eq.kind == "nocase":
+            # Most names are ASCII: for them lower() is exact, and its index (the suffix
+            # probes') is searched in C, where each step of the NOCASE_UTF8 index calls
+            # Python. Exact because the one non-ASCII character that lower-cases to ASCII is
+            # the Kelvin sign (to "k"): names with a k keep the collation's own index.
+            plain = [name for name in wanted if name.isascii() and "k" not in name.lower()]
+            taken.update(await self._in_use(conn, [name.lower() for name in plain]))
+            wanted = sorted(set(wanted) - set(plain))
+        keys = await eq.keys(conn, wanted) if eq.kind == "lower" else {}
         for chunk in chunks(wanted):
             query = (
                 select(eq.stored_key())
@@ -326,15 +346,87 @@ class Lookups:
             taken.update(eq.post(key) for (key,) in await conn.execute(query))
         return taken
 
-    async def max_suffixes(self, conn: AsyncConnection, bases: Iterable[str]) -> dict[Key, int]:
-        """The highest n per base, computed by the database (SQLite, PostgreSQL): one number
-        per base comes back, not its names. A 1,000,000-user site has thousands of
-        `John Smith_<n>`: sending them all to Python made each batch's cost grow with the
-        site. A stored name whose case differs in length from the base's (a few Unicode
-        letters) is not counted: a pick that collides with it is caught by taken_names."""
+    async def max_suffixes(
+        self, conn: AsyncConnection, bases: Iterable[str], *, exact: bool = False
+    ) -> dict[Key, int]:
         eq = self._name
         if eq.dialect not in ("sqlite", "postgresql"):
             return await self._max_suffixes_read(conn, bases)
+        if not exact:
+            return await self._probe_suffixes(conn, bases)
+        return await self._max_suffixes_exact(conn, bases)
+
+    async def _probe_suffixes(self, conn: AsyncConnection, bases: Iterable[str]) -> dict[Key, int]:
+        """For each base, an n with `<base>_<n>` in use and `<base>_<n+1>` free, at or above
+        the highest power of two in use: a 1,000,000-user site has thousands of
+        `John Smith_<n>`, and reading them all (even in the database) made the first batches'
+        cost grow with the site. Doubling, then a search between the last name found and the
+        first one missing: point look-ups, a few per base and round, all bases in one query
+        per round. A result is a hint, never trusted: picks are checked with taken_names,
+        and a base whose picks collide is read again with `exact` (gaps left by deleted
+        users; on SQLite, stored names differing in non-ASCII case, which lower() keeps)."""
+        keys = await self._name.keys(conn, bases)
+        # base -> lower(base), as the database computes it
+        stems = keys if self._name.kind == "lower" else await self._probe.keys(conn, keys)
+        # stem -> [lo, hi]: `<stem>_<lo>` in use (lo = 1: the base itself), `<stem>_<hi>` free
+        bounds: dict[str, list[int]] = {str(stem): [1, 0] for stem in stems.values()}
+        while True:
+            asked: dict[str, list[int]] = {}
+            for stem, (lo, hi) in bounds.items():
+                if not hi:  # doubling
+                    numbers = [lo << k for k in range(1, 11) if lo << k < 10**18]
+                    if not numbers:
+                        bounds[stem][1] = lo + 1
+                        continue
+                elif hi - lo > 1:  # quartering [lo, hi]
+                    step = (hi - lo) / SUFFIX_SPLIT
+                    numbers = sorted({lo + max(1, round(step * i)) for i in range(1, SUFFIX_SPLIT)})
+                    numbers = [n for n in numbers if n < hi]
+                else:
+                    continue
+                asked[stem] = numbers
+            if not asked:
+                break
+            in_use = await self._in_use(
+                conn, [f"{stem}_{n}" for stem, numbers in asked.items() for n in numbers]
+            )
+            for stem, numbers in asked.items():
+                bound = bounds[stem]
+                free = [n for n in numbers if f"{stem}_{n}" not in in_use]
+                if free:
+                    bound[1] = free[0]
+                elif not bound[1]:  # every doubling in use: double on from the last
+                    bound[0] = numbers[-1]
+                    continue
+                bound[0] = max([bound[0], *(n for n in numbers if n < bound[1] and n not in free)])
+        found = dict.fromkeys(keys.values(), 1)
+        for base, key in keys.items():
+            found[key] = max(found[key], bounds[str(stems[base])][0])
+        return found
+
+    async def _in_use(self, conn: AsyncConnection, stems: list[str]) -> set[str]:
+        """The lower() keys among `stems` (already lower()ed) that a stored name has."""
+        probe, found = self._probe, set[str]()
+        stored = probe.stored_key()
+        # PostgreSQL: one array parameter, whatever its length (a round probes thousands)
+        size = 10 * CHUNK if probe.dialect == "postgresql" else CHUNK
+        for chunk in chunks(sorted(set(stems)), size):
+            if probe.dialect == "postgresql":
+                condition = stored == any_(bindparam("stems", chunk, type_=ARRAY(Text)))
+            else:
+                condition = stored.in_(chunk)
+            query = select(stored).select_from(self._table).where(condition)
+            found.update(str(key) for (key,) in await conn.execute(query))
+        return found
+
+    async def _max_suffixes_exact(
+        self, conn: AsyncConnection, bases: Iterable[str]
+    ) -> dict[Key, int]:
+        """The highest n per base, computed by the database (SQLite, PostgreSQL): one number
+        per base comes back, not its names. A stored name whose case differs in length from
+        the base's (a few Unicode letters) is not counted: a pick that collides with it is
+        caught by taken_names."""
+        eq = self._name
         keys = await eq.keys(conn, bases)
         found = dict.fromkeys(keys.values(), 1)
         for chunk in chunks(sorted(keys), 50):

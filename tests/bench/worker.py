@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -109,12 +110,14 @@ class Drain:
     rss_peak_mb: float
     rss_end_mb: float
     outcomes: dict[str, int]
+    cpu_seconds: float = 0.0  # the worker's CPU (user + system) from ready to exit
 
 
 def drain(env: dict[str, str], client: redis.Redis, workdir: Path) -> Drain:
     """Run `sfrelay worker --burst` until the queue is empty; time it from ready to exit."""
     client.delete(STATS_KEY)
     log = (workdir / "worker.log").open("wb")
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     process = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "worker", "--burst"],
         cwd=workdir,
@@ -128,6 +131,7 @@ def drain(env: dict[str, str], client: redis.Redis, workdir: Path) -> Drain:
             raise RuntimeError((workdir / "worker.log").read_text())
         time.sleep(0.005)
     started = time.perf_counter()
+    cpu_ready = sum(watched.cpu_times()[:2])
     ready = peak = last = watched.memory_info().rss
     while process.poll() is None:
         try:
@@ -139,6 +143,9 @@ def drain(env: dict[str, str], client: redis.Redis, workdir: Path) -> Drain:
             peak = max(peak, last)
         time.sleep(0.05)
     seconds = time.perf_counter() - started
+    process.wait()
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)  # the worker, now reaped
+    cpu = reaped.ru_utime + reaped.ru_stime - children.ru_utime - children.ru_stime
     log.close()
     if process.returncode != 0:
         raise RuntimeError((workdir / "worker.log").read_text())
@@ -149,7 +156,7 @@ def drain(env: dict[str, str], client: redis.Redis, workdir: Path) -> Drain:
         if k.startswith(OUTCOME_PREFIX.encode())
     }
     mb = 2**20
-    return Drain(seconds, ready / mb, peak / mb, last / mb, outcomes)
+    return Drain(seconds, ready / mb, peak / mb, last / mb, outcomes, cpu - cpu_ready)
 
 
 def _rows(workload: Workload, max_uid: int) -> tuple[list[dict[str, Any]], ...]:
