@@ -136,6 +136,17 @@ def _seen_key(org15: str, dedupe_id: str) -> str:
     return f"{SEEN_PREFIX}{org15}:{dedupe_id}"
 
 
+def _seen_keys(org15: str, dedupe_ids: list[str]) -> list[bytes]:
+    """`_seen_key` of each id, encoded (as Redis gets them) in a few passes, not one per id."""
+    if not dedupe_ids:
+        return []
+    seen = _seen_key(org15, "")
+    keys = (seen + ("\n" + seen).join(dedupe_ids)).encode().split(b"\n")
+    if len(keys) != len(dedupe_ids):  # an id with a newline in it (never a Salesforce id)
+        keys = [_seen_key(org15, dedupe_id).encode() for dedupe_id in dedupe_ids]
+    return keys
+
+
 @dataclass(frozen=True, slots=True)
 class NotQueued:
     """A notification stored beside a job but not in it: skipped, or a dead letter."""
@@ -199,28 +210,33 @@ class Enqueuer:
         `body` is the raw request, kept once (without its SessionId's content) beside the
         dead letters among `others`.
         """
-        body_sha = body_sha or hashlib.sha256(body).hexdigest()
         now_ms = int(job.received_at * 1000)
         job_id = uuid.uuid4().hex
-        keys = [
-            self._queue_name,
-            STATS_KEY,
-            DEAD_KEY,
-            DEAD_BODY_PREFIX + body_sha,
-            JOB_KEY_PREFIX + job_id,
-        ]
-        seen = _seen_key(job.organization_id, "")
-        keys += [seen + notification.id for notification in job.notifications]
-        keys += [seen + other.dedupe_id for other in others]
-        keys.append(f"{RATE_PREFIX}{int(job.received_at) // 60}")
         kinds = "q" * len(job.notifications) + "".join(
             "s" if other.dead_letter is None else "d" for other in others
         )
+        has_dead = "d" in kinds
+        if has_dead and body_sha is None:
+            body_sha = hashlib.sha256(body).hexdigest()
+        keys: list[Any] = [
+            self._queue_name,
+            STATS_KEY,
+            DEAD_KEY,
+            # Written only beside a dead letter: no digest of the body otherwise.
+            DEAD_BODY_PREFIX + (body_sha or "-"),
+            JOB_KEY_PREFIX + job_id,
+        ]
+        keys += _seen_keys(
+            job.organization_id,
+            [notification.id for notification in job.notifications]
+            + [other.dedupe_id for other in others],
+        )
+        keys.append(f"{RATE_PREFIX}{int(job.received_at) // 60}")
         payloads = [notification.dumps() for notification in job.notifications]
         payloads += [other.dead_letter or b"" for other in others]
         prefix, suffix = job.frame(now_ms)
         kept = b""
-        if "d" in kinds and body:
+        if has_dead and body:
             # Only a dead letter keeps the raw body, never the session id Salesforce may send
             # (imported here: app.soap loads lxml, which `sfrelay status` and `why` need not).
             from app.soap import without_session_id
@@ -251,7 +267,7 @@ class Enqueuer:
             raise QueueUnavailable(f"the queue (Redis) did not confirm the write: {exc}") from exc
         return EnqueueResult(queued, skipped, dead, dupes, job_id if queued else None)
 
-    async def _write_and_wait(self, wait: AckWait, keys: list[str], args: list[Any]) -> Any:
+    async def _write_and_wait(self, wait: AckWait, keys: list[Any], args: list[Any]) -> Any:
         """EVALSHA and the wait in one round trip (a pipeline, not a transaction: WAIT and
         WAITAOF block, which MULTI does not allow). redis-py's own script-in-pipeline support
         would first ask SCRIPT EXISTS, a second round trip: NOSCRIPT is handled here instead."""
