@@ -60,34 +60,50 @@ HEALTH_CHECK_SUFFIX = ":health-check"  # arq's health_check_key_suffix (arq/cons
 # KEYS: queue, stats, dead hash, dead body key, job key, seen key per notification...,
 #       and, last, this minute's rate key (RATE_PREFIX)
 # ARGV: job id, score, job ttl ms, seen ttl s, job prefix, job suffix, dead body, now,
-#       kinds (one letter per notification: "q" queue, "s" skip, "d" dead), and the
-#       notifications' JSON payloads joined by newlines (compact JSON never holds a raw one).
-#       Two arguments rather than two per notification: packing them is the client's cost.
-#       Then the rate key's TTL (s).
+#       kinds (one letter per notification: "q" queue, "s" skip, "d" dead), the
+#       notifications' JSON payloads joined by commas (as the job holds them), the rate key's
+#       TTL (s), and the payloads' lengths in bytes, separated by spaces.
+#       A few arguments rather than some per notification: packing them is the client's cost.
+# The usual message (every notification new and queued) becomes the job as sent; only another
+# one is cut into its notifications, by their lengths.
 _ENQUEUE_LUA = """
-local queued, skipped, dead, dupes = {}, 0, 0, 0
+local queued, skipped, dead, dupes = 0, 0, 0, 0
 local seen_ttl = tonumber(ARGV[4])
-local kinds, payloads, pos = ARGV[9], ARGV[10], 1
+local kinds, payloads = ARGV[9], ARGV[10]
+local new = {}
 for i = 6, #KEYS - 1 do
-  local kind = string.sub(kinds, i - 5, i - 5)
-  local stop = string.find(payloads, '\\n', pos, true) or (#payloads + 1)
-  local payload = string.sub(payloads, pos, stop - 1)
-  pos = stop + 1
   if redis.call('SET', KEYS[i], ARGV[8], 'NX', 'EX', seen_ttl) then
-    if kind == 'q' then
-      queued[#queued + 1] = payload
-    elseif kind == 's' then
-      skipped = skipped + 1
-    else
-      dead = dead + 1
-      redis.call('HSET', KEYS[3], KEYS[i], payload)
-    end
+    new[i] = true
   else
     dupes = dupes + 1
   end
 end
-if #queued > 0 then
-  redis.call('SET', KEYS[5], ARGV[5] .. table.concat(queued, ',') .. ARGV[6], 'PX', ARGV[3])
+local job = payloads
+if dupes > 0 or string.find(kinds, '[sd]') then
+  local kept, i, pos = {}, 5, 1
+  for length in string.gmatch(ARGV[12], '%d+') do
+    i = i + 1
+    local stop = pos + tonumber(length)
+    if new[i] then
+      local kind = string.sub(kinds, i - 5, i - 5)
+      if kind == 'q' then
+        kept[#kept + 1] = string.sub(payloads, pos, stop - 1)
+      elseif kind == 's' then
+        skipped = skipped + 1
+      else
+        dead = dead + 1
+        redis.call('HSET', KEYS[3], KEYS[i], string.sub(payloads, pos, stop - 1))
+      end
+    end
+    pos = stop + 1
+  end
+  job = table.concat(kept, ',')
+  queued = #kept
+else
+  queued = #KEYS - 6
+end
+if queued > 0 then
+  redis.call('SET', KEYS[5], ARGV[5] .. job .. ARGV[6], 'PX', ARGV[3])
   redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 end
 if skipped > 0 then redis.call('HINCRBY', KEYS[2], 'skipped', skipped) end
@@ -96,10 +112,10 @@ if dead > 0 then
   redis.call('HINCRBY', KEYS[2], 'dead_received', dead)
 end
 if dupes > 0 then redis.call('HINCRBY', KEYS[2], 'duplicates', dupes) end
-redis.call('HINCRBY', KEYS[2], 'queued_total', #queued)
+redis.call('HINCRBY', KEYS[2], 'queued_total', queued)
 redis.call('HINCRBY', KEYS[#KEYS], 'received', #KEYS - 6)
 redis.call('EXPIRE', KEYS[#KEYS], ARGV[11])
-return {#queued, skipped, dead, dupes}
+return {queued, skipped, dead, dupes}
 """
 
 
@@ -252,8 +268,9 @@ class Enqueuer:
             kept,
             int(job.received_at),
             kinds,
-            b"\n".join(payloads),
+            b",".join(payloads),
             RATE_TTL_S,
+            " ".join(map(str, map(len, payloads))),
         ]
         try:
             wait = await self.check_durability()
