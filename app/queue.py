@@ -60,34 +60,50 @@ HEALTH_CHECK_SUFFIX = ":health-check"  # arq's health_check_key_suffix (arq/cons
 # KEYS: queue, stats, dead hash, dead body key, job key, seen key per notification...,
 #       and, last, this minute's rate key (RATE_PREFIX)
 # ARGV: job id, score, job ttl ms, seen ttl s, job prefix, job suffix, dead body, now,
-#       kinds (one letter per notification: "q" queue, "s" skip, "d" dead), and the
-#       notifications' JSON payloads joined by newlines (compact JSON never holds a raw one).
-#       Two arguments rather than two per notification: packing them is the client's cost.
-#       Then the rate key's TTL (s).
+#       kinds (one letter per notification: "q" queue, "s" skip, "d" dead), the
+#       notifications' JSON payloads joined by commas (as the job holds them), the rate key's
+#       TTL (s), and the payloads' lengths in bytes, separated by spaces.
+#       A few arguments rather than some per notification: packing them is the client's cost.
+# The usual message (every notification new and queued) becomes the job as sent; only another
+# one is cut into its notifications, by their lengths.
 _ENQUEUE_LUA = """
-local queued, skipped, dead, dupes = {}, 0, 0, 0
+local queued, skipped, dead, dupes = 0, 0, 0, 0
 local seen_ttl = tonumber(ARGV[4])
-local kinds, payloads, pos = ARGV[9], ARGV[10], 1
+local kinds, payloads = ARGV[9], ARGV[10]
+local new = {}
 for i = 6, #KEYS - 1 do
-  local kind = string.sub(kinds, i - 5, i - 5)
-  local stop = string.find(payloads, '\\n', pos, true) or (#payloads + 1)
-  local payload = string.sub(payloads, pos, stop - 1)
-  pos = stop + 1
   if redis.call('SET', KEYS[i], ARGV[8], 'NX', 'EX', seen_ttl) then
-    if kind == 'q' then
-      queued[#queued + 1] = payload
-    elseif kind == 's' then
-      skipped = skipped + 1
-    else
-      dead = dead + 1
-      redis.call('HSET', KEYS[3], KEYS[i], payload)
-    end
+    new[i] = true
   else
     dupes = dupes + 1
   end
 end
-if #queued > 0 then
-  redis.call('SET', KEYS[5], ARGV[5] .. table.concat(queued, ',') .. ARGV[6], 'PX', ARGV[3])
+local job = payloads
+if dupes > 0 or string.find(kinds, '[sd]') then
+  local kept, i, pos = {}, 5, 1
+  for length in string.gmatch(ARGV[12], '%d+') do
+    i = i + 1
+    local stop = pos + tonumber(length)
+    if new[i] then
+      local kind = string.sub(kinds, i - 5, i - 5)
+      if kind == 'q' then
+        kept[#kept + 1] = string.sub(payloads, pos, stop - 1)
+      elseif kind == 's' then
+        skipped = skipped + 1
+      else
+        dead = dead + 1
+        redis.call('HSET', KEYS[3], KEYS[i], string.sub(payloads, pos, stop - 1))
+      end
+    end
+    pos = stop + 1
+  end
+  job = table.concat(kept, ',')
+  queued = #kept
+else
+  queued = #KEYS - 6
+end
+if queued > 0 then
+  redis.call('SET', KEYS[5], ARGV[5] .. job .. ARGV[6], 'PX', ARGV[3])
   redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 end
 if skipped > 0 then redis.call('HINCRBY', KEYS[2], 'skipped', skipped) end
@@ -96,10 +112,10 @@ if dead > 0 then
   redis.call('HINCRBY', KEYS[2], 'dead_received', dead)
 end
 if dupes > 0 then redis.call('HINCRBY', KEYS[2], 'duplicates', dupes) end
-redis.call('HINCRBY', KEYS[2], 'queued_total', #queued)
+redis.call('HINCRBY', KEYS[2], 'queued_total', queued)
 redis.call('HINCRBY', KEYS[#KEYS], 'received', #KEYS - 6)
 redis.call('EXPIRE', KEYS[#KEYS], ARGV[11])
-return {#queued, skipped, dead, dupes}
+return {queued, skipped, dead, dupes}
 """
 
 
@@ -134,6 +150,17 @@ class QueueStats:
 
 def _seen_key(org15: str, dedupe_id: str) -> str:
     return f"{SEEN_PREFIX}{org15}:{dedupe_id}"
+
+
+def _seen_keys(org15: str, dedupe_ids: list[str]) -> list[bytes]:
+    """`_seen_key` of each id, encoded (as Redis gets them) in a few passes, not one per id."""
+    if not dedupe_ids:
+        return []
+    seen = _seen_key(org15, "")
+    keys = (seen + ("\n" + seen).join(dedupe_ids)).encode().split(b"\n")
+    if len(keys) != len(dedupe_ids):  # an id with a newline in it (never a Salesforce id)
+        keys = [_seen_key(org15, dedupe_id).encode() for dedupe_id in dedupe_ids]
+    return keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,28 +226,33 @@ class Enqueuer:
         `body` is the raw request, kept once (without its SessionId's content) beside the
         dead letters among `others`.
         """
-        body_sha = body_sha or hashlib.sha256(body).hexdigest()
         now_ms = int(job.received_at * 1000)
         job_id = uuid.uuid4().hex
-        keys = [
-            self._queue_name,
-            STATS_KEY,
-            DEAD_KEY,
-            DEAD_BODY_PREFIX + body_sha,
-            JOB_KEY_PREFIX + job_id,
-        ]
-        seen = _seen_key(job.organization_id, "")
-        keys += [seen + notification.id for notification in job.notifications]
-        keys += [seen + other.dedupe_id for other in others]
-        keys.append(f"{RATE_PREFIX}{int(job.received_at) // 60}")
         kinds = "q" * len(job.notifications) + "".join(
             "s" if other.dead_letter is None else "d" for other in others
         )
+        has_dead = "d" in kinds
+        if has_dead and body_sha is None:
+            body_sha = hashlib.sha256(body).hexdigest()
+        keys: list[Any] = [
+            self._queue_name,
+            STATS_KEY,
+            DEAD_KEY,
+            # Written only beside a dead letter: no digest of the body otherwise.
+            DEAD_BODY_PREFIX + (body_sha or "-"),
+            JOB_KEY_PREFIX + job_id,
+        ]
+        keys += _seen_keys(
+            job.organization_id,
+            [notification.id for notification in job.notifications]
+            + [other.dedupe_id for other in others],
+        )
+        keys.append(f"{RATE_PREFIX}{int(job.received_at) // 60}")
         payloads = [notification.dumps() for notification in job.notifications]
         payloads += [other.dead_letter or b"" for other in others]
         prefix, suffix = job.frame(now_ms)
         kept = b""
-        if "d" in kinds and body:
+        if has_dead and body:
             # Only a dead letter keeps the raw body, never the session id Salesforce may send
             # (imported here: app.soap loads lxml, which `sfrelay status` and `why` need not).
             from app.soap import without_session_id
@@ -236,8 +268,9 @@ class Enqueuer:
             kept,
             int(job.received_at),
             kinds,
-            b"\n".join(payloads),
+            b",".join(payloads),
             RATE_TTL_S,
+            " ".join(map(str, map(len, payloads))),
         ]
         try:
             wait = await self.check_durability()
@@ -251,7 +284,7 @@ class Enqueuer:
             raise QueueUnavailable(f"the queue (Redis) did not confirm the write: {exc}") from exc
         return EnqueueResult(queued, skipped, dead, dupes, job_id if queued else None)
 
-    async def _write_and_wait(self, wait: AckWait, keys: list[str], args: list[Any]) -> Any:
+    async def _write_and_wait(self, wait: AckWait, keys: list[Any], args: list[Any]) -> Any:
         """EVALSHA and the wait in one round trip (a pipeline, not a transaction: WAIT and
         WAITAOF block, which MULTI does not allow). redis-py's own script-in-pipeline support
         would first ask SCRIPT EXISTS, a second round trip: NOSCRIPT is handled here instead."""

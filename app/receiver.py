@@ -257,9 +257,17 @@ def _report_undeclared(seen: set[tuple[str, str]], message: OutboundMessage) -> 
 
 
 def to_job(
-    message: OutboundMessage, org15: str, body_sha: str, handled: frozenset[str]
+    message: OutboundMessage,
+    org15: str,
+    body_sha: str | None,
+    handled: frozenset[str],
+    body: bytes = b"",
 ) -> tuple[ApplyJob, list[NotQueued]]:
-    """The message's usable notifications as one job; the skipped and unusable beside it."""
+    """The message's usable notifications as one job; the skipped and unusable beside it.
+
+    `body_sha` (the body's SHA-256, hex), if None, is computed from `body` only when a
+    notification needs it: one without a usable id, or a dead letter.
+    """
     now = time.time()
     queued: list[JobNotification] = []
     others: list[NotQueued] = []
@@ -269,6 +277,8 @@ def to_job(
                 JobNotification(notification.id, notification.sobject, notification.fields)
             )
             continue
+        if body_sha is None:
+            body_sha = hashlib.sha256(body).hexdigest()
         # No notification id to dedupe on (or not an id at all: a 5,000-character one makes
         # no key): the same body and position is the same notification.
         if SF_ID_FORM.fullmatch(notification.id):
@@ -310,10 +320,9 @@ async def outbound_message(request: Request) -> Response:
                 raise UnknownOrganization(
                     f"organization {message.organization_id} is not in SFRELAY_ORG_IDS"
                 )
-            body_sha = hashlib.sha256(body).hexdigest()
-            job, others = to_job(message, org15, body_sha, state.handled)
+            job, others = to_job(message, org15, None, state.handled, body)
             with metrics.ENQUEUE_SECONDS.time():
-                result = await state.enqueuer.submit(job, others, body=body, body_sha=body_sha)
+                result = await state.enqueuer.submit(job, others, body=body)
     except RejectedMessage as exc:
         metrics.refused(exc)
         log.warning("refused (%s): %s", exc.status_code, exc.detail)

@@ -138,6 +138,30 @@ async def test_redelivery_and_rebatching_queue_only_new_notifications(
     assert redis_client.hget(STATS_KEY, "duplicates") == b"2"
 
 
+async def test_a_rebatched_message_is_cut_into_its_notifications_byte_for_byte(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """Names in any script, a skipped object and a redelivery in one message: only the new
+    Contacts are queued, each with its own fields, however many bytes a character takes."""
+    client = await make_client()
+    seen = contact(Email="seen@example.org", FirstName="Ødegård", LastName="Ζωή")
+    assert ACK_TEXT in (await client.post(URL, content=outbound_message([seen]), headers=XML)).text
+    for key in redis_client.scan_iter("arq:*"):
+        redis_client.delete(key)
+    account = Record("Account", {"Id": "0011I000008ZxYzQAK", "Name": "Ünïcödé & Söhne"})
+    first = contact(Email="first@example.org", FirstName="鈴木", LastName="𠮷野")
+    last = contact(Email="last@example.org", FirstName="Zoë", LastName='O\'Brien, "Jr"')
+    body = outbound_message([seen, first, account, last])
+    assert ACK_TEXT in (await client.post(URL, content=body, headers=XML)).text
+    [job] = queued_jobs(redis_client)
+    assert [(n.id, n.fields["FirstName"], n.fields["LastName"]) for n in job.notifications] == [
+        (first.notification_id, "鈴木", "𠮷野"),
+        (last.notification_id, "Zoë", 'O\'Brien, "Jr"'),
+    ]
+    assert redis_client.hget(STATS_KEY, "skipped") == b"1"
+    assert redis_client.hget(STATS_KEY, "duplicates") == b"1"
+
+
 async def test_unhandled_objects_are_acked_and_counted_as_skipped(
     make_client: ClientFactory, redis_client: redis.Redis
 ) -> None:

