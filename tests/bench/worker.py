@@ -44,7 +44,7 @@ ACTION_ID = "04k5g000000Gm7REAS"
 JOB_SIZE = 100
 # SFRELAY_WORKER_BATCH_SIZE's default; the same for the worker and the ceiling
 BATCH: int = Settings.model_fields["worker_batch_size"].default
-TARGETS = {"sqlite": 5000.0, "postgresql": 3000.0}
+TARGETS = {"sqlite": 10_000.0, "postgresql": 6_000.0}  # issue 10: twice the worker of before
 RSS_TARGET_MB = 20.0
 FIELDS = ("first_name", "last_name", "salesforce_id")
 
