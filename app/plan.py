@@ -341,6 +341,7 @@ class Planner:
         picked: dict[int, str] = {}
         claimed: dict[Key, int] = {}  # key -> who took it in this batch
         taken = await store.taken_names(conn, set(wanted.values()))
+        reprobed: set[str] = set()  # bases whose suffix was probed again in this batch
         while wanted:
             unknown = {keys[b] for b in wanted.values()} & taken - self.suffixes.keys()
             if unknown:
@@ -373,7 +374,17 @@ class Planner:
                     continue
                 picked[key], claimed[keys[name]] = name, key
             if behind:  # memory is behind the database: read it again (never go back)
-                for bk, n in (await store.max_suffixes(conn, behind, exact=True)).items():
+                # Probed again first (another worker took names since: the probe finds its
+                # picks); read exactly (every namesake) only for a base behind twice, where
+                # a gap or a case difference misleads the probe.
+                exact = behind & reprobed
+                reprobed |= behind
+                found = {}
+                if behind - exact:
+                    found.update(await store.max_suffixes(conn, behind - exact))
+                if exact:
+                    found.update(await store.max_suffixes(conn, exact, exact=True))
+                for bk, n in found.items():
                     self.suffixes[bk] = max(self.suffixes.get(bk, 1), n)
             wanted = retry
         for key, name in picked.items():

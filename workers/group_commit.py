@@ -24,6 +24,7 @@ from workers.metrics import batch_applied
 
 logger = logging.getLogger("sfrelay.worker")
 
+TURN_HOLD_S = 2.0  # how long one worker may keep the writer turn while it has jobs
 # Syncer.apply (notifications) or Syncer.apply_prepared (what Syncer.prepare made of them):
 # one Outcome per item, in order.
 Apply = Callable[[Sequence[Any]], Awaitable[list[Outcome]]]
@@ -102,7 +103,14 @@ class GroupCommit:
             try:
                 async with self._turn():
                     self._stop_turn_clock()
+                    # Batch after batch while jobs wait, up to TURN_HOLD_S: a turn handed to
+                    # another process costs more than its batch (SQLite drops a process's page
+                    # cache whenever another one wrote the file), and the others' jobs wait
+                    # seconds, far below their deadlines.
+                    until = time.monotonic() + TURN_HOLD_S
                     await self._take_and_apply()
+                    while self._pending and time.monotonic() < until:
+                        await self._take_and_apply()
             finally:
                 self._stop_turn_clock()
 
