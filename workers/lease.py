@@ -6,8 +6,9 @@ at once wins over one that sleeps in its busy handler, and a waiting worker's jo
 time. So workers of one database take turns, first come first served, before they take the
 database lock: a worker waiting for its turn registers in a Redis sorted set (by arrival
 time); the turn goes to the longest waiting worker when the lease is free. A worker gives its
-turn back after each batch, so two busy workers alternate batch by batch, and the lease
-expires (LEASE_S, renewed while held) when a worker dies holding it.
+turn back once its waiting jobs are written, or after workers.group_commit.TURN_HOLD_S of
+consecutive batches, so two busy workers alternate every few batches, and the lease expires
+(LEASE_S, renewed while held) when a worker dies holding it.
 
 If Redis cannot be asked, the worker goes on without its turn: the database lock still keeps
 the writes correct.
