@@ -47,7 +47,7 @@ from app.errors import (
 from app.jobs import ApplyJob, JobNotification, Source
 from app.queue import READY_PROBE_KEY, Enqueuer, NotQueued
 from app.sfid import SF_ID_FORM, canonical_id
-from app.soap import ACK, OutboundMessage, fault, parse_message
+from app.soap import ACK, Notification, OutboundMessage, fault, parse_message
 from app.wsdl import Contract
 
 log = logging.getLogger("sfrelay.receiver")
@@ -256,29 +256,35 @@ def _report_undeclared(seen: set[tuple[str, str]], message: OutboundMessage) -> 
                 )
 
 
+def _queueable(notification: Notification, handled: frozenset[str]) -> bool:
+    return notification.problem is None and notification.sobject in handled
+
+
+def body_digest(message: OutboundMessage, handled: frozenset[str], body: bytes) -> str | None:
+    """The body's SHA-256 (hex), which only a notification that is not queued needs (to be
+    deduped without a usable id, or kept as a dead letter beside the body); None when every
+    one is queued, the usual message: no digest of its ~50 KB on the ack path."""
+    if all(_queueable(n, handled) for n in message.notifications):
+        return None
+    return hashlib.sha256(body).hexdigest()
+
+
 def to_job(
-    message: OutboundMessage,
-    org15: str,
-    body_sha: str | None,
-    handled: frozenset[str],
-    body: bytes = b"",
+    message: OutboundMessage, org15: str, body_sha: str | None, handled: frozenset[str]
 ) -> tuple[ApplyJob, list[NotQueued]]:
     """The message's usable notifications as one job; the skipped and unusable beside it.
-
-    `body_sha` (the body's SHA-256, hex), if None, is computed from `body` only when a
-    notification needs it: one without a usable id, or a dead letter.
-    """
+    `body_sha`: body_digest()'s, required when a notification is not queued."""
     now = time.time()
     queued: list[JobNotification] = []
     others: list[NotQueued] = []
     for index, notification in enumerate(message.notifications):
-        if notification.problem is None and notification.sobject in handled:  # the usual case
+        if _queueable(notification, handled):  # the usual case
             queued.append(
                 JobNotification(notification.id, notification.sobject, notification.fields)
             )
             continue
         if body_sha is None:
-            body_sha = hashlib.sha256(body).hexdigest()
+            raise ValueError("to_job: a notification that is not queued needs the body's digest")
         # No notification id to dedupe on (or not an id at all: a 5,000-character one makes
         # no key): the same body and position is the same notification.
         if SF_ID_FORM.fullmatch(notification.id):
@@ -320,9 +326,10 @@ async def outbound_message(request: Request) -> Response:
                 raise UnknownOrganization(
                     f"organization {message.organization_id} is not in SFRELAY_ORG_IDS"
                 )
-            job, others = to_job(message, org15, None, state.handled, body)
+            body_sha = body_digest(message, state.handled, body)
+            job, others = to_job(message, org15, body_sha, state.handled)
             with metrics.ENQUEUE_SECONDS.time():
-                result = await state.enqueuer.submit(job, others, body=body)
+                result = await state.enqueuer.submit(job, others, body=body, body_sha=body_sha)
     except RejectedMessage as exc:
         metrics.refused(exc)
         log.warning("refused (%s): %s", exc.status_code, exc.detail)

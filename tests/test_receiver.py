@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ import orjson
 import pytest
 import redis
 
-from app.config import Settings
+from app.config import DEFAULT_WSDL_DIR, Settings
 from app.jobs import ApplyJob, JobNotification, Source
 from app.jobs import read as read_job
 from app.main import create_app
@@ -24,7 +25,10 @@ from app.queue import (
     SEEN_PREFIX,
     STATS_KEY,
 )
+from app.receiver import body_digest
 from app.sfid import canonical_id
+from app.soap import parse_message
+from app.wsdl import load_contract
 from tests.conftest import shared_message
 from tests.factories import ORG_ID
 from tests.messages import Record, contact, outbound_message
@@ -452,3 +456,17 @@ async def test_start_up_warns_when_redis_would_not_keep_acked_messages(
         "Redis may evict keys (maxmemory-policy allkeys-lru): queued jobs could vanish; "
         "set maxmemory-policy noeviction",
     ]
+
+
+def test_the_body_is_digested_only_when_a_notification_is_not_queued() -> None:
+    """The ack path hashes the ~50 KB body only for what needs it: a skipped object or a
+    dead letter (deduped by body and position, kept beside the body)."""
+    contract = load_contract(DEFAULT_WSDL_DIR)
+    usual = outbound_message([contact(Email="a@example.org"), contact(Email="b@example.org")])
+    mixed = outbound_message(
+        [contact(Email="c@example.org"), Record("Account", {"Id": "0011I000008ZxYzQAK"})]
+    )
+    handled = frozenset({"Contact", "Lead"})
+    assert body_digest(parse_message(usual, contract, handled), handled, usual) is None
+    digest = body_digest(parse_message(mixed, contract, handled), handled, mixed)
+    assert digest == hashlib.sha256(mixed).hexdigest()

@@ -64,7 +64,19 @@ async def update_rows(
         await conn.exec_driver_sql(update_sql(conn.dialect, table, columns, keys), list(rows))
 
 
-SELECT_CHUNK = 1024  # values per IN (...): far below every backend's bound-parameter limit
+# Values per IN (...): padded (below) to at most 512, under SQLite's oldest bound-parameter
+# limit (999) and every other backend's.
+SELECT_CHUNK = 512
+
+
+def padded(values: Sequence[Any]) -> tuple[Any, ...]:
+    """`values` with the last one repeated up to a power of two (16 at least): an IN list or
+    a row of keys has a few statement texts, not one per count; each is prepared once and
+    stays in the driver's statement cache (128 per connection on SQLite: one text per count
+    kept ~10 MB of prepared statements, and SQLAlchemy's compiled cache more, growing batch
+    by batch). The repeated value matches nothing more."""
+    size = max(16, 1 << (len(values) - 1).bit_length())
+    return (*values, *[values[-1]] * (size - len(values)))
 
 
 @lru_cache(maxsize=256)
@@ -103,13 +115,8 @@ async def _each_chunk(
         if array:
             yield await conn.exec_driver_sql(in_sql(conn.dialect, sql, 0), (chunk,))
             continue
-        # A few statement texts, not one per count: each is prepared once and stays in the
-        # driver's statement cache (128 per connection on SQLite: one text per count kept
-        # ~10 MB of prepared statements, growing batch by batch). The last value repeated
-        # matches nothing more.
-        size = max(16, 1 << (len(chunk) - 1).bit_length())
-        padded = (*chunk, *[chunk[-1]] * (size - len(chunk)))
-        yield await conn.exec_driver_sql(in_sql(conn.dialect, sql, size), padded)
+        bound = padded(chunk)
+        yield await conn.exec_driver_sql(in_sql(conn.dialect, sql, len(bound)), bound)
 
 
 @lru_cache(maxsize=64)

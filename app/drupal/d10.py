@@ -58,7 +58,7 @@ _BASE_COLUMNS = {
 _USERS = (
     "SELECT uid, name, mail, langcode, default_langcode, login FROM users_field_data WHERE uid {in}"
 )
-_ROLES_HELD = "SELECT entity_id, roles_target_id, delta FROM user__roles WHERE entity_id {in}"
+_ROLE_DELTAS = "SELECT entity_id, roles_target_id, delta FROM user__roles WHERE entity_id {in}"
 _HELD_ROLES = (
     "SELECT entity_id, roles_target_id FROM user__roles WHERE deleted = 0 AND entity_id {in}"
 )
@@ -244,7 +244,7 @@ class Drupal10(Lookups):
             return
         have: dict[int, dict[str, int]] = defaultdict(dict)  # uid -> role -> delta
         uids = sorted({c.uid for c in changes})
-        for uid, role, delta in await select_in(conn, _ROLES_HELD, uids):
+        for uid, role, delta in await select_in(conn, _ROLE_DELTAS, uids):
             have[int(uid)][role] = int(delta)
         rows = []
         for change in changes:

@@ -177,9 +177,13 @@ _COLUMNS = (
 )
 
 
+def _history(state: RecordState) -> str:
+    return orjson.dumps(state.history).decode()
+
+
 def _values(state: RecordState, now: float) -> tuple[Any, ...]:
     """The _COLUMNS of a state's row."""
-    history = orjson.dumps(state.history).decode()
+    history = _history(state)
     return (
         state.object,
         state.uid,
@@ -207,8 +211,9 @@ async def save(conn: AsyncConnection, states: Iterable[RecordState]) -> None:
         if not state.stored:
             new.append((state.sf_id, *_values(state, now)))
         elif state.mapping == (state.object, state.uid, state.converted_to):
-            history = orjson.dumps(state.history).decode()
-            routine.append((state.modstamp, state.notification_id, history, now, state.sf_id))
+            routine.append(
+                (state.modstamp, state.notification_id, _history(state), now, state.sf_id)
+            )
         else:
             changed.append((*_values(state, now), state.sf_id))
     await insert_rows(conn, records.name, ("sf_id", *_COLUMNS), new)

@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import TableClause
 
-from app.drupal.bulk import placeholders, update_rows
+from app.drupal.bulk import padded, placeholders, update_rows
 from app.drupal.engine import nocase_key
 
 # What a name or mail is compared by, as the database compares it: text (SQLite, PostgreSQL)
@@ -222,12 +222,10 @@ class Equality:
                 rows = await conn.execute(query, {"vals": chunk})
                 found.update((v, self.post(k)) for v, k in rows)
                 continue
-            # Straight through the driver, padded to a few sizes: one statement text per
-            # count (compiled, then cached by SQLAlchemy and the driver) grew the worker's
-            # memory batch by batch.
-            size = max(16, 1 << (len(chunk) - 1).bit_length())
-            padded = (*chunk, *[chunk[-1]] * (size - len(chunk)))
-            row = (await conn.exec_driver_sql(await self._keys_sql(conn, size), padded)).one()
+            # Straight through the driver, padded to a few sizes (bulk.padded).
+            values = padded(chunk)
+            sql = await self._keys_sql(conn, len(values))
+            row = (await conn.exec_driver_sql(sql, values)).one()
             found.update((v, self.post(k)) for v, k in zip(chunk, row, strict=False))
         return found
 
