@@ -130,6 +130,33 @@ async def test_a_name_equal_to_a_stored_one_only_through_the_kelvin_sign(
     await names_are_unique(site)
 
 
+async def test_suffixed_namesakes_stored_in_another_case_and_a_second_worker(
+    drupal_site: DrupalSite,
+) -> None:
+    """Members registered in Drupal as "Rosa ØDEGAARD", "_2" and "_3" (SQLite's lower()
+    keeps the Ø, so the suffix probe misses them; NOCASE_UTF8 and the other databases do
+    not), then a second worker whose memory of the suffixes is behind the first's: every
+    Contact still gets a name of its own, never one the unique index refuses."""
+    site = drupal_site
+    for n, name in enumerate(["Rosa ØDEGAARD", "Rosa ØDEGAARD_2", "Rosa ØDEGAARD_3"]):
+        await add_member(site, name, f"member{n}@example.com")
+    one, two = await open_syncer(site), await open_syncer(site)
+    first = await one.apply(spelling_notes(1, ["Rosa Ødegaard"]))
+    second = await two.apply(spelling_notes(2, ["Rosa Ødegaard", "Rosa ødegaard"]))
+    third = await one.apply(spelling_notes(4, ["Rosa Ødegaard"]))
+    await one.close()
+    await two.close()
+    outcomes = [*first, *second, *third]
+    assert [o.kind for o in outcomes] == ["created"] * 4, outcomes
+    names = await created_names(site, outcomes)
+    assert len({n.casefold() for n in names}) == 4, names
+    # "Rosa Ødegaard" equals "Rosa ØDEGAARD" for every database: suffixed past _3. "Rosa
+    # ødegaard" is another name where the database says so (Drupal 7 on SQLite: lower()).
+    suffixes = [int(n.rpartition("_")[2]) for n in (names[0], names[1], names[3])]
+    assert all(n > 3 for n in suffixes) and len(set(suffixes)) == 3, names
+    await names_are_unique(site)
+
+
 async def test_two_workers_with_colliding_international_names(drupal_site: DrupalSite) -> None:
     site = drupal_site
     one, two = await open_syncer(site), await open_syncer(site)
