@@ -165,12 +165,11 @@ def cmd_queue_purge(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from arq.worker import create_worker
     from redis.exceptions import RedisError
 
     # app/ never imports workers/ at module level: the receiver's image needs no worker code.
     worker_main = importlib.import_module("workers.main")
-    worker = create_worker(worker_main.worker_options(settings), burst=args.burst)
+    worker = worker_main.Worker(settings, burst=args.burst)
     try:
         worker.run()
     except (RedisError, OSError) as exc:

@@ -17,12 +17,11 @@ from typing import Any
 
 import pytest
 import redis
-from arq.worker import Worker
 
 from app.config import Settings
 from app.drupal.engine import nocase_utf8
 from tests.servers import SHARED, RedisServer
-from workers.main import worker_options
+from workers.main import Worker
 
 DRUPAL10 = SHARED / "drupal" / "sites" / "drupal10-standard.sqlite"
 PROJECT = Path(__file__).resolve().parent.parent
@@ -55,7 +54,7 @@ def worker_settings(settings: Settings, drupal_db: Path) -> Settings:
 async def run_worker(settings: Settings, **overrides: Any) -> Worker:
     """Drain the queue with a real arq Worker in this process (burst mode)."""
     options = {"burst": True, "handle_signals": False, "poll_delay": 0.01, **overrides}
-    worker = Worker(**worker_options(settings, **options))
+    worker = Worker(settings, **options)
     try:
         await worker.async_run()
     finally:

@@ -14,7 +14,7 @@ from app.sync import Syncer
 from tests.factories import note, sf
 from tests.fixtures_worker import drupal_users
 from workers.group_commit import GroupCommit, WriterBusy
-from workers.lease import WriterLease, database_key
+from workers.lease import ACTIVE_S, Election, WriterLease, active_key, database_key
 
 
 @pytest.fixture
@@ -32,6 +32,26 @@ def test_one_key_per_database_however_spelled(tmp_path: Path) -> None:
     assert database_key(f"sqlite:///{tmp_path}/x.sqlite") == database_key(
         f"sqlite:///{tmp_path}/./x.sqlite"
     )
+
+
+async def test_one_worker_per_database_and_queue_takes_jobs_until_it_stops(
+    worker_settings: Settings, aredis: Redis
+) -> None:
+    url, queue = worker_settings.database_url, worker_settings.queue_name
+    first, second = Election(url, queue), Election(url, queue)
+    assert await first.elect(aredis) and not await second.elect(aredis)
+    assert await first.elect(aredis) and not await second.elect(aredis)  # still the same
+    # Another queue into the same database has its own active worker.
+    assert await Election(url, queue + "-other").elect(aredis)
+    # A claim lasts ACTIVE_S unless renewed: a dead worker is replaced after that.
+    key = active_key(url, queue)
+    assert 0 < await aredis.pttl(key) <= ACTIVE_S * 1000
+    await first.resign(aredis)
+    assert await second.elect(aredis) and not await first.elect(aredis)
+    await first.resign(aredis)  # not its claim: the other's stays
+    assert await aredis.get(key) == second.token.encode()
+    await second.resign(aredis)
+    assert not await aredis.exists(key)
 
 
 async def test_turns_are_taken_in_arrival_order(worker_settings: Settings, aredis: Redis) -> None:

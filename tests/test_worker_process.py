@@ -27,7 +27,7 @@ from app.queue import (
 )
 from tests.factories import apply_job, new_contacts, sf_id
 from tests.fixtures_worker import PROJECT, WorkerProcess, drupal_users, settings_env
-from workers.lease import LEASE_S, database_key
+from workers.lease import ACTIVE_S, LEASE_S, active_key, database_key
 
 Starter = type[WorkerProcess]
 
@@ -170,10 +170,13 @@ def test_sigkill_mid_job_the_next_worker_runs_the_job_again_once(
     assert redis_client.get(RETRY_KEY_PREFIX + job_id) == b"1"  # started once, never finished
     assert emails(drupal_db) == []
     # The killed worker's in-progress mark would expire after the job timeout + 10 s (arq),
-    # its writer lease after LEASE_S: expire both now, as Redis would then.
+    # its writer lease after LEASE_S, its claim to take jobs after ACTIVE_S: expire them now,
+    # as Redis would then.
+    active = active_key(settings.database_url, settings.queue_name)
     assert 0 < redis_client.pttl(in_progress) <= (60 + 10) * 1000
     assert 0 < redis_client.pttl(lease) <= LEASE_S * 1000
-    redis_client.delete(in_progress, lease)
+    assert 0 < redis_client.pttl(active) <= ACTIVE_S * 1000
+    redis_client.delete(in_progress, lease, active)
     second = worker_process(settings, tmp_path, "--burst")
     assert second.wait(40) == 0
     # Run again, once: every Contact created once, with one attempt in its history, nothing

@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 from sqlalchemy.engine import make_url
 
@@ -141,3 +142,84 @@ class WriterLease:
             await asyncio.sleep(RENEW_S)
             with suppress(RedisError, OSError):
                 await self._renew(keys=self.keys[:1], args=[self.token, int(LEASE_S * 1000)])
+
+
+ACTIVE_S = 5.0  # a dead or stuck active worker is replaced after this
+
+# KEYS: active. ARGV: token, ms. 1 = this worker is the one taking jobs.
+_ELECT = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if holder then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+# KEYS: active. ARGV: token.
+_GIVE_ACTIVE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def active_key(database_url: str, queue_name: str) -> str:
+    """Who takes jobs of `queue_name` for this database (another queue has its own)."""
+    return f"{database_key(database_url)}:active:{queue_name}"
+
+
+class Election:
+    """One worker per database and queue takes jobs; the others stand by.
+
+    Every worker asks `active()` before each look at the queue (every 50 ms): the first to ask
+    becomes the active one and stays so while it keeps asking; the others take no jobs. A
+    worker that stops (SIGTERM, the memory guard, --burst done) resigns, so a standby takes
+    over at its next look; one that dies or hangs is replaced ACTIVE_S later. Writes are one
+    at a time per database anyway (the writer lease above, then the database's own lock):
+    a second worker taking jobs only took CPU from the one writing and handed the turn, and
+    SQLite's page cache, back and forth (the nightly benchmark: ~20% slower than one).
+
+    If Redis cannot be asked, the worker takes jobs: the writer lease and the database lock
+    keep the writes correct.
+    """
+
+    def __init__(self, database_url: str, queue_name: str) -> None:
+        self.key = active_key(database_url, queue_name)
+        self.token = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.active: bool | None = None  # unknown until first asked
+        self._client: Redis | None = None
+
+    def _scripts(self, redis: Redis) -> tuple[AsyncScript, AsyncScript]:
+        if self._client is not redis:
+            self._client = redis
+            self._elect, self._give = (
+                redis.register_script(_ELECT),
+                redis.register_script(_GIVE_ACTIVE),
+            )
+        return self._elect, self._give
+
+    async def elect(self, redis: Redis) -> bool:
+        """Whether this worker takes jobs now (and keeps it so for ACTIVE_S)."""
+        try:
+            elect = self._scripts(redis)[0]
+            won = bool(await elect(keys=[self.key], args=[self.token, int(ACTIVE_S * 1000)]))
+        except (RedisError, OSError):
+            won = True  # arq's own look at the queue reports Redis failing
+        if won != self.active:
+            if won:
+                logger.info("taking jobs: the active worker of this database and queue")
+            else:
+                logger.info(
+                    "standing by: another worker takes this database's jobs; this one takes "
+                    "over within %.0f s of its stopping",
+                    ACTIVE_S,
+                )
+            self.active = won
+        return won
+
+    async def resign(self, redis: Redis) -> None:
+        """Let a standby take over at once (this worker takes no more jobs)."""
+        with suppress(RedisError, OSError):
+            await self._scripts(redis)[1](keys=[self.key], args=[self.token])
+        self.active = False

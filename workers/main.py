@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import gc
 import math
+from signal import Signals
 from typing import Any
 
 from arq.connections import RedisSettings
+from arq.worker import Worker as ArqWorker
 
 from app.config import Settings
 from app.jobs import deserialize, serialize
 from app.soap import MAX_NOTIFICATIONS
 from workers import polls, tasks
+from workers.lease import Election
 
 # Jobs run at once by one worker; their notifications are applied together (group commit):
 # two batches' worth (SFRELAY_WORKER_BATCH_SIZE), so one gathers while the other is written,
@@ -74,6 +77,42 @@ def worker_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
     }
     options.update(overrides)
     return options
+
+
+class Worker(ArqWorker):
+    """arq's Worker, taking jobs only while it is the active worker of its database and queue
+    (workers.lease.Election); a standby keeps its heart beat (health check, cron) and waits."""
+
+    def __init__(self, settings: Settings, **overrides: Any) -> None:
+        super().__init__(**worker_options(settings, **overrides))
+        self.election = Election(settings.database_url, settings.queue_name)
+        self._stopping = False
+
+    async def _poll_iteration(self) -> None:
+        # arq 0.28 (pinned): jobs are picked in _poll_iteration while allow_pick_jobs, which
+        # its SIGTERM handler clears for good; a standby clears it for this one look only.
+        if self._stopping or not self.allow_pick_jobs:
+            if self.election.active is not False:
+                await self.election.resign(self.pool)
+            await super()._poll_iteration()
+            return
+        standby = not await self.election.elect(self.pool)
+        if standby:
+            self.allow_pick_jobs = False
+        try:
+            await super()._poll_iteration()
+        finally:
+            if standby and not self._stopping:
+                self.allow_pick_jobs = True
+
+    def handle_sig_wait_for_completion(self, signum: Signals) -> None:
+        self._stopping = True
+        super().handle_sig_wait_for_completion(signum)
+
+    async def close(self) -> None:
+        if self._pool is not None and self.election.active:
+            await self.election.resign(self.pool)
+        await super().close()
 
 
 def __getattr__(name: str) -> Any:
