@@ -54,6 +54,21 @@ async def test_one_worker_per_database_and_queue_takes_jobs_until_it_stops(
     assert not await aredis.exists(key)
 
 
+async def test_a_worker_whose_database_fails_stands_by_for_a_while(
+    worker_settings: Settings, aredis: Redis
+) -> None:
+    url, queue = worker_settings.database_url, worker_settings.queue_name
+    first, second = Election(url, queue), Election(url, queue)
+    assert await first.elect(aredis)
+    await first.step_down(aredis, seconds=0.3)
+    assert await second.elect(aredis)  # the standby takes the jobs at once
+    await second.resign(aredis)
+    assert not await first.elect(aredis)  # free, but it is paused
+    assert not await aredis.exists(active_key(url, queue))
+    await asyncio.sleep(0.35)
+    assert await first.elect(aredis)  # nobody else: it takes the jobs again
+
+
 async def test_turns_are_taken_in_arrival_order(worker_settings: Settings, aredis: Redis) -> None:
     leases = [WriterLease(aredis, worker_settings.database_url) for _ in range(3)]
     order: list[int] = []

@@ -55,6 +55,8 @@ async def test_a_read_only_database_is_retried_and_applied_once_writable_nothing
     assert emails(drupal_db) == expected(0, 500)
     assert await list_dead_letters(settings) == []
     assert "attempt to write a readonly database; retrying in" in worker.output()
+    # Alone, it stood by after each failed batch, then took the jobs again.
+    assert "the database failed this worker's batch: standing by for 5 s" in worker.output()
 
 
 async def test_a_dead_letter_of_a_transient_error_is_replayed_to_success(

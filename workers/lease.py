@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -189,6 +190,7 @@ class Election:
         self.token = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}"
         self.active: bool | None = None  # unknown until first asked
         self._client: Redis | None = None
+        self._paused_until = 0.0  # monotonic; see step_down
 
     def _scripts(self, redis: Redis) -> tuple[AsyncScript, AsyncScript]:
         if self._client is not redis:
@@ -201,6 +203,9 @@ class Election:
 
     async def elect(self, redis: Redis) -> bool:
         """Whether this worker takes jobs now (and keeps it so for ACTIVE_S)."""
+        if time.monotonic() < self._paused_until:
+            self.active = False
+            return False
         try:
             elect = self._scripts(redis)[0]
             won = bool(await elect(keys=[self.key], args=[self.token, int(ACTIVE_S * 1000)]))
@@ -217,6 +222,19 @@ class Election:
                 )
             self.active = won
         return won
+
+    async def step_down(self, redis: Redis, seconds: float = ACTIVE_S) -> None:
+        """This worker's database writes fail as a whole (unreachable, read-only, too slow):
+        let a standby, which may reach the database another way, take the jobs for
+        `seconds`; with none, this worker takes them again after that."""
+        if self.active is not False:
+            logger.warning(
+                "the database failed this worker's batch: standing by for %.0f s so that "
+                "another worker of this database may take the jobs",
+                seconds,
+            )
+        self._paused_until = time.monotonic() + seconds
+        await self.resign(redis)
 
     async def resign(self, redis: Redis) -> None:
         """Let a standby take over at once (this worker takes no more jobs)."""

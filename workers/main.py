@@ -15,6 +15,7 @@ from app.jobs import deserialize, serialize
 from app.soap import MAX_NOTIFICATIONS
 from workers import polls, tasks
 from workers.lease import Election
+from workers.tasks import ELECTION
 
 # Jobs run at once by one worker; their notifications are applied together (group commit):
 # two batches' worth (SFRELAY_WORKER_BATCH_SIZE), so one gathers while the other is written,
@@ -86,6 +87,7 @@ class Worker(ArqWorker):
     def __init__(self, settings: Settings, **overrides: Any) -> None:
         super().__init__(**worker_options(settings, **overrides))
         self.election = Election(settings.database_url, settings.queue_name)
+        self.ctx[ELECTION] = self.election  # the task steps down when the database fails
         self._stopping = False
 
     async def _poll_iteration(self) -> None:

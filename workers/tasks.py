@@ -28,11 +28,12 @@ from app.queue import count_outcomes, enqueue_apply
 from app.sync import Syncer
 from workers import metrics as worker_metrics
 from workers.group_commit import GroupCommit, WriterBusy
-from workers.lease import WriterLease
+from workers.lease import Election, WriterLease
 
 logger = logging.getLogger("sfrelay.worker")
 
 STATE = "sfrelay"
+ELECTION = "sfrelay_election"  # workers.main.Worker's Election (absent under arq's own CLI)
 # Tries on top of SFRELAY_MAX_TRIES for a job whose runs were interrupted (worker killed or
 # stopped mid-job); arq gets this many more, and the task dead-letters the job on the last.
 INTERRUPTED_TRIES = 10
@@ -145,6 +146,9 @@ async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
             return
         except (RetryableError, TimeoutError) as exc:
             reason = str(exc) or "the database gave no answer in time"
+            election: Election | None = ctx.get(ELECTION)
+            if election is not None:
+                await election.step_down(redis)
             if job_try < settings.max_tries:
                 delay = backoff_s(settings, job_try)
                 logger.warning(
