@@ -32,6 +32,13 @@ log = logging.getLogger("sfrelay.receiver")
 
 # Descriptors the process needs beside client connections: listening socket, Redis pool, logs.
 RESERVED_DESCRIPTORS = 128
+# A refused connection is answered, half-closed, and read (what arrives is dropped) until the
+# client closes its side or LINGER_S passes: RFC 9112 9.6's "TCP reset problem". Closed at
+# once, a socket with unread client bytes (a trickler's next header line) sends a reset, which
+# can destroy the 408/503 before the client reads it. At most MAX_LINGERING at once (beyond
+# that, closed at once); they keep their descriptors, reserved beside the cap's.
+LINGER_S = 2.0
+MAX_LINGERING = 1024
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,13 @@ def _response(status: str, text: str) -> bytes:
 
 # Connections of one server that are waiting for a request head, oldest first.
 _waiting: WeakKeyDictionary[ServerState, dict[GuardedHttpProtocol, None]] = WeakKeyDictionary()
+# Refused connections of one server that are answered and half-closed (see LINGER_S).
+_lingering: WeakKeyDictionary[ServerState, set[GuardedHttpProtocol]] = WeakKeyDictionary()
+
+
+def lingering(server_state: ServerState) -> int:
+    """Refused connections of this server still answered, half-closed and read (LINGER_S)."""
+    return len(_lingering.get(server_state, ()))
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -68,6 +82,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.limits = limits
         self.head_deadline: asyncio.TimerHandle | None = None
         self.waiting = _waiting.setdefault(server_state, {})
+        self.lingering = _lingering.setdefault(server_state, set())
+        self.linger: asyncio.TimerHandle | None = None
 
     # --- the request-head deadline --------------------------------------------------------------
 
@@ -95,10 +111,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         )
 
     def _close_with(self, status: str, text: str) -> None:
+        if self.linger is not None:
+            return  # answered already and half-closed
         metrics.connection_refused(status)  # metrics: refusals by reason
         self._head_arrived()
         if not self.transport.is_closing():
             self.transport.write(_response(status, text))
+            if len(self.lingering) < MAX_LINGERING and self.transport.can_write_eof():
+                # The answer, then FIN; what the client still sends is read and dropped until
+                # it closes its side (eof_received: asyncio then closes) or LINGER_S passes.
+                # uvicorn still knows it (its shutdown closes it); the cap no longer counts it.
+                self.transport.write_eof()
+                self.lingering.add(self)
+                self.linger = self.loop.call_later(LINGER_S, self.transport.close)
+                return
             self.transport.close()
         # Closing: no longer counted against the cap (uvicorn forgets it once the socket is gone).
         self.connections.discard(self)
@@ -107,7 +133,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.limits.max_connections:
+        if len(self.connections) - len(self.lingering) > self.limits.max_connections:
             if self.waiting:
                 oldest = next(iter(self.waiting))
                 oldest._close_with("503 Service Unavailable", "too many connections")
@@ -115,6 +141,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self._close_with("503 Service Unavailable", "too many connections")
                 return
         self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        if self.linger is not None:
+            return  # refused and half-closed: dropped unparsed
+        super().data_received(data)
 
     def on_headers_complete(self) -> None:
         self._head_arrived()
@@ -127,12 +158,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_arrived()
+        if self.linger is not None:
+            self.linger.cancel()
+            self.lingering.discard(self)
         super().connection_lost(exc)
 
 
 def connection_limits(settings: Settings) -> ConnectionLimits:
     """The limits to serve with; raises the descriptor limit so the cap can be honoured."""
-    wanted = settings.max_connections + RESERVED_DESCRIPTORS
+    reserved = RESERVED_DESCRIPTORS + MAX_LINGERING
+    wanted = settings.max_connections + reserved
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
@@ -143,7 +178,7 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
             pass
     max_connections = settings.max_connections
     if soft != resource.RLIM_INFINITY and soft < wanted:
-        max_connections = max(1, soft - RESERVED_DESCRIPTORS)
+        max_connections = max(1, soft - reserved)
         log.warning(
             "SFRELAY_MAX_CONNECTIONS=%d needs %d file descriptors, the limit is %d: serving at "
             "most %d connections; raise the limit (ulimit -n) or lower SFRELAY_MAX_CONNECTIONS",
