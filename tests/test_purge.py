@@ -10,16 +10,18 @@ from pathlib import Path
 import orjson
 import pytest
 import redis
+from redis.asyncio import Redis as AsyncRedis
 
 from app.cli import main
 from app.config import Settings
 from app.jobs import ApplyJob, JobNotification, Source
 from app.purge import DETAIL, run_purge
-from app.queue import Enqueuer, queue_stats, redis_client
+from app.queue import IN_PROGRESS_KEY_PREFIX, Enqueuer, queue_stats, redis_client
 from tests.drupal_rows import note, sf
 from tests.fixtures_worker import WorkerProcess, drupal_users, settings_env
 from tests.sfserver import FakeOrg
 from tests.test_reconcile import T0, rc_settings
+from workers.lease import WriterLease
 
 __all__ = ["rc_settings"]
 
@@ -147,10 +149,23 @@ async def test_purge_while_a_worker_runs_loses_and_repeats_nothing(
                 with_email.add(sf(n))
         jobs.append(notifications)
     await enqueue(settings, jobs)
-    worker = worker_process(settings, tmp_path)
-    worker.wait_ready(redis_client)
-    report = await run_purge(settings, check_salesforce=False, dry_run=False)
-    assert report.removed > 0
+    aredis = AsyncRedis.from_url(settings.redis_url)
+    try:
+        # The test holds the writer turn (workers/lease.py) before the worker starts: the
+        # worker takes jobs and waits for its turn, so the purge meets jobs in progress and
+        # jobs still queued however fast the machine (a quick worker once drained all 400
+        # before the purge began).
+        async with WriterLease(aredis, settings.database_url).turn():
+            worker = worker_process(settings, tmp_path)
+            worker.wait_ready(redis_client)
+            deadline = time.monotonic() + 30
+            while not redis_client.keys(IN_PROGRESS_KEY_PREFIX + "*"):
+                assert time.monotonic() < deadline, worker.output()
+                await asyncio.sleep(0.02)
+            report = await run_purge(settings, check_salesforce=False, dry_run=False)
+    finally:
+        await aredis.aclose()
+    assert report.removed > 0 and report.busy > 0
     deadline = time.monotonic() + 120
     while await waiting(settings) != (0, 0):
         assert time.monotonic() < deadline, worker.output()
