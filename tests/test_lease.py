@@ -42,7 +42,9 @@ async def test_one_worker_per_database_and_queue_takes_jobs_until_it_stops(
     assert await first.elect(aredis) and not await second.elect(aredis)
     assert await first.elect(aredis) and not await second.elect(aredis)  # still the same
     # Another queue into the same database has its own active worker.
-    assert await Election(url, queue + "-other").elect(aredis)
+    other = Election(url, queue + "-other")
+    assert await other.elect(aredis)
+    await other.resign(aredis)
     # A claim lasts ACTIVE_S unless renewed: a dead worker is replaced after that.
     key = active_key(url, queue)
     assert 0 < await aredis.pttl(key) <= ACTIVE_S * 1000
@@ -51,6 +53,25 @@ async def test_one_worker_per_database_and_queue_takes_jobs_until_it_stops(
     await first.resign(aredis)  # not its claim: the other's stays
     assert await aredis.get(key) == second.token.encode()
     await second.resign(aredis)
+    assert not await aredis.exists(key)
+
+
+async def test_the_active_claim_is_renewed_between_looks_at_the_queue(
+    worker_settings: Settings, aredis: Redis
+) -> None:
+    # arq's look at the queue can wait for a free job slot for longer than ACTIVE_S: the claim
+    # is renewed by itself meanwhile (its time to live goes up again without another look).
+    url, queue = worker_settings.database_url, worker_settings.queue_name
+    active = Election(url, queue)
+    assert await active.elect(aredis)
+    key = active_key(url, queue)
+    deadline = asyncio.get_running_loop().time() + 20
+    lowest = await aredis.pttl(key)
+    while (ttl := await aredis.pttl(key)) <= lowest:
+        lowest = ttl
+        assert asyncio.get_running_loop().time() < deadline, "the claim was not renewed"
+        await asyncio.sleep(0.05)
+    await active.resign(aredis)
     assert not await aredis.exists(key)
 
 
@@ -68,6 +89,7 @@ async def test_a_worker_whose_database_fails_stands_by_for_a_while(
     assert not await aredis.exists(active_key(url, queue))
     await asyncio.sleep(2.05)
     assert await first.elect(aredis)  # nobody else: it takes the jobs again
+    await first.resign(aredis)
 
 
 async def test_turns_are_taken_in_arrival_order(worker_settings: Settings, aredis: Redis) -> None:

@@ -146,6 +146,7 @@ class WriterLease:
 
 
 ACTIVE_S = 5.0  # a dead or stuck active worker is replaced after this
+RENEW_ACTIVE_S = 1.0
 
 # KEYS: active. ARGV: token, ms. 1 = this worker is the one taking jobs.
 _ELECT = """
@@ -191,15 +192,17 @@ class Election:
         self.active: bool | None = None  # unknown until first asked
         self._client: Redis | None = None
         self._paused_until = 0.0  # monotonic; see step_down
+        self._keeper: asyncio.Task[None] | None = None
 
-    def _scripts(self, redis: Redis) -> tuple[AsyncScript, AsyncScript]:
+    def _scripts(self, redis: Redis) -> tuple[AsyncScript, AsyncScript, AsyncScript]:
         if self._client is not redis:
             self._client = redis
-            self._elect, self._give = (
+            self._elect, self._give, self._renew = (
                 redis.register_script(_ELECT),
                 redis.register_script(_GIVE_ACTIVE),
+                redis.register_script(_RENEW),
             )
-        return self._elect, self._give
+        return self._elect, self._give, self._renew
 
     async def elect(self, redis: Redis) -> bool:
         """Whether this worker takes jobs now (and keeps it so for ACTIVE_S)."""
@@ -221,7 +224,20 @@ class Election:
                     ACTIVE_S,
                 )
             self.active = won
+        if won and (self._keeper is None or self._keeper.done()):
+            self._keeper = asyncio.create_task(self._keep(redis))
         return won
+
+    async def _keep(self, redis: Redis) -> None:
+        """Renew the claim every RENEW_ACTIVE_S beside the looks at the queue: arq's look waits
+        for a free job slot (a long batch, a slow database), and a busy active worker must not
+        be taken for a dead one. It only extends this worker's own claim, never takes one."""
+        renew = self._scripts(redis)[2]
+        while self.active:
+            await asyncio.sleep(RENEW_ACTIVE_S)
+            with suppress(RedisError, OSError):
+                if not await renew(keys=[self.key], args=[self.token, int(ACTIVE_S * 1000)]):
+                    return  # taken over (it was gone too long): the next look says so
 
     async def step_down(self, redis: Redis, seconds: float = ACTIVE_S) -> None:
         """This worker's database writes fail as a whole (unreachable, read-only, too slow):
@@ -238,6 +254,8 @@ class Election:
 
     async def resign(self, redis: Redis) -> None:
         """Let a standby take over at once (this worker takes no more jobs)."""
+        self.active = False
+        if self._keeper is not None:
+            self._keeper.cancel()
         with suppress(RedisError, OSError):
             await self._scripts(redis)[1](keys=[self.key], args=[self.token])
-        self.active = False
