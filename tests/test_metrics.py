@@ -199,6 +199,7 @@ def test_a_real_run_metrics_match_drupal_and_cover_the_dashboard(
         worker_samples, "sfrelay_worker_batch_notifications_count"
     )
     assert value(worker_samples, "sfrelay_worker_lag_seconds_count") == 3  # created 2, updated 1
+    assert value(worker_samples, "sfrelay_worker_active") == 1  # alone: it takes the jobs
     assert value(worker_samples, "sfrelay_worker_lag_seconds_sum") >= 5 + 30  # grace, ada
 
     # The receiver counted what it was sent, by object and result.

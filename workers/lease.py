@@ -32,6 +32,7 @@ from sqlalchemy.engine import make_url
 
 from app.drupal.url import async_url
 from app.queue import WRITER_PREFIX
+from workers import metrics as worker_metrics
 
 logger = logging.getLogger("sfrelay.worker")
 
@@ -208,12 +209,14 @@ class Election:
         """Whether this worker takes jobs now (and keeps it so for ACTIVE_S)."""
         if time.monotonic() < self._paused_until:
             self.active = False
+            worker_metrics.ACTIVE.set(0)
             return False
         try:
             elect = self._scripts(redis)[0]
             won = bool(await elect(keys=[self.key], args=[self.token, int(ACTIVE_S * 1000)]))
         except (RedisError, OSError):
             won = True  # arq's own look at the queue reports Redis failing
+        worker_metrics.ACTIVE.set(1 if won else 0)
         if won != self.active:
             if won:
                 logger.info("taking jobs: the active worker of this database and queue")
@@ -255,6 +258,7 @@ class Election:
     async def resign(self, redis: Redis) -> None:
         """Let a standby take over at once (this worker takes no more jobs)."""
         self.active = False
+        worker_metrics.ACTIVE.set(0)
         if self._keeper is not None:
             self._keeper.cancel()
         with suppress(RedisError, OSError):

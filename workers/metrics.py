@@ -16,6 +16,7 @@ from datetime import datetime
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     ProcessCollector,
     disable_created_metrics,
@@ -47,6 +48,12 @@ for _outcome in APPLIED:
 DEAD_LETTERS = Counter(
     "sfrelay_worker_dead_letters",
     "Notifications the worker dead-lettered (failed, or out of tries): sfrelay dead list",
+    registry=REGISTRY,
+)
+ACTIVE = Gauge(
+    "sfrelay_worker_active",
+    "1 while this worker takes the jobs of its database and queue, 0 while it stands by "
+    "(workers/lease.py: Election)",
     registry=REGISTRY,
 )
 BATCH_SIZE = Histogram(
