@@ -175,13 +175,15 @@ def active_key(database_url: str, queue_name: str) -> str:
 class Election:
     """One worker per database and queue takes jobs; the others stand by.
 
-    Every worker asks `active()` before each look at the queue (every 50 ms): the first to ask
-    becomes the active one and stays so while it keeps asking; the others take no jobs. A
-    worker that stops (SIGTERM, the memory guard, --burst done) resigns, so a standby takes
-    over at its next look; one that dies or hangs is replaced ACTIVE_S later. Writes are one
-    at a time per database anyway (the writer lease above, then the database's own lock):
-    a second worker taking jobs only took CPU from the one writing and handed the turn, and
-    SQLite's page cache, back and forth (the nightly benchmark: ~20% slower than one).
+    Every worker calls `elect()` before each look at the queue (every 50 ms): the first to ask
+    becomes the active one and stays so while it lives (its claim is renewed at each look and
+    every RENEW_ACTIVE_S); the others take no jobs. A worker that stops (SIGTERM, the memory
+    guard, --burst done) resigns, so a standby takes over at its next look; one that dies or
+    hangs is replaced ACTIVE_S later; one whose database fails its batches steps down.
+    Writes are one at a time per database anyway (the writer lease above, then the
+    database's own lock): a second worker taking jobs only took CPU from the one writing and
+    handed the turn, and SQLite's page cache, back and forth (the nightly benchmark: ~20%
+    slower than one).
 
     If Redis cannot be asked, the worker takes jobs: the writer lease and the database lock
     keep the writes correct.
