@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,24 @@ async def aredis(worker_settings: Settings) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
+Elect = Callable[[str], Election]
+
+
+@pytest.fixture
+async def elections(worker_settings: Settings, aredis: Redis) -> AsyncIterator[Elect]:
+    """Elections of this test's database by queue name; each resigns at the end (its renewal
+    task stopped, its claim given back), whatever the test asserted before."""
+    made: list[Election] = []
+
+    def elect(queue: str) -> Election:
+        made.append(Election(worker_settings.database_url, queue))
+        return made[-1]
+
+    yield elect
+    for election in made:
+        await election.resign(aredis)
+
+
 def test_one_key_per_database_however_spelled(tmp_path: Path) -> None:
     assert database_key("pgsql://a:secret@DB:5432/drupal") == database_key(
         "postgresql://b@db:5432/drupal"
@@ -35,16 +53,14 @@ def test_one_key_per_database_however_spelled(tmp_path: Path) -> None:
 
 
 async def test_one_worker_per_database_and_queue_takes_jobs_until_it_stops(
-    worker_settings: Settings, aredis: Redis
+    worker_settings: Settings, aredis: Redis, elections: Elect
 ) -> None:
     url, queue = worker_settings.database_url, worker_settings.queue_name
-    first, second = Election(url, queue), Election(url, queue)
+    first, second = elections(queue), elections(queue)
     assert await first.elect(aredis) and not await second.elect(aredis)
     assert await first.elect(aredis) and not await second.elect(aredis)  # still the same
     # Another queue into the same database has its own active worker.
-    other = Election(url, queue + "-other")
-    assert await other.elect(aredis)
-    await other.resign(aredis)
+    assert await elections(queue + "-other").elect(aredis)
     # A claim lasts ACTIVE_S unless renewed: a dead worker is replaced after that.
     key = active_key(url, queue)
     assert 0 < await aredis.pttl(key) <= ACTIVE_S * 1000
@@ -57,14 +73,13 @@ async def test_one_worker_per_database_and_queue_takes_jobs_until_it_stops(
 
 
 async def test_the_active_claim_is_renewed_between_looks_at_the_queue(
-    worker_settings: Settings, aredis: Redis
+    worker_settings: Settings, aredis: Redis, elections: Elect
 ) -> None:
     # arq's look at the queue can wait for a free job slot for longer than ACTIVE_S: the claim
     # is renewed by itself meanwhile (its time to live goes up again without another look).
-    url, queue = worker_settings.database_url, worker_settings.queue_name
-    active = Election(url, queue)
+    active = elections(worker_settings.queue_name)
     assert await active.elect(aredis)
-    key = active_key(url, queue)
+    key = active.key
     deadline = asyncio.get_running_loop().time() + 20
     lowest = await aredis.pttl(key)
     while (ttl := await aredis.pttl(key)) <= lowest:
@@ -76,20 +91,20 @@ async def test_the_active_claim_is_renewed_between_looks_at_the_queue(
 
 
 async def test_a_worker_whose_database_fails_stands_by_for_a_while(
-    worker_settings: Settings, aredis: Redis
+    worker_settings: Settings, aredis: Redis, elections: Elect
 ) -> None:
-    url, queue = worker_settings.database_url, worker_settings.queue_name
-    first, second = Election(url, queue), Election(url, queue)
+    first, second = elections(worker_settings.queue_name), elections(worker_settings.queue_name)
     assert await first.elect(aredis)
     # Long enough that a loaded machine gets through the next three calls within it.
     await first.step_down(aredis, seconds=2.0)
     assert await second.elect(aredis)  # the standby takes the jobs at once
+    await first.step_down(aredis, seconds=2.0)  # another of its jobs failed: only paused again
+    assert await aredis.get(first.key) == second.token.encode()
     await second.resign(aredis)
     assert not await first.elect(aredis)  # free, but it is paused
-    assert not await aredis.exists(active_key(url, queue))
+    assert not await aredis.exists(first.key)
     await asyncio.sleep(2.05)
     assert await first.elect(aredis)  # nobody else: it takes the jobs again
-    await first.resign(aredis)
 
 
 async def test_turns_are_taken_in_arrival_order(worker_settings: Settings, aredis: Redis) -> None:

@@ -94,6 +94,11 @@ def database_key(database_url: str) -> str:
     return WRITER_PREFIX + digest
 
 
+def worker_token() -> str:
+    """This process among all workers: host, pid, and a nonce for a pid reused after a restart."""
+    return f"{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}"
+
+
 class WriterLease:
     """`async with lease.turn():` waits for this worker's turn to write the database."""
 
@@ -101,7 +106,7 @@ class WriterLease:
         self.redis = redis
         key = database_key(database_url)
         self.keys = [key, key + ":line", key + ":seen"]
-        self.token = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.token = worker_token()
         self._take = redis.register_script(_TAKE)
         self._give = redis.register_script(_GIVE)
         self._renew = redis.register_script(_RENEW)
@@ -191,7 +196,7 @@ class Election:
 
     def __init__(self, database_url: str, queue_name: str) -> None:
         self.key = active_key(database_url, queue_name)
-        self.token = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.token = worker_token()
         self.active: bool | None = None  # unknown until first asked
         self._client: Redis | None = None
         self._paused_until = 0.0  # monotonic; see step_down
@@ -248,13 +253,14 @@ class Election:
         """This worker's database writes fail as a whole (unreachable, read-only, too slow):
         let a standby, which may reach the database another way, take the jobs for
         `seconds`; with none, this worker takes them again after that."""
-        if self.active is not False:
-            logger.warning(
-                "the database failed this worker's batch: standing by for %.0f s so that "
-                "another worker of this database may take the jobs",
-                seconds,
-            )
         self._paused_until = time.monotonic() + seconds
+        if self.active is False:
+            return  # standing by already (another of its jobs failed first): the pause is longer
+        logger.warning(
+            "the database failed this worker's batch: standing by for %.0f s so that "
+            "another worker of this database may take the jobs",
+            seconds,
+        )
         await self.resign(redis)
 
     async def resign(self, redis: Redis) -> None:

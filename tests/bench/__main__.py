@@ -24,7 +24,7 @@ def main() -> None:
     # Whatever follows the first option is that one benchmark's (its own --help says which).
     argv = sys.argv[1:]
     first_option = next((i for i, arg in enumerate(argv) if arg.startswith("-")), len(argv))
-    if argv[:first_option] == [] and argv:
+    if first_option == 0 and argv:
         parser.parse_args(argv)  # -h, or an option without a benchmark: argparse says so
     names, options = argv[:first_option], argv[first_option:]
     unknown = [name for name in names if name not in NAMES]
