@@ -36,7 +36,8 @@ RESERVED_DESCRIPTORS = 128
 # client closes its side or LINGER_S passes: RFC 9112 9.6's "TCP reset problem". Closed at
 # once, a socket with unread client bytes (a trickler's next header line) sends a reset, which
 # can destroy the 408/503 before the client reads it. At most MAX_LINGERING at once (beyond
-# that, closed at once); they keep their descriptors, reserved beside the cap's.
+# that, closed at once), fewer when the descriptor limit leaves less beside the cap: they keep
+# their descriptors, and the cap comes first.
 LINGER_S = 2.0
 MAX_LINGERING = 1024
 
@@ -45,6 +46,7 @@ MAX_LINGERING = 1024
 class ConnectionLimits:
     read_timeout_s: float
     max_connections: int
+    max_lingering: int = MAX_LINGERING  # what the descriptor limit leaves beside the cap
 
 
 def _response(status: str, text: str) -> bytes:
@@ -117,7 +119,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_arrived()
         if not self.transport.is_closing():
             self.transport.write(_response(status, text))
-            if len(self.lingering) < MAX_LINGERING and self.transport.can_write_eof():
+            if len(self.lingering) < self.limits.max_lingering and self.transport.can_write_eof():
                 # The answer, then FIN; what the client still sends is read and dropped until
                 # it closes its side (eof_received: asyncio then closes) or LINGER_S passes.
                 # uvicorn still knows it (its shutdown closes it); the cap no longer counts it.
@@ -166,8 +168,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
 def connection_limits(settings: Settings) -> ConnectionLimits:
     """The limits to serve with; raises the descriptor limit so the cap can be honoured."""
-    reserved = RESERVED_DESCRIPTORS + MAX_LINGERING
-    wanted = settings.max_connections + reserved
+    needed = settings.max_connections + RESERVED_DESCRIPTORS  # the cap's
+    wanted = needed + MAX_LINGERING
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
@@ -176,18 +178,22 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
             soft = target
         except (ValueError, OSError):
             pass
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return ConnectionLimits(settings.read_timeout_seconds, settings.max_connections)
+    # Lingering gets what is left beside the cap; the cap shrinks only when even it does not fit.
     max_connections = settings.max_connections
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        max_connections = max(1, soft - reserved)
+    if soft < needed:
+        max_connections = max(1, soft - RESERVED_DESCRIPTORS)
         log.warning(
             "SFRELAY_MAX_CONNECTIONS=%d needs %d file descriptors, the limit is %d: serving at "
             "most %d connections; raise the limit (ulimit -n) or lower SFRELAY_MAX_CONNECTIONS",
             settings.max_connections,
-            wanted,
+            needed,
             soft,
             max_connections,
         )
-    return ConnectionLimits(settings.read_timeout_seconds, max_connections)
+    max_lingering = max(0, soft - RESERVED_DESCRIPTORS - max_connections)
+    return ConnectionLimits(settings.read_timeout_seconds, max_connections, max_lingering)
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import pytest
 import redis
 import uvicorn
 
-from app.config import Settings
+from app.config import PROJECT_ROOT, Settings
 from app.main import create_app, scrub
 from app.server import lingering, uvicorn_options
 from app.soap import parse_message
@@ -205,6 +205,36 @@ async def test_at_the_connection_cap_the_oldest_waiting_connection_makes_room(
         for _, writer in connections:
             writer.close()
     assert redis_client.dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    ("limit", "connections", "lingering"),
+    [
+        (20_000, 1000, 1024),  # room for both
+        (1200, 1000, 72),  # the cap first, lingering gets what is left
+        (1024, 896, 0),  # not even the cap fits: it shrinks, refused connections close at once
+    ],
+)
+def test_the_descriptor_limit_serves_the_cap_before_lingering_connections(
+    limit: int, connections: int, lingering: int
+) -> None:
+    # In a child process: a lowered hard limit cannot be raised again.
+    code = (
+        "import resource\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit}))\n"
+        "from app.config import Settings\n"
+        "from app.server import connection_limits\n"
+        "s = Settings(_env_file=None, max_connections=1000)\n"
+        "limits = connection_limits(s)\n"
+        "print(limits.max_connections, limits.max_lingering)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(connections), str(lingering)]
+    # Lowering the cap is said in the log; giving lingering less is not worth a warning.
+    assert ("serving at most 896 connections" in done.stderr) == (connections < 1000)
 
 
 async def test_a_keep_alive_connection_serves_requests_and_its_idle_time_is_bounded(
