@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+import uuid
 
+from app.drupal.d10 import time_ordered_uuids
 from app.drupal.schema import has_table
 from app.outcomes import Outcome
 from tests.drupal_rows import (
@@ -75,6 +77,24 @@ async def test_create_writes_the_rows_drupal_writes(drupal_site: DrupalSite) -> 
     assert (state["sf_id"], state["object"], state["uid"]) == (sf(1), "Contact", uid)
     assert state["notification_id"] == n.id and state["converted_to"] is None
     assert state["modstamp"] == 1_740_830_400_000_000  # 2025-03-01T12:00Z in microseconds
+    if site.major == 10:
+        (row,) = await site.rows("SELECT uuid FROM users WHERE uid = :u", u=uid)
+        assert uuid.UUID(row["uuid"]).version == 7
+
+
+def test_new_uuids_are_version_7_unique_and_in_the_order_they_were_made() -> None:
+    """RFC 9562 version 7: valid UUIDs (all Drupal asks), each batch's after the last one's,
+    so that a batch's inserts land at one place of the uuid index, not one page per user."""
+    start_ms = time.time_ns() // 1_000_000
+    first = time_ordered_uuids(5000)
+    time.sleep(0.002)
+    later = time_ordered_uuids(3)
+    parsed = [uuid.UUID(u) for u in first + later]
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in parsed)
+    assert [str(u) for u in parsed] == first + later  # lower-case, canonical: as Drupal's
+    assert len(set(parsed)) == 5003
+    assert max(first) < min(later)
+    assert start_ms <= parsed[0].int >> 80 <= time.time_ns() // 1_000_000
 
 
 async def test_update_changes_fields_and_invalidates_caches(drupal_site: DrupalSite) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
@@ -64,6 +66,26 @@ _HELD_ROLES = (
 )
 
 
+def time_ordered_uuids(count: int) -> list[str]:
+    """`count` RFC 9562 version 7 UUIDs: the Unix time in milliseconds, then 74 random bits.
+
+    Drupal's own are version 4 (random); it accepts any valid UUID. A batch of random ones
+    lands on a different leaf page of the uuid index for every user (on a site of a million
+    users, as many page reads and writes as users, each batch); these land together, at
+    one place of the index, as a growing uid does, whatever version the site's others are.
+    """
+    head = (time.time_ns() // 1_000_000) << 80 | 0x7 << 76 | 0b10 << 62
+    noise = os.urandom(10 * count)
+    out = []
+    for start in range(0, 10 * count, 10):
+        bits = int.from_bytes(noise[start : start + 10])  # 80: 12 for rand_a, 62 for rand_b
+        out.append(str(uuid.UUID(int=head | (bits >> 68) << 64 | bits & _RAND_B)))
+    return out
+
+
+_RAND_B = (1 << 62) - 1
+
+
 def field_table(name: str) -> TableClause:
     return table(f"user__{name}", *(column(c) for c in _FIELD_COLUMNS), column(f"{name}_value"))
 
@@ -103,7 +125,7 @@ class Drupal10(Lookups):
     async def create(self, conn: AsyncConnection, new: list[NewUser], now: int) -> None:
         if not new:
             return
-        by_uuid = {str(uuid.uuid4()): user for user in new}
+        by_uuid = dict(zip(time_ordered_uuids(len(new)), new, strict=True))
         # The uids the database gives: read back as one range of the primary key above the
         # highest uid before the insert (500 look-ups of random uuids cost 20 times more),
         # matched by uuid, so that a user another writer (Drupal) added meanwhile is ignored.

@@ -64,13 +64,18 @@ SIZES = (10_000, 100_000, 1_000_000)
 GOAL = 0.9
 FIRST_UID = 2  # the standard site holds uid 0 and 1
 EPOCH = 1_780_000_000  # seconds: the seeded users' created/changed
+# Bumped whenever the seeded rows change: a cached site of another version is seeded again.
+# 2: random (version 4) uuids, as Drupal gives them (1 numbered them 0...1, 0...2: in uid
+# order, which hid what random keys cost the uuid index of a big site).
+SEED_VERSION = 2
 USER_TABLES = re.compile(r"^(users|users_field_data|user__\w+|sfrelay_record)$")
 
 # --------------------------------------------------------------------------------- seeding
 #
-# Seeded user i (uid FIRST_UID + i): username "<First> <Last>" with Drupal's "_<n>" suffix when
-# the name repeats, mail Member<i>@Example.org; 4 in 5 are mapped to Contact 003...<10^7 + i>
-# (field rows + a sfrelay_record ledger row); 1 in 100 holds the content_editor role.
+# Seeded user i (uid FIRST_UID + i): a random uuid, username "<First> <Last>" with Drupal's
+# "_<n>" suffix when the name repeats, mail Member<i>@Example.org; 4 in 5 are mapped to Contact
+# 003...<10^7 + i> (field rows + a sfrelay_record ledger row); 1 in 100 holds the
+# content_editor role.
 
 
 def _person(i: int) -> tuple[str, str]:
@@ -93,6 +98,7 @@ def _seed_sf_id(i: int) -> str:
 def seed_rows(size: int) -> Iterator[dict[str, list[tuple[Any, ...]]]]:
     """The rows of `size` users, in chunks of 20,000 users: table -> rows."""
     repeats: dict[str, int] = {}
+    uuids = random.Random(size)
     for start in range(0, size, 20_000):
         rows: dict[str, list[tuple[Any, ...]]] = {}
         for i in range(start, min(size, start + 20_000)):
@@ -103,7 +109,8 @@ def seed_rows(size: int) -> Iterator[dict[str, list[tuple[Any, ...]]]]:
             name = base if seen == 1 else f"{base}_{seen}"
             mail = f"Member{i}@Example.org"
             stamp = EPOCH + i
-            rows.setdefault("users", []).append((uid, str(uuid.UUID(int=uid)), "en"))
+            key = str(uuid.UUID(bytes=uuids.randbytes(16), version=4))  # Drupal's own: random
+            rows.setdefault("users", []).append((uid, key, "en"))
             rows.setdefault("users_field_data", []).append(
                 (uid, "en", "en", None, name, None, mail, "UTC", 1, stamp, stamp, 0, 0, mail, 1)
             )
@@ -168,7 +175,7 @@ async def _prepare(url: str) -> None:
 
 def seeded_sqlite(size: int) -> Path:
     """The cached SQLite site with `size` users (seeded on first use)."""
-    path = CACHE / f"drupal10-{size}.sqlite"
+    path = CACHE / f"drupal10-{size}-v{SEED_VERSION}.sqlite"
     if path.exists():
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -252,7 +259,7 @@ async def _admin(cluster: Cluster, *statements: str) -> list[Any]:
 
 def seeded_postgres(cluster: Cluster, size: int) -> str:
     """The name of the cluster's template database with `size` users (seeded on first use)."""
-    name = f"seed_{size}"
+    name = f"seed_{size}_v{SEED_VERSION}"
     (rows,) = asyncio.run(_admin(cluster, f"SELECT 1 FROM pg_database WHERE datname = '{name}'"))
     if rows:
         return name
