@@ -269,6 +269,10 @@ class Planner:
                 change = UserChange(key, {}, {}, (), langcodes)
                 self.plan.changes[key] = change
             change.base.update(base)
+            if change.base["mail"] == self.existing[key].mail:
+                # Unchanged (byte for byte, as most updates are): no UPDATE of the mail
+                # column and its indexes (Drupal's, sfrelay's lower(mail)) for nothing.
+                del change.base["mail"]
             change.fields.update(self._field_values(r))
             change.roles = tuple(dict.fromkeys((*change.roles, *r.obj.roles)))
             if self.field_map.update_username:

@@ -133,6 +133,34 @@ async def test_update_changes_fields_and_invalidates_caches(drupal_site: DrupalS
     assert await uids_with_mail(site, "jane@example.com") == []
 
 
+async def test_an_unchanged_mail_is_left_as_stored_and_a_changed_one_is_written(
+    drupal_site: DrupalSite,
+) -> None:
+    """An update whose mail equals the stored one writes no mail (most updates); a mail
+    changed and changed back in one batch ends as stored; a change of case is a change."""
+    site = drupal_site
+    syncer = await open_syncer(site)
+    (created,) = await syncer.apply([note(sf(1), "jane@example.com", "Jane", "Doe")])
+    uid = created.uid
+    assert uid is not None
+    table = "users_field_data" if site.major == 10 else "users"
+    await site.execute(f"UPDATE {table} SET changed = 1 WHERE uid = :u", u=uid)
+
+    away = note(sf(1), "jane.doe@example.org", "Jane", "Doe", minutes=1)
+    back = note(sf(1), "jane@example.com", "Janet", "Doe", minutes=2)
+    assert kinds(await syncer.apply([away, back])) == ["updated", "updated"]
+    row = await base_row(site, uid)
+    assert (row["mail"], row["init"]) == ("jane@example.com", "jane@example.com")
+    assert abs(row["changed"] - time.time()) < 120  # the save itself is still recorded
+    assert (await field_values(site, uid))["field_first_name"] == "Janet"
+
+    case = note(sf(1), "Jane@Example.com", "Janet", "Doe", minutes=3)
+    assert kinds(await syncer.apply([case])) == ["updated"]
+    await syncer.close()
+    assert (await base_row(site, uid))["mail"] == "Jane@Example.com"
+    assert await uids_with_mail(site, "jane.doe@example.org") == []
+
+
 async def test_field_set_to_nil_is_removed(drupal_site: DrupalSite) -> None:
     syncer = await open_syncer(drupal_site)
     (created,) = await syncer.apply([note(sf(1), "jane@example.com", "Jane", "Doe")])
