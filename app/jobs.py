@@ -166,6 +166,24 @@ def deserialize(raw: bytes) -> dict[str, Any]:
     return result
 
 
+class Notifications(list[Any]):
+    """A job's notifications as the worker receives them: printed as their count. arq logs
+    every job it starts with its arguments' repr: that of 100 notifications took ~0.15 ms a
+    job, and cut at 80 characters it showed their first ids and nothing useful."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} notifications>"
+
+
+def deserialize_for_worker(raw: bytes) -> dict[str, Any]:
+    """The worker's job_deserializer: `deserialize`, the notifications a `Notifications`."""
+    result = deserialize(raw)
+    kwargs = result.get("k") if isinstance(result, dict) else None
+    if isinstance(kwargs, dict) and isinstance(kwargs.get("notifications"), list):
+        kwargs["notifications"] = Notifications(kwargs["notifications"])
+    return result
+
+
 def read(raw: bytes) -> ApplyJob:
     """The ApplyJob of a job as stored under `arq:job:<id>`."""
     job = deserialize_job(raw, deserializer=deserialize)

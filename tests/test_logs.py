@@ -196,6 +196,14 @@ def test_json_logs_of_a_real_run_are_one_object_per_line_without_personal_data(
     assert counted == {"conflict_protected_user": 1, "created": 2}
     jobs = [e for e in entries if e.get("event") == "job"]
     assert sum(e["notifications"] for e in jobs) == 3
+    # arq's line for each job it starts shows the notifications as their count, never their
+    # contents (app.jobs.Notifications).
+    started = [e["msg"] for e in entries if e["logger"] == "arq.worker" and "→" in e["msg"]]
+    assert len(started) == len(jobs)
+    assert sorted(m.split("notifications=")[1][:17] for m in started) == [
+        "<1 notifications>",
+        "<2 notifications>",
+    ]
 
 
 def test_text_logs_keep_their_format(

@@ -11,7 +11,7 @@ from arq.connections import RedisSettings
 from arq.worker import Worker as ArqWorker
 
 from app.config import Settings
-from app.jobs import deserialize, serialize
+from app.jobs import deserialize_for_worker, serialize
 from app.soap import MAX_NOTIFICATIONS
 from workers import polls, tasks
 from workers.lease import Election
@@ -59,7 +59,7 @@ def worker_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "queue_name": settings.queue_name,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "job_serializer": serialize,
-        "job_deserializer": deserialize,
+        "job_deserializer": deserialize_for_worker,
         "on_startup": startup,
         "on_shutdown": shutdown,
         "after_job_end": tasks.after_job_end,
