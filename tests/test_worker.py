@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 import redis
+from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
 from app.config import Settings
@@ -28,6 +29,7 @@ from app.queue import (
 )
 from tests.factories import ORG_ID, apply_job, contact_json, sf_id
 from tests.fixtures_worker import drupal_users, run_worker
+from workers.main import claim_jobs
 from workers.tasks import INTERRUPTED_TRIES, backoff_s
 
 
@@ -48,6 +50,24 @@ async def enqueue(aredis: Redis, settings: Settings, *jobs: ApplyJob) -> None:
 def stats(client: redis.Redis) -> dict[str, int]:
     raw = dict(client.hgetall(STATS_KEY))
     return {k.decode(): int(v) for k, v in raw.items() if k.startswith(OUTCOME_PREFIX.encode())}
+
+
+async def test_jobs_are_claimed_once_and_only_when_due_and_free(
+    worker_settings: Settings, aredis: Redis
+) -> None:
+    """workers.main.claim_jobs: arq's rule for starting a job, one round trip for all."""
+    queue = worker_settings.queue_name
+    now = int(time.time() * 1000)
+    await aredis.zadd(queue, {"due": now - 10, "taken": now - 10, "later": now + 60_000})
+    await aredis.set(in_progress_key_prefix + "taken", b"1")  # another worker runs it
+
+    claimed = await claim_jobs(aredis, queue, ["due", "taken", "later", "gone"], 30_000)
+    assert claimed == [("due", now - 10)]
+    assert 29_000 < await aredis.pttl(in_progress_key_prefix + "due") <= 30_000
+    for other in ("later", "gone"):
+        assert await aredis.exists(in_progress_key_prefix + other) == 0
+    assert await claim_jobs(aredis, queue, ["due"], 30_000) == []  # never twice
+    assert await claim_jobs(aredis, queue, [], 30_000) == []
 
 
 async def test_a_job_becomes_drupal_users_and_outcome_counters(
