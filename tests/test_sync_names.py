@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from sqlalchemy import event
 
 from app.config import Settings
-from app.drupal.engine import create_engine
+from app.drupal.engine import create_engine, nocase_utf8
 from app.jobs import JobNotification
 from app.records import clean_name
 from app.sync import Outcome, Syncer
@@ -348,3 +348,16 @@ async def test_name_and_mail_lookups_stay_indexed(drupal_site: DrupalSite) -> No
                     statement,
                     access,
                 )
+
+
+@given(st.text(max_size=8), st.text(max_size=8))
+@example("a", "B")  # binary order says "B" < "a"; Drupal's says a < b
+@example("Ølsen", "ølsen")
+@example("Straße", "STRASSE")  # mb_strtolower keeps ß: not equal
+@example("İstanbul", "i̇stanbul")  # İ lower-cases to i + combining dot
+def test_nocase_utf8_compares_as_drupal_does(a: str, b: str) -> None:
+    """strcmp(mb_strtolower(a), mb_strtolower(b)): a consistent order SQLite can keep an
+    index in, and equal exactly when the lower-cased strings are."""
+    la, lb = a.lower(), b.lower()
+    assert nocase_utf8(a, b) == (la > lb) - (la < lb) == -nocase_utf8(b, a)
+    assert (nocase_utf8(a, b) == 0) == (la == lb)
