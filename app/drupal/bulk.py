@@ -1,14 +1,24 @@
 """Executemany of plain rows straight through the driver: the SQL is built once per table and
 columns in the driver's own paramstyle, each row is a tuple. SQLAlchemy's `execute(stmt,
-[dicts])` costs a `construct_params` per row, more than sqlite3 takes to write the row."""
+[dicts])` costs a `construct_params` per row, more than sqlite3 takes to write the row.
+
+On SQLite these statements go to aiosqlite's connection itself (the one under the
+SQLAlchemy connection, in its transaction): one hop to aiosqlite's thread and back per
+statement, where SQLAlchemy's adapter makes three or four (open a cursor, execute, fetch,
+close), each a wake-up of both threads. SQLAlchemy's cursor events still see every statement
+and its errors are still SQLAlchemy's (DBAPIError by the driver's class, the driver's error
+in `orig`), so app.drupal.errors and the rules read them as any other.
+"""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from functools import lru_cache
 from typing import Any
 
 from sqlalchemy.engine import CursorResult, Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 
@@ -45,11 +55,43 @@ def update_sql(
     return f"UPDATE {quote(table)} SET {sets} WHERE {where}"  # noqa: S608
 
 
+async def _sqlite(conn: AsyncConnection) -> Any:
+    """aiosqlite's connection under `conn` (None: not SQLite)."""
+    if conn.dialect.name != "sqlite":
+        return None
+    return (await conn.get_raw_connection()).driver_connection
+
+
+async def _on_sqlite(
+    conn: AsyncConnection, aio: Any, sql: str, params: Any, *, many: bool = False
+) -> list[Any]:
+    """`sql` on aiosqlite's connection in one hop: the rows of a SELECT, [] otherwise."""
+    sync = conn.sync_connection
+    assert sync is not None  # an AsyncConnection in use has its Connection
+    sync.dispatch.before_cursor_execute(sync, None, sql, params, None, many)
+    try:
+        if many:
+            await aio.executemany(sql, params)
+            rows: list[Any] = []
+        else:
+            rows = list(await aio.execute_fetchall(sql, params))
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(
+            sql, params, exc, sqlite3.Error, dialect=conn.dialect, ismulti=many
+        ) from exc
+    sync.dispatch.after_cursor_execute(sync, None, sql, params, None, many)
+    return rows
+
+
 async def insert_rows(
     conn: AsyncConnection, table: str, columns: tuple[str, ...], rows: Sequence[tuple[Any, ...]]
 ) -> None:
     if rows:
-        await conn.exec_driver_sql(insert_sql(conn.dialect, table, columns), list(rows))
+        sql = insert_sql(conn.dialect, table, columns)
+        if (aio := await _sqlite(conn)) is not None:
+            await _on_sqlite(conn, aio, sql, rows, many=True)
+        else:
+            await conn.exec_driver_sql(sql, list(rows))
 
 
 async def update_rows(
@@ -61,7 +103,11 @@ async def update_rows(
 ) -> None:
     """Each row: the new values of `columns`, then the values of `keys` that pick the row."""
     if rows:
-        await conn.exec_driver_sql(update_sql(conn.dialect, table, columns, keys), list(rows))
+        sql = update_sql(conn.dialect, table, columns, keys)
+        if (aio := await _sqlite(conn)) is not None:
+            await _on_sqlite(conn, aio, sql, rows, many=True)
+        else:
+            await conn.exec_driver_sql(sql, list(rows))
 
 
 # Values per IN (...): padded (below) to at most 512, under SQLite's oldest bound-parameter
@@ -94,7 +140,12 @@ async def select_in(conn: AsyncConnection, sql: str, values: Sequence[Any]) -> l
     """The rows of `sql`, a SELECT whose only bound value is its `{in}` (see in_sql), for
     every value of `values`, a chunk per statement, straight through the driver: no SQL is
     compiled per batch."""
-    rows: list[Any] = []  # Rows
+    rows: list[Any] = []  # Rows (tuples on SQLite)
+    if (aio := await _sqlite(conn)) is not None:
+        for start in range(0, len(values), SELECT_CHUNK):
+            bound = padded(values[start : start + SELECT_CHUNK])
+            rows.extend(await _on_sqlite(conn, aio, in_sql(conn.dialect, sql, len(bound)), bound))
+        return rows
     async for result in _each_chunk(conn, sql, values):
         rows.extend(result.all())
     return rows
@@ -102,6 +153,11 @@ async def select_in(conn: AsyncConnection, sql: str, values: Sequence[Any]) -> l
 
 async def execute_in(conn: AsyncConnection, sql: str, values: Sequence[Any]) -> None:
     """`sql` (a DELETE or UPDATE whose only bound value is its `{in}`) for every value."""
+    if (aio := await _sqlite(conn)) is not None:
+        for start in range(0, len(values), SELECT_CHUNK):
+            bound = padded(values[start : start + SELECT_CHUNK])
+            await _on_sqlite(conn, aio, in_sql(conn.dialect, sql, len(bound)), bound)
+        return
     async for _ in _each_chunk(conn, sql, values):
         pass
 
