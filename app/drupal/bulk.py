@@ -83,15 +83,27 @@ async def _on_sqlite(
     return rows
 
 
+async def executemany(conn: AsyncConnection, sql: str, rows: Sequence[Any]) -> None:
+    """`sql` (in the driver's paramstyle) once per row of parameters, in one statement."""
+    if not rows:
+        return
+    if (aio := await _sqlite(conn)) is not None:
+        await _on_sqlite(conn, aio, sql, rows, many=True)
+    else:
+        await conn.exec_driver_sql(sql, list(rows))
+
+
+async def fetch_all(conn: AsyncConnection, sql: str, params: Sequence[Any]) -> list[Any]:
+    """The rows of `sql` (in the driver's paramstyle) with `params` bound."""
+    if (aio := await _sqlite(conn)) is not None:
+        return await _on_sqlite(conn, aio, sql, params)
+    return list((await conn.exec_driver_sql(sql, tuple(params))).all())
+
+
 async def insert_rows(
     conn: AsyncConnection, table: str, columns: tuple[str, ...], rows: Sequence[tuple[Any, ...]]
 ) -> None:
-    if rows:
-        sql = insert_sql(conn.dialect, table, columns)
-        if (aio := await _sqlite(conn)) is not None:
-            await _on_sqlite(conn, aio, sql, rows, many=True)
-        else:
-            await conn.exec_driver_sql(sql, list(rows))
+    await executemany(conn, insert_sql(conn.dialect, table, columns), rows)
 
 
 async def update_rows(
@@ -102,12 +114,7 @@ async def update_rows(
     rows: Sequence[tuple[Any, ...]],
 ) -> None:
     """Each row: the new values of `columns`, then the values of `keys` that pick the row."""
-    if rows:
-        sql = update_sql(conn.dialect, table, columns, keys)
-        if (aio := await _sqlite(conn)) is not None:
-            await _on_sqlite(conn, aio, sql, rows, many=True)
-        else:
-            await conn.exec_driver_sql(sql, list(rows))
+    await executemany(conn, update_sql(conn.dialect, table, columns, keys), rows)
 
 
 # Values per IN (...): padded (below) to at most 512, under SQLite's oldest bound-parameter
@@ -141,10 +148,10 @@ async def select_in(conn: AsyncConnection, sql: str, values: Sequence[Any]) -> l
     every value of `values`, a chunk per statement, straight through the driver: no SQL is
     compiled per batch."""
     rows: list[Any] = []  # Rows (tuples on SQLite)
-    if (aio := await _sqlite(conn)) is not None:
+    if conn.dialect.name == "sqlite":
         for start in range(0, len(values), SELECT_CHUNK):
             bound = padded(values[start : start + SELECT_CHUNK])
-            rows.extend(await _on_sqlite(conn, aio, in_sql(conn.dialect, sql, len(bound)), bound))
+            rows.extend(await fetch_all(conn, in_sql(conn.dialect, sql, len(bound)), bound))
         return rows
     async for result in _each_chunk(conn, sql, values):
         rows.extend(result.all())
@@ -153,10 +160,10 @@ async def select_in(conn: AsyncConnection, sql: str, values: Sequence[Any]) -> l
 
 async def execute_in(conn: AsyncConnection, sql: str, values: Sequence[Any]) -> None:
     """`sql` (a DELETE or UPDATE whose only bound value is its `{in}`) for every value."""
-    if (aio := await _sqlite(conn)) is not None:
+    if conn.dialect.name == "sqlite":
         for start in range(0, len(values), SELECT_CHUNK):
             bound = padded(values[start : start + SELECT_CHUNK])
-            await _on_sqlite(conn, aio, in_sql(conn.dialect, sql, len(bound)), bound)
+            await fetch_all(conn, in_sql(conn.dialect, sql, len(bound)), bound)
         return
     async for _ in _each_chunk(conn, sql, values):
         pass

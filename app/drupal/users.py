@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import TableClause
 
-from app.drupal.bulk import padded, placeholders, update_rows
+from app.drupal.bulk import fetch_all, padded, placeholders, update_rows
 from app.drupal.engine import nocase_key
 
 # What a name or mail is compared by, as the database compares it: text (SQLite, PostgreSQL)
@@ -225,7 +225,7 @@ class Equality:
             # Straight through the driver, padded to a few sizes (bulk.padded).
             values = padded(chunk)
             sql = await self._keys_sql(conn, len(values))
-            row = (await conn.exec_driver_sql(sql, values)).one()
+            (row,) = await fetch_all(conn, sql, values)
             found.update((v, self.post(k)) for v, k in zip(chunk, row, strict=False))
         return found
 
