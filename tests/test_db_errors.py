@@ -8,9 +8,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from app.drupal.bulk import fetch_all, insert_rows, select_in
 from app.drupal.errors import Classified, classify
 from tests.fixtures_db import Server
 from tests.servers import free_port
@@ -195,3 +197,41 @@ def test_network_and_file_system_errors_are_transient(error: BaseException) -> N
 
 def test_anything_else_is_about_the_records() -> None:
     assert classify(ValueError("connection timed out")) == Classified(False, False, None)
+
+
+async def test_sqlite_bulk_statements_raise_and_report_as_sqlalchemy_ones(tmp_path: Path) -> None:
+    """app/drupal/bulk.py sends SQLite's bulk statements to aiosqlite itself: a refusal still
+    comes as SQLAlchemy's error of the driver's class (the driver's code in `orig`), a locked
+    file is still transient, and cursor events still see each statement."""
+    path = tmp_path / "t.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TABLE t (x INTEGER UNIQUE)")
+    db.close()
+    engine = create_async_engine(f"sqlite+aiosqlite:///{path}", connect_args={"timeout": 0.1})
+    seen: list[tuple[str, bool]] = []
+    event.listen(engine.sync_engine, "after_cursor_execute", lambda *a: seen.append((a[2], a[5])))
+    try:
+        async with engine.begin() as conn:
+            await insert_rows(conn, "t", ("x",), [(1,), (2,)])
+            assert sorted(await select_in(conn, "SELECT x FROM t WHERE x {in}", [1, 2, 3])) == [
+                (1,),
+                (2,),
+            ]
+            refused = await acaught(lambda: insert_rows(conn, "t", ("x",), [(3,), (1,)]))
+        assert isinstance(refused, IntegrityError)
+        assert refused.orig.sqlite_errorname == "SQLITE_CONSTRAINT_UNIQUE"
+        assert classify(refused) == Classified(False, False, "SQLITE_CONSTRAINT_UNIQUE")
+        assert seen[0] == ("INSERT INTO t (x) VALUES (?)", True)
+        assert seen[1][0].startswith("SELECT x FROM t WHERE x IN (?, ?, ?")
+
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            async with engine.connect() as conn:
+                locked = await acaught(lambda: fetch_all(conn, "SELECT x FROM t", ()))
+        finally:
+            holder.close()
+        assert isinstance(locked, OperationalError)
+        assert classify(locked).transient
+    finally:
+        await engine.dispose()
