@@ -374,8 +374,10 @@ async def test_health_checks_are_answered_while_big_messages_parse(
     # Relative to the machine's speed, not an absolute time: parsing on the event loop stalls
     # it for many parses in a row (measured: 3.3 s, some 13 parses); off the loop, the longest
     # stall is a fraction of one parse (measured on the loaded 2-core machine: 0.15-0.23 s
-    # against 0.4-0.8 s per parse).
-    assert longest_stall < one_parse, (longest_stall, one_parse)
+    # against 0.4-0.8 s per parse; on a faster one 0.05-0.12 s against 0.2 s). Two parses:
+    # a burst of load from elsewhere during the run (once in a full test run) is not a stall
+    # of the receiver's making, and parsing on the loop still fails by far.
+    assert longest_stall < 2 * one_parse, (longest_stall, one_parse)
 
 
 # --- X-Forwarded-For ------------------------------------------------------------------------------
