@@ -13,6 +13,7 @@ Field values travel exactly as the source sent them (a dateTime stays Salesforce
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
@@ -69,10 +70,13 @@ class JobNotification:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> JobNotification:
         first_seen = data.get("first_seen")
+        fields = data.get("fields")
         return cls(
             id=str(data.get("id") or ""),
             object=str(data.get("object") or ""),
-            fields=dict(data.get("fields") or {}),
+            # The decoded dict itself (nothing changes a notification's fields): a worker
+            # holds two batches of jobs, their decoded arguments alive until each job ends.
+            fields=fields if type(fields) is dict else dict(fields or {}),
             attempt=int(data.get("attempt", 1)),
             first_seen=None if first_seen is None else float(first_seen),
         )
@@ -118,7 +122,8 @@ class ApplyJob:
             source=Source(kwargs.get("source", Source.OUTBOUND_MESSAGE)),
             received_at=float(kwargs.get("received_at") or 0.0),
             notifications=tuple(
-                JobNotification.from_json(n) for n in kwargs.get("notifications") or ()
+                n if isinstance(n, JobNotification) else JobNotification.from_json(n)
+                for n in kwargs.get("notifications") or ()
             ),
             action_id=str(kwargs.get("action_id") or ""),
         )
@@ -167,20 +172,26 @@ def deserialize(raw: bytes) -> dict[str, Any]:
 
 
 class Notifications(list[Any]):
-    """A job's notifications as the worker receives them: printed as their count. arq logs
-    every job it starts with its arguments' repr: that of 100 notifications took ~0.15 ms a
-    job, and cut at 80 characters it showed their first ids and nothing useful."""
+    """A job's notifications as the worker receives them (JobNotifications), printed as their
+    count. arq logs every job it starts with its arguments' repr: that of 100 notifications
+    took ~0.15 ms a job, and cut at 80 characters it showed their first ids and nothing useful."""
 
     def __repr__(self) -> str:
         return f"<{len(self)} notifications>"
 
 
 def deserialize_for_worker(raw: bytes) -> dict[str, Any]:
-    """The worker's job_deserializer: `deserialize`, the notifications a `Notifications`."""
+    """The worker's job_deserializer: `deserialize`, the notifications made JobNotifications
+    once (arq keeps a job's arguments until it ends: decoded dicts beside the ApplyJob's
+    objects were a second copy of two batches of notifications), in a `Notifications`."""
     result = deserialize(raw)
     kwargs = result.get("k") if isinstance(result, dict) else None
-    if isinstance(kwargs, dict) and isinstance(kwargs.get("notifications"), list):
-        kwargs["notifications"] = Notifications(kwargs["notifications"])
+    if isinstance(kwargs, dict) and isinstance(items := kwargs.get("notifications"), list):
+        # Never raise here (arq would fail the job as undecodable, before the task runs):
+        # what cannot be read stays as it came, for the task to read, and fail on, as before.
+        with suppress(Exception):
+            items = [JobNotification.from_json(n) if isinstance(n, dict) else n for n in items]
+        kwargs["notifications"] = Notifications(items)
     return result
 
 

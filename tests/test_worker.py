@@ -13,11 +13,19 @@ import orjson
 import pytest
 import redis
 from arq.constants import in_progress_key_prefix
+from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
 from app.config import Settings
 from app.dead import Kept, list_dead_letters, replay_dead_letters
-from app.jobs import ApplyJob, JobNotification, Source
+from app.jobs import (
+    APPLY_JOB,
+    ApplyJob,
+    JobNotification,
+    Source,
+    deserialize_for_worker,
+    serialize,
+)
 from app.queue import (
     DEAD_KEY,
     JOB_KEY_PREFIX,
@@ -68,6 +76,27 @@ async def test_jobs_are_claimed_once_and_only_when_due_and_free(
         assert await aredis.exists(in_progress_key_prefix + other) == 0
     assert await claim_jobs(aredis, queue, ["due"], 30_000) == []  # never twice
     assert await claim_jobs(aredis, queue, [], 30_000) == []
+
+
+def test_the_worker_decodes_a_job_s_notifications_once_and_never_fails_decoding() -> None:
+    """app.jobs.deserialize_for_worker: JobNotifications made once, shared with the ApplyJob
+    (arq keeps the arguments until the job ends), printed as their count; what it cannot
+    read stays as it came (a decoding error would have arq fail the job before the task)."""
+    job = apply_job([contact_json(1, email="ada@example.org"), contact_json(2)])
+
+    def stored(kwargs: dict[str, Any]) -> bytes:  # as arq stores a job
+        return serialize_job(APPLY_JOB, (), kwargs, None, 0, serializer=serialize)
+
+    kwargs = deserialize_for_worker(stored(job.kwargs()))["k"]
+    items = kwargs["notifications"]
+    assert repr(items) == "<2 notifications>"
+    assert ApplyJob.from_kwargs(kwargs).notifications == job.notifications
+    read = ApplyJob.from_kwargs(kwargs).notifications
+    assert all(a is b for a, b in zip(read, items, strict=True))
+
+    bad = [contact_json(1), {"id": "x", "fields": 5}]
+    kept = deserialize_for_worker(stored({**job.kwargs(), "notifications": bad}))["k"]
+    assert kept["notifications"] == bad and repr(kept["notifications"]) == "<2 notifications>"
 
 
 async def test_a_job_becomes_drupal_users_and_outcome_counters(
