@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from app.drupal.engine import create_engine
 from app.drupal.url import async_url
 from app.errors import ConfigError
 from app.mapping import DEFAULT_FIELD_MAP, load_field_map, parse_field_map, render
 from app.records import clean_name, valid_email, with_suffix
-from app.sfid import sf_key, to18
+from app.sfid import checksum, sf_key, to18
 
 
 @pytest.mark.parametrize(
@@ -143,6 +145,24 @@ def test_salesforce_ids_are_keyed_by_their_case_correct_18_characters() -> None:
     assert sf_key(id15) == to18(id15)
     assert sf_key(to18(id15)) == to18(id15)
     assert sf_key(to18(id15).lower()) == to18(id15)  # case-folded on the way: same record
+
+
+@given(st.text(max_size=20))
+@example("0035g00000AbCdE")  # capitals in each chunk
+@example("001D000000IqhSL")  # Salesforce's documented example: 001D000000IqhSLIAZ
+@example("ÄBCDEfghijKLMNO")  # not ASCII: only A-Z are capitals
+def test_the_checksum_marks_each_capital_a_to_z_of_each_chunk(text: str) -> None:
+    """Bit i of chunk c (characters 5c..5c+4) is set when that character is A-Z; the suffix
+    is those three 5-bit numbers in A-Z0-5."""
+    expected = "".join(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"[
+            sum(1 << i for i, ch in enumerate(text[5 * c : 5 * c + 5]) if "A" <= ch <= "Z")
+        ]
+        for c in range(3)
+    )
+    assert checksum(text) == expected
+    if text == "001D000000IqhSL":
+        assert expected == "IAZ"
 
 
 def test_a_missing_sqlite_file_is_a_config_error_not_a_new_empty_database(tmp_path: Path) -> None:
