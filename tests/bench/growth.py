@@ -179,6 +179,8 @@ def seeded_sqlite(size: int) -> Path:
     if path.exists():
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
+    for stale in (CACHE / f"drupal10-{size}.sqlite", *CACHE.glob(f"drupal10-{size}-v*.sqlite")):
+        stale.unlink(missing_ok=True)  # another seed version's (a 1M site is ~730 MB)
     partial = path.with_suffix(".partial")
     shutil.copyfile(DRUPAL10, partial)
     asyncio.run(_prepare(f"sqlite:///{partial}"))
@@ -264,6 +266,12 @@ def seeded_postgres(cluster: Cluster, size: int) -> str:
     if rows:
         return name
     partial = f"{name}_partial"
+    pattern = f"^seed_{size}(_v[0-9]+)?$"
+    (older,) = asyncio.run(
+        _admin(cluster, f"SELECT datname FROM pg_database WHERE datname ~ '{pattern}'")
+    )
+    for (stale,) in older:  # another seed version's
+        asyncio.run(_admin(cluster, f"DROP DATABASE IF EXISTS {stale}"))
     asyncio.run(_admin(cluster, f"DROP DATABASE IF EXISTS {partial}", f"CREATE DATABASE {partial}"))
     started = time.perf_counter()
     asyncio.run(_seed_postgres(cluster, partial, size))
