@@ -77,7 +77,13 @@ async def _on_sqlite(
             rows = list(await aio.execute_fetchall(sql, params))
     except sqlite3.Error as exc:
         raise DBAPIError.instance(
-            sql, params, exc, sqlite3.Error, dialect=conn.dialect, ismulti=many
+            sql,
+            params,
+            exc,
+            sqlite3.Error,
+            hide_parameters=sync.engine.hide_parameters,  # as the engine would
+            dialect=conn.dialect,
+            ismulti=many,
         ) from exc
     sync.dispatch.after_cursor_execute(sync, None, sql, params, None, many)
     return rows
