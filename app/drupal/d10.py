@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -79,7 +78,8 @@ def time_ordered_uuids(count: int) -> list[str]:
     out = []
     for start in range(0, 10 * count, 10):
         bits = int.from_bytes(noise[start : start + 10])  # 80: 12 for rand_a, 62 for rand_b
-        out.append(str(uuid.UUID(int=head | (bits >> 68) << 64 | bits & _RAND_B)))
+        h = f"{head | (bits >> 68) << 64 | bits & _RAND_B:032x}"  # str(UUID(int=...)), 3x faster
+        out.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
     return out
 
 

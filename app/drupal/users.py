@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import TableClause
 
-from app.drupal.bulk import fetch_all, padded, placeholders, update_rows
+from app.drupal.bulk import fetch_all, padded, placeholders, select_in, update_rows
 from app.drupal.engine import nocase_key
 
 # What a name or mail is compared by, as the database compares it: text (SQLite, PostgreSQL)
@@ -310,6 +310,14 @@ class Lookups:
         t, eq = self._table, self._mail
         keys = await eq.keys(conn, mails)
         found: dict[Key, set[int]] = {}
+        if eq.kind == "lower":
+            # SQLite, PostgreSQL: the sfrelay_*_mail_lower index, through the driver (a few
+            # statement texts: bulk.select_in), not a select compiled for each list.
+            table = conn.dialect.identifier_preparer.quote(t.name)
+            sql = f"SELECT uid, lower(mail) FROM {table} WHERE uid > 0 AND lower(mail) {{in}}"  # noqa: S608
+            for uid, key in await select_in(conn, sql, sorted({str(k) for k in keys.values()})):
+                found.setdefault(eq.post(key), set()).add(int(uid))
+            return {mail: sorted(found[key]) for mail, key in keys.items() if key in found}
         for chunk in chunks(sorted(keys)):
             query = (
                 select(t.c.uid, eq.stored_key())
