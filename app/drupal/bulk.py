@@ -62,6 +62,10 @@ async def _sqlite(conn: AsyncConnection) -> Any:
     return (await conn.get_raw_connection()).driver_connection
 
 
+def _executemany(db: sqlite3.Connection, sql: str, params: Any) -> None:
+    db.executemany(sql, params).close()
+
+
 async def _on_sqlite(
     conn: AsyncConnection, aio: Any, sql: str, params: Any, *, many: bool = False
 ) -> list[Any]:
@@ -71,7 +75,10 @@ async def _on_sqlite(
     sync.dispatch.before_cursor_execute(sync, None, sql, params, None, many)
     try:
         if many:
-            await aio.executemany(sql, params)
+            # In aiosqlite's thread, its cursor closed there too (aiosqlite's own executemany
+            # hands the cursor back, to be freed on this thread); as engine.py, aiosqlite's
+            # _execute, the call its public helpers make.
+            await aio._execute(_executemany, aio._conn, sql, params)
             rows: list[Any] = []
         else:
             rows = list(await aio.execute_fetchall(sql, params))
