@@ -13,11 +13,11 @@ in `orig`), so app.drupal.errors and the rules read them as any other.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy.engine import CursorResult, Dialect
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -107,10 +107,12 @@ async def executemany(conn: AsyncConnection, sql: str, rows: Sequence[Any]) -> N
 
 
 async def fetch_all(conn: AsyncConnection, sql: str, params: Sequence[Any]) -> list[Any]:
-    """The rows of `sql` (in the driver's paramstyle) with `params` bound."""
+    """The rows of `sql` (in the driver's paramstyle) with `params` bound ([] for a
+    statement that returns none)."""
     if (aio := await _sqlite(conn)) is not None:
         return await _on_sqlite(conn, aio, sql, params)
-    return list((await conn.exec_driver_sql(sql, tuple(params))).all())
+    result = await conn.exec_driver_sql(sql, tuple(params))
+    return list(result.all()) if result.returns_rows else []
 
 
 async def insert_rows(
@@ -161,38 +163,29 @@ async def select_in(conn: AsyncConnection, sql: str, values: Sequence[Any]) -> l
     every value of `values`, a chunk per statement, straight through the driver: no SQL is
     compiled per batch."""
     rows: list[Any] = []  # Rows (tuples on SQLite)
-    if conn.dialect.name == "sqlite":
-        for start in range(0, len(values), SELECT_CHUNK):
-            bound = padded(values[start : start + SELECT_CHUNK])
-            rows.extend(await fetch_all(conn, in_sql(conn.dialect, sql, len(bound)), bound))
-        return rows
-    async for result in _each_chunk(conn, sql, values):
-        rows.extend(result.all())
+    for statement, params in _in_chunks(conn.dialect, sql, values):
+        rows.extend(await fetch_all(conn, statement, params))
     return rows
 
 
 async def execute_in(conn: AsyncConnection, sql: str, values: Sequence[Any]) -> None:
     """`sql` (a DELETE or UPDATE whose only bound value is its `{in}`) for every value."""
-    if conn.dialect.name == "sqlite":
-        for start in range(0, len(values), SELECT_CHUNK):
-            bound = padded(values[start : start + SELECT_CHUNK])
-            await fetch_all(conn, in_sql(conn.dialect, sql, len(bound)), bound)
-        return
-    async for _ in _each_chunk(conn, sql, values):
-        pass
+    for statement, params in _in_chunks(conn.dialect, sql, values):
+        await fetch_all(conn, statement, params)
 
 
-async def _each_chunk(
-    conn: AsyncConnection, sql: str, values: Sequence[Any]
-) -> AsyncIterator[CursorResult[Any]]:
-    array = conn.dialect.paramstyle == "numeric_dollar"
+def _in_chunks(
+    dialect: Dialect, sql: str, values: Sequence[Any]
+) -> Iterator[tuple[str, tuple[Any, ...]]]:
+    """(statement, parameters) per SELECT_CHUNK of `values`: one array on PostgreSQL, else
+    the chunk padded to one of a few sizes."""
     for start in range(0, len(values), SELECT_CHUNK):
         chunk = list(values[start : start + SELECT_CHUNK])
-        if array:
-            yield await conn.exec_driver_sql(in_sql(conn.dialect, sql, 0), (chunk,))
-            continue
-        bound = padded(chunk)
-        yield await conn.exec_driver_sql(in_sql(conn.dialect, sql, len(bound)), bound)
+        if dialect.paramstyle == "numeric_dollar":
+            yield in_sql(dialect, sql, 0), (chunk,)
+        else:
+            bound = padded(chunk)
+            yield in_sql(dialect, sql, len(bound)), bound
 
 
 @lru_cache(maxsize=64)
