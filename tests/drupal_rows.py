@@ -42,13 +42,18 @@ async def ledger_history(site: DrupalSite, sf_id: str) -> tuple[int | None, list
     return row["uid"], entries
 
 
+def user_table(site: DrupalSite) -> str:
+    """The table holding uid, name and mail: D10 users_field_data, D7 users."""
+    return "users_field_data" if site.major == 10 else "users"
+
+
 async def user_ids(site: DrupalSite) -> list[int]:
-    table = "users_field_data" if site.major == 10 else "users"
+    table = user_table(site)
     return [r["uid"] for r in await site.rows(f"SELECT uid FROM {table} ORDER BY uid")]
 
 
 async def uids_with_mail(site: DrupalSite, mail: str) -> list[int]:
-    table = "users_field_data" if site.major == 10 else "users"
+    table = user_table(site)
     rows = await site.rows(
         f"SELECT uid FROM {table} WHERE lower(mail) = :m ORDER BY uid",
         m=mail.lower(),

@@ -8,6 +8,7 @@ import uuid
 from app.drupal.d10 import time_ordered_uuids
 from app.drupal.schema import has_table
 from app.outcomes import Outcome
+from app.sync import Syncer
 from tests.drupal_rows import (
     add_member,
     assert_new_user,
@@ -18,6 +19,7 @@ from tests.drupal_rows import (
     tag,
     uids_with_mail,
     user_ids,
+    user_table,
 )
 from tests.drupal_schemas import DRUPAL
 from tests.factories import note, sf
@@ -97,16 +99,20 @@ def test_new_uuids_are_version_7_unique_and_in_the_order_they_were_made() -> Non
     assert start_ms <= parsed[0].int >> 80 <= time.time_ns() // 1_000_000
 
 
-async def test_update_changes_fields_and_invalidates_caches(drupal_site: DrupalSite) -> None:
-    site = drupal_site
+async def created_jane(site: DrupalSite) -> tuple[Syncer, int]:
+    """A syncer, and the user it created for Contact 1 (jane@example.com, Jane Doe)."""
     syncer = await open_syncer(site)
     (created,) = await syncer.apply([note(sf(1), "jane@example.com", "Jane", "Doe")])
-    uid = created.uid
-    assert uid is not None
+    assert created.uid is not None
+    return syncer, created.uid
+
+
+async def test_update_changes_fields_and_invalidates_caches(drupal_site: DrupalSite) -> None:
+    site = drupal_site
+    syncer, uid = await created_jane(site)
     # Drupal-side changes sfrelay must keep: a password, an old `changed`.
-    table = "users_field_data" if site.major == 10 else "users"
     await site.execute(
-        f"UPDATE {table} SET pass = 'hash', changed = 1, created = 1 WHERE uid = :u",
+        f"UPDATE {user_table(site)} SET pass = 'hash', changed = 1, created = 1 WHERE uid = :u",
         u=uid,
     )
     cache, cid = await add_cache_entry(site, uid)
@@ -139,12 +145,8 @@ async def test_an_unchanged_mail_is_left_as_stored_and_a_changed_one_is_written(
     """An update whose mail equals the stored one writes no mail (most updates); a mail
     changed and changed back in one batch ends as stored; a change of case is a change."""
     site = drupal_site
-    syncer = await open_syncer(site)
-    (created,) = await syncer.apply([note(sf(1), "jane@example.com", "Jane", "Doe")])
-    uid = created.uid
-    assert uid is not None
-    table = "users_field_data" if site.major == 10 else "users"
-    await site.execute(f"UPDATE {table} SET changed = 1 WHERE uid = :u", u=uid)
+    syncer, uid = await created_jane(site)
+    await site.execute(f"UPDATE {user_table(site)} SET changed = 1 WHERE uid = :u", u=uid)
 
     away = note(sf(1), "jane.doe@example.org", "Jane", "Doe", minutes=1)
     back = note(sf(1), "jane@example.com", "Janet", "Doe", minutes=2)
