@@ -65,6 +65,9 @@ _HELD_ROLES = (
 )
 
 
+_RAND_B = (1 << 62) - 1  # a version 7 UUID's rand_b: its low 62 bits
+
+
 def time_ordered_uuids(count: int) -> list[str]:
     """`count` RFC 9562 version 7 UUIDs: the Unix time in milliseconds, then 74 random bits.
 
@@ -81,9 +84,6 @@ def time_ordered_uuids(count: int) -> list[str]:
         h = f"{head | (bits >> 68) << 64 | bits & _RAND_B:032x}"  # str(UUID(int=...)), 3x faster
         out.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
     return out
-
-
-_RAND_B = (1 << 62) - 1
 
 
 def field_table(name: str) -> TableClause:
