@@ -62,6 +62,7 @@ DRUPAL10 = SHARED / "drupal" / "sites" / "drupal10-standard.sqlite"
 CACHE = PROJECT_ROOT / "var" / "bench-cache"
 SIZES = (10_000, 100_000, 1_000_000)
 GOAL = 0.9
+PAGE = 4096  # the page size of Drupal's SQLite files (sqlite3 creates them so)
 FIRST_UID = 2  # the standard site holds uid 0 and 1
 EPOCH = 1_780_000_000  # seconds: the seeded users' created/changed
 # Bumped whenever the seeded rows change: a cached site of another version is seeded again.
@@ -487,6 +488,76 @@ def print_plans(database: str, size: int, plans: list[Plan]) -> None:
             print(f"    {shown}" + (f"  (x{repeats})" if repeats > 1 else ""))
 
 
+# ------------------------------------------------------------------ pages a batch changes
+
+
+def _pages(path: Path) -> list[bytes]:
+    data = path.read_bytes()
+    return [data[i : i + PAGE] for i in range(0, len(data), PAGE)]
+
+
+async def changed_pages(path: Path, count: int, population: int) -> tuple[list[int], Counter[str]]:
+    """SQLite: apply the warm-up, then the timed batch in the worker's batches, and compare the
+    file page by page after each: the pages each batch (one transaction) changed, and which
+    table or index each belongs to (SQLite's dbstat), over all batches. Every such page is
+    written twice in Drupal's rollback-journal mode (its old content to the journal, then the
+    new to the file), and at a 1M site most of them are not in any page cache yet."""
+    syncer = await Syncer.open(Settings(_env_file=None, database_url=f"sqlite:///{path}"))
+    size = syncer.settings.worker_batch_size
+    per_batch: list[int] = []
+    owners: Counter[str] = Counter()
+    try:
+        await syncer.apply(batch(max(500, count // 5), 1, population))
+        timed = batch(count, 0, population)
+        for start in range(0, count, size):
+            before = _pages(path)
+            await syncer.apply(timed[start : start + size])
+            after = _pages(path)
+            changed = [
+                n + 1 for n in range(len(after)) if n >= len(before) or before[n] != after[n]
+            ]
+            with sqlite3.connect(path) as db:
+                owner = dict(db.execute("SELECT pageno, name FROM dbstat"))
+            per_batch.append(len(changed))
+            owners.update(owner.get(n, "(free list)") for n in changed)
+    finally:
+        await syncer.close()
+    return per_batch, owners
+
+
+def pages_report(sizes: list[int], count: int, work: Path) -> str:
+    """Per site size: pages changed per batch, and the b-trees that hold them (top ones)."""
+    found = {}
+    for size in sizes:
+        copy = work / f"pages-{size}.sqlite"
+        shutil.copyfile(seeded_sqlite(size), copy)
+        try:
+            found[size] = asyncio.run(changed_pages(copy, count, min(sizes)))
+        finally:
+            copy.unlink()
+    lines = [
+        f"\nPages each batch of the {count:,} notifications changed (SQLite, {PAGE} bytes each):",
+        "| table or index | " + " | ".join(f"{s:,} users" for s in sizes) + " |",
+        "| --- |" + " ---: |" * len(sizes),
+    ]
+    batches = {s: len(found[s][0]) for s in sizes}
+    lines.append(
+        "| **all, per batch** | "
+        + " | ".join(", ".join(f"{n:,}" for n in found[s][0]) for s in sizes)
+        + " |"
+    )
+    total: Counter[str] = Counter()
+    for s in sizes:
+        total.update(found[s][1])
+    for name, _ in total.most_common(12):
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{found[s][1][name] / batches[s]:,.0f}" for s in sizes)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------- report
 
 
@@ -551,8 +622,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--notifications", type=int, default=10_000)
     parser.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument(
+        "--pages",
+        action="store_true",
+        help="SQLite only, instead of timing: the pages each batch changes, by table and index",
+    )
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.pages:
+        with tempfile.TemporaryDirectory(prefix="sfrelay-pages-") as tmp_name:
+            print(pages_report(sizes, args.notifications, Path(tmp_name)))
+        return
     results: list[Result] = []
     scans: list[str] = []
     with tempfile.TemporaryDirectory(prefix="sfrelay-growth-") as tmp_name:
