@@ -35,7 +35,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,6 @@ DRUPAL10 = SHARED / "drupal" / "sites" / "drupal10-standard.sqlite"
 CACHE = PROJECT_ROOT / "var" / "bench-cache"
 SIZES = (10_000, 100_000, 1_000_000)
 GOAL = 0.9
-PAGE = 4096  # the page size of Drupal's SQLite files (sqlite3 creates them so)
 FIRST_UID = 2  # the standard site holds uid 0 and 1
 EPOCH = 1_780_000_000  # seconds: the seeded users' created/changed
 # Bumped whenever the seeded rows change: a cached site of another version is seeded again.
@@ -491,42 +490,45 @@ def print_plans(database: str, size: int, plans: list[Plan]) -> None:
 # ------------------------------------------------------------------ pages a batch changes
 
 
-def _pages(path: Path) -> list[bytes]:
+def _pages(path: Path, size: int) -> list[bytes]:
     data = path.read_bytes()
-    return [data[i : i + PAGE] for i in range(0, len(data), PAGE)]
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
-async def changed_pages(path: Path, count: int, population: int) -> tuple[list[int], Counter[str]]:
-    """SQLite: apply the warm-up, then the timed batch in the worker's batches, and compare the
-    file page by page after each: the pages each batch (one transaction) changed, and which
-    table or index each belongs to (SQLite's dbstat), over all batches. Every such page is
-    written twice in Drupal's rollback-journal mode (its old content to the journal, then the
-    new to the file), and at a 1M site most of them are not in any page cache yet."""
+async def changed_pages(path: Path, count: int, population: int) -> list[tuple[int, Counter[str]]]:
+    """SQLite: apply the warm-up, then the timed batch in the worker's batches, comparing the
+    file page by page after each: per batch (one transaction), its notifications and the
+    pages it changed, counted by the table or index that holds them (SQLite's dbstat). In
+    Drupal's rollback-journal mode each such page is written twice: its old content to the
+    journal, then the new one to the file."""
+    with closing(sqlite3.connect(path)) as db:
+        (page_size,) = db.execute("PRAGMA page_size").fetchone()
     syncer = await Syncer.open(Settings(_env_file=None, database_url=f"sqlite:///{path}"))
     size = syncer.settings.worker_batch_size
-    per_batch: list[int] = []
-    owners: Counter[str] = Counter()
+    found: list[tuple[int, Counter[str]]] = []
     try:
         await syncer.apply(batch(max(500, count // 5), 1, population))
         timed = batch(count, 0, population)
         for start in range(0, count, size):
-            before = _pages(path)
+            before = _pages(path, page_size)
             await syncer.apply(timed[start : start + size])
-            after = _pages(path)
+            after = _pages(path, page_size)
             changed = [
                 n + 1 for n in range(len(after)) if n >= len(before) or before[n] != after[n]
             ]
-            with sqlite3.connect(path) as db:
+            with closing(sqlite3.connect(path)) as db:
                 owner = dict(db.execute("SELECT pageno, name FROM dbstat"))
-            per_batch.append(len(changed))
-            owners.update(owner.get(n, "(free list)") for n in changed)
+            found.append(
+                (len(timed[start : start + size]), Counter(owner.get(n, "(free)") for n in changed))
+            )
     finally:
         await syncer.close()
-    return per_batch, owners
+    return found
 
 
 def pages_report(sizes: list[int], count: int, work: Path) -> str:
-    """Per site size: pages changed per batch, and the b-trees that hold them (top ones)."""
+    """Per site size: the pages each batch changed; per table or index, the mean over the
+    full batches (a last, smaller one is left out)."""
     found = {}
     for size in sizes:
         copy = work / f"pages-{size}.sqlite"
@@ -535,26 +537,23 @@ def pages_report(sizes: list[int], count: int, work: Path) -> str:
             found[size] = asyncio.run(changed_pages(copy, count, min(sizes)))
         finally:
             copy.unlink()
+    full = {s: [c for n, c in found[s] if n == max(n for n, _ in found[s])] for s in sizes}
+    batch_size = max(n for n, _ in found[sizes[0]])
     lines = [
-        f"\nPages each batch of the {count:,} notifications changed (SQLite, {PAGE} bytes each):",
+        f"\nPages changed per batch of {batch_size:,} notifications (SQLite), by site size:",
         "| table or index | " + " | ".join(f"{s:,} users" for s in sizes) + " |",
         "| --- |" + " ---: |" * len(sizes),
+        "| **all, each batch** | "
+        + " | ".join(", ".join(f"{c.total():,}" for _, c in found[s]) for s in sizes)
+        + " |",
     ]
-    batches = {s: len(found[s][0]) for s in sizes}
-    lines.append(
-        "| **all, per batch** | "
-        + " | ".join(", ".join(f"{n:,}" for n in found[s][0]) for s in sizes)
-        + " |"
-    )
-    total: Counter[str] = Counter()
+    overall: Counter[str] = Counter()
     for s in sizes:
-        total.update(found[s][1])
-    for name, _ in total.most_common(12):
-        lines.append(
-            f"| {name} | "
-            + " | ".join(f"{found[s][1][name] / batches[s]:,.0f}" for s in sizes)
-            + " |"
-        )
+        for counts in full[s]:
+            overall.update(counts)
+    for name, _ in overall.most_common(12):
+        means = [sum(c[name] for c in full[s]) / len(full[s]) for s in sizes]
+        lines.append(f"| {name} | " + " | ".join(f"{m:,.0f}" for m in means) + " |")
     return "\n".join(lines)
 
 
