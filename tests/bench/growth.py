@@ -67,14 +67,20 @@ EPOCH = 1_780_000_000  # seconds: the seeded users' created/changed
 # Bumped whenever the seeded rows change: a cached site of another version is seeded again.
 # 2: random (version 4) uuids, as Drupal gives them (1 numbered them 0...1, 0...2: in uid
 # order, which hid what random keys cost the uuid index of a big site).
-SEED_VERSION = 2
+# 3: mails as people have them, <First>.<Last><n>@<provider> (2 had Member<i>@Example.org, and
+# the batch's new addresses sorted apart from them: the mail indexes hid their cost the same way).
+SEED_VERSION = 3
+DOMAINS = (
+    ("gmail.com", 40), ("outlook.com", 15), ("yahoo.com", 12), ("hotmail.com", 10),
+    ("icloud.com", 8), ("gmx.de", 5), ("orange.fr", 5), ("example.org", 5),
+)  # fmt: skip
 USER_TABLES = re.compile(r"^(users|users_field_data|user__\w+|sfrelay_record)$")
 
 # --------------------------------------------------------------------------------- seeding
 #
 # Seeded user i (uid FIRST_UID + i): a random uuid, username "<First> <Last>" with Drupal's
-# "_<n>" suffix when the name repeats, mail Member<i>@Example.org; 4 in 5 are mapped to Contact
-# 003...<10^7 + i> (field rows + a sfrelay_record ledger row); 1 in 100 holds the
+# "_<n>" suffix when the name repeats, mail <First>.<Last><i>@<provider>; 4 in 5 are mapped to
+# Contact 003...<10^7 + i> (field rows + a sfrelay_record ledger row); 1 in 100 holds the
 # content_editor role.
 
 
@@ -85,6 +91,13 @@ def _person(i: int) -> tuple[str, str]:
     first = rng.choices([n for n, _ in FIRST_NAMES], [w for _, w in FIRST_NAMES])[0]
     last = rng.choices([n for n, _ in LAST_NAMES], [w for _, w in LAST_NAMES])[0]
     return _ascii(first), _ascii(last)
+
+
+def _mail(first: str, last: str, number: int) -> str:
+    """<First>.<Last><number>@<provider>, a provider picked by `number` (same number, same mail)."""
+    domain = random.Random(number).choices([d for d, _ in DOMAINS], [w for _, w in DOMAINS])[0]
+    local = f"{first}.{last}".replace(" ", "").replace("'", "")
+    return f"{local}{number}@{domain}"
 
 
 def _mapped(i: int) -> bool:
@@ -107,7 +120,7 @@ def seed_rows(size: int) -> Iterator[dict[str, list[tuple[Any, ...]]]]:
             base = f"{first} {last}"
             seen = repeats[base.lower()] = repeats.get(base.lower(), 0) + 1
             name = base if seen == 1 else f"{base}_{seen}"
-            mail = f"Member{i}@Example.org"
+            mail = _mail(first, last, i)
             stamp = EPOCH + i
             key = str(uuid.UUID(bytes=uuids.randbytes(16), version=4))  # Drupal's own: random
             rows.setdefault("users", []).append((uid, key, "en"))
@@ -333,19 +346,20 @@ def batch(count: int, offset: int, population: int = 10_000) -> list[JobNotifica
         kind = n % 20
         if kind < 14 or not mapped or not members:
             first, last = _person(number)
-            mail = f"{first[:1]}.{last.replace(' ', '')}{n}.{offset}@New-Example.net"
+            mail = _mail(first, last, number)
             out.append(_contact(sf_id("003", number), number, first, last, mail, stamp))
         elif kind < 17:
             i = mapped.pop()
             first, last = _person(i)
             out.append(
-                _contact(_seed_sf_id(i), number, first, f"{last}-Updated", f"Member{i}@Example.org",
+                _contact(_seed_sf_id(i), number, first, f"{last}-Updated", _mail(first, last, i),
                          stamp)
             )  # fmt: skip
         else:
             i = members.pop()
             first, last = _person(i)
-            mail = f"member{i}@EXAMPLE.org"  # the same mail, another case
+            local, _, domain = _mail(first, last, i).partition("@")
+            mail = f"{local.lower()}@{domain.upper()}"  # the same mail, another case
             out.append(_contact(sf_id("003", number), number, first, last, mail, stamp))
     rng.shuffle(out)
     return out
