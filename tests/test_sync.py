@@ -99,6 +99,33 @@ def test_new_uuids_are_version_7_unique_and_in_the_order_they_were_made() -> Non
     assert start_ms <= parsed[0].int >> 80 <= time.time_ns() // 1_000_000
 
 
+async def test_a_batch_inserts_its_users_in_name_order_and_numbers_them_in_its_own(
+    drupal_site: DrupalSite,
+) -> None:
+    """The user rows go in in the order of their names (each page of the name indexes is
+    then changed by neighbours, once: app.drupal.users.in_name_order); the uids still follow
+    the notifications, and each row holds its own user's values."""
+    site = drupal_site
+    people = [("Zoe", "Adams"), ("adam", "Young"), ("Mia", "Brown"), ("Émile", "Zola")]
+    notes = [note(sf(i), f"p{i}@example.com", *p) for i, p in enumerate(people, start=1)]
+    syncer = await open_syncer(site)
+    outcomes = await syncer.apply(notes)
+    await syncer.close()
+    assert kinds(outcomes) == ["created"] * 4
+    uids = [o.uid or 0 for o in outcomes]
+    assert uids == sorted(uids) and len(set(uids)) == 4  # in the notifications' order
+    table = user_table(site)
+    for i, (uid, (first, last)) in enumerate(zip(uids, people, strict=True), start=1):
+        (row,) = await site.rows(f"SELECT name, mail FROM {table} WHERE uid = :u", u=uid)
+        assert (row["name"], row["mail"]) == (f"{first} {last}", f"p{i}@example.com")
+    if site.id == "sqlite-d10":  # users_field_data keeps its rows in insertion order (rowid)
+        rows = await site.rows(
+            f"SELECT name FROM {table} WHERE uid >= :u ORDER BY rowid", u=uids[0]
+        )
+        # NOCASE_UTF8's order: lower-cased, by code point ("é" after "z")
+        assert [r["name"] for r in rows] == ["adam Young", "Mia Brown", "Zoe Adams", "Émile Zola"]
+
+
 async def created_jane(site: DrupalSite) -> tuple[Syncer, int]:
     """A syncer, and the user it created for Contact 1 (jane@example.com, Jane Doe)."""
     syncer = await open_syncer(site)

@@ -21,6 +21,7 @@ from app.drupal.users import (
     NewUser,
     UserChange,
     chunks,
+    in_name_order,
     update_base,
 )
 
@@ -143,9 +144,8 @@ class Drupal10(Lookups):
             query = select(users.c.uid, users.c.uuid).where(users.c.uuid.in_(chunk))
             for uid, key in (await conn.execute(query)).all():
                 by_uuid[key].uid = int(uid)
-        await insert_rows(
-            conn, "users_field_data", _DATA_COLUMNS, [self._data_row(user, now) for user in new]
-        )
+        rows = [self._data_row(user, now) for user in in_name_order(new)]
+        await insert_rows(conn, "users_field_data", _DATA_COLUMNS, rows)
         await self._write_fields(conn, [(u.uid or 0, (self.langcode,), u.fields) for u in new])
         role_rows = [
             self._field_row(user.uid or 0, self.langcode, delta, role)

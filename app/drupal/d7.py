@@ -17,6 +17,7 @@ from app.drupal.users import (
     NewUser,
     UserChange,
     chunks,
+    in_name_order,
     update_base,
 )
 
@@ -133,7 +134,9 @@ class Drupal7(Lookups):
         first = await self._allocate(conn, len(new))
         for offset, user in enumerate(new):
             user.uid = first + offset
-        await conn.execute(insert(users), [self._user_row(user, now) for user in new])
+        await conn.execute(
+            insert(users), [self._user_row(user, now) for user in in_name_order(new)]
+        )
         await self._write_fields(conn, [(u.uid or 0, u.fields) for u in new])
         rows = [{"uid": user.uid, "rid": self._rid(role)} for user in new for role in user.roles]
         if rows:
