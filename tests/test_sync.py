@@ -99,15 +99,16 @@ def test_new_uuids_are_version_7_unique_and_in_the_order_they_were_made() -> Non
     assert start_ms <= parsed[0].int >> 80 <= time.time_ns() // 1_000_000
 
 
-async def test_a_batch_inserts_its_users_in_name_order_and_numbers_them_in_its_own(
+async def test_a_batch_inserts_users_by_name_and_records_by_id_and_numbers_users_in_its_order(
     drupal_site: DrupalSite,
 ) -> None:
     """The user rows go in in the order of their names (each page of the name indexes is
-    then changed by neighbours, once: app.drupal.users.in_name_order); the uids still follow
-    the notifications, and each row holds its own user's values."""
+    then changed by neighbours, once: app.drupal.users.in_name_order), the ledger's in the
+    order of their Ids; the uids still follow the notifications, and each row holds its own
+    user's values."""
     site = drupal_site
     people = [("Zoe", "Adams"), ("adam", "Young"), ("Mia", "Brown"), ("Émile", "Zola")]
-    notes = [note(sf(i), f"p{i}@example.com", *p) for i, p in enumerate(people, start=1)]
+    notes = [note(sf(5 - i), f"p{i}@example.com", *p) for i, p in enumerate(people, start=1)]
     syncer = await open_syncer(site)
     outcomes = await syncer.apply(notes)
     await syncer.close()
@@ -124,6 +125,9 @@ async def test_a_batch_inserts_its_users_in_name_order_and_numbers_them_in_its_o
         )
         # NOCASE_UTF8's order: lower-cased, by code point ("é" after "z")
         assert [r["name"] for r in rows] == ["adam Young", "Mia Brown", "Zoe Adams", "Émile Zola"]
+        # and the ledger's rows in the order of their Ids (its primary key)
+        ledger = await site.rows("SELECT sf_id FROM sfrelay_record ORDER BY rowid")
+        assert [r["sf_id"] for r in ledger] == [sf(1), sf(2), sf(3), sf(4)]
 
 
 async def created_jane(site: DrupalSite) -> tuple[Syncer, int]:
