@@ -217,7 +217,7 @@ async def save(conn: AsyncConnection, states: Iterable[RecordState]) -> None:
         else:
             changed.append((*_values(state, now), state.sf_id))
     # In Id order, as the UPDATEs (bulk.update_rows): the primary key's pages once each.
-    await insert_rows(conn, records.name, ("sf_id", *_COLUMNS), sorted(new))
+    await insert_rows(conn, records.name, ("sf_id", *_COLUMNS), sorted(new, key=lambda r: r[0]))
     await update_rows(conn, records.name, _COLUMNS, ("sf_id",), changed)
     await update_rows(conn, records.name, _ROUTINE, ("sf_id",), routine)
 
