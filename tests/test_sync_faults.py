@@ -216,3 +216,36 @@ async def test_a_worker_starting_never_waits_for_or_blocks_drupal_on_postgresql(
     finally:
         await drupal.dispose()
         await admin.dispose()
+
+
+async def test_workers_starting_together_on_postgresql_all_start_and_build_each_index_once(
+    pg_server: Server,
+) -> None:
+    """A fresh database and four workers starting at once (a deploy): none fails on an index
+    another is building ("already exists"), none drops another's index while it is built, and
+    the indexes end up valid."""
+    name = await pg_server.fresh(10)
+    settings = Settings(_env_file=None, database_url=pg_server.url(name))
+    syncers = await asyncio.wait_for(
+        asyncio.gather(*(Syncer.open(settings) for _ in range(4))), timeout=120
+    )
+    (created,) = await syncers[-1].apply([note(sf(1), "ada@example.org", "Ada", "Byron")])
+    assert created.kind == "created"
+    for syncer in syncers:
+        await syncer.close()
+    drupal = create_engine(pg_server.url(name))
+    try:
+        async with drupal.connect() as conn:
+            valid = await conn.execute(
+                text(
+                    "SELECT c.relname, i.indisvalid FROM pg_index i "
+                    "JOIN pg_class c ON c.oid = i.indexrelid "
+                    "WHERE c.relname LIKE 'sfrelay_users_field_data_%' ORDER BY c.relname"
+                )
+            )
+            assert [tuple(r) for r in valid] == [
+                ("sfrelay_users_field_data_mail_lower", True),
+                ("sfrelay_users_field_data_name_lower_pattern", True),
+            ]
+    finally:
+        await drupal.dispose()

@@ -239,6 +239,10 @@ _LOOKUP_INDEXES = {
 # CREATE INDEX CONCURRENTLY never blocks Drupal's reads and writes, but it waits for every
 # transaction that touched the table; past this it gives up until the next start.
 PG_INDEX_LOCK_TIMEOUT = "2s"
+# Session advisory lock of the worker creating them (any fixed number, not the writer lock's):
+# workers starting together would otherwise both build an index (the second fails, "already
+# exists"), or one would drop the other's, still invalid while it is being built.
+_PG_INDEX_LOCK_KEY = 0x5F5E1A8
 
 
 async def ensure_indexes(engine: AsyncEngine, major: int) -> None:
@@ -276,41 +280,62 @@ async def ensure_indexes(engine: AsyncEngine, major: int) -> None:
                 )
 
 
+async def _pg_index_validity(auto: AsyncConnection, names: list[str]) -> dict[str, bool]:
+    rows = await auto.execute(
+        text(
+            "SELECT c.relname, i.indisvalid FROM pg_class c "
+            "JOIN pg_index i ON i.indexrelid = c.oid "
+            "WHERE c.relnamespace = current_schema()::regnamespace "
+            "AND c.relname = ANY(:names)"
+        ),
+        {"names": names},
+    )
+    return {name: bool(ok) for name, ok in rows}
+
+
 async def _ensure_pg_indexes(engine: AsyncEngine, names: dict[str, tuple[str, str]]) -> None:
     async with engine.connect() as conn:
         auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        rows = await auto.execute(
-            text(
-                "SELECT c.relname, i.indisvalid FROM pg_class c "
-                "JOIN pg_index i ON i.indexrelid = c.oid "
-                "WHERE c.relnamespace = current_schema()::regnamespace "
-                "AND c.relname = ANY(:names)"
-            ),
-            {"names": list(names)},
-        )
-        valid = {name: bool(ok) for name, ok in rows}
-        missing = [name for name in names if not valid.get(name)]
-        if not missing:
+        valid = await _pg_index_validity(auto, list(names))
+        if all(valid.get(name) for name in names):
             return
-        await auto.execute(text(f"SET lock_timeout = '{PG_INDEX_LOCK_TIMEOUT}'"))
+        # Not waited for: a worker waiting for this lock would hold a snapshot that the
+        # other's CREATE INDEX CONCURRENTLY waits for in turn.
+        lock = {"key": _PG_INDEX_LOCK_KEY}
+        if not await auto.scalar(text("SELECT pg_try_advisory_lock(:key)"), lock):
+            logger.info("another worker is creating sfrelay's indexes; starting without waiting")
+            return
         try:
-            for name in missing:
-                table, expression = names[name]
-                if name in valid:  # left invalid by an earlier start that gave up
-                    await auto.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
-                await auto.execute(
-                    text(f"CREATE INDEX CONCURRENTLY {name} ON {table} ({expression})")
-                )
-        except DBAPIError as exc:
-            if not is_transient(exc):
-                raise
-            logger.warning(
-                "index %s not created yet: Drupal's open transactions on %s kept it waiting "
-                "(%s); the worker runs without it (look-ups are slower) and tries again at "
-                "its next start",
-                name,
-                table,
-                PG_INDEX_LOCK_TIMEOUT,
-            )
+            # Read again under the lock: another worker may have built them meanwhile.
+            valid = await _pg_index_validity(auto, list(names))
+            await _create_pg_indexes(auto, names, valid)
         finally:
-            await auto.execute(text("RESET lock_timeout"))
+            await auto.execute(text("SELECT pg_advisory_unlock(:key)"), lock)
+
+
+async def _create_pg_indexes(
+    auto: AsyncConnection, names: dict[str, tuple[str, str]], valid: dict[str, bool]
+) -> None:
+    missing = [name for name in names if not valid.get(name)]
+    if not missing:
+        return
+    await auto.execute(text(f"SET lock_timeout = '{PG_INDEX_LOCK_TIMEOUT}'"))
+    try:
+        for name in missing:
+            table, expression = names[name]
+            if name in valid:  # left invalid by an earlier start that gave up
+                await auto.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+            await auto.execute(text(f"CREATE INDEX CONCURRENTLY {name} ON {table} ({expression})"))
+    except DBAPIError as exc:
+        if not is_transient(exc):
+            raise
+        logger.warning(
+            "index %s not created yet: Drupal's open transactions on %s kept it waiting "
+            "(%s); the worker runs without it (look-ups are slower) and tries again at "
+            "its next start",
+            name,
+            table,
+            PG_INDEX_LOCK_TIMEOUT,
+        )
+    finally:
+        await auto.execute(text("RESET lock_timeout"))
