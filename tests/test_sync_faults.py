@@ -169,6 +169,25 @@ async def _waiting_locks(admin: AsyncEngine, database: str) -> list[dict[str, An
         return [dict(r._mapping) for r in rows]
 
 
+VALID_INDEXES = [
+    ("sfrelay_users_field_data_mail_lower", True),
+    ("sfrelay_users_field_data_name_lower_pattern", True),
+]
+
+
+async def sfrelay_indexes(engine: AsyncEngine) -> list[tuple[str, bool]]:
+    """sfrelay's indexes on users_field_data (PostgreSQL), each with whether it is valid."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT c.relname, i.indisvalid FROM pg_index i "
+                "JOIN pg_class c ON c.oid = i.indexrelid "
+                "WHERE c.relname LIKE 'sfrelay_users_field_data_%' ORDER BY c.relname"
+            )
+        )
+        return [(str(name), bool(ok)) for name, ok in rows]
+
+
 @pytest.mark.parametrize("indexes", ["missing", "present"])
 async def test_a_worker_starting_never_waits_for_or_blocks_drupal_on_postgresql(
     pg_server: Server, indexes: str
@@ -201,18 +220,7 @@ async def test_a_worker_starting_never_waits_for_or_blocks_drupal_on_postgresql(
             await syncer.close()
         # Once nothing holds the table, the next start creates what was missing, concurrently.
         await (await Syncer.open(settings)).close()
-        async with drupal.connect() as conn:
-            valid = await conn.execute(
-                text(
-                    "SELECT c.relname, i.indisvalid FROM pg_index i "
-                    "JOIN pg_class c ON c.oid = i.indexrelid "
-                    "WHERE c.relname LIKE 'sfrelay_users_field_data_%' ORDER BY c.relname"
-                )
-            )
-            assert [tuple(r) for r in valid] == [
-                ("sfrelay_users_field_data_mail_lower", True),
-                ("sfrelay_users_field_data_name_lower_pattern", True),
-            ]
+        assert await sfrelay_indexes(drupal) == VALID_INDEXES
     finally:
         await drupal.dispose()
         await admin.dispose()
@@ -235,17 +243,6 @@ async def test_workers_starting_together_on_postgresql_all_start_and_build_each_
         await syncer.close()
     drupal = create_engine(pg_server.url(name))
     try:
-        async with drupal.connect() as conn:
-            valid = await conn.execute(
-                text(
-                    "SELECT c.relname, i.indisvalid FROM pg_index i "
-                    "JOIN pg_class c ON c.oid = i.indexrelid "
-                    "WHERE c.relname LIKE 'sfrelay_users_field_data_%' ORDER BY c.relname"
-                )
-            )
-            assert [tuple(r) for r in valid] == [
-                ("sfrelay_users_field_data_mail_lower", True),
-                ("sfrelay_users_field_data_name_lower_pattern", True),
-            ]
+        assert await sfrelay_indexes(drupal) == VALID_INDEXES
     finally:
         await drupal.dispose()
