@@ -652,7 +652,7 @@ def sqlite_sites(tmp: Path) -> Iterator[Any]:
 def postgresql_sites(tmp: Path) -> Iterator[Any]:
     from tests.fixtures_db import start_postgres
 
-    server = start_postgres()
+    server = start_postgres(durable=True)
     made: list[str] = []
 
     async def fresh() -> str:

@@ -339,7 +339,7 @@ def postgres(tmp: Path) -> Iterator[Callable[[], AbstractContextManager[str]]]:
     """A PostgreSQL server (the storage tests' own start-up), a fresh Drupal 10 database each."""
     from tests.fixtures_db import start_postgres
 
-    server = start_postgres()
+    server = start_postgres(durable=True)
 
     @contextmanager
     def fresh() -> Iterator[str]:
