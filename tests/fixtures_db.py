@@ -130,10 +130,6 @@ class Server:
 NOT_DURABLE = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
 
 
-def postgres_flags(*, durable: bool) -> list[str]:
-    return [] if durable else [arg for flag in NOT_DURABLE for arg in ("-c", flag)]
-
-
 def start_postgres(*, durable: bool = False) -> Server:
     """A PostgreSQL server of its own; `durable`: PostgreSQL's own durability (benchmarks)."""
     directory = _server_dir("sfrelay-pg-", owner="postgres")
@@ -144,7 +140,8 @@ def start_postgres(*, durable: bool = False) -> Server:
     port = free_port()
     command = [str(PG_BIN / "postgres"), "-D", str(data), "-p", str(port)]
     command += ["-k", str(directory), "-c", "listen_addresses=127.0.0.1"]
-    command += postgres_flags(durable=durable)
+    if not durable:
+        command += [arg for flag in NOT_DURABLE for arg in ("-c", flag)]
     return _start(Server("postgresql", port, directory), command, **_as_postgres())
 
 
