@@ -228,3 +228,13 @@ class Settings(BaseSettings):
                 "SFRELAY_ORG_IDS is not set: set it to your Salesforce organization id "
                 "(Setup > Company Information), or SFRELAY_ENV=development to accept any org"
             )
+        # The org id is no secret (every Web-to-Lead form carries it as `oid`): without a
+        # token or an address check, anyone could post notifications that block or re-mail users.
+        if self.endpoint_token is None and not self.allowed_networks and self.env != "development":
+            raise ConfigError(
+                "neither SFRELAY_ENDPOINT_TOKEN nor SFRELAY_ALLOWED_NETWORKS is set, so anyone "
+                "could post notifications: set SFRELAY_ENDPOINT_TOKEN to a long random secret "
+                "(python -c 'import secrets; print(secrets.token_urlsafe(32))') and end the "
+                "endpoint URL in Salesforce with ?token=<it>, or set SFRELAY_ALLOWED_NETWORKS "
+                "to Salesforce's IP ranges"
+            )

@@ -43,6 +43,7 @@ def worker_settings(settings: Settings, drupal_db: Path) -> Settings:
         env="production",
         redis_url=settings.redis_url,
         org_ids=settings.org_ids,
+        allowed_networks=settings.allowed_networks,
         database_url=f"sqlite:///{drupal_db}",
         job_timeout_seconds=5,
         retry_backoff_seconds=0,
@@ -79,6 +80,8 @@ def settings_env(settings: Settings, **extra: object) -> dict[str, str]:
         SFRELAY_WORKER_MAX_RSS_MB=str(settings.worker_max_rss_mb),
         PYTHONUNBUFFERED="1",
     )
+    if settings.allowed_networks:
+        env["SFRELAY_ALLOWED_NETWORKS"] = ",".join(map(str, settings.allowed_networks))
     if settings.worker_metrics_port is not None:
         env["SFRELAY_WORKER_METRICS_PORT"] = str(settings.worker_metrics_port)
     env["SFRELAY_LOG_FORMAT"] = settings.log_format

@@ -95,6 +95,16 @@ def test_serve_refuses_to_start_without_org_ids(cli: Cli) -> None:
     assert "SFRELAY_ORG_IDS is not set" in result.stderr
 
 
+def test_serve_refuses_to_start_without_a_token_or_allowed_networks(cli: Cli) -> None:
+    result = cli({"SFRELAY_ORG_IDS": "00D1I000003qqqEUAQ"}, "serve")
+    assert result.returncode == 2
+    assert (
+        "neither SFRELAY_ENDPOINT_TOKEN nor SFRELAY_ALLOWED_NETWORKS is set, so anyone could "
+        "post notifications: set SFRELAY_ENDPOINT_TOKEN to a long random secret"
+    ) in result.stderr
+    assert "Uvicorn running" not in result.stderr
+
+
 def test_serve_refuses_a_placeholder_token(cli: Cli) -> None:
     env = {"SFRELAY_ORG_IDS": "00D1I000003qqqEUAQ", "SFRELAY_ENDPOINT_TOKEN": "changeme"}
     result = cli(env, "serve")

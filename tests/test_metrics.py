@@ -273,6 +273,7 @@ def test_serve_with_two_workers_sums_the_counters_of_both(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SFRELAY_", "PROMETHEUS_"))}
     env.update(
         SFRELAY_ORG_IDS="00D1I000003qqqEUAQ",
+        SFRELAY_ALLOWED_NETWORKS="127.0.0.0/8",
         SFRELAY_REDIS_URL=redis_server.url,
         SFRELAY_PORT=str(port),
         SFRELAY_ACK_DURABILITY="memory",

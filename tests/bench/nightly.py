@@ -304,6 +304,7 @@ def _env(redis_url: str, database_url: str) -> dict[str, str]:
     env.update(
         SFRELAY_ENV="production",
         SFRELAY_ORG_IDS=ORG_ID,
+        SFRELAY_ALLOWED_NETWORKS="127.0.0.0/8",
         SFRELAY_REDIS_URL=redis_url,
         SFRELAY_DATABASE_URL=database_url,
         PYTHONPATH=str(PROJECT_ROOT),

@@ -34,6 +34,7 @@ def bench_settings() -> Settings:
         env="production",
         org_ids=[ORG_ID],
         endpoint_token=None,
+        allowed_networks=["127.0.0.0/8"],  # production needs a token or an address check
         redis_url=os.environ.get(REDIS_URL_ENV, "redis://127.0.0.1:6379/0"),
         ack_durability=os.environ.get(DURABILITY_ENV, "fsync"),
     )
