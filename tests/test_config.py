@@ -53,7 +53,7 @@ def test_production_needs_org_ids_development_does_not() -> None:
 def test_production_needs_a_token_or_allowed_networks() -> None:
     """The org id is public (Web-to-Lead forms carry it): alone it authenticates no one."""
     org = {"org_ids": ["00D1I000003qqqEUAQ"]}
-    with pytest.raises(ConfigError, match="^neither SFRELAY_ENDPOINT_TOKEN nor SFRELAY_ALLOWED"):
+    with pytest.raises(ConfigError, match=r"^neither SFRELAY_ENDPOINT_TOKEN nor SFRELAY_ALLOWED"):
         Settings(_env_file=None, env="production", **org).require_receiver_ready()
     token = "a-long-random-token-value"
     Settings(_env_file=None, endpoint_token=token, **org).require_receiver_ready()
