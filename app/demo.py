@@ -178,8 +178,21 @@ def _config_rows() -> list[tuple[str, str, bytes]]:
         "user.role.authenticated": _role(
             "authenticated", "Authenticated user", 1, False, ["access content"]
         ),
+        # The standard profile's editor: staff (access administration pages, administer url
+        # aliases), so protected (app.drupal.schema.PROTECTING_PERMISSIONS).
         "user.role.content_editor": _role(
-            "content_editor", "Content editor", 2, False, ["access content overview"]
+            "content_editor",
+            "Content editor",
+            2,
+            False,
+            [
+                "access administration pages",
+                "access content overview",
+                "administer url aliases",
+                "create article content",
+                "edit own article content",
+                "view the administration theme",
+            ],
         ),
         "user.role.administrator": _role("administrator", "Administrator", 3, True, []),
     }

@@ -82,13 +82,13 @@ class Planner:
         match_by_email: MatchByEmail,
         field_lengths: dict[str, int | None],
         suffixes: dict[Key, int],
-        protected_roles: frozenset[str] | None = None,
+        protected_roles: frozenset[str] = frozenset(),
     ) -> None:
         self.conn, self.store, self.field_map = conn, store, field_map
         self.match_by_email = match_by_email
-        # SFRELAY_PROTECTED_ROLES; None: the site's own, read in load()
+        # SFRELAY_PROTECTED_ROLES, on top of the site's own (read in load())
         self.configured_protected = protected_roles
-        self.protected: frozenset[str] = protected_roles or frozenset()
+        self.protected: frozenset[str] = protected_roles
         self.lengths = field_lengths
         self.suffixes = suffixes  # base name's key -> highest _<n> known in use
         self.plan = Plan()
@@ -103,8 +103,7 @@ class Planner:
     async def load(self, records: list[Record]) -> None:
         ids = {r.sf_id for r in records} | {r.converted_to for r in records if r.converted_to}
         self.plan.states = await ledger.load(self.conn, ids)
-        if self.configured_protected is None:
-            self.protected = await self.store.protected_roles(self.conn)
+        self.protected = self.configured_protected | await self.store.protected_roles(self.conn)
         mapped = {s.uid for s in self.plan.states.values() if s.uid is not None}
         mails = {r.mail_key for r in records if r.mail_ok}
         found = await self.store.uids_by_mail(self.conn, mails)

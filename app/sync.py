@@ -254,7 +254,7 @@ class Syncer:
                 self.settings.match_by_email,
                 self._lengths,
                 self._suffixes,
-                frozenset(self.settings.protected_roles) or None,
+                frozenset(self.settings.protected_roles),
             )
             await planner.load(records)
             lifecycle = await decide_batch(
@@ -297,13 +297,13 @@ def _check_protected_roles(
                 f"SFRELAY_PROTECTED_ROLES: role {role!r} does not exist on this Drupal site "
                 f"(its roles: {others}; D10 machine names, D7 role names)"
             )
-    protected = frozenset(configured) or schema.protected_roles
+    protected = frozenset(configured) | schema.protected_roles
     for obj in field_map.objects.values():
         for role in sorted(set(obj.roles) & protected):
             raise ConfigError(
-                f"field map [{obj.sobject}]: role {role!r} is protected (an admin role, or it "
-                "grants administer users / administer permissions): sfrelay never grants it; "
-                "remove it from roles"
+                f"field map [{obj.sobject}]: role {role!r} is protected (an admin role, a role "
+                "with a staff permission such as administer *, or SFRELAY_PROTECTED_ROLES): "
+                "sfrelay never grants it; remove it from roles"
             )
 
 

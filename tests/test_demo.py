@@ -132,7 +132,7 @@ async def test_sfrelay_reads_the_demo_as_it_reads_a_fresh_standard_site(tmp_path
         site.default_timezone,
     )
     assert demo.roles == site.roles
-    assert demo.protected_roles == site.protected_roles == {"administrator"}
+    assert demo.protected_roles == site.protected_roles == {"administrator", "content_editor"}
     assert demo.fields == site.fields
 
 

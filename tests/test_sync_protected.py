@@ -129,6 +129,55 @@ async def test_admin_role_and_administer_users_holders_are_never_linked(
         assert await user_rows(site, uid) == before[uid], uid
 
 
+# A staff permission of any module (Drupal marks most "restrict access"), and what is not one.
+STAFF_PERMISSIONS = [
+    "administer modules",
+    "administer site configuration",
+    "administer url aliases",  # the standard profile's content_editor
+    "bypass node access",
+    "edit any article content",
+    "delete any page content",
+    "access administration pages",
+    "use text format full_html",
+    "import configuration",
+]
+
+
+async def test_holders_of_any_staff_permission_are_never_linked_or_re_mailed(
+    drupal_site: DrupalSite,
+) -> None:
+    """A sales rep who edits a Contact's Email to a staff member's must not get the account
+    (its password-reset mail): not only administer users / permissions protect."""
+    site = drupal_site
+    staff: list[int] = []
+    for i, permission in enumerate(STAFF_PERMISSIONS):
+        await add_role(site, f"staff{i}", permissions=("access content", permission))
+        staff.append(
+            await add_member(site, f"staff{i}", f"staff{i}@example.com", roles=(f"staff{i}",))
+        )
+    await add_role(
+        site, "member", permissions=("access content", "post comments", "edit own comments")
+    )
+    member = await add_member(site, "member", "member@example.com", roles=("member",))
+    before = {uid: await user_rows(site, uid) for uid in staff}
+    syncer = await open_syncer(site)
+    batch = [note(sf(i + 1), f"staff{i}@example.com", "Eve", "Rep") for i in range(len(staff))]
+    out = await syncer.apply([*batch, note(sf(99), "member@example.com", "M", "Ember")])
+    assert [(o.kind, o.uid, o.detail) for o in out] == [
+        *(
+            ("conflict_protected_user", None, f"uid {uid} has role staff{i}")
+            for i, uid in enumerate(staff)
+        ),
+        ("linked", member, None),
+    ]
+    # The Contacts' Email then edited to the attacker's: new users, the staff rows untouched.
+    edits = [note(sf(i + 1), f"eve{i}@evil.example", minutes=1) for i in range(len(staff))]
+    assert [o.kind for o in await syncer.apply(edits)] == ["created"] * len(staff)
+    await syncer.close()
+    for uid in staff:
+        assert await user_rows(site, uid) == before[uid], uid
+
+
 async def test_a_role_made_protected_after_linking_takes_effect_at_the_next_notification(
     drupal_site: DrupalSite, tmp_path: Path
 ) -> None:
@@ -197,7 +246,7 @@ async def test_lead_conversion_onto_a_protected_user_is_refused(drupal_site: Dru
     ]
 
 
-async def test_protected_roles_setting_replaces_the_default(drupal_site: DrupalSite) -> None:
+async def test_protected_roles_setting_adds_to_the_sites_own(drupal_site: DrupalSite) -> None:
     site = drupal_site
     role = await admin_role(site)
     await add_role(site, "editor", permissions=("access content",))
@@ -214,7 +263,7 @@ async def test_protected_roles_setting_replaces_the_default(drupal_site: DrupalS
     )
     await syncer.close()
     assert [(o.kind, o.uid, o.detail) for o in out] == [
-        ("linked", boss, None),  # the administrator role is not in the list any more
+        ("conflict_protected_user", None, f"uid {boss} has role {role}"),  # still protected
         ("conflict_protected_user", None, f"uid {editor} has role editor"),
         ("conflict_protected_user", None, "uid 1"),  # uid 1 is always protected
     ]

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import column, inspect, select, table, text
+from sqlalchemy import column, inspect, or_, select, table, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -22,9 +22,27 @@ _role7 = table("role", column("rid"), column("name"))
 _permission7 = table("role_permission", column("rid"), column("permission"))
 _variable7 = table("variable", column("name"), column("value"))
 
-# A role holding one of these (or an admin role) can take over the site: sfrelay never
-# writes to a user who has one (SFRELAY_PROTECTED_ROLES replaces this default).
-PROTECTING_PERMISSIONS = ("administer users", "administer permissions")
+# A role holding one of these (or an admin role) is staff: whoever controls the account can
+# change the site, its content or what other users see (Drupal marks most of these
+# "restrict access"). sfrelay never writes to a user who has one (SFRELAY_PROTECTED_ROLES adds
+# roles): a Contact's Email must not become a way into such an account.
+PROTECTING_PERMISSIONS = (
+    "administer users",
+    "administer permissions",
+    "access administration pages",
+    "access site reports",
+    "import configuration",
+    "export configuration",
+    "synchronize configuration",
+    "use PHP for settings",
+    "use text format full_html",
+)
+# ... and every permission that starts with one of these (any module's).
+PROTECTING_PREFIXES = ("administer ", "bypass ", "edit any ", "delete any ")
+
+
+def is_protecting(permission: str) -> bool:
+    return permission in PROTECTING_PERMISSIONS or permission.startswith(PROTECTING_PREFIXES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +132,8 @@ def _role10_protected(data: bytes | str | memoryview | None) -> bool:
     if not isinstance(role, dict):
         return True
     permissions = role.get("permissions") or {}
-    granted = set(permissions.values()) if isinstance(permissions, dict) else set()
-    return bool(role.get("is_admin")) or bool(granted & set(PROTECTING_PERMISSIONS))
+    granted = permissions.values() if isinstance(permissions, dict) else ()
+    return bool(role.get("is_admin")) or any(is_protecting(str(p)) for p in granted)
 
 
 async def read_protected_roles(
@@ -141,7 +159,10 @@ async def read_protected_roles(
     rids: set[int] = set()
     if "role_permission" in tables:
         query = select(_permission7.c.rid).where(
-            _permission7.c.permission.in_(PROTECTING_PERMISSIONS)
+            or_(
+                _permission7.c.permission.in_(PROTECTING_PERMISSIONS),
+                *(_permission7.c.permission.startswith(p) for p in PROTECTING_PREFIXES),
+            )
         )
         rids.update(int(rid) for (rid,) in await conn.execute(query))
     if "variable" in tables:
