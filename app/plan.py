@@ -150,6 +150,17 @@ class Planner:
             return f"uid {uid} has role{'s' if len(held) > 1 else ''} {', '.join(held)}"
         return None
 
+    def _other_mailbox(self, uid: int, r: Record) -> str | None:
+        """Why the user the database found by `r`'s email is not that mailbox's: MySQL's
+        collations make hans@muller.de equal to hans@m\u00fcller.de (and ß equal to s), so
+        Drupal counts the address as taken, but linking would hand that account (its
+        password-reset mail) to whoever owns the other mailbox. Linking needs the same
+        address but for letter case."""
+        mail = self.existing[uid].mail or ""
+        if mail.lower() == r.mail_key:
+            return None
+        return f"uid {uid} has {mail}: the same address to the database, another mailbox"
+
     def _granted(self, roles: tuple[str, ...]) -> str | None:
         """A protected role the field map would grant (it became protected after start-up)."""
         held = sorted(set(roles) & self.protected)
@@ -196,6 +207,8 @@ class Planner:
             )
         if why := self._protection(only):
             return self._set_outcome(r, OutcomeKind.CONFLICT_PROTECTED_USER, None, why)
+        if why := self._other_mailbox(only, r):
+            return self._set_outcome(r, OutcomeKind.CONFLICT_DUPLICATE_EMAIL, None, why)
         if self.match_by_email == "never-logged-in" and self.existing[only].login != 0:
             detail = f"uid {only} has logged in (SFRELAY_MATCH_BY_EMAIL=never-logged-in)"
             return self._set_outcome(r, OutcomeKind.CONFLICT_DUPLICATE_EMAIL, None, detail)

@@ -23,7 +23,7 @@ from app.jobs import JobNotification
 from app.records import clean_name
 from app.sync import Outcome, Syncer
 from tests import drupal_schemas
-from tests.drupal_rows import add_member, open_syncer
+from tests.drupal_rows import add_member, open_syncer, user_ids, user_rows
 from tests.factories import note, sf
 from tests.fixtures_db import SITES, DrupalSite, Server
 
@@ -202,6 +202,36 @@ async def test_mails_are_matched_as_the_database_compares_them(drupal_site: Drup
         assert out == Outcome(n.id, sf(2), "conflict_duplicate_email", None, sf(1))
     else:
         assert out.kind == "created"
+
+
+@pytest.mark.parametrize(
+    ("stored", "sent"),
+    [("hans@m\u00fcller.de", "hans@muller.de"), ("jorg@strau\u00df.de", "jorg@straus.de")],
+)
+async def test_a_mail_equal_only_under_the_collation_is_another_mailbox(
+    drupal_site: DrupalSite, stored: str, sent: str
+) -> None:
+    """MariaDB's collation makes hans@muller.de the same address as hans@m\u00fcller.de: a
+    Web-to-Lead with the first must never get (and re-mail) the second's account, whose
+    password-reset mail would then go to whoever owns muller.de."""
+    site = drupal_site
+    member = await add_member(site, "hans", stored, login=1_700_000_000)
+    before, users = await user_rows(site, member), await user_ids(site)
+    syncer = await open_syncer(site)
+    n = note(sf(6, "00Q"), sent, "Hans", "M")
+    (out,) = await syncer.apply([n])
+    await syncer.close()
+    assert await user_rows(site, member) == before
+    same = await site.rows(
+        f"SELECT uid FROM {table(site)} WHERE uid = :u AND mail = :m", u=member, m=sent
+    )
+    if same:  # the database says the address is taken (so would Drupal): a conflict, no user
+        assert site.backend == "mariadb"
+        detail = f"uid {member} has {stored}: the same address to the database, another mailbox"
+        assert out == Outcome(n.id, sf(6, "00Q"), "conflict_duplicate_email", None, detail)
+        assert await user_ids(site) == users
+    else:
+        assert out.kind == "created" and out.uid not in users
 
 
 # --- property: names the unique index judges equal never reach it as two users' names ---
