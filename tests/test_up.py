@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,12 +17,13 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from app.config import Settings
 from app.up import Stack, write_local_env
 from tests.fixtures_worker import PROJECT, drupal_users, settings_env
 from tests.messages import contact, outbound_message
-from tests.servers import free_port, wait_for_port
+from tests.servers import RedisServer, free_port, wait_for_port
 
 
 def start_up(settings: Settings, tmp_path: Path, port: int) -> tuple[subprocess.Popen[str], Path]:
@@ -101,6 +104,67 @@ def test_up_without_a_drupal_database_still_receives_and_says_why_no_worker(
     output = log.read_text()
     assert code == 0, output
     assert f"no worker: no Drupal SQLite database at {tmp_path}/missing.sqlite" in output
+
+
+def test_up_never_shares_another_stacks_redis(
+    worker_settings: Settings,
+    redis_server: RedisServer,
+    redis_client: redis.Redis,
+    drupal_db: Path,
+    tmp_path: Path,
+) -> None:
+    """A Redis already at SFRELAY_REDIS_URL that is not this folder's (another project's, or
+    another `sfrelay up`'s with its own Drupal): this stack runs its own on a free port, or
+    the other stack's workers would write this stack's notifications to their database."""
+    port = free_port()
+    process, log = start_up(worker_settings, tmp_path, port)  # at the tests' own Redis
+    try:
+        wait_for_port(port, timeout=30)
+        body = outbound_message([contact(Email="own@example.org", FirstName="Own")])
+        assert "<Ack>true</Ack>" in post(port, body)
+        deadline = time.monotonic() + 30
+        while not drupal_users(drupal_db) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        [user] = drupal_users(drupal_db)
+        assert user[2] == "own@example.org"
+        assert redis_client.dbsize() == 0  # nothing went through the other Redis
+        written = (tmp_path / "data" / "sfrelay.env").read_text().splitlines()
+    finally:
+        code = stop(process)
+    output = log.read_text()
+    assert code == 0, output
+    moved = re.search(
+        rf"sfrelay up: 127.0.0.1:{redis_server.port} is taken by another server \(another "
+        r"Redis, or another stack's\): this stack's own Redis goes on 127.0.0.1:(\d+), so "
+        "that its queue holds only this Drupal's notifications",
+        output,
+    )
+    assert moved, output
+    own = int(moved.group(1))
+    assert own != redis_server.port
+    assert f"SFRELAY_REDIS_URL=redis://127.0.0.1:{own}/0" in written
+
+
+def test_up_refuses_a_port_in_use_and_starts_nothing(
+    worker_settings: Settings, tmp_path: Path
+) -> None:
+    redis_port = free_port()
+    settings = worker_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{redis_port}/0"})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process, log = start_up(settings, tmp_path, port)
+        code = process.wait(60)
+    output = log.read_text()
+    assert code == 2, output
+    assert (
+        f"sfrelay: 127.0.0.1:{port} is already in use (another `sfrelay up`?): stop it, or "
+        "set SFRELAY_PORT to a free port"
+    ) in output
+    assert not (tmp_path / "data" / "redis").exists()
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", redis_port)) != 0  # no Redis was started
 
 
 # --- `make run` as an ordinary user: no root, no redis-server on PATH, the demo site ---------
