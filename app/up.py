@@ -74,7 +74,7 @@ def _redis_dir(host: str, port: int) -> str | None:
     a password, CONFIG renamed away)."""
     client = redis.Redis(host=host, port=port, socket_timeout=1, socket_connect_timeout=1)
     try:
-        found = client.config_get("dir").get("dir")
+        found = dict(client.config_get("dir")).get("dir")  # type: ignore[arg-type]
     except redis.RedisError:
         return None
     finally:
