@@ -67,19 +67,19 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     body = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
     from app.receiver import ENDPOINT
 
-    url = args.url or f"http://{settings.host}:{settings.port}{ENDPOINT}"
-    params = {}
-    if settings.endpoint_token is not None and "token=" not in url:
-        params["token"] = settings.endpoint_token.get_secret_value()
+    url = httpx.URL(args.url or f"http://{settings.host}:{settings.port}{ENDPOINT}")
+    if settings.endpoint_token is not None and "token" not in url.params:
+        url = url.copy_merge_params({"token": settings.endpoint_token.get_secret_value()})
     headers = {
         "Content-Type": "text/xml; charset=UTF-8",
         "SOAPAction": '""',
         "User-Agent": "sfrelay-send (Salesforce Outbound Message replay)",
     }
     try:
-        response = httpx.post(url, content=body, headers=headers, params=params, timeout=60)
+        response = httpx.post(url, content=body, headers=headers, timeout=60)
     except httpx.HTTPError as exc:
-        return _fail(f"cannot reach {url}: {exc} (is `sfrelay serve` running?)")
+        shown = url.copy_remove_param("token")
+        return _fail(f"cannot reach {shown}: {exc} (is `sfrelay serve` running?)")
     print(response.text)
     acked = response.status_code == 200 and b"<Ack>true</Ack>" in response.content
     return 0 if acked else 1

@@ -69,6 +69,18 @@ def scrub_line(text: str) -> str:
     return _EMAIL.sub("***@***", text) if "@" in text else text
 
 
+def _scrub_arg(value: object) -> object:
+    """A log argument without secrets: strings, and objects printed as their str(), such as
+    httpx's URL in its "HTTP Request: POST <url>" line (replaced by the scrubbed text)."""
+    if isinstance(value, str):
+        return scrub_line(value)
+    if value is None or isinstance(value, int | float | bytes):
+        return value
+    text = str(value)
+    clean = scrub_line(text)
+    return value if clean == text else clean
+
+
 class RedactSecrets(logging.Filter):
     """Scrub tokens, session ids and emails from every log line (uvicorn's access log and ours)."""
 
@@ -76,11 +88,9 @@ class RedactSecrets(logging.Filter):
         if not record.args and isinstance(record.msg, str):
             record.msg = scrub_line(record.msg)  # already the whole line (else a format string)
         elif isinstance(record.args, tuple):
-            record.args = tuple(scrub_line(a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(_scrub_arg(a) for a in record.args)
         elif isinstance(record.args, dict):
-            record.args = {
-                k: scrub_line(v) if isinstance(v, str) else v for k, v in record.args.items()
-            }
+            record.args = {k: _scrub_arg(v) for k, v in record.args.items()}
         return True
 
 

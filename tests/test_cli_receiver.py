@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from app.config import Settings
 from app.main import create_app
@@ -64,6 +65,34 @@ def test_send_prints_the_ack_and_exits_zero(
         "skipped": 0,
         "duplicates": 0,
     }
+
+
+SEND_TOKEN = "a-long-random-send-token"
+
+
+def test_send_keeps_the_urls_token_or_adds_the_configured_one_and_never_prints_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    message = tmp_path / "message.xml"
+    message.write_bytes(outbound_message([contact(Email="t@example.org")]))
+    guarded = settings.model_copy(update={"endpoint_token": SecretStr(SEND_TOKEN)})
+    with UvicornThread(create_app(guarded)) as server:
+        url = f"{server.url}/salesforce/outbound-message"
+        given = run(["send", str(message), "--url", f"{url}?token={SEND_TOKEN}"], {})
+        added = run(["send", str(message), "--url", url], {"SFRELAY_ENDPOINT_TOKEN": SEND_TOKEN})
+        wrong = run(["send", str(message), "--url", f"{url}?token=wrong-one"], {})
+    for result in (given, added):
+        assert result.returncode == 0, result.stderr
+        assert "<Ack>true</Ack>" in result.stdout
+        assert "token=***" in result.stderr  # httpx's request line, scrubbed
+    assert wrong.returncode == 1
+    assert "<faultstring>wrong token: check the ?token= of the endpoint URL" in wrong.stdout
+    gone = f"http://127.0.0.1:{free_port()}/salesforce/outbound-message?token={SEND_TOKEN}"
+    unreachable = run(["send", str(message), "--url", gone], {})
+    assert unreachable.returncode == 2
+    assert "is `sfrelay serve` running?" in unreachable.stderr
+    for result in (given, added, wrong, unreachable):
+        assert SEND_TOKEN not in result.stdout + result.stderr
 
 
 def test_send_reads_stdin_and_exits_nonzero_on_a_fault(server: UvicornThread, cli: Cli) -> None:
