@@ -21,6 +21,7 @@ from app.drupal.engine import create_engine
 from app.drupal.schema import inspect_drupal
 from app.errors import SfrelayError
 from app.mapping import load_field_map
+from app.sync import check_protected_roles
 
 Status = Literal["ok", "failed", "not configured"]
 PARTS = ("redis", "drupal", "salesforce")
@@ -91,6 +92,7 @@ async def check_drupal(settings: Settings) -> PartResult:
                 )
             await conn.rollback()
         field_map.validate(schema, settings.handled_objects)
+        check_protected_roles(schema, field_map, settings.protected_roles)  # as a worker starts
     except SfrelayError as exc:
         return PartResult("drupal", "failed", f"{where}: {exc}")
     except (DBAPIError, OSError) as exc:

@@ -148,7 +148,7 @@ class Syncer:
             async with engine.connect() as conn:
                 schema = await inspect_drupal(conn, settings.drupal_version, field_map.user_fields)
             field_map.validate(schema, settings.handled_objects)
-            _check_protected_roles(schema, field_map, settings.protected_roles)
+            check_protected_roles(schema, field_map, settings.protected_roles)
             if schema.major == 10 and "cachetags" not in schema.tables:
                 await _create_cachetags(engine)
             await ledger.migrate(engine)
@@ -285,7 +285,7 @@ class Syncer:
         await self.engine.dispose()
 
 
-def _check_protected_roles(
+def check_protected_roles(
     schema: DrupalSchema, field_map: FieldMap, configured: list[str]
 ) -> None:
     """SFRELAY_PROTECTED_ROLES must name the site's roles; the field map must grant none."""

@@ -187,3 +187,30 @@ def test_unreachable_redis_and_missing_database_fail(
     )
     assert "hunter2" not in text.stdout + text.stderr + text.log
     assert not (tmp_path / "missing.sqlite").exists()
+
+
+@pytest.mark.parametrize("site", ["drupal10-standard.sqlite", "drupal7-standard.sqlite"])
+def test_a_field_map_granting_a_protected_role_fails_the_check_as_it_fails_the_worker(
+    redis_server: RedisServer, tmp_path: Path, cli: Cli, site: str
+) -> None:
+    role = "administrator"
+    default = (PROJECT / "app" / "fieldmap.default.toml").read_text()
+    assert "roles = []" in default
+    field_map = tmp_path / "fieldmap.toml"
+    field_map.write_text(default.replace("roles = []", f'roles = ["{role}"]', 1))
+    db = site_copy(site, tmp_path)
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    env = {
+        "SFRELAY_REDIS_URL": redis_server.url,
+        "SFRELAY_DATABASE_URL": f"sqlite:///{db}",
+        "SFRELAY_FIELD_MAP": str(field_map),
+    }
+    text = cli(env, "check")
+    assert text.returncode == 1
+    assert lines(text.stdout)["drupal"] == (
+        "failed",
+        f"sqlite:///{db}: field map [Contact]: role '{role}' is protected (an admin role, a "
+        "role with a staff permission such as administer *, or SFRELAY_PROTECTED_ROLES): "
+        "sfrelay never grants it; remove it from roles",
+    )
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before  # a check writes nothing
