@@ -285,9 +285,7 @@ class Syncer:
         await self.engine.dispose()
 
 
-def check_protected_roles(
-    schema: DrupalSchema, field_map: FieldMap, configured: list[str]
-) -> None:
+def check_protected_roles(schema: DrupalSchema, field_map: FieldMap, configured: list[str]) -> None:
     """SFRELAY_PROTECTED_ROLES must name the site's roles; the field map must grant none."""
     known = schema.roles
     for role in configured:
