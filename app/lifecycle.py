@@ -5,6 +5,7 @@ or a record gone since) is a deletion; with ``MasterRecordId`` set it is the los
 The rules, decided beside the planner's in the same transaction:
 
 - order first: a deletion older than (or as old as) the version applied is `stale`/`duplicate`;
+- a converted Lead's deletion or merge changes nothing (`deleted`): its user is the Contact's;
 - a merge loser hands its Drupal user to the survivor when the survivor has none (`merged`);
   when both have users, the loser's user is blocked (`blocked`, detail names both Ids);
 - otherwise SFRELAY_ON_DELETE: `block` (status 0, with the cache invalidation Drupal's save
@@ -93,6 +94,10 @@ class Lifecycle:
                 return p._set_outcome(r, OutcomeKind.DUPLICATE, st.uid)
         uid = st.uid if st is not None else None
         master = merged_into(r.fields)
+        if st is not None and st.converted_to:
+            # Its user went to the Contact at the conversion: the Contact's to block or hand over.
+            why = f"the Lead was converted to {st.converted_to}, whose user it is"
+            return p._set_outcome(r, OutcomeKind.DELETED, None, why, applied=True)
         if uid is None or uid < 0:
             why = "the record has no Drupal user"
             return p._set_outcome(r, OutcomeKind.DELETED, None, why, applied=True)

@@ -290,3 +290,49 @@ async def test_a_version_1_ledger_upgrades_in_order(drupal_site: DrupalSite) -> 
     assert await site.rows("SELECT id, version FROM sfrelay_schema") == [{"id": 1, "version": 2}]
     assert [r["n"] for r in await site.rows(tables)] == [0, 0]
     assert (await mapping(site, sf(40)))[0] == 5
+
+
+@SITES
+async def test_a_converted_leads_deletion_or_merge_leaves_the_contacts_user(
+    drupal_site: DrupalSite,
+) -> None:
+    """The user went to the Contact at the conversion: the Lead's later deletion (or a merge
+    naming it the loser) neither blocks it nor hands it to a third record."""
+    site = drupal_site
+    lead, contact, other = sf(5, "00Q"), sf(5), sf(6)
+    syncer = await open_syncer(site)
+    try:
+        (created,) = await syncer.apply([note(lead, "lee@example.org", "Lee", "Lead")])
+        uid = created.uid
+        converted = note(
+            lead, "lee@example.org", minutes=1, IsConverted=True, ConvertedContactId=contact
+        )
+        assert kinds(await syncer.apply([converted])) == ["converted"]
+        assert kinds(
+            await syncer.apply([note(contact, "lee@example.org", "Lee", "Contact", minutes=2)])
+        ) == ["updated"]
+        before = await user_rows(site, uid)
+        gone = note(
+            lead,
+            "lee@example.org",
+            minutes=3,
+            IsDeleted=True,
+            IsConverted=True,
+            ConvertedContactId=contact,
+        )
+        merged = note(lead, "lee@example.org", minutes=4, IsDeleted=True, MasterRecordId=other)
+        out = await syncer.apply([gone])
+        out += await syncer.apply([merged])
+        why = f"the Lead was converted to {contact}, whose user it is"
+        assert [(o.kind, o.uid, o.detail) for o in out] == [("deleted", None, why)] * 2
+        assert await user_rows(site, uid) == before
+        assert await status(site, uid) == 1
+        assert await blocked_rows(site) == []
+        assert (await mapping(site, contact))[0] == uid
+        assert (await mapping(site, other))[0] is None
+        # The Contact's own versions still apply to its user.
+        again = await syncer.apply([note(contact, "lee@example.org", "Lee", "Again", minutes=5)])
+        assert kinds(again) == ["updated"] and again[0].uid == uid
+        assert (await field_values(site, uid))["field_last_name"] == "Again"
+    finally:
+        await syncer.close()
