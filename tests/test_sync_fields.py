@@ -37,7 +37,9 @@ ORG15 = ORG_ID[:15]
 
 # An unprivileged extra role each site has (the minimal profile has none; D7's standard
 # profile only has administrator, which sfrelay never grants: the test makes "editor").
-EXTRA_ROLE = {"d10": "content_editor", "d7": "editor", "sqlite-d10-minimal": None}
+# A role the field map grants: made as Drupal's UI would (the standard profile's content_editor
+# is staff, so protected: sfrelay never grants it).
+EXTRA_ROLE = {"d10": "subscriber", "d7": "editor", "sqlite-d10-minimal": None}
 
 CUSTOM_MAP = """
 [username]
@@ -72,8 +74,8 @@ def extra_role(site: DrupalSite) -> str | None:
 async def test_custom_field_map_and_roles(drupal_site: DrupalSite, tmp_path: Path) -> None:
     site = drupal_site
     role = extra_role(site)
-    if site.major == 7:
-        await add_role(site, "editor", permissions=("access content",))
+    if role:
+        await add_role(site, role, permissions=("access content",))
     await add_role(site, "member", permissions=("access content",))
     syncer = await open_syncer(
         site, CUSTOM_MAP.format(roles=f'["{role}"]' if role else "[]"), tmp_path
