@@ -33,7 +33,7 @@ from app.drupal.ledger import RecordState, metadata
 from app.drupal.users import UserChange, chunks
 from app.outcomes import OutcomeKind
 from app.plan import SUPERUSERS, Planner
-from app.records import Record
+from app.records import Record, as_status
 from app.sfid import sf_key
 
 blocks = Table(
@@ -52,6 +52,10 @@ def is_deletion(fields: dict[str, Any]) -> bool:
 def merged_into(fields: dict[str, Any]) -> str | None:
     master = fields.get("MasterRecordId")
     return sf_key(master) if is_deletion(fields) and isinstance(master, str) and master else None
+
+
+# A live version written to a user: its mapped status too.
+_WRITTEN = (OutcomeKind.CREATED, OutcomeKind.UPDATED, OutcomeKind.LINKED)
 
 
 class Lifecycle:
@@ -170,7 +174,12 @@ class Lifecycle:
         """After the planner applied a live version: unblock a user sfrelay blocked for it."""
         p = self.planner
         decision = p.plan.decisions.get(r.index)
-        if decision is None or decision.kind not in (OutcomeKind.UPDATED, OutcomeKind.LINKED):
+        if decision is None or decision.uid is None:
+            return
+        source = r.obj.base.get("status")
+        if source is not None and source in r.fields and decision.kind in _WRITTEN:
+            return self._mapped_status(r, decision.uid, as_status(r.fields[source]))
+        if decision.kind not in (OutcomeKind.UPDATED, OutcomeKind.LINKED):
             return
         uid = decision.uid
         if uid is None or self.ours.get(uid) != r.sf_id or p._protection(uid):
@@ -183,6 +192,35 @@ class Lifecycle:
         self.unblock.add(uid)
         p._set_outcome(r, OutcomeKind.UNBLOCKED, uid, f"{r.sf_id} is live again", applied=True)
 
+    def _mapped_status(self, r: Record, uid: int, wanted: int) -> None:
+        """A status the field map sets (the planner wrote it into the user's change): a block
+        is remembered as sfrelay's, and only sfrelay's own block is lifted. A user blocked in
+        Drupal (a banned spammer whose email a Lead carries) stays blocked."""
+        if uid < 0:  # created in this batch: its block is remembered under its uid in save()
+            if wanted == 0:
+                self.ours[uid] = self.block[uid] = r.sf_id
+            else:
+                self.ours.pop(uid, None)
+                self.block.pop(uid, None)
+            return
+        current = self.status.get(uid, self.planner.existing[uid].status)
+        mine = self.ours.get(uid) == r.sf_id
+        if wanted == 0:
+            if current != 0:
+                self.ours[uid] = self.block[uid] = r.sf_id
+                self.unblock.discard(uid)
+            self.status[uid] = 0
+        elif current == 0 and not mine:
+            self._change(uid).base.pop("status", None)
+            why = "status stays 0: the user was blocked in Drupal, not by sfrelay"
+            decision = self.planner.plan.decisions[r.index]
+            self.planner._set_outcome(r, decision.kind, uid, why, applied=True)
+        elif mine:
+            self.status[uid] = 1
+            del self.ours[uid]
+            self.block.pop(uid, None)
+            self.unblock.add(uid)
+
     def _change(self, uid: int) -> UserChange:
         changes = self.planner.plan.changes
         change = changes.get(uid)
@@ -192,10 +230,12 @@ class Lifecycle:
         return change
 
     async def save(self, conn: AsyncConnection, now: float) -> None:
-        gone = sorted(self.unblock | set(self.block))
+        """After Plan.resolve_new_uids: a user created blocked has its uid now."""
+        gone = sorted(self.unblock | {uid for uid in self.block if uid > 0})
         for chunk in chunks(gone):
             await conn.execute(delete(blocks).where(blocks.c.uid.in_(chunk)))
-        rows = [(uid, sf_id, now) for uid, sf_id in sorted(self.block.items())]
+        resolve = self.planner.plan.resolve
+        rows = sorted((resolve(uid), sf_id, now) for uid, sf_id in self.block.items())
         await insert_rows(conn, blocks.name, ("uid", "sf_id", "blocked_at"), rows)
 
 

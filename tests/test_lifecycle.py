@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import orjson
 import pytest
 
@@ -10,6 +12,7 @@ from app.drupal.ledger import RecordState
 from app.outcomes import Outcome, OutcomeKind
 from app.sync import Syncer
 from tests.drupal_rows import (
+    add_member,
     base_row,
     field_values,
     give_role,
@@ -21,7 +24,7 @@ from tests.drupal_rows import (
     user_rows,
 )
 from tests.fixtures_db import DrupalSite
-from tests.test_sync_protected import admin_role
+from tests.test_sync_protected import DEFAULT_MAP, admin_role
 
 SITES = pytest.mark.parametrize("drupal_site", ["sqlite-d10", "sqlite-d7"], indirect=True)
 
@@ -334,5 +337,53 @@ async def test_a_converted_leads_deletion_or_merge_leaves_the_contacts_user(
         again = await syncer.apply([note(contact, "lee@example.org", "Lee", "Again", minutes=5)])
         assert kinds(again) == ["updated"] and again[0].uid == uid
         assert (await field_values(site, uid))["field_last_name"] == "Again"
+    finally:
+        await syncer.close()
+
+
+STATUS_MAP = DEFAULT_MAP.replace('mail = "Email"', 'mail = "Email"\nstatus = "Active__c"')
+
+
+@SITES
+async def test_a_mapped_status_never_lifts_a_block_made_in_drupal(
+    drupal_site: DrupalSite, tmp_path: Path
+) -> None:
+    """With `status` mapped, Salesforce blocks and unblocks its users, but a user an
+    administrator blocked in Drupal (a banned spammer whose email a Lead carries, or a synced
+    user banned since) stays blocked whatever the record says."""
+    site = drupal_site
+    table = "users_field_data" if site.major == 10 else "users"
+    banned = await add_member(site, "spammer", "spam@example.org", login=1_700_000_000)
+    await site.execute(f"UPDATE {table} SET status = 0 WHERE uid = :u", u=banned)
+    syncer = await open_syncer(site, STATUS_MAP, tmp_path)
+    stays = "status stays 0: the user was blocked in Drupal, not by sfrelay"
+    try:
+        # A Lead carrying the banned user's email, active: linked, still blocked.
+        out = await syncer.apply([note(sf(1, "00Q"), "spam@example.org", "S", "P", Active__c=True)])
+        assert [(o.kind, o.uid, o.detail) for o in out] == [("linked", banned, stays)]
+        assert await status(site, banned) == 0
+        # Inactive then active again in Salesforce: the block is still not sfrelay's to lift.
+        out = await syncer.apply(
+            [note(sf(1, "00Q"), "spam@example.org", minutes=1, Active__c=False)]
+        )
+        out += await syncer.apply(
+            [note(sf(1, "00Q"), "spam@example.org", minutes=2, Active__c=True)]
+        )
+        assert [(o.kind, o.detail) for o in out] == [("updated", None), ("updated", stays)]
+        assert await status(site, banned) == 0
+        # sfrelay's own: created inactive, then active: Salesforce lifts its own block.
+        (made,) = await syncer.apply([note(sf(2), "kim@example.org", "K", "Im", Active__c=False)])
+        uid = made.uid
+        assert made.kind == "created" and await status(site, uid) == 0
+        assert await blocked_rows(site) == [{"uid": uid, "sf_id": sf(2)}]
+        out = await syncer.apply([note(sf(2), "kim@example.org", minutes=1, Active__c=True)])
+        assert [(o.kind, o.detail) for o in out] == [("updated", None)]
+        assert await status(site, uid) == 1 and await blocked_rows(site) == []
+        # ... until an administrator bans it in Drupal: then it stays banned.
+        await site.execute(f"UPDATE {table} SET status = 0 WHERE uid = :u", u=uid)
+        out = await syncer.apply([note(sf(2), "kim@example.org", minutes=2, Active__c=True)])
+        assert [(o.kind, o.uid, o.detail) for o in out] == [("updated", uid, stays)]
+        assert await status(site, uid) == 0
+        assert await blocked_rows(site) == []
     finally:
         await syncer.close()

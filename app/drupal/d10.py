@@ -58,7 +58,8 @@ _BASE_COLUMNS = {
 
 
 _USERS = (
-    "SELECT uid, name, mail, langcode, default_langcode, login FROM users_field_data WHERE uid {in}"
+    "SELECT uid, name, mail, langcode, default_langcode, login, status"
+    " FROM users_field_data WHERE uid {in}"
 )
 _ROLE_DELTAS = "SELECT entity_id, roles_target_id, delta FROM user__roles WHERE entity_id {in}"
 _HELD_ROLES = (
@@ -113,10 +114,10 @@ class Drupal10(Lookups):
         for uid, translations in rows.items():
             if len(translations) > 1:
                 translations.sort(key=lambda r: -int(r[4]))  # the original (default_langcode) first
-            _, name, mail, _, _, login = translations[0]
+            _, name, mail, _, _, login, status = translations[0]
             langcodes = tuple(r[3] for r in translations)
             found[uid] = ExistingUser(
-                uid, name, mail, langcodes, frozenset(held[uid]), int(login or 0)
+                uid, name, mail, langcodes, frozenset(held[uid]), int(login or 0), int(status or 0)
             )
         return found
 

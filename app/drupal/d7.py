@@ -89,10 +89,10 @@ class Drupal7(Lookups):
             for uid, name in await conn.execute(held_query):
                 held.setdefault(int(uid), set()).add(name)
         for chunk in chunks(wanted):
-            query = select(users.c.uid, users.c.name, users.c.mail, users.c.login).where(
-                users.c.uid.in_(chunk)
-            )
-            for uid, name, mail, login in await conn.execute(query):
+            query = select(
+                users.c.uid, users.c.name, users.c.mail, users.c.login, users.c.status
+            ).where(users.c.uid.in_(chunk))
+            for uid, name, mail, login, status in await conn.execute(query):
                 found[int(uid)] = ExistingUser(
                     int(uid),
                     name,
@@ -100,6 +100,7 @@ class Drupal7(Lookups):
                     (LANGUAGE_NONE,),
                     frozenset(held.get(int(uid), ())),
                     int(login or 0),
+                    int(status or 0),
                 )
         return found
 

@@ -75,6 +75,7 @@ class ExistingUser:
     langcodes: tuple[str, ...]
     roles: frozenset[str]  # extra roles held now (D10 machine names, D7 role names)
     login: int  # last login time; 0: never logged in
+    status: int  # 1 active, 0 blocked
 
 
 class UserStore(Protocol):
