@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import orjson
@@ -17,6 +18,9 @@ from pydantic import ValidationError
 
 from app.config import Settings
 from app.errors import ConfigError, ProcessFailed, QueueUnavailable, RetryableError
+
+if TYPE_CHECKING:
+    from app.dead import DeadLetter
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -177,6 +181,22 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _dead_table(letters: Sequence[DeadLetter]) -> list[str]:
+    """`sfrelay dead list`'s table: a header, then a line per dead letter."""
+    width = max([28] + [len(letter.id) for letter in letters])  # the receiver's are longer
+    lines = [
+        f"{'ID':<{width}} {'NOTIFICATION':<18} {'RECORD':<18} {'TRIES':>5}  LAST SEEN (UTC)      "
+        "ERROR"
+    ]
+    for letter in letters:
+        seen = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(letter.last_seen))
+        lines.append(
+            f"{letter.id:<{width}} {letter.notification_id or '-':<18} "
+            f"{letter.record_id or '-':<18} {letter.attempts:>5}  {seen}  {letter.error}"
+        )
+    return lines
+
+
 def cmd_dead_list(args: argparse.Namespace, settings: Settings) -> int:
     from app.dead import list_dead_letters
 
@@ -187,25 +207,32 @@ def cmd_dead_list(args: argparse.Namespace, settings: Settings) -> int:
     if not letters:
         print("no dead letters")
         return 0
-    print(
-        f"{'ID':<28} {'NOTIFICATION':<18} {'RECORD':<18} {'TRIES':>5}  LAST SEEN (UTC)      ERROR"
-    )
-    for letter in letters:
-        seen = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(letter.last_seen))
+    print("\n".join(_dead_table(letters)))
+    refused = sum(1 for letter in letters if letter.notification is None)
+    if refused:
         print(
-            f"{letter.id:<28} {letter.notification_id or '-':<18} {letter.record_id or '-':<18} "
-            f"{letter.attempts:>5}  {seen}  {letter.error}"
+            f"\n{refused} {'dead letter' if refused == 1 else 'dead letters'} refused on "
+            "receipt cannot be replayed: fix the record in Salesforce, which sends a new "
+            "notification, then `sfrelay dead discard ID`"
         )
     return 0
+
+
+def _dead_ids(args: argparse.Namespace, verb: str) -> str | None:
+    """What is wrong with `dead replay|discard`'s IDs and --all, if anything."""
+    if not args.ids and not args.all:
+        return f"name the dead letters to {verb} (IDs from `sfrelay dead list`) or --all"
+    if args.ids and args.all:
+        return "give IDs or --all, not both"
+    return None
 
 
 def cmd_dead_replay(args: argparse.Namespace, settings: Settings) -> int:
     from app.dead import replay_dead_letters
 
-    if not args.ids and not args.all:
-        return _fail("name the dead letters to replay (IDs from `sfrelay dead list`) or --all")
-    if args.ids and args.all:
-        return _fail("give IDs or --all, not both")
+    wrong = _dead_ids(args, "replay")
+    if wrong:
+        return _fail(wrong)
 
     def progress(done: int, total: int) -> None:
         print(f"\rreplayed {done}/{total}", end="", file=sys.stderr, flush=True)
@@ -217,6 +244,23 @@ def cmd_dead_replay(args: argparse.Namespace, settings: Settings) -> int:
     for letter_id, why in result.refused.items():
         print(f"not replayed {letter_id}: {why}", file=sys.stderr)
     return 1 if result.refused else 0
+
+
+def cmd_dead_discard(args: argparse.Namespace, settings: Settings) -> int:
+    from app.dead import discard_dead_letters
+
+    wrong = _dead_ids(args, "discard")
+    if wrong:
+        return _fail(wrong)
+    result = asyncio.run(discard_dead_letters(settings, None if args.all else args.ids))
+    if result.refused:
+        for given, why in result.refused.items():
+            print(f"not discarded {given}: {why}", file=sys.stderr)
+        return _fail("nothing discarded: name each dead letter by an ID `sfrelay dead list` shows")
+    if result.discarded:
+        print("\n".join(_dead_table(result.discarded)))
+    print(f"discarded {len(result.discarded)} dead letters")
+    return 0
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
@@ -355,9 +399,19 @@ def build_parser() -> argparse.ArgumentParser:
     dead_list.add_argument("--json", action="store_true", help="one JSON array")
     dead_list.set_defaults(func=cmd_dead_list)
     replay = dead_sub.add_parser("replay", help="queue dead letters again for the workers")
-    replay.add_argument("ids", nargs="*", metavar="ID", help="IDs from `sfrelay dead list`")
+    replay.add_argument(
+        "ids", nargs="*", metavar="ID", help="IDs (or notification Ids) from `sfrelay dead list`"
+    )
     replay.add_argument("--all", action="store_true", help="every dead letter")
     replay.set_defaults(func=cmd_dead_replay)
+    discard = dead_sub.add_parser(
+        "discard", help="remove dead letters for good (those refused on receipt, say)"
+    )
+    discard.add_argument(
+        "ids", nargs="*", metavar="ID", help="IDs (or notification Ids) from `sfrelay dead list`"
+    )
+    discard.add_argument("--all", action="store_true", help="every dead letter (asks nothing)")
+    discard.set_defaults(func=cmd_dead_discard)
 
     check = sub.add_parser(
         "check", help="whether Redis, the Drupal database and Salesforce work (read-only)"

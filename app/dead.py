@@ -1,4 +1,5 @@
-"""Dead letters: notifications sfrelay could not apply, wherever they are kept; list, count, replay.
+"""Dead letters: notifications sfrelay could not apply, wherever they are kept; list, count,
+replay, discard.
 
 A dead letter is one `DeadLetter`, whoever writes it:
 
@@ -7,9 +8,9 @@ A dead letter is one `DeadLetter`, whoever writes it:
 - a worker, for a notification that kept failing: in the Drupal database's
   ``sfrelay_dead_letter`` table, or in Redis when the database cannot take it in time.
 
-This module alone writes, reads, counts, removes and replays them. Readers never migrate:
-before a worker has created the table, the database simply holds no dead letters. Redis key
-names are `app.queue`'s.
+This module alone writes, reads, counts, replays and discards (removes) them. Readers never
+migrate: before a worker has created the table, the database simply holds no dead letters.
+Redis key names are `app.queue`'s.
 """
 
 from __future__ import annotations
@@ -224,6 +225,14 @@ class ReplayResult:
     refused: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class DiscardResult:
+    """Either the letters removed, or why some IDs name no one letter (then none is removed)."""
+
+    discarded: list[DeadLetter] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
 # --- writing -------------------------------------------------------------------------------
 
 
@@ -404,11 +413,9 @@ async def replay_dead_letters(
     result = ReplayResult()
     try:
         letters = await _everywhere(engine, redis)
-        by_id = {letter.id: letter for letter in letters}
-        chosen = letters if ids is None else [by_id[i] for i in ids if i in by_id]
+        chosen = letters
         if ids is not None:
-            for missing in (i for i in ids if i not in by_id):
-                result.refused[missing] = "no such dead letter (see `sfrelay dead list`)"
+            chosen, result.refused = _named(letters, ids)
         replayable = []
         for letter in chosen:
             why = _why_not_replayable(letter)
@@ -429,16 +436,7 @@ async def replay_dead_letters(
             await queue.enqueue_apply(
                 redis, settings.queue_name, job, job_ttl_s=settings.job_ttl_seconds
             )
-            in_database = [int(letter.id) for letter in chunk if letter.kept is Kept.DATABASE]
-            if in_database:
-                try:
-                    async with engine.begin() as conn:
-                        await conn.execute(delete(table).where(table.c.id.in_(in_database)))
-                except DBAPIError as exc:
-                    raise RetryableError(f"cannot write the Drupal database: {exc.orig}") from exc
-            in_redis = [letter.id for letter in chunk if letter.kept is Kept.REDIS]
-            if in_redis:
-                await queue.remove_dead_letters_in_redis(redis, in_redis)
+            await _remove(engine, redis, chunk)
             result.replayed += len(chunk)
             result.jobs += 1
             if progress is not None:
@@ -453,7 +451,7 @@ def _why_not_replayable(letter: DeadLetter) -> str | None:
     if letter.notification is None:
         return (
             f"{letter.error}; it cannot be applied as it is: fix it in Salesforce and let "
-            "Salesforce send it again"
+            f"Salesforce send it again; `sfrelay dead discard {letter.id}` removes this one"
         )
     if not letter.job.organization_id or not letter.notification.object:
         return "the stored notification lacks its organization or object"
@@ -474,3 +472,80 @@ def _jobs(letters: list[DeadLetter]) -> list[list[DeadLetter]]:
         for start in range(0, len(members), MAX_NOTIFICATIONS):
             chunks.append(members[start : start + MAX_NOTIFICATIONS])
     return chunks
+
+
+# --- naming, removing, discarding ------------------------------------------------------------
+
+NO_SUCH = "no such dead letter (see `sfrelay dead list`)"
+
+
+def _named(
+    letters: Sequence[DeadLetter], ids: Sequence[str]
+) -> tuple[list[DeadLetter], dict[str, str]]:
+    """The letters `ids` name (each once, in the order named), and why an ID names none.
+
+    An ID is a letter's own (`sfrelay dead list`'s ID column) or its notification Id (the
+    NOTIFICATION column) when no other letter has that notification Id: one a worker kept in
+    the database late, after keeping it in Redis, is in both places.
+    """
+    by_id = {letter.id: letter for letter in letters}
+    by_notification: dict[str, list[DeadLetter]] = {}
+    for letter in letters:
+        if letter.notification_id:
+            by_notification.setdefault(letter.notification_id, []).append(letter)
+    chosen: dict[str, DeadLetter] = {}
+    refused: dict[str, str] = {}
+    for given in ids:
+        same = [by_id[given]] if given in by_id else by_notification.get(given, [])
+        if len(same) == 1:
+            chosen.setdefault(same[0].id, same[0])
+        elif same:
+            refused[given] = (
+                f"{len(same)} dead letters have this notification Id: give the ID of one "
+                f"({', '.join(letter.id for letter in same)})"
+            )
+        else:
+            refused[given] = NO_SUCH
+    return list(chosen.values()), refused
+
+
+async def _remove(
+    engine: AsyncEngine, redis: Redis, letters: Sequence[DeadLetter], bodies: Sequence[str] = ()
+) -> None:
+    """Remove `letters` from where they are kept (the database first), and the raw `bodies`."""
+    in_database = [int(letter.id) for letter in letters if letter.kept is Kept.DATABASE]
+    if in_database:
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(delete(table).where(table.c.id.in_(in_database)))
+        except DBAPIError as exc:
+            raise RetryableError(f"cannot write the Drupal database: {exc.orig}") from exc
+    in_redis = [letter.id for letter in letters if letter.kept is Kept.REDIS]
+    if in_redis or bodies:
+        await queue.remove_dead_letters_in_redis(redis, in_redis, bodies)
+
+
+async def discard_dead_letters(settings: Settings, ids: Sequence[str] | None) -> DiscardResult:
+    """Remove the given dead letters (None: all) for good, without applying them.
+
+    All or nothing: when an ID names no one letter, nothing is removed. The raw body the
+    receiver kept beside its dead letters goes with the last of them.
+    """
+    engine = await _database(settings)
+    redis = queue.redis_client(settings)
+    try:
+        letters = await _everywhere(engine, redis)
+        if ids is None:
+            chosen = letters
+        else:
+            chosen, refused = _named(letters, ids)
+            if refused:
+                return DiscardResult(refused=refused)
+        gone = {letter.id for letter in chosen}
+        kept_bodies = {letter.body_sha256 for letter in letters if letter.id not in gone}
+        bodies = {letter.body_sha256 for letter in chosen if letter.body_sha256} - kept_bodies
+        await _remove(engine, redis, chosen, sorted(str(body) for body in bodies))
+    finally:
+        await redis.aclose()
+        await engine.dispose()
+    return DiscardResult(discarded=sorted(chosen, key=lambda letter: (letter.last_seen, letter.id)))

@@ -429,11 +429,19 @@ async def dead_letters_in_redis(redis: Redis) -> dict[str, bytes]:
     return {key.decode(): value for key, value in raw.items()}
 
 
-async def remove_dead_letters_in_redis(redis: Redis, fields: Sequence[str]) -> None:
+async def remove_dead_letters_in_redis(
+    redis: Redis, fields: Sequence[str], bodies: Sequence[str] = ()
+) -> None:
+    """Remove `sfrelay:dead` fields and the raw bodies (`sfrelay:dead-body:<digest>`) named."""
     try:
-        await redis.hdel(DEAD_KEY, *fields)  # type: ignore[misc]
+        async with redis.pipeline(transaction=True) as pipe:
+            if fields:
+                pipe.hdel(DEAD_KEY, *fields)
+            if bodies:
+                pipe.delete(*(DEAD_BODY_PREFIX + body for body in bodies))
+            await pipe.execute()
     except (RedisError, OSError) as exc:
-        raise QueueUnavailable(f"the queue (Redis) failed during the replay: {exc}") from exc
+        raise QueueUnavailable(f"the queue (Redis) failed removing dead letters: {exc}") from exc
 
 
 _RELEASE_LUA = """

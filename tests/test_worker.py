@@ -240,7 +240,7 @@ async def test_a_redis_dead_letter_from_the_receiver_is_listed_but_not_replayed(
         "12345": "no such dead letter (see `sfrelay dead list`)",
         f"{SEEN_PREFIX}x:y": "refused on receipt: sObject has no xsi:type in the sObject "
         "namespace; it cannot be applied as it is: fix it in Salesforce and let Salesforce "
-        "send it again",
+        f"send it again; `sfrelay dead discard {SEEN_PREFIX}x:y` removes this one",
     }
     assert redis_client.hlen(DEAD_KEY) == 1
 
