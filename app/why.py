@@ -456,7 +456,10 @@ def render(result: Answer) -> list[str]:
     else:
         lines.append("queued now: nothing")
     if result.dead:
-        lines.append("dead letters (`sfrelay dead replay ID` after fixing the cause):")
+        lines.append(
+            "dead letters (`sfrelay dead replay ID` after fixing the cause; those refused on "
+            "receipt: `sfrelay dead discard ID`):"
+        )
         for letter in result.dead:
             lines.append(
                 f"  {letter['id']}: notification {letter['notification_id'] or '-'} for "

@@ -283,7 +283,8 @@ def test_why_dead_records_in_the_database_and_in_redis(
     assert lines == [
         f"Contact {DEAD_DB}: sfrelay has not applied any notification for it",
         "queued now: nothing",
-        "dead letters (`sfrelay dead replay ID` after fixing the cause):",
+        "dead letters (`sfrelay dead replay ID` after fixing the cause; those refused on receipt:"
+        " `sfrelay dead discard ID`):",
         dead_line,
     ]
     # The error names an email: not the one asked about, so it is masked.
@@ -368,7 +369,8 @@ def test_why_an_email_of_a_dead_notification_shows_it(
     assert lines[:3] == [
         "dead4@example.org: no Drupal user has this email",
         "queued now: nothing",
-        "dead letters (`sfrelay dead replay ID` after fixing the cause):",
+        "dead letters (`sfrelay dead replay ID` after fixing the cause; those refused on receipt:"
+        " `sfrelay dead discard ID`):",
     ]
     assert lines[3].endswith(": boom for dead4@example.org")  # the email asked about
     assert len(lines) == 4
