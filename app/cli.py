@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -459,6 +460,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"the Drupal database is unavailable: {exc}; check SFRELAY_DATABASE_URL")
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `sfrelay status | head`: the reader has all it wanted
+        # Python would flush stdout again at exit and complain: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a process killed by SIGPIPE
 
 
 if __name__ == "__main__":

@@ -168,3 +168,24 @@ def test_serve_runs_and_never_logs_the_token(redis_server: RedisServer) -> None:
         output, _ = process.communicate(timeout=20)
     assert "POST /salesforce/outbound-message?token=***" in output
     assert "a-long-random-token-value" not in output
+
+
+def test_output_into_a_closed_pipe_ends_quietly() -> None:
+    """`sfrelay check | head -1`: the reader gone, no traceback, the status of SIGPIPE."""
+    read, write = os.pipe()
+    os.close(read)  # every write now fails with EPIPE
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SFRELAY_")}
+    env = {**clean, "SFRELAY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    try:
+        result = subprocess.run(
+            [*SFRELAY, "check"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert result.returncode == 141, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
