@@ -135,7 +135,8 @@ class Planner:
         st = self._state(r)
         add_history(st, r, decision, self.now)
         if applied:
-            st.modstamp = r.modstamp
+            if r.modstamp is not None:  # an unstamped version keeps the one applied before
+                st.modstamp = r.modstamp
             st.notification_id = r.notification_id
 
     def _protection(self, uid: int) -> str | None:

@@ -315,6 +315,25 @@ async def test_older_versions_are_stale_whatever_the_order(drupal_site: DrupalSi
     assert await uids_with_mail(site, "lm-old@example.com") == []
 
 
+async def test_a_version_without_a_stamp_keeps_the_one_applied(drupal_site: DrupalSite) -> None:
+    """A message without SystemModstamp or LastModifiedDate (the field list is the admin's
+    choice) cannot be ordered: it applies, but an older stamped version after it is still
+    stale, as it was before it."""
+    site = drupal_site
+    syncer = await open_syncer(site)
+    (made,) = await syncer.apply([note(sf(1), "v10@example.com", "V", "Ten", minutes=10)])
+    bare = note(sf(1), "bare@example.com", "V", "Bare")
+    del bare.fields["SystemModstamp"]
+    older = note(sf(1), "v5@example.com", "V", "Five", minutes=5)
+    out = await syncer.apply([bare])
+    out += await syncer.apply([older])
+    await syncer.close()
+    assert kinds(out) == ["updated", "stale"]
+    assert made.uid is not None
+    assert (await base_row(site, made.uid))["mail"] == "bare@example.com"
+    assert (await field_values(site, made.uid))["field_last_name"] == "Bare"
+
+
 async def test_redelivery_has_no_second_effect(drupal_site: DrupalSite) -> None:
     site = drupal_site
     syncer = await open_syncer(site)
