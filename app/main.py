@@ -82,6 +82,10 @@ async def check_redis_at_start_up(settings: Settings) -> None:
         await redis.aclose()
 
 
+# What orders a record's versions (app.records.modstamp).
+_VERSION_FIELDS = frozenset({"SystemModstamp", "LastModifiedDate"})
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The receiver. Loads the WSDLs (zeep, once) and checks the configuration before serving."""
     settings = settings or Settings()
@@ -93,6 +97,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             f"no WSDL in {settings.wsdl_dir} declares {', '.join(missing)}: add the "
             "Outbound Message WSDL of each handled object"
         )
+    for obj in settings.handled_objects:
+        if not _VERSION_FIELDS & set(contract.field_types(obj) or ()):
+            log.warning(
+                "the %s WSDL in %s has neither SystemModstamp nor LastModifiedDate: Salesforce "
+                "delivers out of order, and without a version an older notification can "
+                "overwrite a newer one; add SystemModstamp to the Outbound Message's fields",
+                obj,
+                settings.wsdl_dir,
+            )
     redact_logs()
 
     @asynccontextmanager

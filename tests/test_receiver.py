@@ -470,3 +470,27 @@ def test_the_body_is_digested_only_when_a_notification_is_not_queued() -> None:
     assert body_digest(parse_message(usual, contract, handled), handled, usual) is None
     digest = body_digest(parse_message(mixed, contract, handled), handled, mixed)
     assert digest == hashlib.sha256(mixed).hexdigest()
+
+
+def test_a_wsdl_without_a_version_field_is_served_with_a_warning(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without SystemModstamp or LastModifiedDate nothing orders a record's versions."""
+    for name in ("contact.wsdl", "lead.wsdl"):
+        text = (DEFAULT_WSDL_DIR / name).read_text()
+        if name == "contact.wsdl":
+            lines = text.splitlines(keepends=True)
+            text = "".join(
+                line
+                for line in lines
+                if '"SystemModstamp"' not in line and '"LastModifiedDate"' not in line
+            )
+        (tmp_path / name).write_text(text)
+    with caplog.at_level(logging.WARNING, logger="sfrelay.receiver"):
+        create_app(settings.model_copy(update={"wsdl_dir": tmp_path}))
+        create_app(settings)
+    assert [r.getMessage() for r in caplog.records if r.name == "sfrelay.receiver"] == [
+        f"the Contact WSDL in {tmp_path} has neither SystemModstamp nor LastModifiedDate: "
+        "Salesforce delivers out of order, and without a version an older notification can "
+        "overwrite a newer one; add SystemModstamp to the Outbound Message's fields"
+    ]
