@@ -99,8 +99,12 @@ class Drupal10(Lookups):
         self.schema = schema
         self.langcode = schema.default_langcode
         # name: NOCASE_UTF8 on SQLite (app.drupal.users.Equality for the others).
-        super().__init__(field_data, dialect, nocase_name=True)
         self._fields = {name: field_table(name) for name in schema.fields}
+        written = {name: [(field_data.name, column)] for name, column in _BASE_COLUMNS.items()}
+        written["mail"].append((field_data.name, "init"))
+        for name, t in self._fields.items():
+            written[name] = [(t.name, f"{name}_value")]
+        super().__init__(field_data, dialect, nocase_name=True, written=written)
 
     async def users(self, conn: AsyncConnection, uids: Iterable[int]) -> dict[int, ExistingUser]:
         wanted = sorted({uid for uid in uids if uid > 0})

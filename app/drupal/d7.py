@@ -72,8 +72,12 @@ class Drupal7(Lookups):
         # D7's unique index on SQLite is by case (BINARY), but Drupal 7 itself refuses a name
         # that equals one in use LIKE-wise (ASCII case-insensitively): sfrelay compares by
         # SQLite's lower(), which never lets two index-equal names through either.
-        super().__init__(users, dialect, nocase_name=False)
         self._fields = {name: field_tables(name) for name in schema.fields}
+        written = {name: [("users", column)] for name, column in _BASE_COLUMNS.items()}
+        written["mail"].append(("users", "init"))
+        for name, pair in self._fields.items():
+            written[name] = [(t.name, f"{name}_value") for t in pair]
+        super().__init__(users, dialect, nocase_name=False, written=written)
         self._changed = "changed" in schema.user_columns or not schema.user_columns
 
     async def users(self, conn: AsyncConnection, uids: Iterable[int]) -> dict[int, ExistingUser]:

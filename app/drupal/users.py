@@ -115,6 +115,11 @@ class UserStore(Protocol):
         `<base>_...` name (a cost growing with the namesakes)."""
         ...
 
+    async def bmp_only(self, conn: AsyncConnection) -> dict[str, str]:
+        """The sfrelay names (name, timezone, field_*, ...) whose columns cannot hold a
+        character outside the BMP (MySQL utf8mb3: Drupal 7's default) -> their charset."""
+        ...
+
     async def create(self, conn: AsyncConnection, users: list[NewUser], now: int) -> None:
         """Insert the users (setting each `uid`) and invalidate what Drupal's save would."""
         ...
@@ -155,6 +160,22 @@ async def update_base(
 
 
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9_]+$")
+# MySQL character sets that hold no character outside the Basic Multilingual Plane: 3-byte
+# utf8 (called utf8mb3 since MySQL 8.0 / MariaDB 10.6; Drupal 7's default) and UCS-2.
+BMP_CHARSETS = frozenset({"utf8", "utf8mb3", "ucs2"})
+
+
+async def mysql_collations(
+    conn: AsyncConnection, tables: Iterable[str]
+) -> dict[tuple[str, str], tuple[str, str]]:
+    """MySQL: (table, column) -> (character set, collation) of the text columns of `tables`."""
+    query = text(
+        "SELECT TABLE_NAME, COLUMN_NAME, CHARACTER_SET_NAME, COLLATION_NAME"
+        " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
+        " AND TABLE_NAME IN :tables AND CHARACTER_SET_NAME IS NOT NULL"
+    ).bindparams(bindparam("tables", expanding=True))
+    rows = await conn.execute(query, {"tables": sorted(set(tables))})
+    return {(str(t), str(c)): (str(charset), str(coll)) for t, c, charset, coll in rows}
 
 
 class Equality:
@@ -185,18 +206,11 @@ class Equality:
 
     async def _mysql_collation(self, conn: AsyncConnection) -> tuple[str, str]:
         if self._collation is None:
-            row = (
-                await conn.execute(
-                    text(
-                        "SELECT CHARACTER_SET_NAME, COLLATION_NAME FROM information_schema.COLUMNS"
-                        " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = :t AND COLUMN_NAME = :c"
-                    ),
-                    {"t": self.table.name, "c": self.name},
-                )
-            ).first()
-            if row is None or not all(_IDENTIFIER.match(str(v or "")) for v in row):
+            found = await mysql_collations(conn, [self.table.name])
+            row = found.get((self.table.name, self.name))
+            if row is None or not all(_IDENTIFIER.match(v) for v in row):
                 raise RuntimeError(f"no collation found for {self.table.name}.{self.name}")
-            self._collation = (str(row[0]), str(row[1]))
+            self._collation = row
         return self._collation
 
     async def _as_column(self, conn: AsyncConnection, param: str) -> str:
@@ -307,13 +321,37 @@ class Lookups:
     """The bulk look-ups both majors share; `table` holds uid, name and mail
     (D10 users_field_data, D7 users). `nocase_name`: the name column is NOCASE_UTF8."""
 
-    def __init__(self, table: TableClause, dialect: str, *, nocase_name: bool) -> None:
+    def __init__(
+        self,
+        table: TableClause,
+        dialect: str,
+        *,
+        nocase_name: bool,
+        written: dict[str, list[tuple[str, str]]],
+    ) -> None:
         self._table = table
+        self._dialect = dialect
+        self._written = written  # sfrelay name -> the (table, column)s its value goes to
         self._name = Equality(table, "name", dialect, nocase=nocase_name)
         self._mail = Equality(table, "mail", dialect, nocase=False)
         # The suffix probes' lower(name): a database function over the sfrelay_*_name_lower
         # index (app.drupal.ledger), so that a probe costs no Python collation callback.
         self._probe = Equality(table, "name", dialect, nocase=False)
+
+    async def bmp_only(self, conn: AsyncConnection) -> dict[str, str]:
+        """Each sfrelay name (name, timezone, field_*, ...) written to a column that cannot hold
+        a character outside the BMP (MySQL utf8mb3) -> that column's character set."""
+        if self._dialect != "mysql":
+            return {}
+        tables = {t for columns in self._written.values() for t, _ in columns}
+        found = await mysql_collations(conn, tables)
+        narrow = {}
+        for name, columns in self._written.items():
+            for column_ in columns:
+                charset = found.get(column_, ("", ""))[0]
+                if charset in BMP_CHARSETS:
+                    narrow[name] = charset
+        return narrow
 
     async def uids_by_mail(
         self, conn: AsyncConnection, mails: Iterable[str]
