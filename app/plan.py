@@ -23,7 +23,15 @@ from app.drupal.ledger import RecordState
 from app.drupal.users import ExistingUser, Key, NewUser, UserChange, UserStore
 from app.mapping import FieldMap
 from app.outcomes import Outcome, OutcomeKind
-from app.records import Record, as_text, base_values, username_base, with_suffix
+from app.records import (
+    Record,
+    as_text,
+    base_values,
+    outside_bmp,
+    username_base,
+    with_suffix,
+    within_bmp,
+)
 
 HISTORY_SIZE = 10  # outcomes kept per Salesforce record in sfrelay_record.history
 SUPERUSERS = frozenset({0, 1})  # the anonymous user and Drupal's own administrator
@@ -83,8 +91,12 @@ class Planner:
         field_lengths: dict[str, int | None],
         suffixes: dict[Key, int],
         protected_roles: frozenset[str] = frozenset(),
+        bmp_only: frozenset[str] = frozenset(),
     ) -> None:
         self.conn, self.store, self.field_map = conn, store, field_map
+        # The sfrelay names (name, field_*, ...) written to utf8mb3 columns (UserStore.bmp_only)
+        self.bmp_only = bmp_only
+        self.bmp_name = "name" in bmp_only
         self.match_by_email = match_by_email
         # SFRELAY_PROTECTED_ROLES, on top of the site's own (read in load())
         self.configured_protected = protected_roles
@@ -250,12 +262,41 @@ class Planner:
             defaults = r.obj.defaults.items()
             custom = {k: as_text(v) for k, v in defaults if k.startswith("field_")}
             self._custom_defaults[r.obj.sobject] = custom
-        user = NewUser("", r.email or "", base, {**custom, **self._field_values(r)}, r.obj.roles)
+        fields = {**custom, **self._field_values(r)}
+        detail = self._fit(r, base, fields, named=True) if self.bmp_only else None
+        user = NewUser("", r.email or "", base, fields, r.obj.roles)
         self.plan.new[key] = user
         self.plan.new_sources[key] = r
         self._map(r, key)
         self._set_mail(key, r.mail_key)
-        self._set_outcome(r, OutcomeKind.CREATED, key, applied=True)
+        self._set_outcome(r, OutcomeKind.CREATED, key, detail, applied=True)
+
+    def _fit(
+        self, r: Record, base: dict[str, Any], fields: dict[str, Any], *, named: bool
+    ) -> str | None:
+        """Values for columns that hold no character outside the BMP (MySQL utf8mb3, Drupal 7's
+        default; Drupal itself cannot store one there): each such character becomes U+FFFD
+        and the username goes without them (Drupal refuses U+FFFD in a name). `named`: the
+        record's username is picked (a new user, a rename). What changed, for the outcome's
+        detail; None when nothing did (an ASCII value costs one isascii())."""
+        replaced = []
+        for values in (base, fields):
+            for drupal, value in values.items():
+                if type(value) is str and outside_bmp(value) and drupal in self.bmp_only:
+                    values[drupal] = within_bmp(value)
+                    replaced.append(drupal)
+        dropped = (
+            named
+            and self.bmp_name
+            and any(type(v) is str and outside_bmp(v) for v in r.fields.values())
+            and username_base(r, self.field_map, bmp_only=True) != username_base(r, self.field_map)
+        )
+        if not replaced and not dropped:
+            return None
+        parts = [f"replaced with U+FFFD in {', '.join(sorted(replaced))}"] if replaced else []
+        if dropped:
+            parts.append("dropped from name")
+        return "utf8mb3 column: characters outside the BMP " + "; ".join(parts)
 
     def _update(self, r: Record, key: int, outcome: OutcomeKind) -> None:
         if key >= 0 and (why := self._protection(key)):
@@ -268,12 +309,17 @@ class Planner:
             return self._set_outcome(r, OutcomeKind.CONFLICT_DUPLICATE_EMAIL, key, detail)
         self._map(r, key)
         self._set_mail(key, r.mail_key)
-        base = {**base_values(r), "mail": r.email}
+        values, fields = base_values(r), self._field_values(r)
+        altered = None
+        if self.bmp_only:
+            named = key < 0 or self.field_map.update_username
+            altered = self._fit(r, values, fields, named=named)
+        base = {**values, "mail": r.email}
         if key < 0:  # created earlier in this batch: the newer values win
             user = self.plan.new[key]
             user.mail = r.email or user.mail
-            user.base.update(base_values(r))
-            user.fields.update(self._field_values(r))
+            user.base.update(values)
+            user.fields.update(fields)
             self.plan.new_sources[key] = r
         else:
             change = self.plan.changes.get(key)
@@ -286,11 +332,11 @@ class Planner:
                 # Unchanged (byte for byte, as most updates are): no UPDATE of the mail
                 # column and its indexes (Drupal's, sfrelay's lower(mail)) for nothing.
                 del change.base["mail"]
-            change.fields.update(self._field_values(r))
+            change.fields.update(fields)
             change.roles = tuple(dict.fromkeys((*change.roles, *r.obj.roles)))
             if self.field_map.update_username:
                 self.plan.renames[key] = (r, self.existing[key].name)
-        self._set_outcome(r, outcome, key, applied=True)
+        self._set_outcome(r, outcome, key, altered, applied=True)
 
     def _convert(self, r: Record, st: RecordState | None) -> None:
         if st is None or st.uid is None:
@@ -332,13 +378,13 @@ class Planner:
         picks are checked against the database and the batch again, so a stale memory only
         costs a round. A few round trips per batch, whatever its size.
         """
-        store, conn = self.store, self.conn
+        store, conn, fm, bmp = self.store, self.conn, self.field_map, self.bmp_name
         wanted: dict[int, str] = {
-            key: username_base(r, self.field_map) for key, r in self.plan.new_sources.items()
+            key: username_base(r, fm, bmp_only=bmp) for key, r in self.plan.new_sources.items()
         }
         renames = self.plan.renames
         current = {uid: name for uid, (_, name) in renames.items()}
-        renamed = {uid: username_base(r, self.field_map) for uid, (r, _) in renames.items()}
+        renamed = {uid: username_base(r, fm, bmp_only=bmp) for uid, (r, _) in renames.items()}
         stems: dict[str, str] = {}
         for name in current.values():
             stem, _, number = name.rpartition("_")

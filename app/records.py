@@ -26,6 +26,22 @@ _IPV6 = r"[0-9a-fA-F]{1,4}(?::[0-9a-fA-F]{1,4}){7}"
 _EMAIL = re.compile(rf"{_LOCAL}@(?:{_DOMAIN}|\[(?:{_IPV4}|{_IPV6})\])")
 
 
+# A character outside the Basic Multilingual Plane (4 bytes in UTF-8: emoji, U+1D400, ...).
+_OUTSIDE_BMP = re.compile("[\U00010000-\U0010ffff]")
+REPLACEMENT = "\ufffd"  # U+FFFD, 3 bytes in UTF-8
+
+
+def outside_bmp(text: str) -> bool:
+    """Whether `text` has a character outside the BMP (ASCII text: one isascii())."""
+    return not text.isascii() and _OUTSIDE_BMP.search(text) is not None
+
+
+def within_bmp(text: str) -> str:
+    """`text` with each character outside the BMP replaced with U+FFFD, which a 3-byte utf8
+    (utf8mb3) column stores: the value keeps its length and shows where something was."""
+    return _OUTSIDE_BMP.sub(REPLACEMENT, text)
+
+
 def valid_email(mail: str) -> bool:
     if len(mail) > MAIL_MAX or not _EMAIL.fullmatch(mail):
         return False
@@ -128,11 +144,15 @@ def to_record(index: int, notification: JobNotification, field_map: FieldMap) ->
     )
 
 
-def clean_name(raw: str) -> str:
-    """What Drupal accepts as a username: allowed characters, single spaces, <= 60."""
+def clean_name(raw: str, *, bmp_only: bool = False) -> str:
+    """What Drupal accepts as a username: allowed characters, single spaces, <= 60.
+    `bmp_only`: without characters outside the BMP (for a utf8mb3 column: dropped, not
+    replaced, since Drupal 7's user_validate_name() refuses U+FFFD in a name)."""
     if raw.isascii():  # the usual case, without a per-character loop
         return " ".join(_NOT_NAME_ASCII.sub("", raw).split())[:NAME_MAX].strip()
     text = unicodedata.normalize("NFC", raw)
+    if bmp_only:
+        text = _OUTSIDE_BMP.sub("", text)
     kept = "".join(
         c
         for c in text
@@ -143,15 +163,17 @@ def clean_name(raw: str) -> str:
     return " ".join(kept.split())[:NAME_MAX].strip()
 
 
-def username_base(record: Record, field_map: FieldMap) -> str:
+def username_base(record: Record, field_map: FieldMap, *, bmp_only: bool = False) -> str:
     email = record.email or ""
     source = record.obj.base.get("name")
     if source and record.fields.get(source):
-        name = clean_name(str(record.fields[source]))
+        name = clean_name(str(record.fields[source]), bmp_only=bmp_only)
     else:
-        name = clean_name(render(field_map.username_template, record.fields, email))
+        template = render(field_map.username_template, record.fields, email)
+        name = clean_name(template, bmp_only=bmp_only)
     if not name:
-        name = clean_name(render(field_map.username_fallback, record.fields, email))
+        fallback = render(field_map.username_fallback, record.fields, email)
+        name = clean_name(fallback, bmp_only=bmp_only)
     return name or "user"
 
 

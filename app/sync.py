@@ -74,6 +74,9 @@ Rules in detail (app/plan.py decides, app/drupal/ writes):
   and retried attempts included (written apart, after their transaction rolled back).
 - Usernames (and mails) are compared exactly as the database compares them (its unique
   index: NOCASE_UTF8, the MySQL collation, PostgreSQL lower()): app.drupal.users.Equality.
+- A MySQL column in 3-byte utf8 (utf8mb3, Drupal 7's default; app.drupal.users.BMP_CHARSETS)
+  cannot hold a character outside the BMP (emoji, U+1D400): sfrelay writes U+FFFD there and
+  leaves it out of usernames; the created/updated/linked outcome's detail says what changed.
 - SQLite and PostgreSQL get sfrelay_* indexes on lower(mail) / lower(name) of Drupal's user
   table, and PostgreSQL's statistics are refreshed during bulk loads (app/drupal/stats.py).
 
@@ -128,8 +131,10 @@ class Syncer:
         schema: DrupalSchema,
         store: UserStore,
         field_map: FieldMap,
+        bmp_only: frozenset[str] = frozenset(),
     ) -> None:
         self.engine = engine
+        self.bmp_only = bmp_only  # UserStore.bmp_only(): read once, at start-up
         self.settings = settings
         self.schema = schema
         self.store = store
@@ -147,6 +152,12 @@ class Syncer:
         try:
             async with engine.connect() as conn:
                 schema = await inspect_drupal(conn, settings.drupal_version, field_map.user_fields)
+                store: UserStore = (
+                    Drupal10(schema, engine.dialect.name)
+                    if schema.major == 10
+                    else Drupal7(schema, engine.dialect.name)
+                )
+                narrow = await store.bmp_only(conn)
             field_map.validate(schema, settings.handled_objects)
             check_protected_roles(schema, field_map, settings.protected_roles)
             if schema.major == 10 and "cachetags" not in schema.tables:
@@ -158,12 +169,14 @@ class Syncer:
             if isinstance(exc, DBAPIError | OSError):
                 raise RetryableError(f"cannot use the Drupal database: {_error(exc)}") from exc
             raise
-        store: UserStore = (
-            Drupal10(schema, engine.dialect.name)
-            if schema.major == 10
-            else Drupal7(schema, engine.dialect.name)
-        )
-        return cls(engine, settings, schema, store, field_map)
+        if narrow:
+            columns = ", ".join(f"{name} ({charset})" for name, charset in sorted(narrow.items()))
+            logger.warning(
+                "Drupal columns without 4-byte characters: %s; a character outside the BMP "
+                "(emoji, ...) is written there as U+FFFD and left out of usernames",
+                columns,
+            )
+        return cls(engine, settings, schema, store, field_map, frozenset(narrow))
 
     def prepare(self, notifications: Sequence[JobNotification]) -> list[Record | Outcome]:
         """What of the rules needs no database: each notification as a Record, or the
@@ -255,6 +268,7 @@ class Syncer:
                 self._lengths,
                 self._suffixes,
                 frozenset(self.settings.protected_roles),
+                self.bmp_only,
             )
             await planner.load(records)
             lifecycle = await decide_batch(

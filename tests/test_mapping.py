@@ -12,7 +12,7 @@ from app.drupal.engine import create_engine
 from app.drupal.url import async_url
 from app.errors import ConfigError
 from app.mapping import DEFAULT_FIELD_MAP, load_field_map, parse_field_map, render
-from app.records import clean_name, valid_email, with_suffix
+from app.records import clean_name, outside_bmp, valid_email, with_suffix, within_bmp
 from app.sfid import checksum, sf_key, to18
 
 
@@ -132,6 +132,19 @@ def test_invalid_emails(mail: str) -> None:
 )
 def test_usernames_are_cleaned_to_what_drupal_accepts(raw: str, clean: str) -> None:
     assert clean_name(raw) == clean
+
+
+def test_characters_outside_the_bmp() -> None:
+    """For 3-byte utf8 columns: U+FFFD in values, nothing in usernames (Drupal 7's
+    user_validate_name() refuses U+FFF9-U+FFFD)."""
+    bold_a, grin = "\U0001d400", "\U0001f600"
+    assert not outside_bmp("plain ascii") and not outside_bmp("Zo\u00eb \ufffd")
+    assert outside_bmp(f"Smith {grin}") and outside_bmp(bold_a)
+    assert within_bmp(f"{bold_a}nna {grin}!") == "\ufffdnna \ufffd!"
+    assert within_bmp("Zo\u00eb") == "Zo\u00eb"
+    assert clean_name(f"{bold_a}nna {grin} Smith") == f"{bold_a}nna Smith"
+    assert clean_name(f"{bold_a}nna {grin} Smith", bmp_only=True) == "nna Smith"
+    assert clean_name(f"{bold_a} {grin}", bmp_only=True) == ""  # then the fallback
 
 
 def test_suffixes_keep_usernames_within_60_characters() -> None:

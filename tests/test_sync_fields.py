@@ -322,3 +322,58 @@ async def test_a_database_gone_mid_run_is_retryable(pg_server: Server) -> None:
     (later,) = await syncer.apply([note(sf(2), "b@example.com", "B", "C")])
     await syncer.close()
     assert (created.kind, later.kind) == ("created", "created")
+
+
+# U+1D400 MATHEMATICAL BOLD CAPITAL A (a letter: a username keeps it) and U+1F600 (an emoji):
+# 4 bytes each in UTF-8, outside the Basic Multilingual Plane.
+BOLD_A, GRIN = "\U0001d400", "\U0001f600"
+
+
+async def test_characters_outside_the_bmp(drupal_site: DrupalSite) -> None:
+    """Drupal 7 on MySQL/MariaDB keeps its tables in 3-byte utf8 (utf8mb3): a 4-byte character
+    is refused there (error 1366), so sfrelay writes U+FFFD instead (and leaves it out of the
+    username) and says so; every other backend stores the characters as they came."""
+    site = drupal_site
+    narrow = site.id == "mariadb-d7"
+    syncer = await open_syncer(site)
+    batch = [
+        note(sf(1), "bold@example.com", f"{BOLD_A}nna", f"Smith {GRIN}"),
+        note(sf(2), "plain@example.com", "nna", "Smith"),  # the same username without U+1D400
+    ]
+    out = await syncer.apply(batch)
+    (again,) = await syncer.apply([note(sf(1), "bold@example.com", "Anna", GRIN, minutes=1)])
+    await syncer.close()
+    assert [o.kind for o in out] == ["created", "created"] and again.kind == "updated"
+    uid = out[0].uid or 0
+    if narrow:
+        detail = "utf8mb3 column: characters outside the BMP replaced with U+FFFD in "
+        assert out[0].detail == detail + "field_first_name, field_last_name; dropped from name"
+        assert again.detail == detail + "field_last_name"
+    else:
+        assert out[0].detail is None and again.detail is None
+    assert out[1].detail is None
+    names = [(await base_row(site, o.uid or 0))["name"] for o in out]
+    # Unique as the column's collation compares (the emoji is never part of a username).
+    assert names == (
+        ["nna Smith", "nna Smith_2"] if narrow else [f"{BOLD_A}nna Smith", "nna Smith"]
+    )
+    assert await field_values(site, uid) == {
+        "field_first_name": "Anna",
+        "field_last_name": "\ufffd" if narrow else GRIN,
+        "field_salesforce_id": sf(1),
+    }
+    if site.backend == "mariadb":  # the exact bytes stored
+        for table in ("field_data", "field_revision") if site.major == 7 else ("user_",):
+            (stored,) = await site.rows(
+                f"SELECT HEX(field_last_name_value) AS h FROM {table}_field_last_name"
+                " WHERE entity_id = :u",
+                u=uid,
+            )
+            assert stored["h"] == ("EFBFBD" if narrow else "F09F9880")
+        table = "users" if site.major == 7 else "users_field_data"
+        (stored,) = await site.rows(f"SELECT HEX(name) AS h FROM {table} WHERE uid = :u", u=uid)
+        assert (
+            stored["h"] == ("nna Smith" if narrow else f"{BOLD_A}nna Smith").encode().hex().upper()
+        )
+    _, entries = await ledger_history(site, sf(1))
+    assert [e.get("d") for e in entries] == [out[0].detail, again.detail]
