@@ -50,6 +50,7 @@ from app.drupal.engine import create_engine
 from app.drupal.ledger import metadata
 from app.errors import RetryableError
 from app.jobs import ApplyJob, JobNotification, Source
+from app.records import json_within_bmp
 
 logger = logging.getLogger("sfrelay.dead")
 
@@ -242,7 +243,7 @@ async def add(conn: AsyncConnection, letter: DeadLetter) -> int:
         insert(table).values(
             notification_id=letter.notification_id,
             record_id=letter.record_id,
-            payload=letter.dumps().decode(),
+            payload=json_within_bmp(letter.dumps()),
             error=letter.reason,
             attempts=letter.attempts,
             first_seen=letter.first_seen,

@@ -42,6 +42,19 @@ def within_bmp(text: str) -> str:
     return _OUTSIDE_BMP.sub(REPLACEMENT, text)
 
 
+def _escape_pair(match: re.Match[str]) -> str:
+    n = ord(match.group()) - 0x10000
+    return f"\\u{0xD800 + (n >> 10):04x}\\u{0xDC00 + (n & 0x3FF):04x}"
+
+
+def json_within_bmp(data: bytes) -> str:
+    """JSON text (orjson's UTF-8) with each character outside the BMP as its \\u escape pair:
+    the same JSON, which a 3-byte utf8 column takes too (sfrelay's tables get their database's
+    default character set). Such a character can only be inside a JSON string."""
+    text = data.decode()
+    return _OUTSIDE_BMP.sub(_escape_pair, text) if outside_bmp(text) else text
+
+
 def valid_email(mail: str) -> bool:
     if len(mail) > MAIL_MAX or not _EMAIL.fullmatch(mail):
         return False

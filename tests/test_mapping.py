@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -12,7 +13,14 @@ from app.drupal.engine import create_engine
 from app.drupal.url import async_url
 from app.errors import ConfigError
 from app.mapping import DEFAULT_FIELD_MAP, load_field_map, parse_field_map, render
-from app.records import clean_name, outside_bmp, valid_email, with_suffix, within_bmp
+from app.records import (
+    clean_name,
+    json_within_bmp,
+    outside_bmp,
+    valid_email,
+    with_suffix,
+    within_bmp,
+)
 from app.sfid import checksum, sf_key, to18
 
 
@@ -145,6 +153,12 @@ def test_characters_outside_the_bmp() -> None:
     assert clean_name(f"{bold_a}nna {grin} Smith") == f"{bold_a}nna Smith"
     assert clean_name(f"{bold_a}nna {grin} Smith", bmp_only=True) == "nna Smith"
     assert clean_name(f"{bold_a} {grin}", bmp_only=True) == ""  # then the fallback
+    # sfrelay's own JSON: the same JSON, with escape pairs
+    value = {"d": f"{bold_a}nna {grin} Zo\u00eb"}
+    escaped = json_within_bmp(orjson.dumps(value))
+    assert escaped == '{"d":"\\ud835\\udc00nna \\ud83d\\ude00 Zo\u00eb"}'
+    assert orjson.loads(escaped) == value
+    assert json_within_bmp(b'{"d":"plain"}') == '{"d":"plain"}'
 
 
 def test_suffixes_keep_usernames_within_60_characters() -> None:

@@ -377,3 +377,26 @@ async def test_characters_outside_the_bmp(drupal_site: DrupalSite) -> None:
         )
     _, entries = await ledger_history(site, sf(1))
     assert [e.get("d") for e in entries] == [out[0].detail, again.detail]
+
+
+async def test_sfrelay_tables_in_3_byte_utf8_keep_every_character(drupal_site: DrupalSite) -> None:
+    """sfrelay's own tables take the database's default character set: on a MySQL database
+    made with utf8 (utf8mb3) their JSON carries a character outside the BMP as a \\u escape
+    pair, the same JSON, so that a history or dead letter with an emoji is still written."""
+    site = drupal_site
+    syncer = await open_syncer(site)  # creates the sfrelay_* tables
+    if site.backend == "mariadb":
+        for table in ("sfrelay_record", "sfrelay_dead_letter"):
+            await site.execute(f"ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb3")
+    invalid = note(sf(1), f"{GRIN}@example.com", "Emoji", "Mail")
+    (skipped,) = await syncer.apply([invalid])
+    assert (skipped.kind, skipped.detail) == ("skipped_invalid_email", f"{GRIN}@example.com")
+    _, entries = await ledger_history(site, sf(1))
+    assert [(e["o"], e["d"]) for e in entries] == [("skipped_invalid_email", skipped.detail)]
+    job = ApplyJob(ORG15, Source.OUTBOUND_MESSAGE, 1000.0, ())
+    async with syncer.engine.begin() as conn:
+        await dead.add(conn, DeadLetter.of(job, invalid, "boom", 5))
+    async with syncer.engine.connect() as conn:
+        (letter,) = await dead.in_database(conn)
+    await syncer.close()
+    assert letter.notification == invalid

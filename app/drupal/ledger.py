@@ -44,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from app.drupal.bulk import insert_rows, select_in, update_rows
 from app.drupal.engine import writer
 from app.drupal.errors import is_transient
+from app.records import json_within_bmp
 
 logger = logging.getLogger("sfrelay.worker")
 
@@ -178,7 +179,7 @@ _COLUMNS = (
 
 
 def _history(state: RecordState) -> str:
-    return orjson.dumps(state.history).decode()
+    return json_within_bmp(orjson.dumps(state.history))
 
 
 def _values(state: RecordState, now: float) -> tuple[Any, ...]:
