@@ -209,3 +209,26 @@ def test_arq_health_check_follows_the_running_worker(
     worker.signal(signal.SIGTERM)
     assert worker.wait(20) == 0
     assert check() == 1
+
+
+def test_a_stopping_worker_leaves_the_health_check_to_the_one_still_running(
+    worker_settings: Settings, worker_process: Starter, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A planned handover (SIGTERM to the active worker, a standby takes over): the queue's
+    health check, which status and the compose file's `arq --check` read, stays up."""
+    key = worker_settings.queue_name + ":health-check"
+    first = worker_process(worker_settings, tmp_path)
+    first.wait_ready(redis_client)
+    second = worker_process(worker_settings, tmp_path)
+    deadline = time.monotonic() + 20
+    while len(list(redis_client.scan_iter(match=f"{key}:*"))) < 2:
+        assert time.monotonic() < deadline, second.output()
+        time.sleep(0.05)
+    first.signal(signal.SIGTERM)
+    assert first.wait(20) == 0
+    assert redis_client.exists(key), first.output()
+    assert len(list(redis_client.scan_iter(match=f"{key}:*"))) == 1
+    second.signal(signal.SIGTERM)
+    assert second.wait(20) == 0
+    assert not redis_client.exists(key)  # the last one out: no worker is alive
+    assert list(redis_client.scan_iter(match=f"{key}:*")) == []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import math
+import time
+import uuid
 from signal import Signals
 from typing import Any
 
@@ -127,6 +129,10 @@ class Worker(ArqWorker):
         self.election = Election(settings.database_url, settings.queue_name)
         self.ctx[ELECTION] = self.election  # the task steps down when the database fails
         self._stopping = False
+        # arq's health-check key is one per queue, and arq deletes it when any worker stops:
+        # each worker also keeps a key of its own, so that a stopping one leaves the shared
+        # key to the others still alive (status and `arq --check` would say none is).
+        self._own_health_key = f"{self.health_check_key}:{uuid.uuid4().hex}"
 
     async def _poll_iteration(self) -> None:
         # arq 0.28 (pinned): jobs are picked in _poll_iteration while allow_pick_jobs, which
@@ -161,9 +167,24 @@ class Worker(ArqWorker):
         self._stopping = True
         super().handle_sig_wait_for_completion(signum)
 
+    async def record_health(self) -> None:
+        due = time.time() - self._last_health_check >= self.health_check_interval
+        await super().record_health()
+        if due:
+            ttl_ms = int((self.health_check_interval + 1) * 1000)
+            await self.pool.psetex(self._own_health_key, ttl_ms, b"1")
+
     async def close(self) -> None:
-        if self._pool is not None and self.election.active:
-            await self.election.resign(self.pool)
+        if self._pool is not None:
+            if self.election.active:
+                await self.election.resign(self.pool)
+            await self.pool.delete(self._own_health_key)
+            pattern = f"{self.health_check_key}:*"
+            async for _ in self.pool.scan_iter(match=pattern, count=100):
+                # Another worker of this queue is alive: arq deletes this worker's own key
+                # (gone already) instead of the shared one.
+                self.health_check_key = self._own_health_key
+                break
         await super().close()
 
 
