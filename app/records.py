@@ -17,6 +17,22 @@ NAME_MAX = 60  # Drupal's UserInterface::USERNAME_MAX_LENGTH
 MAIL_MAX = 254  # Drupal's users_field_data.mail / D7 users.mail
 _NAME_PUNCTUATION = frozenset(" .@+_'-")
 _NOT_NAME_ASCII = re.compile(r"[^A-Za-z0-9 .@+_'-]")
+# The code points Drupal's UserNameConstraintValidator refuses (its /u regex), as ranges.
+_DRUPAL_REFUSED = (
+    (0x00, 0x1F), (0x80, 0xA0), (0xAD, 0xAD), (0x2000, 0x200F), (0x2028, 0x202F),
+    (0x205F, 0x206F), (0xFEFF, 0xFEFF), (0xFF01, 0xFF60), (0xFFF9, 0xFFFD),
+)  # fmt: skip
+# Non-ASCII names, before the per-character rule: those code points dropped, but the
+# full-width forms of ASCII (U+FF01-FF5E: NFKC gives the ASCII character, which the ASCII
+# rule then judges) and the space separators (Zs: NBSP, U+2000-200A, U+202F, U+205F,
+# U+3000, ...) made a plain space, which separates words as a space does.
+_NAME_TRANSLATION: dict[int, str | None] = {
+    c: None for low, high in _DRUPAL_REFUSED for c in range(low, high + 1)
+}
+_NAME_TRANSLATION.update({c: unicodedata.normalize("NFKC", chr(c)) for c in range(0xFF01, 0xFF5F)})
+_NAME_TRANSLATION.update(  # no Zs past U+3000
+    {c: " " for c in range(0x80, 0x3001) if unicodedata.category(chr(c)) == "Zs"}
+)
 # Drupal 7's valid_email_address(), the stricter of the two majors (D10's RFC validator
 # accepts all of these too), and no dot at either end of the local part or doubled.
 _LOCAL = r"[a-zA-Z0-9_\-\.\+\^!#\$%&*+\/\=\?\`\|\{\}~\']+"
@@ -159,11 +175,15 @@ def to_record(index: int, notification: JobNotification, field_map: FieldMap) ->
 
 def clean_name(raw: str, *, bmp_only: bool = False) -> str:
     """What Drupal accepts as a username: allowed characters, single spaces, <= 60.
+
+    ASCII letters, digits and " .@+_'-"; other letters, digits and marks as written (NFC),
+    but never a code point Drupal refuses: full-width ASCII becomes ASCII, a space
+    separator a space, the rest (soft hyphen, zero-width, bidi controls, ...) goes.
     `bmp_only`: without characters outside the BMP (for a utf8mb3 column: dropped, not
     replaced, since Drupal 7's user_validate_name() refuses U+FFFD in a name)."""
     if raw.isascii():  # the usual case, without a per-character loop
         return " ".join(_NOT_NAME_ASCII.sub("", raw).split())[:NAME_MAX].strip()
-    text = unicodedata.normalize("NFC", raw)
+    text = unicodedata.normalize("NFC", raw.translate(_NAME_TRANSLATION))
     if bmp_only:
         text = _OUTSIDE_BMP.sub("", text)
     kept = "".join(
@@ -173,6 +193,8 @@ def clean_name(raw: str, *, bmp_only: bool = False) -> str:
         or (c.isascii() and c.isalnum())
         or (not c.isascii() and (c.isalnum() or unicodedata.category(c).startswith("M")))
     )
+    # Dropping a character can leave a letter before a combining mark: compose them again.
+    kept = unicodedata.normalize("NFC", kept)
     return " ".join(kept.split())[:NAME_MAX].strip()
 
 
