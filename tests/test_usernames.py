@@ -16,6 +16,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from app.records import clean_name
+from tests.drupal_rows import open_syncer, user_table
+from tests.factories import note, sf
+from tests.fixtures_db import DrupalSite
 
 # Drupal 10's core/modules/user/src/Plugin/Validation/Constraint/UserNameConstraintValidator.php:
 # its byte regex (no /u: every byte of a non-ASCII UTF-8 character is in \x80-\xF7) ...
@@ -131,3 +134,28 @@ def test_every_assigned_code_point_alone_or_in_a_name_passes_drupals_validator()
             if clean and drupal_refusals(clean):
                 bad.append((raw, clean))
     assert bad == []
+
+
+async def test_a_full_width_admin_is_a_namesake_of_the_sites_admin(
+    drupal_site: DrupalSite,
+) -> None:
+    """Every fixture site has uid 1 "admin": "ａｄｍｉｎ" is that name, so it is suffixed."""
+    site = drupal_site
+    users = user_table(site)
+    assert await site.rows(f"SELECT uid FROM {users} WHERE name = 'admin'") == [{"uid": 1}]
+    syncer = await open_syncer(site)
+    out = await syncer.apply(
+        [
+            note(sf(1), "fw1@example.com", None, "ａｄｍｉｎ"),
+            note(sf(2), "fw2@example.com", "Ｔａｒｏ", "Ｙａｍａｄａ"),
+            note(sf(3), "fw3@example.com", "Anne\u00a0Marie", "Li"),
+        ]
+    )
+    await syncer.close()
+    assert [o.kind for o in out] == ["created"] * 3, out
+    names = []
+    for o in out:
+        (row,) = await site.rows(f"SELECT name FROM {users} WHERE uid = :u", u=o.uid)
+        names.append(row["name"])
+    assert names == ["admin_2", "Taro Yamada", "Anne Marie Li"]
+    assert all(drupal_refusals(n) == [] for n in names)
