@@ -16,7 +16,8 @@ from app.sfid import sf_key
 NAME_MAX = 60  # Drupal's UserInterface::USERNAME_MAX_LENGTH
 MAIL_MAX = 254  # Drupal's users_field_data.mail / D7 users.mail
 _NAME_PUNCTUATION = frozenset(" .@+_'-")
-_NOT_NAME_ASCII = re.compile(r"[^A-Za-z0-9 .@+_'-]")
+# ASCII whitespace stays for split() to make a word separator of; other controls go.
+_NOT_NAME_ASCII = re.compile(r"[^A-Za-z0-9 \t\n\r\f\v.@+_'-]")
 # The code points Drupal's UserNameConstraintValidator refuses (its /u regex), as ranges.
 _DRUPAL_REFUSED = (
     (0x00, 0x1F), (0x80, 0xA0), (0xAD, 0xAD), (0x2000, 0x200F), (0x2028, 0x202F),
@@ -30,8 +31,9 @@ _NAME_TRANSLATION: dict[int, str | None] = {
     c: None for low, high in _DRUPAL_REFUSED for c in range(low, high + 1)
 }
 _NAME_TRANSLATION.update({c: unicodedata.normalize("NFKC", chr(c)) for c in range(0xFF01, 0xFF5F)})
-_NAME_TRANSLATION.update(  # no Zs past U+3000
+_NAME_TRANSLATION.update(  # no Zs past U+3000; line breaks separate words too
     {c: " " for c in range(0x80, 0x3001) if unicodedata.category(chr(c)) == "Zs"}
+    | {ord(c): " " for c in "\t\n\v\f\r\x85\u2028\u2029"}
 )
 # Drupal 7's valid_email_address(), the stricter of the two majors (D10's RFC validator
 # accepts all of these too), and no dot at either end of the local part or doubled.

@@ -81,6 +81,14 @@ def test_the_transcription_accepts_what_drupal_accepts(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("raw", "clean"),
+    [("Anne\tMarie", "Anne Marie"), ("Anne\r\nMarie\x0b", "Anne Marie"), ("Ann\x00e", "Anne")],
+)
+def test_ascii_whitespace_separates_words_and_controls_go(raw: str, clean: str) -> None:
+    assert clean_name(raw) == clean
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
     [
         ("ａｄｍｉｎ", "admin"),  # full-width Latin: the ASCII it stands for
         ("Ｔａｒｏ Ｙａｍａｄａ", "Taro Yamada"),
@@ -95,9 +103,11 @@ def test_the_transcription_accepts_what_drupal_accepts(name: str) -> None:
         ("山田\u3000太郎", "山田 太郎"),
         ("\u00a0Zoë\u2003\u2003Li\u3000", "Zoë Li"),  # never leading, trailing or doubled
         ("Zo\u00adë\u200b\u200c\u200d\u200e\u200f", "Zoë"),  # soft hyphen, zero-width, marks
-        ("\u202eZoë\u202a\u2066\u2069\u2028\u2029", "Zoë"),  # bidi controls, line separators
-        ("\ufeffZoë\ufffd\ufff9\u0085\u009f", "Zoë"),  # BOM, replacement, C1 controls
-        ("Zoë\tLi\x00\x1f", "ZoëLi"),  # C0 controls go, as in an ASCII name
+        ("\u202eZoë\u202a\u2066\u2069", "Zoë"),  # bidi controls
+        ("Zoë\u2028Li\u2029Wu\u0085Ng", "Zoë Li Wu Ng"),  # line breaks: word separators
+        ("\ufeffZoë\ufffd\ufff9\u009f", "Zoë"),  # BOM, replacement, C1 controls
+        ("Zoë\tLi\x00\x1f", "Zoë Li"),  # a tab separates words; other C0 controls go
+        ("Zoë\r\nLi", "Zoë Li"),
         ("e\u200b\u0301", "é"),  # a dropped character between a letter and its accent
     ],
 )
