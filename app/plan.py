@@ -92,11 +92,14 @@ class Planner:
         suffixes: dict[Key, int],
         protected_roles: frozenset[str] = frozenset(),
         bmp_only: frozenset[str] = frozenset(),
+        *,
+        drupal7: bool = False,
     ) -> None:
         self.conn, self.store, self.field_map = conn, store, field_map
         # The sfrelay names (name, field_*, ...) written to utf8mb3 columns (UserStore.bmp_only)
         self.bmp_only = bmp_only
         self.bmp_name = "name" in bmp_only
+        self.drupal7 = drupal7  # usernames without "+" (Drupal 7 refuses it)
         self.match_by_email = match_by_email
         # SFRELAY_PROTECTED_ROLES, on top of the site's own (read in load())
         self.configured_protected = protected_roles
@@ -289,7 +292,7 @@ class Planner:
             named
             and self.bmp_name
             and any(type(v) is str and outside_bmp(v) for v in r.fields.values())
-            and username_base(r, self.field_map, bmp_only=True) != username_base(r, self.field_map)
+            and self._username(r, bmp_only=True) != self._username(r, bmp_only=False)
         )
         if not replaced and not dropped:
             return None
@@ -368,6 +371,9 @@ class Planner:
             change.roles = tuple(dict.fromkeys((*change.roles, *contact.roles)))
         self._set_outcome(r, OutcomeKind.CONVERTED, key, target_id, applied=True)
 
+    def _username(self, r: Record, *, bmp_only: bool) -> str:
+        return username_base(r, self.field_map, bmp_only=bmp_only, drupal7=self.drupal7)
+
     async def pick_usernames(self) -> None:
         """Unique usernames for the new users (and renames, when configured).
 
@@ -378,13 +384,13 @@ class Planner:
         picks are checked against the database and the batch again, so a stale memory only
         costs a round. A few round trips per batch, whatever its size.
         """
-        store, conn, fm, bmp = self.store, self.conn, self.field_map, self.bmp_name
+        store, conn, bmp = self.store, self.conn, self.bmp_name
         wanted: dict[int, str] = {
-            key: username_base(r, fm, bmp_only=bmp) for key, r in self.plan.new_sources.items()
+            key: self._username(r, bmp_only=bmp) for key, r in self.plan.new_sources.items()
         }
         renames = self.plan.renames
         current = {uid: name for uid, (_, name) in renames.items()}
-        renamed = {uid: username_base(r, fm, bmp_only=bmp) for uid, (r, _) in renames.items()}
+        renamed = {uid: self._username(r, bmp_only=bmp) for uid, (r, _) in renames.items()}
         stems: dict[str, str] = {}
         for name in current.values():
             stem, _, number = name.rpartition("_")

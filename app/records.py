@@ -175,16 +175,20 @@ def to_record(index: int, notification: JobNotification, field_map: FieldMap) ->
     )
 
 
-def clean_name(raw: str, *, bmp_only: bool = False) -> str:
+def clean_name(raw: str, *, bmp_only: bool = False, drupal7: bool = False) -> str:
     """What Drupal accepts as a username: allowed characters, single spaces, <= 60.
 
     ASCII letters, digits and " .@+_'-"; other letters, digits and marks as written (NFC),
     but never a code point Drupal refuses: full-width ASCII becomes ASCII, a space
     separator a space, the rest (soft hyphen, zero-width, bidi controls, ...) goes.
     `bmp_only`: without characters outside the BMP (for a utf8mb3 column: dropped, not
-    replaced, since Drupal 7's user_validate_name() refuses U+FFFD in a name)."""
+    replaced, since Drupal 7's user_validate_name() refuses U+FFFD in a name).
+    `drupal7`: without "+", which Drupal 7 refuses (jo+news@ gives jonews)."""
     if raw.isascii():  # the usual case, without a per-character loop
-        return " ".join(_NOT_NAME_ASCII.sub("", raw).split())[:NAME_MAX].strip()
+        kept = _NOT_NAME_ASCII.sub("", raw)
+        if drupal7 and "+" in kept:
+            kept = kept.replace("+", "")
+        return " ".join(kept.split())[:NAME_MAX].strip()
     text = unicodedata.normalize("NFC", raw.translate(_NAME_TRANSLATION))
     if bmp_only:
         text = _OUTSIDE_BMP.sub("", text)
@@ -195,22 +199,26 @@ def clean_name(raw: str, *, bmp_only: bool = False) -> str:
         or (c.isascii() and c.isalnum())
         or (not c.isascii() and (c.isalnum() or unicodedata.category(c).startswith("M")))
     )
+    if drupal7:
+        kept = kept.replace("+", "")
     # Dropping a character can leave a letter before a combining mark: compose them again.
     kept = unicodedata.normalize("NFC", kept)
     return " ".join(kept.split())[:NAME_MAX].strip()
 
 
-def username_base(record: Record, field_map: FieldMap, *, bmp_only: bool = False) -> str:
+def username_base(
+    record: Record, field_map: FieldMap, *, bmp_only: bool = False, drupal7: bool = False
+) -> str:
     email = record.email or ""
     source = record.obj.base.get("name")
     if source and record.fields.get(source):
-        name = clean_name(str(record.fields[source]), bmp_only=bmp_only)
+        name = clean_name(str(record.fields[source]), bmp_only=bmp_only, drupal7=drupal7)
     else:
         template = render(field_map.username_template, record.fields, email)
-        name = clean_name(template, bmp_only=bmp_only)
+        name = clean_name(template, bmp_only=bmp_only, drupal7=drupal7)
     if not name:
         fallback = render(field_map.username_fallback, record.fields, email)
-        name = clean_name(fallback, bmp_only=bmp_only)
+        name = clean_name(fallback, bmp_only=bmp_only, drupal7=drupal7)
     return name or "user"
 
 

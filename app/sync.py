@@ -269,6 +269,7 @@ class Syncer:
                 self._suffixes,
                 frozenset(self.settings.protected_roles),
                 self.bmp_only,
+                drupal7=self.schema.major == 7,
             )
             await planner.load(records)
             lifecycle = await decide_batch(

@@ -169,3 +169,22 @@ async def test_a_full_width_admin_is_a_namesake_of_the_sites_admin(
         names.append(row["name"])
     assert names == ["admin_2", "Taro Yamada", "Anne Marie Li"]
     assert all(drupal_refusals(n) == [] for n in names)
+
+
+async def test_a_plus_addressed_email_names_a_drupal_7_user_without_the_plus(
+    drupal_site: DrupalSite,
+) -> None:
+    """The fallback name is the email's local part; Drupal 7's user_validate_name() refuses
+    "+" (Drupal 8+ accepts it)."""
+    site = drupal_site
+    syncer = await open_syncer(site)
+    out = await syncer.apply(
+        [note(sf(1), "jo+news@example.com"), note(sf(2), "x@example.com", "Ｊｏ＋", "Ｌｉ")]
+    )
+    await syncer.close()
+    assert [o.kind for o in out] == ["created"] * 2, out
+    names = []
+    for o in out:
+        (row,) = await site.rows(f"SELECT name FROM {user_table(site)} WHERE uid = :u", u=o.uid)
+        names.append(row["name"])
+    assert names == (["jonews", "Jo Li"] if site.major == 7 else ["jo+news", "Jo+ Li"])
