@@ -15,6 +15,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from app.outcomes import Outcome
 from app.records import clean_name
 from tests.drupal_rows import open_syncer, user_table
 from tests.factories import note, sf
@@ -163,12 +164,17 @@ async def test_a_full_width_admin_is_a_namesake_of_the_sites_admin(
     )
     await syncer.close()
     assert [o.kind for o in out] == ["created"] * 3, out
-    names = []
-    for o in out:
-        (row,) = await site.rows(f"SELECT name FROM {users} WHERE uid = :u", u=o.uid)
-        names.append(row["name"])
+    names = await stored_names(site, out)
     assert names == ["admin_2", "Taro Yamada", "Anne Marie Li"]
     assert all(drupal_refusals(n) == [] for n in names)
+
+
+async def stored_names(site: DrupalSite, outcomes: list[Outcome]) -> list[str]:
+    names = []
+    for o in outcomes:
+        (row,) = await site.rows(f"SELECT name FROM {user_table(site)} WHERE uid = :u", u=o.uid)
+        names.append(str(row["name"]))
+    return names
 
 
 async def test_a_plus_addressed_email_names_a_drupal_7_user_without_the_plus(
@@ -183,8 +189,6 @@ async def test_a_plus_addressed_email_names_a_drupal_7_user_without_the_plus(
     )
     await syncer.close()
     assert [o.kind for o in out] == ["created"] * 2, out
-    names = []
-    for o in out:
-        (row,) = await site.rows(f"SELECT name FROM {user_table(site)} WHERE uid = :u", u=o.uid)
-        names.append(row["name"])
-    assert names == (["jonews", "Jo Li"] if site.major == 7 else ["jo+news", "Jo+ Li"])
+    assert await stored_names(site, out) == (
+        ["jonews", "Jo Li"] if site.major == 7 else ["jo+news", "Jo+ Li"]
+    )
