@@ -101,7 +101,8 @@ def handled(settings: Settings, field_map: FieldMap) -> list[str]:
 def usable_email(notification: JobNotification, field_map: FieldMap) -> bool:
     obj = field_map.objects.get(notification.object)
     email = notification.fields.get(obj.email_field) if obj is not None else None
-    return isinstance(email, str) and bool(email.strip()) and valid_email(email.strip())
+    # Drupal 8+'s rule, the wider: a Drupal 7 worker judges again
+    return isinstance(email, str) and valid_email(email.strip(), international=True)
 
 
 class Poller:

@@ -42,6 +42,13 @@ _DOMAIN = r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9\-]*[a-zA-Z0-9])\.?)+"
 _IPV4 = r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}"
 _IPV6 = r"[0-9a-fA-F]{1,4}(?::[0-9a-fA-F]{1,4}){7}"
 _EMAIL = re.compile(rf"{_LOCAL}@(?:{_DOMAIN}|\[(?:{_IPV4}|{_IPV6})\])")
+# Drupal 8+ (Egulias's RFC validator) also takes addresses in other scripts (RFC 6531:
+# jürgen@müller.de, инфо@письмо.рф): letters and digits beyond ASCII, where ASCII ones go.
+_INTL = r"[^\W\x00-\x7f]"
+_LOCAL_INTL = rf"(?:{_LOCAL}|{_INTL})+"
+_LABEL = rf"(?:[a-zA-Z0-9]|{_INTL})"
+_DOMAIN_INTL = rf"(?:(?:{_LABEL}|{_LABEL}(?:{_LABEL}|-)*{_LABEL})\.?)+"
+_EMAIL_INTL = re.compile(rf"{_LOCAL_INTL}@(?:{_DOMAIN_INTL}|\[(?:{_IPV4}|{_IPV6})\])")
 
 
 # A character outside the Basic Multilingual Plane (4 bytes in UTF-8: emoji, U+1D400, ...).
@@ -73,8 +80,11 @@ def json_within_bmp(data: bytes) -> str:
     return _OUTSIDE_BMP.sub(_escape_pair, text) if outside_bmp(text) else text
 
 
-def valid_email(mail: str) -> bool:
-    if len(mail) > MAIL_MAX or not _EMAIL.fullmatch(mail):
+def valid_email(mail: str, *, international: bool = False) -> bool:
+    """Whether Drupal accepts `mail`: Drupal 7 only ASCII addresses, Drupal 8+ (international)
+    letters and digits of any script too."""
+    pattern = _EMAIL_INTL if international and not mail.isascii() else _EMAIL
+    if len(mail) > MAIL_MAX or not pattern.fullmatch(mail):
         return False
     local = mail.rpartition("@")[0]
     return not (local.startswith(".") or local.endswith(".") or ".." in local)
@@ -144,7 +154,9 @@ class Record:
     mail_ok: bool  # there is an email, and Drupal would accept it (valid_email)
 
 
-def to_record(index: int, notification: JobNotification, field_map: FieldMap) -> Record:
+def to_record(
+    index: int, notification: JobNotification, field_map: FieldMap, *, drupal7: bool = False
+) -> Record:
     fields = notification.fields
     raw_id = fields.get("Id")
     if not isinstance(raw_id, str) or not raw_id.strip():
@@ -171,7 +183,7 @@ def to_record(index: int, notification: JobNotification, field_map: FieldMap) ->
         converted_to=sf_key(converted_raw) if converted_raw else None,
         converted_raw=converted_raw,
         mail_key=email.lower() if email else "",
-        mail_ok=email is not None and valid_email(email),
+        mail_ok=email is not None and valid_email(email, international=not drupal7),
     )
 
 

@@ -185,7 +185,8 @@ class Syncer:
         items: list[Record | Outcome] = []
         for notification in notifications:
             try:
-                items.append(to_record(0, notification, self.field_map))
+                drupal7 = self.schema.major == 7
+                items.append(to_record(0, notification, self.field_map, drupal7=drupal7))
             except RecordError as exc:
                 failed = OutcomeKind.FAILED
                 items.append(

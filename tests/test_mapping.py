@@ -128,6 +128,23 @@ def test_invalid_emails(mail: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "mail", ["jürgen@müller.de", "инфо@письмо.рф", "用户@例子.广告", "Zoë.Ødegaard+x@bø.no"]
+)
+def test_international_emails_only_where_drupal_8_takes_them(mail: str) -> None:
+    assert valid_email(mail, international=True)
+    assert not valid_email(mail)  # Drupal 7: ASCII only
+
+
+@pytest.mark.parametrize(
+    "mail",
+    ["ü ü@müller.de", "jü@\u00a0müller.de", "\U0001f601@example.com", "jü@-müller.de",
+     "jü@müller-.de", "jü.@müller.de", "jü..x@müller.de", "jü@müller_x.de", "ü" * 250 + "@x.de"],
+)  # fmt: skip
+def test_international_emails_still_refused(mail: str) -> None:
+    assert not valid_email(mail, international=True)
+
+
+@pytest.mark.parametrize(
     ("raw", "clean"),
     [
         ("  John   Doe ", "John Doe"),

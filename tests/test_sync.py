@@ -419,3 +419,18 @@ def test_the_readme_names_every_outcome() -> None:
     readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("## What the workers write", 1)[1].split("\n## ", 1)[0]
     assert [k for k in OutcomeKind if f"`{k}`" not in section] == []
+
+
+async def test_an_international_email_where_drupal_takes_it(drupal_site: DrupalSite) -> None:
+    """Drupal 8+ takes addresses in any script (RFC 6531); Drupal 7 only ASCII ones."""
+    site = drupal_site
+    syncer = await open_syncer(site)
+    n = note(sf(1), "jürgen@müller.de", "Jürgen", "Müller")
+    (out,) = await syncer.apply([n])
+    await syncer.close()
+    if site.major == 7:
+        assert out == Outcome(n.id, sf(1), "skipped_invalid_email", None, "jürgen@müller.de")
+        assert await uids_with_mail(site, "jürgen@müller.de") == []
+    else:
+        assert out.kind == "created"
+        assert await uids_with_mail(site, "jürgen@müller.de") == [out.uid]
