@@ -37,18 +37,23 @@ _NAME_TRANSLATION.update(  # no Zs past U+3000; line breaks separate words too
 )
 # Drupal 7's valid_email_address(), the stricter of the two majors (D10's RFC validator
 # accepts all of these too), and no dot at either end of the local part or doubled.
-_LOCAL = r"[a-zA-Z0-9_\-\.\+\^!#\$%&*+\/\=\?\`\|\{\}~\']+"
-_DOMAIN = r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9\-]*[a-zA-Z0-9])\.?)+"
+# Each character can match one way only (labels are split by their dots): the time is
+# linear in the address, never the exponential backtracking of nested repeats.
+_LOCAL_CHARS = r"a-zA-Z0-9_\-\.\+\^!#\$%&*+\/\=\?\`\|\{\}~\'"
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9\-]*[a-zA-Z0-9])?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*\.?"
 _IPV4 = r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}"
 _IPV6 = r"[0-9a-fA-F]{1,4}(?::[0-9a-fA-F]{1,4}){7}"
-_EMAIL = re.compile(rf"{_LOCAL}@(?:{_DOMAIN}|\[(?:{_IPV4}|{_IPV6})\])")
+_EMAIL = re.compile(rf"[{_LOCAL_CHARS}]+@(?:{_DOMAIN}|\[(?:{_IPV4}|{_IPV6})\])")
 # Drupal 8+ (Egulias's RFC validator) also takes addresses in other scripts (RFC 6531:
 # jürgen@müller.de, инфо@письмо.рф): letters and digits beyond ASCII, where ASCII ones go.
 _INTL = r"[^\W\x00-\x7f]"
-_LOCAL_INTL = rf"(?:{_LOCAL}|{_INTL})+"
-_LABEL = rf"(?:[a-zA-Z0-9]|{_INTL})"
-_DOMAIN_INTL = rf"(?:(?:{_LABEL}|{_LABEL}(?:{_LABEL}|-)*{_LABEL})\.?)+"
-_EMAIL_INTL = re.compile(rf"{_LOCAL_INTL}@(?:{_DOMAIN_INTL}|\[(?:{_IPV4}|{_IPV6})\])")
+_LABEL_CHAR = rf"(?:[a-zA-Z0-9]|{_INTL})"
+_LABEL_INTL = rf"{_LABEL_CHAR}(?:(?:{_LABEL_CHAR}|-)*{_LABEL_CHAR})?"
+_DOMAIN_INTL = rf"{_LABEL_INTL}(?:\.{_LABEL_INTL})*\.?"
+_EMAIL_INTL = re.compile(
+    rf"(?:[{_LOCAL_CHARS}]|{_INTL})+@(?:{_DOMAIN_INTL}|\[(?:{_IPV4}|{_IPV6})\])"
+)
 
 
 # A character outside the Basic Multilingual Plane (4 bytes in UTF-8: emoji, U+1D400, ...).

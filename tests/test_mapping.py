@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -214,3 +216,32 @@ def test_a_missing_sqlite_file_is_a_config_error_not_a_new_empty_database(tmp_pa
     with pytest.raises(ConfigError, match=f"no Drupal SQLite database at {missing}"):
         create_engine(f"sqlite:///{missing}")
     assert not missing.exists()
+
+
+# Addresses that make nested repeats backtrack exponentially (a decomposed ü, as text pasted
+# from macOS carries; a long domain that fails at its end), up to the 254 characters allowed.
+SLOW_FOR_NESTED_REPEATS = [
+    "maximilianschneiderberg" * 9 + "u\u0308" + "@web.de",
+    "a@" + "a" * 240 + "!",
+    "a@" + "a-" * 120 + "!",
+    "j\u00fc" * 120 + "@m\u00fcller\u0308.de",
+    "x@" + "\u00fc" * 240 + "\u0308",
+]
+
+
+def test_email_checks_take_linear_time() -> None:
+    """In a process of its own with a deadline: exponential backtracking would never end."""
+    code = (
+        "import sys, json; from app.records import valid_email\n"
+        "mails = json.loads(sys.stdin.read())\n"
+        "print([valid_email(m, international=i) for m in mails for i in (False, True)])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        input=orjson.dumps(SLOW_FOR_NESTED_REPEATS).decode(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.stdout.strip() == str([False] * 2 * len(SLOW_FOR_NESTED_REPEATS)), result.stderr
