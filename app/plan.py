@@ -81,6 +81,11 @@ async def note_failure(conn: AsyncConnection, r: Record, kind: OutcomeKind, deta
     await ledger.save(conn, [st])
 
 
+def _address_key(mail: str) -> str:
+    """An address in lower case, Greek's final sigma as any sigma (ΟΔΟΣ@ is οδοσ@)."""
+    return mail.lower().replace("\u03c2", "\u03c3")
+
+
 class Planner:
     def __init__(
         self,
@@ -121,13 +126,18 @@ class Planner:
         self.protected = self.configured_protected | await self.store.protected_roles(self.conn)
         mapped = {s.uid for s in self.plan.states.values() if s.uid is not None}
         mails = {r.mail_key for r in records if r.mail_ok}
+        # The database lower-cases its own way (SQLite ASCII only, PostgreSQL without Greek's
+        # final sigma): an address beyond ASCII is also looked up as sent, so that the very
+        # same text always finds its user. What is found files under the batch's key.
+        mails |= {r.email for r in records if r.mail_ok and r.email and not r.email.isascii()}
         found = await self.store.uids_by_mail(self.conn, mails)
         by_mail = {uid for uids in found.values() for uid in uids}
         self.existing = await self.store.users(self.conn, mapped | by_mail)
-        self.by_mail = {mail: set(uids) for mail, uids in found.items()}
+        self.by_mail = {}
         for mail, uids in found.items():
+            self.by_mail.setdefault(mail.lower(), set()).update(uids)
             for uid in uids:
-                self.mail_of[uid] = mail
+                self.mail_of[uid] = mail.lower()
         for user in self.existing.values():
             # A user found by mail stays under the batch's spelling of it (the database
             # judged them equal), so that a change of its mail leaves no stale entry.
@@ -173,7 +183,7 @@ class Planner:
         password-reset mail) to whoever owns the other mailbox. Linking needs the same
         address but for letter case."""
         mail = self.existing[uid].mail or ""
-        if mail.lower() == r.mail_key:
+        if _address_key(mail) == _address_key(r.mail_key):
             return None
         return f"uid {uid} has {mail}: the same address to the database, another mailbox"
 

@@ -391,3 +391,33 @@ def test_nocase_utf8_compares_as_drupal_does(a: str, b: str) -> None:
     la, lb = a.lower(), b.lower()
     assert nocase_utf8(a, b) == (la > lb) - (la < lb) == -nocase_utf8(b, a)
     assert (nocase_utf8(a, b) == 0) == (la == lb)
+
+
+@pytest.mark.parametrize(  # Drupal 7 takes ASCII addresses only (test_sync)
+    "drupal_site", ["sqlite-d10", "pg-d10", "mariadb-d10"], indirect=True
+)
+@pytest.mark.parametrize(
+    ("stored", "sent"),
+    [
+        ("JÜRGEN@MÜLLER.DE", "JÜRGEN@MÜLLER.DE"),  # SQLite's lower() leaves Ü as it is
+        ("ΟΔΟΣ@example.gr", "ΟΔΟΣ@example.gr"),  # PostgreSQL's has no final sigma
+        ("οδοσ@example.gr", "ΟΔΟΣ@example.gr"),  # Python's has one
+        ("jürgen@müller.de", "Jürgen@Müller.de"),
+    ],
+)
+async def test_an_international_address_finds_the_user_it_is(
+    drupal_site: DrupalSite, stored: str, sent: str
+) -> None:
+    """The very same address (or the same but for case, where the database agrees) is that
+    user's, whatever the database's lower() does beyond ASCII: never a second account."""
+    site = drupal_site
+    member = await add_member(site, "member", stored)
+    users = await user_ids(site)
+    syncer = await open_syncer(site)
+    (out,) = await syncer.apply([note(sf(1), sent, "J", "M")])
+    await syncer.close()
+    if out.kind == "created":  # SQLite holds them as two addresses (Drupal's LIKE too)
+        assert (site.backend, stored) == ("sqlite", "οδοσ@example.gr"), out
+    else:
+        assert (out.kind, out.uid) == ("linked", member)
+        assert await user_ids(site) == users
