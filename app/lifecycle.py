@@ -79,9 +79,11 @@ class Lifecycle:
         self.planner.existing.update(await self.planner.store.users(conn, missing))
 
     async def load_blocks(self, conn: AsyncConnection) -> None:
-        """For a batch without deletions: only whether sfrelay blocked any of its users."""
+        """For a batch without deletions: only whether sfrelay blocked any of its users (those
+        of its records, and those found by email, which a record may link)."""
         states = self.planner.plan.states
-        uids = sorted({s.uid for s in states.values() if s.uid is not None and s.uid > 0})
+        uids = {s.uid for s in states.values() if s.uid is not None and s.uid > 0}
+        uids = sorted(uids | set(self.planner.existing))
         ours = await select_in(conn, "SELECT uid, sf_id FROM sfrelay_block WHERE uid {in}", uids)
         self.ours.update({int(uid): sf_id for uid, sf_id in ours})
         if self.ours:
@@ -204,7 +206,13 @@ class Lifecycle:
                 self.block.pop(uid, None)
             return
         current = self.status.get(uid, self.planner.existing[uid].status)
-        mine = self.ours.get(uid) == r.sf_id
+        if current == 1 and uid in self.ours:  # lifted meanwhile, in Drupal: not sfrelay's now
+            del self.ours[uid]
+            self.block.pop(uid, None)
+            self.unblock.add(uid)
+        # sfrelay's block, whichever record it was for: a converted Lead's, a merge's loser's,
+        # an unlinked record's, are this user's record's predecessors.
+        mine = uid in self.ours
         if wanted == 0:
             if current != 0:
                 self.ours[uid] = self.block[uid] = r.sf_id

@@ -387,3 +387,58 @@ async def test_a_mapped_status_never_lifts_a_block_made_in_drupal(
         assert await blocked_rows(site) == []
     finally:
         await syncer.close()
+
+
+@SITES
+@pytest.mark.parametrize("path", ["converted", "merged", "unlinked", "lifted in Drupal"])
+async def test_a_mapped_status_lifts_sfrelays_block_whichever_record_it_was_for(
+    drupal_site: DrupalSite, tmp_path: Path, path: str
+) -> None:
+    """A user sfrelay created (or blocked) inactive, then the user's record changes (a Lead
+    converted, a merge's loser handing over, a record unlinked then linked again): the active
+    record lifts sfrelay's block. A block lifted in Drupal meanwhile is no longer sfrelay's:
+    an administrator's later one stays."""
+    site = drupal_site
+    table = "users_field_data" if site.major == 10 else "users"
+    first = sf(5, "00Q") if path == "converted" else sf(5)
+    then = {"converted": sf(5), "merged": sf(6)}.get(path, first)
+    on_delete = "unlink" if path == "unlinked" else "block"
+    syncer = await open_syncer(site, STATUS_MAP, tmp_path, on_delete=on_delete)
+    try:
+        (made,) = await syncer.apply([note(first, "lee@example.org", "L", "E", Active__c=False)])
+        uid = made.uid
+        assert uid is not None and await status(site, uid) == 0
+        if path == "converted":
+            changes = [
+                note(first, "lee@example.org", minutes=1, IsConverted=True, ConvertedContactId=then)
+            ]
+        elif path == "merged":
+            changes = [
+                note(first, "lee@example.org", minutes=1, IsDeleted=True, MasterRecordId=then)
+            ]
+        elif path == "unlinked":
+            changes = [note(first, "lee@example.org", minutes=1, IsDeleted=True)]
+        else:  # an administrator unblocks it, then blocks it again
+            await site.execute(f"UPDATE {table} SET status = 1 WHERE uid = :u", u=uid)
+            changes = [note(first, "lee@example.org", minutes=1, Active__c=True)]
+            assert [o.kind for o in await syncer.apply(changes)] == ["updated"]
+            await site.execute(f"UPDATE {table} SET status = 0 WHERE uid = :u", u=uid)
+            changes = []
+        expected = {"converted": ["converted"], "merged": ["merged"], "unlinked": ["unlinked"]}
+        assert [o.kind for o in await syncer.apply(changes)] == expected.get(path, [])
+        live = note(then, "lee@example.org", "L", "Ee", minutes=2, Active__c=True)
+        (out,) = await syncer.apply([live])
+        if path == "lifted in Drupal":
+            stays = "status stays 0: the user was blocked in Drupal, not by sfrelay"
+            assert (out.kind, out.uid, out.detail) == ("updated", uid, stays)
+            assert await status(site, uid) == 0
+        else:
+            assert (out.kind, out.uid, out.detail) == (
+                "linked" if path == "unlinked" else "updated",
+                uid,
+                None,
+            )
+            assert await status(site, uid) == 1
+        assert await blocked_rows(site) == []
+    finally:
+        await syncer.close()
