@@ -82,8 +82,8 @@ class Lifecycle:
         """For a batch without deletions: only whether sfrelay blocked any of its users (those
         of its records, and those found by email, which a record may link)."""
         states = self.planner.plan.states
-        uids = {s.uid for s in states.values() if s.uid is not None and s.uid > 0}
-        uids = sorted(uids | set(self.planner.existing))
+        mapped = {s.uid for s in states.values() if s.uid is not None and s.uid > 0}
+        uids = sorted(mapped | set(self.planner.existing))
         ours = await select_in(conn, "SELECT uid, sf_id FROM sfrelay_block WHERE uid {in}", uids)
         self.ours.update({int(uid): sf_id for uid, sf_id in ours})
         if self.ours:
