@@ -104,6 +104,7 @@ class Planner:
         # The sfrelay names (name, field_*, ...) written to utf8mb3 columns (UserStore.bmp_only)
         self.bmp_only = bmp_only
         self.bmp_name = "name" in bmp_only
+        self.bmp_mail = "mail" in bmp_only
         self.drupal7 = drupal7  # usernames without "+" (Drupal 7 refuses it)
         self.match_by_email = match_by_email
         # SFRELAY_PROTECTED_ROLES, on top of the site's own (read in load())
@@ -209,7 +210,9 @@ class Planner:
             return self._convert(r, st)
         if r.email is None:
             return self._set_outcome(r, OutcomeKind.SKIPPED_NO_EMAIL)
-        if not r.mail_ok:
+        if not r.mail_ok or (self.bmp_mail and outside_bmp(r.email or "")):
+            # (a letter beyond the BMP in an address, which a utf8mb3 mail column cannot hold
+            # and U+FFFD would make another address)
             return self._set_outcome(r, OutcomeKind.SKIPPED_INVALID_EMAIL, detail=r.email)
         if granted := self._granted(r.obj.roles):
             return self._set_outcome(r, OutcomeKind.CONFLICT_PROTECTED_USER, None, granted)
