@@ -76,7 +76,8 @@ Rules in detail (app/plan.py decides, app/drupal/ writes):
   index: NOCASE_UTF8, the MySQL collation, PostgreSQL lower()): app.drupal.users.Equality.
 - A MySQL column in 3-byte utf8 (utf8mb3, Drupal 7's default; app.drupal.users.BMP_CHARSETS)
   cannot hold a character outside the BMP (emoji, U+1D400): sfrelay writes U+FFFD there and
-  leaves it out of usernames; the created/updated/linked outcome's detail says what changed.
+  leaves it out of usernames (an address with one is skipped_invalid_email); the
+  created/updated/linked outcome's detail says what changed.
 - SQLite and PostgreSQL get sfrelay_* indexes on lower(mail) / lower(name) of Drupal's user
   table, and PostgreSQL's statistics are refreshed during bulk loads (app/drupal/stats.py).
 
@@ -173,7 +174,8 @@ class Syncer:
             columns = ", ".join(f"{name} ({charset})" for name, charset in sorted(narrow.items()))
             logger.warning(
                 "Drupal columns without 4-byte characters: %s; a character outside the BMP "
-                "(emoji, ...) is written there as U+FFFD and left out of usernames",
+                "(emoji, ...) is written there as U+FFFD, left out of usernames, and an address "
+                "with one is skipped_invalid_email",
                 columns,
             )
         return cls(engine, settings, schema, store, field_map, frozenset(narrow))
