@@ -100,14 +100,18 @@ class Stack:
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     stopping: bool = False
+    redis_url_given: bool = True  # SFRELAY_REDIS_URL set (environment, .env): never moved
 
     def start_redis(self) -> None:
         """This stack's own redis-server with AOF on (a remote SFRELAY_REDIS_URL: that one).
 
         Never another stack's: its workers would take this stack's jobs and write them to
-        their own Drupal database. A local port already taken by another server moves this
-        stack's Redis to a free port (written to var/sfrelay.env for the other commands); a
-        Redis this data directory's last `up` left running is this stack's own, reused."""
+        their own Drupal database. The Redis this data directory's last `up` left running
+        (at its port, or where that `up` wrote it in sfrelay.env) is this stack's own, reused:
+        never a second server on the same files. A default local port taken by another server
+        moves this stack's Redis to a free port (written to sfrelay.env for the other
+        commands); a port set in SFRELAY_REDIS_URL is refused instead, since the commands
+        that read that setting would talk to the other server."""
         url = urlsplit(self.settings.redis_url)
         host, port = url.hostname or "127.0.0.1", url.port or 6379
         if host not in ("127.0.0.1", "localhost", "::1"):
@@ -116,14 +120,19 @@ class Stack:
                 return
             raise ConfigError(f"nothing answers at SFRELAY_REDIS_URL ({host}:{port})")
         directory = self.data_dir.resolve() / "redis"
-        if _listening(host, port):
-            if _redis_dir(host, port) == str(directory):
-                self.say(f"using this folder's Redis, left running at {host}:{port}")
+        for where in dict.fromkeys([port, *self._recorded_ports()]):
+            if _listening(host, where) and _redis_dir(host, where) == str(directory):
+                self.say(f"using this folder's Redis, left running at {host}:{where}")
+                if where != port:
+                    moved = url._replace(netloc=f"127.0.0.1:{where}").geturl()
+                    self.settings = self.settings.model_copy(update={"redis_url": moved})
                 return
-            if url.username or url.password:
+        if _listening(host, port):
+            if self.redis_url_given or url.username or url.password:
                 raise ConfigError(
-                    f"{host}:{port} (SFRELAY_REDIS_URL) is another server's: set "
-                    "SFRELAY_REDIS_URL to a free local port for this stack's own Redis"
+                    f"{host}:{port} (SFRELAY_REDIS_URL) is another server's, and `sfrelay up` "
+                    "runs a Redis of its own: set SFRELAY_REDIS_URL to a free local port, or "
+                    "unset it (a free port is then chosen)"
                 )
             taken, port = port, _free_port()
             moved = url._replace(netloc=f"127.0.0.1:{port}").geturl()
@@ -144,6 +153,15 @@ class Stack:
         self.processes.append((name, process))
         _wait_listening("127.0.0.1", port, process, name)
         self.say(f"{name} on 127.0.0.1:{port}, data in {directory} (appendfsync always)")
+
+    def _recorded_ports(self) -> list[int]:
+        """The Redis port the last `up` of this data directory wrote to sfrelay.env."""
+        with contextlib.suppress(OSError, ValueError):
+            for line in (self.data_dir / "sfrelay.env").read_text().splitlines():
+                if line.startswith("SFRELAY_REDIS_URL="):
+                    port = urlsplit(line.partition("=")[2]).port
+                    return [port] if port else []
+        return []
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         process = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=self.env)
@@ -271,6 +289,7 @@ def up(settings: Settings, data_dir: Path, say: Say) -> int:
     if demo:
         settings = use_demo_site(settings, data_dir, say)
     stack = Stack(settings, data_dir, say)
+    stack.redis_url_given = "redis_url" in settings.model_fields_set
     if demo:
         stack.env["SFRELAY_DATABASE_URL"] = settings.database_url
 

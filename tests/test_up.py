@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -14,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -106,43 +106,63 @@ def test_up_without_a_drupal_database_still_receives_and_says_why_no_worker(
     assert f"no worker: no Drupal SQLite database at {tmp_path}/missing.sqlite" in output
 
 
-def test_up_never_shares_another_stacks_redis(
-    worker_settings: Settings,
-    redis_server: RedisServer,
-    redis_client: redis.Redis,
-    drupal_db: Path,
-    tmp_path: Path,
+def test_up_refuses_a_redis_url_that_is_another_servers(
+    worker_settings: Settings, redis_client: redis.Redis, drupal_db: Path, tmp_path: Path
 ) -> None:
-    """A Redis already at SFRELAY_REDIS_URL that is not this folder's (another project's, or
-    another `sfrelay up`'s with its own Drupal): this stack runs its own on a free port, or
-    the other stack's workers would write this stack's notifications to their database."""
+    """SFRELAY_REDIS_URL set, and something else answers there (another project's Redis, or
+    another `sfrelay up`'s with its own Drupal): its workers would write this stack's
+    notifications to their database, and this folder's commands read that setting too."""
     port = free_port()
     process, log = start_up(worker_settings, tmp_path, port)  # at the tests' own Redis
-    try:
-        wait_for_port(port, timeout=30)
-        body = outbound_message([contact(Email="own@example.org", FirstName="Own")])
-        assert "<Ack>true</Ack>" in post(port, body)
-        deadline = time.monotonic() + 30
-        while not drupal_users(drupal_db) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        [user] = drupal_users(drupal_db)
-        assert user[2] == "own@example.org"
-        assert redis_client.dbsize() == 0  # nothing went through the other Redis
-        written = (tmp_path / "data" / "sfrelay.env").read_text().splitlines()
-    finally:
-        code = stop(process)
+    code = process.wait(60)
     output = log.read_text()
-    assert code == 0, output
-    moved = re.search(
-        rf"sfrelay up: 127.0.0.1:{redis_server.port} is taken by another server \(another "
-        r"Redis, or another stack's\): this stack's own Redis goes on 127.0.0.1:(\d+), so "
-        "that its queue holds only this Drupal's notifications",
-        output,
-    )
-    assert moved, output
-    own = int(moved.group(1))
-    assert own != redis_server.port
-    assert f"SFRELAY_REDIS_URL=redis://127.0.0.1:{own}/0" in written
+    assert code == 2, output
+    taken = urlsplit(worker_settings.redis_url)
+    assert (
+        f"sfrelay: {taken.hostname}:{taken.port} (SFRELAY_REDIS_URL) is another server's, and "
+        "`sfrelay up` runs a Redis of its own: set SFRELAY_REDIS_URL to a free local port, or "
+        "unset it (a free port is then chosen)"
+    ) in output
+    assert not (tmp_path / "data" / "redis").exists()
+    assert redis_client.dbsize() == 0 and drupal_users(drupal_db) == []
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0  # no receiver either
+
+
+def test_up_moves_off_a_taken_default_port_and_finds_its_redis_again(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The default port taken by another server: this stack's Redis goes on a free port, which
+    sfrelay.env records; the next `up` of this folder, with that Redis left running, uses it
+    (never a second server on the same files)."""
+    data = tmp_path / "data"
+    settings = Settings(_env_file=None, env="development", redis_url=redis_server.url)
+    said: list[str] = []
+    first = Stack(settings, data, said.append, redis_url_given=False)
+    try:
+        first.start_redis()
+        [(_, own)] = first.processes
+        moved = urlsplit(first.settings.redis_url)
+        assert moved.port != redis_server.port
+        assert said == [
+            f"127.0.0.1:{redis_server.port} is taken by another server (another Redis, or "
+            f"another stack's): this stack's own Redis goes on 127.0.0.1:{moved.port}, so that "
+            "its queue holds only this Drupal's notifications",
+            f"redis-server on 127.0.0.1:{moved.port}, data in {(data / 'redis').resolve()} "
+            "(appendfsync always)",
+        ]
+        write_local_env(first, demo=False)
+        assert f"SFRELAY_REDIS_URL={first.settings.redis_url}" in (data / "sfrelay.env").read_text()
+        # `up` again, its Redis left running (the first `up` killed): found where it was.
+        said.clear()
+        again = Stack(settings, data, said.append, redis_url_given=False)
+        again.start_redis()
+        assert again.processes == []
+        assert again.settings.redis_url == first.settings.redis_url
+        assert said == [f"using this folder's Redis, left running at 127.0.0.1:{moved.port}"]
+        assert own.poll() is None
+    finally:
+        first.stop()
 
 
 def test_up_refuses_a_port_in_use_and_starts_nothing(
