@@ -28,6 +28,7 @@ from app.queue import (
 from tests.factories import apply_job, new_contacts, sf_id
 from tests.fixtures_worker import PROJECT, WorkerProcess, drupal_users, settings_env
 from workers.lease import ACTIVE_S, LEASE_S, active_key, database_key
+from workers.main import WORKERS_ALIVE_SUFFIX
 
 Starter = type[WorkerProcess]
 
@@ -217,18 +218,19 @@ def test_a_stopping_worker_leaves_the_health_check_to_the_one_still_running(
     """A planned handover (SIGTERM to the active worker, a standby takes over): the queue's
     health check, which status and the compose file's `arq --check` read, stays up."""
     key = worker_settings.queue_name + ":health-check"
+    alive = key + WORKERS_ALIVE_SUFFIX
     first = worker_process(worker_settings, tmp_path)
     first.wait_ready(redis_client)
     second = worker_process(worker_settings, tmp_path)
     deadline = time.monotonic() + 20
-    while len(list(redis_client.scan_iter(match=f"{key}:*"))) < 2:
+    while redis_client.zcard(alive) < 2:
         assert time.monotonic() < deadline, second.output()
         time.sleep(0.05)
     first.signal(signal.SIGTERM)
     assert first.wait(20) == 0
     assert redis_client.exists(key), first.output()
-    assert len(list(redis_client.scan_iter(match=f"{key}:*"))) == 1
+    assert redis_client.zcard(alive) == 1
     second.signal(signal.SIGTERM)
     assert second.wait(20) == 0
     assert not redis_client.exists(key)  # the last one out: no worker is alive
-    assert list(redis_client.scan_iter(match=f"{key}:*")) == []
+    assert redis_client.zcard(alive) == 0

@@ -32,6 +32,7 @@ MIN_JOBS = 20
 POLL_DELAY_S = 0.05
 # `arq --check` fails when the health key is older than this (+1 s): keep it under a minute.
 HEALTH_CHECK_INTERVAL_S = 30
+WORKERS_ALIVE_SUFFIX = ":workers"  # after arq's health-check key: the workers alive
 
 
 GC_THRESHOLD = 10_000  # allocations between young collections (CPython's default: 700)
@@ -130,9 +131,11 @@ class Worker(ArqWorker):
         self.ctx[ELECTION] = self.election  # the task steps down when the database fails
         self._stopping = False
         # arq's health-check key is one per queue, and arq deletes it when any worker stops:
-        # each worker also keeps a key of its own, so that a stopping one leaves the shared
-        # key to the others still alive (status and `arq --check` would say none is).
-        self._own_health_key = f"{self.health_check_key}:{uuid.uuid4().hex}"
+        # the workers alive are also kept in a sorted set (member: this worker, score: when
+        # its beat expires), so that a stopping one leaves the shared key to the others
+        # (status and `arq --check` would say none is alive).
+        self._alive_key = self.health_check_key + WORKERS_ALIVE_SUFFIX
+        self._me = uuid.uuid4().hex
 
     async def _poll_iteration(self) -> None:
         # arq 0.28 (pinned): jobs are picked in _poll_iteration while allow_pick_jobs, which
@@ -172,19 +175,24 @@ class Worker(ArqWorker):
         await super().record_health()
         if due:
             ttl_ms = int((self.health_check_interval + 1) * 1000)
-            await self.pool.psetex(self._own_health_key, ttl_ms, b"1")
+            async with self.pool.pipeline(transaction=False) as pipe:
+                pipe.zadd(self._alive_key, {self._me: timestamp_ms() + ttl_ms})
+                pipe.pexpire(self._alive_key, ttl_ms)
+                await pipe.execute()
 
     async def close(self) -> None:
         if self._pool is not None:
             if self.election.active:
                 await self.election.resign(self.pool)
-            await self.pool.delete(self._own_health_key)
-            pattern = f"{self.health_check_key}:*"
-            async for _ in self.pool.scan_iter(match=pattern, count=100):
-                # Another worker of this queue is alive: arq deletes this worker's own key
-                # (gone already) instead of the shared one.
-                self.health_check_key = self._own_health_key
-                break
+            async with self.pool.pipeline(transaction=False) as pipe:
+                pipe.zrem(self._alive_key, self._me)
+                pipe.zremrangebyscore(self._alive_key, "-inf", timestamp_ms())
+                pipe.zcard(self._alive_key)
+                *_, others = await pipe.execute()
+            if others:
+                # Another worker of this queue is alive: arq deletes a key of this worker's
+                # name (there is none) instead of the one they share.
+                self.health_check_key = f"{self._alive_key}:{self._me}"
         await super().close()
 
 
