@@ -6,6 +6,8 @@ The rules, decided beside the planner's in the same transaction:
 
 - order first: a deletion older than (or as old as) the version applied is `stale`/`duplicate`;
 - a converted Lead's deletion or merge changes nothing (`deleted`): its user is the Contact's;
+  one whose conversion sfrelay has not applied yet converts (`converted`), as its live version
+  would;
 - a merge loser hands its Drupal user to the survivor when the survivor has none (`merged`);
   when both have users, the loser's user is blocked (`blocked`, detail names both Ids);
 - otherwise SFRELAY_ON_DELETE: `block` (status 0, with the cache invalidation Drupal's save
@@ -104,6 +106,10 @@ class Lifecycle:
             # Its user went to the Contact at the conversion: the Contact's to block or hand over.
             why = f"the Lead was converted to {st.converted_to}, whose user it is"
             return p._set_outcome(r, OutcomeKind.DELETED, None, why, applied=True)
+        if r.converted_to:
+            # A converted Lead deleted (a clean-up of converted Leads) before sfrelay saw its
+            # conversion, or in the same batch: the conversion, not a deletion of the user.
+            return p._convert(r, st)
         if uid is None or uid < 0:
             why = "the record has no Drupal user"
             return p._set_outcome(r, OutcomeKind.DELETED, None, why, applied=True)

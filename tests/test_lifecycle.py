@@ -442,3 +442,43 @@ async def test_a_mapped_status_lifts_sfrelays_block_whichever_record_it_was_for(
         assert await blocked_rows(site) == []
     finally:
         await syncer.close()
+
+
+@SITES
+@pytest.mark.parametrize("conversion_seen", [False, True], ids=["unseen", "same batch"])
+async def test_a_converted_lead_deleted_before_its_conversion_was_applied_converts(
+    drupal_site: DrupalSite, conversion_seen: bool
+) -> None:
+    """A clean-up of converted Leads deletes them; reconcile reads the deletion with
+    IsConverted and ConvertedContactId. When sfrelay has not applied the conversion (never
+    saw it, or it is in the same batch, where deletions are decided first), the deletion
+    hands the user to the Contact instead of blocking it."""
+    site = drupal_site
+    lead, contact = sf(7, "00Q"), sf(7)
+    syncer = await open_syncer(site)
+    try:
+        (made,) = await syncer.apply([note(lead, "kai@example.org", "Kai", "Lead")])
+        uid = made.uid
+        converted = note(
+            lead, "kai@example.org", minutes=1, IsConverted=True, ConvertedContactId=contact
+        )
+        gone = note(
+            lead,
+            "kai@example.org",
+            minutes=2,
+            IsDeleted=True,
+            IsConverted=True,
+            ConvertedContactId=contact,
+        )
+        out = await syncer.apply([converted, gone] if conversion_seen else [gone])
+        assert kinds(out) == (["stale", "converted"] if conversion_seen else ["converted"])
+        assert out[-1].uid == uid and out[-1].detail == contact
+        assert await status(site, uid) == 1
+        assert await blocked_rows(site) == []
+        assert (await mapping(site, contact))[0] == uid
+        (again,) = await syncer.apply(
+            [note(contact, "kai@example.org", "Kai", "Contact", minutes=3)]
+        )
+        assert (again.kind, again.uid) == ("updated", uid)
+    finally:
+        await syncer.close()
