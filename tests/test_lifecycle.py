@@ -9,6 +9,7 @@ import pytest
 
 from app.drupal import ledger
 from app.drupal.ledger import RecordState
+from app.jobs import JobNotification
 from app.outcomes import Outcome, OutcomeKind
 from app.sync import Syncer
 from tests.drupal_rows import (
@@ -46,6 +47,11 @@ async def mapping(site: DrupalSite, sf_id: str) -> tuple[int | None, list[str]]:
 
 async def blocked_rows(site: DrupalSite) -> list[dict[str, object]]:
     return await site.rows("SELECT uid, sf_id FROM sfrelay_block ORDER BY uid")
+
+
+def converted(lead: str, mail: str, contact: str, minutes: int, **extra: object) -> JobNotification:
+    """The Lead's version that says it was converted to `contact`."""
+    return note(lead, mail, minutes=minutes, IsConverted=True, ConvertedContactId=contact, **extra)
 
 
 async def create(syncer: Syncer, site: DrupalSite, n: int, minutes: int = 0) -> int:
@@ -307,22 +313,13 @@ async def test_a_converted_leads_deletion_or_merge_leaves_the_contacts_user(
     try:
         (created,) = await syncer.apply([note(lead, "lee@example.org", "Lee", "Lead")])
         uid = created.uid
-        converted = note(
-            lead, "lee@example.org", minutes=1, IsConverted=True, ConvertedContactId=contact
-        )
-        assert kinds(await syncer.apply([converted])) == ["converted"]
+        conversion = converted(lead, "lee@example.org", contact, 1)
+        assert kinds(await syncer.apply([conversion])) == ["converted"]
         assert kinds(
             await syncer.apply([note(contact, "lee@example.org", "Lee", "Contact", minutes=2)])
         ) == ["updated"]
         before = await user_rows(site, uid)
-        gone = note(
-            lead,
-            "lee@example.org",
-            minutes=3,
-            IsDeleted=True,
-            IsConverted=True,
-            ConvertedContactId=contact,
-        )
+        gone = converted(lead, "lee@example.org", contact, 3, IsDeleted=True)
         merged = note(lead, "lee@example.org", minutes=4, IsDeleted=True, MasterRecordId=other)
         out = await syncer.apply([gone])
         out += await syncer.apply([merged])
@@ -409,9 +406,7 @@ async def test_a_mapped_status_lifts_sfrelays_block_whichever_record_it_was_for(
         uid = made.uid
         assert uid is not None and await status(site, uid) == 0
         if path == "converted":
-            changes = [
-                note(first, "lee@example.org", minutes=1, IsConverted=True, ConvertedContactId=then)
-            ]
+            changes = [converted(first, "lee@example.org", then, 1)]
         elif path == "merged":
             changes = [
                 note(first, "lee@example.org", minutes=1, IsDeleted=True, MasterRecordId=then)
@@ -459,18 +454,9 @@ async def test_a_converted_lead_deleted_before_its_conversion_was_applied_conver
     try:
         (made,) = await syncer.apply([note(lead, "kai@example.org", "Kai", "Lead")])
         uid = made.uid
-        converted = note(
-            lead, "kai@example.org", minutes=1, IsConverted=True, ConvertedContactId=contact
-        )
-        gone = note(
-            lead,
-            "kai@example.org",
-            minutes=2,
-            IsDeleted=True,
-            IsConverted=True,
-            ConvertedContactId=contact,
-        )
-        out = await syncer.apply([converted, gone] if conversion_seen else [gone])
+        conversion = converted(lead, "kai@example.org", contact, 1)
+        gone = converted(lead, "kai@example.org", contact, 2, IsDeleted=True)
+        out = await syncer.apply([conversion, gone] if conversion_seen else [gone])
         assert kinds(out) == (["stale", "converted"] if conversion_seen else ["converted"])
         assert out[-1].uid == uid and out[-1].detail == contact
         assert await status(site, uid) == 1
