@@ -244,12 +244,13 @@ class Lifecycle:
         return change
 
     async def save(self, conn: AsyncConnection, now: float) -> None:
-        """After Plan.resolve_new_uids: a user created blocked has its uid now."""
-        gone = sorted(self.unblock | {uid for uid in self.block if uid > 0})
-        for chunk in chunks(gone):
-            await conn.execute(delete(blocks).where(blocks.c.uid.in_(chunk)))
+        """After Plan.resolve_new_uids: a user created blocked has its uid now (a row left
+        for that uid, should the database have given it before, is replaced)."""
         resolve = self.planner.plan.resolve
-        rows = sorted((resolve(uid), sf_id, now) for uid, sf_id in self.block.items())
+        block = {resolve(uid): sf_id for uid, sf_id in self.block.items()}
+        for chunk in chunks(sorted(self.unblock | set(block))):
+            await conn.execute(delete(blocks).where(blocks.c.uid.in_(chunk)))
+        rows = [(uid, sf_id, now) for uid, sf_id in sorted(block.items())]
         await insert_rows(conn, blocks.name, ("uid", "sf_id", "blocked_at"), rows)
 
 

@@ -468,3 +468,24 @@ async def test_a_converted_lead_deleted_before_its_conversion_was_applied_conver
         assert (again.kind, again.uid) == ("updated", uid)
     finally:
         await syncer.close()
+
+
+@SITES
+async def test_a_user_created_blocked_replaces_a_block_row_left_for_its_uid(
+    drupal_site: DrupalSite, tmp_path: Path
+) -> None:
+    """A uid given again (a restored database, MySQL < 8 after the last user was deleted)
+    may still have sfrelay's old block row: the new user's replaces it."""
+    site = drupal_site
+    syncer = await open_syncer(site, STATUS_MAP, tmp_path)  # creates sfrelay_block
+    try:
+        (top,) = await site.rows("SELECT MAX(uid) AS uid FROM users")
+        uid = int(top["uid"]) + 1
+        await site.execute(
+            "INSERT INTO sfrelay_block (uid, sf_id, blocked_at) VALUES (:u, :s, 0)", u=uid, s=sf(99)
+        )
+        (made,) = await syncer.apply([note(sf(1), "new@example.org", "N", "Ew", Active__c=False)])
+        assert (made.kind, made.uid) == ("created", uid)
+        assert await blocked_rows(site) == [{"uid": uid, "sf_id": sf(1)}]
+    finally:
+        await syncer.close()
