@@ -23,7 +23,7 @@ import orjson
 from app.config import Settings
 from app.drupal import cursors
 from app.errors import ApiLimitReached, ConfigError
-from app.jobs import JobNotification, Source
+from app.jobs import Source
 from app.outcomes import OutcomeKind
 from app.queue import Enqueuer, count_outcomes
 from app.reconcile import SALESFORCE_ERRORS, PollContext, Poller, PollReport, handled, poll_object
@@ -148,14 +148,13 @@ async def _one_object(
         if not dry_run:
             await cursors.put(engine, name, point.dumps())
 
-    async def checkpoint(last: JobNotification) -> None:
+    async def checkpoint(mark: datetime | None) -> None:
         if shown is not None:
             if shown.total is None:
                 shown.total = getattr(ctx.api, "last_total_size", None)
             shown.page(part.queried - shown.done)
-        stamp = last.fields.get("SystemModstamp")
-        if not dry_run and isinstance(stamp, str):
-            point.after = parse_datetime(stamp)
+        if not dry_run and mark is not None:
+            point.after = mark
             await cursors.put(engine, name, point.dumps())
 
     await poll_object(ctx.api, poller, sobject, point.after, point.started, part, checkpoint)

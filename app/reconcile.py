@@ -154,6 +154,16 @@ class Poller:
             report.current += result.duplicates  # this very version is queued already
 
 
+def resume_at(page: list[JobNotification], end: datetime) -> datetime | None:
+    """Where a run may resume after `page` (a watermark, a checkpoint): the newest stamp of its
+    records inside the window, before `end`. Salesforce reads a page's values when it fetches
+    the page, so a record edited since the query began comes back with a later stamp, out of
+    order: the page's last stamp could then lie past records not read yet, lost for good."""
+    stamps = (n.fields.get("SystemModstamp") for n in page)
+    inside = [when for s in stamps if isinstance(s, str) and (when := parse_datetime(s)) < end]
+    return max(inside, default=None)
+
+
 async def poll_object(
     api: SalesforceApi,
     poller: Poller,
@@ -161,10 +171,10 @@ async def poll_object(
     start: datetime,
     end: datetime,
     report: PollReport,
-    on_page: Callable[[JobNotification], Any] | None = None,
+    on_page: Callable[[datetime | None], Any] | None = None,
 ) -> None:
-    """Queue [start, end) of `sobject`; `on_page(last notification)` after each page queued.
-    Salesforce errors end the object's run: counted in `errors`, named in `stopped`."""
+    """Queue [start, end) of `sobject`; `on_page(resume_at(page, end))` after each page
+    queued. Salesforce errors end the object's run: counted in `errors`, named in `stopped`."""
     pages: AsyncIterator[list[JobNotification]] = api.changed_records(
         sobject, start, end, include_deleted=True
     )
@@ -172,7 +182,7 @@ async def poll_object(
         async for page in pages:
             await poller.take(page, report)
             if page and on_page is not None:
-                await on_page(page[-1])
+                await on_page(resume_at(page, end))
     except SALESFORCE_ERRORS as exc:
         report.errors += 1
         report.stopped = f"{sobject}: {exc}"
@@ -224,10 +234,9 @@ async def reconcile(
         for sobject in objects:
             name = cursors.watermark_name(sobject)
 
-            async def advance(last: JobNotification, name: str = name) -> None:
-                stamp = last.fields.get("SystemModstamp")
-                if not dry_run and isinstance(stamp, str):
-                    await cursors.put(engine, name, parse_datetime(stamp).isoformat())
+            async def advance(mark: datetime | None, name: str = name) -> None:
+                if not dry_run and mark is not None:
+                    await cursors.put(engine, name, mark.isoformat())
 
             part = PollReport()
             try:

@@ -16,7 +16,7 @@ from app.drupal import cursors
 from app.drupal.engine import create_engine
 from app.reconcile import run_reconcile
 from tests.fixtures_worker import PROJECT, run_worker, settings_env
-from tests.sfserver import FakeOrg, SalesforceServer
+from tests.sfserver import FakeOrg, Refusal, SalesforceServer
 from tests.test_reconcile import T0, add, queued, rc_settings, users
 
 __all__ = ["rc_settings"]
@@ -153,3 +153,64 @@ def test_progress_on_a_terminal_rewrites_one_line_with_rate_and_eta() -> None:
     assert lines[2].startswith("Contact: 2,000 records, ")
     assert ", 50% of 4,000, ETA " in lines[2]
     assert out.getvalue().endswith("\n")
+
+
+# --- a record edited while a run pages: Salesforce reads a page's values when it fetches the
+# page, so the record comes back with its new stamp, out of the query's order -------------
+
+
+def edited_mid_run(org: FakeOrg, edited: str, later: timedelta, fail: Refusal) -> None:
+    """Paging: record `edited` is edited as the second page is fetched; the third fails."""
+    original = org.page
+
+    def page(locator: str, offset: int, version: str) -> dict[str, Any]:
+        if offset == org.page_size:
+            assert org.fixed_time is not None
+            org.fixed_time = edit_time = org.fixed_time + later
+            record = org.records["Contact"][edited]
+            record["SystemModstamp"], record["LastName"] = edit_time, "Edited"
+        if offset == 2 * org.page_size:
+            org.page = original  # type: ignore[method-assign]  # the next run pages normally
+            raise fail
+        return original(locator, offset, version)
+
+    org.page = page  # type: ignore[method-assign]
+
+
+async def test_a_backfill_resumes_before_records_not_read_yet(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path
+) -> None:
+    sf_org.page_size = 10
+    sf_org.fixed_time = T0 + timedelta(days=1)
+    ids = [add(sf_org, n, T0 + timedelta(seconds=n)) for n in range(1, 31)]
+    edited_mid_run(
+        sf_org, ids[19], timedelta(minutes=5), Refusal(503, "SERVER_UNAVAILABLE", "down")
+    )
+    cut = await run_backfill(rc_settings)
+    assert cut.stopped is not None
+    point = Checkpoint.loads(await cursor(rc_settings, cursors.checkpoint_name("Contact")) or "")
+    # The second page's newest record inside the window (the 20th, its last, was edited: it
+    # came back with its new stamp, past the window's end), not the edited one's stamp.
+    assert point.after == T0 + timedelta(seconds=19) and point.after < point.started
+    resumed = await run_backfill(rc_settings)
+    assert resumed.stopped is None and resumed.errors == 0
+    await run_worker(rc_settings)
+    assert sorted(set(ids) - set(users(drupal_db))) == []
+
+
+async def test_a_reconcile_watermark_stays_before_records_not_read_yet(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path
+) -> None:
+    sf_org.page_size = 10
+    sf_org.fixed_time = T0 + timedelta(hours=3)
+    ids = [add(sf_org, n, T0 + timedelta(minutes=n)) for n in range(1, 31)]  # missed pushes
+    fail = Refusal(400, "INVALID_QUERY_LOCATOR", "invalid query locator")
+    edited_mid_run(sf_org, ids[19], timedelta(minutes=30), fail)
+    cut = await run_reconcile(rc_settings, since=T0)
+    assert cut.stopped is not None
+    mark = await cursor(rc_settings, cursors.watermark_name("Contact"))
+    assert mark == (T0 + timedelta(minutes=19)).isoformat()  # not the edited 20th's stamp
+    sf_org.fixed_time += timedelta(minutes=15)
+    assert (await run_reconcile(rc_settings)).stopped is None
+    await run_worker(rc_settings)
+    assert sorted(set(ids) - set(users(drupal_db))) == []
