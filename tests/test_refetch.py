@@ -61,6 +61,29 @@ async def test_id_only_messages_read_the_current_values_and_deletions(
     assert sf_org.counts["queryAll"] >= 1
 
 
+async def test_pushed_work_is_never_held_back_by_the_polls_reserve(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path, redis_client: redis.Redis
+) -> None:
+    """SFRELAY_SF_MIN_API_REMAINING keeps requests back from polling; a pushed notification in
+    refetch mode is still read (it was dead-lettered, and the low reading never refreshed)."""
+    refetch = rc_settings.model_copy(
+        update={"payload_mode": "refetch", "reconcile_every_seconds": 0}
+    )
+    assert refetch.sf_min_api_remaining == 1000
+    sf_org.api_max, sf_org.api_used = 15_000, 14_200  # 800 requests left today
+    for n in (1, 2):
+        sf_org.add("Contact", sf(n), Email=f"p{n}@example.org", FirstName="P", LastName=f"Now{n}",
+                   SystemModstamp=T0 + timedelta(hours=1))  # fmt: skip
+    await enqueue(refetch, [[note(sf(1), "p1@example.org", "P", "Pushed1")]])
+    await run_worker(refetch)  # reads 799 left from the response's Sforce-Limit-Info
+    await enqueue(refetch, [[note(sf(2), "p2@example.org", "P", "Pushed2")]])
+    await run_worker(refetch)
+    assert {k: v[1] for k, v in users(drupal_db).items()} == {sf(1): "Now1", sf(2): "Now2"}
+    stats = redis_client.hgetall("sfrelay:stats")
+    assert int(stats[b"outcome:created"]) == 2 and b"outcome:dead" not in stats
+    assert sf_org.counts["queryAll"] == 2
+
+
 async def test_refetch_without_salesforce_settings_refuses_to_start(
     worker_settings: Settings,
 ) -> None:

@@ -77,7 +77,12 @@ class SalesforceApi(Protocol):
     ) -> AsyncIterator[list[JobNotification]]: ...
 
     def records_by_id(
-        self, sobject: str, ids: Iterable[str], *, include_deleted: bool = False
+        self,
+        sobject: str,
+        ids: Iterable[str],
+        *,
+        include_deleted: bool = False,
+        reserve: bool = True,
     ) -> AsyncIterator[list[JobNotification]]: ...
 
     async def deleted_records(

@@ -247,18 +247,21 @@ class SalesforceClient:
         return soql.field_set(obj, self._field_map)
 
     async def _pages(
-        self, what: str, query: str, include_deleted: bool, sobject: str
+        self, what: str, query: str, include_deleted: bool, sobject: str, reserve: bool = True
     ) -> AsyncIterator[list[JobNotification]]:
         """One list of notifications per page Salesforce returns (nextRecordsUrl), fetched
-        only when the previous one was taken: a million records never sit in memory."""
-        self._check_headroom()
+        only when the previous one was taken: a million records never sit in memory.
+        `reserve`: stop below SFRELAY_SF_MIN_API_REMAINING (polls; not pushed work)."""
+        if reserve:
+            self._check_headroom()
         result = await self._run(what, lambda sf: sf.query(query, include_deleted=include_deleted))
         self.last_total_size = result.get("totalSize")
         while True:
             yield [soql.to_notification(sobject, record) for record in result["records"]]
             if result.get("done", True):
                 return
-            self._check_headroom()
+            if reserve:
+                self._check_headroom()
             more = partial(_query_more, result["nextRecordsUrl"])
             result = None  # the page just yielded is the caller's alone now
             result = await self._run(what, more)
@@ -278,14 +281,22 @@ class SalesforceClient:
         return self._pages(f"the {sobject} changes", query, include_deleted, sobject)
 
     async def records_by_id(
-        self, sobject: str, ids: Iterable[str], *, include_deleted: bool = False
+        self,
+        sobject: str,
+        ids: Iterable[str],
+        *,
+        include_deleted: bool = False,
+        reserve: bool = True,
     ) -> AsyncIterator[list[JobNotification]]:
         """The current version of each record (for refetch), IDS_PER_QUERY Ids per query;
-        records deleted since are missing (or, with `include_deleted`, have IsDeleted)."""
+        records deleted since are missing (or, with `include_deleted`, have IsDeleted).
+        `reserve` False: pushed work, which the polls' reserve of requests must not stop
+        (only Salesforce's own limit does; each response's reading is kept)."""
         fields = self.field_set(sobject)
         for batch in soql.id_batches(ids):
             query = soql.ids_query(sobject, fields, batch)
-            async for page in self._pages(f"{sobject} by Id", query, include_deleted, sobject):
+            pages = self._pages(f"{sobject} by Id", query, include_deleted, sobject, reserve)
+            async for page in pages:
                 yield page
 
     async def deleted_records(self, sobject: str, start: datetime, end: datetime) -> DeletedWindow:
