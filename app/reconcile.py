@@ -55,6 +55,9 @@ log = logging.getLogger("sfrelay.reconcile")
 # Start this far before the watermark: a transaction that committed late can carry a
 # SystemModstamp older than records already read. Versions read twice are `current`.
 OVERLAP = timedelta(minutes=10)
+# How long Salesforce keeps a deleted record in the Recycle Bin, where queryAll sees it; one
+# purged sooner (the bin emptied, a hard delete) is never seen at all.
+RECYCLE_BIN = timedelta(days=15)
 JOB_SIZE = 200  # notifications per queued job (a page of 2,000 becomes ten jobs)
 # The organization of polled jobs when SFRELAY_ORG_IDS names none (development).
 UNKNOWN_ORG = "00D000000000000"
@@ -231,6 +234,16 @@ async def reconcile(
     try:
         await api.require_api_headroom()
         end = await api.server_time()
+        for sobject in objects:
+            if starts[sobject] < end - RECYCLE_BIN:
+                log.warning(
+                    "reconcile of %s starts %d days back: records deleted more than %d days "
+                    "ago have left Salesforce's Recycle Bin, so their Drupal users are not "
+                    "blocked; run reconcile at least daily (SFRELAY_RECONCILE_EVERY_SECONDS)",
+                    sobject,
+                    (end - starts[sobject]).days,
+                    RECYCLE_BIN.days,
+                )
         for sobject in objects:
             name = cursors.watermark_name(sobject)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -179,6 +180,30 @@ async def test_deletes_and_merges_found_by_reconcile_act_on_the_right_users(
     assert found[by_id[ids[3]]] == 1  # handed over to the survivor
     assert found[by_id[ids[4]]] == 1
     assert users(drupal_db)[new_survivor][2] == 1
+
+
+async def test_a_watermark_older_than_the_recycle_bin_is_warned_about(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """queryAll sees a deleted record while it is in the Recycle Bin (15 days): after a longer
+    gap a deletion can be gone for good, so the run says so (it still queues what it finds)."""
+    sf_org.fixed_time = T0 + timedelta(hours=1)
+    add(sf_org, 1, T0 + timedelta(minutes=1))
+    with caplog.at_level(logging.WARNING, logger="sfrelay.reconcile"):
+        await run_reconcile(rc_settings, since=T0)
+        assert [r for r in caplog.records if r.name == "sfrelay.reconcile"] == []
+        sf_org.fixed_time = T0 + timedelta(days=21)
+        later = add(sf_org, 2, T0 + timedelta(days=20))
+        report = await run_reconcile(rc_settings)
+    assert report.queued == 1 and report.stopped is None
+    assert [r.getMessage() for r in caplog.records if r.name == "sfrelay.reconcile"] == [
+        f"reconcile of {sobject} starts 20 days back: records deleted more than 15 days ago "
+        "have left Salesforce's Recycle Bin, so their Drupal users are not blocked; run "
+        "reconcile at least daily (SFRELAY_RECONCILE_EVERY_SECONDS)"
+        for sobject in ("Contact", "Lead")
+    ]
+    await run_worker(rc_settings)
+    assert later in users(drupal_db)
 
 
 def test_a_first_run_without_watermark_refuses_and_changes_nothing(
