@@ -122,6 +122,7 @@ class FakeOrg:
     tokens: set[str] = field(default_factory=set)
     counts: Counter[str] = field(default_factory=Counter)
     connects: list[str] = field(default_factory=list)
+    audiences: list[str] = field(default_factory=list)  # the JWT bearer assertions' aud
     served_records: int = 0
     last_query: str = ""
     request_lines: list[int] = field(default_factory=list)
@@ -169,6 +170,7 @@ class FakeOrg:
                 )
             except jwt.PyJWTError as exc:
                 raise Refusal(400, "invalid_grant", f"invalid assertion: {exc}") from None
+            self.audiences.append(str(claims.get("aud")))
             if claims.get("iss") != CONSUMER_KEY:
                 raise Refusal(400, "invalid_client_id", "client identifier invalid")
             if claims.get("sub") != USERNAME:
@@ -567,7 +569,11 @@ class SalesforceServer:
     def __init__(self, directory: Path) -> None:
         self.ca = trustme.CA()
         cert = self.ca.issue_cert(
-            "*.salesforce.com", "*.my.salesforce.com", "login.salesforce.com", "localhost"
+            "*.salesforce.com",
+            "*.my.salesforce.com",
+            "*.sandbox.my.salesforce.com",
+            "login.salesforce.com",
+            "localhost",
         )
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         cert.configure_cert(context)

@@ -89,6 +89,25 @@ async def test_each_login_flow(
 
 
 @pytest.mark.parametrize(
+    ("domain", "audience"),
+    [("acme.my", "login"), ("acme--uat.sandbox.my", "test"), ("test", "test")],
+)
+async def test_jwt_bearer_with_a_my_domain_asks_it_with_login_or_test_as_audience(
+    sf_server: SalesforceServer, sf_org: FakeOrg, domain: str, audience: str
+) -> None:
+    """The JWT's audience may only be login or test.salesforce.com; SFRELAY_SF_DOMAIN set to
+    a My Domain (as client credentials needs) must not break JWT bearer."""
+    client = client_for(sf_server, "jwt-bearer", sf_domain=domain)
+    try:
+        assert await client.login() == sfserver.INSTANCE
+        assert sf_org.counts["token:urn:ietf:params:oauth:grant-type:jwt-bearer"] == 1
+        assert sf_org.connects[0] == f"{domain}.salesforce.com:443"
+        assert sf_org.audiences == [f"https://{audience}.salesforce.com"]
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
     ("flow", "wrong", "code", "hint"),
     [
         ("jwt-bearer", {"sf_username": "someone@example.org"}, "invalid_grant", "pre-authorized"),

@@ -137,6 +137,7 @@ def credentials(settings: Settings) -> Credentials:
 
 def login(creds: Credentials, session: requests.Session) -> tuple[str, str]:
     """(session id, instance host) from a fresh login; never logs or returns a secret in text."""
+    domain, token_host = creds.domain, None
     if creds.flow is AuthFlow.JWT_BEARER:
         assert creds.private_key_file is not None
         if not creds.private_key_file.is_file():
@@ -144,11 +145,16 @@ def login(creds: Credentials, session: requests.Session) -> tuple[str, str]:
                 f"SFRELAY_SF_PRIVATE_KEY_FILE: no file at {creds.private_key_file} (the PEM "
                 "private key whose certificate is uploaded to the Connected App)"
             )
+        if domain not in ("login", "test"):
+            # The JWT's audience is login or test.salesforce.com only (a My Domain is refused
+            # there); the token is still asked of the My Domain.
+            domain, token_host = ("test" if ".sandbox." in f".{domain}." else "login"), domain
         call = partial(
             SalesforceLogin,
             username=creds.username,
             consumer_key=creds.consumer_key,
             privatekey_file=str(creds.private_key_file),
+            instance_url=token_host,
         )
     elif creds.flow is AuthFlow.CLIENT_CREDENTIALS:
         call = partial(
@@ -175,7 +181,7 @@ def login(creds: Credentials, session: requests.Session) -> tuple[str, str]:
         # interactive consent; the error below says what an integration user needs instead.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            session_id, instance = call(session=session, domain=creds.domain)
+            session_id, instance = call(session=session, domain=domain)
     except SalesforceAuthenticationFailed as exc:
         code = exc.code
         if isinstance(code, int) and code >= 500:
