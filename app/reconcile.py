@@ -216,9 +216,9 @@ async def reconcile(
             job_ttl_s=settings.job_ttl_seconds,
         )
     poller = Poller(settings, engine, enqueuer, field_map, Source.RECONCILE)
-    objects = handled(settings, field_map)
     starts: dict[str, datetime] = {}
-    for sobject in objects:
+    unmarked = []
+    for sobject in handled(settings, field_map):
         mark = await cursors.get(engine, cursors.watermark_name(sobject))
         if since is not None:
             starts[sobject] = since
@@ -227,10 +227,18 @@ async def reconcile(
         elif mark is not None:
             starts[sobject] = parse_datetime(mark) - OVERLAP
         else:
-            raise ConfigError(
-                f"no reconcile watermark for {sobject} yet: run `sfrelay backfill` first (it "
-                "leaves one where it started), or give `sfrelay reconcile --since <ISO 8601>`"
-            )
+            unmarked.append(sobject)
+    if unmarked:
+        backfill = f"sfrelay backfill --object {unmarked[0]}" if starts else "sfrelay backfill"
+        fix = (
+            f"run `{backfill}` first (it leaves one where it started), or give "
+            "`sfrelay reconcile --since <ISO 8601>`"
+        )
+        if not starts:
+            raise ConfigError(f"no reconcile watermark for {', '.join(unmarked)} yet: {fix}")
+        # One object backfilled, not yet the other: the one with a watermark is reconciled.
+        log.warning("reconcile skips %s, which has no watermark yet: %s", ", ".join(unmarked), fix)
+    objects = list(starts)
     try:
         await api.require_api_headroom()
         end = await api.server_time()

@@ -12,6 +12,7 @@ import orjson
 import pytest
 import redis
 
+from app.backfill import run_backfill
 from app.cli import main
 from app.config import Settings
 from app.drupal import cursors
@@ -206,6 +207,29 @@ async def test_a_watermark_older_than_the_recycle_bin_is_warned_about(
     assert later in users(drupal_db)
 
 
+async def test_an_object_not_backfilled_yet_is_skipped_and_the_other_reconciled(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`sfrelay backfill --object Contact` leaves a watermark for Contact only: reconcile goes
+    on with Contact (it refused both, and its cron said "did not run" every time)."""
+    sf_org.fixed_time = T0 + timedelta(hours=1)
+    add(sf_org, 1, T0 + timedelta(minutes=1))
+    assert (await run_backfill(rc_settings, objects=["Contact"])).stopped is None
+    sf_org.fixed_time = T0 + timedelta(hours=2)
+    later = add(sf_org, 2, T0 + timedelta(minutes=90))
+    with caplog.at_level(logging.WARNING, logger="sfrelay.reconcile"):
+        report = await run_reconcile(rc_settings)
+    assert (report.queued, report.stopped) == (1, None)
+    assert [r.getMessage() for r in caplog.records if r.name == "sfrelay.reconcile"] == [
+        "reconcile skips Lead, which has no watermark yet: run `sfrelay backfill --object "
+        "Lead` first (it leaves one where it started), or give `sfrelay reconcile --since "
+        "<ISO 8601>`"
+    ]
+    assert sf_org.last_query.count("FROM Contact") == 1
+    await run_worker(rc_settings)
+    assert later in users(drupal_db)
+
+
 def test_a_first_run_without_watermark_refuses_and_changes_nothing(
     rc_settings: Settings,
     sf_org: FakeOrg,
@@ -223,8 +247,8 @@ def test_a_first_run_without_watermark_refuses_and_changes_nothing(
     assert main(["reconcile", "--json"]) == 2
     err = capsys.readouterr().err
     assert err == (
-        "sfrelay: no reconcile watermark for Contact yet: run `sfrelay backfill` first (it leaves "
-        "one where it started), or give `sfrelay reconcile --since <ISO 8601>`\n"
+        "sfrelay: no reconcile watermark for Contact, Lead yet: run `sfrelay backfill` first (it "
+        "leaves one where it started), or give `sfrelay reconcile --since <ISO 8601>`\n"
     )
     assert redis_client.keys("*") == []
     assert sf_org.counts["query"] + sf_org.counts["queryAll"] == 0
