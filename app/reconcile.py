@@ -159,12 +159,16 @@ class Poller:
 
 def resume_at(page: list[JobNotification], end: datetime) -> datetime | None:
     """Where a run may resume after `page` (a watermark, a checkpoint): the newest stamp of its
-    records inside the window, before `end`. Salesforce reads a page's values when it fetches
-    the page, so a record edited since the query began comes back with a later stamp, out of
-    order: the page's last stamp could then lie past records not read yet, lost for good."""
+    records older than `end - OVERLAP`. Salesforce reads a page's values when it fetches the
+    page, so a record edited since the query began comes back with a later stamp, out of
+    order: the page's last stamp could lie past records not read yet, lost for good. Such a
+    stamp is at least `end - OVERLAP` (`end` is read before the query; a transaction commits
+    within OVERLAP of its stamp), so every older stamp is a record's own, in the query's
+    order, and no record not read yet is older than the newest of them."""
+    before = end - OVERLAP
     stamps = (n.fields.get("SystemModstamp") for n in page)
-    inside = [when for s in stamps if isinstance(s, str) and (when := parse_datetime(s)) < end]
-    return max(inside, default=None)
+    settled = [when for s in stamps if isinstance(s, str) and (when := parse_datetime(s)) < before]
+    return max(settled, default=None)
 
 
 async def poll_object(
@@ -217,15 +221,19 @@ async def reconcile(
         )
     poller = Poller(settings, engine, enqueuer, field_map, Source.RECONCILE)
     starts: dict[str, datetime] = {}
+    marks: dict[str, datetime] = {}  # the watermarks as the run begins: it only moves them on
     unmarked = []
     for sobject in handled(settings, field_map):
         mark = await cursors.get(engine, cursors.watermark_name(sobject))
+        if mark is not None:
+            marks[sobject] = parse_datetime(mark)
         if since is not None:
             starts[sobject] = since
             if mark is None and not dry_run:  # a run cut short resumes from here
                 await cursors.put(engine, cursors.watermark_name(sobject), since.isoformat())
+                marks[sobject] = since
         elif mark is not None:
-            starts[sobject] = parse_datetime(mark) - OVERLAP
+            starts[sobject] = marks[sobject] - OVERLAP
         else:
             unmarked.append(sobject)
     if unmarked:
@@ -255,8 +263,14 @@ async def reconcile(
         for sobject in objects:
             name = cursors.watermark_name(sobject)
 
-            async def advance(mark: datetime | None, name: str = name) -> None:
-                if not dry_run and mark is not None:
+            floor = marks.get(sobject)
+
+            async def advance(
+                mark: datetime | None, name: str = name, floor: datetime | None = floor
+            ) -> None:
+                # Never back into the overlap the run began with (a run failing after its
+                # first page each time would drift back): only past the stored watermark.
+                if not dry_run and mark is not None and (floor is None or mark > floor):
                     await cursors.put(engine, name, mark.isoformat())
 
             part = PollReport()

@@ -10,6 +10,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from app.backfill import Checkpoint, run_backfill
 from app.config import Settings
 from app.drupal import cursors
@@ -160,13 +162,16 @@ def test_progress_on_a_terminal_rewrites_one_line_with_rate_and_eta() -> None:
 
 
 def edited_mid_run(org: FakeOrg, edited: str, later: timedelta, fail: Refusal) -> None:
-    """Paging: record `edited` is edited as the second page is fetched; the third fails."""
+    """Paging: record `edited` is edited as the second page is fetched, its stamp `later`
+    than the run's start (negative: a transaction begun before it, committed now); the third
+    page fails."""
     original = org.page
 
     def page(locator: str, offset: int, version: str) -> dict[str, Any]:
         if offset == org.page_size:
             assert org.fixed_time is not None
-            org.fixed_time = edit_time = org.fixed_time + later
+            edit_time = org.fixed_time + later
+            org.fixed_time = max(org.fixed_time, edit_time)
             record = org.records["Contact"][edited]
             record["SystemModstamp"], record["LastName"] = edit_time, "Edited"
         if offset == 2 * org.page_size:
@@ -177,21 +182,24 @@ def edited_mid_run(org: FakeOrg, edited: str, later: timedelta, fail: Refusal) -
     org.page = page  # type: ignore[method-assign]
 
 
+@pytest.mark.parametrize(
+    ("edited", "later"),
+    [(19, timedelta(minutes=5)), (19, timedelta(minutes=-5)), (14, timedelta(minutes=-9))],
+    ids=["after the start", "committed late, the last", "committed late, the fifth"],
+)
 async def test_a_backfill_resumes_before_records_not_read_yet(
-    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path, edited: int, later: timedelta
 ) -> None:
     sf_org.page_size = 10
     sf_org.fixed_time = T0 + timedelta(days=1)
     ids = [add(sf_org, n, T0 + timedelta(seconds=n)) for n in range(1, 31)]
-    edited_mid_run(
-        sf_org, ids[19], timedelta(minutes=5), Refusal(503, "SERVER_UNAVAILABLE", "down")
-    )
+    edited_mid_run(sf_org, ids[edited], later, Refusal(503, "SERVER_UNAVAILABLE", "down"))
     cut = await run_backfill(rc_settings)
     assert cut.stopped is not None
     point = Checkpoint.loads(await cursor(rc_settings, cursors.checkpoint_name("Contact")) or "")
-    # The second page's newest record inside the window (the 20th, its last, was edited: it
-    # came back with its new stamp, past the window's end), not the edited one's stamp.
-    assert point.after == T0 + timedelta(seconds=19) and point.after < point.started
+    # The second page's newest record not edited (the edited one came back with its new stamp,
+    # within OVERLAP of the run's start or past it), not the edited one's stamp.
+    assert point.after == T0 + timedelta(seconds=20 if edited == 14 else 19)
     resumed = await run_backfill(rc_settings)
     assert resumed.stopped is None and resumed.errors == 0
     await run_worker(rc_settings)
@@ -214,3 +222,31 @@ async def test_a_reconcile_watermark_stays_before_records_not_read_yet(
     assert (await run_reconcile(rc_settings)).stopped is None
     await run_worker(rc_settings)
     assert sorted(set(ids) - set(users(drupal_db))) == []
+
+
+async def test_a_reconcile_watermark_never_moves_back_into_its_overlap(
+    rc_settings: Settings, sf_org: FakeOrg
+) -> None:
+    """A run starts 10 minutes before its watermark; failing after its first page, it must
+    not leave the watermark back there (failing so each time, it would drift back)."""
+    sf_org.fixed_time = T0 + timedelta(hours=3)
+    assert (await run_reconcile(rc_settings, since=T0)).stopped is None
+    mark = T0 + timedelta(hours=3)
+    assert await cursor(rc_settings, cursors.watermark_name("Contact")) == mark.isoformat()
+    sf_org.page_size = 10
+    for n in range(1, 11):  # inside the overlap: the first page
+        add(sf_org, n, mark - timedelta(minutes=5, seconds=-n))
+    for n in range(11, 31):
+        add(sf_org, n, mark + timedelta(minutes=n))
+    sf_org.fixed_time = T0 + timedelta(hours=5)
+    original = sf_org.page
+
+    def page(locator: str, offset: int, version: str) -> dict[str, Any]:
+        if offset:  # the second page fails
+            raise Refusal(503, "SERVER_UNAVAILABLE", "down")
+        return original(locator, offset, version)
+
+    sf_org.page = page  # type: ignore[method-assign]
+    cut = await run_reconcile(rc_settings)
+    assert cut.stopped is not None and cut.queried == 10
+    assert await cursor(rc_settings, cursors.watermark_name("Contact")) == mark.isoformat()
