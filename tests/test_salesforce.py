@@ -90,7 +90,12 @@ async def test_each_login_flow(
 
 @pytest.mark.parametrize(
     ("domain", "audience"),
-    [("acme.my", "login"), ("acme--uat.sandbox.my", "test"), ("test", "test")],
+    [
+        ("acme.my", "login"),
+        ("acme--uat.sandbox.my", "test"),
+        ("acme--uat.my", "test"),  # a sandbox before enhanced domains
+        ("test", "test"),
+    ],
 )
 async def test_jwt_bearer_with_a_my_domain_asks_it_with_login_or_test_as_audience(
     sf_server: SalesforceServer, sf_org: FakeOrg, domain: str, audience: str

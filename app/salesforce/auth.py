@@ -137,7 +137,7 @@ def credentials(settings: Settings) -> Credentials:
 
 def login(creds: Credentials, session: requests.Session) -> tuple[str, str]:
     """(session id, instance host) from a fresh login; never logs or returns a secret in text."""
-    domain, token_host = creds.domain, None
+    domain = creds.domain
     if creds.flow is AuthFlow.JWT_BEARER:
         assert creds.private_key_file is not None
         if not creds.private_key_file.is_file():
@@ -145,17 +145,17 @@ def login(creds: Credentials, session: requests.Session) -> tuple[str, str]:
                 f"SFRELAY_SF_PRIVATE_KEY_FILE: no file at {creds.private_key_file} (the PEM "
                 "private key whose certificate is uploaded to the Connected App)"
             )
-        if domain not in ("login", "test"):
-            # The JWT's audience is login or test.salesforce.com only (a My Domain is refused
-            # there); the token is still asked of the My Domain.
-            domain, token_host = ("test" if ".sandbox." in f".{domain}." else "login"), domain
         call = partial(
             SalesforceLogin,
             username=creds.username,
             consumer_key=creds.consumer_key,
             privatekey_file=str(creds.private_key_file),
-            instance_url=token_host,
         )
+        if domain.lower() not in ("login", "test"):
+            # The JWT's audience is login or test.salesforce.com only (a My Domain is refused
+            # there); the token is still asked of the My Domain.
+            call = partial(call, instance_url=domain)
+            domain = "test" if _sandbox(domain) else "login"
     elif creds.flow is AuthFlow.CLIENT_CREDENTIALS:
         call = partial(
             SalesforceLogin, consumer_key=creds.consumer_key, consumer_secret=creds.consumer_secret
@@ -207,6 +207,13 @@ def login(creds: Credentials, session: requests.Session) -> tuple[str, str]:
     if not session_id or not instance:
         raise SalesforceLoginFailed(f"Salesforce login ({creds.flow}) returned no session")
     return str(session_id), str(instance)
+
+
+def _sandbox(my_domain: str) -> bool:
+    """A sandbox's or scratch org's My Domain (acme--uat.sandbox.my, acme--uat.my before
+    enhanced domains, x.scratch.my), whose JWT audience is test.salesforce.com."""
+    name = my_domain.lower()
+    return "--" in name or any(f".{part}." in f".{name}." for part in ("sandbox", "scratch"))
 
 
 def _login_hint(flow: AuthFlow) -> str:
