@@ -470,6 +470,27 @@ async def test_request_limit_exceeded_is_retryable(
         await client.close()
 
 
+async def test_the_concurrent_request_limit_is_not_the_daily_one(
+    sf_server: SalesforceServer, sf_org: FakeOrg
+) -> None:
+    """REQUEST_LIMIT_EXCEEDED also means too many long requests running at once: soon over,
+    and not the daily limit the polls' reserve is about."""
+    message = "ConcurrentPerOrgLongTxn Limit exceeded."
+    sf_org.fail_next = [(403, "REQUEST_LIMIT_EXCEEDED", message)]
+    client = client_for(sf_server)
+    try:
+        with pytest.raises(SalesforceUnavailable) as busy:
+            await collect(client.changed_records("Contact", T0, T0 + timedelta(hours=1)))
+        assert not isinstance(busy.value, ApiLimitReached)
+        assert str(busy.value) == (
+            "Salesforce refused the Contact changes: too many long-running requests at once in "
+            f"the org ({message}); the next run tries again"
+        )
+        assert isinstance(busy.value, RetryableError)
+    finally:
+        await client.close()
+
+
 async def test_a_field_the_org_lacks_is_a_config_error_naming_it(
     sf_server: SalesforceServer, sf_org: FakeOrg
 ) -> None:

@@ -38,6 +38,14 @@ def map_error(exc: SalesforceError, what: str) -> SfrelayError:
     """One place where Salesforce's refusals become sfrelay's errors (app/errors.py)."""
     code, message = _first_error(exc.content)
     status = exc.status
+    if code == "REQUEST_LIMIT_EXCEEDED" and "concurrent" in message.lower():
+        # ConcurrentPerOrgLongTxn: too many long requests running in the org right now (not
+        # the daily limit): soon over.
+        return SalesforceUnavailable(
+            f"Salesforce refused {what}: too many long-running requests at once in the org "
+            f"({message}); the next run tries again",
+            code,
+        )
     if code == "REQUEST_LIMIT_EXCEEDED":
         return ApiLimitReached(
             f"Salesforce refused {what}: the org's API request limit is exceeded ({message}); "
