@@ -11,6 +11,7 @@ and the checkpoint is dropped.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from app.outcomes import OutcomeKind
 from app.queue import Enqueuer, count_outcomes
 from app.reconcile import SALESFORCE_ERRORS, PollContext, Poller, PollReport, handled, poll_object
 from app.salesforce.soql import parse_datetime
+
+log = logging.getLogger("sfrelay.backfill")
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -143,6 +146,15 @@ async def _one_object(
     await ctx.api.require_api_headroom()
     if saved is not None and not dry_run:
         point = Checkpoint.loads(saved)
+        if since is not None:
+            log.warning(
+                "backfill of %s resumes the run cut short at %s (started %s): --since %s does "
+                "not apply to it",
+                sobject,
+                point.after.isoformat(),
+                point.started.isoformat(),
+                since.isoformat(),
+            )
     else:
         point = Checkpoint(await ctx.api.server_time(), since or EPOCH)
         if not dry_run:

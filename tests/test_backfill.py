@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -250,3 +251,32 @@ async def test_a_reconcile_watermark_never_moves_back_into_its_overlap(
     cut = await run_reconcile(rc_settings)
     assert cut.stopped is not None and cut.queried == 10
     assert await cursor(rc_settings, cursors.watermark_name("Contact")) == mark.isoformat()
+
+
+async def test_a_backfill_cut_short_resumes_and_says_since_does_not_apply(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sf_org.page_size = 10
+    sf_org.fixed_time = T0 + timedelta(days=1)
+    ids = [add(sf_org, n, T0 + timedelta(seconds=n)) for n in range(1, 31)]
+    original = sf_org.page
+
+    def page(locator: str, offset: int, version: str) -> dict[str, Any]:
+        if offset:
+            raise Refusal(503, "SERVER_UNAVAILABLE", "down")
+        return original(locator, offset, version)
+
+    sf_org.page = page  # type: ignore[method-assign]
+    assert (await run_backfill(rc_settings, objects=["Contact"])).stopped is not None
+    sf_org.page = original  # type: ignore[method-assign]
+    since = T0 + timedelta(seconds=25)
+    with caplog.at_level(logging.WARNING, logger="sfrelay.backfill"):
+        resumed = await run_backfill(rc_settings, objects=["Contact"], since=since)
+    assert resumed.stopped is None
+    assert [r.getMessage() for r in caplog.records if r.name == "sfrelay.backfill"] == [
+        f"backfill of Contact resumes the run cut short at {(T0 + timedelta(seconds=10)).isoformat()}"
+        f" (started {(T0 + timedelta(days=1)).isoformat()}): --since {since.isoformat()} does "
+        "not apply to it"
+    ]
+    await run_worker(rc_settings)
+    assert sorted(set(ids) - set(users(drupal_db))) == []
