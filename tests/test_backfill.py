@@ -273,10 +273,10 @@ async def test_a_backfill_cut_short_resumes_and_says_since_does_not_apply(
     with caplog.at_level(logging.WARNING, logger="sfrelay.backfill"):
         resumed = await run_backfill(rc_settings, objects=["Contact"], since=since)
     assert resumed.stopped is None
+    cut, started = T0 + timedelta(seconds=10), T0 + timedelta(days=1)
     assert [r.getMessage() for r in caplog.records if r.name == "sfrelay.backfill"] == [
-        f"backfill of Contact resumes the run cut short at {(T0 + timedelta(seconds=10)).isoformat()}"
-        f" (started {(T0 + timedelta(days=1)).isoformat()}): --since {since.isoformat()} does "
-        "not apply to it"
+        f"backfill of Contact resumes the run cut short at {cut.isoformat()} (started "
+        f"{started.isoformat()}): --since {since.isoformat()} does not apply to it"
     ]
     await run_worker(rc_settings)
     assert sorted(set(ids) - set(users(drupal_db))) == []
