@@ -23,6 +23,7 @@ from app.metrics import QueueGauges
 from app.metrics import router as metrics_router
 from app.queue import Enqueuer, redis_client
 from app.receiver import ParseBudget, ReceiverState, router
+from app.records import VERSION_FIELDS
 from app.wsdl import load_contract
 
 log = logging.getLogger("sfrelay.receiver")
@@ -82,10 +83,6 @@ async def check_redis_at_start_up(settings: Settings) -> None:
         await redis.aclose()
 
 
-# What orders a record's versions (app.records.modstamp).
-_VERSION_FIELDS = frozenset({"SystemModstamp", "LastModifiedDate"})
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The receiver. Loads the WSDLs (zeep, once) and checks the configuration before serving."""
     settings = settings or Settings()
@@ -98,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "Outbound Message WSDL of each handled object"
         )
     for obj in settings.handled_objects:
-        if not _VERSION_FIELDS & set(contract.field_types(obj) or ()):
+        if not set(VERSION_FIELDS) & set(contract.field_types(obj) or ()):
             log.warning(
                 "the %s WSDL in %s has neither SystemModstamp nor LastModifiedDate: Salesforce "
                 "delivers out of order, and without a version an older notification can "

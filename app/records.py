@@ -98,9 +98,13 @@ def valid_email(mail: str, *, international: bool = False) -> bool:
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+# What orders a record's versions, the first one present.
+VERSION_FIELDS = ("SystemModstamp", "LastModifiedDate")
+
+
 def modstamp(fields: dict[str, Any]) -> int | None:
     """The record version: SystemModstamp, else LastModifiedDate, in microseconds (UTC)."""
-    for name in ("SystemModstamp", "LastModifiedDate"):
+    for name in VERSION_FIELDS:
         value = fields.get(name)
         if value is None or value == "":
             continue
@@ -203,23 +207,22 @@ def clean_name(raw: str, *, bmp_only: bool = False, drupal7: bool = False) -> st
     `drupal7`: without "+", which Drupal 7 refuses (jo+news@ gives jonews)."""
     if raw.isascii():  # the usual case, without a per-character loop
         kept = _NOT_NAME_ASCII.sub("", raw)
-        if drupal7 and "+" in kept:
-            kept = kept.replace("+", "")
-        return " ".join(kept.split())[:NAME_MAX].strip()
-    text = unicodedata.normalize("NFC", raw.translate(_NAME_TRANSLATION))
-    if bmp_only:
-        text = _OUTSIDE_BMP.sub("", text)
-    kept = "".join(
-        c
-        for c in text
-        if c in _NAME_PUNCTUATION
-        or (c.isascii() and c.isalnum())
-        or (not c.isascii() and (c.isalnum() or unicodedata.category(c).startswith("M")))
-    )
-    if drupal7:
+    else:
+        text = unicodedata.normalize("NFC", raw.translate(_NAME_TRANSLATION))
+        if bmp_only:
+            text = _OUTSIDE_BMP.sub("", text)
+        kept = "".join(
+            c
+            for c in text
+            if c in _NAME_PUNCTUATION
+            or (c.isascii() and c.isalnum())
+            or (not c.isascii() and (c.isalnum() or unicodedata.category(c).startswith("M")))
+        )
+    if drupal7 and "+" in kept:
         kept = kept.replace("+", "")
-    # Dropping a character can leave a letter before a combining mark: compose them again.
-    kept = unicodedata.normalize("NFC", kept)
+    if not kept.isascii():
+        # Dropping a character can leave a letter before a combining mark: compose them again.
+        kept = unicodedata.normalize("NFC", kept)
     return " ".join(kept.split())[:NAME_MAX].strip()
 
 

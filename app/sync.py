@@ -185,9 +185,9 @@ class Syncer:
         Outcome of one refused outright (no Id, an object the field map lacks). A worker
         prepares a job when it arrives, before its turn to write (workers/group_commit.py)."""
         items: list[Record | Outcome] = []
+        drupal7 = self.schema.major == 7
         for notification in notifications:
             try:
-                drupal7 = self.schema.major == 7
                 items.append(to_record(0, notification, self.field_map, drupal7=drupal7))
             except RecordError as exc:
                 failed = OutcomeKind.FAILED
