@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -141,6 +142,11 @@ async def _from_database(settings: Settings, query: Query, result: Answer) -> No
                     owners = {r["id"] for r in mapped if r["converted_to"] is None}
                     owners |= {f"uid {uid}" for uid in uids}
                     result.conflicts = await _conflicts(conn, owners, major, query.key)
+                if has_records:
+                    # No user holds an address Drupal refuses: the history's detail does.
+                    shown = {r["id"] for r in result.records}
+                    refused = await _refused_email(conn, major, query.key)
+                    result.records += [r for r in refused if r["id"] not in shown]
                 result.users = users
             result.dead = await _database_dead(conn, query)
     except DBAPIError as exc:
@@ -208,29 +214,58 @@ async def _records(
     return [_record(row, existing, email) for row in rows]
 
 
-async def _conflicts(
-    conn: AsyncConnection, owners: set[str], major: int, email: str
+async def _with_outcome(
+    conn: AsyncConnection,
+    outcome: OutcomeKind,
+    detail_matches: Callable[[str], bool],
+    major: int,
+    email: str,
 ) -> list[dict[str, Any]]:
-    """Records whose last outcomes include a duplicate-email conflict with one of `owners`
-    (the Salesforce Ids and `uid <n>` holding the email). A scan of the rows that ever had a
-    conflict (LIKE narrows it; each history is then parsed)."""
+    """Records whose last outcomes include `outcome` with a detail `detail_matches`. A scan of
+    the rows that ever had that outcome (LIKE narrows it; each history is then parsed): fine
+    for one question."""
     t = ledger.records
     rows = (
         await conn.execute(
-            select(t)
-            .where(t.c.history.like(f'%"{OutcomeKind.CONFLICT_DUPLICATE_EMAIL.value}"%'))
-            .order_by(t.c.sf_id)
+            select(t).where(t.c.history.like(f'%"{outcome.value}"%')).order_by(t.c.sf_id)
         )
     ).all()
-    found = []
-    for row in rows:
-        for entry in orjson.loads(row.history):
-            others = set((entry.get("d") or "").split(", "))
-            if entry.get("o") == OutcomeKind.CONFLICT_DUPLICATE_EMAIL and others & owners:
-                found.append(row)
-                break
+    found = [
+        row
+        for row in rows
+        if any(
+            entry.get("o") == outcome and detail_matches(entry.get("d") or "")
+            for entry in orjson.loads(row.history)
+        )
+    ]
     existing = await _existing_uids(conn, major, {r.uid for r in found if r.uid is not None})
     return [_record(row, existing, email) for row in found]
+
+
+async def _conflicts(
+    conn: AsyncConnection, owners: set[str], major: int, email: str
+) -> list[dict[str, Any]]:
+    """Records refused because one of `owners` (the Salesforce Ids and `uid <n>` holding the
+    email) has it."""
+    return await _with_outcome(
+        conn,
+        OutcomeKind.CONFLICT_DUPLICATE_EMAIL,
+        lambda detail: bool(set(detail.split(", ")) & owners),
+        major,
+        email,
+    )
+
+
+async def _refused_email(conn: AsyncConnection, major: int, email: str) -> list[dict[str, Any]]:
+    """Records skipped because `email` (as the question lower-cases it) is not one Drupal
+    accepts: the skip's detail is the address as Salesforce sent it."""
+    return await _with_outcome(
+        conn,
+        OutcomeKind.SKIPPED_INVALID_EMAIL,
+        lambda detail: detail.strip().lower() == email,
+        major,
+        email,
+    )
 
 
 async def _database_dead(conn: AsyncConnection, query: Query) -> list[dict[str, Any]]:

@@ -376,6 +376,55 @@ def test_why_an_email_of_a_dead_notification_shows_it(
     assert len(lines) == 4
 
 
+def test_why_an_email_drupal_refuses_finds_the_records_skipped_for_it(
+    scenario: Scenario, redis_client: redis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two Contacts with the same address Drupal refuses (two dots in a row), in another case
+    # each; a third with another refused address is not shown.
+    bad, also_bad, other = sf_id("003", 21), sf_id("003", 22), sf_id("003", 23)
+    jobs = [
+        contact_json(21, bad, email="Rosa..Odegaard@Gmail.com"),
+        contact_json(22, also_bad, email=" rosa..odegaard@gmail.COM "),
+        contact_json(23, other, email="rosa..other@gmail.com"),
+    ]
+    asyncio.run(_apply(scenario.settings, jobs))
+    before = fingerprint(scenario.drupal_db, redis_client)
+    code, lines, err = run(capsys, scenario.settings, "why", "ROSA..odegaard@gmail.com")
+    assert (code, err) == (0, "")
+    [first] = history_times(scenario.drupal_db)[bad]
+    [second] = history_times(scenario.drupal_db)[also_bad]
+    meaning = "skipped: its email is not one Drupal accepts"
+    assert lines == [
+        "rosa..odegaard@gmail.com: no Drupal user has this email",
+        f"Contact {bad} -> no Drupal user",
+        "  last applied version: none",
+        "  history (last 1 outcomes, oldest first):",
+        f"    {utc(first)}  skipped_invalid_email     {meaning} (Rosa..Odegaard@Gmail.com)",
+        f"Contact {also_bad} -> no Drupal user",
+        "  last applied version: none",
+        "  history (last 1 outcomes, oldest first):",
+        f"    {utc(second)}  skipped_invalid_email     {meaning} (rosa..odegaard@gmail.COM)",
+        "queued now: nothing",
+        "dead letters: none",
+    ]
+    assert fingerprint(scenario.drupal_db, redis_client) == before
+
+
+async def _apply(settings: Settings, notifications: list[dict[str, Any]]) -> None:
+    client: Redis = Redis.from_url(settings.redis_url)
+    try:
+        await client.delete(settings.queue_name)  # the scenario's queued job stays unapplied
+        await enqueue_apply(
+            client,
+            settings.queue_name,
+            apply_job(notifications, received_at=RECEIVED_AT),
+            job_ttl_s=settings.job_ttl_seconds,
+        )
+        await run_worker(settings)
+    finally:
+        await client.aclose()
+
+
 def test_why_an_unknown_email(scenario: Scenario, capsys: pytest.CaptureFixture[str]) -> None:
     code, lines, err = run(capsys, scenario.settings, "why", "nobody@example.org")
     assert (code, lines, err) == (
