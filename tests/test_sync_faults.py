@@ -1,12 +1,13 @@
 """Faults at the database: a record the site's own constraint refuses, a read-only SQLite file,
-and a worker starting beside an open Drupal transaction on PostgreSQL."""
+a privilege the database user lacks, and a worker starting beside an open Drupal transaction
+on PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from app.sync import Syncer
 from tests.drupal_rows import open_syncer, uids_with_mail, user_ids
 from tests.drupal_schemas import site_copy
 from tests.factories import note, sf
-from tests.fixtures_db import SITES, DrupalSite, Server
+from tests.fixtures_db import SITES, DrupalSite, Server, start_mariadb
 
 POISON = "poison@example.org"
 
@@ -154,6 +155,82 @@ async def test_a_read_only_sqlite_file_is_retryable_and_writable_again_just_work
     assert await site.rows("SELECT * FROM sfrelay_dead_letter") == []
     for mail in ("ada@example.org", "grace@example.org", "alan@example.org"):
         assert len(await uids_with_mail(site, mail)) == 1
+
+
+@pytest.fixture(scope="module")
+def mariadb_with_grants() -> Iterator[Server]:
+    """A MariaDB of its own that checks privileges (the session's skips its grant tables;
+    FLUSH PRIVILEGES loads them, for good)."""
+    server = start_mariadb()
+    yield server
+    server.stop()
+
+
+async def _without_insert_on_users(server: Server, database: str) -> tuple[str, str]:
+    """A database user that may do everything on the site but INSERT into `users`: its URL,
+    and the GRANT that gives it the rest."""
+    user = f"limited_{database}"
+    admin = server.admin_engine()
+    try:
+        async with admin.connect() as conn:
+            if server.kind == "postgresql":
+                await conn.execute(text(f"CREATE ROLE {user} LOGIN"))
+                grant = f"GRANT INSERT ON users TO {user}"
+            else:
+                await conn.execute(text("FLUSH PRIVILEGES"))
+                accounts = [f"{user}@'{host}'" for host in ("localhost", "127.0.0.1")]
+                for account in accounts:
+                    await conn.execute(text(f"CREATE USER {account}"))
+                grant = f"GRANT INSERT ON users TO {', '.join(accounts)}"
+        site = create_engine(server.url(database))
+        async with site.begin() as conn:
+            if server.kind == "postgresql":
+                for what in ("TABLES", "SEQUENCES"):
+                    await conn.execute(text(f"GRANT ALL ON ALL {what} IN SCHEMA public TO {user}"))
+                await conn.execute(text(f"REVOKE INSERT ON users FROM {user}"))
+            else:
+                tables = await conn.execute(text("SHOW TABLES"))
+                for (table,) in tables.all():
+                    rights = "SELECT, UPDATE, DELETE" if table == "users" else "ALL"
+                    for account in accounts:
+                        await conn.execute(text(f"GRANT {rights} ON {table} TO {account}"))
+        await site.dispose()
+    finally:
+        await admin.dispose()
+    return server.url(database).replace("//postgres@", f"//{user}@").replace(
+        "//root@", f"//{user}@"
+    ), grant
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+async def test_a_missing_privilege_is_retryable_never_the_records_fault(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Every record would be refused alike: no per-record `failed` (a dead letter each, at
+    once), but a retryable error with nothing written; once granted, the same batch lands."""
+    server: Server = request.getfixturevalue(
+        "pg_server" if backend == "postgresql" else "mariadb_with_grants"
+    )
+    name = await server.fresh(10)
+    await (await Syncer.open(Settings(_env_file=None, database_url=server.url(name)))).close()
+    url, grant = await _without_insert_on_users(server, name)
+    site = DrupalSite(backend, backend, 10, server.url(name), create_engine(server.url(name)))
+    syncer = await Syncer.open(Settings(_env_file=None, database_url=url))
+    batch = [note(sf(i), f"user{i}@example.org", "U", f"N{i}") for i in range(3)]
+    before = await user_ids(site)
+    try:
+        refused = "permission denied for table users" if backend == "postgresql" else "(1142, "
+        with pytest.raises(RetryableError, match=re.escape(refused)):
+            await syncer.apply(batch)
+        assert await user_ids(site) == before
+        assert await site.rows("SELECT sf_id FROM sfrelay_record") == []
+        await site.execute(grant)
+        outcomes = await syncer.apply(batch)
+        assert [o.kind for o in outcomes] == ["created"] * 3
+        assert len(await user_ids(site)) == len(before) + 3
+    finally:
+        await syncer.close()
+        await site.engine.dispose()
 
 
 async def _waiting_locks(admin: AsyncEngine, database: str) -> list[dict[str, Any]]:
