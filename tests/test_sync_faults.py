@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +157,37 @@ async def test_a_read_only_sqlite_file_is_retryable_and_writable_again_just_work
     assert await site.rows("SELECT * FROM sfrelay_dead_letter") == []
     for mail in ("ada@example.org", "grace@example.org", "alan@example.org"):
         assert len(await uids_with_mail(site, mail)) == 1
+
+
+async def test_a_sqlite_file_deleted_under_the_worker_is_retried_never_recreated_empty(
+    tmp_path: Path,
+) -> None:
+    """A site's file removed (a restore: delete, then copy back) while the worker runs: each
+    try is retryable and sfrelay never creates a file in its place (SQLite would, empty: every
+    record would fail on its missing tables, and Drupal would find an empty database)."""
+    directory = tmp_path / "sites #1 100% default"  # the path goes into a SQLite URI
+    directory.mkdir()
+    path = site_copy("drupal10-standard.sqlite", directory)
+    syncer = await Syncer.open(Settings(_env_file=None, database_url=f"sqlite:///{path}"))
+    backup = path.read_bytes()  # with sfrelay's tables
+    try:
+        (first,) = await syncer.apply([note(sf(1), "ada@example.org", "Ada", "Byron")])
+        assert first.kind == "created"
+        path.unlink()
+        grace = [note(sf(2), "grace@example.org", "Grace", "Hopper")]
+        with pytest.raises(RetryableError):  # the open file was unlinked: SQLite refuses
+            await syncer.apply(grace)
+        with pytest.raises(RetryableError, match="unable to open database file"):
+            await syncer.apply(grace)  # the next try opens the path anew: nothing there
+        assert not path.exists()
+        path.write_bytes(backup)  # restored
+        (second,) = await syncer.apply(grace)
+    finally:
+        await syncer.close()
+    assert second.kind == "created"
+    with closing(sqlite3.connect(path)) as db:
+        mails = db.execute("SELECT mail FROM users_field_data WHERE uid > 1 ORDER BY uid")
+        assert mails.fetchall() == [("grace@example.org",)]  # the backup predates Ada
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import event, text
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.util import await_only
@@ -50,6 +53,15 @@ def require_sqlite_file(path: str | None) -> None:
         )
 
 
+def existing_file(url: URL) -> URL:
+    """`url` (an aiosqlite one, checked by require_sqlite_file) opening the file read-write
+    and never creating it: a site's file deleted or moved away under a running worker must
+    fail to open (SQLITE_CANTOPEN, retried), not come back as an empty database whose missing
+    tables would fail every record."""
+    path = quote(os.path.abspath(str(url.database)))
+    return url.set(database=f"file:{path}").update_query_dict({"mode": "rw", "uri": "true"})
+
+
 def register_nocase_utf8(dbapi_connection: Any) -> None:
     """Drupal's collation on one aiosqlite connection (aiosqlite has no create_collation:
     sqlite3's runs on aiosqlite's own thread)."""
@@ -63,7 +75,7 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
     if backend == "sqlite":
         require_sqlite_file(parsed.database)
         engine = create_async_engine(
-            parsed,
+            existing_file(parsed),
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S},
             # sqlite3's own executemany (one prepared statement, a C loop) beats rendering
             # multi-row VALUES statements for each batch.

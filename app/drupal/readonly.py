@@ -12,7 +12,7 @@ from sqlalchemy import event, inspect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from app.drupal.engine import register_nocase_utf8, require_sqlite_file
+from app.drupal.engine import existing_file, register_nocase_utf8, require_sqlite_file
 from app.drupal.url import async_url
 
 CONNECT_TIMEOUT_S = 3
@@ -25,7 +25,7 @@ def read_engine(url: str) -> AsyncEngine:
     if backend == "sqlite":
         require_sqlite_file(parsed.database)
         engine = create_async_engine(
-            parsed, connect_args={"timeout": CONNECT_TIMEOUT_S}, poolclass=NullPool
+            existing_file(parsed), connect_args={"timeout": CONNECT_TIMEOUT_S}, poolclass=NullPool
         )
 
         @event.listens_for(engine.sync_engine, "connect")
