@@ -266,6 +266,34 @@ async def test_a_missing_privilege_is_retryable_never_the_records_fault(
         await site.engine.dispose()
 
 
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+async def test_tables_missing_mid_restore_are_retryable_never_the_records_fault(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """A restore (drush sql-drop, then the dump) under a running worker: while the tables are
+    gone, every record would be refused alike; retryable, and applied once they are back."""
+    server: Server = request.getfixturevalue(
+        f"{'pg' if backend == 'postgresql' else backend}_server"
+    )
+    url = server.url(await server.fresh(10))
+    site = DrupalSite(backend, backend, 10, url, create_engine(url))
+    syncer = await Syncer.open(Settings(_env_file=None, database_url=url))
+    tables = ("users_field_data", "sfrelay_record")
+    batch = [note(sf(i), f"user{i}@example.org", "U", f"N{i}") for i in range(3)]
+    try:
+        for table in tables:
+            await site.execute(f"ALTER TABLE {table} RENAME TO restoring_{table}")
+        with pytest.raises(RetryableError):
+            await syncer.apply(batch)
+        assert await site.rows("SELECT sf_id FROM restoring_sfrelay_record") == []
+        for table in tables:
+            await site.execute(f"ALTER TABLE restoring_{table} RENAME TO {table}")
+        assert [o.kind for o in await syncer.apply(batch)] == ["created"] * 3
+    finally:
+        await syncer.close()
+        await site.engine.dispose()
+
+
 async def _waiting_locks(admin: AsyncEngine, database: str) -> list[dict[str, Any]]:
     async with admin.connect() as conn:
         rows = await conn.execute(

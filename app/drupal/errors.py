@@ -5,8 +5,10 @@ asyncpg's SQLSTATE, MySQL/MariaDB's error number. Transient means "the database 
 cannot be used now; the same work will succeed later": the worker retries it with backoff up
 to SFRELAY_MAX_TRIES, then dead-letters it, and `sfrelay dead replay` brings it back. Anything
 else that the database refuses is about the records written (a constraint, a trigger, a value
-too long) and is settled per record. A privilege the database user lacks is no record's
-fault (every record would be refused alike): it is transient until the operator grants it.
+too long) and is settled per record. A privilege the database user lacks, or a table that
+is missing (a restore under way), is no record's fault (every record would be refused
+alike): it is transient until the operator grants it or the restore ends. SQLite's missing
+table is its generic SQLITE_ERROR, which no code tells apart: it stays per record.
 `reconnect` means the connection itself is spoiled (a SQLite file opened read-only stays
 read-only; a server connection may be gone): the pool is dropped so that the next attempt
 opens fresh connections.
@@ -35,6 +37,7 @@ PostgreSQL 25006                           yes        yes        read-only trans
 PostgreSQL 25P03                           yes        yes        idle-in-transaction timeout
 PostgreSQL 58xxx                           yes        no         system error (I/O)
 PostgreSQL 42501                           yes        no         privilege missing (GRANT it)
+PostgreSQL 42P01                           yes        no         table missing (a restore)
 PostgreSQL 23xxx, 22xxx, other             no         no         about the records written
 MySQL 1205, 1213                           yes        no         lock wait timeout, deadlock
 MySQL 1040, 1203, 1226, 1037, 1038, 1041   yes        no         too many connections, memory
@@ -42,6 +45,7 @@ MySQL 1021, 1114                           yes        no         disk full, tabl
 MySQL 3024, 1969, 1317                     yes        no         statement timeout, interrupted
 MySQL 1142, 1143                           yes        no         privilege missing on a table
                                                                  or column (GRANT it)
+MySQL 1146                                 yes        no         table missing (a restore)
 MySQL 1290, 1836, 1792                     yes        yes        server or transaction read-only
 MySQL 2002, 2003, 2006, 2013, 2055, 1053,  yes        yes        cannot connect, server gone or
 1927, 4031, 1152-1161                                            shutting down, connection lost
@@ -80,12 +84,12 @@ _SQLITE_REOPEN += ("SQLITE_CORRUPT", "SQLITE_NOTADB")
 # PostgreSQL SQLSTATE: whole classes, then single codes.
 _PG_CLASS_WAIT = ("53", "58")
 _PG_CLASS_REOPEN = ("08",)
-_PG_WAIT = frozenset({"40001", "40P01", "55P03", "55006", "57014", "42501"})
+_PG_WAIT = frozenset({"40001", "40P01", "55P03", "55006", "57014", "42501", "42P01"})
 _PG_REOPEN = frozenset({"57P01", "57P02", "57P03", "57P04", "57P05", "25006", "25P03"})
 
 # MySQL / MariaDB error numbers.
 _MYSQL_WAIT = frozenset({1205, 1213, 1040, 1203, 1226, 1037, 1038, 1041, 1021, 1114})
-_MYSQL_WAIT |= {3024, 1969, 1317, 1142, 1143}
+_MYSQL_WAIT |= {3024, 1969, 1317, 1142, 1143, 1146}
 _MYSQL_REOPEN = frozenset({1290, 1836, 1792, 2002, 2003, 2006, 2013, 2055, 1053, 1927, 4031})
 _MYSQL_REOPEN |= set(range(1152, 1162))
 
