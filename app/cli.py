@@ -170,13 +170,17 @@ def cmd_queue_purge(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisError, ResponseError
+
+    from app.queue import refusal
 
     # app/ never imports workers/ at module level: the receiver's image needs no worker code.
     worker_main = importlib.import_module("workers.main")
     worker = worker_main.Worker(settings, burst=args.burst)
     try:
         worker.run()
+    except ResponseError as exc:  # Redis answers, and refuses (out of memory, read-only, ...)
+        return _fail(f"Redis refuses the worker's writes: {refusal(exc)}")
     except (RedisError, OSError) as exc:
         return _fail(f"cannot use Redis: {exc}; check SFRELAY_REDIS_URL and that Redis runs")
     return 0

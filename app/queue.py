@@ -27,7 +27,13 @@ from enum import Enum
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 
 from app.config import Settings
 from app.durability import AckDurability, AckWait, plan_ack_wait
@@ -310,6 +316,29 @@ class Enqueuer:
                 raise NotConfirmed(problem)
             return written
         raise QueueUnavailable("the queue (Redis) did not load the enqueue script")
+
+
+_REFUSALS = {
+    # Workers need writes too (a job's in-progress key): more of them drain nothing.
+    "OOM": "Redis is out of memory (maxmemory reached) and refuses writes, the workers' too "
+    "(they cannot take jobs): raise maxmemory; nothing queued is lost (noeviction)",
+    "MISCONF": "Redis refuses writes because it cannot save to disk: see the Redis log (disk "
+    "full or not writable)",
+    "READONLY": "Redis is a read-only replica: point SFRELAY_REDIS_URL at the primary",
+    "NOREPLICAS": "Redis refuses writes: fewer replicas than min-replicas-to-write are connected",
+}
+
+
+def refusal(exc: ResponseError) -> str:
+    """Why Redis refuses writes, and what to do, from its error code (not its words)."""
+    # redis-py strips the codes it has a class for; the others stay the first word.
+    if isinstance(exc, OutOfMemoryError):
+        code = "OOM"
+    elif isinstance(exc, ReadOnlyError):
+        code = "READONLY"
+    else:
+        code = str(exc).split(" ", 1)[0]
+    return _REFUSALS.get(code, f"Redis refuses writes ({code[:20]}): see the Redis log")
 
 
 async def queue_stats(redis: Redis, queue_name: str) -> QueueStats:

@@ -17,13 +17,7 @@ from dataclasses import dataclass, field
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from redis.asyncio import Redis
-from redis.exceptions import (
-    BusyLoadingError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisError,
-    ResponseError,
-)
+from redis.exceptions import BusyLoadingError, RedisError, ResponseError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -45,7 +39,7 @@ from app.errors import (
     clip,
 )
 from app.jobs import ApplyJob, JobNotification, Source
-from app.queue import READY_PROBE_KEY, Enqueuer, NotQueued
+from app.queue import READY_PROBE_KEY, Enqueuer, NotQueued, refusal
 from app.sfid import SF_ID_FORM, canonical_id
 from app.soap import ACK, Notification, OutboundMessage, fault, parse_message
 from app.wsdl import Contract
@@ -417,27 +411,6 @@ async def healthz() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-_REFUSALS = {
-    "OOM": "Redis is out of memory (maxmemory reached) and refuses writes: raise maxmemory or "
-    "add workers to drain the queue",
-    "MISCONF": "Redis refuses writes because it cannot save to disk: see the Redis log (disk "
-    "full or not writable)",
-    "READONLY": "Redis is a read-only replica: point SFRELAY_REDIS_URL at the primary",
-    "NOREPLICAS": "Redis refuses writes: fewer replicas than min-replicas-to-write are connected",
-}
-
-
-def _refusal(exc: ResponseError) -> str:
-    # redis-py strips the codes it has a class for; the others stay the first word.
-    if isinstance(exc, OutOfMemoryError):
-        code = "OOM"
-    elif isinstance(exc, ReadOnlyError):
-        code = "READONLY"
-    else:
-        code = str(exc).split(" ", 1)[0]
-    return _REFUSALS.get(code, f"Redis refuses writes ({code[:20]}): see the Redis log")
-
-
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     """200 only when an ack could be written now: Redis answers AND accepts writes."""
@@ -445,7 +418,7 @@ async def readyz(request: Request) -> JSONResponse:
     try:
         await state.redis.set(READY_PROBE_KEY, b"1", xx=True, px=1000)
     except ResponseError as exc:
-        reason = _refusal(exc)
+        reason = refusal(exc)
     except BusyLoadingError:
         reason = "Redis is loading its data set: ready when it has"
     except (RedisError, OSError):

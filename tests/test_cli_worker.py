@@ -23,6 +23,8 @@ from app.sync import Syncer
 from tests.conftest import Cli
 from tests.factories import ORG_ID, apply_job, contact_json, sf_id
 from tests.fixtures_worker import PROJECT, settings_env
+from tests.test_receiver_hostile_clients import own_redis
+from tests.test_worker_process import emails, enqueue, expected
 
 
 def sfrelay(settings: Settings, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -120,6 +122,31 @@ def test_worker_says_what_to_do_when_the_database_is_wrong(
         "sfrelay: SFRELAY_DATABASE_URL: unsupported database 'oracle' "
         "(use mysql://, pgsql:// or postgresql://, or sqlite:///path)"
     )
+
+
+def test_worker_says_what_to_do_when_redis_is_out_of_memory_and_loses_nothing(
+    worker_settings: Settings, drupal_db: Path, tmp_path: Path
+) -> None:
+    """At maxmemory (noeviction) a worker cannot take a job (its in-progress key is a write):
+    it says so and how to fix it, not to check the URL; the job waits, and runs once fixed."""
+    with own_redis(tmp_path) as server:
+        settings = worker_settings.model_copy(update={"redis_url": server.url})
+        enqueue(settings, 0, 10)
+        direct = server.client()
+        direct.config_set("maxmemory", 1)
+        failed = sfrelay(settings, tmp_path, "worker", "--burst")
+        assert failed.returncode == 2
+        assert failed.stderr.splitlines()[-1] == (
+            "sfrelay: Redis refuses the worker's writes: Redis is out of memory (maxmemory "
+            "reached) and refuses writes, the workers' too (they cannot take jobs): raise "
+            "maxmemory; nothing queued is lost (noeviction)"
+        )
+        assert direct.zcard(settings.queue_name) == 1
+        assert emails(drupal_db) == []
+        direct.config_set("maxmemory", 0)
+        done = sfrelay(settings, tmp_path, "worker", "--burst")
+        assert done.returncode == 0, done.stderr
+        assert emails(drupal_db) == expected(0, 10)
 
 
 async def test_queue_stats_counts_the_database_dead_letters_too(

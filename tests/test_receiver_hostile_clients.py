@@ -554,8 +554,8 @@ async def test_readyz_is_503_while_redis_is_out_of_memory(asgi: Any, tmp_path: P
         direct.config_set("maxmemory", 1)
         await assert_not_ready_and_not_acked(
             client,
-            "Redis is out of memory (maxmemory reached) and refuses writes: raise maxmemory or "
-            "add workers to drain the queue",
+            "Redis is out of memory (maxmemory reached) and refuses writes, the workers' too "
+            "(they cannot take jobs): raise maxmemory; nothing queued is lost (noeviction)",
         )
         direct.config_set("maxmemory", 0)
         assert direct.dbsize() == 0
