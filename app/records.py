@@ -46,14 +46,26 @@ _IPV4 = r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}"
 _IPV6 = r"[0-9a-fA-F]{1,4}(?::[0-9a-fA-F]{1,4}){7}"
 _EMAIL = re.compile(rf"[{_LOCAL_CHARS}]+@(?:{_DOMAIN}|\[(?:{_IPV4}|{_IPV6})\])")
 # Drupal 8+ (Egulias's RFC validator) also takes addresses in other scripts (RFC 6531:
-# jürgen@müller.de, инфо@письмо.рф): letters and digits beyond ASCII, where ASCII ones go.
-_INTL = r"[^\W\x00-\x7f]"
-_LABEL_CHAR = rf"(?:[a-zA-Z0-9]|{_INTL})"
-_LABEL_INTL = rf"{_LABEL_CHAR}(?:(?:{_LABEL_CHAR}|-)*{_LABEL_CHAR})?"
-_DOMAIN_INTL = rf"{_LABEL_INTL}(?:\.{_LABEL_INTL})*\.?"
-_EMAIL_INTL = re.compile(
-    rf"(?:[{_LOCAL_CHARS}]|{_INTL})+@(?:{_DOMAIN_INTL}|\[(?:{_IPV4}|{_IPV6})\])"
-)
+# jürgen@müller.de, инфо@письмо.рф, संपर्क@डाटामेल.भारत): each character beyond ASCII is an
+# atom of its own there, refused only when it is a symbol or a control, format, private-use
+# or unassigned code point (its lexer's [^\p{S}\p{C}]): letters, digits and the combining
+# marks of Devanagari, Thai or a decomposed "ñ" all pass. Each such character is checked by
+# its category, then stands as an ASCII letter for _EMAIL (still linear time).
+_REFUSED_BEYOND_ASCII = frozenset("SC")
+
+
+def _as_ascii(mail: str) -> str | None:
+    """`mail` with each character beyond ASCII that Drupal 8+ takes as an "a"; None if one
+    is refused."""
+    out = []
+    for char in mail:
+        if char.isascii():
+            out.append(char)
+        elif unicodedata.category(char)[0] in _REFUSED_BEYOND_ASCII:
+            return None
+        else:
+            out.append("a")
+    return "".join(out)
 
 
 # A character outside the Basic Multilingual Plane (4 bytes in UTF-8: emoji, U+1D400, ...).
@@ -87,9 +99,11 @@ def json_within_bmp(data: bytes) -> str:
 
 def valid_email(mail: str, *, international: bool = False) -> bool:
     """Whether Drupal accepts `mail`: Drupal 7 only ASCII addresses, Drupal 8+ (international)
-    letters and digits of any script too."""
-    pattern = _EMAIL_INTL if international and not mail.isascii() else _EMAIL
-    if len(mail) > MAIL_MAX or not pattern.fullmatch(mail):
+    those of any script too."""
+    if len(mail) > MAIL_MAX:
+        return False
+    checked = _as_ascii(mail) if international and not mail.isascii() else mail
+    if checked is None or not _EMAIL.fullmatch(checked):
         return False
     local = mail.rpartition("@")[0]
     return not (local.startswith(".") or local.endswith(".") or ".." in local)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 import uuid
 
+import pytest
+
 from app.drupal.d10 import time_ordered_uuids
 from app.drupal.schema import has_table
 from app.outcomes import Outcome
@@ -421,16 +423,24 @@ def test_the_readme_names_every_outcome() -> None:
     assert [k for k in OutcomeKind if f"`{k}`" not in section] == []
 
 
-async def test_an_international_email_where_drupal_takes_it(drupal_site: DrupalSite) -> None:
+@pytest.mark.parametrize(
+    ("mail", "first", "last"),
+    [("jürgen@müller.de", "Jürgen", "Müller"),
+     # Devanagari's vowel signs and virama are combining marks (Mc, Mn)
+     ("संपर्क@डाटामेल.भारत", "संपर्क", "डाटा")],
+)  # fmt: skip
+async def test_an_international_email_where_drupal_takes_it(
+    drupal_site: DrupalSite, mail: str, first: str, last: str
+) -> None:
     """Drupal 8+ takes addresses in any script (RFC 6531); Drupal 7 only ASCII ones."""
     site = drupal_site
     syncer = await open_syncer(site)
-    n = note(sf(1), "jürgen@müller.de", "Jürgen", "Müller")
+    n = note(sf(1), mail, first, last)
     (out,) = await syncer.apply([n])
     await syncer.close()
     if site.major == 7:
-        assert out == Outcome(n.id, sf(1), "skipped_invalid_email", None, "jürgen@müller.de")
-        assert await uids_with_mail(site, "jürgen@müller.de") == []
+        assert out == Outcome(n.id, sf(1), "skipped_invalid_email", None, mail)
+        assert await uids_with_mail(site, mail) == []
     else:
         assert out.kind == "created"
-        assert await uids_with_mail(site, "jürgen@müller.de") == [out.uid]
+        assert await uids_with_mail(site, mail) == [out.uid]
