@@ -10,6 +10,10 @@ What it answers (the org's state is `FakeOrg`):
 - POST /services/Soap/u/<ver>: SOAP login (username, password + security token).
 - /services/data/vNN.0/: query and queryAll (a small SOQL subset, nextRecordsUrl paging),
   sobjects/<Object>/describe, /updated, /deleted, /<Id>, limits; `Sforce-Limit-Info` on each.
+- The delete log behind /deleted (getDeleted): every deletion, kept after the record has left
+  queryAll (a hard delete, a record emptied from the Recycle Bin) and after an undelete, for 15
+  days or until the org purges the log (`FakeOrg.purge_delete_log`: earliestDateAvailable moves
+  there); times to the minute (seconds ignored), start at least a minute before end.
 - Errors as Salesforce sends them: 401 INVALID_SESSION_ID, 403 REQUEST_LIMIT_EXCEEDED,
   400 MALFORMED_QUERY / INVALID_FIELD / INVALID_TYPE, and injected 5xx (`FakeOrg.fail_next`).
 """
@@ -112,7 +116,11 @@ class FakeOrg:
     records: dict[str, dict[str, dict[str, Any]]] = field(
         default_factory=lambda: {name: {} for name in FIELDS}
     )
-    deleted_at: dict[str, datetime] = field(default_factory=dict)
+    # The delete log: sobject -> Id -> deletedDate (the record's SystemModstamp at deletion).
+    delete_log: dict[str, dict[str, datetime]] = field(
+        default_factory=lambda: {name: {} for name in FIELDS}
+    )
+    log_purged_at: datetime | None = None
     api_used: int = 0
     api_max: int = 15_000
     page_size: int = 2000
@@ -145,7 +153,32 @@ class FakeOrg:
     def delete(self, sobject: str, record_id: str, at: datetime, master: str | None = None) -> None:
         record = self.records[sobject][record_id]
         record.update(IsDeleted=True, SystemModstamp=at, MasterRecordId=master)
-        self.deleted_at[record_id] = at
+        self.delete_log[sobject][record_id] = at
+
+    def hard_delete(self, sobject: str, record_id: str, at: datetime) -> None:
+        """Bulk API hardDelete: past the Recycle Bin, so queryAll never returns it again;
+        only the delete log knows."""
+        self.delete(sobject, record_id, at)
+        self.empty_recycle_bin(sobject, record_id)
+
+    def empty_recycle_bin(self, sobject: str, record_id: str) -> None:
+        """A deleted record purged from the Recycle Bin: gone from queryAll, still logged."""
+        assert self.records[sobject][record_id]["IsDeleted"]
+        del self.records[sobject][record_id]
+
+    def undelete(self, sobject: str, record_id: str, at: datetime) -> None:
+        """Restored from the Recycle Bin: live again; its delete log entry stays."""
+        record = self.records[sobject][record_id]
+        record.update(IsDeleted=False, SystemModstamp=at, LastModifiedDate=at, MasterRecordId=None)
+
+    def purge_delete_log(self, before: datetime) -> None:
+        """Salesforce's own purge of a delete log over its size limit (or the Recycle Bin
+        emptied by an administrator): earlier entries are gone and earliestDateAvailable is
+        `before`, so a window starting earlier is refused."""
+        self.log_purged_at = before
+        for log in self.delete_log.values():
+            for record_id in [i for i, at in log.items() if at < before]:
+                del log[record_id]
 
     def expire_sessions(self) -> None:
         self.tokens.clear()
@@ -362,8 +395,18 @@ class FakeOrg:
             start, end = _parse_time(params["start"][0]), _parse_time(params["end"][0])
         except (KeyError, ValueError):
             raise Refusal(400, "INVALID_REPLICATION_DATE", "start and end are required") from None
+        # The seconds are ignored.
+        start, end = start.replace(second=0, microsecond=0), end.replace(second=0, microsecond=0)
+        if end - start <= timedelta(minutes=1):
+            raise Refusal(
+                400,
+                "INVALID_REPLICATION_DATE",
+                "startDate must be at least one minute greater than endDate",
+            )
         now = self.now()
         earliest = now - timedelta(days=15)
+        if self.log_purged_at is not None:
+            earliest = max(earliest, self.log_purged_at)
         if start < earliest:
             raise Refusal(
                 400, "INVALID_REPLICATION_DATE", "startDate before org replication enabled date"
@@ -377,9 +420,9 @@ class FakeOrg:
             ]
             return {"ids": ids, "latestDateCovered": sf_datetime(covered)}
         deleted = [
-            {"id": r["Id"], "deletedDate": sf_datetime(self.deleted_at[r["Id"]])}
-            for r in self.records[sobject].values()
-            if r["Id"] in self.deleted_at and start <= self.deleted_at[r["Id"]] <= covered
+            {"id": record_id, "deletedDate": sf_datetime(at)}
+            for record_id, at in self.delete_log[sobject].items()
+            if start <= at <= covered
         ]
         return {
             "deletedRecords": deleted,

@@ -18,6 +18,7 @@ from app.errors import (
     RetryableError,
     SalesforceLoginFailed,
     SalesforceQueryRefused,
+    SalesforceRequestRefused,
     SalesforceUnavailable,
 )
 from app.jobs import JobNotification
@@ -412,6 +413,50 @@ async def test_deleted_and_updated_windows_and_server_time(
         updated = await client.updated_ids("Contact", now - timedelta(days=1), now)
         assert updated.ids == [ids[0], ids[2]]
         assert updated.latest_covered == now.replace(second=0)
+    finally:
+        await client.close()
+
+
+async def test_the_delete_log_outlives_query_all_and_refuses_what_it_no_longer_keeps(
+    sf_server: SalesforceServer, sf_org: FakeOrg
+) -> None:
+    """getDeleted lists a hard-deleted record (gone from queryAll) and a restored one; seconds
+    are ignored; a start older than earliestDateAvailable, or less than a minute before the
+    end, is refused with INVALID_REPLICATION_DATE (a SalesforceRequestRefused)."""
+    now = datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)
+    sf_org.fixed_time = now
+    ids = add_contacts(sf_org, 3, start=now - timedelta(hours=2))
+    sf_org.hard_delete("Contact", ids[0], now - timedelta(minutes=30, seconds=5))
+    sf_org.delete("Contact", ids[1], now - timedelta(minutes=20))
+    sf_org.undelete("Contact", ids[1], now - timedelta(minutes=10))
+    client = client_for(sf_server)
+    try:
+        everything = await collect(
+            client.changed_records("Contact", now - timedelta(days=1), now, include_deleted=True)
+        )
+        assert [n.fields["Id"] for n in everything] == ids[2:] + ids[1:2]
+        assert not await collect(client.records_by_id("Contact", ids[:1], include_deleted=True))
+        # Seconds ignored: a start of 07:38:04 covers the deletion at 07:38:04.
+        window = await client.deleted_records(
+            "Contact", now - timedelta(minutes=30, seconds=5), now
+        )
+        assert [(r.id, r.deleted_at) for r in window.records] == [
+            (ids[0], now - timedelta(minutes=30, seconds=5)),
+            (ids[1], now - timedelta(minutes=20)),
+        ]
+        assert window.latest_covered == now.replace(second=0)
+        refusals = [
+            (now - timedelta(days=15, minutes=1), "startDate before org replication enabled date"),
+            (now - timedelta(seconds=40), "startDate must be at least one minute greater than"),
+        ]
+        sf_org.purge_delete_log(now - timedelta(hours=1))
+        refusals.append((now - timedelta(hours=2), "startDate before org replication enabled"))
+        for start, message in refusals:
+            with pytest.raises(SalesforceRequestRefused, match=message) as refused:
+                await client.deleted_records("Contact", start, now)
+            assert refused.value.error_code == "INVALID_REPLICATION_DATE"
+        window = await client.deleted_records("Contact", now - timedelta(minutes=59), now)
+        assert window.earliest_available == now - timedelta(hours=1)
     finally:
         await client.close()
 
