@@ -11,10 +11,20 @@ page, oldest first. Each record is
   record has a Drupal user, for app/lifecycle.py to apply;
 - otherwise queued.
 
+Then the same object's delete log (`sobjects/<Object>/deleted`, one request): a record deleted
+and purged before a poll saw it (a hard delete, the Recycle Bin emptied) is missing from
+queryAll but listed there. A listed record that queryAll did not return as a deletion and that
+has a Drupal user not yet past that deletion is read again by Id (queryAll): still there (live
+again after an undelete, or in the Recycle Bin after all), its row is taken as above; gone, it
+is queued as a deletion stamped with its deletedDate (`purged`), the same notification a
+queryAll row of that deletion would have been.
+
 The watermark (Salesforce's time: the last queued page's SystemModstamp, then the `Date` of the
 response the run started from) lives in sfrelay_cursor and advances only after the records up to
-it were queued: a crash repeats work, never skips it. A record seen by push and by reconcile is
-applied once (the planner's order guard makes the second `duplicate` or `stale`).
+it were queued: a crash repeats work, never skips it. The delete log has its own (its
+latestDateCovered), stored only after its purged deletions were queued. A record seen by push
+and by reconcile is applied once (the planner's order guard makes the second `duplicate` or
+`stale`).
 """
 
 from __future__ import annotations
@@ -23,8 +33,8 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from redis.asyncio import Redis
@@ -46,8 +56,8 @@ from app.mapping import FieldMap
 from app.outcomes import OutcomeKind
 from app.queue import Enqueuer, count_outcomes
 from app.records import modstamp, valid_email
-from app.salesforce import SalesforceApi
-from app.salesforce.soql import parse_datetime
+from app.salesforce import DeletedRecord, SalesforceApi
+from app.salesforce.soql import parse_datetime, synthetic_id
 from app.sfid import canonical_id, sf_key
 
 log = logging.getLogger("sfrelay.reconcile")
@@ -55,9 +65,13 @@ log = logging.getLogger("sfrelay.reconcile")
 # Start this far before the watermark: a transaction that committed late can carry a
 # SystemModstamp older than records already read. Versions read twice are `current`.
 OVERLAP = timedelta(minutes=10)
-# How long Salesforce keeps a deleted record in the Recycle Bin, where queryAll sees it; one
-# purged sooner (the bin emptied, a hard delete) is never seen at all.
+# How long Salesforce keeps a deleted record in the Recycle Bin, where queryAll sees it, and
+# its deletion in the delete log, which alone lists one purged sooner (the bin emptied, a hard
+# delete): an older deletion is not found at all.
 RECYCLE_BIN = timedelta(days=15)
+# sobjects/<Object>/deleted ignores seconds and refuses a start less than a minute before the
+# end: a shorter window waits for the next run (its cursor stays).
+MIN_DELETED_WINDOW = timedelta(minutes=2)
 JOB_SIZE = 200  # notifications per queued job (a page of 2,000 becomes ten jobs)
 # The organization of polled jobs when SFRELAY_ORG_IDS names none (development).
 UNKNOWN_ORG = "00D000000000000"
@@ -80,6 +94,7 @@ class PollReport:
     no_email: int = 0
     deleted: int = 0
     merged: int = 0
+    purged: int = 0  # deletions only the delete log still knew of (see take_purged)
     errors: int = 0
     stopped: str | None = None  # why the run stopped early
 
@@ -87,8 +102,9 @@ class PollReport:
         return asdict(self)
 
     def add(self, other: PollReport) -> None:
-        for name in ("queried", "queued", "current", "no_email", "deleted", "merged", "errors"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for count in fields(self):
+            if count.name != "stopped":
+                setattr(self, count.name, getattr(self, count.name) + getattr(other, count.name))
         self.stopped = self.stopped or other.stopped
 
 
@@ -121,6 +137,9 @@ class Poller:
     ) -> None:
         self.engine, self.enqueuer, self.field_map = engine, enqueuer, field_map
         self.source, self.org = source, organization(settings)
+        # Ids of users' records queued as deletions this run: the delete log's pass leaves
+        # them be (a merge stays a merge).
+        self.deletions: set[str] = set()
 
     async def take(self, page: list[JobNotification], report: PollReport) -> None:
         async with self.engine.connect() as conn:
@@ -141,11 +160,15 @@ class Poller:
                     report.deleted += 1
                 if st is not None and st.uid is not None:
                     wanted.append(n)
+                    self.deletions.add(st.sf_id)
                 continue
             if not usable_email(n, self.field_map):
                 report.no_email += 1
                 continue
             wanted.append(n)
+        await self.queue(wanted, report)
+
+    async def queue(self, wanted: list[JobNotification], report: PollReport) -> None:
         if self.enqueuer is None:
             report.queued += len(wanted)
             return
@@ -155,6 +178,86 @@ class Poller:
             result = await self.enqueuer.submit(job)
             report.queued += result.queued
             report.current += result.duplicates  # this very version is queued already
+
+    async def poll_purged(
+        self, api: SalesforceApi, sobject: str, start: datetime, end: datetime, report: PollReport
+    ) -> datetime | None:
+        """The delete log's [start, end] of `sobject` through `take_purged`, after the queryAll
+        pass over the same time; returns where the next run starts (latestDateCovered:
+        Salesforce lists to the minute, and maybe not up to `end`), None to keep the cursor.
+        Errors end the object's run as in `poll_object`."""
+        # Salesforce keeps 15 days; an older start is refused (the run has warned about it).
+        start = max(start, end - RECYCLE_BIN + OVERLAP)
+        if end - start < MIN_DELETED_WINDOW:
+            return None
+        try:
+            await api.require_api_headroom()
+            try:
+                window = await api.deleted_records(sobject, start, end)
+            except SalesforceRequestRefused as exc:
+                if exc.error_code != "INVALID_REPLICATION_DATE":
+                    raise
+                # Salesforce purged its delete log (or an administrator the Recycle Bin) after
+                # `start`: what was purged before cannot be listed, now or later.
+                log.warning(
+                    "Salesforce no longer lists the %s deleted since %s (%s): Drupal users of "
+                    "records deleted and purged before then are not blocked; listing resumes at %s",
+                    sobject,
+                    start.isoformat(),
+                    exc,
+                    end.isoformat(),
+                )
+                return end
+            await self.take_purged(api, sobject, window.records, report)
+        except SALESFORCE_ERRORS as exc:
+            stop(report, sobject, exc)
+            return None
+        return window.latest_covered
+
+    async def take_purged(
+        self, api: SalesforceApi, sobject: str, listed: list[DeletedRecord], report: PollReport
+    ) -> None:
+        """The delete log's records that queryAll did not return as deletions (see the module
+        docstring): only those with a Drupal user cost a request."""
+        newest: dict[str, datetime] = {}
+        for r in listed:  # deleted, undeleted, deleted again: listed twice
+            if r.id not in self.deletions:
+                newest[r.id] = max(r.deleted_at, newest.get(r.id, r.deleted_at))
+        if not newest:
+            return
+        async with self.engine.connect() as conn:
+            states = await ledger.load(conn, newest)
+        suspects: dict[str, JobNotification] = {}
+        for record_id, at in newest.items():
+            st, n = states.get(record_id), purged(sobject, record_id, at)
+            if st is None or st.uid is None:
+                continue  # no Drupal user: nothing to block
+            if st.modstamp is not None and st.modstamp >= (modstamp(n.fields) or 0):
+                continue  # this deletion, or a later version, is applied already
+            suspects[record_id] = n
+        if not suspects:
+            return
+        # Still in Salesforce after all: live again (an undelete), or in the Recycle Bin with
+        # its MasterRecordId; its own row then, as queryAll would have returned it.
+        found: list[JobNotification] = []
+        async for page in api.records_by_id(sobject, sorted(suspects), include_deleted=True):
+            found.extend(page)
+        await self.take(found, report)
+        gone = sorted(suspects.keys() - {sf_key(n.fields["Id"]) for n in found})
+        report.purged += len(gone)
+        await self.queue([suspects[record_id] for record_id in gone], report)
+
+
+def purged(sobject: str, record_id: str, deleted_at: datetime) -> JobNotification:
+    """A deletion only the delete log knows, as queryAll would have returned it: stamped with
+    its deletedDate (Salesforce takes it from the record's SystemModstamp), so the order
+    guard holds and a version of that deletion queued already is a duplicate."""
+    stamp = deleted_at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return JobNotification(
+        synthetic_id(record_id, stamp),
+        sobject,
+        {"Id": record_id, "IsDeleted": True, "SystemModstamp": stamp},
+    )
 
 
 def resume_at(page: list[JobNotification], end: datetime) -> datetime | None:
@@ -191,11 +294,16 @@ async def poll_object(
             if page and on_page is not None:
                 await on_page(resume_at(page, end))
     except SALESFORCE_ERRORS as exc:
-        report.errors += 1
-        report.stopped = f"{sobject}: {exc}"
-        log.warning("poll of %s stopped: %s", sobject, exc)
-        if isinstance(exc, ApiLimitReached):
-            raise
+        stop(report, sobject, exc)
+
+
+def stop(report: PollReport, sobject: str, exc: Exception) -> None:
+    """A Salesforce error ends the object's run; the API limit ends the whole run."""
+    report.errors += 1
+    report.stopped = f"{sobject}: {exc}"
+    log.warning("poll of %s stopped: %s", sobject, exc)
+    if isinstance(exc, ApiLimitReached):
+        raise exc
 
 
 async def reconcile(
@@ -222,6 +330,7 @@ async def reconcile(
     poller = Poller(settings, engine, enqueuer, field_map, Source.RECONCILE)
     starts: dict[str, datetime] = {}
     marks: dict[str, datetime] = {}  # the watermarks as the run begins: it only moves them on
+    deleted_starts: dict[str, datetime] = {}  # the delete log's, from its own cursor
     unmarked = []
     for sobject in handled(settings, field_map):
         mark = await cursors.get(engine, cursors.watermark_name(sobject))
@@ -236,6 +345,14 @@ async def reconcile(
             starts[sobject] = marks[sobject] - OVERLAP
         else:
             unmarked.append(sobject)
+            continue
+        listed = await cursors.get(engine, cursors.deleted_name(sobject))
+        if listed is None and not dry_run:  # the first run (or a cut short one) lists from here
+            await cursors.put(engine, cursors.deleted_name(sobject), starts[sobject].isoformat())
+        if since is None and listed is not None:
+            deleted_starts[sobject] = parse_datetime(listed)
+        else:
+            deleted_starts[sobject] = starts[sobject]
     if unmarked:
         backfill = f"sfrelay backfill --object {unmarked[0]}" if starts else "sfrelay backfill"
         fix = (
@@ -276,10 +393,18 @@ async def reconcile(
             part = PollReport()
             try:
                 await poll_object(api, poller, sobject, starts[sobject], end, part, advance)
+                if part.stopped is None:
+                    if not dry_run:
+                        await cursors.put(engine, name, end.isoformat())
+                    covered = await poller.poll_purged(
+                        api, sobject, deleted_starts[sobject], end, part
+                    )
+                    if covered is not None and not dry_run:
+                        await cursors.put(
+                            engine, cursors.deleted_name(sobject), covered.isoformat()
+                        )
             finally:
                 report.add(part)
-            if part.stopped is None and not dry_run:
-                await cursors.put(engine, name, end.isoformat())
     except SALESFORCE_ERRORS as exc:
         if report.stopped is None:  # before the first page
             report.errors += 1

@@ -16,11 +16,10 @@ import pytest
 from app.backfill import Checkpoint, run_backfill
 from app.config import Settings
 from app.drupal import cursors
-from app.drupal.engine import create_engine
 from app.reconcile import run_reconcile
 from tests.fixtures_worker import PROJECT, run_worker, settings_env
 from tests.sfserver import FakeOrg, Refusal, SalesforceServer
-from tests.test_reconcile import T0, add, queued, rc_settings, users
+from tests.test_reconcile import T0, add, cursor, queued, rc_settings, users
 
 __all__ = ["rc_settings"]
 
@@ -40,14 +39,6 @@ def sf_env(settings: Settings, server: SalesforceServer) -> dict[str, str]:
         **server.env(),
         "PYTHONPATH": str(PROJECT),
     }
-
-
-async def cursor(settings: Settings, name: str) -> str | None:
-    engine = create_engine(settings.database_url)
-    try:
-        return await cursors.get(engine, name)
-    finally:
-        await engine.dispose()
 
 
 async def test_a_backfill_killed_mid_run_resumes_and_ends_with_exactly_the_users(

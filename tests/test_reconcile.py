@@ -126,6 +126,7 @@ async def test_a_30_hour_outage_is_found_once_each_and_no_email_left_out(
         "no_email": 2,
         "deleted": 0,
         "merged": 0,
+        "purged": 0,
         "errors": 0,
         "stopped": None,
     }
@@ -265,6 +266,7 @@ def test_a_first_run_without_watermark_refuses_and_changes_nothing(
         "no_email": 0,
         "deleted": 0,
         "merged": 0,
+        "purged": 0,
         "errors": 0,
         "stopped": None,
         "dry_run": True,
@@ -355,3 +357,250 @@ async def test_the_cron_job_runs_once_at_a_time_and_never_crashes_the_worker(
         await polls.close(ctx)
         await tasks.shutdown(ctx)
         await pool.aclose()
+
+
+# --- the delete log: records deleted and purged before a poll saw them --------------------
+
+
+async def synced(settings: Settings, org: FakeOrg, count: int) -> dict[str, int]:
+    """`count` Contacts, each with a Drupal user: Salesforce Id -> uid."""
+    org.fixed_time = T0 + timedelta(hours=1)
+    ids = [add(org, n, T0 + timedelta(minutes=n)) for n in range(1, count + 1)]
+    await run_reconcile(settings, since=T0)
+    await run_worker(settings)
+    uids = {row[6]: row[0] for row in drupal_users(Path(settings.database_url.split("///")[1]))}
+    assert set(uids) == set(ids)
+    return uids
+
+
+def statuses(path: Path) -> dict[int, int]:
+    return {row[0]: row[3] for row in drupal_users(path)}
+
+
+async def outcomes(settings: Settings, ids: list[str]) -> list[str | None]:
+    """The last outcome sfrelay recorded for each record (None: never seen)."""
+    from app.drupal import ledger
+
+    engine = create_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            states = await ledger.load(conn, ids)
+    finally:
+        await engine.dispose()
+    return [states[i].history[-1]["o"] if i in states else None for i in ids]
+
+
+async def cursor(settings: Settings, name: str) -> str | None:
+    engine = create_engine(settings.database_url)
+    try:
+        return await cursors.get(engine, name)
+    finally:
+        await engine.dispose()
+
+
+async def test_records_purged_before_a_poll_have_their_users_blocked(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path
+) -> None:
+    """A hard delete (Bulk API hardDelete) and a record emptied from the Recycle Bin are gone
+    from queryAll before reconcile runs: the delete log still lists them, so their users get
+    the deletion a queryAll row would have given them (SFRELAY_ON_DELETE=block)."""
+    settings = rc_settings
+    uids = await synced(settings, sf_org, 3)
+    hard, emptied, kept = list(uids)
+    sf_org.hard_delete("Contact", hard, T0 + timedelta(hours=2))
+    sf_org.delete("Contact", emptied, T0 + timedelta(hours=2, minutes=5))
+    sf_org.empty_recycle_bin("Contact", emptied)
+    sf_org.fixed_time = T0 + timedelta(hours=3)
+    before = sf_org.counts["queryAll"]
+    report = await run_reconcile(settings)
+    assert (report.queried, report.deleted, report.purged, report.queued) == (0, 0, 2, 2)
+    assert (report.errors, report.stopped) == (0, None)
+    # One delete log request per object, one query re-reading the two Ids by Id.
+    assert (sf_org.counts["Contact:deleted"], sf_org.counts["Lead:deleted"]) == (2, 2)
+    assert sf_org.counts["queryAll"] - before == 2 + 1
+    await run_worker(settings)
+    found = statuses(drupal_db)
+    assert (found[uids[hard]], found[uids[emptied]], found[uids[kept]]) == (0, 0, 1)
+    assert await outcomes(settings, [hard, emptied, kept]) == ["blocked", "blocked", "created"]
+    # The next run lists them again (its window overlaps): applied, they cost nothing.
+    sf_org.fixed_time = T0 + timedelta(hours=3, minutes=15)
+    before = sf_org.counts["queryAll"]
+    again = await run_reconcile(settings)
+    assert (again.purged, again.queued, again.errors) == (0, 0, 0)
+    assert sf_org.counts["queryAll"] - before == 2
+
+
+async def test_a_purged_record_without_a_drupal_user_queues_nothing(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path
+) -> None:
+    settings = rc_settings
+    uids = await synced(settings, sf_org, 1)
+    never = add(sf_org, 2, T0 + timedelta(minutes=70), email=None)  # no email: never a user
+    unseen = add(sf_org, 3, T0 + timedelta(minutes=80))  # created and purged between polls
+    sf_org.hard_delete("Contact", never, T0 + timedelta(hours=2))
+    sf_org.hard_delete("Contact", unseen, T0 + timedelta(hours=2))
+    sf_org.fixed_time = T0 + timedelta(hours=3)
+    before = sf_org.counts["queryAll"]
+    report = await run_reconcile(settings)
+    assert (report.purged, report.queued, report.errors) == (0, 0, 0)
+    assert sf_org.counts["Contact:deleted"] == 2  # asked (once per run), nothing to re-read
+    assert sf_org.counts["queryAll"] - before == 2
+    assert await queued(settings) == 0
+    assert await outcomes(settings, [never, unseen]) == [None, None]
+    assert list(statuses(drupal_db).values()) == [1] and len(uids) == 1
+
+
+async def test_an_undeleted_record_listed_by_the_delete_log_keeps_its_user(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path
+) -> None:
+    """The delete log still lists a record restored from the Recycle Bin: it is not deleted,
+    whether sfrelay applied its restored version already or not yet."""
+    settings = rc_settings
+    uids = await synced(settings, sf_org, 3)
+    applied, racing, hard = list(uids)
+    for record_id in (applied, racing):
+        sf_org.delete("Contact", record_id, T0 + timedelta(hours=2))
+    sf_org.undelete("Contact", applied, T0 + timedelta(hours=2, minutes=30))
+    await pushed(settings, sf_org, applied)  # its restored version came by push
+    await run_worker(settings)
+    sf_org.hard_delete("Contact", hard, T0 + timedelta(hours=2))
+    sf_org.fixed_time = T0 + timedelta(hours=3)
+    # Restored just after the run read Salesforce's clock: its stamp is past the run's end,
+    # so queryAll leaves it to the next run; only the delete log shows it, deleted.
+    sf_org.undelete("Contact", racing, T0 + timedelta(hours=3, seconds=20))
+    report = await run_reconcile(settings)
+    assert (report.purged, report.current, report.errors) == (1, 1, 0)
+    assert report.queued == 2  # the hard delete, and the restored version read by Id
+    await run_worker(settings)
+    found = statuses(drupal_db)
+    assert (found[uids[applied]], found[uids[racing]], found[uids[hard]]) == (1, 1, 0)
+    assert await outcomes(settings, [applied, racing, hard]) == [
+        "updated",
+        "updated",
+        "blocked",
+    ]
+
+
+async def test_a_merge_loser_listed_by_the_delete_log_keeps_its_merge(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path
+) -> None:
+    """A merge loser is in the delete log too. Returned by queryAll (with MasterRecordId) it
+    stays a merge; emptied from the Recycle Bin after that merge was queued but before it was
+    applied, the delete log's deletion is that same version (a duplicate), not a plain delete
+    in its place."""
+    settings = rc_settings
+    uids = await synced(settings, sf_org, 3)
+    loser, late_loser, hard = list(uids)
+    survivor = add(sf_org, 50, T0 + timedelta(minutes=1), email=None)  # no Drupal user
+    late_survivor = add(sf_org, 51, T0 + timedelta(minutes=1), email=None)
+    sf_org.delete("Contact", loser, T0 + timedelta(hours=2), master=survivor)
+    end = T0 + timedelta(hours=3, seconds=40)
+    # Merged in the run's last minute: after what the delete log covers this run (to the
+    # minute), so the next run lists it.
+    sf_org.delete("Contact", late_loser, end - timedelta(seconds=30), master=late_survivor)
+    sf_org.fixed_time = end
+    first = await run_reconcile(settings)
+    assert (first.merged, first.purged, first.queued) == (2, 0, 2)
+    sf_org.empty_recycle_bin("Contact", late_loser)
+    sf_org.hard_delete("Contact", hard, end + timedelta(minutes=5))
+    sf_org.fixed_time = end + timedelta(minutes=15)
+    second = await run_reconcile(settings)
+    assert (second.merged, second.purged, second.queued, second.current) == (0, 2, 1, 1)
+    await run_worker(settings)
+    found = statuses(drupal_db)
+    assert (found[uids[loser]], found[uids[late_loser]], found[uids[hard]]) == (1, 1, 0)
+    assert await outcomes(settings, [loser, late_loser, hard]) == ["merged", "merged", "blocked"]
+    owners = {row[0]: row[6] for row in drupal_users(drupal_db)}
+    assert owners[uids[loser]] == survivor and owners[uids[late_loser]] == late_survivor
+
+
+async def test_a_delete_log_window_older_than_salesforce_keeps_does_not_fail_the_poll(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Salesforce lists deletions for 15 days (earliestDateAvailable), less when it purged its
+    delete log: an older start is refused with INVALID_REPLICATION_DATE. A run 20 days after
+    the last lists the 15 days it can; one whose start the log no longer reaches warns, and
+    the next run lists from where this one ended."""
+    settings = rc_settings
+    uids = await synced(settings, sf_org, 3)
+    old, recent, later = list(uids)
+    sf_org.hard_delete("Contact", old, T0 + timedelta(days=20))
+    sf_org.fixed_time = T0 + timedelta(days=21)
+    report = await run_reconcile(settings)
+    assert (report.purged, report.queued, report.errors, report.stopped) == (1, 1, 0, None)
+    # The delete log, purged by Salesforce after this run's start (two hours ago).
+    sf_org.hard_delete("Contact", recent, T0 + timedelta(days=21, minutes=10))
+    sf_org.purge_delete_log(T0 + timedelta(days=21, hours=1))
+    end = T0 + timedelta(days=21, hours=2)
+    sf_org.fixed_time = end
+    changed = add(sf_org, 9, end - timedelta(minutes=30))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sfrelay.reconcile"):
+        refused = await run_reconcile(settings)
+    assert (refused.queued, refused.purged, refused.errors, refused.stopped) == (1, 0, 0, None)
+    assert [r.getMessage() for r in caplog.records if r.name == "sfrelay.reconcile"] == [
+        f"Salesforce no longer lists the {sobject} deleted since "
+        f"{(T0 + timedelta(days=21)).replace(second=0).isoformat()} (Salesforce refused the "
+        f"deleted {sobject} records (HTTP 400, INVALID_REPLICATION_DATE): startDate before org "
+        "replication enabled date): Drupal users of records deleted and purged before then are "
+        f"not blocked; listing resumes at {end.isoformat()}"
+        for sobject in ("Contact", "Lead")
+    ]
+    assert await cursor(settings, cursors.deleted_name("Contact")) == end.isoformat()
+    sf_org.hard_delete("Contact", later, end + timedelta(minutes=5))
+    sf_org.fixed_time = end + timedelta(minutes=15)
+    resumed = await run_reconcile(settings)
+    assert (resumed.purged, resumed.errors) == (1, 0)
+    await run_worker(settings)
+    found = statuses(drupal_db)
+    assert (found[uids[old]], found[uids[recent]], found[uids[later]]) == (0, 1, 0)
+    assert changed in users(drupal_db)
+
+
+async def test_the_delete_log_cursor_moves_only_after_its_deletions_were_queued(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path
+) -> None:
+    """The delete log's own watermark: latestDateCovered (to the minute), stored after the
+    purged deletions were queued; Salesforce failing in between leaves it, and the next run
+    lists the same window again. The queryAll watermark is the run's end, as before."""
+    settings = rc_settings
+    uids = await synced(settings, sf_org, 2)
+    hard, kept = list(uids)
+    start = T0 + timedelta(hours=1)
+    assert await cursor(settings, cursors.deleted_name("Contact")) == start.isoformat()
+    sf_org.hard_delete("Contact", hard, T0 + timedelta(hours=2))
+    end = T0 + timedelta(hours=3, seconds=42)
+    sf_org.fixed_time = end
+    original = sf_org.replication
+
+    def replication(sobject: str, kind: str, params: dict[str, list[str]]) -> dict[str, object]:
+        answer = original(sobject, kind, params)
+        if sobject == "Contact":  # the next request, reading the listed Ids again, fails
+            sf_org.fail_next = [(503, "SERVER_UNAVAILABLE", "down")]
+        return answer
+
+    sf_org.replication = replication  # type: ignore[method-assign]
+    failed = await run_reconcile(settings)
+    assert (failed.purged, failed.queued, failed.errors) == (0, 0, 1)
+    assert failed.stopped is not None and failed.stopped.startswith("Contact: ")
+    assert await queued(settings) == 0
+    assert await cursor(settings, cursors.deleted_name("Contact")) == start.isoformat()
+    assert await cursor(settings, cursors.watermark_name("Contact")) == end.isoformat()
+    covered = end.replace(second=0)
+    assert await cursor(settings, cursors.deleted_name("Lead")) == covered.isoformat()
+    sf_org.replication = original  # type: ignore[method-assign]
+    later = end + timedelta(minutes=15)
+    sf_org.fixed_time = later
+    report = await run_reconcile(settings)
+    assert (report.purged, report.queued, report.errors) == (1, 1, 0)
+    assert (
+        await cursor(settings, cursors.deleted_name("Contact"))
+        == later.replace(second=0).isoformat()
+    )
+    # Straight after, the window is too short for Salesforce (a minute at least): not asked.
+    asked = sf_org.counts["Contact:deleted"]
+    assert (await run_reconcile(settings)).errors == 0
+    assert sf_org.counts["Contact:deleted"] == asked
+    await run_worker(settings)
+    found = statuses(drupal_db)
+    assert (found[uids[hard]], found[uids[kept]]) == (0, 1)

@@ -1,5 +1,6 @@
-"""sfrelay's poll positions in the Drupal database (`sfrelay_cursor`): reconcile watermarks and
-backfill checkpoints, each a named text value (ISO 8601 times on Salesforce's clock)."""
+"""sfrelay's poll positions in the Drupal database (`sfrelay_cursor`): reconcile watermarks (the
+queryAll pass's and the delete log's) and backfill checkpoints, each a named text value (ISO
+8601 times on Salesforce's clock)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ cursors = Table(
 def watermark_name(sobject: str) -> str:
     """The reconcile watermark of one object."""
     return f"reconcile:{sobject}"
+
+
+def deleted_name(sobject: str) -> str:
+    """Where the next reconcile reads one object's delete log (sobjects/<Object>/deleted)."""
+    return f"deleted:{sobject}"
 
 
 def checkpoint_name(sobject: str) -> str:
