@@ -193,7 +193,7 @@ class Poller:
         try:
             await api.require_api_headroom()
             try:
-                window = await api.deleted_records(sobject, start, end)
+                listed, covered = await deleted_in(api, sobject, start, end)
             except SalesforceRequestRefused as exc:
                 if exc.error_code != "INVALID_REPLICATION_DATE":
                     raise
@@ -208,11 +208,11 @@ class Poller:
                     end.isoformat(),
                 )
                 return end
-            await self.take_purged(api, sobject, window.records, report)
+            await self.take_purged(api, sobject, listed, report)
         except SALESFORCE_ERRORS as exc:
             stop(report, sobject, exc)
             return None
-        return window.latest_covered
+        return covered
 
     async def take_purged(
         self, api: SalesforceApi, sobject: str, listed: list[DeletedRecord], report: PollReport
@@ -246,6 +246,27 @@ class Poller:
         gone = sorted(suspects.keys() - {sf_key(n.fields["Id"]) for n in found})
         report.purged += len(gone)
         await self.queue([suspects[record_id] for record_id in gone], report)
+
+
+async def deleted_in(
+    api: SalesforceApi, sobject: str, start: datetime, end: datetime
+) -> tuple[list[DeletedRecord], datetime]:
+    """The delete log's records in [start, end] and its latestDateCovered. Salesforce lists
+    at most 600,000 Ids a request (more: EXCEEDED_ID_LIMIT, "choose start and end dates that
+    are closer together"): such a window is asked for in halves, each as long as Salesforce
+    takes one (a mass deletion must not stop the listing run after run)."""
+    try:
+        window = await api.deleted_records(sobject, start, end)
+        return window.records, window.latest_covered
+    except SalesforceRequestRefused as exc:
+        middle = (start + (end - start) / 2).replace(second=0, microsecond=0)
+        if exc.error_code != "EXCEEDED_ID_LIMIT" or min(middle - start, end - middle) < (
+            MIN_DELETED_WINDOW
+        ):
+            raise
+    first, _ = await deleted_in(api, sobject, start, middle)
+    second, covered = await deleted_in(api, sobject, middle, end)
+    return first + second, covered
 
 
 def purged(sobject: str, record_id: str, deleted_at: datetime) -> JobNotification:

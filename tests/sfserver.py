@@ -121,6 +121,7 @@ class FakeOrg:
         default_factory=lambda: {name: {} for name in FIELDS}
     )
     log_purged_at: datetime | None = None
+    max_deleted_ids: int = 600_000  # sobjects/<Object>/deleted: more is EXCEEDED_ID_LIMIT
     api_used: int = 0
     api_max: int = 15_000
     page_size: int = 2000
@@ -424,6 +425,13 @@ class FakeOrg:
             for record_id, at in self.delete_log[sobject].items()
             if start <= at <= covered
         ]
+        if len(deleted) > self.max_deleted_ids:
+            raise Refusal(
+                400,
+                "EXCEEDED_ID_LIMIT",
+                f"There are more than {self.max_deleted_ids} deleted records: choose start and "
+                "end dates that are closer together",
+            )
         return {
             "deletedRecords": deleted,
             "earliestDateAvailable": sf_datetime(earliest),

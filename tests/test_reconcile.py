@@ -557,6 +557,41 @@ async def test_a_delete_log_window_older_than_salesforce_keeps_does_not_fail_the
     assert changed in users(drupal_db)
 
 
+async def test_a_mass_deletion_over_salesforces_id_limit_is_listed_in_halves(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path
+) -> None:
+    """Salesforce lists at most 600,000 deleted Ids a request (here 2): more is
+    EXCEEDED_ID_LIMIT, and the window is asked for in halves until each fits; a window that
+    cannot be halved any more stops the object's run, its cursor kept, and the next run
+    (the deletions purged by then) goes on."""
+    settings = rc_settings
+    uids = await synced(settings, sf_org, 6)
+    ids = list(uids)
+    for i, record in enumerate(ids[:5]):
+        sf_org.hard_delete("Contact", record, T0 + timedelta(hours=1, minutes=20 * i + 10))
+    sf_org.max_deleted_ids = 2
+    sf_org.fixed_time = T0 + timedelta(hours=3)
+    before = sf_org.counts["Contact:deleted"]
+    report = await run_reconcile(settings)
+    assert (report.purged, report.queued, report.errors, report.stopped) == (5, 5, 0, None)
+    # Deleted at 1:10, 1:30, 1:50, 2:10, 2:30. [1:00, 3:00] lists 5: refused; [1:00, 2:00] 3:
+    # refused; then [1:00, 1:30], [1:30, 2:00] (1:30 in both: their ends are inclusive) and
+    # [2:00, 3:00] 2 each.
+    assert sf_org.counts["Contact:deleted"] - before == 5
+    await run_worker(settings)
+    found = statuses(drupal_db)
+    assert [found[uids[r]] for r in ids] == [0, 0, 0, 0, 0, 1]
+    # Refused however short the window: it is not halved below what Salesforce takes.
+    start = await cursor(settings, cursors.deleted_name("Contact"))
+    sf_org.max_deleted_ids = 0
+    sf_org.hard_delete("Contact", ids[5], T0 + timedelta(hours=3, minutes=5))
+    sf_org.fixed_time = T0 + timedelta(hours=3, minutes=8)
+    stuck = await run_reconcile(settings)
+    assert (stuck.purged, stuck.errors) == (0, 1)
+    assert stuck.stopped is not None and "EXCEEDED_ID_LIMIT" in stuck.stopped
+    assert await cursor(settings, cursors.deleted_name("Contact")) == start
+
+
 async def test_the_delete_log_cursor_moves_only_after_its_deletions_were_queued(
     rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path
 ) -> None:
