@@ -12,12 +12,10 @@ and the checkpoint is dropped.
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import IO
 
 import orjson
 
@@ -27,7 +25,15 @@ from app.errors import ApiLimitReached, ConfigError
 from app.jobs import Source
 from app.outcomes import OutcomeKind
 from app.queue import Enqueuer, count_outcomes
-from app.reconcile import SALESFORCE_ERRORS, PollContext, Poller, PollReport, handled, poll_object
+from app.reconcile import (
+    SALESFORCE_ERRORS,
+    PollContext,
+    Poller,
+    PollReport,
+    Progress,
+    handled,
+    poll_object,
+)
 from app.salesforce.soql import parse_datetime
 
 log = logging.getLogger("sfrelay.backfill")
@@ -49,45 +55,6 @@ class Checkpoint:
     def loads(cls, text: str) -> Checkpoint:
         data = orjson.loads(text)
         return cls(parse_datetime(data["started"]), parse_datetime(data["after"]))
-
-
-@dataclass(slots=True)
-class Progress:
-    """Records, rate and ETA: one rewritten line on a terminal, a plain line every
-    `every_s` seconds otherwise."""
-
-    out: IO[str]
-    tty: bool
-    every_s: float = 5.0
-    done: int = 0
-    total: int | None = None
-    started: float = field(default_factory=time.monotonic)
-    last: float = 0.0
-    label: str = ""
-
-    def line(self) -> str:
-        elapsed = max(time.monotonic() - self.started, 1e-6)
-        rate = self.done / elapsed
-        text = f"{self.label}: {self.done:,} records, {rate:,.0f}/s"
-        if self.total:
-            left = max(self.total - self.done, 0)
-            eta = left / rate if rate else 0.0
-            text += f", {self.done * 100 // max(self.total, 1)}% of {self.total:,}"
-            text += f", ETA {int(eta // 60)}m{int(eta % 60):02d}s"
-        return text
-
-    def page(self, count: int) -> None:
-        self.done += count
-        now = time.monotonic()
-        if self.tty:
-            print("\r" + self.line(), end="", file=self.out, flush=True)
-        elif now - self.last >= self.every_s:
-            self.last = now
-            print(self.line(), file=self.out, flush=True)
-
-    def end(self) -> None:
-        if self.tty and self.done:
-            print(file=self.out, flush=True)
 
 
 async def backfill(

@@ -283,10 +283,17 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
-    from app.reconcile import parse_since, run_reconcile
+    from app.reconcile import Progress, parse_since, run_reconcile
 
     since = parse_since(args.since) if args.since else None
-    report = asyncio.run(run_reconcile(settings, since=since, dry_run=args.dry_run))
+    tty = sys.stderr.isatty()
+
+    def progress(sobject: str) -> Progress:
+        return Progress(sys.stderr, tty, label=sobject)
+
+    report = asyncio.run(
+        run_reconcile(settings, since=since, dry_run=args.dry_run, progress=progress)
+    )
     if report.stopped:
         print(f"sfrelay: reconcile stopped early: {report.stopped}", file=sys.stderr)
     if args.json:
@@ -301,8 +308,8 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
-    from app.backfill import Progress, run_backfill
-    from app.reconcile import parse_since
+    from app.backfill import run_backfill
+    from app.reconcile import Progress, parse_since
 
     since = parse_since(args.since) if args.since else None
     tty = sys.stderr.isatty()

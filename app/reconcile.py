@@ -33,9 +33,9 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import IO, Any
 
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -84,6 +84,45 @@ SALESFORCE_ERRORS = (
     SalesforceRequestRefused,
     SalesforceUnavailable,
 )
+
+
+@dataclass(slots=True)
+class Progress:
+    """Records, rate and ETA: one rewritten line on a terminal, a plain line every
+    `every_s` seconds otherwise."""
+
+    out: IO[str]
+    tty: bool
+    every_s: float = 5.0
+    done: int = 0
+    total: int | None = None
+    started: float = field(default_factory=time.monotonic)
+    last: float = 0.0
+    label: str = ""
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = self.done / elapsed
+        text = f"{self.label}: {self.done:,} records, {rate:,.0f}/s"
+        if self.total:
+            left = max(self.total - self.done, 0)
+            eta = left / rate if rate else 0.0
+            text += f", {self.done * 100 // max(self.total, 1)}% of {self.total:,}"
+            text += f", ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+        return text
+
+    def page(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if self.tty:
+            print("\r" + self.line(), end="", file=self.out, flush=True)
+        elif now - self.last >= self.every_s:
+            self.last = now
+            print(self.line(), file=self.out, flush=True)
+
+    def end(self) -> None:
+        if self.tty and self.done:
+            print(file=self.out, flush=True)
 
 
 @dataclass(slots=True)
@@ -336,8 +375,10 @@ async def reconcile(
     *,
     since: datetime | None = None,
     dry_run: bool = False,
+    progress: Callable[[str], Progress] | None = None,
 ) -> PollReport:
-    """One reconciliation run over every handled object (see the module docstring)."""
+    """One reconciliation run over every handled object (see the module docstring);
+    `progress` shows each object's pages as they are queued (the CLI's)."""
     report = PollReport()
     enqueuer = None
     if not dry_run:
@@ -402,16 +443,25 @@ async def reconcile(
             name = cursors.watermark_name(sobject)
 
             floor = marks.get(sobject)
+            part = PollReport()
+            shown = progress(sobject) if progress is not None else None
 
             async def advance(
-                mark: datetime | None, name: str = name, floor: datetime | None = floor
+                mark: datetime | None,
+                name: str = name,
+                floor: datetime | None = floor,
+                part: PollReport = part,
+                shown: Progress | None = shown,
             ) -> None:
+                if shown is not None:
+                    if shown.total is None:
+                        shown.total = getattr(api, "last_total_size", None)
+                    shown.page(part.queried - shown.done)
                 # Never back into the overlap the run began with (a run failing after its
                 # first page each time would drift back): only past the stored watermark.
                 if not dry_run and mark is not None and (floor is None or mark > floor):
                     await cursors.put(engine, name, mark.isoformat())
 
-            part = PollReport()
             try:
                 await poll_object(api, poller, sobject, starts[sobject], end, part, advance)
                 if part.stopped is None:
@@ -426,6 +476,8 @@ async def reconcile(
                         )
             finally:
                 report.add(part)
+                if shown is not None:
+                    shown.end()
     except SALESFORCE_ERRORS as exc:
         if report.stopped is None:  # before the first page
             report.errors += 1
@@ -490,13 +542,24 @@ def parse_since(text: str) -> datetime:
 
 
 async def run_reconcile(
-    settings: Settings, *, since: datetime | None = None, dry_run: bool = False
+    settings: Settings,
+    *,
+    since: datetime | None = None,
+    dry_run: bool = False,
+    progress: Callable[[str], Progress] | None = None,
 ) -> PollReport:
     """`sfrelay reconcile`: open everything, run once, close."""
     ctx = await PollContext.open(settings)
     try:
         return await reconcile(
-            settings, ctx.api, ctx.engine, ctx.redis, ctx.field_map, since=since, dry_run=dry_run
+            settings,
+            ctx.api,
+            ctx.engine,
+            ctx.redis,
+            ctx.field_map,
+            since=since,
+            dry_run=dry_run,
+            progress=progress,
         )
     finally:
         await ctx.close()

@@ -135,7 +135,7 @@ async def test_a_dry_run_backfill_counts_and_stores_nothing(
 def test_progress_on_a_terminal_rewrites_one_line_with_rate_and_eta() -> None:
     import io
 
-    from app.backfill import Progress
+    from app.reconcile import Progress
 
     out = io.StringIO()
     shown = Progress(out, tty=True, label="Contact", total=4000)

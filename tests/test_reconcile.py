@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -258,7 +259,11 @@ def test_a_first_run_without_watermark_refuses_and_changes_nothing(
     # --dry-run counts and queues nothing, stores no watermark.
     sf_org.fixed_time = T0 + timedelta(hours=1)
     assert main(["reconcile", "--since", "2026-11-20T07:00:00Z", "--dry-run", "--json"]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    # Progress on stderr, a line per page (every 5 s at most) when it is not a terminal.
+    [shown] = captured.err.splitlines()
+    assert re.fullmatch(r"Contact: 1 records, [0-9,]+/s, 100% of 1, ETA 0m00s", shown), shown
+    last = captured.out.strip().splitlines()[-1]
     assert orjson.loads(last) == {
         "queried": 1,
         "queued": 1,
