@@ -9,7 +9,7 @@ import sys
 
 # Each module also runs alone with its own options (`python -m tests.bench.receiver --help`).
 # Imports are lazy: one benchmark's imports do not slow down, or break, another's.
-NAMES = ("receiver", "worker", "status", "nightly", "growth", "backfill")
+NAMES = ("receiver", "worker", "status", "nightly", "growth", "backfill", "soak")
 
 
 def run(name: str, argv: list[str]) -> None:

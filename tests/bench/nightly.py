@@ -313,11 +313,14 @@ def _env(redis_url: str, database_url: str) -> dict[str, str]:
 
 
 @contextmanager
-def _process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`sfrelay <args>` in its own process, stopped with SIGINT (as Ctrl-C) at the end."""
+def _process(
+    args: list[str], env: dict[str, str], log: Path, launcher: tuple[str, ...] = ("-m", "app.cli")
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`sfrelay <args>` in its own process, stopped with SIGINT (as Ctrl-C) at the end;
+    `launcher`: Python's arguments before them (tests.bench.soak runs it under tracemalloc)."""
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", *args], env=env, stdout=out, stderr=out
+            [sys.executable, *launcher, *args], env=env, stdout=out, stderr=out
         )
     try:
         yield process
