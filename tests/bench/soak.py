@@ -350,7 +350,12 @@ def traced_growth(traced: Path, rounds: int, top: int = 15) -> str:
     ignored = [tracemalloc.Filter(False, "<frozen importlib._bootstrap*>")]
     before = tracemalloc.Snapshot.load(str(traced / f"{first}.snapshot")).filter_traces(ignored)
     after = tracemalloc.Snapshot.load(str(traced / f"{rounds}.snapshot")).filter_traces(ignored)
-    lines = [f"\ntracemalloc, round {first} → round {rounds}, largest growth by line:"]
+    total = [sum(t.size for t in snap.traces) / MB for snap in (before, after)]
+    lines = [
+        f"\ntracemalloc: Python's live allocations {total[0]:.1f} MB after round {first}, "
+        f"{total[1]:.1f} MB after round {rounds} ({total[1] - total[0]:+.2f} MB); "
+        "largest changes by line:"
+    ]
     for stat in after.compare_to(before, "lineno")[:top]:
         lines.append(f"  {stat}")
     lines.append("\nthe 3 largest by traceback:")
@@ -376,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         "--tracemalloc",
         action="store_true",
         help="run the worker under tracemalloc and print where its Python allocations grew "
-        "between rounds (slower; its RSS then includes tracemalloc's own)",
+        "between rounds (~8x slower; its RSS then includes tracemalloc's traces and snapshots)",
     )
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
