@@ -116,6 +116,9 @@ from app.records import Record, to_record
 __all__ = ["Outcome", "OutcomeKind", "Syncer"]
 
 logger = logging.getLogger("sfrelay.worker")
+# Username bases whose last suffix in use the Syncer remembers across batches, at most
+# (~150 bytes each): a CRM's distinct namesakes would otherwise grow a long-lived worker.
+SUFFIXES_KEPT = 50_000
 
 
 def _error(exc: BaseException) -> str:
@@ -262,6 +265,10 @@ class Syncer:
         raise RetryableError(f"Drupal database: {_error(exc)}") from exc
 
     async def _apply(self, records: list[Record], outcomes: list[Outcome | None]) -> None:
+        if len(self._suffixes) > SUFFIXES_KEPT:
+            # A hint (each pick is checked against the database): forgetting it costs a probe
+            # per base again, while kept it would grow with every distinct name ever taken.
+            self._suffixes.clear()
         async with writer(self.engine) as conn:
             planner = Planner(
                 conn,

@@ -115,6 +115,38 @@ async def test_a_contact_named_like_an_existing_user_gets_a_suffix(
     await names_are_unique(site)
 
 
+@pytest.mark.parametrize("drupal_site", ["sqlite-d10"], indirect=True)
+async def test_the_suffixes_remembered_across_batches_are_bounded(
+    drupal_site: DrupalSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long-lived worker remembers the last suffix of each name it met taken, up to
+    SUFFIXES_KEPT bases (here 2): past that it forgets them all and asks the database
+    again, and the names it picks stay unique."""
+    monkeypatch.setattr("app.sync.SUFFIXES_KEPT", 2)
+    site = drupal_site
+    syncer = await open_syncer(site)
+    people = [("Rosa", "Ødegaard"), ("Äsa", "Ärnström"), ("Jörg", "Strauß")]
+    rounds = [people, people, [("İlker", "Yılmaz")] * 2]  # noqa: RUF001
+    sizes, outcomes = [], []
+    for number, round_ in enumerate(rounds):
+        batch = [
+            note(sf(10 * number + i), f"p{number}.{i}@example.com", first, last)
+            for i, (first, last) in enumerate(round_)
+        ]
+        outcomes += await syncer.apply(batch)
+        sizes.append(len(syncer._suffixes))
+    await syncer.close()
+    assert [o.kind for o in outcomes] == ["created"] * 8
+    # Round 1 takes the bare names (nothing remembered), round 2 remembers three bases;
+    # round 3 forgets them (3 > 2) before it remembers its own one.
+    assert sizes == [0, 3, 1]
+    names = await created_names(site, outcomes)
+    assert names[3:] == [
+        "Rosa Ødegaard_2", "Äsa Ärnström_2", "Jörg Strauß_2", "İlker Yılmaz", "İlker Yılmaz_2"  # noqa: RUF001
+    ]  # fmt: skip
+    await names_are_unique(site)
+
+
 async def test_a_name_equal_to_a_stored_one_only_through_the_kelvin_sign(
     drupal_site: DrupalSite,
 ) -> None:
