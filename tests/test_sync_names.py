@@ -238,8 +238,11 @@ async def test_mails_are_matched_as_the_database_compares_them(drupal_site: Drup
 
 @pytest.mark.parametrize(
     ("stored", "sent"),
-    [("hans@m\u00fcller.de", "hans@muller.de"), ("jorg@strau\u00df.de", "jorg@straus.de")],
-)
+    [("hans@m\u00fcller.de", "hans@muller.de"), ("jorg@strau\u00df.de", "jorg@straus.de"),
+     # Drupal 8+ takes combining marks and spaces beyond ASCII in an address: one the
+     # collation may weigh as nothing must not reach the plain address's account either
+     ("hans@example.de", "hans\u0301@example.de"), ("hans@example.de", "hans\u00a0@example.de")],
+)  # fmt: skip
 async def test_a_mail_equal_only_under_the_collation_is_another_mailbox(
     drupal_site: DrupalSite, stored: str, sent: str
 ) -> None:
@@ -254,6 +257,9 @@ async def test_a_mail_equal_only_under_the_collation_is_another_mailbox(
     (out,) = await syncer.apply([n])
     await syncer.close()
     assert await user_rows(site, member) == before
+    if site.major == 7 and not sent.isascii():  # Drupal 7 takes ASCII addresses only
+        assert out == Outcome(n.id, sf(6, "00Q"), "skipped_invalid_email", None, sent)
+        return
     same = await site.rows(
         f"SELECT uid FROM {table(site)} WHERE uid = :u AND mail = :m", u=member, m=sent
     )
