@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 from app.drupal.engine import nocase_utf8
+from app.drupal.php import php_serialize
 
 DEMO_SITE_NAME = "sfrelay demo site (not a real Drupal)"
 
@@ -116,26 +117,8 @@ CREATE INDEX "users_field_data_user_field__mail" ON "users_field_data" ("mail");
 """  # noqa: E501 (Drupal's DDL as it is)
 
 
-def _php(value: object) -> str:
-    """PHP's serialize() of what Drupal's config holds (str, int, bool, None, dict, list)."""
-    if value is None:
-        return "N;"
-    if isinstance(value, bool):
-        return f"b:{int(value)};"
-    if isinstance(value, int):
-        return f"i:{value};"
-    if isinstance(value, str):
-        return f's:{len(value.encode())}:"{value}";'
-    if isinstance(value, list):
-        value = dict(enumerate(value))
-    if not isinstance(value, dict):
-        raise TypeError(f"no PHP serialization for {type(value).__name__}")
-    body = "".join(_php(k) + _php(v) for k, v in value.items())
-    return f"a:{len(value)}:{{{body}}}"
-
-
 def _role(role_id: str, label: str, weight: int, is_admin: bool, permissions: list[str]) -> str:
-    return _php(
+    return php_serialize(
         {
             "uuid": str(uuid.uuid4()),
             "langcode": "en",
@@ -172,8 +155,8 @@ def _config_rows() -> list[tuple[str, str, bytes]]:
         },
     }
     rows = {
-        "system.site": _php(site),
-        "system.date": _php(date),
+        "system.site": php_serialize(site),
+        "system.date": php_serialize(date),
         "user.role.anonymous": _role("anonymous", "Anonymous user", 0, False, ["access content"]),
         "user.role.authenticated": _role(
             "authenticated", "Authenticated user", 1, False, ["access content"]

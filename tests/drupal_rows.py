@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from app.config import Settings
+from app.drupal.php import php_serialize
 from app.sync import Syncer
 from tests.factories import T0 as T0
 from tests.factories import note as note
@@ -189,21 +190,6 @@ async def assert_new_user(
         assert seq["v"] >= uid  # the next user_save() allocates past this user
     assert await field_values(site, uid) == fields
     assert await roles(site, uid) == sorted(extra_roles)
-
-
-def php_serialize(value: Any) -> str:
-    """PHP's serialize() for what Drupal's role config holds (strings, ints, bools, lists)."""
-    if isinstance(value, bool):
-        return f"b:{int(value)};"
-    if isinstance(value, int):
-        return f"i:{value};"
-    if isinstance(value, str):
-        return f's:{len(value.encode())}:"{value}";'
-    if isinstance(value, dict | list):
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        inner = "".join(php_serialize(k) + php_serialize(v) for k, v in items)
-        return f"a:{len(value)}:{{{inner}}}"
-    raise TypeError(type(value))
 
 
 async def add_role(

@@ -10,6 +10,7 @@ from sqlalchemy import column, inspect, or_, select, table, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.drupal.php import php_unserialize as php_unserialize  # (re-exported)
 from app.errors import ConfigError
 
 Major = Literal[7, 10]
@@ -76,48 +77,6 @@ def _php_string(serialized: bytes | str | None, key: str) -> str | None:
     data = serialized.decode() if isinstance(serialized, bytes) else serialized
     match = re.search(r's:\d+:"' + re.escape(key) + r'";s:\d+:"([^"]*)";', data)
     return match.group(1) if match else None
-
-
-def php_unserialize(data: bytes | str | memoryview) -> Any:
-    """A PHP-serialized value (Drupal's config and D7 variables): strings, numbers,
-    booleans, null and arrays (as dicts). ValueError for anything else."""
-    raw = bytes(data) if not isinstance(data, str) else data.encode()
-    value, end = _php_value(raw, 0)
-    if end != len(raw):
-        raise ValueError(f"trailing data after offset {end}")
-    return value
-
-
-def _php_value(raw: bytes, at: int) -> tuple[Any, int]:
-    kind = raw[at : at + 2]
-    if kind == b"N;":
-        return None, at + 2
-    if kind in (b"b:", b"i:", b"d:"):
-        end = raw.index(b";", at)
-        text_ = raw[at + 2 : end].decode()
-        if kind == b"b:":
-            return text_ == "1", end + 1
-        return (int(text_) if kind == b"i:" else float(text_)), end + 1
-    if kind == b"s:":
-        colon = raw.index(b":", at + 2)
-        length = int(raw[at + 2 : colon])
-        start = colon + 2  # past ':"'
-        if raw[colon + 1 : start] != b'"' or raw[start + length : start + length + 2] != b'";':
-            raise ValueError(f"bad string at offset {at}")
-        return raw[start : start + length].decode("utf-8", "replace"), start + length + 2
-    if kind == b"a:":
-        colon = raw.index(b":", at + 2)
-        count = int(raw[at + 2 : colon])
-        if raw[colon + 1 : colon + 2] != b"{":
-            raise ValueError(f"bad array at offset {at}")
-        pos, items = colon + 2, {}
-        for _ in range(count):
-            key, pos = _php_value(raw, pos)
-            items[key], pos = _php_value(raw, pos)
-        if raw[pos : pos + 1] != b"}":
-            raise ValueError(f"bad array end at offset {pos}")
-        return items, pos + 1
-    raise ValueError(f"unsupported PHP-serialized type {kind!r} at offset {at}")
 
 
 def _role10_protected(data: bytes | str | memoryview | None) -> bool:
