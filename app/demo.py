@@ -179,6 +179,27 @@ def _config_rows() -> list[tuple[str, str, bytes]]:
         ),
         "user.role.administrator": _role("administrator", "Administrator", 3, True, []),
     }
+    for name, length in DEMO_FIELDS.items():  # the storage definitions sfrelay reads
+        rows[f"field.storage.user.{name}"] = php_serialize(
+            {
+                "uuid": str(uuid.uuid4()),
+                "langcode": "en",
+                "status": True,
+                "dependencies": {"module": ["user"]},
+                "id": f"user.{name}",
+                "field_name": name,
+                "entity_type": "user",
+                "type": "string",
+                "settings": {"max_length": length, "case_sensitive": False, "is_ascii": False},
+                "module": "core",
+                "locked": False,
+                "cardinality": 1,
+                "translatable": True,
+                "indexes": {},
+                "persist_with_no_fields": False,
+                "custom_storage": False,
+            }
+        )
     return [("", name, data.encode()) for name, data in rows.items()]
 
 

@@ -47,8 +47,9 @@ SEED = {
         ("cachetags", "1=1"),
         (
             "config",
-            "collection = '' AND (name IN ('system.site', 'system.date') "
-            "OR name LIKE 'user.role.%')",
+            "collection = '' AND (name IN ('system.site', 'system.date', 'filter.settings') "
+            "OR name LIKE 'user.role.%' OR name LIKE 'field.storage.user.%' "
+            "OR name LIKE 'field.field.user.user.%')",
         ),
     ],
     7: [
@@ -58,6 +59,8 @@ SEED = {
         ("role_permission", "1=1"),
         ("variable", "name = 'user_admin_role'"),
         ("sequences", "1=1"),
+        ("field_config", "1=1"),
+        ("field_config_instance", "entity_type = 'user'"),
         *(
             (f"field_{kind}_field_{name}", "entity_type = 'user'")
             for kind in ("data", "revision")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from sqlalchemy import column, inspect, or_, select, table, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.drupal.fields import FieldColumn as FieldColumn  # (re-exported)
+from app.drupal.fields import read_fields, table_columns
 from app.drupal.php import php_unserialize as php_unserialize  # (re-exported)
 from app.errors import ConfigError
 
@@ -44,14 +46,6 @@ PROTECTING_PREFIXES = ("administer ", "bypass ", "edit any ", "delete any ")
 
 def is_protecting(permission: str) -> bool:
     return permission in PROTECTING_PERMISSIONS or permission.startswith(PROTECTING_PREFIXES)
-
-
-@dataclass(frozen=True, slots=True)
-class FieldColumn:
-    """A configurable user field stored in its own table with a `<field>_value` column."""
-
-    name: str
-    length: int | None  # the value column's maximum length, when it is a string
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,10 +138,6 @@ def _table_names(sync_conn: Connection) -> list[str]:
     return inspect(sync_conn).get_table_names()
 
 
-def _columns(sync_conn: Connection, name: str) -> dict[str, Any]:
-    return {c["name"]: c["type"] for c in inspect(sync_conn).get_columns(name)}
-
-
 async def detect_major(conn: AsyncConnection, forced: str = "auto") -> tuple[Major, set[str]]:
     tables = set(await conn.run_sync(_table_names))
     found: Major | None = None
@@ -172,24 +162,10 @@ async def detect_major(conn: AsyncConnection, forced: str = "auto") -> tuple[Maj
 
 
 async def inspect_drupal(conn: AsyncConnection, forced: str, field_names: set[str]) -> DrupalSchema:
-    """Read what sfrelay needs to know; ConfigError for a field the site does not have."""
+    """Read what sfrelay needs to know; ConfigError for a mapped field the site does not
+    have or sfrelay cannot write (app.drupal.fields)."""
     major, tables = await detect_major(conn, forced)
-    fields: dict[str, FieldColumn] = {}
-    for name in sorted(field_names):
-        store = f"user__{name}" if major == 10 else f"field_data_{name}"
-        if store not in tables or (major == 7 and f"field_revision_{name}" not in tables):
-            raise ConfigError(
-                f"field map: the user field {name!r} does not exist on this Drupal site "
-                f"(no table {store})"
-            )
-        columns = await conn.run_sync(_columns, store)
-        value = columns.get(f"{name}_value")
-        if value is None:
-            raise ConfigError(
-                f"field map: {name!r} is not a plain value field (no column {name}_value in "
-                f"{store}); sfrelay writes text, string, number and boolean fields"
-            )
-        fields[name] = FieldColumn(name, getattr(value, "length", None))
+    fields = await read_fields(conn, major, frozenset(tables), field_names)
     if major == 10:
         return await _site10(conn, frozenset(tables), fields)
     return await _site7(conn, frozenset(tables), fields)
@@ -227,7 +203,7 @@ async def _site7(
 ) -> DrupalSchema:
     rows = await conn.execute(select(_role7.c.rid, _role7.c.name))
     roles: dict[str, str | int] = {name: int(rid) for rid, name in rows}
-    columns = frozenset(await conn.run_sync(_columns, "users"))
+    columns = frozenset(await conn.run_sync(table_columns, "users"))
     # user_save() leaves language '' and timezone NULL unless the form gives them.
     protected = await read_protected_roles(conn, 7, tables)
     return DrupalSchema(7, tables, "", None, roles, fields, columns, protected)
