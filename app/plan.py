@@ -11,6 +11,7 @@ updated, blocked or unblocked (`conflict_protected_user`).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.config import MatchByEmail
 from app.drupal import ledger
+from app.drupal.fieldtypes import Convert
 from app.drupal.ledger import RecordState
 from app.drupal.users import ExistingUser, Key, NewUser, UserChange, UserStore
 from app.mapping import FieldMap
@@ -32,6 +34,10 @@ from app.records import (
     with_suffix,
     within_bmp,
 )
+
+logger = logging.getLogger("sfrelay.worker")
+
+_AS_TEXT: Convert = as_text  # a field without a converter (tests' planners): text
 
 HISTORY_SIZE = 10  # outcomes kept per Salesforce record in sfrelay_record.history
 SUPERUSERS = frozenset({0, 1})  # the anonymous user and Drupal's own administrator
@@ -81,6 +87,11 @@ async def note_failure(conn: AsyncConnection, r: Record, kind: OutcomeKind, deta
     await ledger.save(conn, [st])
 
 
+def _joined(*details: str | None) -> str | None:
+    """One outcome detail of several (None: none)."""
+    return "; ".join(d for d in details if d) or None
+
+
 def _address_key(mail: str) -> str:
     """An address in lower case, Greek's final sigma as any sigma (ΟΔΟΣ@ is οδοσ@)."""
     return mail.lower().replace("\u03c2", "\u03c3")
@@ -93,7 +104,7 @@ class Planner:
         store: UserStore,
         field_map: FieldMap,
         match_by_email: MatchByEmail,
-        field_lengths: dict[str, int | None],
+        converters: dict[str, Convert],
         suffixes: dict[Key, int],
         protected_roles: frozenset[str] = frozenset(),
         bmp_only: frozenset[str] = frozenset(),
@@ -110,7 +121,8 @@ class Planner:
         # SFRELAY_PROTECTED_ROLES, on top of the site's own (read in load())
         self.configured_protected = protected_roles
         self.protected: frozenset[str] = protected_roles
-        self.lengths = field_lengths
+        # Drupal field -> its converter (app.drupal.fieldtypes), decided at start-up.
+        self.converters = converters
         self.suffixes = suffixes  # base name's key -> highest _<n> known in use
         self.plan = Plan()
         self.existing: dict[int, ExistingUser] = {}
@@ -118,8 +130,8 @@ class Planner:
         self.mail_of: dict[int, str] = {}
         self.owner: dict[int, str] = {}  # uid or key -> the Salesforce Id mapped to it
         self.now = time.time()
-        self._columns: dict[str, tuple[tuple[str, str, int | None], ...]] = {}
-        self._custom_defaults: dict[str, dict[str, str | None]] = {}
+        self._columns: dict[str, tuple[tuple[str, str, Convert], ...]] = {}
+        self._custom_defaults: dict[str, dict[str, Any]] = {}
 
     async def load(self, records: list[Record]) -> None:
         ids = {r.sf_id for r in records} | {r.converted_to for r in records if r.converted_to}
@@ -262,13 +274,43 @@ class Planner:
         self.mail_of[key] = mail
         self.by_mail.setdefault(mail, set()).add(key)
 
-    def _field_values(self, r: Record) -> dict[str, str | None]:
+    def _field_values(self, r: Record) -> tuple[dict[str, Any], str | None]:
+        """The record's values of the mapped user fields, each as its Drupal type stores it,
+        and what could not be converted (None: all were). Such a field is left out: as it
+        was on an update, empty on a new user."""
         columns = self._columns.get(r.obj.sobject)
-        if columns is None:  # once per object and batch: (Drupal field, source, length)
-            columns = tuple((d, s, self.lengths.get(d)) for d, s in r.obj.fields.items())
+        if columns is None:  # once per object and batch: (Drupal field, source, converter)
+            columns = tuple(
+                (d, s, self.converters.get(d, _AS_TEXT)) for d, s in r.obj.fields.items()
+            )
             self._columns[r.obj.sobject] = columns
         values = r.fields
-        return {drupal: as_text(values[s], n) for drupal, s, n in columns if s in values}
+        try:  # the usual case: every value converts (text: as_text, as before)
+            return {
+                drupal: convert(values[s]) for drupal, s, convert in columns if s in values
+            }, None
+        except ValueError:
+            pass
+        converted: dict[str, Any] = {}
+        refused = []
+        for drupal, source, convert in columns:
+            if source not in values:
+                continue
+            try:
+                converted[drupal] = convert(values[source])
+            except ValueError as exc:
+                refused.append(f"{drupal} not written ({source}: {exc})")
+                # Without the value, which may be personal data: `sfrelay why` shows it.
+                logger.warning(
+                    "%s %s: %s not written: its %s value does not fit the Drupal field "
+                    "(sfrelay why %s)",
+                    r.obj.sobject,
+                    r.raw_id,
+                    drupal,
+                    source,
+                    r.raw_id,
+                )
+        return converted, "; ".join(refused)
 
     def _create(self, r: Record) -> None:
         key = -(len(self.plan.new) + 1)
@@ -276,10 +318,17 @@ class Planner:
         custom = self._custom_defaults.get(r.obj.sobject)
         if custom is None:
             defaults = r.obj.defaults.items()
-            custom = {k: as_text(v) for k, v in defaults if k.startswith("field_")}
+            # (checked at start-up: app.sync.check_field_defaults)
+            custom = {
+                k: self.converters.get(k, _AS_TEXT)(v)
+                for k, v in defaults
+                if k.startswith("field_")
+            }
             self._custom_defaults[r.obj.sobject] = custom
-        fields = {**custom, **self._field_values(r)}
+        values, refused = self._field_values(r)
+        fields = {**custom, **values}
         detail = self._fit(r, base, fields, named=True) if self.bmp_only else None
+        detail = _joined(detail, refused)
         user = NewUser("", r.email or "", base, fields, r.obj.roles)
         self.plan.new[key] = user
         self.plan.new_sources[key] = r
@@ -325,11 +374,12 @@ class Planner:
             return self._set_outcome(r, OutcomeKind.CONFLICT_DUPLICATE_EMAIL, key, detail)
         self._map(r, key)
         self._set_mail(key, r.mail_key)
-        values, fields = base_values(r), self._field_values(r)
+        values, (fields, refused) = base_values(r), self._field_values(r)
         altered = None
         if self.bmp_only:
             named = key < 0 or self.field_map.update_username
             altered = self._fit(r, values, fields, named=named)
+        altered = _joined(altered, refused)
         base = {**values, "mail": r.email}
         if key < 0:  # created earlier in this batch: the newer values win
             user = self.plan.new[key]

@@ -102,6 +102,7 @@ from app.drupal.d7 import Drupal7
 from app.drupal.d10 import Drupal10
 from app.drupal.engine import create_engine, writer
 from app.drupal.errors import classify
+from app.drupal.fieldtypes import field_converters
 from app.drupal.schema import IMPLICIT_ROLES, DrupalSchema, inspect_drupal
 from app.drupal.stats import Statistics
 from app.drupal.users import Key, UserStore
@@ -143,7 +144,7 @@ class Syncer:
         self.schema = schema
         self.store = store
         self.field_map = field_map
-        self._lengths = {name: f.length for name, f in schema.fields.items()}
+        self._converters = field_converters(schema.fields, schema.major, engine.dialect.name)
         # Username suffixes known in use, kept across batches (checked again before use).
         self._suffixes: dict[Key, int] = {}
         self._statistics = Statistics(engine, schema)
@@ -164,6 +165,7 @@ class Syncer:
                 narrow = await store.bmp_only(conn)
             field_map.validate(schema, settings.handled_objects)
             check_protected_roles(schema, field_map, settings.protected_roles)
+            check_field_defaults(schema, field_map, engine.dialect.name)
             if schema.major == 10 and "cachetags" not in schema.tables:
                 await _create_cachetags(engine)
             await ledger.migrate(engine)
@@ -275,7 +277,7 @@ class Syncer:
                 self.store,
                 self.field_map,
                 self.settings.match_by_email,
-                self._lengths,
+                self._converters,
                 self._suffixes,
                 frozenset(self.settings.protected_roles),
                 self.bmp_only,
@@ -328,6 +330,22 @@ def check_protected_roles(schema: DrupalSchema, field_map: FieldMap, configured:
                 "with a staff permission such as administer *, or SFRELAY_PROTECTED_ROLES): "
                 "sfrelay never grants it; remove it from roles"
             )
+
+
+def check_field_defaults(schema: DrupalSchema, field_map: FieldMap, dialect: str) -> None:
+    """Each [<Object>.defaults] value of a user field must be one its Drupal type takes."""
+    converters = field_converters(schema.fields, schema.major, dialect)
+    for obj in field_map.objects.values():
+        for name, value in obj.defaults.items():
+            if name not in converters:
+                continue
+            try:
+                converters[name](value)
+            except ValueError as exc:
+                kind = schema.fields[name].type
+                raise ConfigError(
+                    f"field map [{obj.sobject}.defaults]: {name} is a {kind} field: {exc}"
+                ) from None
 
 
 async def _create_cachetags(engine: AsyncEngine) -> None:

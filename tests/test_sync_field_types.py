@@ -1,17 +1,190 @@
-"""Typed user fields: a field sfrelay cannot write is refused at start-up."""
+"""Typed user fields (boolean, integer, decimal, date, list, long text, ...) written as Drupal
+stores each type, on every backend; a value a field cannot take is not written and is
+reported; a field sfrelay cannot write is refused at start-up."""
 
 from __future__ import annotations
 
+import logging
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from app.errors import ConfigError
-from tests.drupal_fields import TypedField, add_field
-from tests.drupal_rows import open_syncer
+from tests.drupal_fields import TypedField, add_field, stored
+from tests.drupal_rows import field_values, ledger_history, open_syncer
+from tests.factories import note, sf
 from tests.fixtures_db import DrupalSite
 
 LEVELS10 = [{"value": "gold", "label": "Gold"}, {"value": "silver", "label": "Silver"}]
+FIELDS = {
+    10: [
+        TypedField("field_opt_out", "boolean", {"value": "tinyint"}),
+        TypedField(
+            "field_score",
+            "integer",
+            {"value": "int"},
+            {"unsigned": False, "size": "normal"},
+            {"min": "", "max": 1000},
+        ),
+        TypedField(
+            "field_balance", "decimal", {"value": "numeric(10,2)"}, {"precision": 10, "scale": 2}
+        ),
+        TypedField(
+            "field_level",
+            "list_string",
+            {"value": "varchar(255)"},
+            {"allowed_values": LEVELS10, "allowed_values_function": ""},
+        ),
+        TypedField(
+            "field_birthdate", "datetime", {"value": "varchar(20)"}, {"datetime_type": "date"}
+        ),
+        TypedField(
+            "field_last_seen", "datetime", {"value": "varchar(20)"}, {"datetime_type": "datetime"}
+        ),
+        TypedField("field_since", "timestamp", {"value": "int"}),
+        TypedField("field_notes", "text_long", {"value": "text", "format": "varchar(255)"}),
+        TypedField("field_work_mail", "email", {"value": "varchar(254)"}),
+    ],
+    7: [
+        TypedField(
+            "field_opt_out", "list_boolean", {"value": "int"}, {"allowed_values": {0: "", 1: ""}}
+        ),
+        TypedField(
+            "field_score", "number_integer", {"value": "int"}, {}, {"min": "", "max": "1000"}
+        ),
+        TypedField(
+            "field_balance",
+            "number_decimal",
+            {"value": "numeric(10,2)"},
+            {"precision": 10, "scale": 2, "decimal_separator": "."},
+        ),
+        TypedField(
+            "field_level",
+            "list_text",
+            {"value": "varchar(255)"},
+            {"allowed_values": {"gold": "Gold", "silver": "Silver"}},
+        ),
+        TypedField(
+            "field_notes",
+            "text_long",
+            {"value": "text", "format": "varchar(255)"},
+            {},
+            {"text_processing": 1},
+        ),
+    ],
+}
+SOURCES = {
+    "field_opt_out": "HasOptedOutOfEmail",
+    "field_score": "Score__c",
+    "field_balance": "Balance__c",
+    "field_level": "Level__c",
+    "field_birthdate": "Birthdate",
+    "field_last_seen": "LastActivity__c",
+    "field_since": "Since__c",
+    "field_notes": "Description",
+    "field_work_mail": "WorkEmail__c",
+}
+# As an Outbound Message delivers them (app.soap: boolean, double, date and dateTime text).
+VALUES: dict[str, Any] = {
+    "HasOptedOutOfEmail": True,
+    "Score__c": 42.0,
+    "Balance__c": 1234.565,
+    "Level__c": "gold",
+    "Birthdate": "1990-05-17",
+    "LastActivity__c": "2026-11-20T10:00:00.000Z",
+    "Since__c": "2026-11-20T10:00:00.000Z",
+    "Description": "<b>Hi</b>\nthere",
+    "WorkEmail__c": "kim@work.example",
+}
+SINCE = int(datetime(2026, 11, 20, 10, tzinfo=UTC).timestamp())
+
+
+def field_map(major: int) -> str:
+    lines = [f'{f.name} = "{SOURCES[f.name]}"' for f in FIELDS[major]]
+    return (
+        '[Contact]\n[Contact.fields]\nmail = "Email"\nfield_first_name = "FirstName"\n'
+        + "\n".join(lines)
+        + '\n[Lead]\n[Lead.fields]\nmail = "Email"\n'
+    )
+
+
+def number(site: DrupalSite, text: str) -> Any:
+    """A decimal column's value as the backend returns it (SQLite's NUMERIC: a float)."""
+    return float(text) if site.backend == "sqlite" else Decimal(text)
+
+
+async def typed_site(site: DrupalSite, tmp_path: Path) -> Any:
+    for f in FIELDS[site.major]:
+        await add_field(site, f)
+    return await open_syncer(site, field_map(site.major), tmp_path)
+
+
+async def test_typed_fields_are_stored_as_drupal_stores_them(
+    drupal_site: DrupalSite, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    site = drupal_site
+    syncer = await typed_site(site, tmp_path)
+    (created,) = await syncer.apply([note(sf(1), "kim@example.com", "Kim", **VALUES)])
+    uid = created.uid or 0
+    assert (created.kind, created.detail) == ("created", None)
+    expected: dict[str, Any] = {
+        "field_opt_out": {"value": 1},
+        "field_score": {"value": 42},
+        "field_balance": {"value": number(site, "1234.57")},  # rounded half up, as Drupal
+        "field_level": {"value": "gold"},
+        "field_birthdate": {"value": "1990-05-17"},
+        "field_last_seen": {"value": "2026-11-20T10:00:00"},  # UTC, 19 characters
+        "field_since": {"value": SINCE},
+        "field_notes": {"value": "<b>Hi</b>\nthere", "format": "plain_text"},
+        "field_work_mail": {"value": "kim@work.example"},
+    }
+    for f in FIELDS[site.major]:
+        assert await stored(site, f.name, uid) == expected[f.name], f.name
+    assert await field_values(site, uid) == {"field_first_name": "Kim"}
+
+    # Values the fields cannot take are left out (the fields keep theirs); the others apply.
+    bad = {"Score__c": 12.5, "Level__c": "platinum", "Balance__c": 1e12}
+    caplog.set_level(logging.WARNING, "sfrelay.worker")
+    update = note(
+        sf(1),
+        "kim@example.com",
+        "Kimmy",
+        minutes=1,
+        **{**VALUES, **bad, "HasOptedOutOfEmail": False},
+    )
+    (updated,) = await syncer.apply([update])
+    detail = (
+        "field_score not written (Score__c: 12.5 is not an integer); "
+        "field_balance not written (Balance__c: 1000000000000.0 has more than 8 digits "
+        "before the point); "
+        "field_level not written (Level__c: 'platinum' is not one of the field's allowed values)"
+    )
+    assert (updated.kind, updated.uid, updated.detail) == ("updated", uid, detail)
+    assert await stored(site, "field_opt_out", uid) == {"value": 0}
+    for name in ("field_score", "field_balance", "field_level"):
+        assert await stored(site, name, uid) == expected[name], name
+    assert await field_values(site, uid) == {"field_first_name": "Kimmy"}
+    _, history = await ledger_history(site, sf(1))
+    assert [(e["o"], e.get("d")) for e in history] == [("created", None), ("updated", detail)]
+    # The log says which field, never the value (it may be personal data).
+    assert "field_level not written" in caplog.text and "platinum" not in caplog.text
+
+    # A new user: a field whose value cannot be written stays empty.
+    (other,) = await syncer.apply(
+        [note(sf(2), "lou@example.com", "Lou", **{**VALUES, "Level__c": "Gold"})]
+    )
+    await syncer.close()
+    assert other.kind == "created"
+    assert other.detail == (
+        "field_level not written (Level__c: 'Gold' is not one of the field's allowed values)"
+    )
+    assert await stored(site, "field_level", other.uid or 0) is None
+    assert await stored(site, "field_score", other.uid or 0) == {"value": 42}
+
+
 SUPPORTED10 = (
     "boolean, datetime, decimal, email, float, integer, list_float, list_integer, "
     "list_string, string, string_long, telephone, text, text_long, text_with_summary, timestamp"
@@ -64,3 +237,21 @@ async def test_a_field_sfrelay_cannot_write_is_refused_at_start_up(
     with pytest.raises(ConfigError) as refused:
         await open_syncer(site, mapping + '[Lead]\n[Lead.fields]\nmail = "Email"\n', tmp_path)
     assert str(refused.value) == message
+
+
+@pytest.mark.parametrize("drupal_site", ["sqlite-d10", "sqlite-d7"], indirect=True)
+async def test_a_default_a_field_cannot_take_is_refused_at_start_up(
+    drupal_site: DrupalSite, tmp_path: Path
+) -> None:
+    site = drupal_site
+    for f in FIELDS[site.major]:
+        await add_field(site, f)
+    mapping = field_map(site.major).replace(
+        "[Lead]", '[Contact.defaults]\nfield_score = "many"\n[Lead]'
+    )
+    with pytest.raises(ConfigError) as refused:
+        await open_syncer(site, mapping, tmp_path)
+    kind = "integer" if site.major == 10 else "number_integer"
+    assert str(refused.value) == (
+        f"field map [Contact.defaults]: field_score is a {kind} field: 'many' is not a number"
+    )

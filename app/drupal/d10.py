@@ -14,7 +14,7 @@ from sqlalchemy.sql.expression import TableClause
 
 from app.drupal.bulk import execute_in, insert_rows, select_in, update_rows
 from app.drupal.cache import delete_cache_rows, invalidate_tags
-from app.drupal.schema import DrupalSchema, read_protected_roles
+from app.drupal.schema import DrupalSchema, FieldColumn, read_protected_roles
 from app.drupal.users import (
     ExistingUser,
     Lookups,
@@ -90,6 +90,14 @@ def time_ordered_uuids(count: int) -> list[str]:
 
 def field_table(name: str) -> TableClause:
     return table(f"user__{name}", *(column(c) for c in _FIELD_COLUMNS), column(f"{name}_value"))
+
+
+def _constant_columns(field: FieldColumn) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+    """The columns written beside the value, with the same value in every row: a text
+    type's `<field>_format` (app.drupal.fields.FieldColumn.format)."""
+    if field.has_format:
+        return (f"{field.name}_format",), (field.format,)
+    return (), ()
 
 
 class Drupal10(Lookups):
@@ -190,7 +198,7 @@ class Drupal10(Lookups):
     async def _write_fields(
         self,
         conn: AsyncConnection,
-        items: list[tuple[int, tuple[str, ...], dict[str, str | None]]],
+        items: list[tuple[int, tuple[str, ...], dict[str, Any]]],
         *,
         replace: bool = False,
     ) -> None:
@@ -199,10 +207,11 @@ class Drupal10(Lookups):
         only where they differ from what is stored: most updates change one field."""
         for name, field in self._fields.items():
             value_column = f"{name}_value"
-            columns = (*_FIELD_COLUMNS, value_column)
+            more, constant = _constant_columns(self.schema.fields[name])
+            columns = (*_FIELD_COLUMNS, value_column, *more)
             if not replace:  # new users: a row per translation of each value
                 rows = [
-                    ("user", 0, uid, uid, lc, 0, value)
+                    ("user", 0, uid, uid, lc, 0, value, *constant)
                     for uid, langcodes, values in items
                     if (value := values.get(name)) not in (None, "")
                     for lc in langcodes
@@ -249,7 +258,7 @@ class Drupal10(Lookups):
                 drop = f"DELETE FROM {name_q} WHERE entity_id {{in}}"  # noqa: S608
                 await execute_in(conn, drop, stale)
             rows = [
-                self._field_row(uid, langcode, delta, value)
+                (*self._field_row(uid, langcode, delta, value), *constant)
                 for uid, values in wanted.items()
                 for (langcode, delta), value in values.items()
             ]

@@ -55,8 +55,11 @@ _FIELD_COLUMNS = ("entity_type", "bundle", "deleted", "entity_id", "revision_id"
 LANGUAGE_NONE = "und"  # D7 stores untranslatable field values under 'und' only
 
 
-def field_tables(name: str) -> tuple[TableClause, TableClause]:
-    columns = (*_FIELD_COLUMNS, "delta", f"{name}_value", f"{name}_format")
+def field_tables(name: str, *, has_format: bool = True) -> tuple[TableClause, TableClause]:
+    """field_data_<name> and field_revision_<name>; text types also have `<name>_format`."""
+    columns: tuple[str, ...] = (*_FIELD_COLUMNS, "delta", f"{name}_value")
+    if has_format:
+        columns += (f"{name}_format",)
     return (
         table(f"field_data_{name}", *(column(c) for c in columns)),
         table(f"field_revision_{name}", *(column(c) for c in columns)),
@@ -72,7 +75,9 @@ class Drupal7(Lookups):
         # D7's unique index on SQLite is by case (BINARY), but Drupal 7 itself refuses a name
         # that equals one in use LIKE-wise (ASCII case-insensitively): sfrelay compares by
         # SQLite's lower(), which never lets two index-equal names through either.
-        self._fields = {name: field_tables(name) for name in schema.fields}
+        self._fields = {
+            name: field_tables(name, has_format=f.has_format) for name, f in schema.fields.items()
+        }
         written = {name: [("users", column)] for name, column in _BASE_COLUMNS.items()}
         written["mail"].append(("users", "init"))
         for name, pair in self._fields.items():
@@ -176,12 +181,14 @@ class Drupal7(Lookups):
     async def _write_fields(
         self,
         conn: AsyncConnection,
-        items: list[tuple[int, dict[str, str | None]]],
+        items: list[tuple[int, dict[str, Any]]],
         *,
         replace: bool = False,
     ) -> None:
         for name, pair in self._fields.items():
             touched = [uid for uid, values in items if name in values]
+            field = self.schema.fields[name]
+            constant = {f"{name}_format": field.format} if field.has_format else {}
             rows = [
                 {
                     "entity_type": "user",
@@ -192,21 +199,21 @@ class Drupal7(Lookups):
                     "language": LANGUAGE_NONE,
                     "delta": 0,
                     f"{name}_value": values[name],
-                    f"{name}_format": None,
+                    **constant,
                 }
                 for uid, values in items
                 if values.get(name) not in (None, "")
             ]
-            for field in pair:  # field_data_* and field_revision_* alike
+            for stored in pair:  # field_data_* and field_revision_* alike
                 if replace:
                     for chunk in chunks(touched):
                         await conn.execute(
-                            delete(field).where(
-                                field.c.entity_type == "user", field.c.entity_id.in_(chunk)
+                            delete(stored).where(
+                                stored.c.entity_type == "user", stored.c.entity_id.in_(chunk)
                             )
                         )
                 if rows:
-                    await conn.execute(insert(field), rows)
+                    await conn.execute(insert(stored), rows)
 
     async def update(self, conn: AsyncConnection, changes: list[UserChange], now: int) -> None:
         if not changes:

@@ -43,7 +43,7 @@ class NewUser:
     name: str
     mail: str
     base: dict[str, Any]  # status / timezone / langcode
-    fields: dict[str, str | None]  # field_* -> value (None or '' = no row)
+    fields: dict[str, Any]  # field_* -> value as its type stores it (None or "" = no row)
     roles: tuple[str, ...]
     uid: int | None = None  # set by create()
 
@@ -62,7 +62,7 @@ def in_name_order(new: list[NewUser]) -> list[NewUser]:
 class UserChange:
     uid: int
     base: dict[str, Any]  # only what changes: mail / name / status / timezone / langcode
-    fields: dict[str, str | None]  # only the fields the notification carried
+    fields: dict[str, Any]  # only the fields the notification carried
     roles: tuple[str, ...]  # roles the user must have (added if missing, never removed)
     langcodes: tuple[str, ...] = ()  # the user's translations (D10); filled by the store
 
