@@ -18,10 +18,11 @@ from sqlalchemy.exc import DBAPIError
 from app.config import Settings
 from app.drupal import ledger
 from app.drupal.engine import create_engine
+from app.drupal.fieldtypes import takes_salesforce_type
 from app.drupal.schema import inspect_drupal
 from app.errors import SfrelayError
 from app.mapping import load_field_map
-from app.sync import check_protected_roles
+from app.sync import check_field_defaults, check_protected_roles
 
 Status = Literal["ok", "failed", "not configured"]
 PARTS = ("redis", "drupal", "salesforce")
@@ -93,6 +94,7 @@ async def check_drupal(settings: Settings) -> PartResult:
             await conn.rollback()
         field_map.validate(schema, settings.handled_objects)
         check_protected_roles(schema, field_map, settings.protected_roles)  # as a worker starts
+        check_field_defaults(schema, field_map, engine.dialect.name)
     except SfrelayError as exc:
         return PartResult("drupal", "failed", f"{where}: {exc}")
     except (DBAPIError, OSError) as exc:
@@ -110,17 +112,20 @@ async def check_drupal(settings: Settings) -> PartResult:
         else "sfrelay tables not created yet (the first worker creates them)"
     )
     fields = sorted(schema.fields)
+    # Each with its Drupal type: what decides how values are converted (app.drupal.fieldtypes).
+    typed = [f"{name} ({schema.fields[name].type})" for name in fields]
     return PartResult(
         "drupal",
         "ok",
         f"{drupal} ({engine.dialect.name}), {len(schema.tables)} tables, field map valid "
-        f"({', '.join(settings.handled_objects)}; user fields: {', '.join(fields) or 'none'}), "
+        f"({', '.join(settings.handled_objects)}; user fields: {', '.join(typed) or 'none'}), "
         f"{ours}",
         {
             "drupal": 7 if schema.major == 7 else 8,
             "backend": engine.dialect.name,
             "tables": len(schema.tables),
             "user_fields": fields,
+            "user_field_types": {name: schema.fields[name].type for name in fields},
             "sfrelay_schema": version,
         },
     )
@@ -142,11 +147,18 @@ async def check_salesforce(settings: Settings) -> PartResult:
     try:
         instance = await client.login()
         usage = await client.refresh_api_usage()
-        missing = {obj: await client.missing_fields(obj) for obj in settings.handled_objects}
+        described = {obj: await client.describe_fields(obj) for obj in settings.handled_objects}
     except SfrelayError as exc:
         return PartResult("salesforce", "failed", str(exc), {"flow": str(client.flow)})
     finally:
         await client.close()
+    missing: dict[str, list[str]] = {}
+    mapped_types: dict[str, dict[str, str]] = {}
+    for obj, types in described.items():
+        by_name = {name.lower(): kind for name, kind in types.items()}
+        wanted = client.field_set(obj)
+        missing[obj] = [f for f in wanted if f.lower() not in by_name]
+        mapped_types[obj] = {f: by_name[f.lower()] for f in wanted if f.lower() in by_name}
     info: dict[str, Any] = {
         "flow": str(client.flow),
         "instance": instance,
@@ -155,6 +167,7 @@ async def check_salesforce(settings: Settings) -> PartResult:
         "api_requests_max": usage.max,
         "api_requests_left": usage.remaining,
         "unreadable_fields": {obj: names for obj, names in missing.items() if names},
+        "field_types": mapped_types,  # the selected fields' describe types
     }
     head = f"login ok ({client.flow}) to {instance}, API {client.api_version}"
     left = f"{usage.remaining:,} of {usage.max:,} daily API requests left"
@@ -184,10 +197,37 @@ async def check_salesforce(settings: Settings) -> PartResult:
 
 
 async def run_checks(settings: Settings) -> list[PartResult]:
-    results = await asyncio.gather(
-        check_redis(settings), check_drupal(settings), check_salesforce(settings)
+    results = list(
+        await asyncio.gather(
+            check_redis(settings), check_drupal(settings), check_salesforce(settings)
+        )
     )
-    return list(results)
+    type_mismatches(settings, results)
+    return results
+
+
+def type_mismatches(settings: Settings, results: list[PartResult]) -> list[str]:
+    """Mapped Salesforce fields whose type the Drupal field cannot take (a checkbox into a
+    number, text into a date, ...): from the Drupal part's field types and the Salesforce
+    part's describe, when both worked. Said in the Salesforce part; its status stays."""
+    parts = {r.part: r for r in results}
+    drupal, salesforce = parts.get("drupal"), parts.get("salesforce")
+    if drupal is None or salesforce is None or drupal.status != "ok":
+        return []
+    drupal_types: dict[str, str] = drupal.info.get("user_field_types", {})
+    sf_types: dict[str, dict[str, str]] = salesforce.info.get("field_types", {})
+    found = []
+    for obj in load_field_map(settings.field_map).objects.values():
+        for field_name, source in obj.fields.items():
+            kind, sf_kind = drupal_types.get(field_name), sf_types.get(obj.sobject, {}).get(source)
+            if kind and sf_kind and not takes_salesforce_type(kind, sf_kind):
+                found.append(
+                    f"{field_name} ({kind}) cannot take {obj.sobject}.{source} ({sf_kind})"
+                )
+    if found:
+        salesforce.info["type_mismatches"] = found
+        salesforce.detail += f"; field types: {'; '.join(found)}"
+    return found
 
 
 def all_ok(results: list[PartResult]) -> bool:

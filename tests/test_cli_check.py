@@ -5,6 +5,7 @@ command line itself works."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -14,9 +15,12 @@ from pathlib import Path
 import orjson
 import pytest
 
+from app.drupal.engine import create_engine
 from tests import sfserver
 from tests.conftest import Cli
+from tests.drupal_fields import TypedField, add_field
 from tests.drupal_schemas import site_copy
+from tests.fixtures_db import DrupalSite
 from tests.fixtures_worker import PROJECT
 from tests.servers import RedisServer, free_port
 from tests.sfserver import FakeOrg, SalesforceServer
@@ -79,7 +83,11 @@ def test_all_parts_configured_and_working(
     assert {status for status, _ in parts.values()} == {"ok"}
     drupal = "Drupal 7" if "drupal7" in site else "Drupal 8 or later"
     assert parts["drupal"][1].startswith(f"{drupal} (sqlite), ")
-    assert "field map valid (Contact, Lead; user fields: field_first_name" in parts["drupal"][1]
+    kind = "text" if "drupal7" in site else "string"  # each field with its Drupal type
+    assert (
+        f"field map valid (Contact, Lead; user fields: field_first_name ({kind}), "
+        f"field_last_name ({kind}), field_salesforce_id ({kind}))" in parts["drupal"][1]
+    )
     assert "sfrelay tables not created yet" in parts["drupal"][1]
     assert parts["salesforce"][1].startswith(
         f"login ok (jwt-bearer) to {sfserver.INSTANCE}, API 62.0, mapped fields readable on "
@@ -92,6 +100,11 @@ def test_all_parts_configured_and_working(
     assert report["ok"] is True
     assert report["parts"]["drupal"]["drupal"] == (7 if "drupal7" in site else 8)
     assert report["parts"]["drupal"]["sfrelay_schema"] is None
+    assert report["parts"]["drupal"]["user_field_types"] == {
+        "field_first_name": kind,
+        "field_last_name": kind,
+        "field_salesforce_id": kind,
+    }
     salesforce = report["parts"]["salesforce"]
     assert salesforce["status"] == "ok"
     assert (salesforce["flow"], salesforce["api_version"]) == ("jwt-bearer", "62.0")
@@ -214,3 +227,52 @@ def test_a_field_map_granting_a_protected_role_fails_the_check_as_it_fails_the_w
         "sfrelay never grants it; remove it from roles",
     )
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before  # a check writes nothing
+
+
+def test_a_salesforce_field_its_drupal_field_cannot_take_is_flagged(
+    redis_server: RedisServer,
+    sf_server: SalesforceServer,
+    sf_org: FakeOrg,
+    tmp_path: Path,
+    cli: Cli,
+) -> None:
+    """Each mapped field with its Drupal type; a Salesforce field whose describe type the
+    Drupal field cannot take (text into a checkbox) is said, the status stays."""
+    db = site_copy("drupal10-standard.sqlite", tmp_path)
+    site = DrupalSite(
+        "sqlite-d10", "sqlite", 10, f"sqlite:///{db}", create_engine(f"sqlite:///{db}")
+    )
+
+    async def add() -> None:
+        await add_field(site, TypedField("field_opt_out", "boolean", {"value": "tinyint"}))
+        await add_field(site, TypedField("field_score", "integer", {"value": "int"}))
+        await site.engine.dispose()
+
+    asyncio.run(add())
+    sf_org.fields["Contact"].update(OptOut__c="string", Score__c="double")
+    default = (PROJECT / "app" / "fieldmap.default.toml").read_text()
+    mapped = 'field_opt_out = "OptOut__c"\nfield_score = "Score__c"\n'
+    field_map = tmp_path / "fieldmap.toml"
+    field_map.write_text(default.replace('"Id"\n', f'"Id"\n{mapped}', 1))
+    env = {
+        "SFRELAY_REDIS_URL": redis_server.url,
+        "SFRELAY_DATABASE_URL": f"sqlite:///{db}",
+        "SFRELAY_FIELD_MAP": str(field_map),
+        **jwt_env(sf_server),
+    }
+    text = cli(env, "check")
+    assert text.returncode == 0, text.stdout + text.stderr
+    parts = lines(text.stdout)
+    assert (
+        "field_opt_out (boolean), field_salesforce_id (string), field_score (integer))"
+        in (parts["drupal"][1])
+    )
+    assert parts["salesforce"][0] == "ok"
+    assert parts["salesforce"][1].endswith(
+        "; field types: field_opt_out (boolean) cannot take Contact.OptOut__c (string)"
+    )
+    report = orjson.loads(cli(env, "check", "--json").stdout)
+    assert report["parts"]["salesforce"]["type_mismatches"] == [
+        "field_opt_out (boolean) cannot take Contact.OptOut__c (string)"
+    ]
+    assert report["parts"]["salesforce"]["field_types"]["Contact"]["Score__c"] == "double"

@@ -303,3 +303,27 @@ def field_converters(
 ) -> dict[str, Convert]:
     """Each mapped field's converter, decided once at start-up."""
     return {name: converter(f, major=major, dialect=dialect) for name, f in fields.items()}
+
+
+# Salesforce field types (describe's `type`) whose values a Drupal type takes; a text type
+# takes any (every value has a text form). For `sfrelay check`.
+_NUMBERS = frozenset({"int", "double", "currency", "percent"})
+_TAKES: dict[str, frozenset[str]] = {
+    **dict.fromkeys(("boolean", "list_boolean"), frozenset({"boolean"})),
+    **dict.fromkeys(
+        ("integer", "number_integer", "list_integer", "decimal", "number_decimal"), _NUMBERS
+    ),
+    **dict.fromkeys(("float", "number_float", "list_float"), _NUMBERS),
+    "email": frozenset({"email", "string"}),
+    "telephone": frozenset({"phone", "string"}),
+    "datetime": frozenset({"date", "datetime"}),
+    "timestamp": frozenset({"date", "datetime"}),
+    **dict.fromkeys(("list_string", "list_text"), frozenset({"picklist", "string", "combobox"})),
+}
+
+
+def takes_salesforce_type(drupal_type: str, salesforce_type: str) -> bool:
+    """Whether values of a Salesforce field of this type can go into a Drupal field of
+    `drupal_type` (a list field still takes only its allowed values)."""
+    takes = _TAKES.get(drupal_type)
+    return takes is None or salesforce_type.lower() in takes
