@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.config import MatchByEmail
 from app.drupal import ledger
-from app.drupal.fieldtypes import Convert
+from app.drupal.fieldtypes import TEXT_CONVERTER, Convert, Converter
 from app.drupal.ledger import RecordState
 from app.drupal.users import ExistingUser, Key, NewUser, UserChange, UserStore
 from app.mapping import FieldMap
@@ -36,8 +36,6 @@ from app.records import (
 )
 
 logger = logging.getLogger("sfrelay.worker")
-
-_AS_TEXT: Convert = as_text  # a field without a converter (tests' planners): text
 
 HISTORY_SIZE = 10  # outcomes kept per Salesforce record in sfrelay_record.history
 SUPERUSERS = frozenset({0, 1})  # the anonymous user and Drupal's own administrator
@@ -104,7 +102,7 @@ class Planner:
         store: UserStore,
         field_map: FieldMap,
         match_by_email: MatchByEmail,
-        converters: dict[str, Convert],
+        converters: dict[str, Converter],
         suffixes: dict[Key, int],
         protected_roles: frozenset[str] = frozenset(),
         bmp_only: frozenset[str] = frozenset(),
@@ -130,7 +128,8 @@ class Planner:
         self.mail_of: dict[int, str] = {}
         self.owner: dict[int, str] = {}  # uid or key -> the Salesforce Id mapped to it
         self.now = time.time()
-        self._columns: dict[str, tuple[tuple[str, str, Convert], ...]] = {}
+        # per object: (Drupal field, Salesforce field, text length, typed converter or None)
+        self._columns: dict[str, tuple[tuple[str, str, int | None, Convert | None], ...]] = {}
         self._custom_defaults: dict[str, dict[str, Any]] = {}
 
     async def load(self, records: list[Record]) -> None:
@@ -279,25 +278,29 @@ class Planner:
         and what could not be converted (None: all were). Such a field is left out: as it
         was on an update, empty on a new user."""
         columns = self._columns.get(r.obj.sobject)
-        if columns is None:  # once per object and batch: (Drupal field, source, converter)
-            columns = tuple(
-                (d, s, self.converters.get(d, _AS_TEXT)) for d, s in r.obj.fields.items()
-            )
+        if columns is None:  # once per object and batch
+            converters = [
+                (d, s, self.converters.get(d, TEXT_CONVERTER)) for d, s in r.obj.fields.items()
+            ]
+            columns = tuple((d, s, c.length, c.typed) for d, s, c in converters)
             self._columns[r.obj.sobject] = columns
         values = r.fields
-        try:  # the usual case: every value converts (text: as_text, as before)
+        try:  # the usual case: every value converts (text: as_text called as it always was)
             return {
-                drupal: convert(values[s]) for drupal, s, convert in columns if s in values
+                drupal: as_text(values[s], n) if typed is None else typed(values[s])
+                for drupal, s, n, typed in columns
+                if s in values
             }, None
         except ValueError:
             pass
         converted: dict[str, Any] = {}
         refused = []
-        for drupal, source, convert in columns:
+        for drupal, source, n, typed in columns:
             if source not in values:
                 continue
+            value = values[source]
             try:
-                converted[drupal] = convert(values[source])
+                converted[drupal] = as_text(value, n) if typed is None else typed(value)
             except ValueError as exc:
                 refused.append(f"{drupal} not written ({source}: {exc})")
                 # Without the value, which may be personal data: `sfrelay why` shows it.
@@ -320,7 +323,7 @@ class Planner:
             defaults = r.obj.defaults.items()
             # (checked at start-up: app.sync.check_field_defaults)
             custom = {
-                k: self.converters.get(k, _AS_TEXT)(v)
+                k: self.converters.get(k, TEXT_CONVERTER)(v)
                 for k, v in defaults
                 if k.startswith("field_")
             }

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from functools import partial
@@ -246,15 +247,34 @@ def _clamp(
     return low, high
 
 
-def converter(column: FieldColumn, *, major: int, dialect: str) -> Convert:
+@dataclass(frozen=True, slots=True)
+class Converter:
+    """One field's conversion. Text (`typed` None) is as_text cut to `length`, called as such
+    by the rules (the default field map's path: no call through a partial per value)."""
+
+    length: int | None = None
+    typed: Convert | None = None
+
+    def __call__(self, value: Any) -> Any:
+        return as_text(value, self.length) if self.typed is None else self.typed(value)
+
+
+TEXT_CONVERTER = Converter()  # text without a length (a field sfrelay has no definition of)
+
+
+def converter(column: FieldColumn, *, major: int, dialect: str) -> Converter:
     """The converter of one field (its type one of app.drupal.fields.SUPPORTED), decided once."""
-    kind, settings, length = column.type, column.settings, column.length
+    kind, settings = column.type, column.settings
     if kind in TEXT:
         max_length = settings.get("max_length")
-        cut = int(max_length) if isinstance(max_length, int) and max_length > 0 else length
-        return partial(as_text, length=cut)
+        cut = int(max_length) if isinstance(max_length, int) and max_length > 0 else column.length
+        return Converter(cut)
     if kind in LONG_TEXT:
-        return as_text
+        return TEXT_CONVERTER
+    return Converter(None, _typed(kind, settings, major=major, dialect=dialect))
+
+
+def _typed(kind: str, settings: dict[str, Any], *, major: int, dialect: str) -> Convert:
     if kind in ("boolean", "list_boolean"):
         return to_boolean
     own = _bounds(settings)
@@ -300,7 +320,7 @@ def converter(column: FieldColumn, *, major: int, dialect: str) -> Convert:
 
 def field_converters(
     fields: dict[str, FieldColumn], major: int, dialect: str
-) -> dict[str, Convert]:
+) -> dict[str, Converter]:
     """Each mapped field's converter, decided once at start-up."""
     return {name: converter(f, major=major, dialect=dialect) for name, f in fields.items()}
 
