@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,29 @@ from app.jobs import read as read_job
 from app.main import create_app
 from app.queue import DEFAULT_QUEUE, JOB_KEY_PREFIX, STATS_KEY
 from tests.conftest import SHARED_WSDLS
-from tests.factories import ORG_ID, sf_id
-from tests.messages import contact, outbound_message
+from tests.factories import MODIFIED, ORG_ID, sf_id
+from tests.messages import (
+    ESCAPED_NAME,
+    SALESFORCE,
+    Layout,
+    Record,
+    contact,
+    outbound_message,
+)
 from tests.servers import RedisServer, UvicornThread, free_port
 
 BINDING = "{http://soap.sforce.com/2005/09/outbound}NotificationBinding"
 SOBJECT = "{urn:sobject.enterprise.soap.sforce.com}"
 XSI = "http://www.w3.org/2001/XMLSchema-instance"
 XML = {"content-type": "text/xml; charset=UTF-8"}
+# What Salesforce's sender puts on each POST (amp-labs/connectors#3419; a curl replay of a real
+# message in a README, search-index id 37127193827).
+SALESFORCE_HEADERS = {
+    "content-type": "text/xml; charset=utf-8",
+    "soapaction": '""',
+    "user-agent": "Jakarta Commons-HttpClient/3.1",
+    "accept-encoding": "gzip",
+}
 
 
 @pytest.fixture
@@ -203,3 +219,84 @@ def test_redis_stopped_mid_run_nothing_acked_is_lost_nothing_half_written(
             client.close()
     finally:
         own_redis.stop()
+
+
+# The same content in each layout found in public captures and replays of real messages.
+REAL_LAYOUTS = {
+    "Salesforce's own": SALESFORCE,
+    # A Node test posting a captured Opportunity message as one line (search-index id
+    # 28294268481); Mule templates build theirs the same way.
+    "one line": Layout(indent="", newline=""),
+    # guardian/salesforce-message-handler simpleUpdate.json: the body relayed with CRLF.
+    "CRLF, 4-space indent": Layout(newline="\r\n", indent="    "),
+    # aspnet/AspNetWebHooks OutboundMessage1.xml (BOM, 2 spaces); aspnet/WebHooks Salesforce.xml
+    # (no declaration).
+    "BOM, no declaration": Layout(bom=True, declaration="", indent="  "),
+    # "Send Session ID" on: a session id of the 00D...!AQ... form (the README capture above).
+    "session id sent": Layout(session_id="00D1I000003qqqE!AQ0AQHwogrxFUHYyM3M65BM_mz.U63"),
+    # Salesforce is removing session ids (help 005232763): an empty element, or none at all.
+    "session id empty": Layout(session_id=""),
+    "no SessionId element": Layout(session_element=False),
+    # Hand-made replays: other prefixes, `sf` declared once on the Envelope.
+    "other prefixes": Layout(envelope_prefix="S", sf_on_envelope=True),
+}
+
+
+@pytest.mark.parametrize("layout", REAL_LAYOUTS.values(), ids=list(REAL_LAYOUTS))
+def test_real_message_layouts_are_acked_and_stored_typed(
+    layout: Layout, server: UvicornThread, redis_client: redis.Redis
+) -> None:
+    record = contact(Email="zoe@example.org", SystemModstamp=MODIFIED, **ESCAPED_NAME)
+    body = outbound_message([record], layout=layout, nil=("LastModifiedDate",))
+    response = httpx.post(endpoint(server), content=body, headers=SALESFORCE_HEADERS)
+    assert response.status_code == 200
+    assert "<Ack>true</Ack>" in response.text
+    assert queued(redis_client) == [
+        JobNotification(
+            record.notification_id,
+            "Contact",
+            {
+                "Id": record.fields["Id"],
+                "Email": "zoe@example.org",
+                **ESCAPED_NAME,
+                "SystemModstamp": MODIFIED,
+                "LastModifiedDate": None,
+            },
+        )
+    ]
+
+
+def test_salesforce_transport_keep_alive_chunked_and_expect_continue(
+    server: UvicornThread, redis_client: redis.Redis
+) -> None:
+    first, second, third = (contact(Email=f"t{n}@example.org") for n in range(3))
+
+    def chunks(record: Record) -> Iterator[bytes]:
+        body = outbound_message([record])
+        yield from (body[i : i + 200] for i in range(0, len(body), 200))
+
+    with httpx.Client(headers=SALESFORCE_HEADERS) as http:  # one kept-alive connection
+        sized = http.post(endpoint(server), content=outbound_message([first]))
+        chunked = http.post(endpoint(server), content=chunks(second))
+    assert chunked.request.headers["transfer-encoding"] == "chunked"
+    assert [sized.status_code, chunked.status_code] == [200, 200]
+    # An HTTP/1.1 client may wait for "100 Continue" before it sends the body.
+    body = outbound_message([third])
+    head = (
+        "POST /salesforce/outbound-message HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in SALESFORCE_HEADERS.items())
+        + f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head.encode())
+        assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n")
+        sock.sendall(body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 OK") and b"<Ack>true</Ack>" in answer
+    assert sorted(n.fields["Email"] for n in queued(redis_client)) == [
+        "t0@example.org",
+        "t1@example.org",
+        "t2@example.org",
+    ]

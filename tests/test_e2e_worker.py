@@ -15,7 +15,7 @@ import zeep
 from app.config import DEFAULT_WSDL_DIR, Settings
 from app.main import create_app
 from app.receiver import ENDPOINT
-from tests.factories import ORG_ID, sf_id
+from tests.factories import MODIFIED, ORG_ID, sf_id
 from tests.fixtures_worker import (
     PROJECT,
     WorkerProcess,
@@ -23,7 +23,7 @@ from tests.fixtures_worker import (
     drupal_users,
     settings_env,
 )
-from tests.messages import contact, lead, outbound_message
+from tests.messages import ESCAPED_NAME, Layout, contact, lead, outbound_message
 from tests.servers import UvicornThread
 
 BINDING = "{http://soap.sforce.com/2005/09/outbound}NotificationBinding"
@@ -185,3 +185,27 @@ def test_zeep_as_salesforce_through_to_drupal(
         for n in range(3)
     ]
     assert_drupal_can_load(drupal_db)
+
+
+def test_reshaped_real_messages_end_as_drupal_users(
+    server: UvicornThread,
+    worker_settings: Settings,
+    worker_process: type[WorkerProcess],
+    drupal_db: Path,
+    tmp_path: Path,
+) -> None:
+    """Layouts of real captures (tests/test_e2e_receiver.py REAL_LAYOUTS) reach Drupal alike."""
+    zoe = contact(Email="zoe@example.org", SystemModstamp=MODIFIED, **ESCAPED_NAME)
+    grace = lead(Email="grace@example.org", IsConverted="false", SystemModstamp=MODIFIED)
+    crlf_bom = Layout(newline="\r\n", bom=True, declaration="", session_element=False)
+    assert post(server, outbound_message([zoe], layout=Layout(indent="", newline=""))) == 200
+    assert post(server, outbound_message([grace], layout=crlf_bom, nil=("LastName",))) == 200
+    worker = drain(worker_process, worker_settings, tmp_path)
+    zoe_id, grace_id = zoe.fields["Id"], grace.fields["Id"]
+    assert drupal_users(drupal_db) == [
+        # The fields as sent; the username without what Drupal refuses in one ("&", "<").
+        (2, "Zoë O'Brien Søn", "zoe@example.org", 1, "Zoë", "O'Brien & <Søn>", zoe_id),
+        (3, "grace", "grace@example.org", 1, None, None, grace_id),
+    ]
+    assert_drupal_can_load(drupal_db)
+    assert "created=2" in worker.output()
