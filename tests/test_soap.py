@@ -9,9 +9,9 @@ from app.config import DEFAULT_WSDL_DIR
 from app.errors import MalformedMessage
 from app.soap import ACK, OutboundMessage, fault, parse_message
 from app.wsdl import Contract, load_contract
-from tests.conftest import shared_message
-from tests.factories import ORG_ID
-from tests.messages import contact, lead, outbound_message
+from tests.conftest import SHARED_WSDLS, shared_message
+from tests.factories import ORG_ID, sf_id
+from tests.messages import Record, contact, lead, outbound_message
 
 HANDLED = ("Contact", "Lead")
 
@@ -207,3 +207,33 @@ def test_ack_and_fault_envelopes() -> None:
 def test_org_id_is_kept_as_sent(contract: Contract) -> None:
     message = parse(outbound_message([contact()], org_id=ORG_ID.lower()), contract)
     assert message.organization_id == ORG_ID.lower()
+
+
+def test_a_real_custom_object_wsdl_types_salesforce_renderings() -> None:
+    # gwestersf's managed-package object: doubles as Salesforce renders numbers ("208230.0"
+    # and the 1.0E7 form), xsd:date, booleans, dateTimes; a nil double is None.
+    contract = load_contract(SHARED_WSDLS)
+    values = {
+        "CreatedDate": "2017-09-01T16:27:19.000Z",
+        "IsDeleted": "false",
+        "gwestr__Insurance__c": "1.0E7",
+        "gwestr__Rush__c": "true",
+        "gwestr__Scheduled_Delivery__c": "1978-01-01",
+        "gwestr__Status__c": "In Transit",
+        "gwestr__Weight__c": "208230.0",
+    }
+    record = Record("gwestr__Shipment__c", {"Id": sf_id("a0R", 5), **values})
+    body = outbound_message([record], nil=("gwestr__OverWeight__c",))
+    [notification] = parse_message(body, contract, ("gwestr__Shipment__c",)).notifications
+    assert notification.problem is None and notification.undeclared == []
+    assert notification.fields == {
+        "Id": sf_id("a0R", 5),
+        "CreatedDate": "2017-09-01T16:27:19.000Z",
+        "IsDeleted": False,
+        "gwestr__Insurance__c": 10_000_000.0,
+        "gwestr__Rush__c": True,
+        "gwestr__Scheduled_Delivery__c": "1978-01-01",
+        "gwestr__Status__c": "In Transit",
+        "gwestr__Weight__c": 208_230.0,
+        "gwestr__OverWeight__c": None,
+    }
