@@ -187,6 +187,14 @@ def _check_media_type(request: Request) -> None:
         raise UnsupportedMediaType(
             f"content type {media_type or 'missing'!r} is not accepted: send text/xml (SOAP 1.1)"
         )
+    # A compressed body would only be refused later as "not UTF-8": say what it is (RFC 9110
+    # answers an unsupported content coding with 415 too).
+    coding = request.headers.get("content-encoding", "identity").strip().lower()
+    if coding not in ("", "identity"):
+        raise UnsupportedMediaType(
+            f"content encoding {clip(coding, 40)!r} is not accepted: send the body uncompressed, "
+            "as Salesforce does"
+        )
 
 
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -336,6 +337,24 @@ async def test_refuses_wrong_content_type(
     )
     response = await client.post(
         URL, content=outbound_message([contact()]), headers={"content-type": "APPLICATION/XML"}
+    )
+    assert ACK_TEXT in response.text
+
+
+async def test_refuses_a_compressed_body_saying_so(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client()
+    body = gzip.compress(outbound_message([contact()]))
+    response = await client.post(URL, content=body, headers={**XML, "content-encoding": "gzip"})
+    await assert_refused(
+        response,
+        415,
+        "content encoding 'gzip' is not accepted: send the body uncompressed, as Salesforce does",
+        redis_client,
+    )
+    response = await client.post(
+        URL, content=outbound_message([contact()]), headers={**XML, "content-encoding": "identity"}
     )
     assert ACK_TEXT in response.text
 
