@@ -392,6 +392,11 @@ _MEANING: dict[str, str] = {
 }
 
 
+# Outcomes whose detail says what of the record was not written as sent (a field value the
+# Drupal field cannot take, a character a utf8mb3 column cannot hold).
+_WRITTEN = frozenset({OutcomeKind.CREATED, OutcomeKind.UPDATED, OutcomeKind.LINKED})
+
+
 def _label(sf_id: str) -> str:
     return f"{_PREFIXES.get(sf_id[:3], 'record')} {sf_id}"
 
@@ -417,6 +422,8 @@ def meaning(entry: dict[str, Any], email: str | None) -> str:
         text += f" ({entry['detail']})"
     if outcome == OutcomeKind.STALE and entry["detail"]:
         text += f" ({entry['detail']})"
+    if outcome in _WRITTEN and entry["detail"]:  # what was not written as sent, and why
+        text += f"; {entry['detail']}"
     if outcome == OutcomeKind.BLOCKED and entry["detail"]:  # a merge whose survivor has a user
         text = (
             f"merged in Salesforce: {entry['detail']}; Drupal user {entry['uid']} (the merged "

@@ -746,6 +746,15 @@ def test_why_every_outcome_a_history_holds_is_said_in_words() -> None:
             "deleted in Salesforce; nothing changed in Drupal: the record has no Drupal user",
         ),
         (
+            "updated",
+            7,
+            "field_level not written (Level__c: 'platinum' is not one of the field's allowed "
+            "values)",
+            "updated Drupal user 7; field_level not written (Level__c: 'platinum' is not one of "
+            "the field's allowed values)",
+        ),
+        ("created", 8, None, "created Drupal user 8"),
+        (
             "api_limit",
             None,
             None,
