@@ -255,3 +255,29 @@ async def test_a_default_a_field_cannot_take_is_refused_at_start_up(
     assert str(refused.value) == (
         f"field map [Contact.defaults]: field_score is a {kind} field: 'many' is not a number"
     )
+
+
+@pytest.mark.parametrize("drupal_site", ["sqlite-d10", "pg-d10", "mariadb-d10"], indirect=True)
+async def test_a_decimal_field_of_scale_0_is_rounded_to_whole_numbers(
+    drupal_site: DrupalSite, tmp_path: Path
+) -> None:
+    """Drupal's config holds scale 0 as the integer 0 (i:0;): rounded as DecimalItem's preSave
+    rounds it, with all of `precision` digits before the point."""
+    site = drupal_site
+    units = TypedField(
+        "field_units", "decimal", {"value": "numeric(10,0)"}, {"precision": 10, "scale": 0}
+    )
+    await add_field(site, units)
+    mapping = '[Contact]\n[Contact.fields]\nmail = "Email"\nfield_units = "Units__c"\n'
+    syncer = await open_syncer(site, mapping + '[Lead]\n[Lead.fields]\nmail = "Email"\n', tmp_path)
+    (created,) = await syncer.apply([note(sf(1), "kim@example.com", "Kim", Units__c=123.5)])
+    (big,) = await syncer.apply([note(sf(2), "lou@example.com", "Lou", Units__c=9876543210.0)])
+    await syncer.close()
+    assert (created.kind, created.detail, big.kind, big.detail) == (
+        "created",
+        None,
+        "created",
+        None,
+    )
+    assert await stored(site, "field_units", created.uid or 0) == {"value": number(site, "124")}
+    assert await stored(site, "field_units", big.uid or 0) == {"value": number(site, "9876543210")}

@@ -274,6 +274,11 @@ def converter(column: FieldColumn, *, major: int, dialect: str) -> Converter:
     return Converter(None, _typed(kind, settings, major=major, dialect=dialect))
 
 
+def _setting(settings: dict[str, Any], key: str, default: int) -> Any:
+    value = settings.get(key)
+    return default if value in (None, "") else value
+
+
 def _typed(kind: str, settings: dict[str, Any], *, major: int, dialect: str) -> Convert:
     if kind in ("boolean", "list_boolean"):
         return to_boolean
@@ -282,8 +287,9 @@ def _typed(kind: str, settings: dict[str, Any], *, major: int, dialect: str) -> 
         low, high = _clamp(own, _int_range(settings if major == 10 else {}))
         convert: Convert = partial(_integer, low=low, high=high)
     elif kind in ("decimal", "number_decimal"):
-        precision = int(settings.get("precision") or 10)
-        scale = int(settings.get("scale") or 2)
+        # Scale 0 is a scale (whole numbers); only an absent or empty setting is the default.
+        precision = int(_setting(settings, "precision", 10))
+        scale = int(_setting(settings, "scale", 2))
         return partial(
             _decimal,
             scale=scale,
