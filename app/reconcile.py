@@ -237,16 +237,22 @@ class Poller:
                 if exc.error_code != "INVALID_REPLICATION_DATE":
                     raise
                 # Salesforce purged its delete log (or an administrator the Recycle Bin) after
-                # `start`: what was purged before cannot be listed, now or later.
+                # `start`: what was purged cannot be listed, now or later; what was deleted
+                # since the log's new beginning still is, and is listed now.
+                resume = await log_begins(api, sobject, end)
                 log.warning(
-                    "Salesforce no longer lists the %s deleted since %s (%s): Drupal users of "
-                    "records deleted and purged before then are not blocked; listing resumes at %s",
+                    "Salesforce no longer lists the %s deleted between %s and %s (%s): Drupal "
+                    "users of records deleted and purged then are not blocked; listing resumes "
+                    "at %s",
                     sobject,
                     start.isoformat(),
+                    (resume or end).isoformat(),
                     exc,
-                    end.isoformat(),
+                    (resume or end).isoformat(),
                 )
-                return end
+                if resume is None:
+                    return end
+                listed, covered = await deleted_in(api, sobject, resume, end)
             await self.take_purged(api, sobject, listed, report)
         except SALESFORCE_ERRORS as exc:
             stop(report, sobject, exc)
@@ -306,6 +312,24 @@ async def deleted_in(
     first, _ = await deleted_in(api, sobject, start, middle)
     second, covered = await deleted_in(api, sobject, middle, end)
     return first + second, covered
+
+
+async def log_begins(api: SalesforceApi, sobject: str, end: datetime) -> datetime | None:
+    """Where the delete log begins now (its earliestDateAvailable, up to the next minute:
+    Salesforce ignores a start's seconds), asked with the shortest window it takes; None when
+    no window before `end` can be listed."""
+    try:
+        window = await api.deleted_records(sobject, end - MIN_DELETED_WINDOW, end)
+    except SalesforceRequestRefused as exc:
+        if exc.error_code != "INVALID_REPLICATION_DATE":
+            raise
+        return None
+    earliest = window.earliest_available
+    if earliest is None:
+        return None
+    minute = earliest.replace(second=0, microsecond=0)
+    begins = minute if minute == earliest else minute + timedelta(minutes=1)
+    return begins if end - begins >= MIN_DELETED_WINDOW else None
 
 
 def purged(sobject: str, record_id: str, deleted_at: datetime) -> JobNotification:

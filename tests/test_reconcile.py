@@ -519,6 +519,23 @@ async def test_a_merge_loser_listed_by_the_delete_log_keeps_its_merge(
     assert owners[uids[loser]] == survivor and owners[uids[late_loser]] == late_survivor
 
 
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "sfrelay.reconcile"]
+
+
+def log_purged(start: datetime, begins: datetime) -> list[str]:
+    """The warnings of a run whose delete log window [start, ...] Salesforce purged up to
+    `begins`, for each object."""
+    return [
+        f"Salesforce no longer lists the {sobject} deleted between {start.isoformat()} and "
+        f"{begins.isoformat()} (Salesforce refused the deleted {sobject} records (HTTP 400, "
+        "INVALID_REPLICATION_DATE): startDate before org replication enabled date): Drupal "
+        f"users of records deleted and purged then are not blocked; listing resumes at "
+        f"{begins.isoformat()}"
+        for sobject in ("Contact", "Lead")
+    ]
+
+
 async def test_a_delete_log_window_older_than_salesforce_keeps_does_not_fail_the_poll(
     rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -543,14 +560,8 @@ async def test_a_delete_log_window_older_than_salesforce_keeps_does_not_fail_the
     with caplog.at_level(logging.WARNING, logger="sfrelay.reconcile"):
         refused = await run_reconcile(settings)
     assert (refused.queued, refused.purged, refused.errors, refused.stopped) == (1, 0, 0, None)
-    assert [r.getMessage() for r in caplog.records if r.name == "sfrelay.reconcile"] == [
-        f"Salesforce no longer lists the {sobject} deleted since "
-        f"{(T0 + timedelta(days=21)).replace(second=0).isoformat()} (Salesforce refused the "
-        f"deleted {sobject} records (HTTP 400, INVALID_REPLICATION_DATE): startDate before org "
-        "replication enabled date): Drupal users of records deleted and purged before then are "
-        f"not blocked; listing resumes at {end.isoformat()}"
-        for sobject in ("Contact", "Lead")
-    ]
+    # Listed again from where the log now begins: nothing deleted there.
+    assert warnings(caplog) == log_purged(T0 + timedelta(days=21), T0 + timedelta(days=21, hours=1))
     assert await cursor(settings, cursors.deleted_name("Contact")) == end.isoformat()
     sf_org.hard_delete("Contact", later, end + timedelta(minutes=5))
     sf_org.fixed_time = end + timedelta(minutes=15)
@@ -560,6 +571,32 @@ async def test_a_delete_log_window_older_than_salesforce_keeps_does_not_fail_the
     found = statuses(drupal_db)
     assert (found[uids[old]], found[uids[recent]], found[uids[later]]) == (0, 1, 0)
     assert changed in users(drupal_db)
+
+
+async def test_a_delete_log_purged_after_the_start_is_still_listed_from_where_it_begins(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Salesforce purged its delete log after this run's start: what it purged is lost, but
+    a record hard-deleted after the purge is still listed (from earliestDateAvailable, to the
+    minute) and its user blocked; the cursor never passes it unlisted."""
+    settings = rc_settings
+    uids = await synced(settings, sf_org, 2)
+    lost, kept = list(uids)
+    purge = T0 + timedelta(hours=2, minutes=10, seconds=30)
+    sf_org.hard_delete("Contact", lost, T0 + timedelta(hours=2))
+    sf_org.purge_delete_log(purge)
+    sf_org.hard_delete("Contact", kept, T0 + timedelta(hours=2, minutes=40))
+    end = T0 + timedelta(hours=3)
+    sf_org.fixed_time = end
+    with caplog.at_level(logging.WARNING, logger="sfrelay.reconcile"):
+        report = await run_reconcile(settings)
+    assert (report.purged, report.queued, report.errors, report.stopped) == (1, 1, 0, None)
+    resumes = (purge + timedelta(minutes=1)).replace(second=0)
+    assert warnings(caplog) == log_purged(T0 + timedelta(hours=1), resumes)
+    assert await cursor(settings, cursors.deleted_name("Contact")) == end.isoformat()
+    await run_worker(settings)
+    found = statuses(drupal_db)
+    assert (found[uids[lost]], found[uids[kept]]) == (1, 0)
 
 
 async def test_a_mass_deletion_over_salesforces_id_limit_is_listed_in_halves(
