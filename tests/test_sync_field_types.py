@@ -281,3 +281,29 @@ async def test_a_decimal_field_of_scale_0_is_rounded_to_whole_numbers(
     )
     assert await stored(site, "field_units", created.uid or 0) == {"value": number(site, "124")}
     assert await stored(site, "field_units", big.uid or 0) == {"value": number(site, "9876543210")}
+
+
+@pytest.mark.parametrize("drupal_site", ["sqlite-d7", "mariadb-d7"], indirect=True)
+@pytest.mark.parametrize(("processing", "format_"), [("0", None), ("1", "plain_text")])
+async def test_drupal7_text_processing_saved_by_the_field_ui_decides_the_format(
+    drupal_site: DrupalSite, tmp_path: Path, processing: str, format_: str | None
+) -> None:
+    """Drupal 7's field UI saves the instance's text_processing as the form gave it, the text
+    "0" or "1": "0" (plain text) stores no format, as Drupal 7 does."""
+    site = drupal_site
+    notes = TypedField(
+        "field_notes",
+        "text_long",
+        {"value": "text", "format": "varchar(255)"},
+        {},
+        {"text_processing": processing, "user_register_form": 0},
+    )
+    await add_field(site, notes)
+    mapping = '[Contact]\n[Contact.fields]\nmail = "Email"\nfield_notes = "Description"\n'
+    syncer = await open_syncer(site, mapping + '[Lead]\n[Lead.fields]\nmail = "Email"\n', tmp_path)
+    (created,) = await syncer.apply([note(sf(1), "kim@example.com", "Kim", Description="Hi")])
+    await syncer.close()
+    assert await stored(site, "field_notes", created.uid or 0) == {
+        "value": "Hi",
+        "format": format_,
+    }

@@ -224,7 +224,9 @@ def _format(name: str, definition: _Definition, fallback: str, major: int) -> st
     every role may use and which shows Salesforce's text as text, never as HTML); on Drupal 7
     only where the field has text processing on (else NULL, as Drupal 7 stores it)."""
     if major == 7:
-        return fallback if definition.settings.get("text_processing") else None
+        # 1 or 0 as code saves it, "1" or "0" as the field UI's form does.
+        processing = definition.settings.get("text_processing")
+        return fallback if processing not in (None, "", 0, "0") else None
     allowed = definition.settings.get("allowed_formats") or {}
     formats = [str(f) for f in (allowed.values() if isinstance(allowed, dict) else allowed)]
     if formats and fallback not in formats:
