@@ -344,7 +344,9 @@ def check_field_defaults(schema: DrupalSchema, field_map: FieldMap, dialect: str
             except ValueError as exc:
                 kind = schema.fields[name].type
                 raise ConfigError(
-                    f"field map [{obj.sobject}.defaults]: {name} is a {kind} field: {exc}"
+                    f"field map [{obj.sobject}.defaults]: {name} is a field of type {kind!r}: "
+                    f"{exc}: give it a value of that type, or leave {name} out of "
+                    f"[{obj.sobject}.defaults]"
                 ) from None
 
 

@@ -253,7 +253,8 @@ async def test_a_default_a_field_cannot_take_is_refused_at_start_up(
         await open_syncer(site, mapping, tmp_path)
     kind = "integer" if site.major == 10 else "number_integer"
     assert str(refused.value) == (
-        f"field map [Contact.defaults]: field_score is a {kind} field: 'many' is not a number"
+        f"field map [Contact.defaults]: field_score is a field of type '{kind}': 'many' is not a "
+        "number: give it a value of that type, or leave field_score out of [Contact.defaults]"
     )
 
 
@@ -307,3 +308,25 @@ async def test_drupal7_text_processing_saved_by_the_field_ui_decides_the_format(
         "value": "Hi",
         "format": format_,
     }
+
+
+@pytest.mark.parametrize("drupal_site", ["sqlite-d10", "sqlite-d7"], indirect=True)
+async def test_a_field_table_without_a_definition_is_refused_saying_what_to_do(
+    drupal_site: DrupalSite, tmp_path: Path
+) -> None:
+    site = drupal_site
+    names = ["user__field_ghost"] if site.major == 10 else ["field_data_field_ghost"]
+    names += [] if site.major == 10 else ["field_revision_field_ghost"]
+    for name in names:
+        await site.execute(
+            f"CREATE TABLE {name} (entity_id integer NOT NULL, field_ghost_value varchar(255))"
+        )
+    mapping = '[Contact]\n[Contact.fields]\nmail = "Email"\nfield_ghost = "Title"\n'
+    with pytest.raises(ConfigError) as refused:
+        await open_syncer(site, mapping + '[Lead]\n[Lead.fields]\nmail = "Email"\n', tmp_path)
+    where = "config field.storage.user.field_ghost" if site.major == 10 else "field_config"
+    assert str(refused.value) == (
+        "field map: the user field 'field_ghost' has no definition on this Drupal site "
+        f"(nothing in {where}; its table {names[0]} is left over): recreate the field in "
+        "Drupal, or leave field_ghost out of the field map"
+    )

@@ -261,21 +261,22 @@ async def read_fields(
     fields: dict[str, FieldColumn] = {}
     for name in ordered:
         definition = found.get(name)
+        store = f"user__{name}" if major == 10 else f"field_data_{name}"
         if definition is None:
             where = f"config field.storage.user.{name}" if major == 10 else "field_config"
             raise ConfigError(
                 f"field map: the user field {name!r} has no definition on this Drupal site "
-                f"(nothing in {where}): is the field deleted?"
+                f"(nothing in {where}; its table {store} is left over): recreate the field in "
+                f"Drupal, or leave {name} out of the field map"
             )
         if why := _refusal(name, definition, major):
             raise ConfigError(f"field map: {why}")
-        store = f"user__{name}" if major == 10 else f"field_data_{name}"
         columns = await conn.run_sync(table_columns, store)
         value = columns.get(f"{name}_value")
         if value is None:
             raise ConfigError(
                 f"field map: {name!r} has no column {name}_value in {store}: not a field "
-                f"Drupal stores as sfrelay expects"
+                f"Drupal stores as sfrelay expects: leave {name} out of the field map"
             )
         has_format = definition.type in FORMATTED and f"{name}_format" in columns
         fields[name] = FieldColumn(
