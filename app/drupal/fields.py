@@ -243,8 +243,8 @@ async def read_fields(
 ) -> dict[str, FieldColumn]:
     """The mapped user fields; ConfigError for one the site lacks or sfrelay cannot write."""
     ordered = sorted(names)
-    for name in ordered:
-        store = f"user__{name}" if major == 10 else f"field_data_{name}"
+    stores = {name: f"user__{name}" if major == 10 else f"field_data_{name}" for name in ordered}
+    for name, store in stores.items():
         if store not in tables or (major == 7 and f"field_revision_{name}" not in tables):
             raise ConfigError(
                 f"field map: the user field {name!r} does not exist on this Drupal site "
@@ -260,8 +260,7 @@ async def read_fields(
         found, fallback = await _definitions7(conn, ordered, tables)
     fields: dict[str, FieldColumn] = {}
     for name in ordered:
-        definition = found.get(name)
-        store = f"user__{name}" if major == 10 else f"field_data_{name}"
+        definition, store = found.get(name), stores[name]
         if definition is None:
             where = f"config field.storage.user.{name}" if major == 10 else "field_config"
             raise ConfigError(
