@@ -98,7 +98,7 @@ class Lifecycle:
         if st is not None and r.modstamp is not None and st.modstamp is not None:
             if r.modstamp < st.modstamp:
                 return p._set_outcome(r, OutcomeKind.STALE, st.uid)
-            if r.modstamp == st.modstamp:
+            if r.modstamp == st.modstamp and p.same_version(r, st):
                 return p._set_outcome(r, OutcomeKind.DUPLICATE, st.uid)
         uid = st.uid if st is not None else None
         master = merged_into(r.fields)

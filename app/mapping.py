@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,24 @@ class FieldMap:
     username_template: str
     username_fallback: str
     update_username: bool
+    # object -> the Salesforce fields whose values its rules write (a version's content:
+    # app.records.version_digest), in a fixed order
+    sources: dict[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        templates = (
+            *placeholders(self.username_template),
+            *placeholders(self.username_fallback),
+        )
+        sources = {
+            sobject: tuple(
+                dict.fromkeys(
+                    (obj.email_field, *obj.base.values(), *obj.fields.values(), *templates)
+                )
+            )
+            for sobject, obj in self.objects.items()
+        }
+        object.__setattr__(self, "sources", sources)
 
     @property
     def user_fields(self) -> set[str]:

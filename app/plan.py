@@ -31,6 +31,7 @@ from app.records import (
     base_values,
     outside_bmp,
     username_base,
+    version_digest,
     with_suffix,
     within_bmp,
 )
@@ -173,8 +174,14 @@ class Planner:
         add_history(st, r, decision, self.now)
         if applied:
             if r.modstamp is not None:  # an unstamped version keeps the one applied before
-                st.modstamp = r.modstamp
+                st.modstamp, st.digest = r.modstamp, self.digest(r)
             st.notification_id = r.notification_id
+
+    def digest(self, r: Record) -> str:
+        return version_digest(r.fields, self.field_map.sources[r.obj.sobject])
+
+    def same_version(self, r: Record, st: RecordState) -> bool:
+        return st.same_version(r.fields, self.field_map.sources[r.obj.sobject])
 
     def _protection(self, uid: int) -> str | None:
         """Why sfrelay must not write to this existing user (None: it may)."""
@@ -212,7 +219,7 @@ class Planner:
             if r.modstamp is not None and st.modstamp is not None:
                 if r.modstamp < st.modstamp:
                     return self._set_outcome(r, OutcomeKind.STALE, st.uid)
-                if r.modstamp == st.modstamp:
+                if r.modstamp == st.modstamp and self.same_version(r, st):
                     return self._set_outcome(r, OutcomeKind.DUPLICATE, st.uid)
             if st.converted_to:
                 detail = f"the Lead was converted to {st.converted_to}"

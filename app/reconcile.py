@@ -5,7 +5,9 @@ Per handled object: SOQL (queryAll, so deletions and merge losers come too) over
 ``SystemModstamp`` from the stored watermark minus `OVERLAP` to Salesforce's clock now, page by
 page, oldest first. Each record is
 
-- `current` when sfrelay already applied that version (sfrelay_record's modstamp): not queued;
+- `current` when sfrelay already applied that version (sfrelay_record's modstamp, and at that
+  very stamp its digest: a second change within the second is not current) or a later one:
+  not queued;
 - `no_email` when it is live and has no usable email: counted, never written;
 - `deleted` / `merged` (a deletion, with MasterRecordId for a merge loser): queued when the
   record has a Drupal user, for app/lifecycle.py to apply;
@@ -42,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
 from app.drupal import cursors, ledger
+from app.drupal.ledger import RecordState
 from app.errors import (
     ApiLimitReached,
     ConfigError,
@@ -187,9 +190,7 @@ class Poller:
         for n in page:
             report.queried += 1
             st = states.get(sf_key(n.fields["Id"]))
-            stamp = modstamp(n.fields)
-            applied = st is not None and st.modstamp is not None and stamp is not None
-            if applied and stamp <= st.modstamp:  # type: ignore[operator, union-attr]
+            if self.applied(st, n):
                 report.current += 1
                 continue
             if is_deletion(n.fields):
@@ -206,6 +207,14 @@ class Poller:
                 continue
             wanted.append(n)
         await self.queue(wanted, report)
+
+    def applied(self, st: RecordState | None, n: JobNotification) -> bool:
+        """This version of the record, or a later one, is applied already (the planner's
+        order guard would make it `duplicate` or `stale`)."""
+        stamp = modstamp(n.fields)
+        if st is None or st.modstamp is None or stamp is None or stamp > st.modstamp:
+            return False
+        return stamp < st.modstamp or st.same_version(n.fields, self.field_map.sources[n.object])
 
     async def queue(self, wanted: list[JobNotification], report: PollReport) -> None:
         if self.enqueuer is None:
@@ -277,8 +286,8 @@ class Poller:
             st, n = states.get(record_id), purged(sobject, record_id, at)
             if st is None or st.uid is None:
                 continue  # no Drupal user: nothing to block
-            if st.modstamp is not None and st.modstamp >= (modstamp(n.fields) or 0):
-                continue  # this deletion, or a later version, is applied already
+            if self.applied(st, n):
+                continue
             suspects[record_id] = n
         if not suspects:
             return

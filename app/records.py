@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
+
+import orjson
 
 from app.errors import RecordError
 from app.jobs import JobNotification
@@ -151,6 +154,47 @@ def as_text(value: Any, length: int | None = None) -> str | None:
     if text == "":
         return None
     return text[:length] if length else text
+
+
+_TRUE = (True, "true", "1", 1)
+
+
+def version_digest(fields: dict[str, Any], sources: tuple[str, ...]) -> str:
+    """What a version of a record says, as a short hash (sfrelay_record.digest).
+
+    Salesforce stamps a version to the second (`.000Z`), so two changes within one second
+    share a SystemModstamp: with the digest of the version applied last it is that version
+    again (`duplicate`), with another it is the other change (applied: the later to arrive
+    wins, as Salesforce sends in order). It covers the values the rules write (`sources`:
+    FieldMap.sources) and, by meaning, whether the record is deleted, merged or converted,
+    so that a REST row (reconcile, refetch: IsDeleted false, null markers), a delete log's
+    entry and a pushed notification of one version hash alike."""
+    deleted = fields.get("IsDeleted") in _TRUE
+    master = fields.get("MasterRecordId") if deleted else None
+    converted = fields.get("ConvertedContactId") if fields.get("IsConverted") in _TRUE else None
+    values: list[str | bool | None] = []
+    if not deleted:  # (a deletion is one whatever values its row still shows)
+        get = fields.get
+        for name in sources:
+            value = get(name, _ABSENT)
+            if value is _ABSENT:
+                values.append(False)  # no value is that: _plain makes every one text or None
+            else:
+                values.append(value if value is None or type(value) is str else _plain(value))
+    data = orjson.dumps((deleted, _plain(master) or None, _plain(converted) or None, values))
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+_ABSENT = object()
+
+
+def _plain(value: Any) -> str | None:
+    """A value as pushed notifications carry it (text), whichever source it came from."""
+    if value is None or type(value) is str:
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def as_status(value: Any) -> int:

@@ -59,7 +59,9 @@ Rules in detail (app/plan.py decides, app/drupal/ writes):
 - One writer at a time per Drupal database (SQLite BEGIN IMMEDIATE, PostgreSQL advisory
   lock, MySQL GET_LOCK), so concurrent workers never race on uids, usernames or emails.
 - Versions: the 18-character Id keys the record; a notification id already applied, or a
-  modstamp equal to the last applied one, is `duplicate`; an older one is `stale`.
+  modstamp equal to the last applied one with the same values (app.records.version_digest),
+  is `duplicate`; an older one is `stale`. The same modstamp with other values is a second
+  change within that second (Salesforce stamps to the second): applied.
 - A record whose email belongs to several Drupal users, or to one when
   SFRELAY_MATCH_BY_EMAIL is off, is `conflict_duplicate_email` (detail: ``uid <n>``).
 - Protected users (uid 0 and 1; holders of SFRELAY_PROTECTED_ROLES, by default the site's

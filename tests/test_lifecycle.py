@@ -6,6 +6,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from sqlalchemy import text
 
 from app.drupal import ledger
 from app.drupal.ledger import RecordState
@@ -284,21 +285,37 @@ async def test_a_deleted_record_without_a_user_writes_nothing(drupal_site: Drupa
 
 @pytest.mark.parametrize("drupal_site", ["sqlite-d10", "pg-d10", "mariadb-d10"], indirect=True)
 async def test_a_version_1_ledger_upgrades_in_order(drupal_site: DrupalSite) -> None:
-    """A database an earlier sfrelay migrated (version 1: records, dead letters) gains
-    sfrelay_cursor and sfrelay_block; its rows stay."""
+    """A database an earlier sfrelay migrated (version 1: records without digests, dead
+    letters) gains sfrelay_cursor, sfrelay_block and the digest column; its rows stay, and a
+    version applied before digests keeps the rule of then: its stamp again is `duplicate`."""
     site = drupal_site
-    async with site.engine.begin() as conn:
-        await conn.run_sync(ledger.MIGRATIONS[0])
-        await conn.run_sync(ledger.metadata.create_all, tables=[ledger.schema_version])
-        await conn.execute(ledger.schema_version.insert().values(id=1, version=1))
-        await ledger.save(conn, [RecordState(sf(40), "Contact", uid=5, dirty=True)])
+    syncer = await open_syncer(site)
+    (made,) = await syncer.apply([note(sf(40), "p40@example.org", "P", "Old")])
+    await syncer.close()
+    async with site.engine.begin() as conn:  # back to what version 1 made
+        for table in ("sfrelay_cursor", "sfrelay_block"):
+            await conn.execute(text(f"DROP TABLE {table}"))
+        await conn.execute(text("ALTER TABLE sfrelay_record DROP COLUMN digest"))
+        await conn.execute(text("UPDATE sfrelay_schema SET version = 1"))
     tables = "SELECT count(*) AS n FROM sfrelay_cursor UNION ALL SELECT count(*) FROM sfrelay_block"
     with pytest.raises(Exception, match="sfrelay_cursor"):
         await site.rows(tables)
-    assert await ledger.migrate(site.engine) == len(ledger.MIGRATIONS) == 2
-    assert await site.rows("SELECT id, version FROM sfrelay_schema") == [{"id": 1, "version": 2}]
+    assert await ledger.migrate(site.engine) == len(ledger.MIGRATIONS) == 3
+    assert await site.rows("SELECT id, version FROM sfrelay_schema") == [{"id": 1, "version": 3}]
     assert [r["n"] for r in await site.rows(tables)] == [0, 0]
-    assert (await mapping(site, sf(40)))[0] == 5
+    assert await site.rows("SELECT uid, digest FROM sfrelay_record") == [
+        {"uid": made.uid, "digest": None}
+    ]
+    syncer = await open_syncer(site)
+    try:
+        again = await syncer.apply([note(sf(40), "p40@example.org", "P", "Other")])
+        later = await syncer.apply([note(sf(40), "p40@example.org", "P", "New", minutes=1)])
+    finally:
+        await syncer.close()
+    assert kinds(again + later) == ["duplicate", "updated"]
+    assert made.uid is not None
+    assert (await field_values(site, made.uid))["field_last_name"] == "New"
+    assert (await site.rows("SELECT digest FROM sfrelay_record"))[0]["digest"] is not None
 
 
 @SITES

@@ -20,6 +20,7 @@ from app.records import (
     json_within_bmp,
     outside_bmp,
     valid_email,
+    version_digest,
     with_suffix,
     within_bmp,
 )
@@ -255,3 +256,42 @@ def test_email_checks_take_linear_time() -> None:
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert result.stdout.strip() == str([False] * 2 * len(SLOW_FOR_NESTED_REPEATS)), result.stderr
+
+
+def test_a_versions_digest_is_what_it_says_whichever_source_it_came_from() -> None:
+    """Pushed values are text; a REST row (reconcile, refetch) has JSON types, IsDeleted
+    false and null markers; a delete log entry only the Id: one version hashes alike."""
+    field_map = load_field_map(None)
+    sources = field_map.sources["Lead"]
+    assert sources == ("Email", "FirstName", "LastName", "Id", "email_local")
+    pushed = {"Id": "00Q5g00000AbCdEAAZ", "Email": "a@example.com", "FirstName": "Ann",
+              "LastName": "Lee", "SystemModstamp": "2026-01-01T00:00:00.000Z"}  # fmt: skip
+    rest = {**pushed, "IsDeleted": False, "MasterRecordId": None, "IsConverted": False,
+            "ConvertedContactId": None, "LastModifiedDate": "2025-12-31T00:00:00.000Z"}  # fmt: skip
+    same = version_digest(pushed, sources)
+    assert version_digest(rest, sources) == same
+    assert len(same) == 16
+    # Another value, a value deleted (nil) and a value not sent are three other versions.
+    others = [
+        {**pushed, "LastName": "Lea"},
+        {**pushed, "LastName": None},
+        {k: v for k, v in pushed.items() if k != "LastName"},
+    ]
+    digests = {version_digest(o, sources) for o in others}
+    assert len(digests) == 3 and same not in digests
+    # By meaning: a conversion, a deletion (whatever values it shows), a merge into one Id.
+    converted = {**rest, "IsConverted": True, "ConvertedContactId": "0035g00000XyZaBAAZ"}
+    assert version_digest(converted, sources) != same
+    assert version_digest({**converted, "IsConverted": "true"}, sources) == version_digest(
+        converted, sources
+    )
+    deleted = version_digest({**rest, "IsDeleted": True}, sources)
+    logged = {"Id": pushed["Id"], "IsDeleted": True, "SystemModstamp": pushed["SystemModstamp"]}
+    assert version_digest(logged, sources) == deleted != same
+    merged = {**logged, "MasterRecordId": "00Q5g00000ZzZzZAAZ"}
+    assert version_digest(merged, sources) not in (deleted, same)
+    # JSON types as pushed text
+    typed = ("Email", "HasOptedOutOfEmail", "NumberOfEmployees")
+    as_text = {"Email": "a@example.com", "HasOptedOutOfEmail": "true", "NumberOfEmployees": "5"}
+    as_json = {"Email": "a@example.com", "HasOptedOutOfEmail": True, "NumberOfEmployees": 5}
+    assert version_digest(as_text, typed) == version_digest(as_json, typed)

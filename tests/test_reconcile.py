@@ -159,6 +159,27 @@ async def test_a_30_hour_outage_is_found_once_each_and_no_email_left_out(
     assert await queued(settings) == 0
 
 
+async def test_a_second_change_within_the_pushed_versions_second_is_reconciled(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path
+) -> None:
+    """Push applied a version; a second change within the same second (one SystemModstamp:
+    Salesforce stamps to the second) never came. Reconcile reads other values under the
+    applied stamp: queued and applied, then current."""
+    settings = rc_settings
+    sf_org.fixed_time = T0 + timedelta(hours=1)
+    record_id = add(sf_org, 1, T0, last="Pushed")
+    await pushed(settings, sf_org, record_id)
+    await run_worker(settings)
+    assert users(drupal_db)[record_id][1] == "Pushed"
+    add(sf_org, 1, T0, last="Second")
+    report = await run_reconcile(settings, since=T0 - timedelta(minutes=1))
+    assert (report.queried, report.queued, report.current) == (1, 1, 0)
+    await run_worker(settings)
+    assert users(drupal_db)[record_id] == ("c1@example.org", "Second", 1)
+    again = await run_reconcile(settings, since=T0 - timedelta(minutes=1))
+    assert (again.queried, again.queued, again.current) == (1, 0, 1)
+
+
 async def test_deletes_and_merges_found_by_reconcile_act_on_the_right_users(
     rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path
 ) -> None:

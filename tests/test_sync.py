@@ -356,6 +356,37 @@ async def test_redelivery_has_no_second_effect(drupal_site: DrupalSite) -> None:
     assert [e["o"] for e in entries] == ["created", "duplicate", "duplicate"]
 
 
+async def test_a_second_change_within_one_second_is_applied(drupal_site: DrupalSite) -> None:
+    """Salesforce stamps versions to the second (`.000Z`): two changes within one second
+    carry one SystemModstamp. Another notification with that stamp and other values is the
+    second change, applied (Salesforce sends in order); with the same values it is the same
+    version (`duplicate`)."""
+    site = drupal_site
+    syncer = await open_syncer(site)
+    try:
+        out = await syncer.apply([note(sf(1), "a@example.com", "Ann", "First")])
+        out += await syncer.apply([note(sf(1), "a@example.com", "Ann", "Second")])
+        out += await syncer.apply([note(sf(1), "a@example.com", "Ann", "Second")])
+        # Both changes in one message: the later in it wins.
+        both = [
+            note(sf(2), "b@example.com", "B", "First"),
+            note(sf(2), "b2@example.com", "B", "Two"),
+        ]
+        out += await syncer.apply(both)
+        # A deletion within the second of the version applied.
+        out += await syncer.apply([note(sf(1), "a@example.com", "Ann", "Second", IsDeleted=True)])
+    finally:
+        await syncer.close()
+    assert kinds(out) == ["created", "updated", "duplicate", "created", "updated", "blocked"]
+    first, second = out[0].uid, out[3].uid
+    assert first is not None and second is not None
+    assert (await field_values(site, first))["field_last_name"] == "Second"
+    assert (await base_row(site, first))["status"] == 0
+    assert (await field_values(site, second))["field_last_name"] == "Two"
+    assert await uids_with_mail(site, "b2@example.com") == [second]
+    assert await uids_with_mail(site, "b@example.com") == []
+
+
 async def test_lead_conversion_keeps_one_account(drupal_site: DrupalSite) -> None:
     site = drupal_site
     lead, contact = sf(5, "00Q"), sf(5)

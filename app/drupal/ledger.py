@@ -1,7 +1,8 @@
 """sfrelay's ledger of records in the Drupal database (`sfrelay_*` tables) and its migrations.
 
 sfrelay_record       one row per Salesforce record seen: Salesforce Id (18-character) <-> uid,
-                     object, last applied modstamp and notification, the Contact a converted
+                     object, last applied modstamp, notification and digest (what that
+                     version says: app.records.version_digest), the Contact a converted
                      Lead became, and the outcomes of the last N attempts (JSON)
 sfrelay_dead_letter  notifications that kept failing (defined and used by app/dead.py)
 sfrelay_cursor       reconcile watermarks and backfill checkpoints (app/drupal/cursors.py)
@@ -44,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from app.drupal.bulk import insert_rows, select_in, update_rows
 from app.drupal.engine import writer
 from app.drupal.errors import is_transient
-from app.records import json_within_bmp
+from app.records import json_within_bmp, version_digest
 
 logger = logging.getLogger("sfrelay.worker")
 
@@ -62,6 +63,7 @@ records = Table(
     Column("converted_to", String(18), nullable=True),
     Column("history", _LongText, nullable=False),
     Column("updated_at", Double, nullable=False),
+    Column("digest", String(16), nullable=True),  # None: applied before sfrelay kept it
 )
 
 schema_version = Table(
@@ -85,8 +87,14 @@ def _v2(sync_conn: Connection) -> None:
     metadata.create_all(sync_conn, tables=[cursors, blocks], checkfirst=True)
 
 
+def _v3(sync_conn: Connection) -> None:
+    # (_v1 creates the table with it today)
+    if "digest" not in {c["name"] for c in inspect(sync_conn).get_columns(records.name)}:
+        sync_conn.execute(text(f"ALTER TABLE {records.name} ADD COLUMN digest VARCHAR(16)"))
+
+
 # Append only: each step takes the schema from version i to i + 1.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
 
 
 async def migrate(engine: AsyncEngine) -> int:
@@ -129,15 +137,22 @@ class RecordState:
     notification_id: str | None = None
     converted_to: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    digest: str | None = None  # of the version at `modstamp`
     stored: bool = False  # a row exists already
     dirty: bool = False
     # The stored row's (object, uid, converted_to): a save that leaves them as they were
     # writes the other columns only, and the uid index is not touched.
     mapping: tuple[str, int | None, str | None] | None = None
 
+    def same_version(self, fields: dict[str, Any], sources: tuple[str, ...]) -> bool:
+        """A version stamped as the one applied last is that version again unless its values
+        differ: the second change within one second (Salesforce stamps to the second). A
+        version applied before sfrelay kept digests counts as the same."""
+        return self.digest is None or self.digest == version_digest(fields, sources)
+
 
 _LOAD = (
-    "SELECT sf_id, object, uid, modstamp, notification_id, converted_to, history"
+    "SELECT sf_id, object, uid, modstamp, notification_id, converted_to, history, digest"
     " FROM sfrelay_record WHERE sf_id {in}"
 )
 _OWNERS = "SELECT uid, sf_id FROM sfrelay_record WHERE converted_to IS NULL AND uid {in}"
@@ -154,10 +169,11 @@ async def load(conn: AsyncConnection, sf_ids: Iterable[str]) -> dict[str, Record
             nid,
             converted,
             orjson.loads(history),
+            digest,
             stored=True,
             mapping=(sobject, uid, converted),
         )
-        for sf_id, sobject, uid, stamp, nid, converted, history in rows
+        for sf_id, sobject, uid, stamp, nid, converted, history, digest in rows
     }
 
 
@@ -175,6 +191,7 @@ _COLUMNS = (
     "converted_to",
     "history",
     "updated_at",
+    "digest",
 )
 
 
@@ -193,10 +210,11 @@ def _values(state: RecordState, now: float) -> tuple[Any, ...]:
         state.converted_to,
         history,
         now,
+        state.digest,
     )
 
 
-_ROUTINE = ("modstamp", "notification_id", "history", "updated_at")
+_ROUTINE = ("modstamp", "notification_id", "history", "updated_at", "digest")
 
 
 async def save(conn: AsyncConnection, states: Iterable[RecordState]) -> None:
@@ -213,7 +231,14 @@ async def save(conn: AsyncConnection, states: Iterable[RecordState]) -> None:
             new.append((state.sf_id, *_values(state, now)))
         elif state.mapping == (state.object, state.uid, state.converted_to):
             routine.append(
-                (state.modstamp, state.notification_id, _history(state), now, state.sf_id)
+                (
+                    state.modstamp,
+                    state.notification_id,
+                    _history(state),
+                    now,
+                    state.digest,
+                    state.sf_id,
+                )
             )
         else:
             changed.append((*_values(state, now), state.sf_id))
