@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from app.drupal.engine import create_engine
+from app.drupal.engine import create_engine, nocase_utf8
 from tests import sfserver
 from tests.conftest import Cli
 from tests.drupal_fields import TypedField, add_field
@@ -200,6 +201,32 @@ def test_unreachable_redis_and_missing_database_fail(
     )
     assert "hunter2" not in text.stdout + text.stderr + text.log
     assert not (tmp_path / "missing.sqlite").exists()
+
+
+@pytest.mark.parametrize("site", ["drupal10-standard.sqlite", "drupal7-standard.sqlite"])
+def test_a_site_with_prefixed_tables_is_named_as_such(
+    redis_server: RedisServer, tmp_path: Path, cli: Cli, site: str
+) -> None:
+    """A site installed with a table prefix (settings.php's 'prefix' => 'drupal_'): what it
+    is and that sfrelay does not write it, not "not a Drupal database"."""
+    db = site_copy(site, tmp_path)
+    with sqlite3.connect(db) as conn:
+        conn.create_collation("NOCASE_UTF8", nocase_utf8)
+        names = [n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for name in names:
+            if not name.startswith("sqlite_"):
+                conn.execute(f'ALTER TABLE "{name}" RENAME TO "drupal_{name}"')
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    env = {"SFRELAY_REDIS_URL": redis_server.url, "SFRELAY_DATABASE_URL": f"sqlite:///{db}"}
+    text = cli(env, "check")
+    assert text.returncode == 1
+    assert lines(text.stdout)["drupal"] == (
+        "failed",
+        f"sqlite:///{db}: SFRELAY_DATABASE_URL's Drupal tables have a prefix ('drupal_': the "
+        "site's settings.php sets $databases['default']['default']['prefix']), and sfrelay "
+        "writes only a site without one: point it at an unprefixed Drupal database",
+    )
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
 
 
 @pytest.mark.parametrize("site", ["drupal10-standard.sqlite", "drupal7-standard.sqlite"])

@@ -154,11 +154,25 @@ async def detect_major(conn: AsyncConnection, forced: str = "auto") -> tuple[Maj
             )
         found = wanted
     if found is None:
+        if prefixes := _table_prefixes(tables):
+            raise ConfigError(
+                "SFRELAY_DATABASE_URL's Drupal tables have a prefix "
+                f"({', '.join(repr(p) for p in prefixes)}: the site's settings.php sets "
+                "$databases['default']['default']['prefix']), and sfrelay writes only a site "
+                "without one: point it at an unprefixed Drupal database"
+            )
         raise ConfigError(
             "SFRELAY_DATABASE_URL does not point at a Drupal database: no users_field_data "
             "(Drupal 8+) and no users/users_roles/field_config (Drupal 7) table"
         )
     return found, tables
+
+
+def _table_prefixes(tables: set[str]) -> list[str]:
+    """The prefixes p with a Drupal user schema as p + its table names."""
+    found = {t[: -len("users_field_data")] for t in tables if t.endswith("users_field_data")}
+    found |= {t[: -len("users_roles")] for t in tables if t.endswith("users_roles")}
+    return sorted(p for p in found if p and f"{p}users" in tables)
 
 
 async def inspect_drupal(conn: AsyncConnection, forced: str, field_names: set[str]) -> DrupalSchema:
