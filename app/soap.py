@@ -299,6 +299,11 @@ def _parse_notification(
     problems = [p for p in problems if p]
     if problems:
         result.problem = _summary(problems)
+    for name in types.keys() - result.fields.keys():
+        # Salesforce leaves a null field out (no element, no xsi:nil): a field the WSDL
+        # declares, the Outbound Message selects, so its absence is a null, which clears
+        # the value in Drupal. Undeclared fields are only what arrives.
+        result.fields[name] = None
     return result
 
 

@@ -68,7 +68,8 @@ Rules in detail (app/plan.py decides, app/drupal/ writes):
   admin roles and those granting ``administer users`` / ``administer permissions``) are
   checked at each batch with the users' current roles: a link, an update of an already
   mapped user or a Lead conversion onto one is `conflict_protected_user`.
-- Only fields present in the notification change; a field sent as nil deletes its value.
+- Only fields present in the notification change; a field sent as nil deletes its value
+  (the receiver makes a field its WSDL declares and the message omits a nil: app.soap).
   `langcode` maps to the user's preferred language (the entity keeps the site's language).
 - A converted Lead's user keeps its account under the Contact Id (fields mapped from ``Id``
   are set to the Contact Id); a Contact already mapped to another user is `failed`.

@@ -146,6 +146,35 @@ def test_generated_contacts_and_leads_create_update_and_skip(
     assert "stale=1" in worker.output()
 
 
+def test_a_field_cleared_in_salesforce_is_cleared_in_drupal(
+    server: UvicornThread,
+    worker_settings: Settings,
+    worker_process: type[WorkerProcess],
+    drupal_db: Path,
+    tmp_path: Path,
+) -> None:
+    """Salesforce leaves a null field out of the message (no element, no xsi:nil): Ada's
+    FirstName, cleared in Salesforce, is missing from her next notification, and must not
+    stay in Drupal."""
+    ada = contact(Email="ada@example.org", FirstName="Ada", LastName="Lovelace")
+    ada.fields["SystemModstamp"] = "2026-11-20T10:00:00.000Z"
+    assert post(server, outbound_message([ada])) == 200
+    drain(worker_process, worker_settings, tmp_path)
+    ada_id = ada.fields["Id"]
+    assert drupal_users(drupal_db) == [
+        (2, "Ada Lovelace", "ada@example.org", 1, "Ada", "Lovelace", ada_id)
+    ]
+    cleared = contact(Email="ada@example.org", LastName="Lovelace")
+    cleared.fields.update(Id=ada_id, SystemModstamp="2026-11-21T10:00:00.000Z")
+    assert post(server, outbound_message([cleared])) == 200
+    worker = drain(worker_process, worker_settings, tmp_path)
+    assert drupal_users(drupal_db) == [
+        (2, "Ada Lovelace", "ada@example.org", 1, None, "Lovelace", ada_id)
+    ]
+    assert_drupal_can_load(drupal_db)
+    assert "updated=1" in worker.output()
+
+
 def test_zeep_as_salesforce_through_to_drupal(
     server: UvicornThread,
     worker_settings: Settings,

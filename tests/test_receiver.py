@@ -112,6 +112,9 @@ async def test_a_message_is_stored_as_one_arq_job_then_acked(
             "Email": "ada@example.org",
             "FirstName": "Ada",
             "LastName": "Love\nlace",
+            # what the WSDL declares and the message leaves out: null, as Salesforce means it
+            "LastModifiedDate": None,
+            "SystemModstamp": None,
         },
     )
     # Values travel as Salesforce sent them: a dateTime keeps its text.
