@@ -19,12 +19,13 @@ from app.errors import ConfigError
 from app.logs import RedactSecrets as RedactSecrets  # moved to app.logs
 from app.logs import redact_logs
 from app.logs import scrub as scrub
+from app.mapping import EMAIL_LOCAL, load_field_map
 from app.metrics import QueueGauges
 from app.metrics import router as metrics_router
 from app.queue import Enqueuer, redis_client
 from app.receiver import ParseBudget, ReceiverState, router
 from app.records import VERSION_FIELDS
-from app.wsdl import load_contract
+from app.wsdl import Contract, load_contract
 
 log = logging.getLogger("sfrelay.receiver")
 
@@ -83,6 +84,28 @@ async def check_redis_at_start_up(settings: Settings) -> None:
         await redis.aclose()
 
 
+def _warn_unsent_fields(settings: Settings, contract: Contract) -> None:
+    """A field the field map reads that a handled object's WSDL does not declare: the Outbound
+    Message does not select it, so push never sets (or clears) it in Drupal."""
+    try:
+        field_map = load_field_map(settings.field_map)
+    except ConfigError:
+        return  # the worker refuses it, saying why; the receiver keeps storing notifications
+    for obj in settings.handled_objects:
+        declared = {*(contract.field_types(obj) or ()), EMAIL_LOCAL}
+        unsent = [f for f in field_map.sources.get(obj, ()) if f not in declared]
+        if unsent:
+            log.warning(
+                "the %s WSDL in %s does not declare %s, which the field map reads: Outbound "
+                "Messages without it leave it as it is in Drupal (only reconcile and backfill "
+                "write it); add it to the Outbound Message's fields and its WSDL to %s",
+                obj,
+                settings.wsdl_dir,
+                ", ".join(unsent),
+                settings.wsdl_dir,
+            )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The receiver. Loads the WSDLs (zeep, once) and checks the configuration before serving."""
     settings = settings or Settings()
@@ -103,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 obj,
                 settings.wsdl_dir,
             )
+    _warn_unsent_fields(settings, contract)
     redact_logs()
 
     @asynccontextmanager

@@ -14,7 +14,7 @@ import orjson
 import pytest
 import redis
 
-from app.config import DEFAULT_WSDL_DIR, Settings
+from app.config import DEFAULT_WSDL_DIR, PROJECT_ROOT, Settings
 from app.jobs import ApplyJob, JobNotification, Source
 from app.jobs import read as read_job
 from app.main import create_app
@@ -492,6 +492,33 @@ def test_the_body_is_digested_only_when_a_notification_is_not_queued() -> None:
     assert body_digest(parse_message(usual, contract, handled), handled, usual) is None
     digest = body_digest(parse_message(mixed, contract, handled), handled, mixed)
     assert digest == hashlib.sha256(mixed).hexdigest()
+
+
+def test_a_mapped_field_no_wsdl_declares_is_served_with_a_warning(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Outbound Message does not send what its WSDL does not declare: push never sets
+    or clears that field in Drupal. A broken field map is the worker's to refuse."""
+    default = (PROJECT_ROOT / "app" / "fieldmap.default.toml").read_text()
+    mapped = tmp_path / "fieldmap.toml"
+    mapped.write_text(
+        default.replace(
+            'field_last_name = "LastName"\n',
+            'field_last_name = "LastName"\nfield_title = "Title"\n',
+            1,
+        )
+    )
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[Contact\n")
+    with caplog.at_level(logging.WARNING, logger="sfrelay.receiver"):
+        create_app(settings.model_copy(update={"field_map": mapped}))
+        create_app(settings.model_copy(update={"field_map": broken}))
+    assert [r.getMessage() for r in caplog.records if r.name == "sfrelay.receiver"] == [
+        f"the Contact WSDL in {DEFAULT_WSDL_DIR} does not declare Title, which the field map "
+        "reads: Outbound Messages without it leave it as it is in Drupal (only reconcile and "
+        "backfill write it); add it to the Outbound Message's fields and its WSDL to "
+        f"{DEFAULT_WSDL_DIR}"
+    ]
 
 
 def test_a_wsdl_without_a_version_field_is_served_with_a_warning(
