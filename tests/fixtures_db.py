@@ -153,7 +153,19 @@ def _as_postgres() -> dict[str, Any]:
     return {"user": "postgres", "group": "postgres", "extra_groups": []}
 
 
-def start_mariadb() -> Server:
+# The tests' MariaDB skips what only a crash would need (a commit's redo-log flush, the
+# doublewrite buffer) and keeps its buffer pool small. The benchmarks' keeps MariaDB's
+# defaults, as a real site runs it: each commit flushes the redo log to disk.
+MARIADB_NOT_DURABLE = (
+    "--innodb-flush-log-at-trx-commit=0",
+    "--innodb-doublewrite=0",
+    "--innodb-buffer-pool-size=64M",
+)
+
+
+def start_mariadb(*, durable: bool = False) -> Server:
+    """A MariaDB server of its own; `durable`: MariaDB's own durability and buffer pool
+    (benchmarks)."""
     directory = _server_dir("sfrelay-mariadb-")
     data = directory / "data"
     user = ["--user=root"] if os.geteuid() == 0 else []
@@ -164,8 +176,9 @@ def start_mariadb() -> Server:
     command = ["mariadbd", "--no-defaults", f"--datadir={data}", f"--port={port}", *user]
     command += ["--bind-address=127.0.0.1", f"--socket={directory / 'mysqld.sock'}"]
     command += [f"--pid-file={directory / 'mysqld.pid'}", "--skip-grant-tables", "--skip-log-bin"]
-    command += ["--innodb-flush-log-at-trx-commit=0", "--innodb-doublewrite=0"]
-    command += ["--innodb-buffer-pool-size=64M", "--character-set-server=utf8mb4"]
+    if not durable:
+        command += MARIADB_NOT_DURABLE
+    command += ["--character-set-server=utf8mb4"]
     command += ["--collation-server=utf8mb4_general_ci"]
     return _start(Server("mariadb", port, directory), command)
 
