@@ -190,7 +190,7 @@ def _rows(workload: Workload, max_uid: int) -> tuple[list[dict[str, Any]], ...]:
             )
             continue
         uid += 1
-        users.append({"uid": uid, "uuid": str(uuid.uuid4()), "en": "en"})
+        users.append({"uid": uid, "uuid": str(uuid.uuid4()), "langcode": "en"})
         data.append(
             {
                 "uid": uid,
@@ -207,18 +207,27 @@ def _rows(workload: Workload, max_uid: int) -> tuple[list[dict[str, Any]], ...]:
 
 # Every value is bound, constants too: the MySQL driver (aiomysql, as PyMySQL) makes an
 # executemany INSERT one multi-row INSERT only when its VALUES holds placeholders alone, else
-# it sends one statement per row.
-_INSERT_USER = "INSERT INTO users (uid, uuid, langcode) VALUES (:uid, :uuid, :en)"
-_DATA_CONSTANTS = {"en": "en", "utc": "UTC", "zero": 0, "one": 1}
+# it sends one statement per row. One name per column: PostgreSQL types each from its column.
+_INSERT_USER = "INSERT INTO users (uid, uuid, langcode) VALUES (:uid, :uuid, :langcode)"
+_DATA_CONSTANTS = {
+    "langcode": "en",
+    "preferred_langcode": "en",
+    "timezone": "UTC",
+    "status": 1,
+    "access": 0,
+    "login": 0,
+    "default_langcode": 1,
+}
 _INSERT_DATA = (
     "INSERT INTO users_field_data (uid, langcode, preferred_langcode, name, mail, timezone, "
-    "status, created, changed, access, login, init, default_langcode) VALUES (:uid, :en, "
-    ":en, :name, :mail, :utc, :one, :now, :now, :zero, :zero, :mail, :one)"
+    "status, created, changed, access, login, init, default_langcode) VALUES (:uid, "
+    ":langcode, :preferred_langcode, :name, :mail, :timezone, :status, :now, :now, :access, "
+    ":login, :mail, :default_langcode)"
 )
-_FIELD_CONSTANTS = {"user": "user", "en": "en", "zero": 0}
+_FIELD_CONSTANTS = {"bundle": "user", "deleted": 0, "langcode": "en", "delta": 0}
 _INSERT_FIELD = (
     "INSERT INTO user__field_{0} (bundle, deleted, entity_id, revision_id, langcode, delta, "
-    "field_{0}_value) VALUES (:user, :zero, :uid, :uid, :en, :zero, :value)"
+    "field_{0}_value) VALUES (:bundle, :deleted, :uid, :uid, :langcode, :delta, :value)"
 )
 _UPDATE_DATA = (
     "UPDATE users_field_data SET mail = :mail, init = :mail, changed = :changed WHERE uid = :uid"
