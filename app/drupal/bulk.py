@@ -244,11 +244,26 @@ def _in_chunks(
 
 @lru_cache(maxsize=64)
 def upsert_counter_sql(dialect: Dialect, table: str, key: str, counter: str) -> str:
-    """INSERT (key, counter = 1), or counter + 1 where the key exists: one row per key."""
+    """INSERT (key, counter = 1), or counter + 1 where the key exists: one row per key.
+
+    MySQL: the 1 is bound too (each row is (key, 1)): aiomysql (as PyMySQL) makes an
+    executemany INSERT one multi-row INSERT only when its VALUES holds placeholders alone,
+    else it sends one statement per row."""
     quote = dialect.identifier_preparer.quote
-    (mark,) = placeholders(str(dialect.paramstyle), 1)
     t, k, c = quote(table), quote(key), quote(counter)
-    head = f"INSERT INTO {t} ({k}, {c}) VALUES ({mark}, 1)"  # noqa: S608
     if dialect.name == "mysql":
+        key_mark, one = placeholders(str(dialect.paramstyle), 2)
+        head = f"INSERT INTO {t} ({k}, {c}) VALUES ({key_mark}, {one})"  # noqa: S608
         return f"{head} ON DUPLICATE KEY UPDATE {c} = {c} + 1"
+    (mark,) = placeholders(str(dialect.paramstyle), 1)
+    head = f"INSERT INTO {t} ({k}, {c}) VALUES ({mark}, 1)"  # noqa: S608
     return f"{head} ON CONFLICT ({k}) DO UPDATE SET {c} = {t}.{c} + 1"
+
+
+async def upsert_counters(
+    conn: AsyncConnection, table: str, key: str, counter: str, values: Sequence[Any]
+) -> None:
+    """upsert_counter_sql for each of `values` (distinct), in one executemany."""
+    sql = upsert_counter_sql(conn.dialect, table, key, counter)
+    rows = [(v, 1) for v in values] if conn.dialect.name == "mysql" else [(v,) for v in values]
+    await executemany(conn, sql, rows)

@@ -6,16 +6,14 @@ from collections.abc import Iterable
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.drupal.bulk import execute_in, executemany, upsert_counter_sql
+from app.drupal.bulk import execute_in, upsert_counters
 from app.drupal.schema import has_table
 
 
 async def invalidate_tags(conn: AsyncConnection, tags: Iterable[str]) -> None:
     """Increment each tag's invalidation counter (insert it with 1 if absent), as
     Drupal's DatabaseCacheTagsChecksum does; one executemany upsert through the driver."""
-    rows = [(tag,) for tag in sorted(set(tags))]
-    sql = upsert_counter_sql(conn.dialect, "cachetags", "tag", "invalidations")
-    await executemany(conn, sql, rows)
+    await upsert_counters(conn, "cachetags", "tag", "invalidations", sorted(set(tags)))
 
 
 async def delete_cache_rows(conn: AsyncConnection, bin_table: str, cids: Iterable[str]) -> None:
