@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import psutil
@@ -53,6 +53,9 @@ from app.queue import DEAD_KEY, HEALTH_CHECK_SUFFIX, STATS_KEY
 from tests.bench.receiver import ACKED, Connection
 from tests.messages import ACTION_ID, ORG_ID, Record, outbound_message, sf_id
 from tests.servers import SHARED, RedisServer, free_port
+
+if TYPE_CHECKING:
+    from tests.fixtures_db import Server
 
 DRUPAL10 = SHARED / "drupal" / "sites" / "drupal10-standard.sqlite"
 MESSAGE_SIZE = 100
@@ -656,18 +659,35 @@ def sqlite_sites(tmp: Path) -> Iterator[Any]:
 def postgresql_sites(tmp: Path) -> Iterator[Any]:
     from tests.fixtures_db import start_postgres
 
-    server = start_postgres(durable=True)
+    with _server_sites(start_postgres(durable=True), "CHECKPOINT") as fresh:
+        yield fresh
+
+
+@contextmanager
+def mariadb_sites(tmp: Path) -> Iterator[Any]:
+    """MariaDB with its own durability and buffer pool (tests.fixtures_db.start_mariadb),
+    the tests' Drupal 10 MySQL schema."""
+    from tests.fixtures_db import start_mariadb
+
+    with _server_sites(start_mariadb(durable=True), None) as fresh:
+        yield fresh
+
+
+@contextmanager
+def _server_sites(server: Server, flush: str | None) -> Iterator[Any]:
     made: list[str] = []
 
     async def fresh() -> str:
         # Each run starts as clean as the first: the previous runs' databases dropped and
-        # their dirty pages written (else the next run pays a checkpoint and autovacuum of
-        # the last one's 70,000 users: measured 23 s instead of 18.6 s).
+        # (PostgreSQL: CHECKPOINT) their dirty pages written (else the next run pays a
+        # checkpoint and autovacuum of the last one's 70,000 users: measured 23 s instead
+        # of 18.6 s).
         admin = server.admin_engine()
         async with admin.connect() as conn:
             while made:
                 await conn.execute(text(f"DROP DATABASE {made.pop()}"))
-            await conn.execute(text("CHECKPOINT"))
+            if flush is not None:
+                await conn.execute(text(flush))
         await admin.dispose()
         made.append(await server.fresh(10))
         return server.url(made[-1])
@@ -678,13 +698,18 @@ def postgresql_sites(tmp: Path) -> Iterator[Any]:
         server.stop()
 
 
-SITES = {"sqlite": sqlite_sites, "postgresql": postgresql_sites}
+SITES = {"sqlite": sqlite_sites, "postgresql": postgresql_sites, "mariadb": mariadb_sites}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.nightly", description=__doc__)
     parser.add_argument("--notifications", type=int, default=100_000)
-    parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument(
+        "--db",
+        choices=["sqlite", "postgresql", "mariadb", "both", "all"],
+        default="both",
+        help="both: sqlite and postgresql; all: the three",
+    )
     parser.add_argument(
         "--workers", default="1,2", help="comma-separated worker counts, one run each (1,2)"
     )
@@ -711,7 +736,7 @@ def main(argv: list[str] | None = None) -> None:
     night = generate(args.notifications, ascii_only=args.ascii_names)
     counts = [int(n) for n in args.workers.split(",")]
     runs: list[Run] = []
-    names = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
+    names = {"both": ["sqlite", "postgresql"], "all": list(SITES)}.get(args.db, [args.db])
     with tempfile.TemporaryDirectory(prefix="sfrelay-nightly-") as tmp_name:
         tmp = Path(tmp_name)
         for name in names:
