@@ -250,25 +250,35 @@ class Equality:
             # Straight through the driver, padded to a few sizes (bulk.padded).
             values = padded(chunk)
             sql = await self._keys_sql(conn, len(values))
-            (row,) = await fetch_all(conn, sql, values)
+            if self.kind == "collation":  # a row per value, in their order
+                numbered = tuple(x for pair in enumerate(values) for x in pair)
+                row = [key for (key,) in await fetch_all(conn, sql, numbered)]
+            else:
+                (row,) = await fetch_all(conn, sql, values)
             found.update((v, self.post(k)) for v, k in zip(chunk, row, strict=False))
         return found
 
     async def _keys_sql(self, conn: AsyncConnection, count: int) -> str:
-        """SELECT the key of each of `count` bound values (the driver's paramstyle)."""
+        """SELECT the key of each of `count` bound values (the driver's paramstyle).
+
+        MySQL: one row per value, (position, value) bound for each, not one column per
+        value: aiomysql parses each result column's definition in Python, which cost more
+        than the statement itself (512 definitions per statement)."""
         sql = self._keys_sql_cache.get(count)
         if sql is None:
             marks = placeholders(str(conn.dialect.paramstyle), count)
             if self.kind == "collation":
                 charset, collation = await self._mysql_collation(conn)
-                exprs = [
-                    f"WEIGHT_STRING(TRIM(TRAILING ' ' FROM CONVERT({mark} USING {charset})"
-                    f" COLLATE {collation}))"
-                    for mark in marks
-                ]
+                mark = marks[0]
+                given = f"SELECT {mark} AS i, {mark} AS v" + (
+                    f" UNION ALL SELECT {mark}, {mark}" * (count - 1)
+                )
+                key = f"WEIGHT_STRING(TRIM(TRAILING ' ' FROM CONVERT(v USING {charset})"
+                key += f" COLLATE {collation}))"
+                sql = f"SELECT {key} FROM ({given}) AS given ORDER BY i"  # noqa: S608
             else:
-                exprs = [f"lower({mark})" for mark in marks]
-            sql = self._keys_sql_cache[count] = "SELECT " + ", ".join(exprs)
+                sql = "SELECT " + ", ".join(f"lower({mark})" for mark in marks)
+            self._keys_sql_cache[count] = sql
         return sql
 
     async def equal_to(
