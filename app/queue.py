@@ -480,7 +480,9 @@ return 0
 
 
 async def claim_reconcile(redis: Redis, token: str, every_s: int, hold_s: int) -> bool:
-    """True when this worker may reconcile now: none running, none within `every_s`."""
+    """True when this worker may reconcile now: none running, none within `every_s`. The
+    claim lasts `hold_s`: a run keeps it with renew_reconcile, so that a dead one holds it
+    no longer than that."""
     if not await redis.set(RECONCILE_RUNNING_KEY, token, nx=True, ex=hold_s):
         return False
     if await redis.set(RECONCILE_DUE_KEY, token, nx=True, ex=every_s):
@@ -491,6 +493,18 @@ async def claim_reconcile(redis: Redis, token: str, every_s: int, hold_s: int) -
 
 async def release_reconcile(redis: Redis, token: str) -> None:
     await redis.eval(_RELEASE_LUA, 1, RECONCILE_RUNNING_KEY, token)  # type: ignore[misc]
+
+
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+async def renew_reconcile(redis: Redis, token: str, hold_s: int) -> bool:
+    """Keep this run's claim `hold_s` more seconds; False when it is no longer this run's."""
+    renewed = await redis.eval(_RENEW_LUA, 1, RECONCILE_RUNNING_KEY, token, str(hold_s))  # type: ignore[misc]
+    return bool(renewed)
 
 
 class JobRewrite(Enum):

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from app.config import Settings
 from tests import sfserver
+from tests.fixtures_worker import PROJECT, settings_env
 from tests.sfserver import FakeOrg, SalesforceServer
 
 
@@ -61,3 +67,66 @@ def sf_settings(flow: str, server: SalesforceServer, **extra: Any) -> Settings:
         )
     values.update(extra)
     return Settings(_env_file=None, env="development", **values)
+
+
+def sf_env(settings: Settings, server: SalesforceServer, **extra: object) -> dict[str, str]:
+    """The environment of an `sfrelay` subprocess with these settings, Salesforce's included
+    (reconcile off unless `extra` says otherwise)."""
+    return {
+        **settings_env(
+            settings,
+            **{
+                "sf_username": settings.sf_username,
+                "sf_consumer_key": settings.sf_consumer_key,
+                "sf_private_key_file": settings.sf_private_key_file,
+                "org_ids": ",".join(settings.org_ids),
+                "reconcile_every_seconds": 0,
+                **extra,
+            },
+        ),
+        **server.env(),
+        "PYTHONPATH": str(PROJECT),
+    }
+
+
+@contextmanager
+def holding(
+    org: FakeOrg, method: str, when: Callable[..., bool] = lambda *_: True
+) -> Iterator[threading.Event]:
+    """Calls of `org.<method>` (`query`, `page`) for which `when(*args)` holds wait, up to
+    30 s, until the block ends; yields the event set when the first of them arrives."""
+    arrived, release = threading.Event(), threading.Event()
+    original = getattr(org, method)
+
+    def held(*args: Any) -> Any:
+        if when(*args) and not release.is_set():
+            arrived.set()
+            release.wait(30)
+        return original(*args)
+
+    setattr(org, method, held)
+    try:
+        yield arrived
+    finally:
+        release.set()
+        setattr(org, method, original)
+
+
+def sigkill_once(
+    arrived: threading.Event,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    before: Callable[[], None] | None = None,
+) -> None:
+    """Once `arrived` is set (within 60 s; `holding`'s): `before()`, then SIGKILL `process`,
+    as a crash. Whatever failed, the process is gone afterwards."""
+    try:
+        assert arrived.wait(60), log.read_text()
+        if before is not None:
+            before()
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(10) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)

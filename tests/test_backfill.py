@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import signal
 import subprocess
 import sys
-import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,28 +15,14 @@ from app.backfill import Checkpoint, run_backfill
 from app.config import Settings
 from app.drupal import cursors
 from app.reconcile import run_reconcile
-from tests.fixtures_worker import PROJECT, run_worker, settings_env
+from tests.fixtures_salesforce import holding, sf_env, sigkill_once
+from tests.fixtures_worker import run_worker
 from tests.sfserver import FakeOrg, Refusal, SalesforceServer
 from tests.test_reconcile import T0, add, cursor, queued, rc_settings, users
 
 __all__ = ["rc_settings"]
 
 COUNT = 20_000
-
-
-def sf_env(settings: Settings, server: SalesforceServer) -> dict[str, str]:
-    return {
-        **settings_env(
-            settings,
-            sf_username=settings.sf_username,
-            sf_consumer_key=settings.sf_consumer_key,
-            sf_private_key_file=settings.sf_private_key_file,
-            org_ids=",".join(settings.org_ids),
-            reconcile_every_seconds=0,
-        ),
-        **server.env(),
-        "PYTHONPATH": str(PROJECT),
-    }
 
 
 async def test_a_backfill_killed_mid_run_resumes_and_ends_with_exactly_the_users(
@@ -57,34 +41,17 @@ async def test_a_backfill_killed_mid_run_resumes_and_ends_with_exactly_the_users
             add(sf_org, n, T0 + timedelta(seconds=n), email=None)
         else:
             expected.add(add(sf_org, n, T0 + timedelta(seconds=n)))
-    arrived, release = threading.Event(), threading.Event()
-    original = sf_org.page
-
-    def page(locator: str, offset: int, version: str) -> dict[str, Any]:
-        if offset >= 8000 and not release.is_set():
-            arrived.set()
-            release.wait(30)
-        return original(locator, offset, version)
-
-    sf_org.page = page  # type: ignore[method-assign]
     log = tmp_path / "backfill.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "backfill", "--object", "Contact"],
-            cwd=tmp_path,
-            env=sf_env(settings, sf_server),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        assert arrived.wait(60), log.read_text()
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(10) == -signal.SIGKILL
-    finally:
-        release.set()
-        sf_org.page = original  # type: ignore[method-assign]
-        if process.poll() is None:
-            process.kill()
+    with holding(sf_org, "page", lambda _, offset, __: offset >= 8000) as arrived:
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "backfill", "--object", "Contact"],
+                cwd=tmp_path,
+                env=sf_env(settings, sf_server),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        sigkill_once(arrived, process, log)
     output = log.read_text()
     assert "Contact: 1,000 records" in output  # progress lines (not a terminal)
     saved = await cursor(settings, cursors.checkpoint_name("Contact"))

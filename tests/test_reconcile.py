@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,10 +21,11 @@ from app.config import Settings
 from app.drupal import cursors
 from app.drupal.engine import create_engine
 from app.jobs import ApplyJob, JobNotification, Source
+from app.queue import RECONCILE_RUNNING_KEY as RUNNING
 from app.queue import Enqueuer, queue_stats, redis_client
 from app.reconcile import run_reconcile
 from app.salesforce.soql import to_notification
-from tests.fixtures_salesforce import sf_settings
+from tests.fixtures_salesforce import holding, sf_env, sf_settings, sigkill_once
 from tests.fixtures_worker import drupal_users, run_worker, settings_env
 from tests.messages import sf_id
 from tests.sfserver import FakeOrg, SalesforceServer, sf_datetime
@@ -383,6 +386,62 @@ async def test_the_cron_job_runs_once_at_a_time_and_never_crashes_the_worker(
         await polls.close(ctx)
         await tasks.shutdown(ctx)
         await pool.aclose()
+
+
+def test_a_worker_killed_mid_reconcile_leaves_no_claim_that_stops_the_next_run(
+    rc_settings: Settings,
+    sf_org: FakeOrg,
+    sf_server: SalesforceServer,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    """A worker killed (SIGKILL) while its reconcile run waits on Salesforce: the next worker
+    reconciles as soon as the run is due, not an hour later (the claim of a dead run expired
+    with the hour-long run timeout)."""
+    settings = rc_settings.model_copy(update={"job_timeout_seconds": 60})
+    sf_org.fixed_time = T0 + timedelta(hours=1)
+    add(sf_org, 1, T0 + timedelta(minutes=1))
+    asyncio.run(run_reconcile(settings, since=T0, dry_run=False))  # the watermark
+    env = sf_env(settings, sf_server, reconcile_every_seconds=1)
+
+    def start(name: str) -> subprocess.Popen[bytes]:
+        with (tmp_path / name).open("wb") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "worker"],
+                cwd=tmp_path,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def renewed() -> None:
+        # A live run keeps its claim: renewed while it waits on Salesforce.
+        left = redis_client.pttl(RUNNING)
+        deadline = time.monotonic() + 30
+        while redis_client.pttl(RUNNING) <= left:
+            assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.05)
+
+    with holding(sf_org, "query") as arrived:  # the first worker's run at its start
+        sigkill_once(arrived, start("first.log"), tmp_path / "first.log", renewed)
+    asked = sf_org.counts["queryAll"]
+    # The dead run's claim goes within seconds (not with the run's hour-long timeout)...
+    deadline = time.monotonic() + 60
+    while redis_client.exists(RUNNING):
+        assert time.monotonic() < deadline, redis_client.ttl(RUNNING)
+        time.sleep(0.1)
+    second = start("second.log")
+    try:
+        # ...and, due again (SFRELAY_RECONCILE_EVERY_SECONDS=1), the next worker runs it at
+        # its start.
+        deadline = time.monotonic() + 60
+        while sf_org.counts["queryAll"] == asked:
+            assert second.poll() is None, (tmp_path / "second.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "second.log").read_text()
+            time.sleep(0.1)
+    finally:
+        second.kill()
+        second.wait(10)
 
 
 # --- the delete log: records deleted and purged before a poll saw them --------------------

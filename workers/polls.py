@@ -3,18 +3,22 @@ across all workers (a Redis claim), only when Salesforce credentials are set."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import Any
 
 from arq.cron import CronJob, cron
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from app import refetch
 from app.config import Settings
 from app.errors import ApiLimitReached, ConfigError, SalesforceUnavailable, SfrelayError
 from app.jobs import JobNotification
-from app.queue import claim_reconcile, release_reconcile
+from app.queue import claim_reconcile, release_reconcile, renew_reconcile
 from app.reconcile import reconcile
 from app.salesforce import SalesforceClient, salesforce_configured
 from workers.tasks import STATE, WorkerState
@@ -22,8 +26,14 @@ from workers.tasks import STATE, WorkerState
 logger = logging.getLogger("sfrelay.reconcile")
 
 CLIENT = "sfrelay_salesforce"
-# The longest a run may take (arq's timeout for the job and the claim's expiry).
+# The longest a run may take (arq's timeout for the job).
 RUN_TIMEOUT_S = 3600
+# The run's claim (one run at a time across workers) lasts this long, renewed every
+# CLAIM_RENEW_S while the run goes on: a worker killed mid-run (SIGKILL, OOM, a lost machine)
+# holds it this long at most, where the claim used to last the whole RUN_TIMEOUT_S and so
+# kept every other worker from reconciling for an hour.
+CLAIM_S = 10
+CLAIM_RENEW_S = 2.0
 
 
 def cron_jobs(settings: Settings) -> list[CronJob]:
@@ -92,8 +102,9 @@ async def reconcile_job(ctx: dict[str, Any]) -> None:
     settings = state.settings
     redis = ctx["redis"]
     token = uuid.uuid4().hex
-    if not await claim_reconcile(redis, token, settings.reconcile_every_seconds, RUN_TIMEOUT_S):
+    if not await claim_reconcile(redis, token, settings.reconcile_every_seconds, CLAIM_S):
         return
+    keeper = asyncio.create_task(_keep_claim(redis, token))
     try:
         report = await reconcile(
             settings, salesforce(ctx, state), state.syncer.engine, redis, state.syncer.field_map
@@ -107,7 +118,24 @@ async def reconcile_job(ctx: dict[str, Any]) -> None:
     except SfrelayError as exc:  # never crash the worker: the next run tries again
         logger.warning("reconcile did not run: %s", exc)
     finally:
+        keeper.cancel()
+        with suppress(asyncio.CancelledError):
+            await keeper
         await release_reconcile(redis, token)
+
+
+async def _keep_claim(redis: Redis, token: str) -> None:
+    """Renew the run's claim while it runs. Lost (the loop stalled past CLAIM_S and another
+    worker started a run): this run goes on; two runs only queue what the dedupe and the
+    order guard make harmless, and each watermark only moves forward."""
+    while True:
+        await asyncio.sleep(CLAIM_RENEW_S)
+        try:
+            if not await renew_reconcile(redis, token, CLAIM_S):
+                logger.warning("reconcile: this run's claim expired; another run may overlap it")
+                return
+        except (RedisError, OSError) as exc:
+            logger.warning("reconcile: claim not renewed: %s", exc)
 
 
 async def close(ctx: dict[str, Any]) -> None:
