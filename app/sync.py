@@ -237,6 +237,12 @@ class Syncer:
             if not isinstance(exc, DBAPIError):
                 raise
             failure = exc
+        if len(records) == 1 and whole and isinstance(failure, IntegrityError):
+            # A lone record gets the second try, in a transaction of its own, that a record of
+            # a larger batch gets from the bisection: a name or uid Drupal itself took while
+            # the batch ran is seen then, and another picked (not a retry 30 s later).
+            await self._bisect(records, outcomes)
+            return
         if len(records) > 1:
             if whole:
                 logger.info(

@@ -1,0 +1,150 @@
+"""Drupal itself writing a user while a batch of sfrelay's runs (PostgreSQL, MariaDB): Drupal's
+transaction holds the rows sfrelay then writes, so its save lands between sfrelay's read and
+its write."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.drupal.engine import create_engine
+from app.outcomes import Outcome, OutcomeKind
+from app.sync import Syncer
+from tests.drupal_rows import add_role, base_row, field_values, open_syncer, roles, user_table
+from tests.factories import note, sf
+from tests.fixtures_db import DrupalSite
+
+SERVERS = pytest.mark.parametrize(
+    "drupal_site", ["pg-d10", "mariadb-d10", "mariadb-d7"], indirect=True
+)
+
+
+@asynccontextmanager
+async def drupal_saving(site: DrupalSite) -> AsyncIterator[AsyncConnection]:
+    """Drupal's own connection, in the transaction of a user save: committed at the end."""
+    engine = create_engine(site.url)
+    try:
+        async with engine.connect() as conn, conn.begin():
+            yield conn
+    finally:
+        await engine.dispose()
+
+
+async def blocked_on_drupal(site: DrupalSite) -> bool:
+    """Whether a statement of sfrelay's waits for a row lock Drupal's transaction holds."""
+    if site.backend == "postgresql":
+        rows = await site.rows(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database()"
+        )
+    else:
+        # (information_schema.innodb_trx lags; a statement running this long waits)
+        rows = await site.rows(
+            "SELECT count(*) AS n FROM information_schema.PROCESSLIST WHERE TIME_MS > 300 "
+            "AND COMMAND = 'Query' AND INFO NOT LIKE '%PROCESSLIST%'"
+        )
+    return bool(rows[0]["n"])
+
+
+async def apply_while_drupal_saves(
+    site: DrupalSite, syncer: Syncer, notifications: list[Any], save: str, **params: Any
+) -> list[Outcome]:
+    """Apply `notifications` while Drupal's transaction has run `save` (statements split by
+    ';'), uncommitted: once sfrelay waits for it, Drupal commits."""
+    async with drupal_saving(site) as drupal:
+        for statement in save.split(";"):
+            await drupal.execute(text(statement), params)
+        applying = asyncio.create_task(syncer.apply(notifications))
+        deadline = time.monotonic() + 60
+        while not await blocked_on_drupal(site):
+            assert not applying.done(), applying.result()
+            assert time.monotonic() < deadline, "sfrelay never waited for Drupal's save"
+            await asyncio.sleep(0.01)
+    return await asyncio.wait_for(applying, 60)
+
+
+# A user edit in Drupal: timezone, password, login and access times, and a role the admin adds
+# (D10: User::save() writes every column of users_field_data and the roles' rows again).
+EDIT = {
+    10: "UPDATE users_field_data SET timezone = 'Europe/Paris', pass = '$2y$10$new',"
+    " login = 1700000000, access = 1700000100, changed = 1700000100 WHERE uid = :u;"
+    " DELETE FROM user__roles WHERE entity_id = :u;"
+    " INSERT INTO user__roles (bundle, deleted, entity_id, revision_id, langcode, delta,"
+    " roles_target_id) VALUES ('user', 0, :u, :u, 'en', 0, 'member')",
+    7: "UPDATE users SET timezone = 'Europe/Paris', pass = '$S$new', login = 1700000000,"
+    " access = 1700000100 WHERE uid = :u;"
+    " DELETE FROM users_roles WHERE uid = :u;"
+    " INSERT INTO users_roles (uid, rid) SELECT :u, rid FROM role WHERE name = 'member'",
+}
+
+
+@SERVERS
+async def test_a_drupal_user_save_between_read_and_write_keeps_what_sfrelay_does_not_map(
+    drupal_site: DrupalSite,
+) -> None:
+    site = drupal_site
+    await add_role(site, "member")
+    syncer = await open_syncer(site)
+    try:
+        (created,) = await syncer.apply([note(sf(1), "ada@example.org", "Ada", "Byron")])
+        uid = created.uid
+        assert uid is not None
+        newer = note(sf(1), "ada.lovelace@example.org", "Ada", "Lovelace", minutes=5)
+        outcomes = await apply_while_drupal_saves(site, syncer, [newer], EDIT[site.major], u=uid)
+    finally:
+        await syncer.close()
+    assert [o.kind for o in outcomes] == [OutcomeKind.UPDATED]
+    row = await base_row(site, uid)
+    assert (row["timezone"], row["login"], row["access"]) == (
+        "Europe/Paris",
+        1700000000,
+        1700000100,
+    )
+    assert row["pass"] in ("$2y$10$new", "$S$new")
+    assert row["mail"] == "ada.lovelace@example.org"
+    assert (await field_values(site, uid))["field_last_name"] == "Lovelace"
+    assert "member" in await roles(site, uid)
+
+
+# A user registering in Drupal (D10: the serial / auto-increment gives its uid; D7: nextId()).
+REGISTER = {
+    10: "INSERT INTO users (uuid, langcode) VALUES ('0b5f5c1e-2f55-4d38-9a3b-6d1e0f4a7c21', 'en');"
+    " INSERT INTO users_field_data (uid, langcode, preferred_langcode, name, pass, mail,"
+    " timezone, status, created, changed, access, login, init, default_langcode)"
+    " SELECT uid, 'en', 'en', :n, '$2y$10$h', :m, 'UTC', 1, 1, 1, 0, 0, :m, 1 FROM users"
+    " WHERE uuid = '0b5f5c1e-2f55-4d38-9a3b-6d1e0f4a7c21'",
+    7: "INSERT INTO users (uid, name, pass, mail, theme, signature, created, changed, access,"
+    " login, status, language, picture, init) SELECT max(uid) + 1000, :n, '$S$h', :m, '', '', 1,"
+    " 1, 0, 0, 1, '', 0, :m FROM users",
+}
+
+
+@SERVERS
+@pytest.mark.parametrize("others", [0, 3])
+async def test_a_username_drupal_takes_between_read_and_write_is_not_the_records_failure(
+    drupal_site: DrupalSite, others: int
+) -> None:
+    site = drupal_site
+    syncer = await open_syncer(site)
+    batch = [note(sf(1), "grace@example.org", "Grace", "Hopper")]
+    batch += [note(sf(n), f"u{n}@example.org", "Other", f"N{n}") for n in range(2, 2 + others)]
+    try:
+        outcomes = await apply_while_drupal_saves(
+            site, syncer, batch, REGISTER[site.major], n="Grace Hopper", m="gh@example.org"
+        )
+    finally:
+        await syncer.close()
+    table = user_table(site)
+    names = {
+        r["name"]: r["mail"]
+        for r in await site.rows(f"SELECT name, mail FROM {table} WHERE name LIKE 'Grace%'")
+    }
+    assert [o.kind for o in outcomes] == [OutcomeKind.CREATED] * (1 + others)
+    assert names == {"Grace Hopper": "gh@example.org", "Grace Hopper_2": "grace@example.org"}
