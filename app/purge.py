@@ -4,13 +4,15 @@ out of the queue, each recorded as `skipped_no_email` (its history and `queue st
 Safe while workers run: each job is rewritten by one Lua script that first checks the job is
 not being run (arq's in-progress key) and is still byte for byte what was read; otherwise the
 job is read again (a job a worker holds is left alone: the worker skips those records itself).
+Safe to kill: each round of jobs has its removals in the records' histories before any of
+them is rewritten.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 from redis.asyncio import Redis
@@ -26,6 +28,7 @@ from app.mapping import FieldMap, load_field_map
 from app.outcomes import Outcome, OutcomeKind
 from app.plan import add_history
 from app.queue import (
+    IN_PROGRESS_KEY_PREFIX,
     JOB_KEY_PREFIX,
     JobRewrite,
     count_outcomes,
@@ -38,6 +41,7 @@ from app.salesforce import SalesforceApi
 
 DETAIL = "taken out of the queue by `sfrelay queue purge --no-email`"
 ATTEMPTS = 5  # reads of a job that keeps changing under us before it is left alone
+JOBS_PER_ROUND = 100  # jobs whose removals are noted in one transaction, then rewritten
 
 
 @dataclass(slots=True)
@@ -95,18 +99,59 @@ async def purge_no_email(
                 candidates.extend(without(raw, no_email)[1])
         has_email = await _email_in_salesforce(api, candidates, field_map)
         report.kept = sum(1 for n in candidates if not plain(n))
-    removed: list[JobNotification] = []
+    for start in range(0, len(job_ids), JOBS_PER_ROUND):
+        removed = await _purge_jobs(
+            settings,
+            redis,
+            engine,
+            field_map,
+            job_ids[start : start + JOBS_PER_ROUND],
+            plain,
+            report,
+            dry_run=dry_run,
+        )
+        report.removed += len(removed)
+        if removed and not dry_run:
+            await count_outcomes(redis, Counter({OutcomeKind.SKIPPED_NO_EMAIL: len(removed)}))
+    return report
+
+
+async def _purge_jobs(
+    settings: Settings,
+    redis: Redis,
+    engine: AsyncEngine | None,
+    field_map: FieldMap,
+    job_ids: list[str],
+    plain: Callable[[JobNotification], bool],
+    report: PurgeReport,
+    *,
+    dry_run: bool,
+) -> list[JobNotification]:
+    """Take `plain`'s notifications out of these jobs; what was taken out.
+
+    Their `skipped_no_email` is in their histories before any job is rewritten: killed
+    in between, a notification is still queued (its worker skips it again: one more entry),
+    never gone without a trace."""
+    wanted: dict[str, tuple[bytes, bytes | None, list[JobNotification]]] = {}
     for job_id in job_ids:
+        raw = await redis.get(JOB_KEY_PREFIX + job_id)
+        if raw is None:
+            continue
+        new, dropped = without(raw, plain)
+        if not dropped:
+            continue
+        if not dry_run and await redis.exists(IN_PROGRESS_KEY_PREFIX + job_id):
+            report.busy += 1  # a worker holds it: it skips those records itself
+            continue
+        wanted[job_id] = (raw, new, dropped)
+    if dry_run:
+        return [n for _, _, dropped in wanted.values() for n in dropped]
+    noted = [n for _, _, dropped in wanted.values() for n in dropped]
+    if engine is not None:
+        await _note(engine, noted, field_map)
+    removed: list[JobNotification] = []
+    for job_id, (raw, new, dropped) in wanted.items():
         for _ in range(ATTEMPTS):
-            raw = await redis.get(JOB_KEY_PREFIX + job_id)
-            if raw is None:
-                break
-            new, dropped = without(raw, plain)
-            if not dropped:
-                break
-            if dry_run:
-                removed.extend(dropped)
-                break
             done = await rewrite_queued_job(redis, settings.queue_name, job_id, raw, new)
             if done is JobRewrite.DONE:
                 removed.extend(dropped)
@@ -115,12 +160,18 @@ async def purge_no_email(
             if done is JobRewrite.BUSY:
                 report.busy += 1
                 break
-    report.removed = len(removed)
-    if removed and not dry_run:
-        await count_outcomes(redis, Counter({OutcomeKind.SKIPPED_NO_EMAIL: len(removed)}))
-        if engine is not None:
-            await _note(engine, removed, field_map)
-    return report
+            read = await redis.get(JOB_KEY_PREFIX + job_id)  # changed meanwhile: again
+            if read is None:
+                break
+            raw, (new, dropped) = read, without(read, plain)
+            if not dropped:
+                break
+            seen = {n.id for n in noted}
+            fresh = [n for n in dropped if n.id not in seen]
+            if fresh and engine is not None:
+                await _note(engine, fresh, field_map)
+                noted += fresh
+    return removed
 
 
 async def _note(engine: AsyncEngine, removed: list[JobNotification], field_map: FieldMap) -> None:

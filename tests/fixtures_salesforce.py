@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -14,7 +13,7 @@ import pytest
 
 from app.config import Settings
 from tests import sfserver
-from tests.fixtures_worker import PROJECT, settings_env
+from tests.fixtures_worker import PROJECT, reaped, settings_env, sigkill
 from tests.sfserver import FakeOrg, SalesforceServer
 
 
@@ -120,13 +119,8 @@ def sigkill_once(
 ) -> None:
     """Once `arrived` is set (within 60 s; `holding`'s): `before()`, then SIGKILL `process`,
     as a crash. Whatever failed, the process is gone afterwards."""
-    try:
+    with reaped(process):
         assert arrived.wait(60), log.read_text()
         if before is not None:
             before()
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(10) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
+        sigkill(process)

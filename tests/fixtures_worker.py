@@ -12,6 +12,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +190,20 @@ def assert_drupal_can_load(path: Path) -> None:
     assert sorted((f[2], f[0], f[1], f[3], f[4], f[5]) for f in fields) == sorted(
         (u[0], "user", 0, u[0], "en", 0) for u in users
     )
+
+
+def sigkill(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL, as a crash: no handler runs, nothing is flushed."""
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(10) == -signal.SIGKILL
+
+
+@contextmanager
+def reaped(process: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    """The process, killed and waited for at the end of the block whatever happened in it."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)

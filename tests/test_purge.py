@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,14 +13,25 @@ import orjson
 import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
+from sqlalchemy import text
 
 from app.cli import main
 from app.config import Settings
+from app.drupal import ledger
+from app.drupal.engine import writer
 from app.jobs import ApplyJob, JobNotification, Source
 from app.purge import DETAIL, run_purge
 from app.queue import IN_PROGRESS_KEY_PREFIX, Enqueuer, queue_stats, redis_client
 from tests.drupal_rows import note, sf
-from tests.fixtures_worker import WorkerProcess, drupal_users, settings_env
+from tests.fixtures_db import DrupalSite
+from tests.fixtures_worker import (
+    PROJECT,
+    WorkerProcess,
+    drupal_users,
+    reaped,
+    settings_env,
+    sigkill,
+)
 from tests.sfserver import FakeOrg
 from tests.test_reconcile import T0, rc_settings
 from workers.lease import WriterLease
@@ -191,3 +204,46 @@ async def test_purge_leaves_jobs_that_are_not_sfrelays_alone(
     report = await run_purge(worker_settings, check_salesforce=False, dry_run=False)
     assert report.removed == 0
     assert {k: redis_client.dump(k) for k in redis_client.keys("*")} == before
+
+
+@pytest.mark.parametrize("drupal_site", ["pg-d10"], indirect=True)
+async def test_a_purge_killed_mid_run_leaves_each_notification_queued_or_recorded(
+    worker_settings: Settings, redis_client: redis.Redis, drupal_site: DrupalSite, tmp_path: Path
+) -> None:
+    """SIGKILL while the purge waits for the database (a worker's batch holds the writer
+    lock): each notification without email it meant to take is still queued, or its history
+    says skipped_no_email; none is gone without a trace."""
+    site = drupal_site
+    settings = worker_settings.model_copy(update={"database_url": site.url})
+    await enqueue(settings, [[note(sf(n), None)] for n in range(1, 11)])
+    await enqueue(settings, [[note(sf(20), "a@example.org")]])
+    await ledger.migrate(site.engine)
+    log = tmp_path / "purge.log"
+    async with writer(site.engine), site.engine.connect() as watch:
+        with log.open("wb") as out:
+            purge = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "queue", "purge", "--no-email"],
+                cwd=tmp_path,
+                env={**settings_env(settings), "PYTHONPATH": str(PROJECT)},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        with reaped(purge):
+            deadline = time.monotonic() + 60
+            while not await watch.scalar(
+                text("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'")
+            ):
+                assert purge.poll() is None and time.monotonic() < deadline, log.read_text()
+                await watch.rollback()
+                await asyncio.sleep(0.05)
+            sigkill(purge)
+    queued = {
+        n["fields"]["Id"]
+        for key in redis_client.keys("arq:job:*")
+        for n in orjson.loads(redis_client.get(key) or b"{}")["k"]["notifications"]
+    }
+    for n in range(1, 11):
+        rows = await site.rows("SELECT history FROM sfrelay_record WHERE sf_id = :s", s=sf(n))
+        noted = [h["o"] for r in rows for h in orjson.loads(r["history"])]
+        assert sf(n) in queued or noted == ["skipped_no_email"], (n, noted)
+    assert sf(20) in queued
