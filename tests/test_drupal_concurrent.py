@@ -70,6 +70,20 @@ async def apply_while_drupal_saves(
     return await asyncio.wait_for(applying, 60)
 
 
+async def updated_while_drupal_saves(site: DrupalSite, save: str) -> tuple[int, Outcome]:
+    """Ada Byron's user (sf(1)), then her newer version (ada.lovelace@, Lovelace) applied
+    while Drupal's transaction has run `save` on that user: (uid, the newer one's outcome)."""
+    syncer = await open_syncer(site)
+    try:
+        (created,) = await syncer.apply([note(sf(1), "ada@example.org", "Ada", "Byron")])
+        assert created.uid is not None
+        newer = note(sf(1), "ada.lovelace@example.org", "Ada", "Lovelace", minutes=5)
+        (outcome,) = await apply_while_drupal_saves(site, syncer, [newer], save, u=created.uid)
+    finally:
+        await syncer.close()
+    return created.uid, outcome
+
+
 # A user edit in Drupal: timezone, password, login and access times, and a role the admin adds
 # (D10: User::save() writes every column of users_field_data and the roles' rows again).
 EDIT = {
@@ -91,16 +105,8 @@ async def test_a_drupal_user_save_between_read_and_write_keeps_what_sfrelay_does
 ) -> None:
     site = drupal_site
     await add_role(site, "member")
-    syncer = await open_syncer(site)
-    try:
-        (created,) = await syncer.apply([note(sf(1), "ada@example.org", "Ada", "Byron")])
-        uid = created.uid
-        assert uid is not None
-        newer = note(sf(1), "ada.lovelace@example.org", "Ada", "Lovelace", minutes=5)
-        outcomes = await apply_while_drupal_saves(site, syncer, [newer], EDIT[site.major], u=uid)
-    finally:
-        await syncer.close()
-    assert [o.kind for o in outcomes] == [OutcomeKind.UPDATED]
+    uid, outcome = await updated_while_drupal_saves(site, EDIT[site.major])
+    assert outcome.kind is OutcomeKind.UPDATED
     row = await base_row(site, uid)
     assert (row["timezone"], row["login"], row["access"]) == (
         "Europe/Paris",
@@ -148,3 +154,24 @@ async def test_a_username_drupal_takes_between_read_and_write_is_not_the_records
     }
     assert [o.kind for o in outcomes] == [OutcomeKind.CREATED] * (1 + others)
     assert names == {"Grace Hopper": "gh@example.org", "Grace Hopper_2": "grace@example.org"}
+
+
+# An administrator gives a user the site's admin role (the save writes the user's row too).
+PROMOTE = {
+    10: "UPDATE users_field_data SET changed = 1700000200 WHERE uid = :u;"
+    " INSERT INTO user__roles (bundle, deleted, entity_id, revision_id, langcode, delta,"
+    " roles_target_id) VALUES ('user', 0, :u, :u, 'en', 0, 'administrator')",
+    7: "UPDATE users SET access = 1700000200 WHERE uid = :u;"
+    " INSERT INTO users_roles (uid, rid) SELECT :u, rid FROM role WHERE name = 'administrator'",
+}
+
+
+@SERVERS
+async def test_a_user_made_admin_between_read_and_write_is_never_written(
+    drupal_site: DrupalSite,
+) -> None:
+    site = drupal_site
+    uid, outcome = await updated_while_drupal_saves(site, PROMOTE[site.major])
+    assert outcome.kind is OutcomeKind.CONFLICT_PROTECTED_USER
+    assert (await base_row(site, uid))["mail"] == "ada@example.org"
+    assert (await field_values(site, uid))["field_last_name"] == "Byron"

@@ -21,6 +21,7 @@ from app.drupal.users import (
     NewUser,
     UserChange,
     chunks,
+    for_update,
     in_name_order,
     update_base,
 )
@@ -117,7 +118,7 @@ class Drupal10(Lookups):
     async def users(self, conn: AsyncConnection, uids: Iterable[int]) -> dict[int, ExistingUser]:
         wanted = sorted({uid for uid in uids if uid > 0})
         rows: dict[int, list[tuple[Any, ...]]] = defaultdict(list)
-        for row in await select_in(conn, _USERS, wanted):
+        for row in await select_in(conn, _USERS + for_update(self._dialect), wanted):
             rows[int(row[0])].append(tuple(row))
         held: dict[int, set[str]] = defaultdict(set)
         for entity_id, target in await select_in(conn, _HELD_ROLES, sorted(rows)):

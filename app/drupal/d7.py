@@ -86,8 +86,15 @@ class Drupal7(Lookups):
         self._changed = "changed" in schema.user_columns or not schema.user_columns
 
     async def users(self, conn: AsyncConnection, uids: Iterable[int]) -> dict[int, ExistingUser]:
-        found = {}
         wanted = sorted({uid for uid in uids if uid > 0})
+        rows: list[Any] = []
+        for chunk in chunks(wanted):  # the rows first, locked (for_update), then the roles
+            query = select(
+                users.c.uid, users.c.name, users.c.mail, users.c.login, users.c.status
+            ).where(users.c.uid.in_(chunk))
+            if self._dialect != "sqlite":
+                query = query.with_for_update()
+            rows.extend(await conn.execute(query))
         held: dict[int, set[str]] = {}
         for chunk in chunks(wanted):
             held_query = (
@@ -97,21 +104,18 @@ class Drupal7(Lookups):
             )
             for uid, name in await conn.execute(held_query):
                 held.setdefault(int(uid), set()).add(name)
-        for chunk in chunks(wanted):
-            query = select(
-                users.c.uid, users.c.name, users.c.mail, users.c.login, users.c.status
-            ).where(users.c.uid.in_(chunk))
-            for uid, name, mail, login, status in await conn.execute(query):
-                found[int(uid)] = ExistingUser(
-                    int(uid),
-                    name,
-                    mail,
-                    (LANGUAGE_NONE,),
-                    frozenset(held.get(int(uid), ())),
-                    int(login or 0),
-                    int(status or 0),
-                )
-        return found
+        return {
+            int(uid): ExistingUser(
+                int(uid),
+                name,
+                mail,
+                (LANGUAGE_NONE,),
+                frozenset(held.get(int(uid), ())),
+                int(login or 0),
+                int(status or 0),
+            )
+            for uid, name, mail, login, status in rows
+        }
 
     async def protected_roles(self, conn: AsyncConnection) -> frozenset[str]:
         return await read_protected_roles(conn, 7, self.schema.tables)
@@ -234,7 +238,7 @@ class Drupal7(Lookups):
         for chunk in chunks(sorted({c.uid for c in changes})):
             query = select(users_roles.c.uid, users_roles.c.rid).where(users_roles.c.uid.in_(chunk))
             have.update((int(uid), int(rid)) for uid, rid in await conn.execute(query))
-        rows = []
+        rows: list[Any] = []
         for change in changes:
             for role in change.roles:
                 key = (change.uid, self._rid(role))

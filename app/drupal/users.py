@@ -83,7 +83,7 @@ class UserStore(Protocol):
 
     async def users(self, conn: AsyncConnection, uids: Iterable[int]) -> dict[int, ExistingUser]:
         """The users that exist among `uids` (uid 0, the anonymous user, never), with the
-        roles they hold now."""
+        roles they hold now, their rows locked until the transaction ends (for_update)."""
         ...
 
     async def protected_roles(self, conn: AsyncConnection) -> frozenset[str]:
@@ -127,6 +127,15 @@ class UserStore(Protocol):
     async def update(self, conn: AsyncConnection, changes: list[UserChange], now: int) -> None:
         """Apply the changes and invalidate/delete the caches Drupal's save would."""
         ...
+
+
+def for_update(dialect: str) -> str:
+    """What makes a read of users' rows lock them until the batch commits (PostgreSQL,
+    MySQL; SQLite's BEGIN IMMEDIATE keeps Drupal out already). Drupal's own user save
+    writes the user's row before its roles: a save in progress is waited for, and one
+    begun later waits for the batch, so what the batch read (roles above all: a user made
+    an administrator meanwhile is protected) is still true when it writes."""
+    return "" if dialect == "sqlite" else " FOR UPDATE"
 
 
 CHUNK = 500  # ids per IN (...): far below every backend's bound-parameter limit
