@@ -84,14 +84,32 @@ async def updated_while_drupal_saves(site: DrupalSite, save: str) -> tuple[int, 
     return created.uid, outcome
 
 
-# A user edit in Drupal: timezone, password, login and access times, and a role the admin adds
-# (D10: User::save() writes every column of users_field_data and the roles' rows again).
+def drupal10_save(timezone: str, password: str, login: int) -> str:
+    """Drupal 10's User::save() of Ada's user (sf(1)) as it loaded her: the base table, then
+    the data table deleted and inserted again, every column (SqlContentEntityStorage)."""
+    return (
+        "UPDATE users SET langcode = 'en' WHERE uid = :u;"
+        " DELETE FROM users_field_data WHERE uid = :u;"
+        " INSERT INTO users_field_data (uid, langcode, preferred_langcode, name, pass, mail,"
+        " timezone, status, created, changed, access, login, init, default_langcode) VALUES"
+        f" (:u, 'en', 'en', 'Ada Byron', '{password}', 'ada@example.org', '{timezone}', 1, 1,"
+        f" {login + 100}, {login + 100}, {login}, 'ada@example.org', 1)"
+    )
+
+
+def drupal10_roles(*roles: str) -> str:
+    """The user's roles saved again (deleted and inserted, as for every multi-value field)."""
+    rows = ", ".join(f"('user', 0, :u, :u, 'en', {delta}, '{r}')" for delta, r in enumerate(roles))
+    return (
+        "DELETE FROM user__roles WHERE entity_id = :u;"
+        " INSERT INTO user__roles (bundle, deleted, entity_id, revision_id, langcode, delta,"
+        f" roles_target_id) VALUES {rows}"
+    )
+
+
+# A user edit in Drupal: timezone, password, login and access times, and a role the admin adds.
 EDIT = {
-    10: "UPDATE users_field_data SET timezone = 'Europe/Paris', pass = '$2y$10$new',"
-    " login = 1700000000, access = 1700000100, changed = 1700000100 WHERE uid = :u;"
-    " DELETE FROM user__roles WHERE entity_id = :u;"
-    " INSERT INTO user__roles (bundle, deleted, entity_id, revision_id, langcode, delta,"
-    " roles_target_id) VALUES ('user', 0, :u, :u, 'en', 0, 'member')",
+    10: f"{drupal10_save('Europe/Paris', '$2y$10$new', 1700000000)};{drupal10_roles('member')}",
     7: "UPDATE users SET timezone = 'Europe/Paris', pass = '$S$new', login = 1700000000,"
     " access = 1700000100 WHERE uid = :u;"
     " DELETE FROM users_roles WHERE uid = :u;"
@@ -158,9 +176,7 @@ async def test_a_username_drupal_takes_between_read_and_write_is_not_the_records
 
 # An administrator gives a user the site's admin role (the save writes the user's row too).
 PROMOTE = {
-    10: "UPDATE users_field_data SET changed = 1700000200 WHERE uid = :u;"
-    " INSERT INTO user__roles (bundle, deleted, entity_id, revision_id, langcode, delta,"
-    " roles_target_id) VALUES ('user', 0, :u, :u, 'en', 0, 'administrator')",
+    10: f"{drupal10_save('UTC', '', 0)};{drupal10_roles('administrator')}",
     7: "UPDATE users SET access = 1700000200 WHERE uid = :u;"
     " INSERT INTO users_roles (uid, rid) SELECT :u, rid FROM role WHERE name = 'administrator'",
 }

@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import column, func, select, table
+from sqlalchemy import column, func, select, table, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import TableClause
 
@@ -118,8 +118,23 @@ class Drupal10(Lookups):
     async def users(self, conn: AsyncConnection, uids: Iterable[int]) -> dict[int, ExistingUser]:
         wanted = sorted({uid for uid in uids if uid > 0})
         rows: dict[int, list[tuple[Any, ...]]] = defaultdict(list)
-        for row in await select_in(conn, _USERS + for_update(self._dialect), wanted):
-            rows[int(row[0])].append(tuple(row))
+        read = _USERS + for_update(self._dialect)
+        while wanted:
+            for row in await select_in(conn, read, wanted):
+                rows[int(row[0])].append(tuple(row))
+            if self._dialect != "postgresql":
+                break
+            # Drupal's save deletes the user's users_field_data rows and inserts them again:
+            # a PostgreSQL row lock that waited for it finds its row deleted and returns
+            # nothing; the new rows are there for the next statement. (Taken for a missing
+            # user, that one got a second account, or lost its changes to an UPDATE of
+            # nothing.)
+            wanted = [uid for uid in wanted if uid not in rows]
+            if not wanted or not await conn.scalar(
+                text("SELECT count(*) FROM users_field_data WHERE uid = ANY(:uids)"),
+                {"uids": wanted},
+            ):
+                break
         held: dict[int, set[str]] = defaultdict(set)
         for entity_id, target in await select_in(conn, _HELD_ROLES, sorted(rows)):
             held[int(entity_id)].add(str(target))
