@@ -165,17 +165,31 @@ async def load(conn: AsyncConnection, dialect: str, major: int) -> None:
             [dict(zip(names, _values(row, dialect), strict=True)) for row in rows],
         )
     if dialect == "postgresql":
-        # Explicit ids do not move a pg sequence; Drupal's installer leaves it at MAX(uid).
-        await conn.execute(
-            text("SELECT setval(pg_get_serial_sequence('users', 'uid'), MAX(uid)) FROM users")
+        # Explicit ids do not move a pg sequence; Drupal's installer leaves each at the
+        # highest id it gave (users.uid, field_config.id, role.rid, D7's sequences.value).
+        serials = await conn.execute(
+            text(
+                "SELECT table_name, column_name FROM information_schema.columns "
+                "WHERE table_schema = 'public' AND column_default LIKE 'nextval(%'"
+            )
         )
+        for table, column in serials.all():
+            await conn.execute(
+                text(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), MAX({column}))"
+                    f" FROM {table}"
+                )
+            )
+
+
+_SERIALIZED = re.compile(r"[asbidO]:|N;")  # PHP serialize()'s values
 
 
 def _values(row: tuple[Any, ...], dialect: str) -> list[Any]:
     if dialect != "postgresql":
         return list(row)  # MySQL takes text for a blob (and aiomysql 0.3 cannot bind bytes)
     # bytea wants bytes: the serialized config values (the only blobs copied).
-    return [v.encode() if isinstance(v, str) and v[:2] in ("a:", "s:") else v for v in row]
+    return [v.encode() if isinstance(v, str) and _SERIALIZED.match(v) else v for v in row]
 
 
 def site_copy(name: str, directory: Path) -> Path:

@@ -235,6 +235,7 @@ SITES: dict[str, tuple[str, int, str | None]] = {
     "sqlite-d10-minimal": ("sqlite", 10, "drupal10-minimal.sqlite"),
     "sqlite-d7": ("sqlite", 7, "drupal7-standard.sqlite"),
     "pg-d10": ("postgresql", 10, None),
+    "pg-d7": ("postgresql", 7, None),
     "mariadb-d10": ("mariadb", 10, None),
     "mariadb-d7": ("mariadb", 7, None),
 }

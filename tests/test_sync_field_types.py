@@ -284,7 +284,7 @@ async def test_a_decimal_field_of_scale_0_is_rounded_to_whole_numbers(
     assert await stored(site, "field_units", big.uid or 0) == {"value": number(site, "9876543210")}
 
 
-@pytest.mark.parametrize("drupal_site", ["sqlite-d7", "mariadb-d7"], indirect=True)
+@pytest.mark.parametrize("drupal_site", ["sqlite-d7", "pg-d7", "mariadb-d7"], indirect=True)
 @pytest.mark.parametrize(("processing", "format_"), [("0", None), ("1", "plain_text")])
 async def test_drupal7_text_processing_saved_by_the_field_ui_decides_the_format(
     drupal_site: DrupalSite, tmp_path: Path, processing: str, format_: str | None
