@@ -186,10 +186,21 @@ async def assert_new_user(
             "init": mail,
             "data": None,
         }
-        (seq,) = await site.rows("SELECT MAX(value) AS v FROM sequences")
-        assert seq["v"] >= uid  # the next user_save() allocates past this user
+        assert await uids_allocated(site) >= uid  # the next user_save() allocates past it
     assert await field_values(site, uid) == fields
     assert await roles(site, uid) == sorted(extra_roles)
+
+
+async def uids_allocated(site: DrupalSite) -> int:
+    """The highest uid Drupal's next allocation counts as taken: Drupal 7's sequences (its
+    pgsql driver's sequence behind sequences.value), Drupal 10's users_uid_seq on PostgreSQL."""
+    if site.backend == "postgresql":
+        sequence = "sequences_value_seq" if site.major == 7 else "users_uid_seq"
+        (row,) = await site.rows(f"SELECT last_value AS v FROM {sequence}")
+    else:
+        assert site.major == 7, "Drupal 10 numbers users by the users table's own counter"
+        (row,) = await site.rows("SELECT MAX(value) AS v FROM sequences")
+    return int(row["v"])
 
 
 async def add_role(

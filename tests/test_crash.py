@@ -20,7 +20,7 @@ from app.config import Settings
 from app.drupal.engine import _MYSQL_LOCK, _PG_LOCK_KEY, create_engine
 from app.jobs import JobNotification
 from app.queue import IN_PROGRESS_KEY_PREFIX, enqueue_apply, redis_client
-from tests.drupal_rows import user_table
+from tests.drupal_rows import uids_allocated, user_table
 from tests.factories import apply_job, note, sf
 from tests.fixtures_db import DrupalSite
 from tests.fixtures_worker import WorkerProcess
@@ -81,12 +81,9 @@ async def snapshot(site: DrupalSite, existing: set[int]) -> dict[str, Any]:
     last_names = {r["entity_id"]: r["v"] for r in last}
     assert sorted(r["uid"] for r in ledger) == sorted(users), "a user without its record"
     top = max(users)
-    if site.major == 7:
-        (seq,) = await site.rows("SELECT max(value) AS v FROM sequences")
-        assert seq["v"] >= top, ("sequences behind the users", seq, top)
-    elif site.backend == "postgresql":
-        (seq,) = await site.rows("SELECT last_value AS v FROM users_uid_seq")
-        assert seq["v"] >= top, ("users_uid_seq behind the users", seq, top)
+    if site.major == 7 or site.backend == "postgresql":
+        allocated = await uids_allocated(site)
+        assert allocated >= top, ("uid allocation behind the users", allocated, top)
     return {
         r["sf_id"]: (r["modstamp"], users[r["uid"]][1], last_names.get(r["uid"])) for r in ledger
     }

@@ -22,7 +22,7 @@ from tests.factories import note, sf
 from tests.fixtures_db import DrupalSite
 
 SERVERS = pytest.mark.parametrize(
-    "drupal_site", ["pg-d10", "mariadb-d10", "mariadb-d7"], indirect=True
+    "drupal_site", ["pg-d10", "pg-d7", "mariadb-d10", "mariadb-d7"], indirect=True
 )
 
 
@@ -191,3 +191,55 @@ async def test_a_user_made_admin_between_read_and_write_is_never_written(
     assert outcome.kind is OutcomeKind.CONFLICT_PROTECTED_USER
     assert (await base_row(site, uid))["mail"] == "ada@example.org"
     assert (await field_values(site, uid))["field_last_name"] == "Byron"
+
+
+async def drupal7_next_id(conn: AsyncConnection, backend: str) -> int:
+    """A uid as Drupal 7's user_save() takes one, db_next_id(MAX(uid)) on its driver: pgsql
+    the nextval() of the sequence behind sequences.value, mysql a row of sequences by its
+    AUTO_INCREMENT (each past MAX(uid) on this site)."""
+    existing = int(await conn.scalar(text("SELECT MAX(uid) FROM users")) or 0)
+    if backend == "postgresql":
+        sequence = "pg_get_serial_sequence('sequences', 'value')"
+        uid = int(await conn.scalar(text(f"SELECT nextval({sequence})")) or 0)
+    else:
+        uid = int((await conn.execute(text("INSERT INTO sequences () VALUES ()"))).lastrowid)
+    assert uid > existing, (uid, existing)
+    return uid
+
+
+@pytest.mark.parametrize("drupal_site", ["pg-d7", "mariadb-d7"], indirect=True)
+async def test_a_uid_drupal_7_takes_during_a_batch_is_neither_given_away_nor_waited_for(
+    drupal_site: DrupalSite,
+) -> None:
+    """A visitor registers while a batch creates users: Drupal's transaction has taken its
+    uid but not yet written the user. The batch neither gives that uid to a new user (the
+    registration would fail on the duplicate) nor waits for Drupal's transaction."""
+    site = drupal_site
+    syncer = await open_syncer(site)
+    batch = [note(sf(n), f"new{n}@example.org", "New", f"User{n}") for n in range(1, 4)]
+    try:
+        async with drupal_saving(site) as drupal:
+            uid = await drupal7_next_id(drupal, site.backend)
+            outcomes = await asyncio.wait_for(syncer.apply(batch), 30)
+            await drupal.execute(
+                text(
+                    "INSERT INTO users (uid, name, pass, mail, theme, signature, created,"
+                    " changed, access, login, status, language, picture, init) VALUES (:u,"
+                    " 'Visitor', '$S$h', 'visitor@example.org', '', '', 1, 1, 0, 0, 1, '', 0,"
+                    " 'visitor@example.org')"
+                ),
+                {"u": uid},
+            )
+        async with drupal_saving(site) as drupal:
+            after = await drupal7_next_id(drupal, site.backend)
+    finally:
+        await syncer.close()
+    assert [o.kind for o in outcomes] == [OutcomeKind.CREATED] * 3
+    created = sorted(o.uid or 0 for o in outcomes)
+    assert uid not in created and len(set(created)) == 3
+    assert after > max(*created, uid)
+    rows = await site.rows("SELECT uid, name FROM users WHERE uid > 2 ORDER BY uid")
+    assert {r["uid"]: r["name"] for r in rows} == {
+        uid: "Visitor",
+        **{o.uid: f"New User{n}" for n, o in enumerate(outcomes, 1)},
+    }

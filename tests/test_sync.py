@@ -19,6 +19,7 @@ from tests.drupal_rows import (
     ledger_history,
     open_syncer,
     tag,
+    uids_allocated,
     uids_with_mail,
     user_ids,
     user_table,
@@ -156,6 +157,29 @@ async def test_a_batch_inserts_users_by_name_and_records_by_id_and_numbers_users
         # and the ledger's rows in the order of their Ids (its primary key)
         ledger = await site.rows("SELECT sf_id FROM sfrelay_record ORDER BY rowid")
         assert [r["sf_id"] for r in ledger] == [sf(n) for n in range(1, count + 1)]
+
+
+@pytest.mark.parametrize("drupal_site", ["sqlite-d7", "pg-d7", "mariadb-d7"], indirect=True)
+async def test_drupal_7_users_numbered_past_the_allocator_are_numbered_past(
+    drupal_site: DrupalSite,
+) -> None:
+    """A user whose uid did not come from Drupal 7's allocator (a migration writes its own
+    uids): new users are numbered past it, as user_save() would, and so is Drupal's next."""
+    site = drupal_site
+    await site.execute(
+        "INSERT INTO users (uid, name, pass, mail, theme, signature, created, changed, access,"
+        " login, status, language, picture, init) VALUES (500, 'Migrated', '', 'm@example.org',"
+        " '', '', 1, 1, 0, 0, 1, '', 0, 'm@example.org')"
+    )
+    syncer = await open_syncer(site)
+    try:
+        first = await syncer.apply([note(sf(n), f"n{n}@example.org", "N", str(n)) for n in (1, 2)])
+        second = await syncer.apply([note(sf(3), "n3@example.org", "N", "3")])
+    finally:
+        await syncer.close()
+    assert kinds(first + second) == ["created"] * 3
+    assert [o.uid for o in first + second] == [501, 502, 503]
+    assert await uids_allocated(site) >= 503
 
 
 async def created_jane(site: DrupalSite) -> tuple[Syncer, int]:

@@ -52,6 +52,7 @@ _BASE_COLUMNS = {
     "langcode": "language",
 }
 _FIELD_COLUMNS = ("entity_type", "bundle", "deleted", "entity_id", "revision_id", "language")
+_PG_NEXTID_LOCK = 1000  # Drupal 7's POSTGRESQL_NEXTID_LOCK, an advisory lock's key
 LANGUAGE_NONE = "und"  # D7 stores untranslatable field values under 'und' only
 
 
@@ -120,34 +121,71 @@ class Drupal7(Lookups):
     async def protected_roles(self, conn: AsyncConnection) -> frozenset[str]:
         return await read_protected_roles(conn, 7, self.schema.tables)
 
-    async def _allocate(self, conn: AsyncConnection, count: int) -> int:
-        """The first of `count` new uids, allocated as db_next_id(MAX(uid)) would: the
-        sequence moves past both itself and MAX(uid), so Drupal's next user gets top+1."""
-        max_uid = await conn.scalar(select(func.max(users.c.uid))) or 0
-        max_seq = await conn.scalar(select(func.max(sequences.c.value))) or 0
-        top = max(int(max_uid), int(max_seq)) + count
+    async def _allocate(self, conn: AsyncConnection, count: int) -> list[int]:
+        """`count` new uids, taken as Drupal 7's db_next_id(MAX(uid)) takes one on each
+        driver, so that a user Drupal registers meanwhile never gets one of them."""
+        max_uid = int(await conn.scalar(select(func.max(users.c.uid))) or 0)
         if self._dialect == "sqlite":
-            # Drupal's SQLite driver keeps a single row and UPDATEs it.
+            # One writer at a time; Drupal's driver keeps a single row and UPDATEs it.
+            max_seq = int(await conn.scalar(select(func.max(sequences.c.value))) or 0)
+            top = max(max_uid, max_seq) + count
             result = await conn.execute(update(sequences).values(value=top))
             if not result.rowcount:
                 await conn.execute(insert(sequences).values(value=top))
-        else:
-            await conn.execute(insert(sequences).values(value=top))
-            # MySQL's nextId() cleans older rows up the same way.
-            await conn.execute(delete(sequences).where(sequences.c.value < top))
-            if self._dialect == "postgresql":
-                await conn.execute(
-                    text("SELECT setval(pg_get_serial_sequence('sequences', 'value'), :top)"),
-                    {"top": top},
-                )
-        return top - count + 1
+            return list(range(top - count + 1, top + 1))
+        if self._dialect == "postgresql":
+            return await self._allocate_pg(conn, count, max_uid)
+        return await self._allocate_mysql(conn, count, max_uid)
+
+    @staticmethod
+    async def _allocate_pg(conn: AsyncConnection, count: int, max_uid: int) -> list[int]:
+        """nextval() of the sequence behind sequences.value, as Drupal's pgsql nextId();
+        below MAX(uid) (a site whose uids came from elsewhere), moved past it under the
+        advisory lock Drupal's nextId() takes for that."""
+        take = text(
+            "SELECT nextval(pg_get_serial_sequence('sequences', 'value')) "
+            "FROM generate_series(1, :count) ORDER BY 1"
+        )
+        uids = [int(uid) for uid in await conn.scalars(take, {"count": count})]
+        if uids[0] > max_uid:
+            return uids
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_NEXTID_LOCK})
+        uids = [int(uid) for uid in await conn.scalars(take, {"count": count})]
+        if uids[0] > max_uid:
+            return uids
+        await conn.execute(
+            text("SELECT setval(pg_get_serial_sequence('sequences', 'value'), :uid)"),
+            {"uid": max_uid},
+        )
+        return [int(uid) for uid in await conn.scalars(take, {"count": count})]
+
+    @staticmethod
+    async def _allocate_mysql(conn: AsyncConnection, count: int, max_uid: int) -> list[int]:
+        """Rows of sequences by its AUTO_INCREMENT, as Drupal's mysql nextId(): one
+        statement of `count` rows takes consecutive values in every innodb_autoinc_lock_mode.
+        A counter below MAX(uid) is first moved past it, as nextId() does."""
+        rows = ", ".join(["()"] * count)  # no value in the text but `count` empty rows
+        take = text(f"INSERT INTO sequences () VALUES {rows}")  # noqa: S608
+        first = int((await conn.execute(take)).lastrowid)
+        unused = None
+        if first <= max_uid:
+            unused = first
+            moved = text("INSERT IGNORE INTO sequences (value) VALUES (:uid)")
+            await conn.execute(moved, {"uid": max_uid})
+            first = int((await conn.execute(take)).lastrowid)
+        # Only the top row is needed (nextId() deletes the older rows); ours alone, so as
+        # never to wait for a row another transaction (Drupal's) has added.
+        value = sequences.c.value
+        await conn.execute(delete(sequences).where(value >= first, value < first + count - 1))
+        if unused is not None:
+            await conn.execute(delete(sequences).where(value >= unused, value < unused + count))
+        return list(range(first, first + count))
 
     async def create(self, conn: AsyncConnection, new: list[NewUser], now: int) -> None:
         if not new:
             return
-        first = await self._allocate(conn, len(new))
-        for offset, user in enumerate(new):
-            user.uid = first + offset
+        for user, uid in zip(new, await self._allocate(conn, len(new)), strict=True):
+            user.uid = uid
         await conn.execute(
             insert(users), [self._user_row(user, now) for user in in_name_order(new)]
         )
