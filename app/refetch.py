@@ -1,8 +1,10 @@
 """Refetch mode (SFRELAY_PAYLOAD_MODE=refetch): a notification is only a signal. The worker reads
 each record's current values by SOQL (``WHERE Id IN (...)``, 300 Ids per query, queryAll so
 records in the recycle bin come back with IsDeleted) instead of trusting the message body: Id-only
-Outbound Messages work and a stale payload can never win. A record gone entirely (deleted and
-purged, or never readable) is handled as a deletion (app/lifecycle.py)."""
+Outbound Messages work and a stale payload can never win. A record Salesforce does not return at
+all is not taken for a deletion: the integration user may only lack access to it (sharing), and
+every such user would be blocked. It fails with a reason (a dead letter, to replay once shared);
+a record deleted and purged is found by reconcile in Salesforce's delete log."""
 
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from app.sfid import sf_key
 
 async def current(
     api: SalesforceApi, notifications: Sequence[JobNotification], field_map: FieldMap
-) -> list[JobNotification]:
-    """The notifications with the records' current fields (same ids, attempts, first seen)."""
+) -> tuple[list[JobNotification], dict[int, str]]:
+    """The notifications with the records' current fields (same ids, attempts, first seen),
+    and for each one whose record Salesforce did not return, by its place, why it failed."""
     wanted: dict[str, set[str]] = {}
     for n in notifications:
         record_id = n.record_id
@@ -31,17 +34,24 @@ async def current(
         async for page in pages:
             for record in page:
                 found[str(record.fields["Id"])] = record.fields
-    result = []
-    for n in notifications:
+    result, unread = [], {}
+    for index, n in enumerate(notifications):
         record_id = n.record_id
         if n.object not in wanted or not record_id or not _looks_like_id(record_id):
             result.append(n)  # not ours to read: the rules judge it as sent
             continue
         fields = found.get(sf_key(record_id))
         if fields is None:
-            fields = {"Id": sf_key(record_id), "IsDeleted": True}
-        result.append(replace(n, fields=dict(fields)))
-    return result
+            unread[index] = (
+                f"refetch: Salesforce returns no {n.object} {record_id} to the integration "
+                "user: it is not shared with that user (give it access, then `sfrelay dead "
+                "replay`), or it was deleted and purged (reconcile finds that in the delete "
+                "log: `sfrelay dead discard`)"
+            )
+            result.append(n)
+        else:
+            result.append(replace(n, fields=dict(fields)))
+    return result, unread
 
 
 def _looks_like_id(value: str) -> bool:

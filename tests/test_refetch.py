@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 import redis
 
 from app.config import Settings
+from app.dead import list_dead_letters, replay_dead_letters
 from app.jobs import JobNotification
 from tests.drupal_rows import note, sf
 from tests.fixtures_worker import drupal_users, run_worker
@@ -54,11 +56,49 @@ async def test_id_only_messages_read_the_current_values_and_deletions(
     found = users(drupal_db)
     assert found[sf(1)] == ("r1@example.org", "New1", 1)
     assert found[sf(2)][2] == 0  # deleted since: blocked
-    assert found[sf(3)][2] == 0  # gone entirely: handled as a delete
+    assert found[sf(3)] == ("r3@example.org", "Old3", 1)  # not returned: left as it was
     assert found[sf(4)] == ("r4@example.org", "New4", 1)  # the stale payload never won
     stats = redis_client.hgetall("sfrelay:stats")
-    assert (int(stats[b"outcome:updated"]), int(stats[b"outcome:blocked"])) == (2, 2)
+    assert (int(stats[b"outcome:updated"]), int(stats[b"outcome:blocked"])) == (2, 1)
     assert sf_org.counts["queryAll"] >= 1
+    (letter,) = await list_dead_letters(refetch)
+    assert (letter.record_id, letter.reason) == (
+        sf(3),
+        f"refetch: Salesforce returns no Contact {sf(3)} to the integration user: it is not "
+        "shared with that user (give it access, then `sfrelay dead replay`), or it was deleted "
+        "and purged (reconcile finds that in the delete log: `sfrelay dead discard`)",
+    )
+    # Shared with the integration user since: the replayed letter reads and applies it.
+    sf_org.add("Contact", sf(3), Email="r3@example.org", FirstName="R", LastName="New3",
+               SystemModstamp=later)  # fmt: skip
+    await replay_dead_letters(refetch, None)
+    await run_worker(refetch)
+    assert users(drupal_db)[sf(3)] == ("r3@example.org", "New3", 1)
+    assert await list_dead_letters(refetch) == []
+
+
+async def test_records_no_longer_returned_never_block_their_users(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path, redis_client: redis.Redis
+) -> None:
+    """The integration user loses access to every record (a sharing rule changed): the next
+    notifications block no one; each is a dead letter saying what to do."""
+    refetch = rc_settings.model_copy(update={"payload_mode": "refetch"})
+    for n in range(1, 6):
+        sf_org.add("Contact", sf(n), Email=f"s{n}@example.org", FirstName="S", LastName=f"V{n}",
+                   SystemModstamp=T0)  # fmt: skip
+    ids = [JobNotification(f"04l8z{n:013d}", "Contact", {"Id": sf(n)}) for n in range(1, 6)]
+    await enqueue(refetch, [ids])
+    await run_worker(refetch)
+    assert {k: v[2] for k, v in users(drupal_db).items()} == {sf(n): 1 for n in range(1, 6)}
+    for n in range(1, 6):
+        sf_org.records["Contact"].pop(sf(n))
+    await enqueue(refetch, [[replace(i, id=f"04l7z{n:013d}") for n, i in enumerate(ids, 1)]])
+    await run_worker(refetch)
+    assert {k: v[2] for k, v in users(drupal_db).items()} == {sf(n): 1 for n in range(1, 6)}
+    letters = await list_dead_letters(refetch)
+    assert sorted(letter.record_id or "" for letter in letters) == [sf(n) for n in range(1, 6)]
+    stats = redis_client.hgetall("sfrelay:stats")
+    assert b"outcome:blocked" not in stats and int(stats[b"outcome:dead"]) == 5
 
 
 async def test_pushed_work_is_never_held_back_by_the_polls_reserve(

@@ -93,7 +93,7 @@ def salesforce(ctx: dict[str, Any], state: WorkerState) -> SalesforceClient:
 
 async def refetched(
     ctx: dict[str, Any], state: WorkerState, notifications: Sequence[JobNotification]
-) -> list[JobNotification]:
+) -> tuple[list[JobNotification], dict[int, str]]:
     return await refetch.current(salesforce(ctx, state), notifications, state.syncer.field_map)
 
 

@@ -131,13 +131,18 @@ async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
         dead = [(item, reason, job_try) for item in notifications]
     else:
         try:
+            unread: dict[int, str] = {}
             if settings.payload_mode == "refetch":
                 from workers.polls import refetched  # (workers.polls imports this module)
 
                 async with asyncio.timeout_at(apply_by):
-                    notifications = tuple(await refetched(ctx, state, notifications))
+                    fetched, unread = await refetched(ctx, state, notifications)
+                    notifications = tuple(fetched)
             # Records are made now, while another batch (or worker) writes the database.
             prepared = state.syncer.prepare(notifications)
+            for index, why in unread.items():
+                item = notifications[index]
+                prepared[index] = Outcome(item.id, item.record_id, OutcomeKind.FAILED, None, why)
             outcomes = await state.batch.apply(prepared, deadline=apply_by)
         except WriterBusy:
             # Other workers' batches took the database until this job's deadline: nothing of
