@@ -119,3 +119,44 @@ def test_a_value_a_field_cannot_take_is_refused(
     with pytest.raises(ValueError) as refused:
         convert(kind, value, **settings)
     assert str(refused.value) == why
+
+
+@pytest.mark.parametrize(
+    ("kind", "cardinality", "value", "stored"),
+    [
+        ("list_string", -1, "b;a", ("b", "a")),
+        ("list_string", -1, "a;;b;a;", ("a", "b")),  # empty items skipped, each once
+        ("list_string", -1, ["a", "b"], ("a", "b")),  # already a list
+        ("list_string", -1, "", None),
+        ("list_string", -1, ";", None),
+        ("list_string", 2, "a;b", ("a", "b")),
+        ("list_integer", -1, "3;1", (3, 1)),
+        ("list_float", 2, "1.5;1.50", (1.5,)),  # the same key twice
+    ],
+)
+def test_a_list_field_of_several_values_takes_a_multi_select_picklist(
+    kind: str, cardinality: int, value: Any, stored: Any
+) -> None:
+    choices: dict[str, list[Any]] = {"list_string": list("abc"), "list_integer": [1, 2, 3]}
+    keys = choices.get(kind) or [1.5]
+    allowed = [{"value": k, "label": str(k)} for k in keys]
+    column = FieldColumn(
+        "field_x", None, kind, {"allowed_values": allowed}, cardinality=cardinality
+    )
+    assert converter(column, major=10, dialect="sqlite")(value) == stored
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("a;b;c", "3 values selected; the field takes at most 2"),
+        ("a;A", "'A' is not one of the field's allowed values"),
+        ("a ;b", "'a ' is not one of the field's allowed values"),  # keys are exact
+    ],
+)
+def test_a_multi_select_value_a_list_field_cannot_take_is_refused(value: str, error: str) -> None:
+    allowed = [{"value": k, "label": k} for k in "abc"]
+    column = FieldColumn("field_x", None, "list_string", {"allowed_values": allowed}, cardinality=2)
+    with pytest.raises(ValueError) as refused:
+        converter(column, major=10, dialect="sqlite")(value)
+    assert str(refused.value) == error

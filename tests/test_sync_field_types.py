@@ -213,15 +213,12 @@ async def test_a_field_sfrelay_cannot_write_is_refused_at_start_up(
             "field_company out of the field map"
         )
     elif case == "multiple":
-        kind = "list_string" if d10 else "list_text"
-        allowed = LEVELS10 if d10 else {"a": "A"}
-        f = TypedField(
-            "field_company", kind, {"value": "varchar(255)"}, {"allowed_values": allowed}, {}, -1
-        )
+        kind = "string" if d10 else "text"
+        f = TypedField("field_company", kind, {"value": "varchar(255)"}, {}, {}, -1)
         message = (
             "field map: the user field 'field_company' takes any number of values; sfrelay "
-            "writes single-value fields only: set its allowed number of values to 1, or leave "
-            "it out of the field map"
+            "writes several values only into list fields (a multi-select picklist's A;B;C): "
+            "set its allowed number of values to 1, or leave it out of the field map"
         )
     else:
         kind = "list_string" if d10 else "list_text"
@@ -330,3 +327,81 @@ async def test_a_field_table_without_a_definition_is_refused_saying_what_to_do(
         f"(nothing in {where}; its table {names[0]} is left over): recreate the field in "
         "Drupal, or leave field_ghost out of the field map"
     )
+
+
+TOPICS10 = [{"value": v, "label": v.title()} for v in ("news", "events", "offers", "jobs")]
+
+
+async def topics(site: DrupalSite, uid: int) -> list[str]:
+    """The user's rows of field_topics by delta (D7: field_data_*, the same in its revision)."""
+    tables = (
+        ["user__field_topics"]
+        if site.major == 10
+        else [f"field_{k}_field_topics" for k in ("data", "revision")]
+    )
+    found = []
+    for table in tables:
+        rows = await site.rows(
+            f"SELECT delta, field_topics_value AS v FROM {table} WHERE entity_id = :u"
+            " ORDER BY delta",
+            u=uid,
+        )
+        assert [r["delta"] for r in rows] == list(range(len(rows))), rows
+        found.append([r["v"] for r in rows])
+    assert all(f == found[0] for f in found), found
+    return found[0]
+
+
+async def test_a_multi_select_picklist_fills_a_list_field_of_several_values(
+    drupal_site: DrupalSite, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Interests__c = "news;events" (a multi-select picklist, as Salesforce sends it) into a
+    list field of up to 3 values: a row per value, delta 0 first, in Salesforce's order; a
+    change replaces them; a value the list does not allow, or a fourth, leaves the field as it
+    was and says why; none selected empties it. Another user's rows are never touched."""
+    site = drupal_site
+    d10 = site.major == 10
+    allowed = TOPICS10 if d10 else {t["value"]: t["label"] for t in TOPICS10}
+    kind = "list_string" if d10 else "list_text"
+    settings = {"allowed_values": allowed}
+    await add_field(
+        site, TypedField("field_topics", kind, {"value": "varchar(255)"}, settings, {}, 3)
+    )
+    mapping = (
+        '[Contact]\n[Contact.fields]\nmail = "Email"\nfield_topics = "Interests__c"\n'
+        '[Lead]\n[Lead.fields]\nmail = "Email"\n'
+    )
+    syncer = await open_syncer(site, mapping, tmp_path)
+    try:
+        kim, lee = await syncer.apply(
+            [
+                note(sf(1), "kim@example.org", Interests__c="events;news"),
+                note(sf(2), "lee@example.org", Interests__c="jobs"),
+            ]
+        )
+        assert (await topics(site, kim.uid or 0), await topics(site, lee.uid or 0)) == (
+            ["events", "news"],
+            ["jobs"],
+        )
+        steps = [
+            ("news;offers;news", None, ["news", "offers"]),
+            ("news;sports", "'sports' is not one of the field's allowed values", None),
+            ("news;events;offers;jobs", "4 values selected; the field takes at most 3", None),
+            ("offers;jobs;events", None, ["offers", "jobs", "events"]),
+            (None, None, []),
+        ]
+        before = ["news", "offers"]
+        for minutes, (value, refused, after) in enumerate(steps, 1):
+            (out,) = await syncer.apply(
+                [note(sf(1), "kim@example.org", minutes=minutes, Interests__c=value)]
+            )
+            assert out.kind == "updated", out
+            if refused is None:
+                assert out.detail is None
+                before = after or []
+            else:
+                assert out.detail == f"field_topics not written (Interests__c: {refused})"
+            assert await topics(site, kim.uid or 0) == before
+        assert await topics(site, lee.uid or 0) == ["jobs"]
+    finally:
+        await syncer.close()

@@ -21,6 +21,7 @@ from app.drupal.users import (
     NewUser,
     UserChange,
     chunks,
+    deltas,
     for_update,
     in_name_order,
     update_base,
@@ -227,17 +228,20 @@ class Drupal10(Lookups):
             columns = (*_FIELD_COLUMNS, value_column, *more)
             if not replace:  # new users: a row per translation of each value
                 rows = [
-                    ("user", 0, uid, uid, lc, 0, value, *constant)
+                    ("user", 0, uid, uid, lc, delta, value, *constant)
                     for uid, langcodes, values in items
-                    if (value := values.get(name)) not in (None, "")
+                    if name in values
                     for lc in langcodes
+                    for delta, value in enumerate(deltas(values[name]))
                 ]
                 await insert_rows(conn, field.name, columns, rows)
                 continue
             wanted = {
-                uid: {(lc, 0): values[name] for lc in langcodes}
-                if values[name] not in (None, "")
-                else {}
+                uid: {
+                    (lc, delta): value
+                    for lc in langcodes
+                    for delta, value in enumerate(deltas(values[name]))
+                }
                 for uid, langcodes, values in items
                 if name in values
             }

@@ -17,6 +17,7 @@ from app.drupal.users import (
     NewUser,
     UserChange,
     chunks,
+    deltas,
     in_name_order,
     update_base,
 )
@@ -239,12 +240,13 @@ class Drupal7(Lookups):
                     "entity_id": uid,
                     "revision_id": uid,
                     "language": LANGUAGE_NONE,
-                    "delta": 0,
-                    f"{name}_value": values[name],
+                    "delta": delta,
+                    f"{name}_value": value,
                     **constant,
                 }
                 for uid, values in items
-                if values.get(name) not in (None, "")
+                if name in values
+                for delta, value in enumerate(deltas(values[name]))
             ]
             for stored in pair:  # field_data_* and field_revision_* alike
                 if replace:

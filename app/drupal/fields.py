@@ -52,6 +52,8 @@ SUPPORTED: dict[int, frozenset[str]] = {
 }
 # Text types with a `<field>_format` column (the text filter format).
 FORMATTED = frozenset({"text", "text_long", "text_with_summary"})
+# Types that may take several values: a multi-select picklist's A;B;C, a delta each.
+MULTIPLE = frozenset({"list_string", "list_text", "list_integer", "list_float"})
 PLAIN_TEXT = "plain_text"  # Drupal's fallback format unless a site changed it
 
 _config = table("config", column("collection"), column("name"), column("data"))
@@ -87,6 +89,7 @@ class FieldColumn:
     # The text format written to `<field>_format` (None: NULL); only with `has_format`.
     format: str | None = None
     has_format: bool = False
+    cardinality: int = 1  # values it takes (-1: any number); other than 1 for list fields only
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,12 +205,12 @@ def _refusal(name: str, definition: _Definition, major: int) -> str | None:
             f"the user field {name!r} is of type {kind!r}, which sfrelay cannot write (it "
             f"writes {supported}): leave {name} out of the field map"
         )
-    if definition.cardinality != 1:
+    if definition.cardinality != 1 and kind not in MULTIPLE:
         count = "any number of" if definition.cardinality < 0 else str(definition.cardinality)
         return (
-            f"the user field {name!r} takes {count} values; sfrelay writes single-value "
-            f"fields only: set its allowed number of values to 1, or leave it out of the "
-            f"field map"
+            f"the user field {name!r} takes {count} values; sfrelay writes several values "
+            f"only into list fields (a multi-select picklist's A;B;C): set its allowed number "
+            f"of values to 1, or leave it out of the field map"
         )
     function = definition.settings.get("allowed_values_function")
     if kind.startswith("list_") and function:
@@ -285,5 +288,6 @@ async def read_fields(
             definition.settings,
             _format(name, definition, fallback, major) if has_format else None,
             has_format,
+            definition.cardinality,
         )
     return fields

@@ -22,6 +22,9 @@ Rules (Drupal 8+ type / Drupal 7 type):
   alone: the same day in almost every time zone); a dateTime in a date field is its UTC day.
 - timestamp: seconds since 1970 (UTC); a date is its 12:00:00 UTC.
 - list_*: only a key of the field's allowed values (a picklist's API value), exactly.
+  A list field of several values (cardinality other than 1; not list_boolean) takes a
+  multi-select picklist: "A;B;C" (Salesforce's form in messages and the REST API) is a tuple
+  of keys, a delta each, in Salesforce's order, each once, at most the field's cardinality.
 """
 
 from __future__ import annotations
@@ -222,6 +225,28 @@ def _listed(value: Any, convert: Convert, keys: Collection[Any]) -> Any:
     return converted
 
 
+def _several(value: Any, one: Convert, limit: int) -> tuple[Any, ...] | None:
+    """A multi-select picklist's value as the keys of a list field of several values (None:
+    none selected, the field is emptied)."""
+    if isinstance(value, list | tuple):
+        items: list[Any] | tuple[Any, ...] = value
+    else:
+        text = as_text(value)
+        if text is None:
+            return None
+        items = text.split(";")
+    keys: list[Any] = []
+    for item in items:
+        if item == "":
+            continue
+        key = one(item)
+        if key is not None and key not in keys:
+            keys.append(key)
+    if 0 < limit < len(keys):
+        raise ValueError(f"{len(keys)} values selected; the field takes at most {limit}")
+    return tuple(keys) or None
+
+
 def allowed_keys(settings: dict[str, Any]) -> list[Any]:
     """The keys of a list field's allowed values: Drupal 8+ config holds a list of
     {value, label}; Drupal 7 a map of key -> label."""
@@ -271,7 +296,10 @@ def converter(column: FieldColumn, *, major: int, dialect: str) -> Converter:
         return Converter(cut)
     if kind in LONG_TEXT:
         return TEXT_CONVERTER
-    return Converter(None, _typed(kind, settings, major=major, dialect=dialect))
+    typed = _typed(kind, settings, major=major, dialect=dialect)
+    if column.cardinality != 1:  # (a list field: app.drupal.fields.MULTIPLE)
+        return Converter(None, partial(_several, one=typed, limit=column.cardinality))
+    return Converter(None, typed)
 
 
 def _setting(settings: dict[str, Any], key: str, default: int) -> Any:
@@ -344,7 +372,10 @@ _TAKES: dict[str, frozenset[str]] = {
     "telephone": frozenset({"phone", "string"}),
     "datetime": frozenset({"date", "datetime"}),
     "timestamp": frozenset({"date", "datetime"}),
-    **dict.fromkeys(("list_string", "list_text"), frozenset({"picklist", "string", "combobox"})),
+    **dict.fromkeys(
+        ("list_string", "list_text"),
+        frozenset({"picklist", "multipicklist", "string", "combobox"}),
+    ),
 }
 
 

@@ -147,6 +147,14 @@ def chunks(values: list[Any], size: int = CHUNK) -> Iterable[list[Any]]:
         yield values[start : start + size]
 
 
+def deltas(value: Any) -> tuple[Any, ...]:
+    """A field value as its rows' values, delta 0 first: a tuple (a list field of several
+    values, app.drupal.fieldtypes) as it is, none for no value, else the one value."""
+    if type(value) is tuple:
+        return value
+    return () if value is None or value == "" else (value,)
+
+
 async def update_base(
     conn: AsyncConnection,
     table: TableClause,
