@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import column, delete, func, insert, select, table, text, update
@@ -66,6 +67,14 @@ def field_tables(name: str, *, has_format: bool = True) -> tuple[TableClause, Ta
         table(f"field_data_{name}", *(column(c) for c in columns)),
         table(f"field_revision_{name}", *(column(c) for c in columns)),
     )
+
+
+def _stored(change: UserChange) -> UserChange:
+    """The change as users' columns hold it: no language is '' (users.language is NOT NULL;
+    a Salesforce nil made the UPDATE fail, and the record retried until it was dead)."""
+    if "langcode" in change.base and change.base["langcode"] is None:
+        return replace(change, base={**change.base, "langcode": ""})
+    return change
 
 
 class Drupal7(Lookups):
@@ -263,7 +272,7 @@ class Drupal7(Lookups):
         if not changes:
             return
         changed = now if self._changed else None  # D7 before 7.83 has no users.changed
-        await update_base(conn, users, changes, _BASE_COLUMNS, changed)
+        await update_base(conn, users, [_stored(c) for c in changes], _BASE_COLUMNS, changed)
         await self._write_fields(conn, [(c.uid, c.fields) for c in changes], replace=True)
         await self._add_roles(conn, [c for c in changes if c.roles])
         uids = sorted({c.uid for c in changes})
