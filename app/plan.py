@@ -280,6 +280,38 @@ class Planner:
         self.mail_of[key] = mail
         self.by_mail.setdefault(mail, set()).add(key)
 
+    def _base_values(
+        self, r: Record, defaults: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], str | None]:
+        """The record's base values (over `defaults`), the preferred language as one of the
+        site's (app.drupal.fieldtypes.site_language), and what was not written (None: all
+        was). A language the site does not have is left out: as it was on an update, the
+        default on a new user."""
+        values = base_values(r)
+        refused = None
+        language = self.converters.get("langcode")
+        if language is not None and "langcode" in values:
+            try:
+                values["langcode"] = language(values["langcode"])
+            except ValueError as exc:
+                del values["langcode"]
+                refused = f"langcode not written ({r.obj.base['langcode']}: {exc})"
+                logger.warning(
+                    "%s %s: langcode not written: its %s value is not one of the site's "
+                    "languages (sfrelay why %s)",
+                    r.obj.sobject,
+                    r.raw_id,
+                    r.obj.base["langcode"],
+                    r.raw_id,
+                )
+        if defaults:
+            merged = {**defaults, **values}
+            if language is not None and "langcode" in defaults and "langcode" not in values:
+                # (checked at start-up: app.sync.check_field_defaults)
+                merged["langcode"] = language(defaults["langcode"])
+            values = merged
+        return values, refused
+
     def _field_values(self, r: Record) -> tuple[dict[str, Any], str | None]:
         """The record's values of the mapped user fields, each as its Drupal type stores it,
         and what could not be converted (None: all were). Such a field is left out: as it
@@ -324,7 +356,7 @@ class Planner:
 
     def _create(self, r: Record) -> None:
         key = -(len(self.plan.new) + 1)
-        base = {**r.obj.defaults, **base_values(r)}
+        base, unwritten = self._base_values(r, r.obj.defaults)
         custom = self._custom_defaults.get(r.obj.sobject)
         if custom is None:
             defaults = r.obj.defaults.items()
@@ -338,7 +370,7 @@ class Planner:
         values, refused = self._field_values(r)
         fields = {**custom, **values}
         detail = self._fit(r, base, fields, named=True) if self.bmp_only else None
-        detail = _joined(detail, refused)
+        detail = _joined(detail, unwritten, refused)
         user = NewUser("", r.email or "", base, fields, r.obj.roles)
         self.plan.new[key] = user
         self.plan.new_sources[key] = r
@@ -384,12 +416,12 @@ class Planner:
             return self._set_outcome(r, OutcomeKind.CONFLICT_DUPLICATE_EMAIL, key, detail)
         self._map(r, key)
         self._set_mail(key, r.mail_key)
-        values, (fields, refused) = base_values(r), self._field_values(r)
+        (values, unwritten), (fields, refused) = self._base_values(r), self._field_values(r)
         altered = None
         if self.bmp_only:
             named = key < 0 or self.field_map.update_username
             altered = self._fit(r, values, fields, named=named)
-        altered = _joined(altered, refused)
+        altered = _joined(altered, unwritten, refused)
         base = {**values, "mail": r.email}
         if key < 0:  # created earlier in this batch: the newer values win
             user = self.plan.new[key]

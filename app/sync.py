@@ -94,6 +94,7 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import suppress
+from functools import partial
 
 from sqlalchemy import Column, Integer, MetaData, String, Table
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -105,7 +106,7 @@ from app.drupal.d7 import Drupal7
 from app.drupal.d10 import Drupal10
 from app.drupal.engine import create_engine, writer
 from app.drupal.errors import classify
-from app.drupal.fieldtypes import field_converters
+from app.drupal.fieldtypes import Converter, field_converters, site_language
 from app.drupal.schema import IMPLICIT_ROLES, DrupalSchema, inspect_drupal
 from app.drupal.stats import Statistics
 from app.drupal.users import Key, UserStore
@@ -148,6 +149,10 @@ class Syncer:
         self.store = store
         self.field_map = field_map
         self._converters = field_converters(schema.fields, schema.major, engine.dialect.name)
+        # The preferred language: one of the site's (app.drupal.fieldtypes.site_language).
+        self._converters["langcode"] = Converter(
+            None, partial(site_language, languages=schema.languages)
+        )
         # Username suffixes known in use, kept across batches (checked again before use).
         self._suffixes: dict[Key, int] = {}
         self._statistics = Statistics(engine, schema)
@@ -345,6 +350,13 @@ def check_field_defaults(schema: DrupalSchema, field_map: FieldMap, dialect: str
     """Each [<Object>.defaults] value of a user field must be one its Drupal type takes."""
     converters = field_converters(schema.fields, schema.major, dialect)
     for obj in field_map.objects.values():
+        try:
+            site_language(obj.defaults.get("langcode"), schema.languages)
+        except ValueError as exc:
+            raise ConfigError(
+                f"field map [{obj.sobject}.defaults]: langcode {exc}: give one of them, or "
+                f"leave langcode out of [{obj.sobject}.defaults]"
+            ) from None
         for name, value in obj.defaults.items():
             if name not in converters:
                 continue

@@ -334,3 +334,53 @@ async def user_rows(site: DrupalSite, uid: int) -> dict[str, list[dict[str, Any]
         rows = await site.rows(f"SELECT * FROM {table} WHERE {key} = :u", u=uid)
         found[table] = sorted(rows, key=repr)
     return found
+
+
+async def enable_languages(site: DrupalSite, *langcodes: str, default: str | None = None) -> None:
+    """Languages added as Drupal's UI adds them. Drupal 8+: the language module's config
+    `language.entity.<code>` (installing it wrote en and the locked und and zxx), and
+    `system.site` default_langcode when `default` is given. Drupal 7: locale's `languages`."""
+    if site.major == 7:
+        await site.execute(
+            "CREATE TABLE languages (language varchar(12) NOT NULL PRIMARY KEY, "
+            "name varchar(64) NOT NULL DEFAULT '', enabled integer NOT NULL DEFAULT 0, "
+            "weight integer NOT NULL DEFAULT 0)"
+        )
+        for code in ("en", *langcodes):
+            await site.execute(
+                "INSERT INTO languages (language, name, enabled) VALUES (:c, :c, 1)", c=code
+            )
+        return
+
+    def blob(data: str) -> Any:
+        return data.encode() if site.backend == "postgresql" else data
+
+    from app.drupal.schema import php_unserialize
+
+    for code in ("en", "und", "zxx", *langcodes):
+        config = {
+            "uuid": str(uuid.uuid4()),
+            "langcode": "en",
+            "status": True,
+            "dependencies": [],
+            "id": code,
+            "label": code,
+            "direction": "ltr",
+            "weight": 0,
+            "locked": code in ("und", "zxx"),
+        }
+        await site.execute(
+            "INSERT INTO config (collection, name, data) VALUES ('', :n, :d)",
+            n=f"language.entity.{code}",
+            d=blob(php_serialize(config)),
+        )
+    if default is not None:
+        (row,) = await site.rows(
+            "SELECT data FROM config WHERE collection = '' AND name = 'system.site'"
+        )
+        config = php_unserialize(row["data"])
+        config["default_langcode"] = default
+        await site.execute(
+            "UPDATE config SET data = :d WHERE collection = '' AND name = 'system.site'",
+            d=blob(php_serialize(config)),
+        )

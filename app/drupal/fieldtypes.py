@@ -359,6 +359,23 @@ def field_converters(
     return {name: converter(f, major=major, dialect=dialect) for name, f in fields.items()}
 
 
+def site_language(value: Any, languages: frozenset[str]) -> str | None:
+    """A preferred language (`langcode`) as one of the site's langcodes (None: none): as
+    sent, else in Drupal's form (lower case, `-`: Salesforce's `pt_BR` is `pt-br`), else its
+    primary language (`en_US` is `en` on a site without `en-us`). Drupal takes no other
+    (its AllowedValues constraint; the columns hold 12 ASCII characters: PostgreSQL and
+    MySQL refused a longer one, and the whole record failed)."""
+    text = as_text(value)
+    if text is None or text in languages:
+        return text
+    tag = text.strip().lower().replace("_", "-")
+    for code in (tag, tag.partition("-")[0]):
+        if code in languages:
+            return code
+    shown = ", ".join(sorted(languages))
+    raise ValueError(f"{_short(value)} is not one of the site's languages ({shown})")
+
+
 # Salesforce field types (describe's `type`) whose values a Drupal type takes; a text type
 # takes any (every value has a text form). For `sfrelay check`.
 _NUMBERS = frozenset({"int", "double", "currency", "percent"})

@@ -24,6 +24,7 @@ _config = table("config", column("collection"), column("name"), column("data"))
 _role7 = table("role", column("rid"), column("name"))
 _permission7 = table("role_permission", column("rid"), column("permission"))
 _variable7 = table("variable", column("name"), column("value"))
+_languages7 = table("languages", column("language"))
 
 # A role holding one of these (or an admin role) is staff: whoever controls the account can
 # change the site, its content or what other users see (Drupal marks most of these
@@ -62,6 +63,10 @@ class DrupalSchema:
     # Role ids (D10 machine names, D7 role names) that are admin roles or hold one of
     # PROTECTING_PERMISSIONS, as read at start-up (the planner reads them again per batch).
     protected_roles: frozenset[str] = frozenset()
+    # The langcodes a user's preferred language may take: D10 the configurable languages
+    # (`language.entity.*`, not the locked und/zxx), D7 the `languages` table (locale);
+    # without the language/locale module, the site's default language alone.
+    languages: frozenset[str] = frozenset({"en"})
 
 
 def _php_string(serialized: bytes | str | None, key: str) -> str | None:
@@ -190,12 +195,14 @@ async def _site10(
 ) -> DrupalSchema:
     langcode, timezone = "en", "UTC"
     roles: dict[str, str | int] | None = None
+    languages: set[str] = set()
     if "config" in tables:
         rows = await conn.execute(
             select(_config.c.name, _config.c.data).where(
                 _config.c.collection == "",
                 (_config.c.name.in_(["system.site", "system.date"]))
-                | _config.c.name.like("user.role.%"),
+                | _config.c.name.like("user.role.%")
+                | _config.c.name.like("language.entity.%"),
             )
         )
         roles = {}
@@ -205,11 +212,32 @@ async def _site10(
             elif name == "system.date":
                 # system.date: timezone: {default: 'UTC', user: {...}}
                 timezone = _php_string(data, "default") or timezone
+            elif name.startswith("language.entity."):
+                if not _php_locked(data):  # und and zxx: no one's preferred language
+                    languages.add(name.removeprefix("language.entity."))
             else:
                 role = name.removeprefix("user.role.")
                 roles[role] = role
     protected = await read_protected_roles(conn, 10, tables)
-    return DrupalSchema(10, tables, langcode, timezone, roles, fields, protected_roles=protected)
+    return DrupalSchema(
+        10,
+        tables,
+        langcode,
+        timezone,
+        roles,
+        fields,
+        protected_roles=protected,
+        languages=frozenset(languages or {langcode}),
+    )
+
+
+def _php_locked(data: bytes | str | memoryview | None) -> bool:
+    """Whether a `language.entity.*` config is a locked language (und, zxx)."""
+    try:
+        config = php_unserialize(data) if data is not None else None
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return False
+    return isinstance(config, dict) and bool(config.get("locked"))
 
 
 async def _site7(
@@ -220,7 +248,12 @@ async def _site7(
     columns = frozenset(await conn.run_sync(table_columns, "users"))
     # user_save() leaves language '' and timezone NULL unless the form gives them.
     protected = await read_protected_roles(conn, 7, tables)
-    return DrupalSchema(7, tables, "", None, roles, fields, columns, protected)
+    languages = {"en"}  # language_default() without the locale module
+    if "languages" in tables:
+        languages = {str(code) for (code,) in await conn.execute(select(_languages7.c.language))}
+    return DrupalSchema(
+        7, tables, "", None, roles, fields, columns, protected, frozenset(languages or {"en"})
+    )
 
 
 async def has_table(conn: AsyncConnection, name: str) -> bool:
