@@ -7,11 +7,25 @@ from pathlib import Path
 
 import pytest
 
+from app.drupal.php import php_serialize, php_unserialize
 from app.errors import ConfigError
 from app.outcomes import Outcome
-from tests.drupal_rows import base_row, enable_languages, field_values, open_syncer, user_ids
+from tests.drupal_rows import (
+    add_member,
+    add_role,
+    base_row,
+    enable_languages,
+    field_values,
+    open_syncer,
+    roles,
+    user_ids,
+)
 from tests.factories import note, sf
 from tests.fixtures_db import DrupalSite
+
+D10_SITES = pytest.mark.parametrize(
+    "drupal_site", ["sqlite-d10", "pg-d10", "mariadb-d10"], indirect=True
+)
 
 LANGUAGE_MAP = """
 [username]
@@ -94,3 +108,101 @@ async def test_a_default_language_the_site_does_not_have_is_refused_at_start(
         "field map [Contact.defaults]: langcode 'fr' is not one of the site's languages "
         "(de, en): give one of them, or leave langcode out of [Contact.defaults]"
     )
+
+
+TRANSLATED_MAP = """
+[username]
+template = "{FirstName} {LastName}"
+fallback = "{email_local}"
+
+[Contact]
+roles = ["subscriber"]
+
+[Contact.fields]
+mail = "Email"
+field_first_name = "FirstName"
+field_last_name = "LastName"
+field_salesforce_id = "Id"
+"""
+
+
+async def set_untranslatable(site: DrupalSite, field: str) -> None:
+    """Untick the field's "Users translatable" on Drupal's content language page."""
+    name = f"field.field.user.user.{field}"
+    (row,) = await site.rows("SELECT data FROM config WHERE collection = '' AND name = :n", n=name)
+    config = php_unserialize(row["data"])
+    config["translatable"] = False
+    data = php_serialize(config)
+    await site.execute(
+        "UPDATE config SET data = :d WHERE collection = '' AND name = :n",
+        d=data.encode() if site.backend == "postgresql" else data,
+        n=name,
+    )
+
+
+async def add_translation(site: DrupalSite, uid: int, langcode: str, **fields: str) -> None:
+    """A translation of a user, as Drupal's content translation saves it: a users_field_data
+    row (default_langcode 0) with the shared values, and the translatable fields' values."""
+    (row,) = await site.rows(
+        "SELECT * FROM users_field_data WHERE uid = :u AND default_langcode = 1", u=uid
+    )
+    row.update(langcode=langcode, default_langcode=0)
+    columns = ", ".join(row)
+    values = ", ".join(f":{c}" for c in row)
+    await site.execute(f"INSERT INTO users_field_data ({columns}) VALUES ({values})", **row)
+    for field, value in fields.items():
+        await site.execute(
+            f"INSERT INTO user__{field} (bundle, deleted, entity_id, revision_id, langcode, "
+            f"delta, {field}_value) VALUES ('user', 0, :u, :u, :l, 0, :v)",
+            u=uid,
+            l=langcode,
+            v=value,
+        )
+
+
+async def field_rows(site: DrupalSite, uid: int, field: str) -> dict[str, str]:
+    """langcode -> the field's value (delta 0) in that language."""
+    rows = await site.rows(
+        f"SELECT langcode, delta, {field}_value AS v FROM user__{field} WHERE entity_id = :u",
+        u=uid,
+    )
+    assert all(r["delta"] == 0 for r in rows), rows
+    return {r["langcode"]: r["v"] for r in rows}
+
+
+@D10_SITES
+async def test_a_translated_user_is_written_as_drupal_saves_its_original(
+    drupal_site: DrupalSite, tmp_path: Path
+) -> None:
+    """Drupal's save (SqlContentEntityStorage::saveToDedicatedTables) keeps an untranslatable
+    field (and roles) in the original language only, a translatable one per translation; the
+    base fields sfrelay writes are untranslatable: the same in every users_field_data row."""
+    site = drupal_site
+    await enable_languages(site, "de")
+    await add_role(site, "subscriber")
+    await set_untranslatable(site, "field_salesforce_id")
+    uid = await add_member(site, "Ana Lima", "ana@example.com")
+    await site.execute(
+        "INSERT INTO user__field_first_name (bundle, deleted, entity_id, revision_id, langcode, "
+        "delta, field_first_name_value) VALUES ('user', 0, :u, :u, 'en', 0, 'Ana')",
+        u=uid,
+    )
+    await add_translation(site, uid, "de", field_first_name="Ana (de)")
+    syncer = await open_syncer(site, TRANSLATED_MAP, tmp_path, handled_objects=["Contact"])
+    n = note(sf(1), "ANA@example.com", "Ana Maria", "Lima")
+    assert await syncer.apply([n]) == [Outcome(n.id, sf(1), "linked", uid)]
+    await syncer.close()
+
+    data = await site.rows(
+        "SELECT langcode, default_langcode, name, mail FROM users_field_data WHERE uid = :u "
+        "ORDER BY langcode",
+        u=uid,
+    )
+    assert data == [
+        {"langcode": lc, "default_langcode": d, "name": "Ana Lima", "mail": "ANA@example.com"}
+        for lc, d in (("de", 0), ("en", 1))
+    ]
+    assert await field_rows(site, uid, "field_first_name") == {"en": "Ana Maria", "de": "Ana (de)"}
+    assert await field_rows(site, uid, "field_last_name") == {"en": "Lima"}
+    assert await field_rows(site, uid, "field_salesforce_id") == {"en": sf(1)}
+    assert await roles(site, uid) == ["subscriber"]  # (checks langcode 'en' on each row)

@@ -219,28 +219,28 @@ class Drupal10(Lookups):
         *,
         replace: bool = False,
     ) -> None:
-        """Field rows per (uid, its translations, values). With `replace`, a user's rows
-        of a field are deleted and written again, as SqlContentEntityStorage does, but
-        only where they differ from what is stored: most updates change one field."""
+        """Field rows per (uid, its languages: the original first, values), as Drupal saves
+        the user's original (SqlContentEntityStorage::saveToDedicatedTables): the values go
+        to the original language; a translatable field's other translations keep theirs,
+        and an untranslatable field has rows in the original language only. With `replace`,
+        a user's rows of a field are deleted and written again, as Drupal does, but only
+        where they differ from what is stored: most updates change one field."""
         for name, field in self._fields.items():
             value_column = f"{name}_value"
             more, constant = _constant_columns(self.schema.fields[name])
             columns = (*_FIELD_COLUMNS, value_column, *more)
-            if not replace:  # new users: a row per translation of each value
+            if not replace:  # new users: their one language
                 rows = [
-                    ("user", 0, uid, uid, lc, delta, value, *constant)
+                    ("user", 0, uid, uid, langcodes[0], delta, value, *constant)
                     for uid, langcodes, values in items
                     if name in values
-                    for lc in langcodes
                     for delta, value in enumerate(deltas(values[name]))
                 ]
                 await insert_rows(conn, field.name, columns, rows)
                 continue
             wanted = {
                 uid: {
-                    (lc, delta): value
-                    for lc in langcodes
-                    for delta, value in enumerate(deltas(values[name]))
+                    (langcodes[0], delta): value for delta, value in enumerate(deltas(values[name]))
                 }
                 for uid, langcodes, values in items
                 if name in values
@@ -255,6 +255,12 @@ class Drupal10(Lookups):
                 )
                 for uid, langcode, delta, value in await select_in(conn, read, sorted(wanted)):
                     stored[int(uid)][(langcode, int(delta))] = value
+                if self.schema.fields[name].translatable:
+                    for uid, langcodes, _ in items:
+                        if uid in wanted:
+                            translated = set(langcodes[1:])
+                            kept = stored[uid].items()
+                            wanted[uid].update((k, v) for k, v in kept if k[0] in translated)
                 wanted = {uid: rows for uid, rows in wanted.items() if stored[uid] != rows}
                 # Same rows, other values: UPDATE in place (no index but the row's changes).
                 same = [
@@ -266,6 +272,7 @@ class Drupal10(Lookups):
                     (value, uid, lc, delta)
                     for uid in same
                     for (lc, delta), value in wanted.pop(uid).items()
+                    if stored[uid][(lc, delta)] != value
                 ]
                 await update_rows(
                     conn,
@@ -310,6 +317,7 @@ class Drupal10(Lookups):
                 if role not in current:
                     delta += 1
                     current[role] = delta
-                    for langcode in change.langcodes or (self.langcode,):
-                        rows.append(self._field_row(change.uid, langcode, delta, role))
+                    # roles: untranslatable, in the original language only (as fields)
+                    langcode = (change.langcodes or (self.langcode,))[0]
+                    rows.append(self._field_row(change.uid, langcode, delta, role))
         await insert_rows(conn, "user__roles", _ROLE_COLUMNS, rows)

@@ -90,6 +90,10 @@ class FieldColumn:
     format: str | None = None
     has_format: bool = False
     cardinality: int = 1  # values it takes (-1: any number); other than 1 for list fields only
+    # Drupal 8+: a value per translation of the user (FieldConfig::isTranslatable(): the
+    # field's and its storage's `translatable`); else one value, stored in the user's
+    # original language only (SqlContentEntityStorage::saveToDedicatedTables).
+    translatable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +101,7 @@ class _Definition:
     type: str
     settings: dict[str, Any]
     cardinality: int
+    translatable: bool = False
 
 
 def _unserialized(data: Any) -> dict[str, Any]:
@@ -141,12 +146,14 @@ async def _definitions10(
         storage = config.get(f"field.storage.user.{name}")
         if not storage:
             continue
-        own = _settings(config.get(f"field.field.user.user.{name}", {}).get("settings"))
+        on_user = config.get(f"field.field.user.user.{name}", {})
+        own = _settings(on_user.get("settings"))
         cardinality = storage.get("cardinality", 1)
         found[name] = _Definition(
             str(storage.get("type", "")),
             {**_settings(storage.get("settings")), **own},
             int(cardinality) if isinstance(cardinality, int | str) else 1,
+            bool(storage.get("translatable", True)) and bool(on_user.get("translatable", True)),
         )
     return found, fallback
 
@@ -289,5 +296,6 @@ async def read_fields(
             _format(name, definition, fallback, major) if has_format else None,
             has_format,
             definition.cardinality,
+            definition.translatable,
         )
     return fields
