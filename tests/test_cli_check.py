@@ -60,6 +60,14 @@ def lines(output: str) -> dict[str, tuple[str, str]]:
     return parsed
 
 
+def failed_drupal_check(redis_server: RedisServer, cli: Cli, db: Path) -> tuple[str, str]:
+    """`sfrelay check` of the SQLite site `db`, which fails: its drupal line."""
+    env = {"SFRELAY_REDIS_URL": redis_server.url, "SFRELAY_DATABASE_URL": f"sqlite:///{db}"}
+    text = cli(env, "check")
+    assert text.returncode == 1
+    return lines(text.stdout)["drupal"]
+
+
 @pytest.mark.parametrize("site", ["drupal10-standard.sqlite", "drupal7-standard.sqlite"])
 def test_all_parts_configured_and_working(
     redis_server: RedisServer,
@@ -203,6 +211,36 @@ def test_unreachable_redis_and_missing_database_fail(
     assert not (tmp_path / "missing.sqlite").exists()
 
 
+@pytest.mark.parametrize(
+    ("site", "tables"),
+    [
+        ("drupal10-standard.sqlite", ["user__field_last_name"]),
+        (
+            "drupal7-standard.sqlite",
+            ["field_data_field_last_name", "field_revision_field_last_name"],
+        ),
+    ],
+)
+def test_a_site_without_a_field_of_the_default_map_says_how_to_add_or_unmap_it(
+    redis_server: RedisServer, tmp_path: Path, cli: Cli, site: str, tables: list[str]
+) -> None:
+    """A stock Drupal site has none of the default map's custom user fields: the check says
+    where to add the field in Drupal and how to leave it out of the map, not only what is
+    missing."""
+    db = site_copy(site, tmp_path)
+    with sqlite3.connect(db) as conn:
+        for name in tables:
+            conn.execute(f'DROP TABLE "{name}"')
+    assert failed_drupal_check(redis_server, cli, db) == (
+        "failed",
+        f"sqlite:///{db}: field map: the user field 'field_last_name' does not exist on this "
+        f"Drupal site (no table {tables[0]}): add it to the site's user fields "
+        "(/admin/config/people/accounts/fields, machine name field_last_name), or leave it "
+        "out of the field map (SFRELAY_FIELD_MAP: a copy of the default "
+        "app/fieldmap.default.toml without it)",
+    )
+
+
 @pytest.mark.parametrize("site", ["drupal10-standard.sqlite", "drupal7-standard.sqlite"])
 def test_a_site_with_prefixed_tables_is_named_as_such(
     redis_server: RedisServer, tmp_path: Path, cli: Cli, site: str
@@ -217,10 +255,7 @@ def test_a_site_with_prefixed_tables_is_named_as_such(
             if not name.startswith("sqlite_"):
                 conn.execute(f'ALTER TABLE "{name}" RENAME TO "drupal_{name}"')
     before = hashlib.sha256(db.read_bytes()).hexdigest()
-    env = {"SFRELAY_REDIS_URL": redis_server.url, "SFRELAY_DATABASE_URL": f"sqlite:///{db}"}
-    text = cli(env, "check")
-    assert text.returncode == 1
-    assert lines(text.stdout)["drupal"] == (
+    assert failed_drupal_check(redis_server, cli, db) == (
         "failed",
         f"sqlite:///{db}: SFRELAY_DATABASE_URL's Drupal tables have a prefix ('drupal_': the "
         "site's settings.php sets $databases['default']['default']['prefix']), and sfrelay "

@@ -258,7 +258,10 @@ async def read_fields(
         if store not in tables or (major == 7 and f"field_revision_{name}" not in tables):
             raise ConfigError(
                 f"field map: the user field {name!r} does not exist on this Drupal site "
-                f"(no table {store})"
+                f"(no table {store}): add it to the site's user fields "
+                f"(/admin/config/people/accounts/fields, machine name {name}), or leave it "
+                f"out of the field map (SFRELAY_FIELD_MAP: a copy of the default "
+                f"app/fieldmap.default.toml without it)"
             )
     if not ordered:
         return {}
