@@ -205,7 +205,7 @@ def test_unreachable_redis_and_missing_database_fail(
     assert parts["drupal"] == (
         "failed",
         f"no Drupal SQLite database at {tmp_path / 'missing.sqlite'}: set SFRELAY_DATABASE_URL "
-        "to your site's file (sqlite:///path/to/sites/default/files/.ht.sqlite)",
+        "to your site's file (sqlite:////path/to/sites/default/files/.ht.sqlite)",
     )
     assert "hunter2" not in text.stdout + text.stderr + text.log
     assert not (tmp_path / "missing.sqlite").exists()

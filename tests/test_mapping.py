@@ -228,6 +228,37 @@ def test_a_missing_sqlite_file_is_a_config_error_not_a_new_empty_database(tmp_pa
     assert not missing.exists()
 
 
+def test_an_absolute_sqlite_path_written_with_three_slashes_is_shown_with_four(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sqlite:///var/www/site.sqlite is var/www/site.sqlite, relative to the current folder:
+    the error says so and names the URL of the file that exists."""
+    site = tmp_path / "site.sqlite"
+    site.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    relative = str(site).lstrip("/")
+    with pytest.raises(ConfigError) as refused:
+        create_engine(f"sqlite:///{relative}")
+    assert str(refused.value) == (
+        f"no Drupal SQLite database at {relative} (in {tmp_path}: a path after sqlite:/// is "
+        "relative to the current folder; an absolute one takes four slashes): set "
+        f"SFRELAY_DATABASE_URL to sqlite:///{site} for {site}"
+    )
+    assert not (tmp_path / relative).exists()
+
+
+def test_an_sqlite_url_with_a_host_is_refused_with_the_url_meant(tmp_path: Path) -> None:
+    """sqlite://tmp/x/site.sqlite: SQLAlchemy would drop the 'host' and open x/site.sqlite."""
+    with pytest.raises(ConfigError) as refused:
+        async_url("sqlite://var/www/html/sites/default/files/.ht.sqlite")
+    assert str(refused.value) == (
+        "SFRELAY_DATABASE_URL: sqlite://var/... names a host, which an SQLite URL has none "
+        "of: for the file /var/www/html/sites/default/files/.ht.sqlite, write "
+        "sqlite:////var/www/html/sites/default/files/.ht.sqlite (a path after sqlite:/// is "
+        "relative to the current folder; an absolute one takes four slashes)"
+    )
+
+
 # Addresses that make nested repeats backtrack exponentially (a decomposed ü, as text pasted
 # from macOS carries; a long domain), each failing at its very end, up to the 254 characters
 # allowed.

@@ -647,7 +647,7 @@ def test_status_says_when_the_database_cannot_be_reached(
         "workers      none alive: no arq health check in the last 31 s (start `sfrelay worker`)",
         f"database     NOT reachable: no Drupal SQLite database at {tmp_path}/nowhere.sqlite: "
         "set SFRELAY_DATABASE_URL to your site's file "
-        "(sqlite:///path/to/sites/default/files/.ht.sqlite) (check SFRELAY_DATABASE_URL)",
+        "(sqlite:////path/to/sites/default/files/.ht.sqlite) (check SFRELAY_DATABASE_URL)",
     ]
     assert not (tmp_path / "nowhere.sqlite").exists()
 

@@ -46,11 +46,18 @@ def nocase_utf8(a: str, b: str) -> int:
 
 def require_sqlite_file(path: str | None) -> None:
     """SQLite would create an empty file for a mistyped path; a Drupal site has one already."""
-    if path and not Path(path).is_file():
-        raise ConfigError(
-            f"no Drupal SQLite database at {path}: set SFRELAY_DATABASE_URL to "
-            "your site's file (sqlite:///path/to/sites/default/files/.ht.sqlite)"
+    if not path or Path(path).is_file():
+        return
+    where = path
+    fix = "your site's file (sqlite:////path/to/sites/default/files/.ht.sqlite)"
+    if not os.path.isabs(path):  # sqlite:///var/www/... is var/www/..., not /var/www/...
+        where = (
+            f"{path} (in {os.getcwd()}: a path after sqlite:/// is relative to the current "
+            "folder; an absolute one takes four slashes)"
         )
+        if Path("/", path).is_file():
+            fix = f"sqlite:////{path} for /{path}"
+    raise ConfigError(f"no Drupal SQLite database at {where}: set SFRELAY_DATABASE_URL to {fix}")
 
 
 def existing_file(url: URL) -> URL:

@@ -32,6 +32,13 @@ def async_url(url: str) -> URL:
         )
     parsed = parsed.set(drivername=_DRIVERS[backend])
     if backend == "sqlite":
+        if parsed.host:  # sqlite://var/www/x.sqlite: SQLAlchemy reads no host, "www/x.sqlite"
+            raise ConfigError(
+                f"SFRELAY_DATABASE_URL: sqlite://{parsed.host}/... names a host, which an SQLite "
+                f"URL has none of: for the file /{parsed.host}/{parsed.database}, write "
+                f"sqlite:////{parsed.host}/{parsed.database} (a path after sqlite:/// is "
+                "relative to the current folder; an absolute one takes four slashes)"
+            )
         if not parsed.database or parsed.database == ":memory:":
             raise ConfigError("SFRELAY_DATABASE_URL: give the path of the Drupal SQLite file")
     elif backend in ("mysql", "mariadb") and "charset" not in parsed.query:
