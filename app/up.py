@@ -250,20 +250,28 @@ def use_demo_site(settings: Settings, data_dir: Path, say: Say) -> Settings:
     return settings.model_copy(update={"database_url": f"sqlite:///{path}"})
 
 
-def write_local_env(stack: Stack, demo: bool) -> Path:
-    """What other commands in this folder need to find this stack (no secrets in it)."""
-    settings = stack.settings
+def write_local_env(stack: Stack) -> Path:
+    """What other commands in this folder need to find this stack (no secrets in it): the
+    database too, so that `sfrelay status`, `why` and `dead` in another terminal read the
+    database this stack's worker writes, not the default."""
+    settings, path = stack.settings, stack.data_dir / "sfrelay.env"
     lines = [
         "# Written by `sfrelay up`; read by sfrelay commands started in this folder for the",
         "# variables neither the environment nor .env sets. Delete it to forget.",
         f"SFRELAY_HOST={settings.host}",
         f"SFRELAY_PORT={settings.port}",
     ]
-    if urlsplit(settings.redis_url).password is None:  # never write a password here
-        lines.append(f"SFRELAY_REDIS_URL={settings.redis_url}")
-    if demo:
-        lines.append(f"SFRELAY_DATABASE_URL={settings.database_url}")
-    path = stack.data_dir / "sfrelay.env"
+    for name, url in (
+        ("SFRELAY_REDIS_URL", settings.redis_url),
+        ("SFRELAY_DATABASE_URL", settings.database_url),
+    ):
+        if urlsplit(url).password is None:  # never write a password here
+            lines.append(f"{name}={url}")
+        else:
+            stack.say(
+                f"{name} holds a password, so {path} leaves it out: set it for the other "
+                "sfrelay commands too (their environment or .env)"
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -307,7 +315,7 @@ def up(settings: Settings, data_dir: Path, say: Say) -> int:
         settings = stack.settings
         stack.env["SFRELAY_REDIS_URL"] = settings.redis_url
         stack.env.update(SFRELAY_HOST=settings.host, SFRELAY_PORT=str(settings.port))
-        env_file = write_local_env(stack, demo)
+        env_file = write_local_env(stack)
         stack.start_receiver()
         problem = _drupal_database_problem(settings)
         if problem:

@@ -21,6 +21,7 @@ import redis
 
 from app.config import Settings
 from app.up import Stack, write_local_env
+from tests.drupal_schemas import site_copy
 from tests.fixtures_worker import PROJECT, drupal_users, settings_env
 from tests.messages import contact, outbound_message
 from tests.servers import RedisServer, free_port, wait_for_port
@@ -151,7 +152,7 @@ def test_up_moves_off_a_taken_default_port_and_finds_its_redis_again(
             f"redis-server on 127.0.0.1:{moved.port}, data in {(data / 'redis').resolve()} "
             "(appendfsync always)",
         ]
-        write_local_env(first, demo=False)
+        write_local_env(first)
         assert f"SFRELAY_REDIS_URL={first.settings.redis_url}" in (data / "sfrelay.env").read_text()
         # `up` again, its Redis left running (the first `up` killed): found where it was.
         said.clear()
@@ -377,12 +378,45 @@ def test_commands_read_what_up_wrote_below_dotenv_and_the_environment(
     )
 
 
-def test_up_never_writes_a_redis_password_for_the_other_commands(tmp_path: Path) -> None:
+def test_up_never_writes_a_password_for_the_other_commands(tmp_path: Path) -> None:
     settings = Settings(
-        _env_file=None, redis_url="redis://:s3cret-pw@127.0.0.1:6390/0", database_url="sqlite:///x"
+        _env_file=None,
+        redis_url="redis://:s3cret-pw@127.0.0.1:6390/0",
+        database_url="mysql://drupal:s3cret-db@127.0.0.1/drupal",
     )
-    path = write_local_env(Stack(settings, tmp_path, print), demo=False)
+    said: list[str] = []
+    path = write_local_env(Stack(settings, tmp_path, said.append))
     assert path.read_text().splitlines()[2:] == ["SFRELAY_HOST=127.0.0.1", "SFRELAY_PORT=8000"]
+    assert said == [
+        f"{name} holds a password, so {path} leaves it out: set it for the other sfrelay "
+        "commands too (their environment or .env)"
+        for name in ("SFRELAY_REDIS_URL", "SFRELAY_DATABASE_URL")
+    ]
+
+
+def test_the_other_commands_read_the_database_up_was_given(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """`SFRELAY_DATABASE_URL=sqlite:////…/site.sqlite sfrelay up`, then `sfrelay status` in
+    another terminal of that folder: it reads the site the worker writes, not the default
+    drupal.sqlite, which does not exist."""
+    site = site_copy("drupal10-standard.sqlite", tmp_path)
+    settings = Settings(
+        _env_file=None, redis_url=redis_server.url, database_url=f"sqlite:///{site}"
+    )
+    write_local_env(Stack(settings, tmp_path / "var", print))
+    status = subprocess.run(
+        [sys.executable, "-m", "app.cli", "status"],
+        cwd=tmp_path,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("SFRELAY_")},
+            "PYTHONPATH": str(PROJECT),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "database     reachable (Drupal 8+)" in status.stdout, status.stdout + status.stderr
 
 
 def test_a_process_that_exits_at_start_is_a_failed_process_not_a_config_error() -> None:
