@@ -87,6 +87,16 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(f"cannot reach {shown}: {exc} (is `sfrelay serve` running?)")
     print(response.text)
     acked = response.status_code == 200 and b"<Ack>true</Ack>" in response.content
+    if not acked and b"Fault>" not in response.content:  # not sfrelay's SOAP answer: say why
+        why = f"{url.copy_remove_param('token')} answered HTTP {response.status_code}"
+        if response.is_redirect:
+            moved = httpx.URL(response.headers.get("location", "")).copy_remove_param("token")
+            why += f", a redirect to {moved}, not an Ack"
+        else:
+            why += ", not a SOAP answer"
+        if response.is_redirect or response.status_code in (404, 405):
+            why += f": sfrelay's endpoint is {ENDPOINT} exactly, without a trailing slash"
+        print(f"sfrelay: {why}", file=sys.stderr)
     return 0 if acked else 1
 
 

@@ -112,6 +112,28 @@ def test_send_says_what_to_do_when_nothing_listens(tmp_path: Path, cli: Cli) -> 
     assert "is `sfrelay serve` running?" in result.stderr
 
 
+def test_send_says_why_an_answer_that_is_neither_ack_nor_fault_is_one(
+    server: UvicornThread, tmp_path: Path, cli: Cli
+) -> None:
+    """The endpoint with a trailing slash (a redirect) or a wrong path (404) printed an empty
+    line or FastAPI's JSON and exited 1, saying nothing of the path."""
+    message = tmp_path / "m.xml"
+    message.write_bytes(outbound_message([contact(Email="slash@example.org")]))
+    slash = cli({}, "send", str(message), "--url", f"{server.url}/salesforce/outbound-message/")
+    assert slash.returncode == 1
+    assert slash.stderr.splitlines()[-1] == (
+        f"sfrelay: {server.url}/salesforce/outbound-message/ answered HTTP 307, a redirect to "
+        f"{server.url}/salesforce/outbound-message, not an Ack: sfrelay's endpoint is "
+        "/salesforce/outbound-message exactly, without a trailing slash"
+    )
+    wrong = cli({}, "send", str(message), "--url", f"{server.url}/salesforce/outbound")
+    assert wrong.returncode == 1
+    assert wrong.stderr.splitlines()[-1] == (
+        f"sfrelay: {server.url}/salesforce/outbound answered HTTP 404, not a SOAP answer: "
+        "sfrelay's endpoint is /salesforce/outbound-message exactly, without a trailing slash"
+    )
+
+
 def test_queue_stats_says_what_to_do_when_redis_is_down(cli: Cli) -> None:
     result = cli({"SFRELAY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, "queue", "stats")
     assert result.returncode == 2
