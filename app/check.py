@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from redis.exceptions import RedisError
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.config import Settings
 from app.drupal import ledger
@@ -72,6 +73,25 @@ async def check_redis(settings: Settings) -> PartResult:
         await redis.aclose()
 
 
+async def _cannot_write(conn: AsyncConnection) -> str | None:
+    """Why the workers could not write Drupal's users (None: they can). An UPDATE that matches
+    no row, rolled back: it changes nothing, yet the database refuses it as it would refuse
+    every write (a SQLite file sfrelay's user may not write, a PostgreSQL or MySQL user
+    without UPDATE, a read-only server)."""
+    try:
+        await conn.execute(text("UPDATE users SET uid = uid WHERE uid = -1"))
+    except DBAPIError as exc:
+        why = _first_line(exc.orig or exc)
+        return (
+            f"the database refuses sfrelay's writes ({why}): give the user "
+            "sfrelay runs as write access (SQLite: to the file and its folder; PostgreSQL, "
+            "MySQL: the database user may write Drupal's tables), or use a writable database"
+        )
+    finally:
+        await conn.rollback()
+    return None
+
+
 async def check_drupal(settings: Settings) -> PartResult:
     if "database_url" not in settings.model_fields_set:
         return PartResult(
@@ -92,6 +112,8 @@ async def check_drupal(settings: Settings) -> PartResult:
                     select(ledger.schema_version.c.version).where(ledger.schema_version.c.id == 1)
                 )
             await conn.rollback()
+            if problem := await _cannot_write(conn):
+                return PartResult("drupal", "failed", f"{where}: {problem}")
         field_map.validate(schema, settings.handled_objects)
         check_protected_roles(schema, field_map, settings.protected_roles)  # as a worker starts
         check_field_defaults(schema, field_map, engine.dialect.name)

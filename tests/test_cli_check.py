@@ -15,13 +15,14 @@ from pathlib import Path
 
 import orjson
 import pytest
+from sqlalchemy import text
 
 from app.drupal.engine import create_engine, nocase_utf8
 from tests import sfserver
 from tests.conftest import Cli
 from tests.drupal_fields import TypedField, add_field
 from tests.drupal_schemas import site_copy
-from tests.fixtures_db import DrupalSite
+from tests.fixtures_db import DrupalSite, Server
 from tests.fixtures_worker import PROJECT
 from tests.servers import RedisServer, free_port
 from tests.sfserver import FakeOrg, SalesforceServer
@@ -238,6 +239,53 @@ def test_a_site_without_a_field_of_the_default_map_says_how_to_add_or_unmap_it(
         "(/admin/config/people/accounts/fields, machine name field_last_name), or leave it "
         "out of the field map (SFRELAY_FIELD_MAP: a copy of the default "
         "app/fieldmap.default.toml without it)",
+    )
+
+
+WRITE_ACCESS = (
+    "give the user sfrelay runs as write access (SQLite: to the file and its folder; "
+    "PostgreSQL, MySQL: the database user may write Drupal's tables), or use a writable database"
+)
+
+
+@pytest.mark.parametrize("site", ["drupal10-standard.sqlite", "drupal7-standard.sqlite"])
+def test_a_read_only_sqlite_site_fails_the_check_as_it_would_fail_every_record(
+    redis_server: RedisServer, tmp_path: Path, cli: Cli, site: str
+) -> None:
+    """The check said ok, then every notification failed its tries on 'attempt to write a
+    readonly database' and went dead. Read-only as SQLite itself marks a file it must not
+    write (the header's write version above 2), which it refuses as it refuses a file the
+    process may not write; the check still writes nothing."""
+    db = site_copy(site, tmp_path)
+    with db.open("r+b") as file:
+        file.seek(18)
+        file.write(bytes([3]))
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    assert failed_drupal_check(redis_server, cli, db) == (
+        "failed",
+        f"sqlite:///{db}: the database refuses sfrelay's writes (attempt to write a readonly "
+        f"database): {WRITE_ACCESS}",
+    )
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+
+
+async def test_a_postgresql_user_that_may_only_read_fails_the_check(
+    pg_server: Server, redis_server: RedisServer, cli: Cli
+) -> None:
+    name = await pg_server.fresh(10)
+    admin = create_engine(pg_server.url(name))
+    async with admin.begin() as conn:
+        await conn.execute(text(f"CREATE ROLE reader_{name} LOGIN"))
+        await conn.execute(text(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO reader_{name}"))
+    await admin.dispose()
+    url = pg_server.url(name).replace("//postgres@", f"//reader_{name}@")
+    env = {"SFRELAY_REDIS_URL": redis_server.url, "SFRELAY_DATABASE_URL": url}
+    result = await asyncio.to_thread(cli, env, "check")
+    assert result.returncode == 1
+    assert lines(result.stdout)["drupal"] == (
+        "failed",
+        f"{url}: the database refuses sfrelay's writes (permission denied for table users): "
+        f"{WRITE_ACCESS}",
     )
 
 
