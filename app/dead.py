@@ -47,6 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from app import queue
 from app.config import Settings
 from app.drupal.engine import create_engine
+from app.drupal.errors import driver_text
 from app.drupal.ledger import metadata
 from app.errors import RetryableError
 from app.jobs import ApplyJob, JobNotification, Source
@@ -280,7 +281,7 @@ async def keep(
         logger.warning(
             "the database did not take %d dead letters (%s): keeping them in Redis",
             len(left),
-            exc or type(exc).__name__,
+            driver_text(exc),
         )
     await queue.dead_letters_to_redis(
         redis,

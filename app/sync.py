@@ -105,7 +105,7 @@ from app.drupal import ledger
 from app.drupal.d7 import Drupal7
 from app.drupal.d10 import Drupal10
 from app.drupal.engine import create_engine, writer
-from app.drupal.errors import classify
+from app.drupal.errors import classify, driver_text
 from app.drupal.fieldtypes import Converter, field_converters, site_language
 from app.drupal.schema import IMPLICIT_ROLES, DrupalSchema, inspect_drupal
 from app.drupal.stats import Statistics
@@ -127,7 +127,7 @@ SUFFIXES_KEPT = 50_000
 
 
 def _error(exc: BaseException) -> str:
-    return str(exc.orig if isinstance(exc, DBAPIError) else exc).strip()[:2000]
+    return driver_text(exc)[:2000]
 
 
 class Syncer:

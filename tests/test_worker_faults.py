@@ -86,6 +86,11 @@ async def test_a_dead_letter_of_a_transient_error_is_replayed_to_success(
     assert all(d.error.startswith("gave up after 2 tries: Drupal database: ") for d in letters)
     assert all("readonly" in d.error for d in letters)
     assert emails(drupal_db) == []
+    # The log says why in the driver's words; never the statement with the letters' payloads
+    # (SQLAlchemy's text of the error adds both, on lines of their own).
+    log = worker.output()
+    assert "did not take 20 dead letters (attempt to write a readonly database)" in log
+    assert "sfrelay_dead_letter" not in log and "[parameters" not in log
 
     result = await replay_dead_letters(settings, None)
     assert (result.replayed, result.refused) == (20, {})

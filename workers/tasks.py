@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from app import dead
 from app.config import Settings
 from app.dead import DeadLetter
+from app.drupal.errors import driver_text
 from app.errors import QueueUnavailable, RetryableError
 from app.jobs import ApplyJob, JobNotification
 from app.logs import fields
@@ -289,8 +290,8 @@ async def _finish(
 def _forget(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
     def done(task: asyncio.Task[Any]) -> None:
         tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.warning("detached database write failed: %s", task.exception())
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.warning("detached database write failed: %s", driver_text(exc))
 
     return done
 

@@ -171,3 +171,11 @@ def is_transient(exc: BaseException) -> bool:
 
 def error_code(exc: BaseException) -> str | None:
     return classify(exc).code
+
+
+def driver_text(exc: BaseException) -> str:
+    """A database error in the driver's own words. SQLAlchemy's text of a DBAPIError adds
+    the statement and its parameters (users' names and emails, a dead letter's payload): never
+    for a log line or an outcome."""
+    cause = exc.orig if isinstance(exc, DBAPIError) else exc
+    return str(cause).strip() or type(cause).__name__
