@@ -7,6 +7,7 @@ such, not as a failure (Redis always is: the receiver needs it).
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -92,11 +93,24 @@ async def _cannot_write(conn: AsyncConnection) -> str | None:
     return None
 
 
+def _no_default_site(settings: Settings) -> str | None:
+    """Without SFRELAY_DATABASE_URL a worker uses its default, sqlite:///drupal.sqlite: that
+    is checked when the file is here; else why nothing is (None: there is a database)."""
+    if "database_url" in settings.model_fields_set:
+        return None
+    default = settings.database_url.removeprefix("sqlite:///")
+    if os.path.isfile(default):
+        return None
+    return (
+        f"SFRELAY_DATABASE_URL is not set, and there is no {default} here (its default, "
+        f"{settings.database_url}): set it to your Drupal site's database; a worker cannot "
+        "start without one"
+    )
+
+
 async def check_drupal(settings: Settings) -> PartResult:
-    if "database_url" not in settings.model_fields_set:
-        return PartResult(
-            "drupal", "not configured", "SFRELAY_DATABASE_URL is not set: nothing is applied"
-        )
+    if (missing := _no_default_site(settings)) is not None:
+        return PartResult("drupal", "not configured", missing)
     where = _safe_url(settings.database_url)
     try:
         field_map = load_field_map(settings.field_map)

@@ -134,13 +134,26 @@ def test_parts_not_configured_are_not_failures(
     assert parts["redis"][0] == "ok"
     assert parts["drupal"] == (
         "not configured",
-        "SFRELAY_DATABASE_URL is not set: nothing is applied",
+        "SFRELAY_DATABASE_URL is not set, and there is no drupal.sqlite here (its default, "
+        "sqlite:///drupal.sqlite): set it to your Drupal site's database; a worker cannot "
+        "start without one",
     )
     assert parts["salesforce"][0] == "not configured"
     report = orjson.loads(cli({"SFRELAY_REDIS_URL": redis_server.url}, "check", "--json").stdout)
     assert report["ok"] is True
     assert report["parts"]["salesforce"]["status"] == "not configured"
     assert sf_org.connects == []
+
+
+def test_without_a_database_url_the_default_site_a_worker_would_use_is_checked(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A drupal.sqlite where the command runs is what a worker would write: checked as such."""
+    site_copy("drupal10-standard.sqlite", tmp_path).rename(tmp_path / "drupal.sqlite")
+    text = check_subprocess(tmp_path, {"SFRELAY_REDIS_URL": redis_server.url})
+    assert text.returncode == 0, text.stdout + text.stderr
+    status, detail = lines(text.stdout)["drupal"]
+    assert status == "ok" and detail.startswith("Drupal 8 or later (sqlite), 67 tables"), detail
 
 
 def test_an_unreadable_mapped_field_fails_the_check(
