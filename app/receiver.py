@@ -29,6 +29,7 @@ from app.errors import (
     NAME_MAX,
     BadToken,
     BodyTooLarge,
+    ConfigError,
     MalformedMessage,
     NotAllowed,
     QueueUnavailable,
@@ -54,6 +55,10 @@ SOAP_CONTENT_TYPE = "text/xml; charset=utf-8"
 # loop in a few milliseconds; larger ones in a thread, and are parsed and queued within the
 # budget of bytes in flight.
 PARSE_INLINE_BYTES = 64 * 1024
+
+# /readyz answers within this: a load balancer's probe times out after a few seconds, and must
+# get the reason rather than no answer (the client's socket timeout is 5 s).
+READY_TIMEOUT_S = 2.0
 
 # A key that never exists: `SET key 1 XX` is refused exactly when Redis refuses the ack's writes
 # (OOM, MISCONF, READONLY, NOREPLICAS) and otherwise changes nothing, not even the AOF.
@@ -419,22 +424,63 @@ async def healthz() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/readyz")
-async def readyz(request: Request) -> JSONResponse:
-    """200 only when an ack could be written now: Redis answers AND accepts writes."""
-    state = _state(request)
+async def _unready(state: ReceiverState) -> tuple[str, str] | None:
+    """Why an ack would fault now (what /readyz answers, what it logs), or None. One round trip,
+    within READY_TIMEOUT_S."""
     try:
-        await state.redis.set(READY_PROBE_KEY, b"1", xx=True, px=1000)
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            # Planned once Redis first answers (app.durability); ConfigError until it can honour
+            # SFRELAY_ACK_DURABILITY, as every ack's submit() then refuses.
+            wait = await state.enqueuer.check_durability()
+            async with state.redis.pipeline(transaction=False) as pipe:
+                pipe.set(READY_PROBE_KEY, b"1", xx=True, px=1000)
+                if wait.replica:
+                    pipe.info("replication")
+                # Unannotated errors: refusal() reads the code that starts Redis's words.
+                replies = await pipe.execute(raise_on_error=False)
+            refused = next((r for r in replies if isinstance(r, Exception)), None)
+            if refused is not None:
+                raise refused
+    except ConfigError as exc:
+        # Its words name Redis's address: for the log only.
+        reason = (
+            f"Redis cannot keep what SFRELAY_ACK_DURABILITY={state.settings.ack_durability} "
+            "promises: see the receiver's log"
+        )
+        return reason, f"{reason}: {exc}"
     except ResponseError as exc:
         reason = refusal(exc)
     except BusyLoadingError:
         reason = "Redis is loading its data set: ready when it has"
+    except TimeoutError:
+        reason = (
+            f"Redis did not answer within {READY_TIMEOUT_S:g} s: acks wait for it, and fault "
+            "after 5 s"
+        )
     except (RedisError, OSError):
         reason = "Redis does not answer: check SFRELAY_REDIS_URL and that Redis runs"
     else:
+        if wait.replica and int(replies[1].get("connected_slaves", 0)) < 1:
+            reason = (
+                "no replica is connected to Redis, and every ack waits for one "
+                "(SFRELAY_ACK_DURABILITY=replica) and faults: reconnect the replica"
+            )
+            return reason, reason
+        return None
+    return reason, reason
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """200 only when an ack could be written now: Redis answers within READY_TIMEOUT_S, accepts
+    writes and can keep what SFRELAY_ACK_DURABILITY promises."""
+    state = _state(request)
+    unready = await _unready(state)
+    if unready is None:
         state.unready_reason = None
         return JSONResponse({"status": "ready", "redis": "ok"})
+    reason, detail = unready
     if state.unready_reason != reason:  # say it once, not at every probe
         state.unready_reason = reason
-        log.error("not ready: %s", reason)
+        log.error("not ready: %s", detail)
     return JSONResponse({"status": "unavailable", "redis": reason}, status_code=503)

@@ -3,6 +3,7 @@ and Valkey 8.1 (WAITAOF), killed with SIGKILL right after acks, with and without
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -264,8 +265,26 @@ async def test_unreachable_at_start_up_then_checked_before_the_first_ack(
         body = outbound_message([contact()])
         down = await client.post(URL, content=body, headers=XML)
         assert down.status_code == 503
+        ready = await client.get("/readyz")
+        assert (ready.status_code, ready.json()["redis"]) == (
+            503,
+            "Redis does not answer: check SFRELAY_REDIS_URL and that Redis runs",
+        )
         late.start()
         try:
+            # Redis answers and takes writes, but not as an ack promises: not ready, as the
+            # ack faults (the probe's body, like the fault, does not name Redis's address).
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json() == {
+                "status": "unavailable",
+                "redis": "Redis cannot keep what SFRELAY_ACK_DURABILITY=fsync promises: see the "
+                "receiver's log",
+            }
+            assert (
+                "not ready: Redis cannot keep what SFRELAY_ACK_DURABILITY=fsync promises: "
+                "see the receiver's log: Redis " in caplog.text
+            )
             refused = await client.post(URL, content=body, headers=XML)
             assert refused.status_code == 503
             # The sender gets the gist; the operator's log names the Redis and the fix.
@@ -383,6 +402,38 @@ async def test_replica_mode_acks_then_faults_without_the_replica_and_queues_the_
     on_replica = replica.client()
     assert sorted(queued_ids(on_replica)) == expected
     assert int(on_replica.hget(STATS_KEY, "duplicates") or 0) == 2
+
+
+async def test_replica_mode_is_not_ready_while_no_replica_is_connected(
+    settings: Settings, servers: Callable[..., RedisServer]
+) -> None:
+    """Every ack waits for a replica (WAIT 1) and faults without one: /readyz says so, rather
+    than 200 while each message is refused."""
+    primary = servers(valkey_binary())
+    replica = servers(
+        valkey_binary(), "--replicaof", "127.0.0.1", str(primary.port), name="replica"
+    )
+    wait_for_replica(primary)
+    async with receiver(settings, primary, "replica") as client:
+        assert (await client.get("/readyz")).json() == {"status": "ready", "redis": "ok"}
+        replica.kill()
+        deadline = time.monotonic() + 20
+        while (ready := await client.get("/readyz")).status_code == 200:
+            assert time.monotonic() < deadline, "still ready without a replica"
+            await asyncio.sleep(0.05)
+        assert ready.status_code == 503
+        assert ready.json() == {
+            "status": "unavailable",
+            "redis": "no replica is connected to Redis, and every ack waits for one "
+            "(SFRELAY_ACK_DURABILITY=replica) and faults: reconnect the replica",
+        }
+        refused = await client.post(URL, content=outbound_message([contact()]), headers=XML)
+        assert (refused.status_code, fault_of(refused)) == (503, NO_REPLICA_FAULT)
+        replica.start()
+        wait_for_replica(primary)
+        assert (await client.get("/readyz")).json() == {"status": "ready", "redis": "ok"}
+        acked = await client.post(URL, content=outbound_message([contact()]), headers=XML)
+        assert acked.status_code == 200
 
 
 async def test_the_waiting_round_trip_reloads_a_flushed_script(

@@ -606,3 +606,34 @@ async def test_readyz_is_503_when_redis_is_a_read_only_replica(asgi: Any, tmp_pa
         assert direct.dbsize() == 0 and primary.client().dbsize() == 0
         direct.replicaof("NO", "ONE")
         assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_readyz_answers_within_its_bound_while_redis_is_stalled(
+    asgi: Any, tmp_path: Path
+) -> None:
+    """A stalled Redis (SIGSTOP: it accepts nothing and answers nothing) gets the probe a 503
+    with the reason within READY_TIMEOUT_S (2 s), not after the client's 5 s socket timeout,
+    past the few seconds a load balancer's probe waits."""
+    with own_redis(tmp_path) as server:
+        client = await asgi(redis_url=server.url)
+        assert (await client.get("/readyz")).status_code == 200
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            ready = await client.get("/readyz")
+            elapsed = time.monotonic() - started
+            assert ready.status_code == 503
+            assert ready.json() == {
+                "status": "unavailable",
+                "redis": "Redis did not answer within 2 s: acks wait for it, and fault after 5 s",
+            }
+            assert elapsed < 4.5, elapsed  # 2 s and a busy machine's margin; 5 s before
+            assert (await client.get("/healthz")).status_code == 200
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 20
+        while (await client.get("/readyz")).status_code != 200:
+            assert time.monotonic() < deadline, "not ready again after SIGCONT"
+            await asyncio.sleep(0.05)
+        assert (await client.get("/readyz")).json() == {"status": "ready", "redis": "ok"}
