@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    # On SIGTERM the receiver answers /readyz with 503 and goes on serving for this long, so
+    # that the load balancer stops sending to it before its listener closes (app/server.py).
+    shutdown_drain_seconds: float = Field(default=5, ge=0)
 
     # --- queue --------------------------------------------------------------------------------
     redis_url: str = "redis://localhost:6379/0"

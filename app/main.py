@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from app.metrics import router as metrics_router
 from app.queue import Enqueuer, redis_client
 from app.receiver import ParseBudget, ReceiverState, router
 from app.records import VERSION_FIELDS
+from app.server import drain_on_sigterm
 from app.wsdl import Contract, load_contract
 
 log = logging.getLogger("sfrelay.receiver")
@@ -163,9 +165,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Everything loaded so far (zeep's WSDL model, FastAPI's routes) lives as long as the
         # process: keep the cyclic GC from scanning it again on every full collection.
         gc.freeze()
+        receiver = app.state.receiver
+
+        def draining() -> None:
+            receiver.stopping = True
+
+        # SIGTERM: not ready first, the listener closed SFRELAY_SHUTDOWN_DRAIN_SECONDS later.
+        restore = drain_on_sigterm(
+            settings.shutdown_drain_seconds, asyncio.get_running_loop(), draining
+        )
         try:
             yield
         finally:
+            if restore is not None:
+                restore()
             executor.shutdown(wait=False, cancel_futures=True)
             await redis.aclose()
 

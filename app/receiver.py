@@ -81,6 +81,7 @@ class ReceiverState:
     queue_gauges: metrics.QueueGauges  # what GET /metrics reads from Redis (app/metrics.py)
     undeclared_seen: set[tuple[str, str]] = field(default_factory=set)
     unready_reason: str | None = None  # what /readyz last logged
+    stopping: bool = False  # SIGTERM received: /readyz says so while requests are still served
 
 
 def _state(request: Request) -> ReceiverState:
@@ -475,6 +476,16 @@ async def readyz(request: Request) -> JSONResponse:
     """200 only when an ack could be written now: Redis answers within READY_TIMEOUT_S, accepts
     writes and can keep what SFRELAY_ACK_DURABILITY promises."""
     state = _state(request)
+    if state.stopping:
+        return JSONResponse(
+            {
+                "status": "stopping",
+                "reason": "the receiver is shutting down (SIGTERM): it still serves requests "
+                f"for {state.settings.shutdown_drain_seconds:g} s after the signal "
+                "(SFRELAY_SHUTDOWN_DRAIN_SECONDS), then closes",
+            },
+            status_code=503,
+        )
     unready = await _unready(state)
     if unready is None:
         state.unready_reason = None

@@ -1,4 +1,5 @@
-"""How `sfrelay serve` runs uvicorn: a deadline for each request head, and a connection cap.
+"""How `sfrelay serve` runs uvicorn: a deadline for each request head, a connection cap, and a
+drain on SIGTERM (`drain_on_sigterm`: not ready first, the listener closed later).
 
 uvicorn bounds neither the time a client may take to send its request head nor the number of
 connections it holds open: a few thousand clients trickling their headers exhaust the file
@@ -17,13 +18,17 @@ import asyncio
 import functools
 import logging
 import resource
+import signal
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, cast
 from weakref import WeakKeyDictionary
 
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.server import ServerState
+from uvicorn.server import Server, ServerState
 
 from app import metrics
 from app.config import Settings
@@ -206,3 +211,47 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "proxy_headers": False,  # X-Forwarded-For is judged by SFRELAY_TRUSTED_PROXIES alone
         "server_header": False,
     }
+
+
+def drain_on_sigterm(
+    seconds: float, loop: asyncio.AbstractEventLoop, draining: Callable[[], None]
+) -> Callable[[], None] | None:
+    """In a process uvicorn serves (it handles SIGTERM in the main thread): a SIGTERM first
+    calls `draining` (the receiver then answers /readyz with 503) and hands the signal to
+    uvicorn `seconds` later, which only then closes the listener and finishes the requests in
+    flight. Meanwhile every request is still served, so a load balancer that polls /readyz
+    stops sending here before connections are refused. A second SIGTERM, or SIGINT (Ctrl-C),
+    stops at once. Returns what puts uvicorn's handler back; None where nothing was changed
+    (no drain, not the main thread, not served by uvicorn: the tests' in-process apps)."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        return None
+    uvicorn_handler = signal.getsignal(signal.SIGTERM)
+    if not isinstance(getattr(uvicorn_handler, "__self__", None), Server):
+        return None
+    handle_exit = cast(Callable[[int, FrameType | None], None], uvicorn_handler)
+    received: list[int] = []
+
+    def drain(sig: int) -> None:
+        draining()
+        log.info(
+            "SIGTERM: /readyz answers 503 for %g s (SFRELAY_SHUTDOWN_DRAIN_SECONDS) while "
+            "requests are still served; then the receiver stops",
+            seconds,
+        )
+        loop.call_later(seconds, handle_exit, sig, None)
+
+    def on_sigterm(sig: int, frame: FrameType | None) -> None:
+        if received:
+            handle_exit(sig, frame)  # a second SIGTERM: stop now
+            return
+        received.append(sig)
+        # A signal handler interrupts whatever runs: the drain starts on the loop instead.
+        loop.call_soon_threadsafe(drain, sig)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, handle_exit)
+
+    return restore

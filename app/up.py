@@ -163,13 +163,16 @@ class Stack:
                     return [port] if port else []
         return []
 
-    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=self.env)
+    def spawn(self, name: str, *args: str, **defaults: str) -> subprocess.Popen[bytes]:
+        """`sfrelay <args>`; `defaults`: variables set unless the environment sets them."""
+        env = {**defaults, **self.env}
+        process = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env)
         self.processes.append((name, process))
         return process
 
     def start_receiver(self) -> None:
-        process = self.spawn("receiver", "serve")
+        # No load balancer to drain in front of it: it stops at once (unless told otherwise).
+        process = self.spawn("receiver", "serve", SFRELAY_SHUTDOWN_DRAIN_SECONDS="0")
         _wait_listening(self.settings.host, self.settings.port, process, "the receiver")
         self.say(
             f"receiver on http://{self.settings.host}:{self.settings.port}"

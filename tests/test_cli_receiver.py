@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,6 +192,76 @@ def test_serve_runs_and_never_logs_the_token(redis_server: RedisServer) -> None:
         output, _ = process.communicate(timeout=20)
     assert "POST /salesforce/outbound-message?token=***" in output
     assert "a-long-random-token-value" not in output
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_makes_serve_unready_while_it_still_acks_then_stop(
+    redis_server: RedisServer, tmp_path: Path, workers: int
+) -> None:
+    """A load balancer polling /readyz must see the receiver go unready before its listener
+    closes, or it sends messages to a closed port until its probe notices (uvicorn closes the
+    listener at the SIGTERM). Each process drains SFRELAY_SHUTDOWN_DRAIN_SECONDS, then stops."""
+    port = free_port()
+    project = Path(__file__).resolve().parent.parent
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SFRELAY_", "PROMETHEUS_"))}
+    env = {
+        **clean,
+        "SFRELAY_ORG_IDS": "00D1I000003qqqEUAQ",
+        "SFRELAY_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "SFRELAY_REDIS_URL": redis_server.url,
+        "SFRELAY_PORT": str(port),
+        "SFRELAY_SHUTDOWN_DRAIN_SECONDS": "6",
+        "PYTHONPATH": str(project),
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [*SFRELAY, "serve", "--workers", str(workers)],
+            env=env,
+            cwd=project,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while log.read_text().count("Application startup complete") < workers:
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert httpx.get(f"{base}/readyz", timeout=10).json() == {"status": "ready", "redis": "ok"}
+        process.send_signal(signal.SIGTERM)
+        # Every process (a new connection each time: the kernel spreads them) says it stops.
+        stopping = 0
+        deadline = time.monotonic() + 20
+        while stopping < 5:
+            assert time.monotonic() < deadline, log.read_text()
+            ready = httpx.get(f"{base}/readyz", timeout=10)
+            stopping = stopping + 1 if ready.status_code == 503 else 0
+        assert ready.json() == {
+            "status": "stopping",
+            "reason": "the receiver is shutting down (SIGTERM): it still serves requests for "
+            "6 s after the signal (SFRELAY_SHUTDOWN_DRAIN_SECONDS), then closes",
+        }
+        assert httpx.get(f"{base}/healthz", timeout=10).json() == {"status": "ok"}
+        # What the load balancer still sends meanwhile is acked.
+        message = outbound_message([contact(Email="late@example.org")])
+        response = httpx.post(
+            f"{base}/salesforce/outbound-message",
+            content=message,
+            headers={"content-type": "text/xml"},
+            timeout=10,
+        )
+        assert response.status_code == 200
+        assert "<Ack>true</Ack>" in response.text
+        process.wait(60)  # then it stops by itself
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    output = log.read_text()
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert output.count("SIGTERM: /readyz answers 503 for 6 s") == workers
 
 
 def test_output_into_a_closed_pipe_ends_quietly() -> None:
