@@ -37,7 +37,7 @@ from app.receiver import ENDPOINT, to_job
 from app.soap import parse_message
 from app.wsdl import load_contract
 from tests import test_receiver_hostile_clients as hostile
-from tests.fixtures_worker import PROJECT, WorkerProcess, drupal_users
+from tests.fixtures_worker import PROJECT, WorkerProcess, drupal_users, settings_env
 from tests.messages import Record, contact, lead, outbound_message, sf_id
 from tests.servers import RedisServer, UvicornThread, free_port, wait_for_port
 from workers.metrics import APPLIED
@@ -240,6 +240,43 @@ def test_a_real_run_metrics_match_drupal_and_cover_the_dashboard(
     exposed = {name for name, _ in receiver_samples} | {name for name, _ in worker_samples}
     assert dashboard_metrics() - exposed == set()
     assert {"sfrelay_queue_jobs", "sfrelay_worker_lag_seconds_bucket"} <= dashboard_metrics()
+
+
+def test_a_worker_run_by_arqs_own_cli_reports_itself_active(
+    server: UvicornThread,
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    drupal_db: Path,
+    tmp_path: Path,
+) -> None:
+    """`arq workers.main.WorkerSettings` (README: the same worker without standing by) takes
+    every job: its sfrelay_worker_active is 1, as the dashboard and the sum over a database's
+    workers expect, not 0 while it writes."""
+    port = free_port()
+    env = settings_env(worker_settings.model_copy(update={"worker_metrics_port": port}))
+    log = tmp_path / "arq.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "arq", "workers.main.WorkerSettings"],
+            cwd=tmp_path,
+            env={**env, "PYTHONPATH": str(PROJECT)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert post(server.url, outbound_message([contact(Email="arq@example.org")])) == 200
+        deadline = time.monotonic() + 60
+        while redis_client.hget(STATS_KEY, f"{OUTCOME_PREFIX}created") != b"1":
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        wait_for_port(port)
+        samples = scrape(f"http://127.0.0.1:{port}/metrics")
+        assert value(samples, "sfrelay_worker_outcomes_total", outcome="created") == 1
+        assert len(drupal_users(drupal_db)) == 1
+        assert value(samples, "sfrelay_worker_active") == 1
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 def test_the_queue_depth_is_read_at_scrape_time(

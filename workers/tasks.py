@@ -74,6 +74,10 @@ async def startup(ctx: dict[str, Any], settings: Settings) -> None:
     state = WorkerState(settings, syncer, batch)
     ctx[STATE] = state
     worker_metrics.serve(settings.worker_metrics_port)  # metrics: SFRELAY_WORKER_METRICS_PORT
+    if ELECTION not in ctx:
+        # arq's own Worker (`arq workers.main.WorkerSettings`) takes every job, never standing
+        # by: active from the start (workers.main.Worker's Election says so otherwise).
+        worker_metrics.ACTIVE.set(1)
     logger.info("worker ready: rss %.0f MB", _rss_mb(state))
 
 
