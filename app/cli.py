@@ -17,7 +17,7 @@ import httpx
 import orjson
 from pydantic import ValidationError
 
-from app.config import Settings
+from app.config import Settings, describe_invalid
 from app.errors import ConfigError, ProcessFailed, QueueUnavailable, RetryableError
 
 if TYPE_CHECKING:
@@ -468,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `up` writes var/sfrelay.env (LOCAL_ENV_FILE) for the other commands: never its input.
         settings = Settings(_env_file=".env") if args.command == "up" else Settings()
     except ValidationError as exc:
-        return _fail(f"invalid settings:\n{exc}")
+        return _fail("invalid settings:\n" + "\n".join(f"  {it}" for it in describe_invalid(exc)))
     configure(settings.log_format)  # logging of every command: app/logs.py
     func: Command = args.func
     try:

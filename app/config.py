@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.durability import AckDurability
@@ -31,6 +31,58 @@ MatchByEmail = Literal["true", "false", "never-logged-in"]
 # The spellings pydantic accepts for a boolean, as the setting accepted them before.
 _TRUE = {"true", "1", "yes", "y", "on", "t"}
 _FALSE = {"false", "0", "no", "n", "off", "f"}
+
+
+# Settings whose value an error never shows: secrets, and URLs that may carry a password.
+_UNSHOWN = frozenset(
+    {
+        "endpoint_token",
+        "sf_password",
+        "sf_security_token",
+        "sf_consumer_secret",
+        "redis_url",
+        "database_url",
+    }
+)
+# What a setting must be, per pydantic error type (its ctx fills the braces).
+_MUST_BE = {
+    "int_parsing": "a whole number",
+    "int_type": "a whole number",
+    "int_from_float": "a whole number",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "greater_than_equal": "at least {ge}",
+    "greater_than": "more than {gt}",
+    "less_than_equal": "at most {le}",
+    "less_than": "less than {lt}",
+    "literal_error": "{expected}",
+}
+
+
+def describe_invalid(exc: ValidationError) -> list[str]:
+    """One line per refused setting, named as it is set (SFRELAY_PORT) and saying what it must
+    be; the value given is shown, except a secret's or a URL's (it may hold a password)."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = f"SFRELAY_{field.upper()}"
+        if error["type"] == "value_error":  # our validators' own words: already say what to do
+            text = error["msg"].removeprefix("Value error, ")
+            lines.append(text if not field or text.startswith(name) else f"{name}: {text}")
+            continue
+        must = _MUST_BE.get(error["type"])
+        if must is None:
+            text = f"{name}: {error['msg'].replace('Input should be', 'must be')}"
+        else:
+            ctx = {  # 0, not 0.0, for a float setting's bound
+                key: int(value) if isinstance(value, float) and value.is_integer() else value
+                for key, value in error.get("ctx", {}).items()
+            }
+            text = f"{name} must be {must.format(**ctx)}"
+        if field not in _UNSHOWN:
+            text += f" (not {error['input']!r})"
+        lines.append(text)
+    return lines
 
 
 def _split_csv(value: object) -> object:
@@ -161,7 +213,10 @@ class Settings(BaseSettings):
             try:
                 return [ipaddress.ip_network(str(v), strict=False) for v in value]
             except ValueError as exc:
-                raise ValueError(f"not a CIDR network: {exc}") from exc
+                raise ValueError(
+                    f"not a CIDR network: {exc} (write networks such as 13.108.0.0/14, "
+                    "comma-separated)"
+                ) from exc
         return value
 
     @field_validator("org_ids")

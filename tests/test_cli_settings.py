@@ -1,0 +1,139 @@
+"""Wrong settings, given to the real `sfrelay` command: one line each naming the variable and
+what it must be, exit code 2, never a traceback and never a secret."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_worker import PROJECT
+
+# Every command reads its settings first: each refuses wrong ones the same way.
+COMMANDS = [
+    ["serve"],
+    ["worker", "--burst"],
+    ["up"],
+    ["check"],
+    ["status"],
+    ["reconcile", "--dry-run"],
+    ["backfill", "--dry-run"],
+    ["dead", "list"],
+]
+
+
+def sfrelay(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SFRELAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=cwd,  # a folder without a .env: the environment alone sets everything
+        env={**base, "PYTHONPATH": str(PROJECT), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c))
+def test_every_command_names_the_wrong_setting_and_what_it_must_be(
+    tmp_path: Path, command: list[str]
+) -> None:
+    result = sfrelay(tmp_path, {"SFRELAY_PORT": "abc"}, *command)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "sfrelay: invalid settings:\n  SFRELAY_PORT must be a whole number (not 'abc')\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"SFRELAY_PORT": "0"}, "SFRELAY_PORT must be at least 1 (not '0')"),
+        ({"SFRELAY_PORT": "70000"}, "SFRELAY_PORT must be at most 65535 (not '70000')"),
+        ({"SFRELAY_MAX_TRIES": "-1"}, "SFRELAY_MAX_TRIES must be at least 1 (not '-1')"),
+        (
+            {"SFRELAY_READ_TIMEOUT_SECONDS": "soon"},
+            "SFRELAY_READ_TIMEOUT_SECONDS must be a number (not 'soon')",
+        ),
+        (
+            {"SFRELAY_READ_TIMEOUT_SECONDS": "0"},
+            "SFRELAY_READ_TIMEOUT_SECONDS must be more than 0 (not '0')",
+        ),
+        (
+            {"SFRELAY_DEDUPE_TTL_SECONDS": "3600"},
+            "SFRELAY_DEDUPE_TTL_SECONDS must be at least 90000 (not '3600')",
+        ),
+        (
+            {"SFRELAY_ENV": "prod"},
+            "SFRELAY_ENV must be 'development' or 'production' (not 'prod')",
+        ),
+        (
+            {"SFRELAY_ON_DELETE": "Block"},
+            "SFRELAY_ON_DELETE must be 'block', 'unlink' or 'ignore' (not 'Block')",
+        ),
+        (
+            {"SFRELAY_ORG_IDS": "00D"},
+            "SFRELAY_ORG_IDS: '00D' is not a Salesforce organization id (15 or 18 letters and "
+            "digits; Setup > Company Information shows it)",
+        ),
+        (
+            {"SFRELAY_ALLOWED_NETWORKS": "10.0.0.0/33"},
+            "SFRELAY_ALLOWED_NETWORKS: not a CIDR network: '10.0.0.0/33' does not appear to be "
+            "an IPv4 or IPv6 network (write networks such as 13.108.0.0/14, comma-separated)",
+        ),
+        (
+            {"SFRELAY_MATCH_BY_EMAIL": "maybe"},
+            "SFRELAY_MATCH_BY_EMAIL must be true, false or never-logged-in (not 'maybe')",
+        ),
+    ],
+)
+def test_a_wrong_setting_says_what_it_must_be(
+    tmp_path: Path, env: dict[str, str], line: str
+) -> None:
+    result = sfrelay(tmp_path, env, "status")
+    assert (result.returncode, result.stderr) == (2, f"sfrelay: invalid settings:\n  {line}\n")
+
+
+SECRETS = {
+    "SFRELAY_SF_PASSWORD": "hunter2-password",
+    "SFRELAY_SF_SECURITY_TOKEN": "security-token-value",
+    "SFRELAY_SF_CONSUMER_SECRET": "consumer-secret-value",
+    "SFRELAY_DATABASE_URL": "mysql://drupal:db-password@db/drupal",
+}
+
+
+def test_a_refused_combination_shows_no_secret(tmp_path: Path) -> None:
+    """pydantic's own text showed every setting given (secrets too) for a refused combination."""
+    result = sfrelay(tmp_path, {**SECRETS, "SFRELAY_ENDPOINT_TOKEN": "changeme"}, "check")
+    assert (result.returncode, result.stderr) == (
+        2,
+        "sfrelay: invalid settings:\n"
+        "  SFRELAY_ENDPOINT_TOKEN is a placeholder: set a long random value "
+        "(python -c 'import secrets; print(secrets.token_urlsafe(32))')\n",
+    )
+    for secret in ("hunter2-password", "security-token-value", "consumer-secret-value"):
+        assert secret not in result.stderr
+    assert "db-password" not in result.stderr
+
+
+def test_each_wrong_setting_has_its_line(tmp_path: Path) -> None:
+    env = {**SECRETS, "SFRELAY_MAX_TRIES": "many", "SFRELAY_PAYLOAD_MODE": "fetch"}
+    result = sfrelay(tmp_path, env, "worker")
+    assert (result.returncode, result.stderr) == (
+        2,
+        "sfrelay: invalid settings:\n"
+        "  SFRELAY_MAX_TRIES must be a whole number (not 'many')\n"
+        "  SFRELAY_PAYLOAD_MODE must be 'message' or 'refetch' (not 'fetch')\n",
+    )
+
+
+def test_a_wrong_setting_in_a_dotenv_file_is_named_the_same(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("SFRELAY_WORKER_BATCH_SIZE=0\n")
+    result = sfrelay(tmp_path, {}, "status")
+    assert (result.returncode, result.stderr) == (
+        2,
+        "sfrelay: invalid settings:\n  SFRELAY_WORKER_BATCH_SIZE must be at least 1 (not '0')\n",
+    )
