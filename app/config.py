@@ -6,6 +6,7 @@ import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -244,6 +245,45 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{value!r} is not a Salesforce login domain: give the part before "
                 ".salesforce.com (login, test for a sandbox, or your My Domain such as acme.my)"
+            )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        """What redis-py and arq would refuse with a traceback, or read otherwise than meant
+        (a / in the password ends the host). The URL itself is never shown: its password."""
+        value = value.strip()
+        scheme = value.partition("://")[0] if "://" in value else ""
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                "SFRELAY_REDIS_URL must start with redis://, rediss:// (TLS) or unix:// "
+                "(a socket), as in redis://localhost:6379/0"
+            )
+        url = urlsplit(value)
+        if scheme == "unix":
+            if not url.path:
+                raise ValueError(
+                    "SFRELAY_REDIS_URL names no socket file: write unix:///path/to/redis.sock"
+                )
+            return value
+        try:
+            port = url.port
+        except ValueError:
+            port = -1
+        wrong = ""
+        if port is not None and not 1 <= port <= 65535:
+            wrong = "its port is not a number from 1 to 65535"
+        elif not url.hostname:
+            wrong = "it names no host"
+        elif not re.fullmatch(r"/?\d*", url.path) or not all(
+            db.isdigit() for db in parse_qs(url.query).get("db", [])
+        ):
+            wrong = "its database is not a number (/0)"
+        if wrong:
+            raise ValueError(
+                f"SFRELAY_REDIS_URL is not a Redis URL such as redis://:password@host:6379/0: "
+                f"{wrong}; write a /, ?, #, @ or : in the password as %2F, %3F, %23, %40 or %3A"
             )
         return value
 

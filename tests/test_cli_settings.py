@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.drupal_schemas import site_copy
 from tests.fixtures_worker import PROJECT
+from tests.servers import RedisServer
 
 # Every command reads its settings first: each refuses wrong ones the same way.
 COMMANDS = [
@@ -137,3 +139,78 @@ def test_a_wrong_setting_in_a_dotenv_file_is_named_the_same(tmp_path: Path) -> N
         2,
         "sfrelay: invalid settings:\n  SFRELAY_WORKER_BATCH_SIZE must be at least 1 (not '0')\n",
     )
+
+
+REDIS_URL_HELP = (
+    "SFRELAY_REDIS_URL is not a Redis URL such as redis://:password@host:6379/0: {}; write a "
+    "/, ?, #, @ or : in the password as %2F, %3F, %23, %40 or %3A"
+)
+
+
+@pytest.mark.parametrize(
+    ("url", "line"),
+    [
+        (
+            "localhost:6379",
+            "SFRELAY_REDIS_URL must start with redis://, rediss:// (TLS) or unix:// (a socket), "
+            "as in redis://localhost:6379/0",
+        ),
+        (
+            "http://localhost:6379/0",
+            "SFRELAY_REDIS_URL must start with redis://, rediss:// (TLS) or unix:// (a socket), "
+            "as in redis://localhost:6379/0",
+        ),
+        (
+            "redis://localhost:port/0",
+            REDIS_URL_HELP.format("its port is not a number from 1 to 65535"),
+        ),
+        (
+            "redis://localhost:99999/0",
+            REDIS_URL_HELP.format("its port is not a number from 1 to 65535"),
+        ),
+        ("redis:///0", REDIS_URL_HELP.format("it names no host")),
+        ("redis://localhost:6379/zero", REDIS_URL_HELP.format("its database is not a number (/0)")),
+        (
+            "redis://localhost:6379?db=one",
+            REDIS_URL_HELP.format("its database is not a number (/0)"),
+        ),
+        # A / in the password ends the host: "s3cr" would be its port, "x" the host.
+        (
+            "redis://:s3cr/et@localhost:6379/0",
+            REDIS_URL_HELP.format("its port is not a number from 1 to 65535"),
+        ),
+        (
+            "redis://u:s3cr@x/et@localhost:6379/0",
+            REDIS_URL_HELP.format("its database is not a number (/0)"),
+        ),
+        ("unix://", "SFRELAY_REDIS_URL names no socket file: write unix:///path/to/redis.sock"),
+    ],
+)
+def test_a_malformed_redis_url_is_refused_by_every_command_without_showing_it(
+    tmp_path: Path, url: str, line: str
+) -> None:
+    """redis-py and arq raised ValueError (a traceback), for a password's / too."""
+    for command in (["status"], ["worker", "--burst"], ["dead", "list"]):
+        result = sfrelay(tmp_path, {"SFRELAY_REDIS_URL": url}, *command)
+        assert (result.returncode, result.stderr) == (2, f"sfrelay: invalid settings:\n  {line}\n")
+        assert "s3cr" not in result.stderr
+
+
+def test_a_worker_logs_in_with_a_percent_encoded_redis_password(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The receiver's and the CLI's client decoded %2F and %40; the worker's (arq) did not."""
+    port = redis_server.url.rsplit(":", 1)[1]
+    with redis_server.client() as client:
+        client.execute_command("ACL", "SETUSER", "relay", "on", ">p/ss@word", "~*", "&*", "+@all")
+        try:
+            site = site_copy("drupal10-standard.sqlite", tmp_path)
+            env = {
+                "SFRELAY_REDIS_URL": f"redis://relay:p%2Fss%40word@127.0.0.1:{port}",
+                "SFRELAY_DATABASE_URL": f"sqlite:///{site}",
+            }
+            for command in (["status"], ["worker", "--burst"]):
+                result = sfrelay(tmp_path, env, *command)
+                assert result.returncode == 0, result.stderr
+        finally:
+            client.execute_command("ACL", "DELUSER", "relay")

@@ -6,8 +6,10 @@ import gc
 import math
 import time
 import uuid
+from dataclasses import replace
 from signal import Signals
 from typing import Any
+from urllib.parse import unquote
 
 from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
@@ -42,6 +44,18 @@ def max_jobs(settings: Settings) -> int:
     return max(MIN_JOBS, 2 * math.ceil(settings.worker_batch_size / MAX_NOTIFICATIONS))
 
 
+def redis_settings(url: str) -> RedisSettings:
+    """arq's connection to SFRELAY_REDIS_URL, read as the receiver's and the CLI's redis-py
+    client reads it: arq's from_dsn kept a percent-encoded user name or password (%2F for /)
+    encoded, so a worker failed to log in to the Redis the receiver used."""
+    dsn = RedisSettings.from_dsn(url)
+    return replace(
+        dsn,
+        username=unquote(dsn.username) if dsn.username else dsn.username,
+        password=unquote(dsn.password) if dsn.password else dsn.password,
+    )
+
+
 def worker_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """The keyword arguments of arq's Worker for these settings."""
 
@@ -63,7 +77,7 @@ def worker_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "functions": [tasks.apply_notifications],
         "cron_jobs": polls.cron_jobs(settings),
         "queue_name": settings.queue_name,
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": redis_settings(settings.redis_url),
         "job_serializer": serialize,
         "job_deserializer": deserialize_for_worker,
         "on_startup": startup,
