@@ -352,8 +352,8 @@ async def count_in_database(settings: Settings) -> int:
     try:
         async with engine.connect() as conn:
             return await count(conn)
-    except DBAPIError as exc:
-        raise RetryableError(f"cannot read the Drupal database: {exc.orig}") from exc
+    except (DBAPIError, OSError) as exc:  # asyncpg: a refused connection is a bare OSError
+        raise RetryableError(f"cannot read the Drupal database: {driver_text(exc)}") from exc
     finally:
         await engine.dispose()
 
@@ -382,8 +382,8 @@ async def _everywhere(engine: AsyncEngine, redis: Redis) -> list[DeadLetter]:
     try:
         async with engine.connect() as conn:
             letters = await in_database(conn)
-    except DBAPIError as exc:
-        raise RetryableError(f"cannot read the Drupal database: {exc.orig}") from exc
+    except (DBAPIError, OSError) as exc:  # asyncpg: a refused connection is a bare OSError
+        raise RetryableError(f"cannot read the Drupal database: {driver_text(exc)}") from exc
     return letters + await in_redis(redis)
 
 
@@ -520,8 +520,8 @@ async def _remove(
         try:
             async with engine.begin() as conn:
                 await conn.execute(delete(table).where(table.c.id.in_(in_database)))
-        except DBAPIError as exc:
-            raise RetryableError(f"cannot write the Drupal database: {exc.orig}") from exc
+        except (DBAPIError, OSError) as exc:
+            raise RetryableError(f"cannot write the Drupal database: {driver_text(exc)}") from exc
     in_redis = [letter.id for letter in letters if letter.kept is Kept.REDIS]
     if in_redis or bodies:
         await queue.remove_dead_letters_in_redis(redis, in_redis, bodies)

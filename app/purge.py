@@ -16,13 +16,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 from redis.asyncio import Redis
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
 from app.drupal import ledger
 from app.drupal.engine import create_engine, writer
+from app.drupal.errors import driver_text
 from app.drupal.ledger import RecordState
-from app.errors import RecordError
+from app.errors import RecordError, RetryableError
 from app.jobs import JobNotification, without
 from app.mapping import FieldMap, load_field_map
 from app.outcomes import Outcome, OutcomeKind
@@ -200,7 +202,10 @@ async def run_purge(settings: Settings, *, check_salesforce: bool, dry_run: bool
     engine = create_engine(settings.database_url)
     api = None
     try:
-        await ledger.migrate(engine)
+        try:
+            await ledger.migrate(engine)
+        except (DBAPIError, OSError) as exc:  # a wrong SFRELAY_DATABASE_URL, a database down
+            raise RetryableError(f"cannot use the Drupal database: {driver_text(exc)}") from exc
         if check_salesforce:
             from app.salesforce import SalesforceClient
 

@@ -25,6 +25,7 @@ from app import dead
 from app.config import Settings
 from app.dead import DeadLetter
 from app.drupal import ledger
+from app.drupal.errors import driver_text
 from app.drupal.readonly import read_engine, table_names
 from app.drupal.schema import detect_major
 from app.errors import QueueUnavailable, RetryableError
@@ -149,8 +150,8 @@ async def _from_database(settings: Settings, query: Query, result: Answer) -> No
                     result.records += [r for r in refused if r["id"] not in shown]
                 result.users = users
             result.dead = await _database_dead(conn, query)
-    except DBAPIError as exc:
-        raise RetryableError(f"cannot read the Drupal database: {exc.orig}") from exc
+    except (DBAPIError, OSError) as exc:  # asyncpg: a refused connection is a bare OSError
+        raise RetryableError(f"cannot read the Drupal database: {driver_text(exc)}") from exc
     finally:
         await engine.dispose()
 

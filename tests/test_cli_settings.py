@@ -12,7 +12,7 @@ import pytest
 
 from tests.drupal_schemas import site_copy
 from tests.fixtures_worker import PROJECT
-from tests.servers import RedisServer
+from tests.servers import RedisServer, free_port
 
 # Every command reads its settings first: each refuses wrong ones the same way.
 COMMANDS = [
@@ -214,3 +214,71 @@ def test_a_worker_logs_in_with_a_percent_encoded_redis_password(
                 assert result.returncode == 0, result.stderr
         finally:
             client.execute_command("ACL", "DELUSER", "relay")
+
+
+DATABASE_URL_HELP = (
+    "sfrelay: SFRELAY_DATABASE_URL is not a URL such as mysql://user:password@host:3306/database:"
+    " {}; write a /, ?, #, @ or : in the password as %2F, %3F, %23, %40 or %3A"
+)
+
+
+@pytest.mark.parametrize(
+    ("url", "line"),
+    [
+        (
+            "mysql://drupal:s3cret@db:port/drupal",
+            DATABASE_URL_HELP.format("its port is not a number from 1 to 65535"),
+        ),
+        (
+            "pgsql://drupal:s3cret@db:99999/drupal",
+            DATABASE_URL_HELP.format("its port is not a number from 1 to 65535"),
+        ),
+        # A / in the password ends the host ("x"): the rest was taken for the database name.
+        (
+            "mysql://drupal:s3cret@x/y@db/drupal",
+            DATABASE_URL_HELP.format("what follows the host is not a database name"),
+        ),
+        (
+            "/var/www/sites/default/files/.ht.sqlite",
+            "sfrelay: SFRELAY_DATABASE_URL is not a database URL: write mysql://user:password@"
+            "host/database, pgsql://user:password@host/database or sqlite:////path/to/.ht.sqlite",
+        ),
+    ],
+)
+def test_a_malformed_database_url_says_what_is_wrong_without_showing_it(
+    redis_server: RedisServer, tmp_path: Path, url: str, line: str
+) -> None:
+    """SQLAlchemy's int() of the port raised ValueError, and the worker's lease key parsed a
+    URL without :// itself: tracebacks (the worker's for a path alone, too)."""
+    env = {"SFRELAY_REDIS_URL": redis_server.url, "SFRELAY_DATABASE_URL": url}
+    for command in (["worker", "--burst"], ["dead", "list"]):
+        result = sfrelay(tmp_path, env, *command)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.splitlines()[-1] == line
+        assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "verb"),
+    [
+        (["dead", "list"], "read"),
+        (["why", "someone@example.com"], "read"),
+        (["queue", "purge", "--no-email", "--dry-run"], "use"),
+    ],
+    ids=lambda c: " ".join(c) if isinstance(c, list) else c,
+)
+def test_a_postgresql_url_nothing_answers_at_says_so(
+    redis_server: RedisServer, tmp_path: Path, command: list[str], verb: str
+) -> None:
+    """asyncpg raises a bare OSError for a refused connection (no DBAPIError): a traceback."""
+    port = free_port()
+    env = {
+        "SFRELAY_REDIS_URL": redis_server.url,
+        "SFRELAY_DATABASE_URL": f"pgsql://drupal:s3cret@127.0.0.1:{port}/drupal",
+    }
+    result = sfrelay(tmp_path, env, *command)
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"sfrelay: the Drupal database is unavailable: cannot {verb} the Drupal database: "
+        f"[Errno 111] Connect call failed ('127.0.0.1', {port}); check SFRELAY_DATABASE_URL\n",
+    )

@@ -28,7 +28,6 @@ from pathlib import Path
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
-from sqlalchemy.engine import make_url
 
 from app.drupal.url import async_url
 from app.queue import WRITER_PREFIX
@@ -84,7 +83,7 @@ return 0
 def database_key(database_url: str) -> str:
     """One key per database however its URL is spelled (scheme alias, credentials, a
     relative SQLite path): backend, host, port and database name or absolute file."""
-    url = async_url(database_url) if "://" in database_url else make_url(database_url)
+    url = async_url(database_url)  # ConfigError for a malformed one: before any Redis key
     backend = url.get_backend_name()
     if backend == "sqlite":
         where = str(Path(url.database or "").resolve())
