@@ -170,6 +170,12 @@ def load_field_map(path: Path | None) -> FieldMap:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"SFRELAY_FIELD_MAP: cannot read {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"SFRELAY_FIELD_MAP: {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+            f"on line {line}): save it as UTF-8"
+        ) from exc
     return parse_field_map(text, str(path))
 
 

@@ -282,3 +282,24 @@ def test_a_postgresql_url_nothing_answers_at_says_so(
         f"sfrelay: the Drupal database is unavailable: cannot {verb} the Drupal database: "
         f"[Errno 111] Connect call failed ('127.0.0.1', {port}); check SFRELAY_DATABASE_URL\n",
     )
+
+
+def test_a_field_map_that_is_not_utf8_names_its_line(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """read_text's UnicodeDecodeError was a traceback in check and the worker."""
+    site = site_copy("drupal10-standard.sqlite", tmp_path)
+    (tmp_path / "map.toml").write_bytes(b'[Contact.fields]\nmail = "Email"\n# Bas\xe9 on\n')
+    env = {
+        "SFRELAY_REDIS_URL": redis_server.url,
+        "SFRELAY_DATABASE_URL": f"sqlite:///{site}",
+        "SFRELAY_FIELD_MAP": "map.toml",
+    }
+    message = (
+        "SFRELAY_FIELD_MAP: map.toml is not UTF-8 text (byte 0xe9 on line 3): save it as UTF-8"
+    )
+    worker = sfrelay(tmp_path, env, "worker", "--burst")
+    assert (worker.returncode, worker.stderr.splitlines()[-1]) == (2, f"sfrelay: {message}")
+    check = sfrelay(tmp_path, env, "check")
+    assert check.returncode == 1
+    assert f"drupal      failed          {message}\n" in check.stdout
