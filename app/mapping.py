@@ -95,6 +95,12 @@ def _table(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
 
 
 def _object(sobject: str, data: dict[str, Any]) -> ObjectMap:
+    for key in data:
+        if key not in ("roles", "fields", "defaults"):
+            raise ConfigError(
+                f"field map [{sobject}]: unknown key {key!r} (a section has roles, "
+                f"[{sobject}.fields] and [{sobject}.defaults])"
+            )
     base: dict[str, str] = {}
     fields: dict[str, str] = {}
     for drupal, source in _table(data, "fields", sobject).items():
@@ -145,11 +151,18 @@ def parse_field_map(text: str, source: str = "field map") -> FieldMap:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source} is not valid TOML: {exc}") from exc
     username = _table(data, "username", "")
-    objects = {
-        name: _object(name, section)
-        for name, section in data.items()
-        if name != "username" and isinstance(section, dict)
-    }
+    for key in username:
+        if key not in ("template", "fallback", "update"):
+            raise ConfigError(
+                f"field map [username]: unknown key {key!r} (it has template, fallback, update)"
+            )
+    for name, section in data.items():
+        if not isinstance(section, dict):
+            raise ConfigError(
+                f"field map: {name} is a value, not a section: write [{name}] with its "
+                f"[{name}.fields] (or move it into the section it belongs to)"
+            )
+    objects = {name: _object(name, section) for name, section in data.items() if name != "username"}
     if not objects:
         raise ConfigError(f"{source}: no object sections such as [Contact]")
     update = username.get("update", False)

@@ -303,3 +303,23 @@ def test_a_field_map_that_is_not_utf8_names_its_line(
     check = sfrelay(tmp_path, env, "check")
     assert check.returncode == 1
     assert f"drupal      failed          {message}\n" in check.stdout
+
+
+def test_a_misspelt_field_map_key_stops_the_worker(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    site = site_copy("drupal10-standard.sqlite", tmp_path)
+    (tmp_path / "map.toml").write_text(
+        '[username]\nupdat = true\n[Contact.fields]\nmail = "Email"\n'
+    )
+    env = {
+        "SFRELAY_REDIS_URL": redis_server.url,
+        "SFRELAY_DATABASE_URL": f"sqlite:///{site}",
+        "SFRELAY_FIELD_MAP": "map.toml",
+        "SFRELAY_HANDLED_OBJECTS": "Contact",
+    }
+    worker = sfrelay(tmp_path, env, "worker", "--burst")
+    assert (worker.returncode, worker.stderr.splitlines()[-1]) == (
+        2,
+        "sfrelay: field map [username]: unknown key 'updat' (it has template, fallback, update)",
+    )

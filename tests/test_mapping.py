@@ -102,6 +102,38 @@ def test_field_map_errors_say_what_to_fix(text: str, message: str) -> None:
         parse_field_map(text)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[username]\nupdat = true\n[Contact.fields]\nmail = 'Email'\n",
+            "field map [username]: unknown key 'updat' (it has template, fallback, update)",
+        ),
+        (
+            "[Contact]\nrole = ['editor']\n[Contact.fields]\nmail = 'Email'\n",
+            "field map [Contact]: unknown key 'role' (a section has roles, [Contact.fields] "
+            "and [Contact.defaults])",
+        ),
+        (
+            "[Contact.fields]\nmail = 'Email'\n[Contact.default]\nstatus = 1\n",
+            "field map [Contact]: unknown key 'default' (a section has roles, [Contact.fields] "
+            "and [Contact.defaults])",
+        ),
+        (
+            "roles = ['editor']\n[Contact.fields]\nmail = 'Email'\n",
+            "field map: roles is a value, not a section: write [roles] with its [roles.fields] "
+            "(or move it into the section it belongs to)",
+        ),
+    ],
+)
+def test_a_key_the_field_map_does_not_have_is_refused_not_ignored(text: str, message: str) -> None:
+    """A misspelt key (updat, role, [Contact.default]) was silently ignored: the map did
+    something other than what its author wrote."""
+    with pytest.raises(ConfigError) as refused:
+        parse_field_map(text)
+    assert str(refused.value) == message
+
+
 def test_a_missing_field_map_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_field_map(tmp_path / "nope.toml")
