@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 from redis.exceptions import RedisError
 from sqlalchemy import select, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -23,6 +22,7 @@ from app.drupal.engine import create_engine
 from app.drupal.fieldtypes import takes_salesforce_type
 from app.drupal.schema import inspect_drupal
 from app.errors import SfrelayError
+from app.logs import without_password
 from app.mapping import load_field_map
 from app.sync import check_field_defaults, check_protected_roles
 
@@ -41,14 +41,6 @@ class PartResult:
         return {"status": self.status, "detail": self.detail, **self.info}
 
 
-def _safe_url(url: str) -> str:
-    """The URL without its password (never printed)."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not an SQLAlchemy-style URL: say less rather than leak
-        return url.split("@")[-1]
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc.orig if isinstance(exc, DBAPIError) else exc).strip()
     return (text.splitlines() or [type(exc).__name__])[0][:300]
@@ -58,7 +50,7 @@ async def check_redis(settings: Settings) -> PartResult:
     from app.queue import redis_client
 
     redis = redis_client(settings)
-    where = _safe_url(settings.redis_url)
+    where = without_password(settings.redis_url)
     try:
         await redis.ping()
         server = await redis.info("server")
@@ -111,7 +103,7 @@ def _no_default_site(settings: Settings) -> str | None:
 async def check_drupal(settings: Settings) -> PartResult:
     if (missing := _no_default_site(settings)) is not None:
         return PartResult("drupal", "not configured", missing)
-    where = _safe_url(settings.database_url)
+    where = without_password(settings.database_url)
     try:
         field_map = load_field_map(settings.field_map)
         engine = create_engine(settings.database_url)

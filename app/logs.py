@@ -18,7 +18,7 @@ import re
 import sys
 import time
 from typing import Any, Literal
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import orjson
 
@@ -59,6 +59,19 @@ def scrub(text: str) -> str:
 # Every pattern above needs one of these: a text without them is clean as it is (most log
 # arguments: Ids, counts, object names), and the regular expressions are skipped.
 _MARKS = frozenset("=!%@")
+
+
+def without_password(url: str) -> str:
+    """A Redis or database URL as it may be shown: its password as ***."""
+    parts = urlsplit(url)
+    try:
+        password = parts.password
+    except ValueError:  # not a URL one can read: say less rather than leak
+        return url.rpartition("@")[2]
+    if password is None:
+        return url
+    user = f"{parts.username}:***" if parts.username else ":***"
+    return urlunsplit(parts._replace(netloc=f"{user}@{parts.netloc.rpartition('@')[2]}"))
 
 
 def scrub_line(text: str) -> str:

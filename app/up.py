@@ -30,6 +30,7 @@ from app.config import LOCAL_ENV_FILE, PROJECT_ROOT, Settings
 from app.demo import create_demo_site
 from app.drupal.engine import create_engine
 from app.errors import ConfigError, ProcessFailed
+from app.logs import without_password
 
 RESTART_DELAY_S = 1.0
 STOP_TIMEOUT_S = 30.0
@@ -324,7 +325,7 @@ def up(settings: Settings, data_dir: Path, say: Say) -> int:
         if problem:
             say(f"no worker: {problem}; notifications stay queued until it is fixed")
         else:
-            say(f"worker applying notifications to {settings.database_url}")
+            say(f"worker applying notifications to {without_password(settings.database_url)}")
         if demo and problem is None:
             say_what_to_try(say, env_file)
         say("running; Ctrl-C stops everything")

@@ -107,6 +107,24 @@ def test_up_without_a_drupal_database_still_receives_and_says_why_no_worker(
     assert f"no worker: no Drupal SQLite database at {tmp_path}/missing.sqlite" in output
 
 
+def test_up_never_prints_the_database_password(worker_settings: Settings, tmp_path: Path) -> None:
+    """The line naming the database a worker writes shows its URL with the password masked."""
+    database = f"mysql://drupal:s3cret-db@127.0.0.1:{free_port()}/drupal"
+    settings = worker_settings.model_copy(
+        update={"redis_url": f"redis://127.0.0.1:{free_port()}/0", "database_url": database}
+    )
+    port = free_port()
+    process, log = start_up(settings, tmp_path, port)
+    try:
+        wait_for_port(port, timeout=30)
+        _wait_for_line(log, "sfrelay up: running", process)
+    finally:
+        stop(process)
+    output = log.read_text()
+    assert "sfrelay up: worker applying notifications to mysql://drupal:***@127.0.0.1:" in output
+    assert "s3cret" not in output
+
+
 def test_up_refuses_a_redis_url_that_is_another_servers(
     worker_settings: Settings, redis_client: redis.Redis, drupal_db: Path, tmp_path: Path
 ) -> None:
