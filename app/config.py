@@ -189,6 +189,17 @@ class Settings(BaseSettings):
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
 
+    @field_validator("handled_objects")
+    @classmethod
+    def _some_objects(cls, value: list[str]) -> list[str]:
+        if not value:
+            # Every notification would be acked and skipped: Salesforce never sends it again.
+            raise ValueError(
+                "SFRELAY_HANDLED_OBJECTS is empty, so every notification would be acked and "
+                "dropped: name the objects to sync (Contact,Lead), or leave it unset"
+            )
+        return value
+
     @field_validator("match_by_email", mode="before")
     @classmethod
     def _match_by_email(cls, value: object) -> object:

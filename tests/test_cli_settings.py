@@ -90,6 +90,11 @@ def test_every_command_names_the_wrong_setting_and_what_it_must_be(
             {"SFRELAY_MATCH_BY_EMAIL": "maybe"},
             "SFRELAY_MATCH_BY_EMAIL must be true, false or never-logged-in (not 'maybe')",
         ),
+        (
+            {"SFRELAY_HANDLED_OBJECTS": " , "},
+            "SFRELAY_HANDLED_OBJECTS is empty, so every notification would be acked and "
+            "dropped: name the objects to sync (Contact,Lead), or leave it unset",
+        ),
     ],
 )
 def test_a_wrong_setting_says_what_it_must_be(
