@@ -243,3 +243,29 @@ async def test_a_uid_drupal_7_takes_during_a_batch_is_neither_given_away_nor_wai
         uid: "Visitor",
         **{o.uid: f"New User{n}" for n, o in enumerate(outcomes, 1)},
     }
+
+
+@pytest.mark.parametrize("drupal_site", ["mariadb-d7"], indirect=True)
+async def test_drupal_7_uids_on_a_multi_primary_cluster_are_the_values_its_counter_gave(
+    drupal_site: DrupalSite,
+) -> None:
+    """A Galera or group-replication primary hands out AUTO_INCREMENT values
+    auto_increment_increment apart (another primary takes those between): a batch's new users
+    get exactly the values its one INSERT into sequences was given, and the table keeps only
+    the top one, as Drupal's nextId() leaves it."""
+    site = drupal_site
+    await site.execute("SET GLOBAL auto_increment_increment = 3")
+    try:
+        syncer = await open_syncer(site)  # (new connections: the global value)
+        try:
+            batch = [note(sf(n), f"node{n}@example.org", "Node", f"User{n}") for n in (1, 2, 3)]
+            outcomes = await syncer.apply(batch)
+        finally:
+            await syncer.close()
+    finally:
+        await site.execute("SET GLOBAL auto_increment_increment = 1")
+    assert [o.kind for o in outcomes] == [OutcomeKind.CREATED] * 3
+    first = outcomes[0].uid or 0
+    assert [o.uid for o in outcomes] == [first, first + 3, first + 6]
+    rows = await site.rows("SELECT value FROM sequences WHERE value >= :v", v=first)
+    assert [r["value"] for r in rows] == [first + 6]

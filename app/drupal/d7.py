@@ -6,9 +6,9 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import column, delete, func, insert, select, table, text, update
+from sqlalchemy import and_, column, delete, func, insert, select, table, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.sql.expression import TableClause
+from sqlalchemy.sql.expression import ColumnElement, TableClause
 
 from app.drupal.cache import delete_cache_rows
 from app.drupal.schema import DrupalSchema, read_protected_roles
@@ -171,11 +171,14 @@ class Drupal7(Lookups):
 
     @staticmethod
     async def _allocate_mysql(conn: AsyncConnection, count: int, max_uid: int) -> list[int]:
-        """Rows of sequences by its AUTO_INCREMENT, as Drupal's mysql nextId(): one
-        statement of `count` rows takes consecutive values in every innodb_autoinc_lock_mode.
-        A counter below MAX(uid) is first moved past it, as nextId() does."""
+        """Rows of sequences by its AUTO_INCREMENT, as Drupal's mysql nextId(): one statement
+        of `count` rows takes a run of values no other statement gets, in every
+        innodb_autoinc_lock_mode, `auto_increment_increment` apart (1 but on a multi-primary
+        cluster: Galera, group replication). A counter below MAX(uid) is first moved past it,
+        as nextId() does."""
         rows = ", ".join(["()"] * count)  # no value in the text but `count` empty rows
         take = text(f"INSERT INTO sequences () VALUES {rows}")  # noqa: S608
+        step = int(await conn.scalar(text("SELECT @@session.auto_increment_increment")) or 1)
         first = int((await conn.execute(take)).lastrowid)
         unused = None
         if first <= max_uid:
@@ -186,10 +189,16 @@ class Drupal7(Lookups):
         # Only the top row is needed (nextId() deletes the older rows); ours alone, so as
         # never to wait for a row another transaction (Drupal's) has added.
         value = sequences.c.value
-        await conn.execute(delete(sequences).where(value >= first, value < first + count - 1))
+
+        def ours(low: int, rows: int) -> ColumnElement[bool]:
+            if step == 1:
+                return and_(value >= low, value < low + rows)
+            return value.in_(range(low, low + rows * step, step))
+
+        await conn.execute(delete(sequences).where(ours(first, count - 1)))
         if unused is not None:
-            await conn.execute(delete(sequences).where(value >= unused, value < unused + count))
-        return list(range(first, first + count))
+            await conn.execute(delete(sequences).where(ours(unused, count)))
+        return list(range(first, first + count * step, step))
 
     async def create(self, conn: AsyncConnection, new: list[NewUser], now: int) -> None:
         if not new:
