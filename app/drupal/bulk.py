@@ -202,22 +202,25 @@ def padded(values: Sequence[Any]) -> tuple[Any, ...]:
 
 
 @lru_cache(maxsize=256)
-def in_sql(dialect: Dialect, sql: str, count: int) -> str:
+def in_sql(dialect: Dialect, sql: str, count: int, value: str = "{}") -> str:
     """`sql` with its `{in}` (as in `WHERE uid {in}`) made a membership test of `count`
     bound values: `IN (?, ?, ...)`, or `= ANY($1)` with one array on PostgreSQL (asyncpg),
-    one prepared statement whatever the count."""
+    one prepared statement whatever the count. `value`: each item of the list, `{}` standing
+    for its placeholder (not on PostgreSQL)."""
     if dialect.paramstyle == "numeric_dollar":
         return sql.replace("{in}", "= ANY($1)")
-    marks = ", ".join(placeholders(str(dialect.paramstyle), count))
+    marks = ", ".join(value.format(m) for m in placeholders(str(dialect.paramstyle), count))
     return sql.replace("{in}", f"IN ({marks})")
 
 
-async def select_in(conn: AsyncConnection, sql: str, values: Sequence[Any]) -> list[Any]:
-    """The rows of `sql`, a SELECT whose only bound value is its `{in}` (see in_sql), for
-    every value of `values`, a chunk per statement, straight through the driver: no SQL is
-    compiled per batch."""
+async def select_in(
+    conn: AsyncConnection, sql: str, values: Sequence[Any], value: str = "{}"
+) -> list[Any]:
+    """The rows of `sql`, a SELECT whose only bound value is its `{in}` (see in_sql, and its
+    `value`), for every value of `values`, a chunk per statement, straight through the
+    driver: no SQL is compiled per batch."""
     rows: list[Any] = []  # Rows (tuples on SQLite)
-    for statement, params in _in_chunks(conn.dialect, sql, values):
+    for statement, params in _in_chunks(conn.dialect, sql, values, value):
         rows.extend(await fetch_all(conn, statement, params))
     return rows
 
@@ -229,7 +232,7 @@ async def execute_in(conn: AsyncConnection, sql: str, values: Sequence[Any]) -> 
 
 
 def _in_chunks(
-    dialect: Dialect, sql: str, values: Sequence[Any]
+    dialect: Dialect, sql: str, values: Sequence[Any], value: str = "{}"
 ) -> Iterator[tuple[str, tuple[Any, ...]]]:
     """(statement, parameters) per SELECT_CHUNK of `values`: one array on PostgreSQL, else
     the chunk padded to one of a few sizes."""
@@ -239,7 +242,7 @@ def _in_chunks(
             yield in_sql(dialect, sql, 0), (chunk,)
         else:
             bound = padded(chunk)
-            yield in_sql(dialect, sql, len(bound)), bound
+            yield in_sql(dialect, sql, len(bound), value), bound
 
 
 @lru_cache(maxsize=64)

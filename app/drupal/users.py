@@ -245,6 +245,25 @@ class Equality:
             return func.lower(self.column)
         return self.column
 
+    def stored_key_sql(self, conn: AsyncConnection) -> str:
+        """stored_key() as SQL text (for bulk.select_in)."""
+        name = conn.dialect.identifier_preparer.quote(self.name)
+        if self.kind == "collation":
+            return f"WEIGHT_STRING(TRIM(TRAILING ' ' FROM {name}))"
+        if self.kind == "lower":
+            return f"lower({name})"
+        return name
+
+    async def in_list(self, conn: AsyncConnection) -> tuple[str, str]:
+        """(what bulk.select_in's `{in}` tests, the SQL of each listed value) for a
+        membership test as the database compares: SQLite, PostgreSQL: lower(column) among
+        the keys; MySQL: the column (its own index) among the values, each in its collation."""
+        if self.kind == "collation":
+            charset, collation = await self._mysql_collation(conn)
+            name = conn.dialect.identifier_preparer.quote(self.name)
+            return name, f"CONVERT({{}} USING {charset}) COLLATE {collation}"
+        return self.stored_key_sql(conn), "{}"
+
     def post(self, value: Any) -> Key:
         if self.kind == "nocase":
             return nocase_key(value)
@@ -301,19 +320,13 @@ class Equality:
     async def equal_to(
         self, conn: AsyncConnection, values: list[str], keys: dict[str, Key]
     ) -> ColumnElement[bool]:
-        """column = any of `values`, as the database compares (indexed)."""
+        """column = any of `values`, as the database compares (indexed); SQLite and
+        PostgreSQL (MySQL: in_list)."""
         if self.kind == "lower":
             wanted = sorted({str(keys[v]) for v in values})
             if self.dialect == "postgresql":  # one array parameter: one statement to plan
                 return func.lower(self.column) == any_(bindparam(None, wanted, type_=ARRAY(Text)))
             return func.lower(self.column).in_(wanted)
-        if self.kind == "collation":
-            # Padded to a few lengths (bulk.padded): a statement text per list length kept
-            # an entry of SQLAlchemy's compiled cache each, holding its bound parameters
-            # (~0.4 MB per 500): the MariaDB worker grew +71 MB over 100,000 notifications.
-            params = {f"e{i}": v for i, v in enumerate(padded(values))}
-            items = [await self._as_column(conn, p) for p in params]
-            return text(f"{self.name} IN ({', '.join(items)})").bindparams(**params)  # type: ignore[return-value]
         return self.column.in_(values)  # type: ignore[no-any-return]
 
     async def prefixed(
@@ -386,25 +399,19 @@ class Lookups:
     async def uids_by_mail(
         self, conn: AsyncConnection, mails: Iterable[str]
     ) -> dict[str, list[int]]:
-        t, eq = self._table, self._mail
+        eq = self._mail
         keys = await eq.keys(conn, mails)
         found: dict[Key, set[int]] = {}
-        if eq.kind == "lower":
-            # SQLite, PostgreSQL: the sfrelay_*_mail_lower index, through the driver (a few
-            # statement texts: bulk.select_in), not a select compiled for each list.
-            table = conn.dialect.identifier_preparer.quote(t.name)
-            sql = f"SELECT uid, lower(mail) FROM {table} WHERE uid > 0 AND lower(mail) {{in}}"  # noqa: S608
-            for uid, key in await select_in(conn, sql, sorted({str(k) for k in keys.values()})):
-                found.setdefault(eq.post(key), set()).add(int(uid))
-            return {mail: sorted(found[key]) for mail, key in keys.items() if key in found}
-        for chunk in chunks(sorted(keys)):
-            query = (
-                select(t.c.uid, eq.stored_key())
-                .select_from(t)
-                .where(await eq.equal_to(conn, chunk, keys), t.c.uid > 0)
-            )
-            for uid, key in await conn.execute(query):
-                found.setdefault(eq.post(key), set()).add(int(uid))
+        # Through the driver (a few statement texts: bulk.select_in), not a select compiled
+        # for each list. SQLite, PostgreSQL: the sfrelay_*_mail_lower index, asked for the
+        # keys; MySQL: the mail index, asked for the mails in its collation.
+        table = conn.dialect.identifier_preparer.quote(self._table.name)
+        tested, value = await eq.in_list(conn)
+        key = eq.stored_key_sql(conn)
+        sql = f"SELECT uid, {key} FROM {table} WHERE uid > 0 AND {tested} {{in}}"  # noqa: S608
+        wanted = sorted(keys) if eq.kind == "collation" else sorted({str(k) for k in keys.values()})
+        for uid, key in await select_in(conn, sql, wanted, value):
+            found.setdefault(eq.post(key), set()).add(int(uid))
         return {mail: sorted(found[key]) for mail, key in keys.items() if key in found}
 
     async def name_keys(self, conn: AsyncConnection, names: Iterable[str]) -> dict[str, Key]:
@@ -421,6 +428,15 @@ class Lookups:
             plain = [name for name in wanted if name.isascii() and "k" not in name.lower()]
             taken.update(await self._in_use(conn, [name.lower() for name in plain]))
             wanted = sorted(set(wanted) - set(plain))
+        if eq.kind == "collation":
+            # MySQL: through the driver, padded to a few statement texts (bulk.select_in).
+            # As SQLAlchemy text() each padded text stayed in its compiled cache with its
+            # 512 bound parameters: ~9 MB for the names' and the mails' look-ups together.
+            table = conn.dialect.identifier_preparer.quote(self._table.name)
+            tested, value = await eq.in_list(conn)
+            sql = f"SELECT {eq.stored_key_sql(conn)} FROM {table} WHERE {tested} {{in}}"  # noqa: S608
+            taken.update(eq.post(key) for (key,) in await select_in(conn, sql, wanted, value))
+            return taken
         keys = await eq.keys(conn, wanted) if eq.kind == "lower" else {}
         for chunk in chunks(wanted):
             query = (
