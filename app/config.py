@@ -23,6 +23,11 @@ LOCAL_ENV_FILE = "var/sfrelay.env"
 
 # Salesforce retries a failed delivery for 24 hours: remember notification ids for longer.
 MIN_DEDUPE_TTL_S = 25 * 3600
+# Upper bounds of durations: a larger one (or inf) would fail at run time, not at start, e.g.
+# Redis refuses an expiry that overflows its millisecond clock, so every ack would fault.
+HOUR_S = 3600
+DAY_S = 24 * HOUR_S
+YEAR_S = 365 * DAY_S
 
 _PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "token", "example", "xxx"}
 
@@ -111,11 +116,11 @@ class Settings(BaseSettings):
     endpoint_token: SecretStr | None = None
     allowed_networks: Annotated[list[Network], NoDecode] = Field(default_factory=list)
     trusted_proxies: Annotated[list[Network], NoDecode] = Field(default_factory=list)
-    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=1 << 30)
     # A client has this long for its request head, then as long again for its body.
-    read_timeout_seconds: float = Field(default=30, gt=0)
+    read_timeout_seconds: float = Field(default=30, gt=0, le=HOUR_S)
     # Open connections per receiver process; beyond it the oldest idle or slow one is closed.
-    max_connections: int = Field(default=1000, ge=1)
+    max_connections: int = Field(default=1000, ge=1, le=1_000_000)
     wsdl_dir: Path = DEFAULT_WSDL_DIR
     handled_objects: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["Contact", "Lead"]
@@ -124,15 +129,15 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     # On SIGTERM the receiver answers /readyz with 503 and goes on serving for this long, so
     # that the load balancer stops sending to it before its listener closes (app/server.py).
-    shutdown_drain_seconds: float = Field(default=5, ge=0)
+    shutdown_drain_seconds: float = Field(default=5, ge=0, le=HOUR_S)
 
     # --- queue --------------------------------------------------------------------------------
     redis_url: str = "redis://localhost:6379/0"
     queue_name: str = "arq:queue"
-    dedupe_ttl_seconds: int = Field(default=26 * 3600, ge=MIN_DEDUPE_TTL_S)
+    dedupe_ttl_seconds: int = Field(default=26 * 3600, ge=MIN_DEDUPE_TTL_S, le=YEAR_S)
     # A queued job must outlive any backlog: arq's own default (1 day) would silently drop
     # work that waited longer than that.
-    job_ttl_seconds: int = Field(default=14 * 24 * 3600, ge=24 * 3600)
+    job_ttl_seconds: int = Field(default=14 * 24 * 3600, ge=24 * 3600, le=YEAR_S)
     # What an ack promises: fsync (on Redis's disk), replica (and on a replica), memory.
     ack_durability: AckDurability = "fsync"
 
@@ -147,22 +152,22 @@ class Settings(BaseSettings):
     # or `administer permissions` (uid 0 and 1 are always protected).
     protected_roles: Annotated[list[str], NoDecode] = Field(default_factory=list)
     field_map: Path | None = None
-    max_tries: int = Field(default=5, ge=1)
-    worker_max_rss_mb: int = Field(default=512, ge=32)
+    max_tries: int = Field(default=5, ge=1, le=1000)
+    worker_max_rss_mb: int = Field(default=512, ge=32, le=1 << 20)
     # Notifications per database transaction. Measured (tests/bench/worker.py, one worker,
     # 100,000 notifications): 1,000 / 2,000 / 3,000 / 4,000 made 7,955 / 9,450 / 10,571 /
     # 11,163 users/s on SQLite (PostgreSQL: 2,000 7,130, 3,000 8,474) for an RSS growth of
     # +15.5 / +18 / +18-20 / +22 MB (two batches of jobs are held: one gathers while the other
     # is written); a batch holds SQLite's write lock ~0.3 s at 3,000.
-    worker_batch_size: int = Field(default=3000, ge=1)
+    worker_batch_size: int = Field(default=3000, ge=1, le=100_000)
     # A worker serves Prometheus metrics on this port (0.0.0.0); unset: none.
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # arq's job timeout; a killed worker's job is re-run by another once its in-progress mark
     # expires (this + 10 s), and a stopping worker waits this long for its running jobs (give
     # the container at least this stop grace period). A job normally takes well under 1 s.
-    job_timeout_seconds: float = Field(default=60, ge=1)
+    job_timeout_seconds: float = Field(default=60, ge=1, le=DAY_S)
     # First retry delay; each further attempt waits twice as long (capped at one hour).
-    retry_backoff_seconds: float = Field(default=30, ge=0)
+    retry_backoff_seconds: float = Field(default=30, ge=0, le=HOUR_S)
 
     # --- Salesforce API (app/salesforce/) -----------------------------------------------------
     # The part of the login host before .salesforce.com: login, test (sandboxes) or a My Domain
@@ -176,9 +181,9 @@ class Settings(BaseSettings):
     sf_private_key_file: Path | None = None
     sf_api_version: str = "62.0"
     # Polls refuse to start when the org has fewer daily API requests left than this.
-    sf_min_api_remaining: int = Field(default=1000, ge=0)
+    sf_min_api_remaining: int = Field(default=1000, ge=0, le=1_000_000_000)
     # How often the worker reconciles with Salesforce (0: never); needs the SF_* credentials.
-    reconcile_every_seconds: int = Field(default=900, ge=0)
+    reconcile_every_seconds: int = Field(default=900, ge=0, le=30 * DAY_S)
     # What a record deleted in Salesforce does to its Drupal user (never deletes the row).
     on_delete: Literal["block", "unlink", "ignore"] = "block"
     # message: apply the Outbound Message's values; refetch: read the record's current values.

@@ -68,6 +68,22 @@ def test_every_command_names_the_wrong_setting_and_what_it_must_be(
             {"SFRELAY_DEDUPE_TTL_SECONDS": "3600"},
             "SFRELAY_DEDUPE_TTL_SECONDS must be at least 90000 (not '3600')",
         ),
+        (  # Redis refuses an expiry this far off: every ack would have faulted
+            {"SFRELAY_DEDUPE_TTL_SECONDS": "10000000000000000"},
+            "SFRELAY_DEDUPE_TTL_SECONDS must be at most 31536000 (not '10000000000000000')",
+        ),
+        (  # the worker died on it at start-up (math.ceil(inf))
+            {"SFRELAY_JOB_TIMEOUT_SECONDS": "inf"},
+            "SFRELAY_JOB_TIMEOUT_SECONDS must be at most 86400 (not 'inf')",
+        ),
+        (
+            {"SFRELAY_READ_TIMEOUT_SECONDS": "inf"},
+            "SFRELAY_READ_TIMEOUT_SECONDS must be at most 3600 (not 'inf')",
+        ),
+        (
+            {"SFRELAY_RECONCILE_EVERY_SECONDS": "99999999999999"},
+            "SFRELAY_RECONCILE_EVERY_SECONDS must be at most 2592000 (not '99999999999999')",
+        ),
         (
             {"SFRELAY_ENV": "prod"},
             "SFRELAY_ENV must be 'development' or 'production' (not 'prod')",
