@@ -62,6 +62,8 @@ READY_PROBE_KEY = "sfrelay:ready-probe"  # /readyz writes it (only if it exists)
 RECONCILE_RUNNING_KEY = "sfrelay:reconcile:running"  # held while a reconcile runs
 RECONCILE_DUE_KEY = "sfrelay:reconcile:recent"  # exists until the next run is due
 HEALTH_CHECK_SUFFIX = ":health-check"  # arq's health_check_key_suffix (arq/constants.py)
+# After the health-check key: the workers alive (member: a worker, score: when its beat expires).
+WORKERS_ALIVE_SUFFIX = ":workers"
 
 # KEYS: queue, stats, dead hash, dead body key, job key, seen key per notification...,
 #       and, last, this minute's rate key (RATE_PREFIX)

@@ -30,6 +30,7 @@ from app.queue import (
     OUTCOME_PREFIX,
     RATE_PREFIX,
     STATS_KEY,
+    WORKERS_ALIVE_SUFFIX,
     redis_client,
 )
 
@@ -68,11 +69,16 @@ async def read_status(settings: Settings, redis: Redis) -> Status:
             pipe.hgetall(STATS_KEY)
             pipe.hlen(DEAD_KEY)
             pipe.get(queue_name + HEALTH_CHECK_SUFFIX)
+            pipe.zcount(
+                queue_name + HEALTH_CHECK_SUFFIX + WORKERS_ALIVE_SUFFIX,
+                f"({int(now * 1000)}",
+                "+inf",
+            )
             for back in range(61):  # this minute, then the 60 whole minutes before it
                 pipe.hget(f"{RATE_PREFIX}{minute - back}", "received")
             replies = await pipe.execute()
-        jobs, oldest, deferred, sample, counters, dead_redis, health = replies[:7]
-        rates = [int(r or 0) for r in replies[7:]]
+        jobs, oldest, deferred, sample, counters, dead_redis, health, alive = replies[:8]
+        rates = [int(r or 0) for r in replies[8:]]
         sample = list(sample or [])
         raws: list[bytes | None] = []
         if sample:
@@ -110,20 +116,22 @@ async def read_status(settings: Settings, redis: Redis) -> Status:
         },
         receiver={name: decoded.get(name, 0) for name in RECEIVER_COUNTERS},
         dead={"redis": int(dead_redis), "database": None},
-        workers=_workers(health),
+        workers=_workers(health, int(alive)),
     )
 
 
-def _workers(health: bytes | None) -> dict[str, Any]:
+def _workers(health: bytes | None, alive: int) -> dict[str, Any]:
     """arq's health-check key: one per queue, rewritten by every worker every 30 s, gone
-    31 s after the last one stopped writing it. It tells whether a worker is alive, not how
-    many are."""
+    31 s after the last one stopped writing it; its counts are those of whichever worker
+    wrote it last (a standby's are 0). `alive`: sfrelay's workers that reported within 31 s
+    (workers.main.Worker; `arq workers.main.WorkerSettings` runs arq's own, which count 0)."""
     if health is None:
-        return {"alive": False, "health_check": None}
+        return {"alive": False, "count": alive, "health_check": None}
     text = health.decode(errors="replace")
     counts = dict(part.split("=", 1) for part in text.split() if "=" in part)
     return {
         "alive": True,
+        "count": alive,
         "health_check": {k: int(v) for k, v in counts.items() if v.isdigit()},
     }
 
@@ -207,11 +215,8 @@ def render(status: Status) -> list[str]:
         dead += f"; `sfrelay dead list` shows {'it' if total_dead == 1 else 'them'}"
     w = status.workers
     if w["alive"]:
-        hc = w["health_check"]
-        workers = (
-            f"alive (a worker reported within the last 31 s: {hc.get('j_complete', 0):,} "
-            f"jobs done, {hc.get('j_ongoing', 0)} running)"
-        )
+        count = f"{w['count']} " if w["count"] else ""
+        workers = f"{count}alive (reported within the last 31 s; each reports every 30 s)"
     else:
         workers = "none alive: no arq health check in the last 31 s (start `sfrelay worker`)"
     db = status.database

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import signal
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -25,7 +26,15 @@ from app.cli import main
 from app.config import Settings
 from app.dead import DeadLetter
 from app.main import create_app
-from app.queue import DEAD_KEY, JOB_KEY_PREFIX, RATE_PREFIX, SEEN_PREFIX, enqueue_apply
+from app.queue import (
+    DEAD_KEY,
+    HEALTH_CHECK_SUFFIX,
+    JOB_KEY_PREFIX,
+    RATE_PREFIX,
+    SEEN_PREFIX,
+    WORKERS_ALIVE_SUFFIX,
+    enqueue_apply,
+)
 from app.sfid import to18
 from app.sync import Syncer
 from tests.factories import ORG_ID, apply_job, contact_json, sf_id
@@ -33,6 +42,7 @@ from tests.fixtures_worker import WorkerProcess, run_worker
 from tests.messages import contact, outbound_message
 from tests.servers import free_port
 from tests.test_cli_worker import sfrelay
+from tests.test_worker_process import wait_for
 
 RECEIVED_AT = 1_764_000_000.0  # 2025-11-24 16:00:00 UTC
 ADA = to18("0031I00000AbCdE")  # letters in it: its 15-character form is case-sensitive
@@ -531,7 +541,7 @@ def test_status_one_screen(
         "skipped_no_email": 1,
     }
     assert status["dead"] == {"redis": 1, "database": 1}
-    assert status["workers"] == {"alive": False, "health_check": None}
+    assert status["workers"] == {"alive": False, "count": 0, "health_check": None}
     assert status["database"] == {"reachable": True, "drupal": 10, "error": None}
     assert sorted(status) == [
         "database",
@@ -625,12 +635,24 @@ def test_status_without_sfrelay_tables_creates_none_and_sees_a_live_worker(
     db.close()
     assert not {t for t in tables if t.startswith("sfrelay_")}  # no migration ran
 
-    worker = worker_process(worker_settings, tmp_path)
-    worker.wait_ready(redis_client)
+    # How many are alive, not one worker's counts (arq's key holds the last writer's: a
+    # standby's said "0 jobs done" beside an active worker).
+    alive = worker_settings.queue_name + HEALTH_CHECK_SUFFIX + WORKERS_ALIVE_SUFFIX
+    workers = []
+    for count in (1, 2):
+        workers.append(worker_process(worker_settings, tmp_path))
+        workers[-1].wait_ready(redis_client)
+        wait_for(lambda n=count: redis_client.zcard(alive) == n)  # type: ignore[misc]
+        done = sfrelay(worker_settings, tmp_path, "status")
+        assert (done.returncode, done.stdout.splitlines()[-2]) == (
+            0,
+            f"workers      {count} alive (reported within the last 31 s; each reports every 30 s)",
+        ), done.stderr
+    workers[0].signal(signal.SIGTERM)
+    assert workers[0].wait() == 0
     done = sfrelay(worker_settings, tmp_path, "status")
-    assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-2] == (
-        "workers      alive (a worker reported within the last 31 s: 0 jobs done, 0 running)"
+        "workers      1 alive (reported within the last 31 s; each reports every 30 s)"
     )
 
 

@@ -22,13 +22,13 @@ from app.queue import (
     IN_PROGRESS_KEY_PREFIX,
     JOB_KEY_PREFIX,
     RETRY_KEY_PREFIX,
+    WORKERS_ALIVE_SUFFIX,
     enqueue_apply,
     redis_client,
 )
 from tests.factories import apply_job, new_contacts, sf_id
 from tests.fixtures_worker import PROJECT, WorkerProcess, drupal_users, settings_env
 from workers.lease import ACTIVE_S, LEASE_S, active_key, database_key
-from workers.main import WORKERS_ALIVE_SUFFIX
 
 Starter = type[WorkerProcess]
 

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from app.config import Settings
 from app.jobs import deserialize_for_worker, serialize
+from app.queue import WORKERS_ALIVE_SUFFIX
 from app.soap import MAX_NOTIFICATIONS
 from workers import polls, tasks
 from workers.lease import Election
@@ -34,7 +35,6 @@ MIN_JOBS = 20
 POLL_DELAY_S = 0.05
 # `arq --check` fails when the health key is older than this (+1 s): keep it under a minute.
 HEALTH_CHECK_INTERVAL_S = 30
-WORKERS_ALIVE_SUFFIX = ":workers"  # after arq's health-check key: the workers alive
 
 
 GC_THRESHOLD = 10_000  # allocations between young collections (CPython's default: 700)
