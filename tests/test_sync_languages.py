@@ -3,6 +3,7 @@ language is not English, and users with translations (Drupal 8+)."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,150 @@ async def test_a_translated_user_is_written_as_drupal_saves_its_original(
     assert await field_rows(site, uid, "field_last_name") == {"en": "Lima"}
     assert await field_rows(site, uid, "field_salesforce_id") == {"en": sf(1)}
     assert await roles(site, uid) == ["subscriber"]  # (checks langcode 'en' on each row)
+
+
+D10_EVERY_SITE = pytest.mark.parametrize(
+    "drupal_site", ["sqlite-d10", "sqlite-d10-minimal", "pg-d10", "mariadb-d10"], indirect=True
+)
+
+# TRANSLATED_MAP, with a preferred language.
+NEW_USER_MAP = TRANSLATED_MAP.replace(
+    "[Contact.fields]\n", '[Contact.fields]\nlangcode = "Language__c"\n'
+)
+
+
+async def set_user_language_settings(site: DrupalSite, default_langcode: str) -> None:
+    """The user entity's "Default language" on Drupal's content language page
+    (/admin/config/regional/content-language), saved as the language module saves it: the
+    config entity `language.content_settings.user.user`."""
+    config = {
+        "uuid": str(uuid.uuid4()),
+        "langcode": "en",
+        "status": True,
+        "dependencies": {"module": ["user"]},
+        "id": "user.user",
+        "target_entity_type_id": "user",
+        "target_bundle": "user",
+        "default_langcode": default_langcode,
+        "language_alterable": False,
+    }
+    data = php_serialize(config)
+    name = "language.content_settings.user.user"
+    await site.execute("DELETE FROM config WHERE collection = '' AND name = :n", n=name)
+    await site.execute(
+        "INSERT INTO config (collection, name, data) VALUES ('', :n, :d)",
+        n=name,
+        d=data.encode() if site.backend == "postgresql" else data,
+    )
+
+
+async def langcodes10(site: DrupalSite, uid: int) -> dict[str, list[object]]:
+    """Every langcode Drupal 8+ keeps for a user: table -> its rows' langcodes (by delta),
+    users_field_data's as (langcode, default_langcode, preferred, preferred_admin)."""
+    found: dict[str, list[object]] = {}
+    (users,) = await site.rows("SELECT langcode FROM users WHERE uid = :u", u=uid)
+    found["users"] = [users["langcode"]]
+    data = await site.rows(
+        "SELECT langcode, default_langcode, preferred_langcode, preferred_admin_langcode "
+        "FROM users_field_data WHERE uid = :u",
+        u=uid,
+    )
+    found["users_field_data"] = [tuple(r.values()) for r in data]
+    for table in ("user__field_first_name", "user__field_last_name", "user__roles"):
+        rows = await site.rows(
+            f"SELECT langcode FROM {table} WHERE entity_id = :u ORDER BY delta", u=uid
+        )
+        found[table] = [r["langcode"] for r in rows]
+    return found
+
+
+@D10_EVERY_SITE
+async def test_a_new_user_is_in_the_language_of_the_user_content_language_settings(
+    drupal_site: DrupalSite, tmp_path: Path
+) -> None:
+    """User::create() takes the user's langcode (and preferred language, unless given) from
+    the language module's content language settings of the user entity
+    (DefaultLanguageItem::applyDefaultValue, language_get_default_langcode()), not from the
+    site's default language; the user's fields and roles are stored in it."""
+    site = drupal_site
+    await enable_languages(site, "de", "pt-br")
+    await add_role(site, "subscriber")
+    await set_user_language_settings(site, "de")
+    uid = max(await user_ids(site)) + 1
+    syncer = await open_syncer(site, NEW_USER_MAP, tmp_path, handled_objects=["Contact"])
+    notes = [
+        note(sf(1), "ana@example.com", "Ana", "Lima", Language__c="pt_BR"),
+        note(sf(2), "rui@example.com", "Rui", "Costa"),
+    ]
+    assert await syncer.apply(notes) == [
+        Outcome(n.id, sf(i), "created", uid + i - 1) for i, n in enumerate(notes, 1)
+    ]
+    for user, preferred_langcode in ((uid, "pt-br"), (uid + 1, "de")):
+        assert await langcodes10(site, user) == {
+            "users": ["de"],
+            "users_field_data": [("de", 1, preferred_langcode, None)],
+            "user__field_first_name": ["de"],
+            "user__field_last_name": ["de"],
+            "user__roles": ["de"],
+        }
+    (row,) = await site.rows("SELECT * FROM user__field_first_name WHERE entity_id = :u", u=uid)
+    assert row == {
+        "bundle": "user",
+        "deleted": 0,
+        "entity_id": uid,
+        "revision_id": uid,
+        "langcode": "de",
+        "delta": 0,
+        "field_first_name_value": "Ana",
+    }
+    # An update keeps the user's own language: its values go to its one translation.
+    n = note(sf(1), "ana@example.com", "Anna", "Lima", minutes=1, Language__c="de")
+    assert await syncer.apply([n]) == [Outcome(n.id, sf(1), "updated", uid)]
+    await syncer.close()
+    assert await langcodes10(site, uid) == {
+        "users": ["de"],
+        "users_field_data": [("de", 1, "de", None)],
+        "user__field_first_name": ["de"],
+        "user__field_last_name": ["de"],
+        "user__roles": ["de"],
+    }
+    assert (await field_rows(site, uid, "field_first_name")) == {"de": "Anna"}
+
+
+@D10_EVERY_SITE
+async def test_each_content_language_setting_gives_a_new_user_what_drupal_gives_it(
+    drupal_site: DrupalSite, tmp_path: Path
+) -> None:
+    """language_get_default_langcode() for a backend, which has no interface language and
+    no author: `current_interface` and `authors_default` are the site's default language
+    (here German), a named language (even the locked `und` and `zxx`) is taken as it is."""
+    site = drupal_site
+    await enable_languages(site, "de", "fr", default="de")
+    await add_role(site, "subscriber")
+    expected = {
+        "site_default": "de",
+        "current_interface": "de",
+        "authors_default": "de",
+        "fr": "fr",
+        "und": "und",
+        "zxx": "zxx",
+    }
+    stored = {}
+    for i, setting in enumerate(expected, 1):
+        await set_user_language_settings(site, setting)
+        uid = max(await user_ids(site)) + 1
+        syncer = await open_syncer(site, NEW_USER_MAP, tmp_path, handled_objects=["Contact"])
+        n = note(sf(i), f"p{i}@example.com", "Ana", f"Lima{i}")
+        assert await syncer.apply([n]) == [Outcome(n.id, sf(i), "created", uid)]
+        await syncer.close()
+        found = await langcodes10(site, uid)
+        (langcode,) = found["users"]
+        assert found == {
+            "users": [langcode],
+            "users_field_data": [(langcode, 1, langcode, None)],
+            "user__field_first_name": [langcode],
+            "user__field_last_name": [langcode],
+            "user__roles": [langcode],
+        }
+        stored[setting] = langcode
+    assert stored == expected

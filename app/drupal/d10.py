@@ -107,7 +107,9 @@ class Drupal10(Lookups):
 
     def __init__(self, schema: DrupalSchema, dialect: str) -> None:
         self.schema = schema
-        self.langcode = schema.default_langcode
+        # A new user's langcode: the user entity's content language setting (not the
+        # site's default language when the language module says otherwise).
+        self.langcode = schema.user_langcode
         # name: NOCASE_UTF8 on SQLite (app.drupal.users.Equality for the others).
         self._fields = {name: field_table(name) for name in schema.fields}
         written = {name: [(field_data.name, column)] for name, column in _BASE_COLUMNS.items()}

@@ -10,7 +10,7 @@ from sqlalchemy import column, inspect, select, table
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.drupal.php import php_unserialize
+from app.drupal.php import php_array, php_unserialize
 from app.errors import ConfigError
 
 # The field types sfrelay writes, per major (Drupal 8+ names, Drupal 7 names).
@@ -104,16 +104,6 @@ class _Definition:
     translatable: bool = False
 
 
-def _unserialized(data: Any) -> dict[str, Any]:
-    if data is None:
-        return {}
-    try:
-        value = php_unserialize(data)
-    except (ValueError, IndexError, UnicodeDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _unserialized_text(data: Any) -> str | None:
     try:
         value = php_unserialize(data)
@@ -139,7 +129,7 @@ async def _definitions10(
             _config.c.collection == "", _config.c.name.in_(wanted)
         )
     )
-    config = {name: _unserialized(data) for name, data in rows}
+    config = {name: php_array(data) for name, data in rows}
     fallback = str(config.get("filter.settings", {}).get("fallback_format") or PLAIN_TEXT)
     found = {}
     for name in names:
@@ -173,7 +163,7 @@ async def _definitions7(
                 _instance7.c.field_name.in_(names),
             )
         )
-        own = {name: _settings(_unserialized(data).get("settings")) for name, data in rows}
+        own = {name: _settings(php_array(data).get("settings")) for name, data in rows}
     definitions = await conn.execute(
         select(
             _field_config.c.field_name,
@@ -185,7 +175,7 @@ async def _definitions7(
     found = {
         name: _Definition(
             str(kind),
-            {**_settings(_unserialized(data).get("settings")), **own.get(name, {})},
+            {**_settings(php_array(data).get("settings")), **own.get(name, {})},
             int(cardinality),
         )
         for name, kind, data, cardinality in definitions

@@ -15,6 +15,18 @@ def php_unserialize(data: bytes | str | memoryview) -> Any:
     return value
 
 
+def php_array(data: bytes | str | memoryview | None) -> dict[Any, Any]:
+    """A PHP-serialized array (a config object, a D7 variable) as a dict: {} for NULL,
+    another type, or what does not parse (a setting sfrelay cannot read is Drupal's default)."""
+    if data is None:
+        return {}
+    try:
+        value = php_unserialize(data)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _php_value(raw: bytes, at: int) -> tuple[Any, int]:
     kind = raw[at : at + 2]
     if kind == b"N;":

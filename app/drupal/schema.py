@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.drupal.fields import FieldColumn as FieldColumn  # (re-exported)
 from app.drupal.fields import read_fields, table_columns
+from app.drupal.php import php_array
 from app.drupal.php import php_unserialize as php_unserialize  # (re-exported)
 from app.errors import ConfigError
 
@@ -67,6 +68,10 @@ class DrupalSchema:
     # (`language.entity.*`, not the locked und/zxx), D7 the `languages` table (locale);
     # without the language/locale module, the site's default language alone.
     languages: frozenset[str] = frozenset({"en"})
+    # D10: the langcode of a new user entity (users, users_field_data, its field and role
+    # rows, and its preferred_langcode unless mapped), as User::create() gives it (see
+    # new_user_langcode); D7: '' (unused).
+    user_langcode: str = ""
 
 
 def _php_string(serialized: bytes | str | None, key: str) -> str | None:
@@ -190,17 +195,39 @@ async def inspect_drupal(conn: AsyncConnection, forced: str, field_names: set[st
     return await _site7(conn, frozenset(tables), fields)
 
 
+# The language module's content language settings of the user entity (its one bundle).
+USER_LANGUAGE_SETTINGS = "language.content_settings.user.user"
+# Their default_langcode values that name no language but say how to find one.
+_SITE_DEFAULT, _INTERFACE, _AUTHORS = "site_default", "current_interface", "authors_default"
+
+
+def new_user_langcode(setting: object, site_default: str) -> str:
+    """The langcode User::create() gives a user (without a form, as sfrelay creates them):
+    the language module's DefaultLanguageItem, language_get_default_langcode('user', 'user')
+    with the user's content language setting `default_langcode` (None: no config, the
+    module's default `site_default`; without the module, LanguageItem gives the site's
+    default language). `current_interface` and `authors_default` name the request's
+    interface language and the acting user's preferred language: a backend has neither,
+    and Drupal then takes the site's default language (language negotiation's fallback; an
+    anonymous author's getPreferredLangcode()). Any other value is a langcode, taken as it
+    is, `und` and `zxx` too."""
+    if not isinstance(setting, str) or setting in ("", _SITE_DEFAULT, _INTERFACE, _AUTHORS):
+        return site_default
+    return setting
+
+
 async def _site10(
     conn: AsyncConnection, tables: frozenset[str], fields: dict[str, FieldColumn]
 ) -> DrupalSchema:
     langcode, timezone = "en", "UTC"
+    user_default: object = None
     roles: dict[str, str | int] | None = None
     languages: set[str] = set()
     if "config" in tables:
         rows = await conn.execute(
             select(_config.c.name, _config.c.data).where(
                 _config.c.collection == "",
-                (_config.c.name.in_(["system.site", "system.date"]))
+                (_config.c.name.in_(["system.site", "system.date", USER_LANGUAGE_SETTINGS]))
                 | _config.c.name.like("user.role.%")
                 | _config.c.name.like("language.entity.%"),
             )
@@ -209,6 +236,8 @@ async def _site10(
         for name, data in rows:
             if name == "system.site":
                 langcode = _php_string(data, "default_langcode") or langcode
+            elif name == USER_LANGUAGE_SETTINGS:
+                user_default = php_array(data).get("default_langcode")
             elif name == "system.date":
                 # system.date: timezone: {default: 'UTC', user: {...}}
                 timezone = _php_string(data, "default") or timezone
@@ -228,16 +257,13 @@ async def _site10(
         fields,
         protected_roles=protected,
         languages=frozenset(languages or {langcode}),
+        user_langcode=new_user_langcode(user_default, langcode),
     )
 
 
 def _php_locked(data: bytes | str | memoryview | None) -> bool:
     """Whether a `language.entity.*` config is a locked language (und, zxx)."""
-    try:
-        config = php_unserialize(data) if data is not None else None
-    except (ValueError, IndexError, UnicodeDecodeError):
-        return False
-    return isinstance(config, dict) and bool(config.get("locked"))
+    return bool(php_array(data).get("locked"))
 
 
 async def _site7(
