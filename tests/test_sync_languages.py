@@ -1,10 +1,13 @@
 """The user's language on every backend: a mapped preferred language, sites whose default
-language is not English, and users with translations (Drupal 8+)."""
+language is not English, a new user's language (Drupal 8+: the user content language
+settings), and users with translations (Drupal 8+; Drupal 7 with entity_translation)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -354,3 +357,268 @@ async def test_each_content_language_setting_gives_a_new_user_what_drupal_gives_
         }
         stored[setting] = langcode
     assert stored == expected
+
+
+D7_SITES = pytest.mark.parametrize(
+    "drupal_site", ["sqlite-d7", "pg-d7", "mariadb-d7"], indirect=True
+)
+
+# Drupal 7's `system` (the installed extensions; the server sites' dumps leave it out) and
+# entity_translation 7.x-1.x's table, as their hook_schema() define them.
+SYSTEM_DDL = (
+    "CREATE TABLE IF NOT EXISTS system (filename varchar(255) NOT NULL DEFAULT '', "
+    "name varchar(255) NOT NULL DEFAULT '', type varchar(12) NOT NULL DEFAULT '', "
+    "owner varchar(255) NOT NULL DEFAULT '', status integer NOT NULL DEFAULT 0, "
+    "bootstrap integer NOT NULL DEFAULT 0, schema_version smallint NOT NULL DEFAULT -1, "
+    "weight integer NOT NULL DEFAULT 0, info {blob}, PRIMARY KEY (filename))"
+)
+ENTITY_TRANSLATION_DDL = (
+    "CREATE TABLE IF NOT EXISTS entity_translation (entity_type varchar(128) NOT NULL "
+    "DEFAULT '', entity_id integer NOT NULL, revision_id integer NOT NULL, language "
+    "varchar(32) NOT NULL DEFAULT '', source varchar(32) NOT NULL DEFAULT '', uid integer "
+    "NOT NULL DEFAULT 0, status integer NOT NULL DEFAULT 1, translate integer NOT NULL "
+    "DEFAULT 0, created integer NOT NULL DEFAULT 0, changed integer NOT NULL DEFAULT 0, "
+    "PRIMARY KEY (entity_type, entity_id, language))"
+)
+
+
+def language_object(langcode: str) -> str:
+    """A language as Drupal 7's variable_set('language_default', ...) stores it: a stdClass."""
+    properties = {
+        "language": langcode,
+        "name": langcode,
+        "native": langcode,
+        "direction": 0,
+        "enabled": 1,
+        "plurals": 0,
+        "formula": "",
+        "domain": "",
+        "prefix": langcode,
+        "weight": 0,
+        "javascript": "",
+    }
+    return 'O:8:"stdClass":' + php_serialize(properties).removeprefix("a:")
+
+
+async def set_variable(site: DrupalSite, name: str, serialized: str) -> None:
+    """variable_set(): the variable's PHP-serialized value."""
+    await site.execute("DELETE FROM variable WHERE name = :n", n=name)
+    await site.execute(
+        "INSERT INTO variable (name, value) VALUES (:n, :v)",
+        n=name,
+        v=serialized.encode() if site.backend == "postgresql" else serialized,
+    )
+
+
+async def enable_entity_translation(
+    site: DrupalSite,
+    *,
+    site_default: str = "en",
+    enabled: bool = True,
+    entity_types: tuple[str, ...] = ("node", "user"),
+    default_language: str | None = None,
+) -> None:
+    """The entity_translation module installed as Drupal 7 does it (its `system` row, its
+    table), users ticked (or not) on its settings page (entity_translation_entity_types,
+    unticked types 0), the users' "Default language" (entity_translation_settings_user__user),
+    and the site's default language (language_default)."""
+    blob = "bytea" if site.backend == "postgresql" else "blob"
+    await site.execute(SYSTEM_DDL.format(blob=blob))
+    await site.execute(ENTITY_TRANSLATION_DDL)
+    filename = "sites/all/modules/entity_translation/entity_translation.module"
+    await site.execute("DELETE FROM system WHERE filename = :f", f=filename)
+    await site.execute(
+        "INSERT INTO system (filename, name, type, owner, status, bootstrap, schema_version, "
+        "weight) VALUES (:f, 'entity_translation', 'module', '', :s, 0, 7009, 11)",
+        f=filename,
+        s=int(enabled),
+    )
+    types = {t: (t if t in entity_types else 0) for t in ("node", "comment", "user")}
+    await set_variable(site, "entity_translation_entity_types", php_serialize(types))
+    if default_language is not None:
+        settings = {
+            "default_language": default_language,
+            "hide_language_selector": 1,
+            "exclude_language_none": 0,
+            "lock_language": 0,
+            "shared_fields_original_only": 0,
+        }
+        await set_variable(site, "entity_translation_settings_user__user", php_serialize(settings))
+    await set_variable(site, "language_default", language_object(site_default))
+
+
+async def make_translatable(site: DrupalSite, field: str) -> None:
+    """entity_translation's "Enable translation" of a field with no data yet."""
+    await site.execute("UPDATE field_config SET translatable = 1 WHERE field_name = :f", f=field)
+
+
+async def field_rows7(site: DrupalSite, uid: int, field: str) -> dict[str, str]:
+    """language -> the field's value (delta 0), checking field_data_* and field_revision_*
+    hold the same rows, each as Drupal 7 stores it."""
+    found = []
+    for kind in ("data", "revision"):
+        rows = await site.rows(
+            f"SELECT * FROM field_{kind}_{field} WHERE entity_id = :u ORDER BY language", u=uid
+        )
+        for row in rows:
+            assert row == {
+                **row,
+                "entity_type": "user",
+                "bundle": "user",
+                "deleted": 0,
+                "revision_id": uid,
+                "delta": 0,
+                f"{field}_format": None,
+            }, row
+        found.append({r["language"]: r[f"{field}_value"] for r in rows})
+    assert found[0] == found[1], found
+    return found[0]
+
+
+async def translation_rows(site: DrupalSite, uid: int) -> list[dict[str, object]]:
+    rows = await site.rows(
+        "SELECT * FROM entity_translation WHERE entity_type = 'user' AND entity_id = :u "
+        "ORDER BY source",
+        u=uid,
+    )
+    for row in rows:
+        assert abs(int(row.pop("created")) - time.time()) < 120, row
+        assert row.pop("changed") is not None
+    return rows
+
+
+def original(uid: int, language: str) -> dict[str, object]:
+    """The entity_translation row of a user's original language, as the module writes it."""
+    return {
+        "entity_type": "user",
+        "entity_id": uid,
+        "revision_id": uid,
+        "language": language,
+        "source": "",
+        "uid": 0,
+        "status": 1,
+        "translate": 0,
+    }
+
+
+@D7_SITES
+async def test_drupal7_entity_translation_a_new_users_translatable_field_is_in_its_language(
+    drupal_site: DrupalSite, tmp_path: Path
+) -> None:
+    """With entity_translation enabled (a translation handler for users), a field whose
+    field_config.translatable is 1 is stored under the user's language (entity_language():
+    the module's default language for a new user, here the site's, German), not 'und'; the
+    module records the user's original language (hook_field_attach_insert)."""
+    site = drupal_site
+    await enable_languages(site, "de")
+    await add_role(site, "subscriber")
+    await enable_entity_translation(site, site_default="de")
+    await make_translatable(site, "field_first_name")
+    uid = max(await user_ids(site)) + 1
+    syncer = await open_syncer(site, TRANSLATED_MAP, tmp_path, handled_objects=["Contact"])
+    n = note(sf(1), "ana@example.com", "Ana", "Lima")
+    assert await syncer.apply([n]) == [Outcome(n.id, sf(1), "created", uid)]
+    await syncer.close()
+    assert await field_rows7(site, uid, "field_first_name") == {"de": "Ana"}
+    assert await field_rows7(site, uid, "field_last_name") == {"und": "Lima"}
+    assert await field_rows7(site, uid, "field_salesforce_id") == {"und": sf(1)}
+    assert await translation_rows(site, uid) == [original(uid, "de")]
+    assert (await base_row(site, uid))["language"] == ""  # no preferred language: unmapped
+    assert await roles(site, uid) == ["subscriber"]
+
+
+@D7_SITES
+async def test_drupal7_entity_translation_an_update_writes_the_users_original_language(
+    drupal_site: DrupalSite, tmp_path: Path
+) -> None:
+    """An update writes a translatable field in the user's original language (its
+    entity_translation row), keeps its other translations, and writes a user registered
+    before translation (its value under 'und', no row) in the module's default language,
+    recording it, as Drupal's next save of that user would."""
+    site = drupal_site
+    await enable_languages(site, "de")
+    await add_role(site, "subscriber")
+    await enable_entity_translation(site, site_default="en")
+    await make_translatable(site, "field_first_name")
+    ana = await add_member(site, "Ana Lima", "ana@example.com")
+    rui = await add_member(site, "Rui Costa", "rui@example.com")
+    for kind in ("data", "revision"):
+        for uid, language, value in (
+            (ana, "en", "Ana"),
+            (ana, "de", "Ana (de)"),
+            (rui, "und", "Rui"),
+        ):
+            await site.execute(
+                f"INSERT INTO field_{kind}_field_first_name (entity_type, bundle, deleted, "
+                "entity_id, revision_id, language, delta, field_first_name_value) VALUES "
+                "('user', 'user', 0, :u, :u, :l, 0, :v)",
+                u=uid,
+                l=language,
+                v=value,
+            )
+    for language, source in (("en", ""), ("de", "en")):
+        await site.execute(
+            "INSERT INTO entity_translation (entity_type, entity_id, revision_id, language, "
+            "source, uid, status, translate, created, changed) VALUES "
+            "('user', :u, :u, :l, :s, 1, 1, 0, :t, :t)",
+            u=ana,
+            l=language,
+            s=source,
+            t=int(time.time()),
+        )
+    syncer = await open_syncer(site, TRANSLATED_MAP, tmp_path, handled_objects=["Contact"])
+    notes = [
+        note(sf(1), "ana@example.com", "Anna", "Lima"),
+        note(sf(2), "rui@example.com", "Rui Miguel", "Costa"),
+    ]
+    assert await syncer.apply(notes) == [
+        Outcome(notes[0].id, sf(1), "linked", ana),
+        Outcome(notes[1].id, sf(2), "linked", rui),
+    ]
+    await syncer.close()
+    assert await field_rows7(site, ana, "field_first_name") == {"de": "Ana (de)", "en": "Anna"}
+    assert await field_rows7(site, rui, "field_first_name") == {"en": "Rui Miguel"}
+    assert await field_rows7(site, ana, "field_last_name") == {"und": "Lima"}
+    assert [(r["language"], r["source"], r["uid"]) for r in await translation_rows(site, ana)] == [
+        ("en", "", 1),
+        ("de", "en", 1),
+    ]
+    assert await translation_rows(site, rui) == [original(rui, "en")]
+
+
+@D7_SITES
+async def test_drupal7_entity_translation_settings_give_a_new_user_drupals_language(
+    drupal_site: DrupalSite, tmp_path: Path
+) -> None:
+    """The language of a new user's translatable field, and its recorded original language,
+    for each setting: the module disabled: 'und'; users not ticked for translation: the
+    site's default (field_valid_language(NULL)), unrecorded; the users' default language
+    the site's default, the current content language or the author's (a backend has
+    neither: the site's default) or a named language."""
+    site = drupal_site
+    await enable_languages(site, "de", "fr")
+    await add_role(site, "subscriber")
+    await make_translatable(site, "field_first_name")
+    settings: list[tuple[dict[str, Any], tuple[str, list[str]]]] = [
+        ({"enabled": False}, ("und", [])),
+        ({"entity_types": ("node",)}, ("de", [])),
+        ({}, ("de", ["de"])),
+        ({"default_language": "xx-et-default"}, ("de", ["de"])),
+        ({"default_language": "xx-et-current"}, ("de", ["de"])),
+        ({"default_language": "xx-et-author"}, ("de", ["de"])),
+        ({"default_language": "fr"}, ("fr", ["fr"])),
+    ]
+    found = []
+    for i, (setting, _) in enumerate(settings, 1):
+        await site.execute("DELETE FROM variable WHERE name LIKE 'entity_translation%'")
+        await enable_entity_translation(site, site_default="de", **setting)
+        uid = max(await user_ids(site)) + 1
+        syncer = await open_syncer(site, TRANSLATED_MAP, tmp_path, handled_objects=["Contact"])
+        n = note(sf(i), f"p{i}@example.com", "Ana", f"Lima{i}")
+        assert await syncer.apply([n]) == [Outcome(n.id, sf(i), "created", uid)]
+        await syncer.close()
+        (language,) = await field_rows7(site, uid, "field_first_name")
+        assert await field_rows7(site, uid, "field_last_name") == {"und": f"Lima{i}"}
+        recorded = [str(r["language"]) for r in await translation_rows(site, uid)]
+        found.append((setting, (language, recorded)))
+    assert found == settings

@@ -12,6 +12,7 @@ from sqlalchemy.sql.expression import ColumnElement, TableClause
 
 from app.drupal.cache import delete_cache_rows
 from app.drupal.schema import DrupalSchema, read_protected_roles
+from app.drupal.translation7 import LANGUAGE_NONE
 from app.drupal.users import (
     ExistingUser,
     Lookups,
@@ -55,7 +56,6 @@ _BASE_COLUMNS = {
 }
 _FIELD_COLUMNS = ("entity_type", "bundle", "deleted", "entity_id", "revision_id", "language")
 _PG_NEXTID_LOCK = 1000  # Drupal 7's POSTGRESQL_NEXTID_LOCK, an advisory lock's key
-LANGUAGE_NONE = "und"  # D7 stores untranslatable field values under 'und' only
 
 
 def field_tables(name: str, *, has_format: bool = True) -> tuple[TableClause, TableClause]:
@@ -95,6 +95,11 @@ class Drupal7(Lookups):
             written[name] = [(t.name, f"{name}_value") for t in pair]
         super().__init__(users, dialect, nocase_name=False, written=written)
         self._changed = "changed" in schema.user_columns or not schema.user_columns
+        # Fields whose values go under the user's language (entity_translation), not 'und'.
+        self._translation = schema.translation
+        self._translated = frozenset(
+            name for name, f in schema.fields.items() if f.translatable and schema.translation
+        )
 
     async def users(self, conn: AsyncConnection, uids: Iterable[int]) -> dict[int, ExistingUser]:
         wanted = sorted({uid for uid in uids if uid > 0})
@@ -208,7 +213,12 @@ class Drupal7(Lookups):
         await conn.execute(
             insert(users), [self._user_row(user, now) for user in in_name_order(new)]
         )
-        await self._write_fields(conn, [(u.uid or 0, u.fields) for u in new])
+        uids = [u.uid or 0 for u in new]
+        languages: dict[int, str] = {}
+        if self._translation is not None:  # new users: the module's default language
+            languages = dict.fromkeys(uids, self._translation.default)
+            await self._translation.record(conn, uids, now)
+        await self._write_fields(conn, [(u.uid or 0, u.fields) for u in new], languages)
         rows = [{"uid": user.uid, "rid": self._rid(role)} for user in new for role in user.roles]
         if rows:
             await conn.execute(insert(users_roles), rows)
@@ -243,11 +253,23 @@ class Drupal7(Lookups):
         self,
         conn: AsyncConnection,
         items: list[tuple[int, dict[str, Any]]],
+        languages: dict[int, str],
         *,
         replace: bool = False,
     ) -> None:
+        """Field rows per (uid, values): under 'und', a translatable field's under the
+        user's language (`languages`); with `replace`, the user's rows of a field are
+        deleted first: all of them, a translatable field's in that language and 'und' only
+        (its other translations stay, as Drupal's field storage keeps the languages a save
+        does not carry; an untranslated value the field had before it was translatable,
+        which Drupal shows only where no language has one, gives way to the new one)."""
         for name, pair in self._fields.items():
-            touched = [uid for uid, values in items if name in values]
+            translated = name in self._translated
+            touched: dict[str, list[int]] = {}  # language -> uids
+            for uid, values in items:
+                if name in values:
+                    language = languages[uid] if translated else LANGUAGE_NONE
+                    touched.setdefault(language, []).append(uid)
             field = self.schema.fields[name]
             constant = {f"{name}_format": field.format} if field.has_format else {}
             rows = [
@@ -257,7 +279,7 @@ class Drupal7(Lookups):
                     "deleted": 0,
                     "entity_id": uid,
                     "revision_id": uid,
-                    "language": LANGUAGE_NONE,
+                    "language": languages[uid] if translated else LANGUAGE_NONE,
                     "delta": delta,
                     f"{name}_value": value,
                     **constant,
@@ -267,13 +289,12 @@ class Drupal7(Lookups):
                 for delta, value in enumerate(deltas(values[name]))
             ]
             for stored in pair:  # field_data_* and field_revision_* alike
-                if replace:
-                    for chunk in chunks(touched):
-                        await conn.execute(
-                            delete(stored).where(
-                                stored.c.entity_type == "user", stored.c.entity_id.in_(chunk)
-                            )
-                        )
+                for language, uids in touched.items() if replace else ():
+                    for chunk in chunks(uids):
+                        where = [stored.c.entity_type == "user", stored.c.entity_id.in_(chunk)]
+                        if translated:
+                            where.append(stored.c.language.in_(sorted({language, LANGUAGE_NONE})))
+                        await conn.execute(delete(stored).where(*where))
                 if rows:
                     await conn.execute(insert(stored), rows)
 
@@ -282,12 +303,27 @@ class Drupal7(Lookups):
             return
         changed = now if self._changed else None  # D7 before 7.83 has no users.changed
         await update_base(conn, users, [_stored(c) for c in changes], _BASE_COLUMNS, changed)
-        await self._write_fields(conn, [(c.uid, c.fields) for c in changes], replace=True)
+        languages = await self._record_languages(conn, [c.uid for c in changes], now)
+        items = [(c.uid, c.fields) for c in changes]
+        await self._write_fields(conn, items, languages, replace=True)
         await self._add_roles(conn, [c for c in changes if c.roles])
         uids = sorted({c.uid for c in changes})
         await delete_cache_rows(conn, "cache_field", (f"field:user:{uid}" for uid in uids))
         # The entitycache module's bin, when it is installed.
         await delete_cache_rows(conn, "cache_entity_user", (str(uid) for uid in uids))
+
+    async def _record_languages(
+        self, conn: AsyncConnection, uids: list[int], now: int
+    ) -> dict[int, str]:
+        """Each user's language for its translatable fields: its original translation's
+        (entity_translation), else the module's default, and then a row records it, as
+        Drupal's next save of the user would (updateTranslations())."""
+        if self._translation is None:
+            return {}
+        found = await self._translation.originals(conn, uids)
+        unrecorded = sorted({uid for uid in uids if uid not in found})
+        await self._translation.record(conn, unrecorded, now)
+        return {uid: found.get(uid, self._translation.default) for uid in uids}
 
     async def _add_roles(self, conn: AsyncConnection, changes: list[UserChange]) -> None:
         if not changes:

@@ -63,6 +63,7 @@ _field_config = table(
     column("type"),
     column("data"),
     column("cardinality"),
+    column("translatable"),
     column("deleted"),
 )
 _instance7 = table(
@@ -93,6 +94,8 @@ class FieldColumn:
     # Drupal 8+: a value per translation of the user (FieldConfig::isTranslatable(): the
     # field's and its storage's `translatable`); else one value, stored in the user's
     # original language only (SqlContentEntityStorage::saveToDedicatedTables).
+    # Drupal 7: field_config.translatable, which translates the field only where users have
+    # a translation handler (app.drupal.translation7); else its values are under 'und'.
     translatable: bool = False
 
 
@@ -170,6 +173,7 @@ async def _definitions7(
             _field_config.c.type,
             _field_config.c.data,
             _field_config.c.cardinality,
+            _field_config.c.translatable,
         ).where(_field_config.c.deleted == 0, _field_config.c.field_name.in_(names))
     )
     found = {
@@ -177,8 +181,9 @@ async def _definitions7(
             str(kind),
             {**_settings(php_array(data).get("settings")), **own.get(name, {})},
             int(cardinality),
+            bool(int(translatable or 0)),
         )
-        for name, kind, data, cardinality in definitions
+        for name, kind, data, cardinality, translatable in definitions
     }
     fallback = PLAIN_TEXT
     if "variable" in tables:

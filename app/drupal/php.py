@@ -7,7 +7,8 @@ from typing import Any
 
 def php_unserialize(data: bytes | str | memoryview) -> Any:
     """A PHP-serialized value (Drupal's config and D7 variables): strings, numbers,
-    booleans, null and arrays (as dicts). ValueError for anything else."""
+    booleans, null, arrays (as dicts) and objects (their properties as a dict: D7's
+    `language_default` is a stdClass). ValueError for anything else."""
     raw = bytes(data) if not isinstance(data, str) else data.encode()
     value, end = _php_value(raw, 0)
     if end != len(raw):
@@ -45,18 +46,29 @@ def _php_value(raw: bytes, at: int) -> tuple[Any, int]:
             raise ValueError(f"bad string at offset {at}")
         return raw[start : start + length].decode("utf-8", "replace"), start + length + 2
     if kind == b"a:":
+        return _php_items(raw, at + 2)
+    if kind == b"O:":  # O:<n>:"<class>":<count>:{<properties>}: the properties, as a dict
         colon = raw.index(b":", at + 2)
-        count = int(raw[at + 2 : colon])
-        if raw[colon + 1 : colon + 2] != b"{":
-            raise ValueError(f"bad array at offset {at}")
-        pos, items = colon + 2, {}
-        for _ in range(count):
-            key, pos = _php_value(raw, pos)
-            items[key], pos = _php_value(raw, pos)
-        if raw[pos : pos + 1] != b"}":
-            raise ValueError(f"bad array end at offset {pos}")
-        return items, pos + 1
+        end = colon + 2 + int(raw[at + 2 : colon])  # the class name's closing quote
+        if raw[end : end + 2] != b'":':
+            raise ValueError(f"bad object at offset {at}")
+        return _php_items(raw, end + 2)
     raise ValueError(f"unsupported PHP-serialized type {kind!r} at offset {at}")
+
+
+def _php_items(raw: bytes, at: int) -> tuple[dict[Any, Any], int]:
+    """An array's or object's `<count>:{<key><value>...}`, from `at` (its count)."""
+    colon = raw.index(b":", at)
+    count = int(raw[at:colon])
+    if raw[colon + 1 : colon + 2] != b"{":
+        raise ValueError(f"bad array at offset {at}")
+    pos, items = colon + 2, {}
+    for _ in range(count):
+        key, pos = _php_value(raw, pos)
+        items[key], pos = _php_value(raw, pos)
+    if raw[pos : pos + 1] != b"}":
+        raise ValueError(f"bad array end at offset {pos}")
+    return items, pos + 1
 
 
 def php_serialize(value: object) -> str:

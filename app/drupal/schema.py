@@ -14,6 +14,7 @@ from app.drupal.fields import FieldColumn as FieldColumn  # (re-exported)
 from app.drupal.fields import read_fields, table_columns
 from app.drupal.php import php_array
 from app.drupal.php import php_unserialize as php_unserialize  # (re-exported)
+from app.drupal.translation7 import UserTranslation, read_site_default7, read_user_translation
 from app.errors import ConfigError
 
 Major = Literal[7, 10]
@@ -72,6 +73,9 @@ class DrupalSchema:
     # rows, and its preferred_langcode unless mapped), as User::create() gives it (see
     # new_user_langcode); D7: '' (unused).
     user_langcode: str = ""
+    # D7: how entity_translation stores users' translatable fields (None: no module
+    # translates them; every field's values are under 'und').
+    translation: UserTranslation | None = None
 
 
 def _php_string(serialized: bytes | str | None, key: str) -> str | None:
@@ -277,8 +281,18 @@ async def _site7(
     languages = {"en"}  # language_default() without the locale module
     if "languages" in tables:
         languages = {str(code) for (code,) in await conn.execute(select(_languages7.c.language))}
+    site_default = await read_site_default7(conn, tables)
     return DrupalSchema(
-        7, tables, "", None, roles, fields, columns, protected, frozenset(languages or {"en"})
+        7,
+        tables,
+        "",
+        None,
+        roles,
+        fields,
+        columns,
+        protected,
+        frozenset(languages or {"en"}),
+        translation=await read_user_translation(conn, tables, site_default),
     )
 
 
