@@ -73,21 +73,29 @@ class Lifecycle:
     async def load(self, conn: AsyncConnection, records: list[Record]) -> None:
         states = self.planner.plan.states
         survivors = {m for r in records if (m := merged_into(r.fields))} - states.keys()
-        states.update(await ledger.load(conn, survivors))
+        loaded = await ledger.load(conn, survivors)
+        states.update(loaded)
+        mapped = {s.uid for s in loaded.values() if s.uid is not None}
+        missing = [u for u in mapped if u not in self.planner.existing]
+        self.planner.existing.update(await self.planner.store.users(conn, missing))
+        self.planner.forget_gone_users(loaded.values())
         uids = sorted({s.uid for s in states.values() if s.uid is not None and s.uid > 0})
         await self.load_blocks(conn)
         self.status = await _statuses(conn, self.major, uids)
-        missing = [u for u in uids if u not in self.planner.existing]
-        self.planner.existing.update(await self.planner.store.users(conn, missing))
 
     async def load_blocks(self, conn: AsyncConnection) -> None:
         """For a batch without deletions: only whether sfrelay blocked any of its users (those
         of its records, and those found by email, which a record may link)."""
         states = self.planner.plan.states
         mapped = {s.uid for s in states.values() if s.uid is not None and s.uid > 0}
-        uids = sorted(mapped | set(self.planner.existing))
+        forgotten = self.planner.forgotten
+        uids = sorted(mapped | set(self.planner.existing) | set(forgotten))
         ours = await select_in(conn, "SELECT uid, sf_id FROM sfrelay_block WHERE uid {in}", uids)
-        self.ours.update({int(uid): sf_id for uid, sf_id in ours})
+        for uid, sf_id in ours:
+            if forgotten.get(int(uid)) == sf_id:  # its user was deleted in Drupal: no block
+                self.unblock.add(int(uid))
+            else:
+                self.ours[int(uid)] = sf_id
         if self.ours:
             self.status = await _statuses(conn, self.major, self.ours)
 
@@ -127,7 +135,7 @@ class Lifecycle:
             assert st is not None
             if self._refused(r, uid, None):
                 return None
-            st.uid, st.dirty = None, True
+            st.uid, st.user_key, st.dirty = None, None, True
             p.owner.pop(uid, None)
             return p._set_outcome(r, OutcomeKind.UNLINKED, uid, applied=True)
         return self._block(r, uid, None)
@@ -153,8 +161,8 @@ class Lifecycle:
         survivor = p.plan.states.setdefault(master, RecordState(master, r.obj.sobject))
         # The survivor's own versions apply from now on: it starts without a modstamp.
         survivor.uid, survivor.object, survivor.converted_to = uid, r.obj.sobject, None
-        survivor.dirty = True
-        loser.uid, loser.dirty = None, True
+        survivor.user_key, survivor.dirty = loser.user_key, True
+        loser.uid, loser.user_key, loser.dirty = None, None, True
         p.owner[uid] = master
         ids = {f: master for f, source in r.obj.fields.items() if source == "Id"}
         if ids and uid in p.existing:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +63,8 @@ class Plan:
         """Once the new users have uids: put them where pending keys stood."""
         for st in self.states.values():
             if st.uid is not None and st.uid < 0:
-                st.uid = self.resolve(st.uid)
+                user = self.new[st.uid]
+                st.uid, st.user_key = user.uid, user.key
             for entry in st.history:
                 if isinstance(entry.get("uid"), int) and entry["uid"] < 0:
                     entry["uid"] = self.resolve(entry["uid"])
@@ -128,6 +130,10 @@ class Planner:
         self.by_mail: dict[str, set[int]] = {}
         self.mail_of: dict[int, str] = {}
         self.owner: dict[int, str] = {}  # uid or key -> the Salesforce Id mapped to it
+        # Records whose mapped user was deleted in Drupal -> why (their next outcome's detail),
+        # and the uids they were mapped to (forgotten: see forget_gone_users).
+        self.gone: dict[str, str] = {}
+        self.forgotten: dict[int, str] = {}
         self.now = time.time()
         # per object: (Drupal field, Salesforce field, text length, typed converter or None)
         self._columns: dict[str, tuple[tuple[str, str, int | None, Convert | None], ...]] = {}
@@ -157,7 +163,32 @@ class Planner:
             if user.mail and user.uid not in self.mail_of:
                 self.mail_of[user.uid] = user.mail.lower()
                 self.by_mail.setdefault(user.mail.lower(), set()).add(user.uid)
-        self.owner = await ledger.owners(self.conn, set(self.mail_of) | mapped)
+        self.forget_gone_users(self.plan.states.values())
+        owners = await ledger.owners(self.conn, set(self.mail_of) | mapped)
+        self.owner = {uid: sf_id for uid, (sf_id, key) in owners.items() if self.is_user(uid, key)}
+
+    def is_user(self, uid: int, key: str | None) -> bool:
+        """Whether the user mapped as (uid, key) is still in Drupal: the uid exists and,
+        when sfrelay knows it, with the same ExistingUser.key (not a uid given again)."""
+        user = self.existing.get(uid)
+        return user is not None and key in (None, user.key)
+
+    def forget_gone_users(self, states: Iterable[RecordState]) -> None:
+        """Mappings to users deleted in Drupal are forgotten: the record is then as new (its
+        email links or creates a user, by the usual rules), and a uid that Drupal gave again
+        to someone else (MySQL before 8.0 after a restart) never hands that person's account
+        to the record. The record's next outcome says so in its detail. uid 0 and 1 stay
+        mapped (never written: conflict_protected_user)."""
+        for st in states:
+            uid = st.uid
+            if uid is None or uid in SUPERUSERS or self.is_user(uid, st.user_key):
+                continue
+            why = f"uid {uid} was deleted in Drupal"
+            if uid in self.existing:
+                why += f" (uid {uid} is another user now)"
+            self.gone[st.sf_id] = why
+            self.forgotten[uid] = st.sf_id
+            st.uid, st.user_key, st.dirty = None, None, True
 
     def _set_outcome(
         self,
@@ -168,6 +199,8 @@ class Planner:
         *,
         applied: bool = False,
     ) -> None:
+        if r.sf_id in self.gone:  # its first outcome since
+            detail = _joined(detail, self.gone.pop(r.sf_id))
         decision = Outcome(r.notification_id, r.raw_id, kind, key, detail)
         self.plan.decisions[r.index] = decision
         st = self._state(r)
@@ -270,6 +303,8 @@ class Planner:
     def _map(self, r: Record, key: int) -> RecordState:
         st = self._state(r)
         st.uid, st.object, st.dirty = key, r.obj.sobject, True
+        # A new user's is known once it is made (Plan.resolve_new_uids).
+        st.user_key = self.existing[key].key if key >= 0 else None
         self.owner[key] = r.sf_id
         return st
 
@@ -463,6 +498,7 @@ class Planner:
             target = self.plan.states[target_id] = RecordState(target_id, "Contact")
         # The Contact's own versions apply from now on: it starts without a modstamp.
         target.uid, target.object, target.dirty = key, "Contact", True
+        target.user_key = st.user_key
         st.converted_to = target_id
         self.owner[key] = target_id
         ids = {f: r.converted_raw for f, source in contact.fields.items() if source == "Id"}

@@ -71,6 +71,10 @@ Rules in detail (app/plan.py decides, app/drupal/ writes):
 - Only fields present in the notification change; a field sent as nil deletes its value
   (the receiver makes a field its WSDL declares and the message omits a nil: app.soap).
   `langcode` maps to the user's preferred language (the entity keeps the site's language).
+- A mapped user deleted in Drupal (its uid gone, or given again to someone else: its
+  uuid, on Drupal 7 its created time, differs from sfrelay_record.user_key) is forgotten:
+  the record is as new (its email links or creates a user), the outcome's detail says
+  ``uid <n> was deleted in Drupal``; a uid given again is never written for the record.
 - A converted Lead's user keeps its account under the Contact Id (fields mapped from ``Id``
   are set to the Contact Id); a Contact already mapped to another user is `failed`.
 - sfrelay_record keeps the last 10 outcomes of each record (app.plan.HISTORY_SIZE), failed

@@ -282,10 +282,17 @@ async def give_role(site: DrupalSite, uid: int, role: str) -> None:
 
 
 async def add_member(
-    site: DrupalSite, name: str, mail: str, *, login: int = 0, roles: tuple[str, ...] = ()
+    site: DrupalSite,
+    name: str,
+    mail: str,
+    *,
+    login: int = 0,
+    roles: tuple[str, ...] = (),
+    uid: int | None = None,
 ) -> int:
-    """A user that registered in Drupal itself (not from Salesforce); returns its uid."""
-    uid = max(await user_ids(site)) + 1
+    """A user that registered in Drupal itself (not from Salesforce); returns its uid (the
+    next one, or `uid`: a uid Drupal gives again, as MySQL < 8.0 does after a restart)."""
+    uid = max(await user_ids(site)) + 1 if uid is None else uid
     now = int(time.time()) - 3600
     if site.major == 10:
         await site.execute(
@@ -321,19 +328,31 @@ async def add_member(
     return uid
 
 
-async def user_rows(site: DrupalSite, uid: int) -> dict[str, list[dict[str, Any]]]:
-    """Every row Drupal keeps for the user (base, fields, roles), to compare exactly."""
+def _user_tables(site: DrupalSite) -> list[tuple[str, str]]:
+    """(table, its uid column) of every table holding a user's rows (base, fields, roles)."""
     if site.major == 10:
         tables = ["users", "users_field_data", "user__roles", *(f"user__{f}" for f in FIELDS)]
     else:
         tables = ["users", "users_roles"]
         tables += [f"field_{kind}_{f}" for f in FIELDS for kind in ("data", "revision")]
+    base = ("users", "users_field_data", "users_roles")
+    return [(table, "uid" if table in base else "entity_id") for table in tables]
+
+
+async def user_rows(site: DrupalSite, uid: int) -> dict[str, list[dict[str, Any]]]:
+    """Every row Drupal keeps for the user (base, fields, roles), to compare exactly."""
     found = {}
-    for table in tables:
-        key = "uid" if table in ("users", "users_field_data", "users_roles") else "entity_id"
+    for table, key in _user_tables(site):
         rows = await site.rows(f"SELECT * FROM {table} WHERE {key} = :u", u=uid)
         found[table] = sorted(rows, key=repr)
     return found
+
+
+async def delete_user(site: DrupalSite, uid: int) -> None:
+    """Cancel the account as Drupal's "Delete the account and its content" does: every row
+    of the user gone."""
+    for table, key in _user_tables(site):
+        await site.execute(f"DELETE FROM {table} WHERE {key} = :u", u=uid)
 
 
 async def enable_languages(site: DrupalSite, *langcodes: str, default: str | None = None) -> None:

@@ -286,8 +286,9 @@ async def test_a_deleted_record_without_a_user_writes_nothing(drupal_site: Drupa
 @pytest.mark.parametrize("drupal_site", ["sqlite-d10", "pg-d10", "mariadb-d10"], indirect=True)
 async def test_a_version_1_ledger_upgrades_in_order(drupal_site: DrupalSite) -> None:
     """A database an earlier sfrelay migrated (version 1: records without digests, dead
-    letters) gains sfrelay_cursor, sfrelay_block and the digest column; its rows stay, and a
-    version applied before digests keeps the rule of then: its stamp again is `duplicate`."""
+    letters) gains sfrelay_cursor, sfrelay_block and the digest and user_created columns; its
+    rows stay, a version applied before digests keeps the rule of then (its stamp again is
+    `duplicate`), and a user mapped before user_created is still the record's (then noted)."""
     site = drupal_site
     syncer = await open_syncer(site)
     (made,) = await syncer.apply([note(sf(40), "p40@example.org", "P", "Old")])
@@ -295,16 +296,17 @@ async def test_a_version_1_ledger_upgrades_in_order(drupal_site: DrupalSite) -> 
     async with site.engine.begin() as conn:  # back to what version 1 made
         for table in ("sfrelay_cursor", "sfrelay_block"):
             await conn.execute(text(f"DROP TABLE {table}"))
-        await conn.execute(text("ALTER TABLE sfrelay_record DROP COLUMN digest"))
+        for column in ("digest", "user_key"):
+            await conn.execute(text(f"ALTER TABLE sfrelay_record DROP COLUMN {column}"))
         await conn.execute(text("UPDATE sfrelay_schema SET version = 1"))
     tables = "SELECT count(*) AS n FROM sfrelay_cursor UNION ALL SELECT count(*) FROM sfrelay_block"
     with pytest.raises(Exception, match="sfrelay_cursor"):
         await site.rows(tables)
-    assert await ledger.migrate(site.engine) == len(ledger.MIGRATIONS) == 3
-    assert await site.rows("SELECT id, version FROM sfrelay_schema") == [{"id": 1, "version": 3}]
+    assert await ledger.migrate(site.engine) == len(ledger.MIGRATIONS) == 4
+    assert await site.rows("SELECT id, version FROM sfrelay_schema") == [{"id": 1, "version": 4}]
     assert [r["n"] for r in await site.rows(tables)] == [0, 0]
-    assert await site.rows("SELECT uid, digest FROM sfrelay_record") == [
-        {"uid": made.uid, "digest": None}
+    assert await site.rows("SELECT uid, digest, user_key FROM sfrelay_record") == [
+        {"uid": made.uid, "digest": None, "user_key": None}
     ]
     syncer = await open_syncer(site)
     try:
@@ -315,7 +317,10 @@ async def test_a_version_1_ledger_upgrades_in_order(drupal_site: DrupalSite) -> 
     assert kinds(again + later) == ["duplicate", "updated"]
     assert made.uid is not None
     assert (await field_values(site, made.uid))["field_last_name"] == "New"
-    assert (await site.rows("SELECT digest FROM sfrelay_record"))[0]["digest"] is not None
+    (row,) = await site.rows("SELECT digest, user_key FROM sfrelay_record")
+    assert row["digest"] is not None
+    (user,) = await site.rows("SELECT uuid FROM users WHERE uid = :u", u=made.uid)
+    assert row["user_key"] == user["uuid"]
 
 
 @SITES

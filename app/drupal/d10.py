@@ -64,6 +64,7 @@ _USERS = (
     " FROM users_field_data WHERE uid {in}"
 )
 _ROLE_DELTAS = "SELECT entity_id, roles_target_id, delta FROM user__roles WHERE entity_id {in}"
+_UUIDS = "SELECT uid, uuid FROM users WHERE uid {in}"
 _HELD_ROLES = (
     "SELECT entity_id, roles_target_id FROM user__roles WHERE deleted = 0 AND entity_id {in}"
 )
@@ -141,6 +142,7 @@ class Drupal10(Lookups):
         held: dict[int, set[str]] = defaultdict(set)
         for entity_id, target in await select_in(conn, _HELD_ROLES, sorted(rows)):
             held[int(entity_id)].add(str(target))
+        uuids = {int(uid): str(key) for uid, key in await select_in(conn, _UUIDS, sorted(rows))}
         found = {}
         for uid, translations in rows.items():
             if len(translations) > 1:
@@ -148,7 +150,14 @@ class Drupal10(Lookups):
             _, name, mail, _, _, login, status = translations[0]
             langcodes = tuple(r[3] for r in translations)
             found[uid] = ExistingUser(
-                uid, name, mail, langcodes, frozenset(held[uid]), int(login or 0), int(status or 0)
+                uid,
+                name,
+                mail,
+                langcodes,
+                frozenset(held[uid]),
+                int(login or 0),
+                int(status or 0),
+                uuids.get(uid, ""),
             )
         return found
 
@@ -169,13 +178,13 @@ class Drupal10(Lookups):
         query = select(users.c.uid, users.c.uuid).where(users.c.uid > before)
         for uid, key in (await conn.execute(query)).all():
             if (user := by_uuid.get(key)) is not None:
-                user.uid = int(uid)
+                user.uid, user.key = int(uid), key
         # A sequence set below the highest uid (a restored database) numbers them lower.
         missing = [key for key, user in by_uuid.items() if user.uid is None]
         for chunk in chunks(missing):
             query = select(users.c.uid, users.c.uuid).where(users.c.uuid.in_(chunk))
             for uid, key in (await conn.execute(query)).all():
-                by_uuid[key].uid = int(uid)
+                by_uuid[key].uid, by_uuid[key].key = int(uid), key
         rows = [self._data_row(user, now) for user in in_name_order(new)]
         await insert_rows(conn, "users_field_data", _DATA_COLUMNS, rows)
         await self._write_fields(conn, [(u.uid or 0, (self.langcode,), u.fields) for u in new])

@@ -106,7 +106,12 @@ class Drupal7(Lookups):
         rows: list[Any] = []
         for chunk in chunks(wanted):  # the rows first, locked (for_update), then the roles
             query = select(
-                users.c.uid, users.c.name, users.c.mail, users.c.login, users.c.status
+                users.c.uid,
+                users.c.name,
+                users.c.mail,
+                users.c.login,
+                users.c.status,
+                users.c.created,
             ).where(users.c.uid.in_(chunk))
             if self._dialect != "sqlite":
                 query = query.with_for_update()
@@ -129,8 +134,9 @@ class Drupal7(Lookups):
                 frozenset(held.get(int(uid), ())),
                 int(login or 0),
                 int(status or 0),
+                str(created),
             )
-            for uid, name, mail, login, status in rows
+            for uid, name, mail, login, status, created in rows
         }
 
     async def protected_roles(self, conn: AsyncConnection) -> frozenset[str]:
@@ -209,7 +215,7 @@ class Drupal7(Lookups):
         if not new:
             return
         for user, uid in zip(new, await self._allocate(conn, len(new)), strict=True):
-            user.uid = uid
+            user.uid, user.key = uid, str(now)
         await conn.execute(
             insert(users), [self._user_row(user, now) for user in in_name_order(new)]
         )

@@ -1,9 +1,10 @@
 """sfrelay's ledger of records in the Drupal database (`sfrelay_*` tables) and its migrations.
 
-sfrelay_record       one row per Salesforce record seen: Salesforce Id (18-character) <-> uid,
-                     object, last applied modstamp, notification and digest (what that
-                     version says: app.records.version_digest), the Contact a converted
-                     Lead became, and the outcomes of the last N attempts (JSON)
+sfrelay_record       one row per Salesforce record seen: Salesforce Id (18-character) <-> uid
+                     and who that user is beyond its uid (user_key: its uuid; Drupal 7: its
+                     created time), object, last applied modstamp, notification and digest
+                     (what that version says: app.records.version_digest), the Contact a
+                     converted Lead became, and the outcomes of the last N attempts (JSON)
 sfrelay_dead_letter  notifications that kept failing (defined and used by app/dead.py)
 sfrelay_cursor       reconcile watermarks and backfill checkpoints (app/drupal/cursors.py)
 sfrelay_block        the users sfrelay blocked, and for which record (app/lifecycle.py)
@@ -64,6 +65,10 @@ records = Table(
     Column("history", _LongText, nullable=False),
     Column("updated_at", Double, nullable=False),
     Column("digest", String(16), nullable=True),  # None: applied before sfrelay kept it
+    # Who the mapped user is beyond its uid (app.drupal.users.ExistingUser.key): a uid deleted
+    # in Drupal and given again to someone else (MySQL before 8.0 forgets its AUTO_INCREMENT
+    # at a restart) has another. None: mapped before sfrelay kept it.
+    Column("user_key", String(128), nullable=True),
 )
 
 schema_version = Table(
@@ -93,8 +98,14 @@ def _v3(sync_conn: Connection) -> None:
         sync_conn.execute(text(f"ALTER TABLE {records.name} ADD COLUMN digest VARCHAR(16)"))
 
 
+def _v4(sync_conn: Connection) -> None:
+    # (_v1 creates the table with it today)
+    if "user_key" not in {c["name"] for c in inspect(sync_conn).get_columns(records.name)}:
+        sync_conn.execute(text(f"ALTER TABLE {records.name} ADD COLUMN user_key VARCHAR(128)"))
+
+
 # Append only: each step takes the schema from version i to i + 1.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
 
 
 async def migrate(engine: AsyncEngine) -> int:
@@ -138,11 +149,15 @@ class RecordState:
     converted_to: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     digest: str | None = None  # of the version at `modstamp`
+    user_key: str | None = None  # the mapped user's ExistingUser.key (None: not known)
     stored: bool = False  # a row exists already
     dirty: bool = False
-    # The stored row's (object, uid, converted_to): a save that leaves them as they were
-    # writes the other columns only, and the uid index is not touched.
-    mapping: tuple[str, int | None, str | None] | None = None
+    # The stored row's (object, uid, converted_to, user_key): a save that leaves them as they
+    # were writes the other columns only, and the uid index is not touched.
+    mapping: tuple[str, int | None, str | None, str | None] | None = None
+
+    def mapped(self) -> tuple[str, int | None, str | None, str | None]:
+        return (self.object, self.uid, self.converted_to, self.user_key)
 
     def same_version(self, fields: dict[str, Any], sources: tuple[str, ...]) -> bool:
         """A version stamped as the one applied last is that version again unless its values
@@ -152,10 +167,10 @@ class RecordState:
 
 
 _LOAD = (
-    "SELECT sf_id, object, uid, modstamp, notification_id, converted_to, history, digest"
-    " FROM sfrelay_record WHERE sf_id {in}"
+    "SELECT sf_id, object, uid, modstamp, notification_id, converted_to, history, digest,"
+    " user_key FROM sfrelay_record WHERE sf_id {in}"
 )
-_OWNERS = "SELECT uid, sf_id FROM sfrelay_record WHERE converted_to IS NULL AND uid {in}"
+_OWNERS = "SELECT uid, sf_id, user_key FROM sfrelay_record WHERE converted_to IS NULL AND uid {in}"
 
 
 async def load(conn: AsyncConnection, sf_ids: Iterable[str]) -> dict[str, RecordState]:
@@ -170,17 +185,19 @@ async def load(conn: AsyncConnection, sf_ids: Iterable[str]) -> dict[str, Record
             converted,
             orjson.loads(history),
             digest,
+            key,
             stored=True,
-            mapping=(sobject, uid, converted),
+            mapping=(sobject, uid, converted, key),
         )
-        for sf_id, sobject, uid, stamp, nid, converted, history, digest in rows
+        for sf_id, sobject, uid, stamp, nid, converted, history, digest, key in rows
     }
 
 
-async def owners(conn: AsyncConnection, uids: Iterable[int]) -> dict[int, str]:
-    """uid -> the Salesforce Id it is mapped to (converted Leads no longer own theirs)."""
+async def owners(conn: AsyncConnection, uids: Iterable[int]) -> dict[int, tuple[str, str | None]]:
+    """uid -> (the Salesforce Id it is mapped to, its user_key); converted Leads no longer
+    own theirs."""
     rows = await select_in(conn, _OWNERS, sorted(set(uids)))
-    return {int(uid): sf_id for uid, sf_id in rows}
+    return {int(uid): (sf_id, key) for uid, sf_id, key in rows}
 
 
 _COLUMNS = (
@@ -192,6 +209,7 @@ _COLUMNS = (
     "history",
     "updated_at",
     "digest",
+    "user_key",
 )
 
 
@@ -211,6 +229,7 @@ def _values(state: RecordState, now: float) -> tuple[Any, ...]:
         history,
         now,
         state.digest,
+        state.user_key,
     )
 
 
@@ -229,7 +248,7 @@ async def save(conn: AsyncConnection, states: Iterable[RecordState]) -> None:
             continue
         if not state.stored:
             new.append((state.sf_id, *_values(state, now)))
-        elif state.mapping == (state.object, state.uid, state.converted_to):
+        elif state.mapping == state.mapped():
             routine.append(
                 (
                     state.modstamp,

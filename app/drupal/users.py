@@ -46,6 +46,7 @@ class NewUser:
     fields: dict[str, Any]  # field_* -> value as its type stores it (None or "" = no row)
     roles: tuple[str, ...]
     uid: int | None = None  # set by create()
+    key: str | None = None  # set by create(): its ExistingUser.key
 
 
 def in_name_order(new: list[NewUser]) -> list[NewUser]:
@@ -76,6 +77,9 @@ class ExistingUser:
     roles: frozenset[str]  # extra roles held now (D10 machine names, D7 role names)
     login: int  # last login time; 0: never logged in
     status: int  # 1 active, 0 blocked
+    # Who the user is beyond its uid, which Drupal can give again after a deletion (MySQL
+    # before 8.0): Drupal 8+ its uuid; Drupal 7 (no uuid in core) its created time.
+    key: str
 
 
 class UserStore(Protocol):

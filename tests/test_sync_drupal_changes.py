@@ -1,0 +1,120 @@
+"""What Drupal's administrators do while sfrelay runs, on every backend: users deleted in
+Drupal (and their uid given again to someone else), accounts edited in Drupal."""
+
+from __future__ import annotations
+
+from app.outcomes import Outcome
+from app.sync import Syncer
+from tests.drupal_rows import (
+    add_member,
+    base_row,
+    delete_user,
+    field_values,
+    ledger_history,
+    open_syncer,
+    user_ids,
+    user_rows,
+)
+from tests.factories import note, sf
+from tests.fixtures_db import DrupalSite
+
+
+async def create(syncer: Syncer, n: int, minutes: int = 0) -> int:
+    """Contact `n` synced: its new user's uid."""
+    (out,) = await syncer.apply([note(sf(n), f"p{n}@example.org", "P", f"L{n}", minutes=minutes)])
+    assert out.kind == "created" and out.uid is not None
+    return out.uid
+
+
+async def uid_given_again(site: DrupalSite, syncer: Syncer) -> int:
+    """Contact 1 synced, its user deleted in Drupal, and its uid given to a newcomer (as MySQL
+    before 8.0 does after a restart): that uid."""
+    old = await create(syncer, 1)
+    await delete_user(site, old)
+    assert await add_member(site, "newcomer", "newcomer@example.org", uid=old) == old
+    return old
+
+
+async def test_a_user_deleted_in_drupal_comes_back_as_a_new_user_saying_why(
+    drupal_site: DrupalSite,
+) -> None:
+    """Salesforce is the master: the record's next version makes it a user again (not an
+    UPDATE of rows that are gone), and its outcome says the old one was deleted in Drupal."""
+    site = drupal_site
+    syncer = await open_syncer(site)
+    old = await create(syncer, 1)
+    await delete_user(site, old)
+    before = await user_ids(site)
+    n = note(sf(1), "p1@example.org", "P", "New", minutes=1)
+    out = await syncer.apply([n])
+    await syncer.close()
+    new = old + 1  # the uid is not given again (Drupal's own counters)
+    assert out == [Outcome(n.id, sf(1), "created", new, f"uid {old} was deleted in Drupal")]
+    assert await user_ids(site) == [*before, new]
+    assert await user_rows(site, old) == await user_rows(site, -1)  # nothing left for it
+    assert await field_values(site, new) == {
+        "field_first_name": "P",
+        "field_last_name": "New",
+        "field_salesforce_id": sf(1),
+    }
+    uid, entries = await ledger_history(site, sf(1))
+    assert uid == new
+    assert [(e["o"], e["uid"], e.get("d")) for e in entries] == [
+        ("created", old, None),
+        ("created", new, f"uid {old} was deleted in Drupal"),
+    ]
+
+
+async def test_a_uid_drupal_gives_again_never_hands_its_new_owner_to_the_record(
+    drupal_site: DrupalSite,
+) -> None:
+    """MySQL before 8.0 forgets its AUTO_INCREMENT at a restart: a user deleted in Drupal can
+    leave its uid to the next person who registers. The record's next version must not write
+    that person's account (its mail: the password-reset address)."""
+    site = drupal_site
+    syncer = await open_syncer(site)
+    old = member = await uid_given_again(site, syncer)
+    theirs = await user_rows(site, member)
+    n = note(sf(1), "p1@example.org", "P", "Again", minutes=1)
+    out = await syncer.apply([n])
+    await syncer.close()
+    why = f"uid {old} was deleted in Drupal (uid {old} is another user now)"
+    assert out == [Outcome(n.id, sf(1), "created", old + 1, why)]
+    assert await user_rows(site, member) == theirs
+    assert (await base_row(site, old + 1))["mail"] == "p1@example.org"
+    assert (await ledger_history(site, sf(1)))[0] == old + 1
+
+
+async def test_a_user_whose_record_lost_its_user_in_drupal_links_to_another_record(
+    drupal_site: DrupalSite,
+) -> None:
+    """The uid given again belongs to its new owner, not to the record whose user was
+    deleted: another record with that person's email links it (not a conflict naming the
+    record of the deleted user)."""
+    site = drupal_site
+    syncer = await open_syncer(site)
+    member = await uid_given_again(site, syncer)
+    n = note(sf(2), "newcomer@example.org", "New", "Comer", minutes=1)
+    out = await syncer.apply([n])
+    await syncer.close()
+    assert out == [Outcome(n.id, sf(2), "linked", member)]
+    assert (await ledger_history(site, sf(2)))[0] == member
+
+
+async def test_a_salesforce_deletion_never_blocks_the_new_owner_of_a_uid_given_again(
+    drupal_site: DrupalSite,
+) -> None:
+    """SFRELAY_ON_DELETE=block blocks the record's user: not the person who got its uid after
+    the record's user was deleted in Drupal."""
+    site = drupal_site
+    syncer = await open_syncer(site)
+    old = member = await uid_given_again(site, syncer)
+    theirs = await user_rows(site, member)
+    n = note(sf(1), "p1@example.org", minutes=1, IsDeleted=True)
+    out = await syncer.apply([n])
+    await syncer.close()
+    why = f"the record has no Drupal user; uid {old} was deleted in Drupal"
+    assert out == [Outcome(n.id, sf(1), "deleted", None, f"{why} (uid {old} is another user now)")]
+    assert await user_rows(site, member) == theirs
+    assert await site.rows("SELECT uid FROM sfrelay_block") == []
+    assert (await ledger_history(site, sf(1)))[0] is None
