@@ -2,6 +2,8 @@
 
 SfrelayError
 ├── ConfigError               settings or mapping files are wrong: fix them and restart
+│   ├── SiteChanged               the Drupal site no longer has what the field map writes (a
+│   │                             field deleted while a worker ran): the worker stops, jobs wait
 │   ├── SalesforceLoginFailed     Salesforce refused the credentials or the Connected App
 │   └── SalesforceQueryRefused    MALFORMED_QUERY / INVALID_FIELD: names the object and field
 ├── RejectedMessage           the receiver refuses a request (SOAP Fault, nothing stored)
@@ -59,6 +61,12 @@ class SfrelayError(Exception):
 
 class ConfigError(SfrelayError):
     """A setting or a mapping file is wrong; the message says what to change."""
+
+
+class SiteChanged(ConfigError):
+    """The Drupal site changed under a running worker so that the field map no longer fits
+    it (a mapped user field deleted in Drupal): every record would fail alike. The worker
+    stops and leaves its jobs queued; a restart refuses the field map until it fits again."""
 
 
 class RejectedMessage(SfrelayError):

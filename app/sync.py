@@ -50,7 +50,9 @@ failed                      permanent per-record error (detail: the error): dead
 `apply` raises `app.errors.RetryableError` only when the database as a whole cannot be used
 (unreachable, locked, deadlock, read-only, disk full, I/O error: classified by the driver's error
 code in app/drupal/errors.py): the whole call can simply be repeated, because
-applying the same notifications again has no second effect. `Syncer.open` raises
+applying the same notifications again has no second effect; and `app.errors.SiteChanged` (a
+ConfigError) when the database refused the batch because the site no longer has what the field
+map writes (a mapped field deleted in Drupal while the worker ran). `Syncer.open` raises
 `ConfigError` for a wrong field map, role or Drupal version, and `RetryableError` when the
 database cannot be reached.
 
@@ -109,12 +111,12 @@ from app.drupal import ledger
 from app.drupal.d7 import Drupal7
 from app.drupal.d10 import Drupal10
 from app.drupal.engine import create_engine, writer
-from app.drupal.errors import classify, driver_text
+from app.drupal.errors import classify, driver_text, names_missing_object
 from app.drupal.fieldtypes import Converter, field_converters, site_language
-from app.drupal.schema import IMPLICIT_ROLES, DrupalSchema, inspect_drupal
+from app.drupal.schema import IMPLICIT_ROLES, DrupalSchema, detect_major, inspect_drupal
 from app.drupal.stats import Statistics
 from app.drupal.users import Key, UserStore
-from app.errors import ConfigError, RecordError, RetryableError
+from app.errors import ConfigError, RecordError, RetryableError, SiteChanged
 from app.jobs import JobNotification
 from app.lifecycle import decide_batch
 from app.mapping import FieldMap, load_field_map
@@ -242,6 +244,8 @@ class Syncer:
             await self._apply(records, outcomes)
             return
         except Exception as exc:
+            if whole and names_missing_object(exc):
+                await self._check_site()
             await self._raise_if_transient(exc)
             if not isinstance(exc, DBAPIError):
                 raise
@@ -273,6 +277,32 @@ class Syncer:
         with suppress(DBAPIError):  # the history is a record, not the outcome
             async with writer(self.engine) as conn:
                 await note_failure(conn, record, kind, _error(failure))
+
+    async def _check_site(self) -> None:
+        """After the database refused a whole batch for a table or column it does not have
+        (app.drupal.errors.names_missing_object): SiteChanged when the site no longer has
+        what the field map writes (a user field deleted in Drupal while the worker ran, its
+        table gone), which Syncer.open would refuse: every record would fail alike, into the
+        dead letters. While Drupal's own user tables are missing (a restore running) or the
+        database cannot be read, the batch's error stands."""
+        try:
+            async with self.engine.connect() as conn:
+                try:
+                    await detect_major(conn)
+                except ConfigError:
+                    return  # no Drupal user tables: a restore, retried as any missing table
+                try:
+                    schema = await inspect_drupal(
+                        conn, self.settings.drupal_version, self.field_map.user_fields
+                    )
+                    self.field_map.validate(schema, self.settings.handled_objects)
+                except ConfigError as exc:
+                    raise SiteChanged(
+                        f"the Drupal site changed while the worker ran: {exc}; the worker "
+                        "stops and leaves its jobs queued"
+                    ) from None
+        except (DBAPIError, OSError):
+            return
 
     async def _raise_if_transient(self, exc: BaseException) -> None:
         verdict = classify(exc)

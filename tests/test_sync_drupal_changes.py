@@ -1,8 +1,11 @@
 """What Drupal's administrators do while sfrelay runs, on every backend: users deleted in
-Drupal (and their uid given again to someone else), accounts edited in Drupal."""
+Drupal (and their uid given again to someone else), user fields deleted."""
 
 from __future__ import annotations
 
+import pytest
+
+from app.errors import ConfigError, SiteChanged
 from app.outcomes import Outcome
 from app.sync import Syncer
 from tests.drupal_rows import (
@@ -118,3 +121,52 @@ async def test_a_salesforce_deletion_never_blocks_the_new_owner_of_a_uid_given_a
     assert await user_rows(site, member) == theirs
     assert await site.rows("SELECT uid FROM sfrelay_block") == []
     assert (await ledger_history(site, sf(1)))[0] is None
+
+
+async def delete_field(site: DrupalSite, name: str) -> None:
+    """Delete a user field as Drupal does: its definition gone, its tables kept aside for
+    purging (Drupal 8+ field_deleted_data_<hash>; Drupal 7 field_deleted_*_<id>)."""
+    if site.major == 10:
+        await site.execute(
+            "DELETE FROM config WHERE collection = '' AND name IN (:storage, :field)",
+            storage=f"field.storage.user.{name}",
+            field=f"field.field.user.user.{name}",
+        )
+        await site.execute(f"ALTER TABLE user__{name} RENAME TO field_deleted_data_5e1f0a3b9c")
+        return
+    for table in ("field_config", "field_config_instance"):
+        await site.execute(f"UPDATE {table} SET deleted = 1 WHERE field_name = :n", n=name)
+    for kind in ("data", "revision"):
+        await site.execute(f"ALTER TABLE field_{kind}_{name} RENAME TO field_deleted_{kind}_9")
+
+
+async def test_a_field_deleted_in_drupal_stops_the_worker_never_failing_its_records(
+    drupal_site: DrupalSite,
+) -> None:
+    """A mapped field deleted while the worker runs: every record would fail alike (dead
+    letters for all, at once on SQLite, after the retries elsewhere). The batch raises
+    SiteChanged (the worker stops, its jobs wait) with what a restart would say, and writes
+    nothing, not even the records' history."""
+    site = drupal_site
+    syncer = await open_syncer(site)
+    uid = await create(syncer, 1)
+    before = (await user_ids(site), await base_row(site, uid), await ledger_history(site, sf(1)))
+    await delete_field(site, "field_first_name")
+    batch = [
+        note(sf(1), "p1@example.org", "P", "Changed", minutes=1),
+        note(sf(2), "p2@example.org", "Q", "New"),
+    ]
+    gone = "the user field 'field_first_name' does not exist on this Drupal site"
+    with pytest.raises(
+        SiteChanged, match=f"^the Drupal site changed while the worker ran: field map: {gone}"
+    ):
+        await syncer.apply(batch)
+    await syncer.close()
+    assert (
+        await user_ids(site),
+        await base_row(site, uid),
+        await ledger_history(site, sf(1)),
+    ) == before
+    assert await site.rows("SELECT sf_id FROM sfrelay_record WHERE sf_id = :s", s=sf(2)) == []
+    with pytest.raises(ConfigError, match=f"^field map: {gone}"):
+        await open_syncer(site)  # a restarted worker: refused, saying what to do

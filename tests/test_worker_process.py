@@ -17,6 +17,7 @@ import orjson
 import redis
 
 from app.config import Settings
+from app.drupal.engine import nocase_utf8
 from app.queue import (
     DEAD_KEY,
     IN_PROGRESS_KEY_PREFIX,
@@ -234,3 +235,43 @@ def test_a_stopping_worker_leaves_the_health_check_to_the_one_still_running(
     assert second.wait(20) == 0
     assert not redis_client.exists(key)  # the last one out: no worker is alive
     assert redis_client.zcard(alive) == 0
+
+
+def rename_table(path: Path, old: str, new: str) -> None:
+    with sqlite3.connect(path) as db:
+        db.create_collation("NOCASE_UTF8", nocase_utf8)
+        db.execute(f"ALTER TABLE {old} RENAME TO {new}")
+    db.close()
+
+
+def test_a_field_deleted_in_drupal_stops_the_worker_and_its_jobs_wait_for_the_fix(
+    worker_settings: Settings,
+    worker_process: Starter,
+    redis_client: redis.Redis,
+    drupal_db: Path,
+) -> None:
+    """A mapped user field deleted while the worker runs (its table set aside, as Drupal's
+    field deletion does): the worker stops (exit 0, for its supervisor), the job stays queued,
+    nothing becomes a dead letter; a restarted worker refuses the field map, saying what to do,
+    and once the field is back the job applies."""
+    tmp_path = drupal_db.parent
+    worker = worker_process(worker_settings, tmp_path)
+    worker.wait_ready(redis_client)
+    enqueue(worker_settings, 1, 5)
+    wait_for(lambda: emails(drupal_db) == expected(1, 5))
+    rename_table(drupal_db, "user__field_last_name", "field_deleted_data_5e1f0a3b9c")
+    enqueue(worker_settings, 100, 5)
+    assert worker.wait(30) == 0
+    gone = "the user field 'field_last_name' does not exist on this Drupal site"
+    assert f"the Drupal site changed while the worker ran: field map: {gone}" in worker.output()
+    assert redis_client.zcard(worker_settings.queue_name) == 1
+    assert redis_client.hlen(DEAD_KEY) == 0
+    with sqlite3.connect(drupal_db) as db:
+        assert db.execute("SELECT count(*) FROM sfrelay_dead_letter").fetchone() == (0,)
+    db.close()
+    restarted = worker_process(worker_settings, tmp_path)
+    assert restarted.wait(30) != 0
+    assert f"field map: {gone}" in restarted.output()
+    rename_table(drupal_db, "field_deleted_data_5e1f0a3b9c", "user__field_last_name")
+    assert worker_process(worker_settings, tmp_path, "--burst").wait(30) == 0
+    assert emails(drupal_db) == sorted(expected(1, 5) + expected(100, 5))

@@ -18,7 +18,7 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.errors import RetryableError
+from app.errors import RetryableError, SiteChanged
 from app.outcomes import Outcome
 from workers.metrics import batch_applied
 
@@ -147,8 +147,8 @@ class GroupCommit:
             outcomes = await self._apply([n for w in batch for n in w.notifications])
             if len(outcomes) != sum(len(w.notifications) for w in batch):
                 raise RuntimeError("Syncer.apply returned a different number of outcomes")
-        except RetryableError as exc:
-            _fail(batch, exc)  # the database as a whole: every job retries
+        except (RetryableError, SiteChanged) as exc:
+            _fail(batch, exc)  # the database or the site as a whole: every job alike
             return
         except Exception as exc:
             if len(batch) == 1:

@@ -21,7 +21,7 @@ from app import dead
 from app.config import Settings
 from app.dead import DeadLetter
 from app.drupal.errors import driver_text
-from app.errors import QueueUnavailable, RetryableError
+from app.errors import QueueUnavailable, RetryableError, SiteChanged
 from app.jobs import ApplyJob, JobNotification
 from app.logs import fields
 from app.outcomes import Outcome, OutcomeKind
@@ -98,13 +98,19 @@ async def after_job_end(ctx: dict[str, Any]) -> None:
     state: WorkerState = ctx[STATE]
     rss = _rss_mb(state)
     if rss > state.settings.worker_max_rss_mb and not state.stopping:
-        state.stopping = True
         logger.warning(
             "rss %.0f MB is over SFRELAY_WORKER_MAX_RSS_MB=%d: finishing running jobs and "
             "exiting for the supervisor to restart the worker",
             rss,
             state.settings.worker_max_rss_mb,
         )
+        _stop(state)
+
+
+def _stop(state: WorkerState) -> None:
+    """Stop the way SIGTERM does: running jobs finish, nothing new is taken, exit 0."""
+    if not state.stopping:
+        state.stopping = True
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -152,7 +158,17 @@ async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
         except WriterBusy:
             # Other workers' batches took the database until this job's deadline: nothing of
             # it ran and nothing failed. Back on the queue, due now, its tries unchanged.
-            await _requeue_waiting(redis, ctx, settings, job)
+            await _requeue(
+                redis, ctx, settings, job, "other workers held the database until its deadline"
+            )
+            return
+        except SiteChanged as exc:
+            # Every record would fail alike, into the dead letters: the job waits instead,
+            # tries unchanged, and the worker stops; started again, it refuses the field map
+            # (saying what to do) until the site and the map fit again.
+            logger.error("job %s: %s", ctx["job_id"], exc)
+            _stop(state)
+            await _requeue(redis, ctx, settings, job, "the Drupal site changed")
             return
         except (RetryableError, TimeoutError) as exc:
             reason = str(exc) or "the database gave no answer in time"
@@ -201,8 +217,8 @@ async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
 _Letter = tuple[JobNotification, str, int]  # notification, reason, attempts
 
 
-async def _requeue_waiting(
-    redis: Redis, ctx: dict[str, Any], settings: Settings, job: ApplyJob
+async def _requeue(
+    redis: Redis, ctx: dict[str, Any], settings: Settings, job: ApplyJob, why: str
 ) -> None:
     # A fixed follow-up id (.w<n>, counting up): a re-run of this job queues the same one.
     base, _, count = str(ctx["job_id"]).rpartition(".w")
@@ -221,12 +237,7 @@ async def _requeue_waiting(
         delay = backoff_s(settings, ctx["job_try"])
         logger.warning("job %s: %s; running it again in %.0f s", ctx["job_id"], exc, delay)
         raise Retry(defer=delay) from exc
-    logger.info(
-        "job %s: other workers held the database until its deadline; queued again as %s "
-        "(tries unchanged)",
-        ctx["job_id"],
-        job_id,
-    )
+    logger.info("job %s: %s; queued again as %s (tries unchanged)", ctx["job_id"], why, job_id)
 
 
 def _sort_outcomes(

@@ -54,6 +54,10 @@ OSError, ConnectionError, TimeoutError     yes        yes        the network or 
 =========================================  =========  =========  =============================
 
 Any DBAPIError that SQLAlchemy marks `connection_invalidated` is transient with reconnect.
+
+`names_missing_object(exc)`: the statement may have named a table or column that does not
+exist (PostgreSQL 42P01, 42703; MySQL 1146, 1054; SQLite's generic SQLITE_ERROR, which it
+also is): the site's schema may have changed under the worker, which app.sync then checks.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.exc import DBAPIError
 
-__all__ = ["Classified", "classify", "error_code", "is_transient"]
+__all__ = ["Classified", "classify", "error_code", "is_transient", "names_missing_object"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +171,14 @@ def _classify_driver(orig: BaseException | None) -> Classified | None:
 
 def is_transient(exc: BaseException) -> bool:
     return classify(exc).transient
+
+
+# Undefined table or column, by each driver's code (SQLite's is its generic error).
+_MISSING_OBJECT = frozenset({"42P01", "42703", "1146", "1054", "SQLITE_ERROR"})
+
+
+def names_missing_object(exc: BaseException) -> bool:
+    return classify(exc).code in _MISSING_OBJECT
 
 
 def error_code(exc: BaseException) -> str | None:
