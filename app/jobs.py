@@ -36,6 +36,12 @@ class Source(StrEnum):
     BACKFILL = "backfill"
     REFETCH = "refetch"
 
+    @property
+    def polled(self) -> bool:
+        """Read from Salesforce's API: its notification ids are stand-ins for a version
+        (app.salesforce.soql.synthetic_id), which a later poll reads again."""
+        return self in (Source.RECONCILE, Source.BACKFILL)
+
 
 # Not frozen: a frozen dataclass costs ten times as much to build, and the receiver builds
 # one per notification on its hot path. Treat it as immutable (dataclasses.replace).

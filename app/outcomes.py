@@ -35,6 +35,25 @@ class OutcomeKind(StrEnum):
     API_LIMIT = "api_limit"
 
 
+# After these, sfrelay_record holds the version or a later one: the ledger, not the queue's
+# dedupe key, then says it was applied (app.reconcile's `current`).
+IN_LEDGER = frozenset(
+    {
+        OutcomeKind.CREATED,
+        OutcomeKind.UPDATED,
+        OutcomeKind.LINKED,
+        OutcomeKind.CONVERTED,
+        OutcomeKind.STALE,
+        OutcomeKind.DUPLICATE,
+        OutcomeKind.BLOCKED,
+        OutcomeKind.UNBLOCKED,
+        OutcomeKind.UNLINKED,
+        OutcomeKind.MERGED,
+        OutcomeKind.DELETED,
+    }
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What happened to one notification (what the planner decided, then the sync's result)."""

@@ -5,7 +5,8 @@ receiver (`app.receiver`) is its first caller. A submission becomes at most one 
 its new notifications, written by one Lua script in one round trip together with:
 
 - a dedupe key per notification id (`sfrelay:seen:<org>:<id>`, kept for 26 hours by default),
-  so a redelivered notification, alone or re-batched beside new ones, is never queued twice;
+  so a redelivered notification, alone or re-batched beside new ones, is never queued twice
+  (a polled version's goes once the ledger holds it: `count_outcomes`);
 - the skipped count for objects no mapping handles;
 - a dead letter (reason + raw body) for each authentic but unusable notification; the body
   is kept as long as a job (`job_ttl_s`), without its SessionId's content.
@@ -425,11 +426,18 @@ def redis_client(settings: Settings, *, timeout_s: float = 5) -> Redis:
     return client
 
 
-async def count_outcomes(redis: Redis, counts: Counter[OutcomeKind]) -> None:
-    """Add a job's outcomes to the `outcome:*` counters (shown by `sfrelay queue stats`)."""
+async def count_outcomes(
+    redis: Redis, counts: Counter[OutcomeKind], *, org15: str = "", settled: Sequence[str] = ()
+) -> None:
+    """Add a job's outcomes to the `outcome:*` counters (shown by `sfrelay queue stats`), and
+    forget the dedupe keys of `settled`: polled versions (app.jobs.Source.polled) that the
+    ledger holds now, and which a poll asks the ledger about first. Kept, they made a version
+    that Drupal lost again (its database restored from a backup) a duplicate for 26 hours."""
     async with redis.pipeline(transaction=False) as pipe:
         for name, count in counts.items():
             pipe.hincrby(STATS_KEY, f"{OUTCOME_PREFIX}{name.value}", count)
+        if settled:
+            pipe.delete(*_seen_keys(org15, list(settled)))
         await pipe.execute()
 
 

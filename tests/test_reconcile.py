@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -761,3 +762,33 @@ async def test_the_delete_log_cursor_moves_only_after_its_deletions_were_queued(
     await run_worker(settings)
     found = statuses(drupal_db)
     assert (found[uids[hard]], found[uids[kept]]) == (0, 1)
+
+
+async def test_what_reconcile_queued_is_queued_again_after_drupal_is_restored_from_a_backup(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path, tmp_path: Path
+) -> None:
+    """Drupal's database (sfrelay's ledger and watermark with it) restored from a backup taken
+    before reconcile queued two versions: the next run reads them again, the ledger says
+    Drupal lacks them, and they are queued and applied again (not taken for versions queued
+    already: the queue remembers a polled version only until it is applied)."""
+    settings = rc_settings
+    sf_org.fixed_time = T0 + timedelta(hours=1)
+    first = add(sf_org, 1, T0 + timedelta(minutes=1))
+    await run_reconcile(settings, since=T0)
+    await run_worker(settings)
+    backup = tmp_path / "backup.sqlite"
+    shutil.copyfile(drupal_db, backup)
+    add(sf_org, 1, T0 + timedelta(hours=2), last="New1")
+    later = add(sf_org, 2, T0 + timedelta(hours=2))
+    sf_org.fixed_time = T0 + timedelta(hours=3)
+    assert (await run_reconcile(settings)).queued == 2
+    await run_worker(settings)
+    restored = {first: ("c1@example.org", "L1", 1)}
+    applied = {first: ("c1@example.org", "New1", 1), later: ("c2@example.org", "L2", 1)}
+    assert users(drupal_db) == applied
+    shutil.copyfile(backup, drupal_db)  # the restore, the worker stopped
+    assert users(drupal_db) == restored
+    report = await run_reconcile(settings)
+    assert (report.queried, report.queued, report.current) == (2, 2, 0)
+    await run_worker(settings)
+    assert users(drupal_db) == applied

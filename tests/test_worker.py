@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from app.queue import (
     RETRY_KEY_PREFIX,
     SEEN_PREFIX,
     STATS_KEY,
+    Enqueuer,
     enqueue_apply,
 )
 from tests.factories import ORG_ID, apply_job, contact_json, sf_id
@@ -388,3 +390,29 @@ async def test_a_protected_user_is_counted_never_retried_nor_dead_lettered(
     assert redis_client.zcard(worker_settings.queue_name) == 0
     assert admin_row() == before
     assert [u[2] for u in drupal_users(drupal_db)] == ["ada@example.org"]
+
+
+async def test_a_polled_version_leaves_the_queues_dedupe_once_the_ledger_holds_it(
+    worker_settings: Settings, aredis: Redis, redis_client: redis.Redis
+) -> None:
+    """A pushed notification's id stays seen (Salesforce redelivers it for 24 hours); a polled
+    version's goes once applied (the poll asks the ledger first: app.queue.count_outcomes),
+    and one the ledger does not hold (no email) stays seen."""
+    enqueuer = Enqueuer(
+        aredis,
+        queue_name=worker_settings.queue_name,
+        dedupe_ttl_s=worker_settings.dedupe_ttl_seconds,
+        job_ttl_s=worker_settings.job_ttl_seconds,
+    )
+    org = ORG_ID[:15]  # as the receiver and the polls queue it (app.sfid.canonical_id)
+    pushed = apply_job([contact_json(1, email="ada@example.org")], org_id=org)
+    polled = replace(
+        apply_job([contact_json(2, email="grace@example.org"), contact_json(3)], org_id=org),
+        source=Source.RECONCILE,
+    )
+    for job in (pushed, polled):
+        assert (await enqueuer.submit(job)).queued == len(job.notifications)
+    await run_worker(worker_settings)
+    assert stats(redis_client) == {"outcome:created": 2, "outcome:skipped_no_email": 1}
+    seen = sorted(key.decode() for key in redis_client.scan_iter(SEEN_PREFIX + "*"))
+    assert seen == [f"{SEEN_PREFIX}{org}:{sf_id('04l', n)}" for n in (1, 3)]

@@ -24,7 +24,7 @@ from app.drupal.errors import driver_text
 from app.errors import QueueUnavailable, RetryableError, SiteChanged
 from app.jobs import ApplyJob, JobNotification
 from app.logs import fields
-from app.outcomes import Outcome, OutcomeKind
+from app.outcomes import IN_LEDGER, Outcome, OutcomeKind
 from app.queue import count_outcomes, enqueue_apply
 from app.sync import Syncer
 from workers import metrics as worker_metrics
@@ -135,6 +135,7 @@ async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
     counts: Counter[OutcomeKind] = Counter()
     dead: list[_Letter] = []
     retry: list[JobNotification] = []
+    settled: list[str] = []  # polled versions the ledger holds now (app.queue.count_outcomes)
 
     if job_try >= settings.max_tries + INTERRUPTED_TRIES:
         # Every earlier run was cut short: this job may be what kills the worker.
@@ -190,6 +191,8 @@ async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
         else:
             retry = _sort_outcomes(settings, job, outcomes, counts, dead)
             worker_metrics.outcomes_decided(ctx["job_id"], notifications, outcomes)
+            if job.source.polled:
+                settled = [o.notification_id for o in outcomes if o.kind in IN_LEDGER]
     try:
         if retry:
             delay = backoff_s(settings, min(item.attempt for item in retry) - 1)
@@ -211,7 +214,7 @@ async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
         delay = backoff_s(settings, job_try)
         logger.warning("job %s: %s; running it again in %.0f s", ctx["job_id"], exc, delay)
         raise Retry(defer=delay) from exc
-    await _finish(redis, ctx, job, counts, started)
+    await _finish(redis, ctx, job, counts, started, settled)
 
 
 _Letter = tuple[JobNotification, str, int]  # notification, reason, attempts
@@ -276,11 +279,16 @@ async def _dead_letter(
 
 
 async def _finish(
-    redis: Redis, ctx: dict[str, Any], job: ApplyJob, counts: Counter[OutcomeKind], started: float
+    redis: Redis,
+    ctx: dict[str, Any],
+    job: ApplyJob,
+    counts: Counter[OutcomeKind],
+    started: float,
+    settled: list[str],
 ) -> None:
     try:
-        await count_outcomes(redis, counts)
-    except (RedisError, OSError) as exc:  # counters only: not worth failing the job for
+        await count_outcomes(redis, counts, org15=job.organization_id, settled=settled)
+    except (RedisError, OSError) as exc:  # counters (and settled keys): not worth a failed job
         logger.warning("job %s: outcome counters not recorded: %s", ctx["job_id"], exc)
     worker_metrics.job_finished(counts)  # metrics: outcomes by kind, dead letters
     summary = " ".join(f"{name}={count}" for name, count in sorted(counts.items()))
