@@ -68,6 +68,14 @@ class SiteChanged(ConfigError):
     it (a mapped user field deleted in Drupal): every record would fail alike. The worker
     stops and leaves its jobs queued; a restart refuses the field map until it fits again."""
 
+    @classmethod
+    def of(cls, refusal: ConfigError) -> SiteChanged:
+        """From what Syncer.open would now refuse the field map with."""
+        return cls(
+            f"the Drupal site changed while the worker ran: {refusal}; the worker stops and "
+            "leaves its jobs queued"
+        )
+
 
 class RejectedMessage(SfrelayError):
     """The receiver refuses the request; the SOAP Fault carries `faultstring`."""

@@ -78,9 +78,15 @@ class FieldMap:
             for name in [*obj.fields, *(d for d in obj.defaults if d.startswith("field_"))]:
                 if name not in schema.fields:
                     raise ConfigError(f"field map [{obj.sobject}]: unknown Drupal field {name!r}")
+        self.check_roles(schema.roles)
+
+    def check_roles(self, roles: dict[str, str | int] | None) -> None:
+        """ConfigError unless every role granted is one of the site's `roles` (None: not
+        known); at start-up, and for every batch (app.plan: roles are deleted in Drupal)."""
+        for obj in self.objects.values():
             for role in obj.roles:
-                if schema.roles is not None and role not in schema.roles:
-                    known = ", ".join(sorted(set(schema.roles) - IMPLICIT_ROLES)) or "none"
+                if roles is not None and role not in roles:
+                    known = ", ".join(sorted(set(roles) - IMPLICIT_ROLES)) or "none"
                     raise ConfigError(
                         f"field map [{obj.sobject}]: role {role!r} does not exist on this "
                         f"Drupal site (extra roles there: {known})"

@@ -24,6 +24,7 @@ from app.drupal import ledger
 from app.drupal.fieldtypes import TEXT_CONVERTER, Convert, Converter
 from app.drupal.ledger import RecordState
 from app.drupal.users import ExistingUser, Key, NewUser, UserChange, UserStore
+from app.errors import ConfigError, SiteChanged
 from app.mapping import FieldMap
 from app.outcomes import Outcome, OutcomeKind
 from app.records import (
@@ -142,7 +143,12 @@ class Planner:
     async def load(self, records: list[Record]) -> None:
         ids = {r.sf_id for r in records} | {r.converted_to for r in records if r.converted_to}
         self.plan.states = await ledger.load(self.conn, ids)
-        self.protected = self.configured_protected | await self.store.protected_roles(self.conn)
+        roles = await self.store.roles(self.conn)
+        self.protected = self.configured_protected | roles.protected
+        try:  # a role the field map grants, deleted in Drupal since
+            self.field_map.check_roles(roles.ids)
+        except ConfigError as exc:
+            raise SiteChanged.of(exc) from None
         mapped = {s.uid for s in self.plan.states.values() if s.uid is not None}
         mails = {r.mail_key for r in records if r.mail_ok}
         # The database lower-cases its own way (SQLite ASCII only, PostgreSQL without Greek's

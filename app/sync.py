@@ -297,10 +297,7 @@ class Syncer:
                     )
                     self.field_map.validate(schema, self.settings.handled_objects)
                 except ConfigError as exc:
-                    raise SiteChanged(
-                        f"the Drupal site changed while the worker ran: {exc}; the worker "
-                        "stops and leaves its jobs queued"
-                    ) from None
+                    raise SiteChanged.of(exc) from None
         except (DBAPIError, OSError):
             return
 

@@ -238,6 +238,19 @@ async def add_role(
         )
 
 
+async def delete_role(site: DrupalSite, role: str) -> None:
+    """Delete a role as Drupal's UI does: the role, and every user's grant of it."""
+    if site.major == 10:
+        await site.execute(
+            "DELETE FROM config WHERE collection = '' AND name = :n", n=f"user.role.{role}"
+        )
+        await site.execute("DELETE FROM user__roles WHERE roles_target_id = :r", r=role)
+        return
+    (found,) = await site.rows("SELECT rid FROM role WHERE name = :n", n=role)
+    for table in ("users_roles", "role_permission", "role"):
+        await site.execute(f"DELETE FROM {table} WHERE rid = :r", r=found["rid"])
+
+
 async def grant_permissions(site: DrupalSite, role: str, permissions: tuple[str, ...]) -> None:
     """Give an existing role more permissions, as Drupal's permissions page does."""
     if site.major == 10:

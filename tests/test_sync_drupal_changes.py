@@ -1,7 +1,10 @@
 """What Drupal's administrators do while sfrelay runs, on every backend: users deleted in
-Drupal (and their uid given again to someone else), user fields deleted."""
+Drupal (and their uid given again to someone else), user fields and roles deleted."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pytest
 
@@ -10,16 +13,22 @@ from app.outcomes import Outcome
 from app.sync import Syncer
 from tests.drupal_rows import (
     add_member,
+    add_role,
     base_row,
+    delete_role,
     delete_user,
     field_values,
     ledger_history,
     open_syncer,
+    roles,
     user_ids,
     user_rows,
 )
 from tests.factories import note, sf
 from tests.fixtures_db import DrupalSite
+from tests.test_sync_protected import DEFAULT_MAP
+
+MEMBER_MAP = DEFAULT_MAP.replace("roles = []", 'roles = ["member"]')
 
 
 async def create(syncer: Syncer, n: int, minutes: int = 0) -> int:
@@ -170,3 +179,46 @@ async def test_a_field_deleted_in_drupal_stops_the_worker_never_failing_its_reco
     assert await site.rows("SELECT sf_id FROM sfrelay_record WHERE sf_id = :s", s=sf(2)) == []
     with pytest.raises(ConfigError, match=f"^field map: {gone}"):
         await open_syncer(site)  # a restarted worker: refused, saying what to do
+
+
+async def test_a_role_the_field_map_grants_deleted_in_drupal_stops_the_worker(
+    drupal_site: DrupalSite, tmp_path: Path
+) -> None:
+    """A role the field map grants, deleted in Drupal while the worker runs: granted still, it
+    would be a grant of a role the site no longer has (Drupal 8+ keeps returning it, and
+    gives it whatever a role made later under that name may do). SiteChanged, as a field
+    deleted: nothing written; a restart refuses the field map."""
+    site = drupal_site
+    await add_role(site, "member", permissions=("access content",))
+    syncer = await open_syncer(site, MEMBER_MAP, tmp_path)
+    uid = await create(syncer, 1)
+    assert await roles(site, uid) == ["member"]
+    await delete_role(site, "member")
+    before = await user_ids(site)
+    gone = "field map [Contact]: role 'member' does not exist on this Drupal site"
+    changed = f"the Drupal site changed while the worker ran: {gone}"
+    with pytest.raises(SiteChanged, match=f"^{re.escape(changed)}"):
+        await syncer.apply([note(sf(2), "p2@example.org", "Q", "New")])
+    await syncer.close()
+    assert await user_ids(site) == before
+    assert await site.rows("SELECT sf_id FROM sfrelay_record WHERE sf_id = :s", s=sf(2)) == []
+    with pytest.raises(ConfigError, match=f"^{re.escape(gone)}"):
+        await open_syncer(site, MEMBER_MAP, tmp_path)
+
+
+async def test_a_role_made_again_in_drupal_is_granted_as_the_site_has_it_now(
+    drupal_site: DrupalSite, tmp_path: Path
+) -> None:
+    """The role deleted and made again under its name while the worker runs (Drupal 7: a new
+    rid; the old one here another role's, "editor"): new users get it as the site numbers it
+    now, never by its old id (which granted "editor")."""
+    site = drupal_site
+    await add_role(site, "member", permissions=("access content",))
+    syncer = await open_syncer(site, MEMBER_MAP, tmp_path)
+    await create(syncer, 1)
+    await delete_role(site, "member")
+    await add_role(site, "editor", permissions=("access content",))
+    await add_role(site, "member", permissions=("access content",))
+    uid = await create(syncer, 2)
+    await syncer.close()
+    assert await roles(site, uid) == ["member"]

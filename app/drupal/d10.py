@@ -14,7 +14,7 @@ from sqlalchemy.sql.expression import TableClause
 
 from app.drupal.bulk import execute_in, insert_rows, select_in, update_rows
 from app.drupal.cache import delete_cache_rows, invalidate_tags
-from app.drupal.schema import DrupalSchema, FieldColumn, read_protected_roles
+from app.drupal.schema import DrupalSchema, FieldColumn, SiteRoles, read_roles
 from app.drupal.users import (
     ExistingUser,
     Lookups,
@@ -161,8 +161,8 @@ class Drupal10(Lookups):
             )
         return found
 
-    async def protected_roles(self, conn: AsyncConnection) -> frozenset[str]:
-        return await read_protected_roles(conn, 10, self.schema.tables)
+    async def roles(self, conn: AsyncConnection) -> SiteRoles:
+        return await read_roles(conn, 10, self.schema.tables)
 
     async def create(self, conn: AsyncConnection, new: list[NewUser], now: int) -> None:
         if not new:

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import ColumnElement, TableClause
 
 from app.drupal.cache import delete_cache_rows
-from app.drupal.schema import DrupalSchema, read_protected_roles
+from app.drupal.schema import DrupalSchema, SiteRoles, read_roles
 from app.drupal.translation7 import LANGUAGE_NONE
 from app.drupal.users import (
     ExistingUser,
@@ -100,6 +100,8 @@ class Drupal7(Lookups):
         self._translated = frozenset(
             name for name, f in schema.fields.items() if f.translatable and schema.translation
         )
+        # role name -> rid, as the site numbers them now (read again per batch: roles()).
+        self._rids: dict[str, str | int] = dict(schema.roles or {})
 
     async def users(self, conn: AsyncConnection, uids: Iterable[int]) -> dict[int, ExistingUser]:
         wanted = sorted({uid for uid in uids if uid > 0})
@@ -139,8 +141,10 @@ class Drupal7(Lookups):
             for uid, name, mail, login, status, created in rows
         }
 
-    async def protected_roles(self, conn: AsyncConnection) -> frozenset[str]:
-        return await read_protected_roles(conn, 7, self.schema.tables)
+    async def roles(self, conn: AsyncConnection) -> SiteRoles:
+        found = await read_roles(conn, 7, self.schema.tables)
+        self._rids = found.ids or {}
+        return found
 
     async def _allocate(self, conn: AsyncConnection, count: int) -> list[int]:
         """`count` new uids, taken as Drupal 7's db_next_id(MAX(uid)) takes one on each
@@ -230,7 +234,7 @@ class Drupal7(Lookups):
             await conn.execute(insert(users_roles), rows)
 
     def _rid(self, role: str) -> int:
-        return int((self.schema.roles or {})[role])
+        return int(self._rids[role])
 
     def _user_row(self, user: NewUser, now: int) -> dict[str, Any]:
         row = {

@@ -103,15 +103,26 @@ def _role10_protected(data: bytes | str | memoryview | None) -> bool:
     return bool(role.get("is_admin")) or any(is_protecting(str(p)) for p in granted)
 
 
-async def read_protected_roles(
+@dataclass(frozen=True, slots=True)
+class SiteRoles:
+    """The site's roles as read now (at start-up, and again for every batch)."""
+
+    # role id (D10 machine name, D7 role name) -> stored value (D10: the same name, D7: the
+    # numeric rid); None when the site's roles cannot be read (no config table).
+    ids: dict[str, str | int] | None
+    # The roles sfrelay must never touch a holder of (see PROTECTING_PERMISSIONS).
+    protected: frozenset[str]
+
+
+async def read_roles(
     conn: AsyncConnection, major: Major, tables: frozenset[str] | set[str]
-) -> frozenset[str]:
-    """The site's roles that sfrelay must never touch a holder of (see PROTECTING_PERMISSIONS):
-    D10 from the `user.role.*` config (is_admin, permissions), D7 from the variable
-    `user_admin_role` and `role_permission`. A few indexed rows: cheap enough per batch."""
+) -> SiteRoles:
+    """The site's roles and which of them protect: D10 from the `user.role.*` config
+    (is_admin, permissions), D7 from `role`, the variable `user_admin_role` and
+    `role_permission`. A few indexed rows: cheap enough per batch."""
     if major == 10:
         if "config" not in tables:
-            return frozenset()
+            return SiteRoles(None, frozenset())
         rows = await conn.execute(
             select(_config.c.name, _config.c.data).where(
                 _config.c.collection == "",
@@ -120,9 +131,17 @@ async def read_protected_roles(
                 _config.c.name < "user.role/",
             )
         )
-        return frozenset(
-            name.removeprefix("user.role.") for name, data in rows if _role10_protected(data)
-        )
+        ids: dict[str, str | int] = {}
+        protected = set()
+        for name, data in rows:
+            role = name.removeprefix("user.role.")
+            ids[role] = role
+            if _role10_protected(data):
+                protected.add(role)
+        return SiteRoles(ids, frozenset(protected))
+    ids = {
+        str(name): int(rid) for rid, name in await conn.execute(select(_role7.c.rid, _role7.c.name))
+    }
     rids: set[int] = set()
     if "role_permission" in tables:
         query = select(_permission7.c.rid).where(
@@ -142,10 +161,7 @@ async def read_protected_roles(
                 admin = None
             if isinstance(admin, int | str) and str(admin).isdigit() and int(admin) > 0:
                 rids.add(int(admin))
-    if not rids:
-        return frozenset()
-    names = await conn.execute(select(_role7.c.name).where(_role7.c.rid.in_(sorted(rids))))
-    return frozenset(str(name) for (name,) in names)
+    return SiteRoles(ids, frozenset(name for name, rid in ids.items() if rid in rids))
 
 
 def _table_names(sync_conn: Connection) -> list[str]:
@@ -225,18 +241,15 @@ async def _site10(
 ) -> DrupalSchema:
     langcode, timezone = "en", "UTC"
     user_default: object = None
-    roles: dict[str, str | int] | None = None
     languages: set[str] = set()
     if "config" in tables:
         rows = await conn.execute(
             select(_config.c.name, _config.c.data).where(
                 _config.c.collection == "",
                 (_config.c.name.in_(["system.site", "system.date", USER_LANGUAGE_SETTINGS]))
-                | _config.c.name.like("user.role.%")
                 | _config.c.name.like("language.entity.%"),
             )
         )
-        roles = {}
         for name, data in rows:
             if name == "system.site":
                 langcode = _php_string(data, "default_langcode") or langcode
@@ -245,21 +258,17 @@ async def _site10(
             elif name == "system.date":
                 # system.date: timezone: {default: 'UTC', user: {...}}
                 timezone = _php_string(data, "default") or timezone
-            elif name.startswith("language.entity."):
-                if not _php_locked(data):  # und and zxx: no one's preferred language
-                    languages.add(name.removeprefix("language.entity."))
-            else:
-                role = name.removeprefix("user.role.")
-                roles[role] = role
-    protected = await read_protected_roles(conn, 10, tables)
+            elif not _php_locked(data):  # und and zxx: no one's preferred language
+                languages.add(name.removeprefix("language.entity."))
+    site_roles = await read_roles(conn, 10, tables)
     return DrupalSchema(
         10,
         tables,
         langcode,
         timezone,
-        roles,
+        site_roles.ids,
         fields,
-        protected_roles=protected,
+        protected_roles=site_roles.protected,
         languages=frozenset(languages or {langcode}),
         user_langcode=new_user_langcode(user_default, langcode),
     )
@@ -273,11 +282,9 @@ def _php_locked(data: bytes | str | memoryview | None) -> bool:
 async def _site7(
     conn: AsyncConnection, tables: frozenset[str], fields: dict[str, FieldColumn]
 ) -> DrupalSchema:
-    rows = await conn.execute(select(_role7.c.rid, _role7.c.name))
-    roles: dict[str, str | int] = {name: int(rid) for rid, name in rows}
+    site_roles = await read_roles(conn, 7, tables)
     columns = frozenset(await conn.run_sync(table_columns, "users"))
     # user_save() leaves language '' and timezone NULL unless the form gives them.
-    protected = await read_protected_roles(conn, 7, tables)
     languages = {"en"}  # language_default() without the locale module
     if "languages" in tables:
         languages = {str(code) for (code,) in await conn.execute(select(_languages7.c.language))}
@@ -287,10 +294,10 @@ async def _site7(
         tables,
         "",
         None,
-        roles,
+        site_roles.ids,
         fields,
         columns,
-        protected,
+        site_roles.protected,
         frozenset(languages or {"en"}),
         translation=await read_user_translation(conn, tables, site_default),
     )

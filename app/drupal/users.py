@@ -27,6 +27,7 @@ from sqlalchemy.sql.expression import TableClause
 
 from app.drupal.bulk import fetch_all, padded, placeholders, select_in, update_rows
 from app.drupal.engine import nocase_key
+from app.drupal.schema import SiteRoles
 
 # What a name or mail is compared by, as the database compares it: text (SQLite, PostgreSQL)
 # or a MySQL collation's weight string (bytes). Equal keys <=> the database says equal.
@@ -90,9 +91,10 @@ class UserStore(Protocol):
         roles they hold now, their rows locked until the transaction ends (for_update)."""
         ...
 
-    async def protected_roles(self, conn: AsyncConnection) -> frozenset[str]:
-        """The site's roles that are admin roles or grant `administer users` /
-        `administer permissions`, read now (roles and permissions change while sfrelay runs)."""
+    async def roles(self, conn: AsyncConnection) -> SiteRoles:
+        """The site's roles, and those that protect their holders, read now: roles and
+        permissions change while sfrelay runs. Roles are granted by these ids from then on
+        (a D7 role deleted and made again has a new rid)."""
         ...
 
     async def uids_by_mail(
