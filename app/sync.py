@@ -104,7 +104,7 @@ from functools import partial
 
 from sqlalchemy import Column, Integer, MetaData, String, Table
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.config import Settings
 from app.drupal import ledger
@@ -130,6 +130,9 @@ logger = logging.getLogger("sfrelay.worker")
 # Username bases whose last suffix in use the Syncer remembers across batches, at most
 # (~150 bytes each): a CRM's distinct namesakes would otherwise grow a long-lived worker.
 SUFFIXES_KEPT = 50_000
+# How often a running worker reads the site again (the mapped fields' definitions, its
+# languages): an allowed value or a language added in Drupal is taken within this, seconds.
+SITE_REFRESH_S = 60.0
 
 
 def _error(exc: BaseException) -> str:
@@ -154,11 +157,10 @@ class Syncer:
         self.schema = schema
         self.store = store
         self.field_map = field_map
-        self._converters = field_converters(schema.fields, schema.major, engine.dialect.name)
-        # The preferred language: one of the site's (app.drupal.fieldtypes.site_language).
-        self._converters["langcode"] = Converter(
-            None, partial(site_language, languages=schema.languages)
-        )
+        self._converters: dict[str, Converter] = {}
+        self._use_site(schema)
+        self._languages = schema.languages
+        self._site_read_at = time.monotonic()
         # Username suffixes known in use, kept across batches (checked again before use).
         self._suffixes: dict[Key, int] = {}
         self._statistics = Statistics(engine, schema)
@@ -278,6 +280,54 @@ class Syncer:
             async with writer(self.engine) as conn:
                 await note_failure(conn, record, kind, _error(failure))
 
+    def _use_site(self, schema: DrupalSchema) -> None:
+        """Convert values as `schema`'s fields and languages take them (app.drupal.fieldtypes):
+        at start-up, and when the site changed (`_refresh_site`). The stores write by the
+        fields' definitions in `self.schema.fields`, updated in place."""
+        if schema is not self.schema:
+            self.schema.fields.update(schema.fields)
+        fields = field_converters(schema.fields, schema.major, self.engine.dialect.name)
+        self._converters.update(fields)
+        # The preferred language: one of the site's (app.drupal.fieldtypes.site_language).
+        self._converters["langcode"] = Converter(
+            None, partial(site_language, languages=schema.languages)
+        )
+
+    async def _read_site(self, conn: AsyncConnection) -> DrupalSchema | None:
+        """The site as Syncer.open reads it, now: SiteChanged when the field map no longer
+        fits it (a mapped field deleted in Drupal), None while Drupal's own user tables are
+        missing (a restore running: the database's errors say so, retried)."""
+        try:
+            await detect_major(conn)
+        except ConfigError:
+            return None
+        try:
+            schema = await inspect_drupal(
+                conn, self.settings.drupal_version, self.field_map.user_fields
+            )
+            self.field_map.validate(schema, self.settings.handled_objects)
+        except ConfigError as exc:
+            raise SiteChanged.of(exc) from None
+        return schema
+
+    async def _refresh_site(self, conn: AsyncConnection) -> None:
+        """Every SITE_REFRESH_S: the mapped fields' definitions and the site's languages as
+        they are now (an allowed value, a maximum length or a language changed in Drupal:
+        before, a value refused by the old definition stayed unwritten, the version applied)."""
+        if time.monotonic() - self._site_read_at < SITE_REFRESH_S:
+            return
+        schema = await self._read_site(conn)
+        self._site_read_at = time.monotonic()
+        if schema is not None and (
+            schema.fields != self.schema.fields or schema.languages != self._languages
+        ):
+            logger.info(
+                "the mapped fields' definitions or the site's languages changed in "
+                "Drupal: values are converted as they are now"
+            )
+            self._use_site(schema)
+            self._languages = schema.languages
+
     async def _check_site(self) -> None:
         """After the database refused a whole batch for a table or column it does not have
         (app.drupal.errors.names_missing_object): SiteChanged when the site no longer has
@@ -287,17 +337,7 @@ class Syncer:
         database cannot be read, the batch's error stands."""
         try:
             async with self.engine.connect() as conn:
-                try:
-                    await detect_major(conn)
-                except ConfigError:
-                    return  # no Drupal user tables: a restore, retried as any missing table
-                try:
-                    schema = await inspect_drupal(
-                        conn, self.settings.drupal_version, self.field_map.user_fields
-                    )
-                    self.field_map.validate(schema, self.settings.handled_objects)
-                except ConfigError as exc:
-                    raise SiteChanged.of(exc) from None
+                await self._read_site(conn)
         except (DBAPIError, OSError):
             return
 
@@ -317,6 +357,7 @@ class Syncer:
             # per base again, while kept it would grow with every distinct name ever taken.
             self._suffixes.clear()
         async with writer(self.engine) as conn:
+            await self._refresh_site(conn)
             planner = Planner(
                 conn,
                 self.store,

@@ -49,8 +49,22 @@ class TypedField:
 async def add_field(site: DrupalSite, f: TypedField) -> None:
     if site.major == 10:
         await _add10(site, f)
+        await _define10(site, f)
     else:
         await _add7(site, f)
+        await _define7(site, f)
+
+
+async def redefine_field(site: DrupalSite, f: TypedField) -> None:
+    """Save the field's settings again, as its settings form does (its table stays)."""
+    if site.major == 10:
+        for name in (f"field.storage.user.{f.name}", f"field.field.user.user.{f.name}"):
+            await site.execute("DELETE FROM config WHERE collection = '' AND name = :n", n=name)
+        await _define10(site, f)
+        return
+    for table in ("field_config_instance", "field_config"):
+        await site.execute(f"DELETE FROM {table} WHERE field_name = :n", n=f.name)
+    await _define7(site, f)
 
 
 def _blob(site: DrupalSite, data: str) -> Any:
@@ -72,6 +86,9 @@ async def _add10(site: DrupalSite, f: TypedField) -> None:
         "langcode varchar(32) NOT NULL DEFAULT '', delta integer NOT NULL, "
         f"{columns}, PRIMARY KEY (entity_id, deleted, delta, langcode))"
     )
+
+
+async def _define10(site: DrupalSite, f: TypedField) -> None:
     storage = {
         "uuid": str(uuid.uuid4()),
         "langcode": "en",
@@ -135,6 +152,9 @@ async def _add7(site: DrupalSite, f: TypedField) -> None:
             f"{columns}, PRIMARY KEY (entity_type, entity_id{revision_key}, deleted, delta, "
             "language))"
         )
+
+
+async def _define7(site: DrupalSite, f: TypedField) -> None:
     module = {"text": "text", "number": "number", "list": "list"}.get(f.type.split("_")[0], "")
     data = {
         "settings": f.settings,

@@ -1,16 +1,20 @@
 """What Drupal's administrators do while sfrelay runs, on every backend: users deleted in
-Drupal (and their uid given again to someone else), user fields and roles deleted."""
+Drupal (and their uid given again to someone else), user fields and roles deleted, a field's
+allowed values changed."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from app import sync
 from app.errors import ConfigError, SiteChanged
 from app.outcomes import Outcome
 from app.sync import Syncer
+from tests.drupal_fields import TypedField, add_field, redefine_field, stored
 from tests.drupal_rows import (
     add_member,
     add_role,
@@ -222,3 +226,37 @@ async def test_a_role_made_again_in_drupal_is_granted_as_the_site_has_it_now(
     uid = await create(syncer, 2)
     await syncer.close()
     assert await roles(site, uid) == ["member"]
+
+
+async def test_an_allowed_value_added_in_drupal_is_written_without_a_restart(
+    drupal_site: DrupalSite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new picklist value in Salesforce, added to the list field's allowed values in Drupal
+    while the worker runs: refused before (the version applied, the value lost until the
+    record changed again), written once the worker read the field again (SITE_REFRESH_S)."""
+    site = drupal_site
+    # Drupal 8+: a list of value and label; Drupal 7: value -> label.
+    allowed: Any = [{"value": "gold", "label": "Gold"}]
+    more: Any = [*allowed, {"value": "platinum", "label": "Platinum"}]
+    kind = "list_string"
+    if site.major == 7:
+        kind, allowed, more = "list_text", {"gold": "Gold"}, {"gold": "Gold", "platinum": "P"}
+    level = TypedField("field_level", kind, {"value": "varchar(255)"}, {"allowed_values": allowed})
+    await add_field(site, level)
+    mapped = DEFAULT_MAP.replace(
+        'field_salesforce_id = "Id"', 'field_salesforce_id = "Id"\nfield_level = "Level__c"'
+    )
+    syncer = await open_syncer(site, mapped, tmp_path)
+    (first,) = await syncer.apply([note(sf(1), "p1@example.org", "P", "L1", Level__c="platinum")])
+    refused = (
+        "field_level not written (Level__c: 'platinum' is not one of the field's allowed values)"
+    )
+    assert (first.kind, first.detail) == ("created", refused)
+    level.settings["allowed_values"] = more
+    await redefine_field(site, level)
+    monkeypatch.setattr(sync, "SITE_REFRESH_S", 0.0, raising=False)
+    n = note(sf(1), "p1@example.org", "P", "L1", minutes=1, Level__c="platinum")
+    out = await syncer.apply([n])
+    await syncer.close()
+    assert out == [Outcome(n.id, sf(1), "updated", first.uid)]
+    assert await stored(site, "field_level", first.uid or 0) == {"value": "platinum"}
