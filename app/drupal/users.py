@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import (
     ARRAY,
@@ -27,7 +27,9 @@ from sqlalchemy.sql.expression import TableClause
 
 from app.drupal.bulk import fetch_all, padded, placeholders, select_in, update_rows
 from app.drupal.engine import nocase_key
-from app.drupal.schema import SiteRoles
+
+if TYPE_CHECKING:  # (schema imports translation7, which imports this module)
+    from app.drupal.schema import SiteRoles
 
 # What a name or mail is compared by, as the database compares it: text (SQLite, PostgreSQL)
 # or a MySQL collation's weight string (bytes). Equal keys <=> the database says equal.
