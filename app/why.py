@@ -137,6 +137,8 @@ async def _from_database(settings: Settings, query: Query, result: Answer) -> No
                 uids = [u["uid"] for u in users]
                 if has_records and uids:
                     mapped = await _records(conn, None, uids, major, query.key)
+                    # (not a record whose user was deleted and its uid given to this one)
+                    mapped = [r for r in mapped if not r["drupal_uid_given_again"]]
                     for user in users:
                         user["records"] = [r["id"] for r in mapped if r["uid"] == user["uid"]]
                     result.records = mapped
@@ -166,15 +168,18 @@ async def _users_by_mail(conn: AsyncConnection, major: int, mail: str) -> list[d
     return [{"uid": int(uid), "records": []} for (uid,) in rows]
 
 
-async def _existing_uids(conn: AsyncConnection, major: int, uids: set[int]) -> set[int]:
+async def _existing_uids(conn: AsyncConnection, major: int, uids: set[int]) -> dict[int, str]:
+    """The users of `uids` that exist, each with who it is beyond its uid (sfrelay_record's
+    user_key: Drupal 8+ its uuid, Drupal 7 its created time)."""
     if not uids:
-        return set()
-    users = table("users_field_data" if major == 10 else "users", column("uid"))
-    rows = await conn.execute(select(users.c.uid).where(users.c.uid.in_(sorted(uids))))
-    return {int(uid) for (uid,) in rows}
+        return {}
+    users = table("users", column("uid"), column("uuid" if major == 10 else "created"))
+    key = users.c.uuid if major == 10 else users.c.created
+    rows = await conn.execute(select(users.c.uid, key).where(users.c.uid.in_(sorted(uids))))
+    return {int(uid): str(value) for uid, value in rows}
 
 
-def _record(row: Any, existing: set[int], email: str | None) -> dict[str, Any]:
+def _record(row: Any, existing: dict[int, str], email: str | None) -> dict[str, Any]:
     history = []
     for entry in orjson.loads(row.history):
         history.append(
@@ -186,11 +191,15 @@ def _record(row: Any, existing: set[int], email: str | None) -> dict[str, Any]:
                 "notification_id": entry.get("n"),
             }
         )
+    # A uid deleted in Drupal and given again (MySQL before 8.0) is another user: the record's
+    # next version forgets it (app.plan), until then the ledger still names it.
+    replaced = row.uid in existing and row.user_key not in (None, existing[row.uid])
     return {
         "id": row.sf_id,
         "object": row.object,
         "uid": row.uid,
-        "drupal_user_exists": None if row.uid is None else row.uid in existing,
+        "drupal_user_exists": None if row.uid is None else row.uid in existing and not replaced,
+        "drupal_uid_given_again": replaced,
         "last_version": _modstamp_iso(row.modstamp),
         "last_notification_id": row.notification_id,
         "converted_to": row.converted_to,
@@ -446,7 +455,9 @@ def _record_lines(record: dict[str, Any], email: str | None) -> list[str]:
         head = f"{label} -> no Drupal user"
     else:
         head = f"{label} -> Drupal user {record['uid']}"
-        if record["drupal_user_exists"] is False:
+        if record["drupal_uid_given_again"]:
+            head += " (deleted in Drupal since; that uid is another user's now)"
+        elif record["drupal_user_exists"] is False:
             head += " (deleted in Drupal since)"
     lines = [head]
     if record["last_version"]:

@@ -207,6 +207,7 @@ def test_why_a_record_shows_its_user_version_and_history(
                 "object": "Contact",
                 "uid": scenario.uid,
                 "drupal_user_exists": True,
+                "drupal_uid_given_again": False,
                 "last_version": "2026-11-21T10:00:00.000Z",
                 "last_notification_id": sf_id("04l", 11),
                 "converted_to": None,

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from app import sync
+from app import sync, why
+from app.config import Settings
 from app.errors import ConfigError, SiteChanged
 from app.outcomes import Outcome
 from app.sync import Syncer
@@ -30,6 +31,7 @@ from tests.drupal_rows import (
 )
 from tests.factories import note, sf
 from tests.fixtures_db import DrupalSite
+from tests.servers import RedisServer
 from tests.test_sync_protected import DEFAULT_MAP
 
 MEMBER_MAP = DEFAULT_MAP.replace("roles = []", 'roles = ["member"]')
@@ -260,3 +262,33 @@ async def test_an_allowed_value_added_in_drupal_is_written_without_a_restart(
     await syncer.close()
     assert out == [Outcome(n.id, sf(1), "updated", first.uid)]
     assert await stored(site, "field_level", first.uid or 0) == {"value": "platinum"}
+
+
+async def test_why_says_a_mapped_uid_is_another_users_now(
+    drupal_site: DrupalSite, redis_server: RedisServer
+) -> None:
+    """Until the record's next version forgets it, the ledger still names the uid: `sfrelay
+    why` says the record's user was deleted and its uid given again, and the newcomer's email
+    lists no record of its own."""
+    site = drupal_site
+    syncer = await open_syncer(site)
+    old = await uid_given_again(site, syncer)
+    second = await create(syncer, 2)
+    await syncer.close()
+    await delete_user(site, second)
+    settings = Settings(_env_file=None, database_url=site.url, redis_url=redis_server.url)
+    given_again = await why.answer(settings, why.parse_query(sf(1)))
+    assert why.render(given_again)[0] == (
+        f"Contact {sf(1)} -> Drupal user {old} (deleted in Drupal since; that uid is another "
+        "user's now)"
+    )
+    assert given_again.records[0]["drupal_user_exists"] is False
+    assert given_again.records[0]["drupal_uid_given_again"] is True
+    deleted = await why.answer(settings, why.parse_query(sf(2)))
+    assert why.render(deleted)[0] == (
+        f"Contact {sf(2)} -> Drupal user {second} (deleted in Drupal since)"
+    )
+    assert deleted.records[0]["drupal_uid_given_again"] is False
+    newcomer = await why.answer(settings, why.parse_query("newcomer@example.org"))
+    assert newcomer.users == [{"uid": old, "records": []}]
+    assert newcomer.records == []
