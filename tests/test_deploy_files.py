@@ -160,6 +160,8 @@ def test_compose_commands_health_checks_ports_and_settings_are_the_codes(
         assert names <= SETTING_NAMES, names - SETTING_NAMES
         redis_url = service["environment"]["SFRELAY_REDIS_URL"]
         assert re.fullmatch(r"redis://redis:6379/0", redis_url)  # the redis service
+    # Each comes back by itself, the worker also after exit 0 (it exits to shed memory).
+    assert {s.get("restart") for s in services.values()} == {"unless-stopped"}
     assert services["receiver"]["command"][:2] == ["sfrelay", "serve"]
     assert services["worker"]["command"] == ["sfrelay", "worker"]
     [mapping] = services["receiver"]["ports"]
