@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 from sqlalchemy import select, text
@@ -21,13 +22,18 @@ from app.drupal import ledger
 from app.drupal.engine import create_engine
 from app.drupal.fieldtypes import takes_salesforce_type
 from app.drupal.schema import inspect_drupal
-from app.errors import SfrelayError
+from app.errors import SalesforceUnavailable, SfrelayError
 from app.logs import without_password
 from app.mapping import load_field_map
 from app.sync import check_field_defaults, check_protected_roles
+from app.wsdl import load_contract
 
-Status = Literal["ok", "failed", "not configured"]
-PARTS = ("redis", "drupal", "salesforce")
+if TYPE_CHECKING:
+    from app.salesforce import ApiUsage, OutboundMessageDefinition, SalesforceClient
+
+# "skipped": configured, but it could not be looked at (its line says why); not a failure.
+Status = Literal["ok", "failed", "not configured", "skipped"]
+PARTS = ("redis", "drupal", "salesforce", "outbound")
 
 
 @dataclass(slots=True)
@@ -159,7 +165,8 @@ async def check_drupal(settings: Settings) -> PartResult:
     )
 
 
-async def check_salesforce(settings: Settings) -> PartResult:
+async def check_salesforce(settings: Settings) -> tuple[PartResult, PartResult]:
+    """The Salesforce part, and the Outbound Messages part (which needs its login)."""
     from app.salesforce import SalesforceClient, salesforce_configured
 
     if not salesforce_configured(settings):
@@ -167,19 +174,44 @@ async def check_salesforce(settings: Settings) -> PartResult:
             "salesforce",
             "not configured",
             "no SFRELAY_SF_* credentials: sfrelay works from Outbound Messages alone",
+        ), PartResult(
+            "outbound",
+            "not configured",
+            "no SFRELAY_SF_* credentials: the org's Outbound Messages are not compared with "
+            "SFRELAY_WSDL_DIR and the field map",
         )
+    unchecked = PartResult(
+        "outbound", "skipped", "not compared: the Salesforce part failed (see its line)"
+    )
     try:
         client = SalesforceClient(settings)
     except SfrelayError as exc:
-        return PartResult("salesforce", "failed", str(exc))
+        return PartResult("salesforce", "failed", str(exc)), unchecked
     try:
         instance = await client.login()
         usage = await client.refresh_api_usage()
         described = {obj: await client.describe_fields(obj) for obj in settings.handled_objects}
     except SfrelayError as exc:
-        return PartResult("salesforce", "failed", str(exc), {"flow": str(client.flow)})
+        await client.close()
+        return PartResult("salesforce", "failed", str(exc), {"flow": str(client.flow)}), unchecked
+    try:
+        outbound = compare_outbound_messages(
+            settings, await client.outbound_messages(settings.handled_objects)
+        )
+    except SfrelayError as exc:
+        outbound = _tooling_refused(exc)
     finally:
         await client.close()
+    return _salesforce_result(settings, client, instance, usage, described), outbound
+
+
+def _salesforce_result(
+    settings: Settings,
+    client: SalesforceClient,
+    instance: str,
+    usage: ApiUsage,
+    described: dict[str, dict[str, str]],
+) -> PartResult:
     missing: dict[str, list[str]] = {}
     mapped_types: dict[str, dict[str, str]] = {}
     for obj, types in described.items():
@@ -225,13 +257,119 @@ async def check_salesforce(settings: Settings) -> PartResult:
 
 
 async def run_checks(settings: Settings) -> list[PartResult]:
-    results = list(
-        await asyncio.gather(
-            check_redis(settings), check_drupal(settings), check_salesforce(settings)
-        )
+    redis, drupal, (salesforce, outbound) = await asyncio.gather(
+        check_redis(settings), check_drupal(settings), check_salesforce(settings)
     )
+    results = [redis, drupal, salesforce, outbound]
     type_mismatches(settings, results)
     return results
+
+
+VIEW_SETUP = (
+    'give the integration user the "View Setup and Configuration" permission (a permission '
+    "set) so that check can compare the org's Outbound Messages with SFRELAY_WSDL_DIR and the "
+    "field map; nothing else needs it"
+)
+
+
+def _tooling_refused(exc: SfrelayError) -> PartResult:
+    """The Tooling API query of the Outbound Messages failed: said, never a failure of the
+    check (sfrelay itself never needs the Tooling API)."""
+    if isinstance(exc, SalesforceUnavailable):
+        return PartResult("outbound", "skipped", f"not compared: {exc}")
+    code = getattr(exc, "error_code", None) or "no error code"
+    return PartResult(
+        "outbound",
+        "skipped",
+        f"Salesforce refused to read the Outbound Messages through the Tooling API "
+        f"({code}): {VIEW_SETUP}",
+        {"tooling_error": code},
+    )
+
+
+def _cleared(drupal: str, source: str) -> str:
+    if drupal == "mail":
+        return f"every notification would arrive without {source} and be skipped (no email)"
+    return f"every notification would clear {drupal} in Drupal for every user"
+
+
+def compare_outbound_messages(
+    settings: Settings, messages: list[OutboundMessageDefinition]
+) -> PartResult:
+    """The org's Outbound Messages to sfrelay's endpoint path against what sfrelay does with
+    them. A mapped field the message does not select while the object's WSDL declares it
+    fails: the receiver reads every declared field left out as null (Salesforce omits null
+    fields), so each notification clears it. A selected field no WSDL declares (taken as
+    text) and "Send Session ID" on are warnings."""
+    from app.receiver import ENDPOINT
+
+    try:
+        field_map = load_field_map(settings.field_map)
+        contract = load_contract(settings.wsdl_dir)
+    except SfrelayError as exc:
+        return PartResult("outbound", "failed", str(exc))
+    ours = [m for m in messages if urlsplit(m.endpoint_url).path == ENDPOINT]
+    problems: list[str] = []
+    warnings: list[str] = []
+    described: list[dict[str, Any]] = []
+    for message in ours:
+        label = f"Outbound Message {message.name!r} ({message.sobject}, {message.id})"
+        selected = {f.lower() for f in message.fields} | {"id"}  # the Id is always sent
+        declared = contract.field_types(message.sobject) or {}
+        declared_lower = {name.lower() for name in declared}
+        unselected = []
+        obj = field_map.objects.get(message.sobject)
+        mapped = {} if obj is None else {**obj.base, **obj.fields}
+        for drupal, source in mapped.items():
+            if source.lower() in declared_lower and source.lower() not in selected:
+                unselected.append(source)
+                problems.append(
+                    f"{label} does not select {source}, which the {message.sobject} WSDL in "
+                    f"SFRELAY_WSDL_DIR declares: {_cleared(drupal, source)} (select {source} "
+                    "in the Outbound Message, or put that message's own WSDL in "
+                    f"SFRELAY_WSDL_DIR, or unmap {drupal} in SFRELAY_FIELD_MAP)"
+                )
+        known = declared_lower | {"id"}
+        undeclared = [f for f in message.fields if f.lower() not in known]
+        if undeclared:
+            warnings.append(
+                f"{label} selects {', '.join(undeclared)}, which no WSDL in SFRELAY_WSDL_DIR "
+                "declares: taken as text, and never cleared when left out (put that "
+                "message's own WSDL in SFRELAY_WSDL_DIR)"
+            )
+        if message.include_session_id:
+            warnings.append(
+                f'{label} sends the session ID, which sfrelay never uses: turn "Send Session '
+                'ID" off'
+            )
+        described.append(
+            {
+                "id": message.id,
+                "name": message.name,
+                "object": message.sobject,
+                "fields": list(message.fields),
+                "include_session_id": message.include_session_id,
+                "unselected_mapped_fields": unselected,
+                "undeclared_fields": undeclared,
+            }
+        )
+    info: dict[str, Any] = {
+        "endpoint_path": ENDPOINT,
+        "messages": described,
+        "problems": problems,
+        "warnings": warnings,
+        "other_endpoints": len(messages) - len(ours),
+    }
+    objects = ", ".join(settings.handled_objects)
+    if not ours:
+        head = f"no Outbound Message on {objects} sends to {ENDPOINT}"
+    else:
+        names = ", ".join(f"{m.name!r} ({m.sobject})" for m in ours)
+        head = f"{len(ours)} Outbound Message{'s' if len(ours) > 1 else ''} to {ENDPOINT}: {names}"
+    if problems:
+        return PartResult("outbound", "failed", "; ".join([*problems, *warnings]), info)
+    ok = f"{head}, every mapped field their WSDL declares selected" if ours else head
+    return PartResult("outbound", "ok", "; ".join([ok, *warnings]), info)
 
 
 def type_mismatches(settings: Settings, results: list[PartResult]) -> list[str]:

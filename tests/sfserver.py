@@ -14,6 +14,10 @@ What it answers (the org's state is `FakeOrg`):
   queryAll (a hard delete, a record emptied from the Recycle Bin) and after an undelete, for 15
   days or until the org purges the log (`FakeOrg.purge_delete_log`: earliestDateAvailable moves
   there); times to the minute (seconds ignored), start at least a minute before end.
+- /services/data/vNN.0/tooling/query: WorkflowOutboundMessage (the org's Outbound Messages,
+  `FakeOrg.outbound_messages`), answered with the Tooling API's QueryResult; `Metadata` and
+  `FullName` only when the query returns at most one record, as Salesforce allows; a user
+  without "View Setup and Configuration" is `FakeOrg.tooling_refusal`.
 - Errors as Salesforce sends them: 401 INVALID_SESSION_ID, 403 REQUEST_LIMIT_EXCEEDED,
   400 MALFORMED_QUERY / INVALID_FIELD / INVALID_TYPE, and injected 5xx (`FakeOrg.fail_next`).
 """
@@ -85,6 +89,26 @@ _SELECT = re.compile(
 )
 _COMPARE = re.compile(r"(\w+) (>=|<=|<|>|=) (\S+)")
 _IN = re.compile(r"Id IN \(((?:'[A-Za-z0-9]+'(?:, )?)+)\)", re.IGNORECASE)
+_TOOLING_SELECT = re.compile(
+    r"SELECT (?P<fields>.+?) FROM (?P<obj>\w+)(?: WHERE Id = '(?P<id>[A-Za-z0-9]+)')?",
+    re.IGNORECASE,
+)
+ENDPOINT_URL = "https://sfrelay.example.org/salesforce/outbound-message?token=s3cret-token"
+# The Outbound Messages a fresh org has: one per object, to sfrelay, selecting the fields of
+# sfrelay's own WSDLs (wsdl/*.wsdl).
+WSDL_FIELDS = {
+    "Contact": ["Email", "FirstName", "Id", "LastModifiedDate", "LastName", "SystemModstamp"],
+    "Lead": [
+        "ConvertedContactId",
+        "Email",
+        "FirstName",
+        "Id",
+        "IsConverted",
+        "LastModifiedDate",
+        "LastName",
+        "SystemModstamp",
+    ],
+}
 _SOQL_DATETIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)")
 
 
@@ -97,6 +121,34 @@ def sf_datetime(value: datetime) -> str:
 
 def _parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def outbound_message(
+    sobject: str,
+    name: str,
+    fields: list[str],
+    endpoint_url: str = ENDPOINT_URL,
+    include_session_id: bool = False,
+) -> dict[str, Any]:
+    """A WorkflowOutboundMessage as the Tooling API has it: its top-level fields and its
+    Metadata (the Metadata API's WorkflowOutboundMessage type)."""
+    developer_name = name.replace(" ", "_")
+    return {
+        "Name": developer_name,
+        "EntityDefinitionId": sobject,  # a standard object's; a custom one's is its 01I Id
+        "FullName": f"{sobject}.{developer_name}",
+        "Metadata": {
+            "apiVersion": 62.0,
+            "description": None,
+            "endpointUrl": endpoint_url,
+            "fields": list(fields),
+            "includeSessionId": include_session_id,
+            "integrationUser": USERNAME,
+            "name": name,
+            "protected": False,
+            "useDeadLetterQueue": False,
+        },
+    }
 
 
 class Refusal(Exception):
@@ -128,6 +180,18 @@ class FakeOrg:
     fixed_time: datetime | None = None
     reject_all_sessions: bool = False
     fail_next: list[tuple[int, str, str]] = field(default_factory=list)
+    # Id (04k...) -> WorkflowOutboundMessage (see `outbound_message`)
+    outbound_messages: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {
+            "04k5g000000AbCdAAK": outbound_message(
+                "Contact", "sfrelay Contact", WSDL_FIELDS["Contact"]
+            ),
+            "04k5g000000AbCeAAK": outbound_message("Lead", "sfrelay Lead", WSDL_FIELDS["Lead"]),
+        }
+    )
+    # (status, errorCode, message) for every Tooling API request: a user without "View
+    # Setup and Configuration"
+    tooling_refusal: tuple[int, str, str] | None = None
     tokens: set[str] = field(default_factory=set)
     counts: Counter[str] = field(default_factory=Counter)
     connects: list[str] = field(default_factory=list)
@@ -340,6 +404,61 @@ class FakeOrg:
         self.cursors[locator] = (sobject, [r["Id"] for r in rows], fields, include_deleted)
         return self.page(locator, 0, version)
 
+    def tooling_query(self, soql: str, version: str) -> dict[str, Any]:
+        """The Tooling API's query of WorkflowOutboundMessage (all, or `WHERE Id = '...'`)."""
+        self.last_query = soql
+        match = _TOOLING_SELECT.fullmatch(soql.strip())
+        if match is None:
+            raise Refusal(400, "MALFORMED_QUERY", f"unexpected token: '{soql.split()[-1]}'")
+        if match.group("obj") != "WorkflowOutboundMessage":
+            raise Refusal(
+                400, "INVALID_TYPE", f"sObject type '{match.group('obj')}' is not supported."
+            )
+        names = [n.strip() for n in match.group("fields").split(",")]
+        known = {"Id", "Name", "EntityDefinitionId", "FullName", "Metadata"}
+        for name in names:
+            if name not in known:
+                raise Refusal(
+                    400,
+                    "INVALID_FIELD",
+                    f"No such column '{name}' on entity 'WorkflowOutboundMessage'. If you are "
+                    "attempting to use a custom field, be sure to append the '__c' after the "
+                    "custom field name. Please reference your WSDL or the describe call for "
+                    "the appropriate names.",
+                )
+        rows = [
+            {"Id": record_id, **message}
+            for record_id, message in self.outbound_messages.items()
+            if match.group("id") in (None, record_id, record_id[:15])
+        ]
+        if {"Metadata", "FullName"} & set(names) and len(rows) > 1:
+            raise Refusal(
+                400,
+                "MALFORMED_QUERY",
+                "When retrieving results with Metadata or FullName fields, the query "
+                "qualifications must specify no more than one row for retrieval. Result "
+                f"size: {len(rows)}",
+            )
+        records = [
+            {
+                "attributes": {
+                    "type": "WorkflowOutboundMessage",
+                    "url": f"/services/data/v{version}/tooling/sobjects/WorkflowOutboundMessage/"
+                    f"{row['Id']}",
+                },
+                **{name: row[name] for name in names},
+            }
+            for row in rows
+        ]
+        return {
+            "size": len(records),
+            "totalSize": len(records),
+            "done": True,
+            "queryLocator": None,
+            "entityTypeName": "WorkflowOutboundMessage",
+            "records": records,
+        }
+
     def _filter(
         self, rows: list[dict[str, Any]], condition: str, sobject: str, soql: str
     ) -> list[dict[str, Any]]:
@@ -446,6 +565,11 @@ class FakeOrg:
         if self.fail_next:
             status, code, message = self.fail_next.pop(0)
             raise Refusal(status, code, message)
+        if rest == "tooling/query":
+            self.counts["tooling"] += 1
+            if self.tooling_refusal is not None:
+                raise Refusal(*self.tooling_refusal)
+            return 200, self.tooling_query(params.get("q", [""])[0], version)
         if rest in ("query", "queryAll"):
             self.counts[rest] += 1
             return 200, self.query(params.get("q", [""])[0], rest == "queryAll", version)

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -19,7 +20,7 @@ from sqlalchemy import text
 
 from app.drupal.engine import create_engine, nocase_utf8
 from tests import sfserver
-from tests.conftest import Cli
+from tests.conftest import Cli, CliRun
 from tests.drupal_fields import TypedField, add_field
 from tests.drupal_schemas import site_copy
 from tests.fixtures_db import DrupalSite, Server
@@ -89,8 +90,12 @@ def test_all_parts_configured_and_working(
     text = cli(env, "check")
     assert text.returncode == 0, text.stdout + text.stderr
     parts = lines(text.stdout)
-    assert list(parts) == ["redis", "drupal", "salesforce"]
+    assert list(parts) == ["redis", "drupal", "salesforce", "outbound"]
     assert {status for status, _ in parts.values()} == {"ok"}
+    assert parts["outbound"][1] == (
+        "2 Outbound Messages to /salesforce/outbound-message: 'sfrelay Contact' (Contact), "
+        "'sfrelay Lead' (Lead), every mapped field their WSDL declares selected"
+    )
     drupal = "Drupal 7" if "drupal7" in site else "Drupal 8 or later"
     assert parts["drupal"][1].startswith(f"{drupal} (sqlite), ")
     kind = "text" if "drupal7" in site else "string"  # each field with its Drupal type
@@ -139,6 +144,11 @@ def test_parts_not_configured_are_not_failures(
         "start without one",
     )
     assert parts["salesforce"][0] == "not configured"
+    assert parts["outbound"] == (
+        "not configured",
+        "no SFRELAY_SF_* credentials: the org's Outbound Messages are not compared with "
+        "SFRELAY_WSDL_DIR and the field map",
+    )
     report = orjson.loads(cli({"SFRELAY_REDIS_URL": redis_server.url}, "check", "--json").stdout)
     assert report["ok"] is True
     assert report["parts"]["salesforce"]["status"] == "not configured"
@@ -399,3 +409,121 @@ def test_a_salesforce_field_its_drupal_field_cannot_take_is_flagged(
         "field_opt_out (boolean) cannot take Contact.OptOut__c (string)"
     ]
     assert report["parts"]["salesforce"]["field_types"]["Contact"]["Score__c"] == "double"
+
+
+# --- the org's Outbound Messages against the WSDLs and the field map (Tooling API) ---------
+
+CONTACT_OM = "04k5g000000AbCdAAK"  # tests.sfserver's default Contact message
+LABEL = f"Outbound Message 'sfrelay Contact' (Contact, {CONTACT_OM})"
+
+
+def outbound_check(
+    redis_server: RedisServer, server: SalesforceServer, cli: Cli
+) -> tuple[CliRun, tuple[str, str], Any]:
+    """`sfrelay check` and `check --json` with Salesforce (no Drupal site): the run, its
+    outbound line and the JSON report; the Salesforce part works whatever that line says."""
+    env = {"SFRELAY_REDIS_URL": redis_server.url, **jwt_env(server)}
+    text = cli(env, "check")
+    parts = lines(text.stdout)
+    assert parts["salesforce"][0] == "ok", text.stdout
+    return text, parts["outbound"], orjson.loads(cli(env, "check", "--json").stdout)
+
+
+def test_a_mapped_field_the_outbound_message_leaves_out_fails_the_check(
+    redis_server: RedisServer, sf_server: SalesforceServer, sf_org: FakeOrg, cli: Cli
+) -> None:
+    """The admin took LastName out of the Contact message; sfrelay's WSDL still declares it
+    and the map writes it to field_last_name: every notification would clear it."""
+    sf_org.outbound_messages[CONTACT_OM]["Metadata"]["fields"].remove("LastName")
+    text, outbound_line, report = outbound_check(redis_server, sf_server, cli)
+    assert text.returncode == 1, text.stdout
+    assert outbound_line == (
+        "failed",
+        f"{LABEL} does not select LastName, which the Contact WSDL in SFRELAY_WSDL_DIR "
+        "declares: every notification would clear field_last_name in Drupal for every user "
+        "(select LastName in the Outbound Message, or put that message's own WSDL in "
+        "SFRELAY_WSDL_DIR, or unmap field_last_name in SFRELAY_FIELD_MAP)",
+    )
+    assert report["ok"] is False
+    outbound = report["parts"]["outbound"]
+    assert outbound["status"] == "failed"
+    assert [m["unselected_mapped_fields"] for m in outbound["messages"]] == [["LastName"], []]
+    assert outbound["problems"] == [outbound_line[1]]
+
+
+def test_a_selected_field_no_wsdl_declares_is_a_warning(
+    redis_server: RedisServer, sf_server: SalesforceServer, sf_org: FakeOrg, cli: Cli
+) -> None:
+    sf_org.outbound_messages[CONTACT_OM]["Metadata"]["fields"].append("Phone")
+    text, (status, detail), report = outbound_check(redis_server, sf_server, cli)
+    assert text.returncode == 0, text.stdout
+    warning = (
+        f"{LABEL} selects Phone, which no WSDL in SFRELAY_WSDL_DIR declares: taken as text, "
+        "and never cleared when left out (put that message's own WSDL in SFRELAY_WSDL_DIR)"
+    )
+    assert status == "ok"
+    assert detail.endswith(f"every mapped field their WSDL declares selected; {warning}")
+    assert report["ok"] is True
+    assert report["parts"]["outbound"]["warnings"] == [warning]
+    assert report["parts"]["outbound"]["messages"][0]["undeclared_fields"] == ["Phone"]
+
+
+def test_an_outbound_message_sending_the_session_id_is_a_warning(
+    redis_server: RedisServer, sf_server: SalesforceServer, sf_org: FakeOrg, cli: Cli
+) -> None:
+    sf_org.outbound_messages[CONTACT_OM]["Metadata"]["includeSessionId"] = True
+    text, (status, detail), report = outbound_check(redis_server, sf_server, cli)
+    assert text.returncode == 0, text.stdout
+    warning = f'{LABEL} sends the session ID, which sfrelay never uses: turn "Send Session ID" off'
+    assert (status, detail.rpartition("; ")[2]) == ("ok", warning)
+    assert report["parts"]["outbound"]["warnings"] == [warning]
+    assert report["parts"]["outbound"]["messages"][0]["include_session_id"] is True
+
+
+def test_outbound_messages_to_another_endpoint_are_not_sfrelays(
+    redis_server: RedisServer, sf_server: SalesforceServer, sf_org: FakeOrg, cli: Cli
+) -> None:
+    """A Contact message to another listener (or another path on sfrelay's host) selects
+    only Email: not sfrelay's business, so not a failure."""
+    for record_id, url in [
+        ("04k5g000000AbCfAAK", "https://erp.example.org/salesforce/contact"),
+        ("04k5g000000AbCgAAK", "https://sfrelay.example.org/other-path?token=x"),
+    ]:
+        sf_org.outbound_messages[record_id] = sfserver.outbound_message(
+            "Contact", "ERP Contact", ["Email", "Id"], endpoint_url=url, include_session_id=True
+        )
+    text, outbound_line, report = outbound_check(redis_server, sf_server, cli)
+    assert text.returncode == 0, text.stdout
+    assert outbound_line == (
+        "ok",
+        "2 Outbound Messages to /salesforce/outbound-message: 'sfrelay Contact' (Contact), "
+        "'sfrelay Lead' (Lead), every mapped field their WSDL declares selected",
+    )
+    outbound = report["parts"]["outbound"]
+    assert [m["id"] for m in outbound["messages"]] == [CONTACT_OM, "04k5g000000AbCeAAK"]
+    assert outbound["other_endpoints"] == 2
+
+
+def test_a_tooling_api_refusal_says_which_permission_without_failing_the_check(
+    redis_server: RedisServer, sf_server: SalesforceServer, sf_org: FakeOrg, cli: Cli
+) -> None:
+    sf_org.tooling_refusal = (
+        403,
+        "INSUFFICIENT_ACCESS",
+        "insufficient access rights on object id",
+    )
+    text, outbound_line, report = outbound_check(redis_server, sf_server, cli)
+    assert text.returncode == 0, text.stdout
+    assert outbound_line == (
+        "skipped",
+        "Salesforce refused to read the Outbound Messages through the Tooling API "
+        '(INSUFFICIENT_ACCESS): give the integration user the "View Setup and Configuration" '
+        "permission (a permission set) so that check can compare the org's Outbound Messages "
+        "with SFRELAY_WSDL_DIR and the field map; nothing else needs it",
+    )
+    assert report["ok"] is True
+    assert report["parts"]["outbound"]["status"] == "skipped"
+    assert report["parts"]["outbound"]["tooling_error"] == "INSUFFICIENT_ACCESS"
+    assert sf_org.counts["tooling"] == 2  # one refused query per run
+    for token in sf_org.tokens:
+        assert token not in text.stdout + text.stderr + text.log

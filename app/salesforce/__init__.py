@@ -35,6 +35,7 @@ from app.salesforce.client import (
     ApiUsage,
     DeletedRecord,
     DeletedWindow,
+    OutboundMessageDefinition,
     SalesforceClient,
     UpdatedWindow,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "AuthFlow",
     "DeletedRecord",
     "DeletedWindow",
+    "OutboundMessageDefinition",
     "SalesforceApi",
     "SalesforceClient",
     "UpdatedWindow",

@@ -32,6 +32,8 @@ T = TypeVar("T")
 
 # (connect, read) seconds: Salesforce ends a SOQL query itself after 120 s.
 REQUEST_TIMEOUT = (10.0, 130.0)
+# Tooling API: Metadata (and FullName) only in a query that returns one record.
+_ONE_OUTBOUND_MESSAGE = "SELECT Id, FullName, Metadata FROM WorkflowOutboundMessage WHERE Id = '{}'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,21 @@ class DeletedWindow:
 class UpdatedWindow:
     ids: list[str]
     latest_covered: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessageDefinition:
+    """One Outbound Message as the Tooling API's WorkflowOutboundMessage describes it: its
+    object (from FullName, `<Object>.<name>`) and its `Metadata` (the selected fields...)."""
+
+    id: str
+    name: str
+    sobject: str
+    endpoint_url: str
+    fields: tuple[str, ...]
+    include_session_id: bool
+    integration_user: str | None
+    api_version: str | None
 
 
 class _TimeoutAdapter(HTTPAdapter):
@@ -330,12 +347,67 @@ class SalesforceClient:
             soql.parse_datetime(body["latestDateCovered"]),
         )
 
+    async def outbound_messages(self, sobjects: Iterable[str]) -> list[OutboundMessageDefinition]:
+        """The org's Outbound Messages on `sobjects`, read through the Tooling API: one query
+        lists them, then one query each reads its Metadata (Salesforce returns Metadata and
+        FullName only from a query that returns one record). Needs "View Setup and
+        Configuration"; a refusal is Salesforce*Refused (app.salesforce.refusals)."""
+        wanted = {name.lower() for name in sobjects}
+        listing = "SELECT Id, Name, EntityDefinitionId FROM WorkflowOutboundMessage"
+        records = await self._run(
+            "the Tooling API query of the Outbound Messages", partial(_tooling_all, listing)
+        )
+        found = []
+        for record in records:
+            entity = str(record.get("EntityDefinitionId") or "")
+            # A standard object's EntityDefinitionId is its name; a custom one's is an Id
+            # (01I...), resolved by FullName below.
+            if entity.lower() not in wanted and not entity.startswith("01I"):
+                continue
+            ((record_id,),) = soql.id_batches([str(record.get("Id"))], 1)  # an Id, or ValueError
+            one = _ONE_OUTBOUND_MESSAGE.format(record_id)
+            rows = await self._run(
+                f"the Tooling API query of the Outbound Message {record.get('Name')!r}",
+                partial(_tooling_all, one),
+            )
+            for row in rows:
+                sobject = str(row.get("FullName") or "").partition(".")[0] or entity
+                if sobject.lower() in wanted:
+                    found.append(_outbound_message(row, str(record.get("Name") or ""), sobject))
+        return found
+
     async def close(self) -> None:
         await asyncio.to_thread(self._session.close)
 
 
 def _query_more(next_url: str, sf: Salesforce) -> Any:
     return sf.query_more(next_url, identifier_is_url=True)
+
+
+def _tooling_all(query: str, sf: Salesforce) -> list[dict[str, Any]]:
+    """Every record of a Tooling API query, following nextRecordsUrl."""
+    result = _body(sf.restful("tooling/query/", params={"q": query}))
+    records: list[dict[str, Any]] = list(result.get("records", []))
+    while not result.get("done", True) and result.get("nextRecordsUrl"):
+        result = _body(sf.query_more(result["nextRecordsUrl"], identifier_is_url=True))
+        records.extend(result.get("records", []))
+    return records
+
+
+def _outbound_message(row: dict[str, Any], name: str, sobject: str) -> OutboundMessageDefinition:
+    metadata = row.get("Metadata") or {}
+    version = metadata.get("apiVersion")
+    user = metadata.get("integrationUser")
+    return OutboundMessageDefinition(
+        id=str(row.get("Id") or ""),
+        name=str(metadata.get("name") or name),
+        sobject=sobject,
+        endpoint_url=str(metadata.get("endpointUrl") or ""),
+        fields=tuple(str(f) for f in metadata.get("fields") or ()),
+        include_session_id=metadata.get("includeSessionId") is True,
+        integration_user=None if user is None else str(user),
+        api_version=None if version is None else str(version),
+    )
 
 
 def _body(value: Any) -> dict[str, Any]:
