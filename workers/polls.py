@@ -61,7 +61,11 @@ def cron_jobs(settings: Settings) -> list[CronJob]:
 
 async def startup(ctx: dict[str, Any]) -> None:
     """When this worker reads Salesforce: every mapped field must be readable (ConfigError
-    naming them, before any job); Salesforce being unreachable only delays that check."""
+    naming them, before any job); Salesforce being unreachable only delays that check.
+    Salesforce refusing sfrelay (the login, a field, an object: changed there months in)
+    refuses the start only in refetch mode, which reads every record; otherwise it is
+    logged and the worker applies what Salesforce pushes, which needs no API (reconcile
+    logs the refusal on each run until it is fixed)."""
     state: WorkerState = ctx[STATE]
     settings = state.settings
     reads = settings.reconcile_every_seconds > 0 or settings.payload_mode == "refetch"
@@ -81,6 +85,14 @@ async def startup(ctx: dict[str, Any]) -> None:
                 )
     except (SalesforceUnavailable, ApiLimitReached) as exc:
         logger.warning("mapped fields not checked in Salesforce now: %s", exc)
+    except SfrelayError as exc:
+        if settings.payload_mode == "refetch":
+            raise
+        logger.error(
+            "%s: reconcile cannot run until this is fixed; pushed notifications are still "
+            "applied (`sfrelay check` shows every part)",
+            str(exc).removesuffix(" (`sfrelay check` shows every part)"),
+        )
 
 
 def salesforce(ctx: dict[str, Any], state: WorkerState) -> SalesforceClient:
