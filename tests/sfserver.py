@@ -18,6 +18,7 @@ What it answers (the org's state is `FakeOrg`):
   `FakeOrg.outbound_messages`), answered with the Tooling API's QueryResult; `Metadata` and
   `FullName` only when the query returns at most one record, as Salesforce allows; a user
   without "View Setup and Configuration" is `FakeOrg.tooling_refusal`.
+- OAuth refusals as `{"error", "error_description"}` with HTTP 400 (`FakeOrg.refuse_logins`).
 - Errors as Salesforce sends them: 401 INVALID_SESSION_ID, 403 REQUEST_LIMIT_EXCEEDED,
   400 MALFORMED_QUERY / INVALID_FIELD / INVALID_TYPE, and injected 5xx (`FakeOrg.fail_next`).
 """
@@ -179,6 +180,9 @@ class FakeOrg:
     page_size: int = 2000
     fixed_time: datetime | None = None
     reject_all_sessions: bool = False
+    # Every login refused with this OAuth error (status, error, error_description), as when
+    # an administrator changes the Connected App or the integration user months in.
+    refuse_logins: tuple[int, str, str] | None = None
     fail_next: list[tuple[int, str, str]] = field(default_factory=list)
     # Id (04k...) -> WorkflowOutboundMessage (see `outbound_message`)
     outbound_messages: dict[str, dict[str, Any]] = field(
@@ -258,6 +262,8 @@ class FakeOrg:
     def oauth(self, host: str, form: dict[str, str], authorization: str | None) -> str:
         grant = form.get("grant_type")
         self.counts[f"token:{grant}"] += 1
+        if self.refuse_logins is not None:
+            raise Refusal(*self.refuse_logins)
         if grant == "urn:ietf:params:oauth:grant-type:jwt-bearer":
             try:
                 claims = jwt.decode(

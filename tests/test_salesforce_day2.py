@@ -4,7 +4,11 @@ real Redis and a Drupal 10 SQLite copy."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import subprocess
+import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,10 +16,12 @@ import pytest
 import redis
 
 from app.config import Settings
+from app.queue import DEAD_KEY
 from app.reconcile import run_reconcile
 from tests.factories import note, sf
-from tests.fixtures_worker import drupal_users, run_worker
-from tests.sfserver import FakeOrg
+from tests.fixtures_salesforce import sf_env
+from tests.fixtures_worker import drupal_users, reaped, run_worker
+from tests.sfserver import FakeOrg, SalesforceServer
 from tests.test_purge import enqueue
 from tests.test_reconcile import T0, rc_settings
 
@@ -62,3 +68,68 @@ async def test_a_refused_login_never_keeps_a_worker_from_applying_what_salesforc
         f"reconcile stopped early: {JWT_REFUSED}",
     ]
     assert sf_org.counts["token:urn:ietf:params:oauth:grant-type:jwt-bearer"] == 3
+
+
+def test_refetch_mode_stops_and_keeps_its_jobs_when_salesforce_refuses_the_login_mid_run(
+    rc_settings: Settings,
+    sf_org: FakeOrg,
+    sf_server: SalesforceServer,
+    redis_client: redis.Redis,
+    drupal_db: Path,
+    tmp_path: Path,
+) -> None:
+    """Refetch mode reads every record: the Connected App's policy changed under a running
+    worker (its session revoked, every login refused), each notification would fail alike.
+    The worker stops (exit 0, for its supervisor) and leaves its jobs queued, none a dead
+    letter; a restart refuses, saying what to fix; fixed, the jobs apply. Before, every job
+    became a dead letter at once, each after a login attempt of its own."""
+    refetch = rc_settings.model_copy(update={"payload_mode": "refetch"})
+    for n in range(1, 5):
+        sf_org.add("Contact", sf(n), Email=f"r{n}@example.org", FirstName="R",
+                   LastName=f"Now{n}", SystemModstamp=T0)  # fmt: skip
+    env = sf_env(refetch, sf_server, payload_mode="refetch")
+
+    def start(name: str, *args: str) -> subprocess.Popen[bytes]:
+        with (tmp_path / name).open("wb") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "worker", *args],
+                cwd=tmp_path,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    worker = start("first.log")
+    with reaped(worker):
+        asyncio.run(enqueue(refetch, [[note(sf(1), "r1@example.org", "R", "Pushed1")]]))
+        deadline = time.monotonic() + 30
+        while last_names(drupal_db) != {sf(1): "Now1"}:
+            assert worker.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        logins = sf_org.counts["token:urn:ietf:params:oauth:grant-type:jwt-bearer"]
+        sf_org.refuse_logins = (400, "invalid_grant", "user hasn't approved this consumer")
+        sf_org.expire_sessions()
+        asyncio.run(
+            enqueue(refetch, [[note(sf(n), f"r{n}@example.org", "R", "P")] for n in (2, 3, 4)])
+        )
+        assert worker.wait(30) == 0
+    assert (
+        f"{JWT_REFUSED}: refetch mode reads every record from Salesforce; the worker stops and "
+        "leaves its jobs queued"
+    ) in (tmp_path / "first.log").read_text()
+    assert redis_client.zcard(refetch.queue_name) == 3
+    assert redis_client.hlen(DEAD_KEY) == 0
+    assert b"outcome:dead" not in redis_client.hgetall("sfrelay:stats")
+    assert last_names(drupal_db) == {sf(1): "Now1"}
+    # No login per job: the jobs the worker had taken at once, at most.
+    assert sf_org.counts["token:urn:ietf:params:oauth:grant-type:jwt-bearer"] - logins <= 3
+    restarted = start("restarted.log")
+    with reaped(restarted):
+        assert restarted.wait(30) != 0
+    assert JWT_REFUSED in (tmp_path / "restarted.log").read_text()
+    sf_org.refuse_logins = None  # the administrator put the policy back
+    fixed = start("fixed.log", "--burst")
+    with reaped(fixed):
+        assert fixed.wait(60) == 0
+    assert last_names(drupal_db) == {sf(n): f"Now{n}" for n in range(1, 5)}
+    assert redis_client.hlen(DEAD_KEY) == 0

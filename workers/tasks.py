@@ -21,7 +21,13 @@ from app import dead
 from app.config import Settings
 from app.dead import DeadLetter
 from app.drupal.errors import driver_text
-from app.errors import QueueUnavailable, RetryableError, SiteChanged
+from app.errors import (
+    QueueUnavailable,
+    RetryableError,
+    SalesforceLoginFailed,
+    SalesforceQueryRefused,
+    SiteChanged,
+)
 from app.jobs import ApplyJob, JobNotification
 from app.logs import fields
 from app.outcomes import IN_LEDGER, Outcome, OutcomeKind
@@ -170,6 +176,19 @@ async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
             logger.error("job %s: %s", ctx["job_id"], exc)
             _stop(state)
             await _requeue(redis, ctx, settings, job, "the Drupal site changed")
+            return
+        except (SalesforceLoginFailed, SalesforceQueryRefused) as exc:
+            # Refetch mode: Salesforce refuses sfrelay itself (the login, a mapped field or
+            # object): the same, every record would fail alike. Started again, the worker
+            # refuses (polls.startup) until it is fixed in Salesforce or the settings.
+            logger.error(
+                "job %s: %s: refetch mode reads every record from Salesforce; the worker stops "
+                "and leaves its jobs queued",
+                ctx["job_id"],
+                exc,
+            )
+            _stop(state)
+            await _requeue(redis, ctx, settings, job, "Salesforce refused sfrelay")
             return
         except (RetryableError, TimeoutError) as exc:
             reason = str(exc) or "the database gave no answer in time"
