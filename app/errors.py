@@ -5,7 +5,8 @@ SfrelayError
 │   ├── SiteChanged               the Drupal site no longer has what the field map writes (a
 │   │                             field deleted while a worker ran): the worker stops, jobs wait
 │   ├── SalesforceLoginFailed     Salesforce refused the credentials or the Connected App
-│   └── SalesforceQueryRefused    MALFORMED_QUERY / INVALID_FIELD: names the object and field
+│   └── SalesforceQueryRefused    MALFORMED_QUERY / INVALID_FIELD: names the object and field;
+│                                 a retired API version (410 GONE)
 ├── RejectedMessage           the receiver refuses a request (SOAP Fault, nothing stored)
 │   ├── BodyTooLarge          413
 │   ├── UnsupportedMediaType  415
@@ -170,7 +171,8 @@ class SalesforceLoginFailed(_SalesforceError, ConfigError):
 
 
 class SalesforceQueryRefused(_SalesforceError, ConfigError):
-    """A query Salesforce refuses as written: usually a mapped field the org lacks."""
+    """A query Salesforce refuses as written: usually a mapped field the org lacks; also a
+    retired API version (410 GONE)."""
 
     def __init__(
         self,

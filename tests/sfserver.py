@@ -19,6 +19,7 @@ What it answers (the org's state is `FakeOrg`):
   `FullName` only when the query returns at most one record, as Salesforce allows; a user
   without "View Setup and Configuration" is `FakeOrg.tooling_refusal`.
 - OAuth refusals as `{"error", "error_description"}` with HTTP 400 (`FakeOrg.refuse_logins`).
+- A retired API version (`FakeOrg.oldest_version`): 410 GONE on every REST resource.
 - Errors as Salesforce sends them: 401 INVALID_SESSION_ID, 403 REQUEST_LIMIT_EXCEEDED,
   400 MALFORMED_QUERY / INVALID_FIELD / INVALID_TYPE, and injected 5xx (`FakeOrg.fail_next`).
 """
@@ -183,6 +184,8 @@ class FakeOrg:
     # Every login refused with this OAuth error (status, error, error_description), as when
     # an administrator changes the Connected App or the integration user months in.
     refuse_logins: tuple[int, str, str] | None = None
+    # REST API versions below this are retired: 410 GONE (Salesforce's end-of-life policy).
+    oldest_version: float = 31.0
     fail_next: list[tuple[int, str, str]] = field(default_factory=list)
     # Id (04k...) -> WorkflowOutboundMessage (see `outbound_message`)
     outbound_messages: dict[str, dict[str, Any]] = field(
@@ -568,6 +571,8 @@ class FakeOrg:
         if match is None:
             raise Refusal(404, "NOT_FOUND", "The requested resource does not exist")
         version, rest = match.groups()
+        if float(version) < self.oldest_version:
+            raise Refusal(410, "GONE", f"API version {version} is retired")
         if self.fail_next:
             status, code, message = self.fail_next.pop(0)
             raise Refusal(status, code, message)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from app.check import check_salesforce
 from app.config import Settings
 from app.queue import DEAD_KEY
 from app.reconcile import run_reconcile
@@ -23,7 +24,7 @@ from tests.fixtures_salesforce import sf_env
 from tests.fixtures_worker import drupal_users, reaped, run_worker
 from tests.sfserver import FakeOrg, SalesforceServer
 from tests.test_purge import enqueue
-from tests.test_reconcile import T0, rc_settings
+from tests.test_reconcile import T0, add, queued, rc_settings
 
 __all__ = ["rc_settings"]
 
@@ -133,3 +134,23 @@ def test_refetch_mode_stops_and_keeps_its_jobs_when_salesforce_refuses_the_login
         assert fixed.wait(60) == 0
     assert last_names(drupal_db) == {sf(n): f"Now{n}" for n in range(1, 5)}
     assert redis_client.hlen(DEAD_KEY) == 0
+
+
+async def test_a_retired_api_version_names_the_setting_to_change(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path, redis_client: redis.Redis
+) -> None:
+    """Salesforce retires API versions over 3 years old (410 GONE on every REST resource):
+    reconcile and `sfrelay check` say which setting to change, not 'refused limits'."""
+    sf_org.fixed_time = T0 + timedelta(hours=1)
+    add(sf_org, 1, T0 + timedelta(minutes=1))
+    old = rc_settings.model_copy(update={"sf_api_version": "30.0"})
+    retired = (
+        "Salesforce no longer serves API version 30.0 (HTTP 410, GONE: API version 30.0 is "
+        "retired): set SFRELAY_SF_API_VERSION to a version the org serves (62.0, sfrelay's "
+        "default, or later)"
+    )
+    report = await run_reconcile(old, since=T0)
+    assert (report.errors, report.queued, report.stopped) == (1, 0, retired)
+    assert await queued(old) == 0
+    result = await check_salesforce(old)
+    assert (result.status, result.detail) == ("failed", retired)

@@ -7,6 +7,7 @@ from typing import Any
 
 from simple_salesforce.exceptions import SalesforceError
 
+from app.config import Settings
 from app.errors import (
     ApiLimitReached,
     SalesforceLoginFailed,
@@ -17,10 +18,12 @@ from app.errors import (
 )
 
 _NO_SUCH_COLUMN = re.compile(r"No such column '([^']+)' on (?:entity|sobject of type) '([^']+)'")
+_URL_VERSION = re.compile(r"/services/data/v(\d+\.\d+)/")
 _RETRYABLE_CODES = frozenset(
     {"SERVER_UNAVAILABLE", "UNABLE_TO_LOCK_ROW", "INVALID_QUERY_LOCATOR", "QUERY_TIMEOUT"}
 )
 _QUERY_CODES = frozenset({"INVALID_FIELD", "MALFORMED_QUERY", "INVALID_TYPE"})
+_DEFAULT_VERSION = Settings.model_fields["sf_api_version"].default
 
 
 def _first_error(content: Any) -> tuple[str | None, str]:
@@ -38,6 +41,17 @@ def map_error(exc: SalesforceError, what: str) -> SfrelayError:
     """One place where Salesforce's refusals become sfrelay's errors (app/errors.py)."""
     code, message = _first_error(exc.content)
     status = exc.status
+    url = str(exc.url or "")
+    if status == 410:
+        # Salesforce retires API versions over 3 years old: every resource is gone.
+        found = _URL_VERSION.search(url)
+        version = f"API version {found.group(1)}" if found else "this API version"
+        return SalesforceQueryRefused(
+            f"Salesforce no longer serves {version} (HTTP 410, {code or 'GONE'}: "
+            f"{message[:200]}): set SFRELAY_SF_API_VERSION to a version the org serves "
+            f"({_DEFAULT_VERSION}, sfrelay's default, or later)",
+            code,
+        )
     if code == "REQUEST_LIMIT_EXCEEDED" and "concurrent" in message.lower():
         # ConcurrentPerOrgLongTxn: too many long requests running in the org right now (not
         # the daily limit): soon over.
