@@ -6,7 +6,7 @@ SfrelayError
 │   │                             field deleted while a worker ran): the worker stops, jobs wait
 │   ├── SalesforceLoginFailed     Salesforce refused the credentials or the Connected App
 │   └── SalesforceQueryRefused    MALFORMED_QUERY / INVALID_FIELD: names the object and field;
-│                                 a retired API version (410 GONE)
+│                                 an object the user may not read; a retired API version (410)
 ├── RejectedMessage           the receiver refuses a request (SOAP Fault, nothing stored)
 │   ├── BodyTooLarge          413
 │   ├── UnsupportedMediaType  415
@@ -171,8 +171,8 @@ class SalesforceLoginFailed(_SalesforceError, ConfigError):
 
 
 class SalesforceQueryRefused(_SalesforceError, ConfigError):
-    """A query Salesforce refuses as written: usually a mapped field the org lacks; also a
-    retired API version (410 GONE)."""
+    """A query Salesforce refuses as written: usually a mapped field the org lacks, or an
+    object the integration user may not read; also a retired API version (410 GONE)."""
 
     def __init__(
         self,

@@ -186,6 +186,9 @@ class FakeOrg:
     refuse_logins: tuple[int, str, str] | None = None
     # REST API versions below this are retired: 410 GONE (Salesforce's end-of-life policy).
     oldest_version: float = 31.0
+    # Objects the integration user may no longer read (its profile lost Read): SOQL calls
+    # them not supported (INVALID_TYPE), their sobjects/ resources do not exist (404).
+    unreadable_objects: set[str] = field(default_factory=set)
     fail_next: list[tuple[int, str, str]] = field(default_factory=list)
     # Id (04k...) -> WorkflowOutboundMessage (see `outbound_message`)
     outbound_messages: dict[str, dict[str, Any]] = field(
@@ -384,7 +387,7 @@ class FakeOrg:
         if match is None:
             raise Refusal(400, "MALFORMED_QUERY", f"unexpected token: '{soql.split()[-1]}'")
         sobject = match.group("obj")
-        if sobject not in self.records:
+        if sobject not in self.records or sobject in self.unreadable_objects:
             raise Refusal(
                 400,
                 "INVALID_TYPE",
@@ -597,7 +600,7 @@ class FakeOrg:
         if sobj is None:
             raise Refusal(404, "NOT_FOUND", "The requested resource does not exist")
         sobject, tail = sobj.groups()
-        if sobject not in self.records:
+        if sobject not in self.records or sobject in self.unreadable_objects:
             raise Refusal(404, "NOT_FOUND", "The requested resource does not exist")
         self.counts[f"{sobject}:{tail}"] += 1
         if tail == "describe":

@@ -154,3 +154,32 @@ async def test_a_retired_api_version_names_the_setting_to_change(
     assert await queued(old) == 0
     result = await check_salesforce(old)
     assert (result.status, result.detail) == ("failed", retired)
+
+
+async def test_an_object_the_integration_user_can_no_longer_read_is_named_and_only_it_stops(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path, redis_client: redis.Redis
+) -> None:
+    """An administrator takes Read on Lead from the integration user's profile: SOQL calls
+    Lead 'not supported' (INVALID_TYPE) and its describe does not exist (404). Reconcile still
+    queues the Contacts and says what to do about Lead; `sfrelay check` says the same, not
+    'The requested resource does not exist' or a SOQL excerpt cut before the reason."""
+    sf_org.fixed_time = T0 + timedelta(hours=1)
+    contact = add(sf_org, 1, T0 + timedelta(minutes=1))
+    sf_org.unreadable_objects.add("Lead")
+    cannot = (
+        "the integration user cannot read Lead (INVALID_TYPE: sObject type 'Lead' is not "
+        "supported): give it Read on Lead (its profile or a permission set), or leave Lead "
+        "out of SFRELAY_HANDLED_OBJECTS"
+    )
+    report = await run_reconcile(rc_settings, since=T0)
+    assert (report.errors, report.queued, report.stopped) == (1, 1, f"Lead: {cannot}")
+    assert await queued(rc_settings) == 1
+    await run_worker(rc_settings.model_copy(update={"reconcile_every_seconds": 0}))
+    assert list(last_names(drupal_db)) == [contact]
+    result = await check_salesforce(rc_settings)
+    assert (result.status, result.detail) == (
+        "failed",
+        "the integration user cannot read Lead (NOT_FOUND on sobjects/Lead/describe): give "
+        "it Read on "
+        "Lead (its profile or a permission set), or leave Lead out of SFRELAY_HANDLED_OBJECTS",
+    )

@@ -18,6 +18,10 @@ from app.errors import (
 )
 
 _NO_SUCH_COLUMN = re.compile(r"No such column '([^']+)' on (?:entity|sobject of type) '([^']+)'")
+# What SOQL says of an object the integration user may not read (or the org lacks).
+_NOT_SUPPORTED = re.compile(r"sObject type '([^']+)' is not supported")
+# An object's own resources, which do not exist (404) for a user who may not read it.
+_OBJECT_RESOURCE = re.compile(r"/sobjects/(\w+)/(describe|deleted|updated)\b")
 _URL_VERSION = re.compile(r"/services/data/v(\d+\.\d+)/")
 _RETRYABLE_CODES = frozenset(
     {"SERVER_UNAVAILABLE", "UNABLE_TO_LOCK_ROW", "INVALID_QUERY_LOCATOR", "QUERY_TIMEOUT"}
@@ -52,6 +56,10 @@ def map_error(exc: SalesforceError, what: str) -> SfrelayError:
             f"({_DEFAULT_VERSION}, sfrelay's default, or later)",
             code,
         )
+    resource = _OBJECT_RESOURCE.search(url) if status == 404 else None
+    if resource is not None:
+        sobject, tail = resource.groups()
+        return _unreadable(sobject, f"{code or 'HTTP 404'} on sobjects/{sobject}/{tail}", code)
     if code == "REQUEST_LIMIT_EXCEEDED" and "concurrent" in message.lower():
         # ConcurrentPerOrgLongTxn: too many long requests running in the org right now (not
         # the daily limit): soon over.
@@ -73,6 +81,9 @@ def map_error(exc: SalesforceError, what: str) -> SfrelayError:
             code,
         )
     if code in _QUERY_CODES:
+        unsupported = _NOT_SUPPORTED.search(message)
+        if unsupported:
+            return _unreadable(unsupported.group(1), f"{code}: {unsupported.group()}", code)
         found = _NO_SUCH_COLUMN.search(message)
         if found:
             field, sobject = found.groups()
@@ -100,4 +111,14 @@ def map_error(exc: SalesforceError, what: str) -> SfrelayError:
         f"Salesforce refused {what} (HTTP {status}, {code or 'no error code'}): "
         f"{message[:200]}{hint}",
         code,
+    )
+
+
+def _unreadable(sobject: str, why: str, code: str | None) -> SalesforceQueryRefused:
+    """An object the integration user may no longer read (its profile lost Read on it)."""
+    return SalesforceQueryRefused(
+        f"the integration user cannot read {sobject} ({why}): give it Read on {sobject} (its "
+        f"profile or a permission set), or leave {sobject} out of SFRELAY_HANDLED_OBJECTS",
+        code,
+        sobject,
     )
