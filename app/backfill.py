@@ -21,7 +21,7 @@ import orjson
 
 from app.config import Settings
 from app.drupal import cursors
-from app.errors import ApiLimitReached, ConfigError
+from app.errors import ApiLimitReached, ConfigError, SalesforceLoginFailed
 from app.jobs import Source
 from app.outcomes import OutcomeKind
 from app.queue import Enqueuer, count_outcomes
@@ -91,6 +91,8 @@ async def backfill(
                 if not dry_run:
                     await count_outcomes(ctx.redis, Counter({OutcomeKind.API_LIMIT: 1}))
                 break
+            if isinstance(exc, SalesforceLoginFailed):
+                break  # the next object would be refused the same login
         finally:
             report.add(part)
             if shown is not None:

@@ -345,6 +345,8 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
         )
     counts = ", ".join(f"{k} {v}" for k, v in report.as_dict().items() if k != "stopped")
     prefix = "dry run (nothing queued): " if args.dry_run else "backfill done: "
+    if report.stopped and not args.dry_run:
+        prefix = "backfill stopped: "
     print(f"{prefix}{counts} in {elapsed:.0f} s")
     return 1 if report.errors else 0
 

@@ -19,9 +19,10 @@ from app.check import check_salesforce
 from app.config import Settings
 from app.queue import DEAD_KEY
 from app.reconcile import run_reconcile
+from tests.conftest import Cli
 from tests.factories import note, sf
 from tests.fixtures_salesforce import sf_env
-from tests.fixtures_worker import drupal_users, reaped, run_worker
+from tests.fixtures_worker import drupal_users, reaped, run_worker, settings_env
 from tests.sfserver import FakeOrg, SalesforceServer
 from tests.test_purge import enqueue
 from tests.test_reconcile import T0, add, queued, rc_settings
@@ -183,3 +184,29 @@ async def test_an_object_the_integration_user_can_no_longer_read_is_named_and_on
         "it Read on "
         "Lead (its profile or a permission set), or leave Lead out of SFRELAY_HANDLED_OBJECTS",
     )
+
+
+def test_a_backfill_whose_login_is_refused_stops_at_once_and_says_so(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path, cli: Cli
+) -> None:
+    """`sfrelay backfill` of Contact and Lead with a login Salesforce refuses: one login
+    attempt, not one per object, and the summary says the run stopped. Before, it asked for
+    a second login for Lead, counted two errors, and printed 'backfill done: ...'."""
+    sf_org.refuse_logins = (400, "invalid_grant", "user hasn't approved this consumer")
+    env = settings_env(
+        rc_settings,
+        sf_username=rc_settings.sf_username,
+        sf_consumer_key=rc_settings.sf_consumer_key,
+        sf_private_key_file=rc_settings.sf_private_key_file,
+    )
+    run = cli(env, "backfill")
+    assert run.returncode == 1
+    assert run.stderr == (
+        f"sfrelay: backfill stopped early: Contact: {JWT_REFUSED}; run it again to resume\n"
+    )
+    assert run.stdout.startswith(
+        "backfill stopped: queried 0, queued 0, current 0, no_email 0, deleted 0, merged 0, "
+        "purged 0, errors 1 in "
+    )
+    assert sf_org.counts["token:urn:ietf:params:oauth:grant-type:jwt-bearer"] == 1
+    assert sf_org.api_used == 0
