@@ -317,6 +317,14 @@ class FakeOrg:
 
     def soap_login(self, body: str, version: str) -> tuple[int, str]:
         self.counts["soap:login"] += 1
+        if float(version) < self.oldest_version:
+            return 500, _soap_fault(
+                "UNSUPPORTED_API_VERSION",
+                "UnexpectedErrorFault",
+                f"The API version that was specified ({version}) is below the minimum "
+                f"supported ({self.oldest_version}). Change the version number and run the "
+                "request again.",
+            )
         username = re.search(r"<n1:username>(.*?)</n1:username>", body)
         password = re.search(r"<n1:password>(.*?)</n1:password>", body)
         if (
@@ -325,18 +333,10 @@ class FakeOrg:
             or (username.group(1), password.group(1))
             != (escape(USERNAME), escape(PASSWORD + SECURITY_TOKEN))
         ):
-            return 500, (
-                '<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope '
-                'xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" '
-                'xmlns:sf="urn:fault.partner.soap.sforce.com" '
-                'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body>'
-                "<soapenv:Fault><faultcode>sf:INVALID_LOGIN</faultcode><faultstring>"
-                "INVALID_LOGIN: Invalid username, password, security token; or user locked out."
-                '</faultstring><detail><sf:LoginFault xsi:type="sf:LoginFault">'
-                "<sf:exceptionCode>INVALID_LOGIN</sf:exceptionCode><sf:exceptionMessage>"
-                "Invalid username, password, security token; or user locked out."
-                "</sf:exceptionMessage></sf:LoginFault></detail></soapenv:Fault>"
-                "</soapenv:Body></soapenv:Envelope>"
+            return 500, _soap_fault(
+                "INVALID_LOGIN",
+                "LoginFault",
+                "Invalid username, password, security token; or user locked out.",
             )
         return 200, (
             '<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope '
@@ -614,6 +614,21 @@ class FakeOrg:
         if record is None or record.get("IsDeleted"):
             raise Refusal(404, "NOT_FOUND", "The requested resource does not exist")
         return 200, self.render(sobject, record, list(self.fields[sobject]))
+
+
+def _soap_fault(code: str, fault: str, message: str) -> str:
+    """A SOAP API fault as Salesforce sends it (HTTP 500)."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope '
+        'xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" '
+        'xmlns:sf="urn:fault.partner.soap.sforce.com" '
+        'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body>'
+        f"<soapenv:Fault><faultcode>sf:{code}</faultcode><faultstring>{code}: {message}"
+        f'</faultstring><detail><sf:{fault} xsi:type="sf:{fault}">'
+        f"<sf:exceptionCode>{code}</sf:exceptionCode><sf:exceptionMessage>{message}"
+        f"</sf:exceptionMessage></sf:{fault}></detail></soapenv:Fault>"
+        "</soapenv:Body></soapenv:Envelope>"
+    )
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -17,11 +17,13 @@ import redis
 
 from app.check import check_salesforce
 from app.config import Settings
+from app.errors import SalesforceLoginFailed
 from app.queue import DEAD_KEY
 from app.reconcile import run_reconcile
+from app.salesforce import SalesforceClient
 from tests.conftest import Cli
 from tests.factories import note, sf
-from tests.fixtures_salesforce import sf_env
+from tests.fixtures_salesforce import sf_env, sf_settings
 from tests.fixtures_worker import drupal_users, reaped, run_worker, settings_env
 from tests.sfserver import FakeOrg, SalesforceServer
 from tests.test_purge import enqueue
@@ -210,3 +212,23 @@ def test_a_backfill_whose_login_is_refused_stops_at_once_and_says_so(
     )
     assert sf_org.counts["token:urn:ietf:params:oauth:grant-type:jwt-bearer"] == 1
     assert sf_org.api_used == 0
+
+
+async def test_a_soap_login_at_a_retired_api_version_names_the_setting_to_change(
+    sf_server: SalesforceServer, sf_org: FakeOrg
+) -> None:
+    """The legacy SOAP login at a retired version: Salesforce's fault says the version is
+    too old; sfrelay's hint must not send the operator to the password and token."""
+    client = SalesforceClient(sf_settings("soap-login", sf_server, sf_api_version="30.0"))
+    try:
+        with pytest.raises(SalesforceLoginFailed) as refused:
+            await client.login()
+    finally:
+        await client.close()
+    assert str(refused.value) == (
+        "Salesforce refused the login (soap-login at login.salesforce.com): "
+        "UNSUPPORTED_API_VERSION: The API version that was specified (30.0) is below the "
+        "minimum supported (31.0). Change the version number and run the request again.; set "
+        "SFRELAY_SF_API_VERSION to a version the org serves (62.0, sfrelay's default, or later)"
+    )
+    assert refused.value.error_code == "UNSUPPORTED_API_VERSION"

@@ -26,6 +26,12 @@ _FLOWS_HELP = (
 
 # Salesforce's SOAP login() exists up to API 64.0 (help article 005132110).
 SOAP_LOGIN_LAST_VERSION = 64.0
+# What to do about an API version Salesforce has retired (REST 410 GONE, SOAP
+# UNSUPPORTED_API_VERSION): versions are retired after 3 years at least.
+RETIRED_VERSION_HINT = (
+    "set SFRELAY_SF_API_VERSION to a version the org serves "
+    f"({Settings.model_fields['sf_api_version'].default}, sfrelay's default, or later)"
+)
 
 
 class AuthFlow(enum.StrEnum):
@@ -189,9 +195,10 @@ def login(creds: Credentials, session: requests.Session) -> tuple[str, str]:
                 f"Salesforce login ({creds.flow}) failed with HTTP {code}: try again later",
                 str(code),
             ) from None
+        hint = RETIRED_VERSION_HINT if code == "UNSUPPORTED_API_VERSION" else None
         raise SalesforceLoginFailed(
             f"Salesforce refused the login ({creds.flow} at {creds.domain}.salesforce.com): "
-            f"{code}: {exc.auth_message.strip()[:300]}; {_login_hint(creds.flow)}",
+            f"{code}: {exc.auth_message.strip()[:300]}; {hint or _login_hint(creds.flow)}",
             None if code is None else str(code),
         ) from None
     except (ValueError, TypeError, jwt.PyJWTError) as exc:

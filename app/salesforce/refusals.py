@@ -7,7 +7,6 @@ from typing import Any
 
 from simple_salesforce.exceptions import SalesforceError
 
-from app.config import Settings
 from app.errors import (
     ApiLimitReached,
     SalesforceLoginFailed,
@@ -16,6 +15,7 @@ from app.errors import (
     SalesforceUnavailable,
     SfrelayError,
 )
+from app.salesforce.auth import RETIRED_VERSION_HINT
 
 _NO_SUCH_COLUMN = re.compile(r"No such column '([^']+)' on (?:entity|sobject of type) '([^']+)'")
 # What SOQL says of an object the integration user may not read (or the org lacks).
@@ -27,7 +27,6 @@ _RETRYABLE_CODES = frozenset(
     {"SERVER_UNAVAILABLE", "UNABLE_TO_LOCK_ROW", "INVALID_QUERY_LOCATOR", "QUERY_TIMEOUT"}
 )
 _QUERY_CODES = frozenset({"INVALID_FIELD", "MALFORMED_QUERY", "INVALID_TYPE"})
-_DEFAULT_VERSION = Settings.model_fields["sf_api_version"].default
 
 
 def _first_error(content: Any) -> tuple[str | None, str]:
@@ -52,8 +51,7 @@ def map_error(exc: SalesforceError, what: str) -> SfrelayError:
         version = f"API version {found.group(1)}" if found else "this API version"
         return SalesforceQueryRefused(
             f"Salesforce no longer serves {version} (HTTP 410, {code or 'GONE'}: "
-            f"{message[:200]}): set SFRELAY_SF_API_VERSION to a version the org serves "
-            f"({_DEFAULT_VERSION}, sfrelay's default, or later)",
+            f"{message[:200]}): {RETIRED_VERSION_HINT}",
             code,
         )
     resource = _OBJECT_RESOURCE.search(url) if status == 404 else None
