@@ -62,6 +62,8 @@ READY_PROBE_KEY = "sfrelay:ready-probe"  # /readyz writes it (only if it exists)
 # The reconcile claim (claim_reconcile): one run at a time across workers, not before it is due.
 RECONCILE_RUNNING_KEY = "sfrelay:reconcile:running"  # held while a reconcile runs
 RECONCILE_DUE_KEY = "sfrelay:reconcile:recent"  # exists until the next run is due
+# How the workers' last reconcile run ended (JSON: at, queued, errors, stopped), for status.
+RECONCILE_LAST_KEY = "sfrelay:reconcile:last"
 HEALTH_CHECK_SUFFIX = ":health-check"  # arq's health_check_key_suffix (arq/constants.py)
 # After the health-check key: the workers alive (member: a worker, score: when its beat expires).
 WORKERS_ALIVE_SUFFIX = ":workers"

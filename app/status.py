@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
@@ -29,6 +30,7 @@ from app.queue import (
     JOB_KEY_PREFIX,
     OUTCOME_PREFIX,
     RATE_PREFIX,
+    RECONCILE_LAST_KEY,
     STATS_KEY,
     WORKERS_ALIVE_SUFFIX,
     redis_client,
@@ -50,6 +52,7 @@ class Status:
     dead: dict[str, int | None]
     workers: dict[str, Any]
     database: dict[str, Any] = field(default_factory=dict)
+    reconcile: dict[str, Any] | None = None  # the workers' last run (None: none yet)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,11 +77,13 @@ async def read_status(settings: Settings, redis: Redis) -> Status:
                 f"({int(now * 1000)}",
                 "+inf",
             )
+            pipe.get(RECONCILE_LAST_KEY)
             for back in range(61):  # this minute, then the 60 whole minutes before it
                 pipe.hget(f"{RATE_PREFIX}{minute - back}", "received")
             replies = await pipe.execute()
         jobs, oldest, deferred, sample, counters, dead_redis, health, alive = replies[:8]
-        rates = [int(r or 0) for r in replies[8:]]
+        reconciled = replies[8]
+        rates = [int(r or 0) for r in replies[9:]]
         sample = list(sample or [])
         raws: list[bytes | None] = []
         if sample:
@@ -117,7 +122,16 @@ async def read_status(settings: Settings, redis: Redis) -> Status:
         receiver={name: decoded.get(name, 0) for name in RECEIVER_COUNTERS},
         dead={"redis": int(dead_redis), "database": None},
         workers=_workers(health, int(alive)),
+        reconcile=_reconcile(reconciled),
     )
+
+
+def _reconcile(raw: bytes | None) -> dict[str, Any] | None:
+    try:
+        last = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        return None
+    return last if isinstance(last, dict) else None
 
 
 def _workers(health: bytes | None, alive: int) -> dict[str, Any]:
@@ -225,7 +239,7 @@ def render(status: Status) -> list[str]:
         database = f"reachable (Drupal {major})"
     else:
         database = f"NOT reachable: {db.get('error')} (check SFRELAY_DATABASE_URL)"
-    return [
+    lines = [
         f"queue        {queue}",
         f"received     {received}",
         f"receiver     {receiver} (since the Redis data began)",
@@ -234,3 +248,13 @@ def render(status: Status) -> list[str]:
         f"workers      {workers}",
         f"database     {database}",
     ]
+    if (last := status.reconcile) is not None:
+        run = f"a worker's last run {_ago(max(status.now - float(last.get('at') or 0), 0))} ago"
+        if last.get("stopped"):
+            lines.append(f"reconcile    {run}: STOPPED: {last['stopped']}")
+        else:
+            lines.append(
+                f"reconcile    {run}: queued {last.get('queued', 0):,}, errors "
+                f"{last.get('errors', 0):,}"
+            )
+    return lines

@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import subprocess
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
 
 from app.check import check_salesforce
 from app.config import Settings
 from app.errors import SalesforceLoginFailed
-from app.queue import DEAD_KEY
+from app.queue import DEAD_KEY, RECONCILE_DUE_KEY
 from app.reconcile import run_reconcile
 from app.salesforce import SalesforceClient
 from tests.conftest import Cli
@@ -232,3 +234,31 @@ async def test_a_soap_login_at_a_retired_api_version_names_the_setting_to_change
         "SFRELAY_SF_API_VERSION to a version the org serves (62.0, sfrelay's default, or later)"
     )
     assert refused.value.error_code == "UNSUPPORTED_API_VERSION"
+
+
+async def test_sfrelay_status_shows_how_the_workers_last_reconcile_ended(
+    rc_settings: Settings, sf_org: FakeOrg, drupal_db: Path, redis_client: redis.Redis, cli: Cli
+) -> None:
+    """Credentials refused months in: the worker's reconcile stops every run, which only its
+    log said. `sfrelay status` (text and --json) now shows how the last run ended."""
+    sf_org.fixed_time = T0 + timedelta(hours=1)
+    add(sf_org, 1, T0 + timedelta(minutes=1))
+    assert (await run_reconcile(rc_settings, since=T0)).errors == 0
+    env = settings_env(rc_settings)
+    status = cli(env, "status")
+    assert not [line for line in status.stdout.splitlines() if line.startswith("reconcile")]
+    settings = rc_settings.model_copy(update={"reconcile_every_seconds": 600})
+    await run_worker(settings)  # its reconcile run at start: fine
+    status = cli(env, "status")
+    (line,) = [line for line in status.stdout.splitlines() if line.startswith("reconcile")]
+    assert re.fullmatch(r"reconcile    a worker's last run \d+ s ago: queued 0, errors 0", line)
+    redis_client.delete(RECONCILE_DUE_KEY)  # due again
+    sf_org.refuse_logins = (400, "invalid_grant", "user hasn't approved this consumer")
+    sf_org.expire_sessions()
+    await run_worker(settings)
+    status = cli(env, "status")
+    (line,) = [line for line in status.stdout.splitlines() if line.startswith("reconcile")]
+    assert re.fullmatch(r"reconcile    a worker's last run \d+ s ago: STOPPED: (.*)", line)
+    assert line.endswith(f"ago: STOPPED: {JWT_REFUSED}")
+    as_json = orjson.loads(cli(env, "status", "--json").stdout)["reconcile"]
+    assert (as_json["stopped"], as_json["queued"], as_json["errors"]) == (JWT_REFUSED, 0, 1)

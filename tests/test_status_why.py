@@ -552,8 +552,10 @@ def test_status_one_screen(
         "queue",
         "received",
         "receiver",
+        "reconcile",
         "workers",
     ]
+    assert status["reconcile"] is None  # no worker reconciled yet
 
 
 async def add_database_dead_letter(
@@ -604,9 +606,10 @@ def test_status_reads_a_sample_not_every_job(
         "oldest_ready_age_s": status["queue"]["oldest_ready_age_s"],
     }
     assert status["queue"]["oldest_ready_age_s"] > 1_700_000_000  # since the score 1 s
-    # One MGET of the 100 sampled jobs, one GET (the health check key): never one per job.
+    # One MGET of the 100 sampled jobs, two GETs (the health check key, the last reconcile):
+    # never one per job.
     assert stats["cmdstat_mget"]["calls"] == 1
-    assert stats["cmdstat_get"]["calls"] == 1
+    assert stats["cmdstat_get"]["calls"] == 2
     assert "cmdstat_zrange" not in stats
     assert sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info") < 80
     _, text_lines, _ = run(capsys, worker_settings, "status")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from contextlib import suppress
 from typing import Any
 
+import orjson
 from arq.cron import CronJob, cron
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -18,7 +20,7 @@ from app import refetch
 from app.config import Settings
 from app.errors import ApiLimitReached, ConfigError, SalesforceUnavailable, SfrelayError
 from app.jobs import JobNotification
-from app.queue import claim_reconcile, release_reconcile, renew_reconcile
+from app.queue import RECONCILE_LAST_KEY, claim_reconcile, release_reconcile, renew_reconcile
 from app.reconcile import reconcile
 from app.salesforce import SalesforceClient, salesforce_configured
 from workers.tasks import STATE, WorkerState
@@ -127,13 +129,25 @@ async def reconcile_job(ctx: dict[str, Any]) -> None:
         )
         if report.stopped:
             logger.warning("reconcile stopped early: %s", report.stopped)
+        await _remember(redis, report.queued, report.errors, report.stopped)
     except SfrelayError as exc:  # never crash the worker: the next run tries again
         logger.warning("reconcile did not run: %s", exc)
+        await _remember(redis, 0, 1, str(exc))
     finally:
         keeper.cancel()
         with suppress(asyncio.CancelledError):
             await keeper
         await release_reconcile(redis, token)
+
+
+async def _remember(redis: Redis, queued: int, errors: int, stopped: str | None) -> None:
+    """How this run ended, for `sfrelay status` (a failing run otherwise shows in the log
+    alone: Salesforce refusing the login months in, a field made unreadable)."""
+    last = {"at": round(time.time(), 3), "queued": queued, "errors": errors, "stopped": stopped}
+    try:
+        await redis.set(RECONCILE_LAST_KEY, orjson.dumps(last))
+    except (RedisError, OSError) as exc:
+        logger.warning("reconcile: its outcome not stored for sfrelay status: %s", exc)
 
 
 async def _keep_claim(redis: Redis, token: str) -> None:
