@@ -157,8 +157,12 @@ async def test_a_retired_api_version_names_the_setting_to_change(
     report = await run_reconcile(old, since=T0)
     assert (report.errors, report.queued, report.stopped) == (1, 0, retired)
     assert await queued(old) == 0
-    result = await check_salesforce(old)
+    result, outbound = await check_salesforce(old)
     assert (result.status, result.detail) == ("failed", retired)
+    assert (outbound.status, outbound.detail) == (
+        "skipped",
+        "not compared: the Salesforce part failed (see its line)",
+    )
 
 
 async def test_an_object_the_integration_user_can_no_longer_read_is_named_and_only_it_stops(
@@ -181,7 +185,11 @@ async def test_an_object_the_integration_user_can_no_longer_read_is_named_and_on
     assert await queued(rc_settings) == 1
     await run_worker(rc_settings.model_copy(update={"reconcile_every_seconds": 0}))
     assert list(last_names(drupal_db)) == [contact]
-    result = await check_salesforce(rc_settings)
+    result, outbound = await check_salesforce(rc_settings)
+    assert (outbound.status, outbound.detail) == (
+        "skipped",
+        "not compared: the Salesforce part failed (see its line)",
+    )
     assert (result.status, result.detail) == (
         "failed",
         "the integration user cannot read Lead (NOT_FOUND on sobjects/Lead/describe): give "
