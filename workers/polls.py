@@ -127,8 +127,7 @@ async def reconcile_job(ctx: dict[str, Any]) -> None:
             "reconcile: %s",
             " ".join(f"{k}={v}" for k, v in report.as_dict().items() if k != "stopped"),
         )
-        if report.stopped:
-            logger.warning("reconcile stopped early: %s", report.stopped)
+        # (why it stopped early is logged where it stopped: app.reconcile)
         await _remember(redis, report.queued, report.errors, report.stopped)
     except SfrelayError as exc:  # never crash the worker: the next run tries again
         logger.warning("reconcile did not run: %s", exc)
