@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import re
 
+from app.visible import visible
+
 # A faultstring is shown to Salesforce administrators as the delivery failure reason: short.
 FAULTSTRING_MAX = 300
 # The full detail goes to the log, bounded: a hostile body must not become a huge log line.
@@ -41,13 +43,13 @@ LOG_DETAIL_MAX = 2000
 # One "word" (a tag name, an id) longer than this is cut inside a faultstring.
 NAME_MAX = 60
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _LONG_WORD = re.compile(rf"\S{{{NAME_MAX + 1},}}")
 
 
 def clip(text: str, limit: int) -> str:
-    """`text` on one line (control characters escaped), cut to `limit` characters with "…"."""
-    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text[: limit + 1])
+    """`text` on one line (control characters and bidi overrides escaped: app.visible), cut
+    to `limit` characters with "…"."""
+    text = visible(text[: limit + 1])
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

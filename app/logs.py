@@ -6,9 +6,14 @@ applies in each of its processes (`sfrelay serve --workers N`), its access log i
 
 Every handler scrubs what it prints (`RedactSecrets`): query parameters that carry secrets
 (judged as the application decodes them), Salesforce session ids, and anything shaped like an
-email address. With `SFRELAY_LOG_FORMAT=json` each line is one JSON object with the keys `ts`
-(UTC, ISO 8601), `level`, `logger`, `msg`, then the line's structured fields (`fields(...)`),
-and for uvicorn's access log `client`, `method`, `path` (scrubbed) and `status`.
+email address; and it escapes, in what a line quotes, the characters that would forge another
+line or rewrite the terminal showing it (app.visible: a newline in a request's path, a
+terminal escape in a percent-encoded query).
+
+With `SFRELAY_LOG_FORMAT=json` each line is one JSON object with the keys `ts` (UTC, ISO 8601),
+`level`, `logger`, `msg`, then the line's structured fields (`fields(...)`), and for uvicorn's
+access log `client`, `method`, `path` (scrubbed) and `status`; a character a terminal acts on
+is written as a `\\uNNNN` escape, the same value for a JSON reader.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import orjson
+
+from app.visible import visible, visible_json
 
 LogFormat = Literal["text", "json"]
 
@@ -83,23 +90,26 @@ def scrub_line(text: str) -> str:
 
 
 def _scrub_arg(value: object) -> object:
-    """A log argument without secrets: strings, and objects printed as their str(), such as
-    httpx's URL in its "HTTP Request: POST <url>" line (replaced by the scrubbed text)."""
+    """A log argument without secrets, and visible-safe (after scrub, which decodes
+    percent-encoded words): strings, and objects printed as their str(), such as httpx's URL in
+    its "HTTP Request: POST <url>" line (replaced by the scrubbed text)."""
     if isinstance(value, str):
-        return scrub_line(value)
+        return visible(scrub_line(value))
     if value is None or isinstance(value, int | float | bytes):
         return value
     text = str(value)
-    clean = scrub_line(text)
+    clean = visible(scrub_line(text))
     return value if clean == text else clean
 
 
 class RedactSecrets(logging.Filter):
-    """Scrub tokens, session ids and emails from every log line (uvicorn's access log and ours)."""
+    """Scrub tokens, session ids and emails from every log line (uvicorn's access log and ours),
+    and escape what could forge a line or rewrite a terminal in what the line quotes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.args and isinstance(record.msg, str):
-            record.msg = scrub_line(record.msg)  # already the whole line (else a format string)
+            # already the whole line (else a format string)
+            record.msg = visible(scrub_line(record.msg))
         elif isinstance(record.args, tuple):
             record.args = tuple(_scrub_arg(a) for a in record.args)
         elif isinstance(record.args, dict):
@@ -152,7 +162,7 @@ class JsonFormatter(logging.Formatter):
             line["status"] = status
         if record.exc_info:
             line["exc"] = scrub_line(self.formatException(record.exc_info))
-        return orjson.dumps(line, default=str).decode()
+        return visible_json(orjson.dumps(line, default=str).decode())
 
 
 def uvicorn_config(fmt: LogFormat) -> dict[str, Any]:

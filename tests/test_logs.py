@@ -264,3 +264,49 @@ def test_text_with_marks_is_still_scrubbed() -> None:
     assert scrub_line("see a@b.example?token=s3cret") == "see ***@***?token=***"
     assert scrub_line("sid 00D5g000004Xk2P!AQ4AQFh3") == "sid ***"
     assert scrub_line("GET /x?%74oken=s3cret") == "GET /x?token=***"
+
+
+FORGED = "2026-01-01 00:00:00,000 INFO sfrelay.receiver forged"
+
+
+def test_a_request_line_cannot_forge_a_log_line_or_rewrite_the_terminal(
+    serve: type[Serve], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Anyone who can reach the receiver chooses the path and query uvicorn's access log
+    prints (decoded: the path by uvicorn, a percent-encoded query word by the scrubber)."""
+    server = serve(redis_server.url, tmp_path, "text")
+    base = f"http://127.0.0.1:{server.port}"
+    assert httpx.get(f"{base}/x%0a{FORGED}%1b[2J%e2%80%ae").status_code == 404
+    query = f"?a=%0d%0a{FORGED}%1b]52;c;aGk=%07%08&token={TOKEN}"
+    assert httpx.get(f"{base}{ENDPOINT}{query}").status_code == 405
+    output = server.stop()
+    lines = output.splitlines()
+    assert not any(line.startswith(FORGED) for line in lines), output
+    for unsafe in ("\x1b", "\x07", "\x08", "\r", "\u202e"):
+        assert unsafe not in output
+    assert f'"GET /x\\x0a{FORGED}\\x1b[2J\\u202e HTTP/1.1" 404' in output
+    assert (
+        f'"GET {ENDPOINT}?a=\\x0d\\x0a{FORGED}\\x1b]52;c;aGk=\\x07\\x08&token=*** HTTP/1.1" 405'
+        in output
+    )
+    assert TOKEN not in output
+
+
+def test_json_logs_escape_what_a_terminal_acts_on_and_keep_the_values() -> None:
+    record = logging.LogRecord(
+        "sfrelay.worker",
+        logging.INFO,
+        __file__,
+        1,
+        "record %s: %s",
+        ("003", "Zoë\u202e\x9b2J"),
+        None,
+    )
+    record.__dict__.update(fields(detail="Ødegaard\u202e张伟\u2028O'Brien\x9b"))
+    assert RedactSecrets().filter(record)
+    text = JsonFormatter().format(record)
+    for unsafe in ("\u202e", "\x9b", "\u2028"):
+        assert unsafe not in text
+    line = json.loads(text)
+    assert line["msg"] == "record 003: Zoë\\u202e\\x9b2J"
+    assert line["detail"] == "Ødegaard\u202e张伟\u2028O'Brien\x9b"  # the value, as it was
