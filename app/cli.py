@@ -9,9 +9,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import httpx
 import orjson
@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from app.config import Settings, describe_invalid
 from app.errors import ConfigError, ProcessFailed, QueueUnavailable, RetryableError
+from app.visible import visible, visible_json
 
 if TYPE_CHECKING:
     from app.dead import DeadLetter
@@ -26,8 +27,18 @@ if TYPE_CHECKING:
 Command = Callable[[argparse.Namespace, Settings], int]
 
 
-def _fail(message: str) -> int:
-    print(f"sfrelay: {message}", file=sys.stderr)
+def _show(lines: Iterable[str], file: TextIO | None = None) -> None:
+    """Print text that quotes stored or received values (a name, an email, an error), each
+    line visible-safe (app.visible): no escape sequence or bidi override reaches the terminal."""
+    print("\n".join(visible(line) for line in lines), file=file or sys.stdout)
+
+
+def _show_json(value: object) -> None:
+    print(visible_json(orjson.dumps(value).decode()))
+
+
+def _fail(message: str, *lines: str) -> int:
+    _show([f"sfrelay: {message}", *lines], file=sys.stderr)
     return 2
 
 
@@ -121,15 +132,14 @@ def cmd_queue_stats(args: argparse.Namespace, settings: Settings) -> int:
     try:
         stats["dead"] += asyncio.run(count_in_database(settings))
     except (ConfigError, RetryableError) as exc:
-        print(
-            f"sfrelay: dead counts only Redis's dead letters: {exc} (check SFRELAY_DATABASE_URL)",
-            file=sys.stderr,
+        _show(
+            [f"sfrelay: dead counts only Redis's dead letters: {exc} (check SFRELAY_DATABASE_URL)"],
+            sys.stderr,
         )
     if args.json:
-        print(orjson.dumps(stats).decode())
+        _show_json(stats)
     else:
-        for key, value in {**stats, **outcomes}.items():
-            print(f"{key:<20} {value}")
+        _show(f"{key:<20} {value}" for key, value in {**stats, **outcomes}.items())
     return 0
 
 
@@ -138,9 +148,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
     status = asyncio.run(collect(settings))
     if args.json:
-        print(orjson.dumps(status.as_dict()).decode())
+        _show_json(status.as_dict())
     else:
-        print("\n".join(render(status)))
+        _show(render(status))
     return 0
 
 
@@ -153,9 +163,9 @@ def cmd_why(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(str(exc))
     result = asyncio.run(answer(settings, query))
     if args.json:
-        print(orjson.dumps(result.as_dict()).decode())
+        _show_json(result.as_dict())
     else:
-        print("\n".join(render(result)))
+        _show(render(result))
     return 0 if result.found else 1
 
 
@@ -217,12 +227,12 @@ def cmd_dead_list(args: argparse.Namespace, settings: Settings) -> int:
 
     letters = asyncio.run(list_dead_letters(settings))
     if args.json:
-        print(orjson.dumps([letter.as_dict() for letter in letters]).decode())
+        _show_json([letter.as_dict() for letter in letters])
         return 0
     if not letters:
         print("no dead letters")
         return 0
-    print("\n".join(_dead_table(letters)))
+    _show(_dead_table(letters))
     refused = sum(1 for letter in letters if letter.notification is None)
     if refused:
         print(
@@ -257,7 +267,7 @@ def cmd_dead_replay(args: argparse.Namespace, settings: Settings) -> int:
         print(file=sys.stderr)
     print(f"replayed {result.replayed} dead letters as {result.jobs} jobs")
     for letter_id, why in result.refused.items():
-        print(f"not replayed {letter_id}: {why}", file=sys.stderr)
+        _show([f"not replayed {letter_id}: {why}"], sys.stderr)
     return 1 if result.refused else 0
 
 
@@ -270,10 +280,10 @@ def cmd_dead_discard(args: argparse.Namespace, settings: Settings) -> int:
     result = asyncio.run(discard_dead_letters(settings, None if args.all else args.ids))
     if result.refused:
         for given, why in result.refused.items():
-            print(f"not discarded {given}: {why}", file=sys.stderr)
+            _show([f"not discarded {given}: {why}"], sys.stderr)
         return _fail("nothing discarded: name each dead letter by an ID `sfrelay dead list` shows")
     if result.discarded:
-        print("\n".join(_dead_table(result.discarded)))
+        _show(_dead_table(result.discarded))
     print(f"discarded {len(result.discarded)} dead letters")
     return 0
 
@@ -284,11 +294,9 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     results = asyncio.run(run_checks(settings))
     ok = all_ok(results)
     if args.json:
-        parts = {r.part: r.as_dict() for r in results}
-        print(orjson.dumps({"ok": ok, "parts": parts}).decode())
+        _show_json({"ok": ok, "parts": {r.part: r.as_dict() for r in results}})
     else:
-        for r in results:
-            print(f"{r.part:<11} {r.status:<15} {r.detail}")
+        _show(f"{r.part:<11} {r.status:<15} {r.detail}" for r in results)
     return 0 if ok else 1
 
 
@@ -305,9 +313,9 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         run_reconcile(settings, since=since, dry_run=args.dry_run, progress=progress)
     )
     if report.stopped:
-        print(f"sfrelay: reconcile stopped early: {report.stopped}", file=sys.stderr)
+        _show([f"sfrelay: reconcile stopped early: {report.stopped}"], sys.stderr)
     if args.json:
-        print(orjson.dumps({**report.as_dict(), "dry_run": args.dry_run}).decode())
+        _show_json({**report.as_dict(), "dry_run": args.dry_run})
     else:
         counts = {k: v for k, v in report.as_dict().items() if k != "stopped"}
         print(
@@ -339,9 +347,9 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     )
     elapsed = time.monotonic() - started
     if report.stopped:
-        print(
-            f"sfrelay: backfill stopped early: {report.stopped}; run it again to resume",
-            file=sys.stderr,
+        _show(
+            [f"sfrelay: backfill stopped early: {report.stopped}; run it again to resume"],
+            sys.stderr,
         )
     counts = ", ".join(f"{k} {v}" for k, v in report.as_dict().items() if k != "stopped")
     prefix = "dry run (nothing queued): " if args.dry_run else "backfill done: "
@@ -470,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `up` writes var/sfrelay.env (LOCAL_ENV_FILE) for the other commands: never its input.
         settings = Settings(_env_file=".env") if args.command == "up" else Settings()
     except ValidationError as exc:
-        return _fail("invalid settings:\n" + "\n".join(f"  {it}" for it in describe_invalid(exc)))
+        return _fail("invalid settings:", *(f"  {it}" for it in describe_invalid(exc)))
     configure(settings.log_format)  # logging of every command: app/logs.py
     func: Command = args.func
     try:
