@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from app.drupal.bulk import fetch_all, insert_rows, select_in
 from app.drupal.errors import Classified, classify
-from tests.fixtures_db import Server
+from app.drupal.readonly import read_engine
+from tests.fixtures_db import DrupalSite, Server
 from tests.servers import free_port
 
 
@@ -235,3 +237,27 @@ async def test_sqlite_bulk_statements_raise_and_report_as_sqlalchemy_ones(tmp_pa
         assert classify(locked).transient
     finally:
         await engine.dispose()
+
+
+async def test_sfrelays_engines_keep_users_values_out_of_their_errors(
+    drupal_site: DrupalSite,
+) -> None:
+    """SQLAlchemy's text of a database error ends with the statement's bound values: a traceback
+    that carried one (a bug, logged by the worker) would show users' emails, names and password
+    hashes. The writer's and the readers' engines keep them out of it."""
+    values = {"name": "Ada Lovelace", "mail": "ada@example.org", "pass": "$S$Dsecret-hash"}
+    statement = text(
+        "SELECT uid FROM users WHERE no_such_column = :name OR mail = :mail OR pass = :pass"
+    )
+    reader = read_engine(drupal_site.url)
+    try:
+        for engine in (drupal_site.engine, reader):
+            async with engine.connect() as conn:
+                refused = await acaught(partial(conn.execute, statement, values))
+            shown = str(refused)
+            assert "no_such_column" in shown
+            assert "[SQL parameters hidden due to hide_parameters=True]" in shown
+            for value in values.values():
+                assert value not in shown
+    finally:
+        await reader.dispose()

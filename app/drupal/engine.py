@@ -23,6 +23,10 @@ _PG_LOCK_KEY = 0x5F5E1A7
 _MYSQL_LOCK = "sfrelay_apply"
 _MYSQL_LOCK_WAIT_S = 60
 SQLITE_BUSY_TIMEOUT_S = 30.0
+# SQLAlchemy's text of a database error ends with the statement's bound values: users' emails,
+# names, password hashes. sfrelay shows a driver's own words (app.drupal.errors.driver_text);
+# a traceback that still carries one (a bug, logged) shows "[SQL parameters hidden ...]".
+HIDE_PARAMETERS = True
 # SQLite's page cache per connection. Measured (100,000 notifications into a new site; 10,000
 # into a 1,000,000-user one): 2, 4 and 8 MB write equally fast (at 1M the pages a batch
 # changes are far more than any of them holds; 64 and 256 MB were no faster either), and
@@ -83,6 +87,7 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
         require_sqlite_file(parsed.database)
         engine = create_async_engine(
             existing_file(parsed),
+            hide_parameters=HIDE_PARAMETERS,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S},
             # sqlite3's own executemany (one prepared statement, a C loop) beats rendering
             # multi-row VALUES statements for each batch.
@@ -90,7 +95,11 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
         )
         _sqlite_events(engine)
         return engine
-    kwargs: dict[str, Any] = {"pool_size": pool_size, "pool_pre_ping": True}
+    kwargs: dict[str, Any] = {
+        "pool_size": pool_size,
+        "pool_pre_ping": True,
+        "hide_parameters": HIDE_PARAMETERS,
+    }
     if backend == "mysql":
         # Each batch reads what it then writes under the writer lock: it must see the
         # rows other writers committed, not a REPEATABLE READ snapshot.

@@ -12,7 +12,12 @@ from sqlalchemy import event, inspect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from app.drupal.engine import existing_file, register_nocase_utf8, require_sqlite_file
+from app.drupal.engine import (
+    HIDE_PARAMETERS,
+    existing_file,
+    register_nocase_utf8,
+    require_sqlite_file,
+)
 from app.drupal.url import async_url
 
 CONNECT_TIMEOUT_S = 3
@@ -25,7 +30,10 @@ def read_engine(url: str) -> AsyncEngine:
     if backend == "sqlite":
         require_sqlite_file(parsed.database)
         engine = create_async_engine(
-            existing_file(parsed), connect_args={"timeout": CONNECT_TIMEOUT_S}, poolclass=NullPool
+            existing_file(parsed),
+            connect_args={"timeout": CONNECT_TIMEOUT_S},
+            poolclass=NullPool,
+            hide_parameters=HIDE_PARAMETERS,
         )
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -42,9 +50,14 @@ def read_engine(url: str) -> AsyncEngine:
             "timeout": CONNECT_TIMEOUT_S,
             "server_settings": {"default_transaction_read_only": "on"},
         }
-        return create_async_engine(parsed, connect_args=connect_args, poolclass=NullPool)
+        return create_async_engine(
+            parsed, connect_args=connect_args, poolclass=NullPool, hide_parameters=HIDE_PARAMETERS
+        )
     engine = create_async_engine(
-        parsed, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}, poolclass=NullPool
+        parsed,
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
+        poolclass=NullPool,
+        hide_parameters=HIDE_PARAMETERS,
     )
 
     @event.listens_for(engine.sync_engine, "connect")
