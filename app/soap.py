@@ -199,6 +199,27 @@ def _record_id_problem(sobject_type: str, record_id: str) -> str | None:
     return None
 
 
+def _references(sobject_type: str, record_id: str | None) -> tuple[tuple[str, str | None], ...]:
+    """The fields whose record id sfrelay acts on, with the key prefix that id must have: a
+    converted Lead's Contact (its user moves to that Contact), a merge loser's winner (of the
+    loser's own object)."""
+    own = record_id[:3] if record_id else _OBJECT_PREFIXES.get(sobject_type)
+    return (("ConvertedContactId", _OBJECT_PREFIXES["Contact"]), ("MasterRecordId", own))
+
+
+def _reference_problem(name: str, value: object, prefix: str | None) -> str | None:
+    """A reference sfrelay would follow must be a record id as Salesforce writes it: anything
+    else would link a Drupal user to a record that cannot exist."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    text = str(value).strip()
+    if not is_valid_id(text):
+        return f"sf:{name} {_quote(text)} is not a Salesforce id"
+    if prefix is not None and not text.startswith(prefix):
+        return f"sf:{name} {text!r} is not an id of the right object (they start with {prefix})"
+    return None
+
+
 def is_notification_id(value: str) -> bool:
     """Whether `value` is an Outbound Message notification id (15 or 18, checksum, 04l)."""
     return value.startswith(NOTIFICATION_ID_PREFIX) and is_valid_id(value)
@@ -294,6 +315,8 @@ def _parse_notification(
         problems.append(f"{sobject_type} has no sf:Id")
     else:
         problems.append(_record_id_problem(sobject_type, record_id) or "")
+    for name, prefix in _references(sobject_type, record_id):
+        problems.append(_reference_problem(name, result.fields.get(name), prefix) or "")
     for name in _MODSTAMPS:
         problems.append(_future_problem(name, result.fields.get(name), now) or "")
     problems = [p for p in problems if p]

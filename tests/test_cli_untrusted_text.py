@@ -40,14 +40,17 @@ def assert_visible_safe(text: str) -> None:
         assert unsafe not in text, (unsafe, text)
 
 
-def test_why_shows_a_converted_leads_contact_id_escaped(
+def test_a_converted_leads_hostile_contact_id_is_refused_and_shown_escaped(
     worker_settings: Settings, drupal_db: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """ConvertedContactId is whatever the message says: `why` quotes it twice."""
+    """A converted Lead's user moves to its ConvertedContactId: one that is no Contact id is
+    refused on receipt (app.soap), the Lead keeps its user, and `dead list` quotes the value
+    escaped."""
     first = lead(Email="zoe@example.org", FirstName="Zoë", LastName="Ødegaard")
     lead_id = first.fields["Id"]
     asyncio.run(_post(worker_settings, outbound_message([first])))
     asyncio.run(run_worker(worker_settings))
+    code, before, _ = run(capsys, worker_settings, "why", lead_id)
     converted = lead(
         Id=lead_id,
         Email="zoe@example.org",
@@ -60,16 +63,13 @@ def test_why_shows_a_converted_leads_contact_id_escaped(
 
     code, lines, err = run(capsys, worker_settings, "why", lead_id)
     assert (code, err) == (0, "")
-    text = "\n".join(lines)
-    assert_visible_safe(text)
-    assert lines[0].startswith(f"Lead {lead_id} -> converted to Contact 003{HOSTILE_SHOWN}")
-    assert f"now belongs to Contact 003{HOSTILE_SHOWN}" in lines[-3]
-
-    code, lines, _ = run(capsys, worker_settings, "why", lead_id, "--json")
-    assert code == 0 and len(lines) == 1
-    assert_visible_safe(lines[0])
-    [record] = orjson.loads(lines[0])["records"]
-    assert record["converted_to"].startswith(f"003{HOSTILE}")  # the value, as it was
+    assert lines[0] == before[0] and lines[0].startswith(f"Lead {lead_id} -> Drupal user ")
+    code, lines, err = run(capsys, worker_settings, "dead", "list")
+    assert (code, err) == (0, "")
+    assert_visible_safe("\n".join(lines))
+    shown = HOSTILE_SHOWN.replace("\\", "\\\\")  # repr'd again in the reason (app.soap._quote)
+    reason = f"sf:ConvertedContactId '003{shown}' is not a Salesforce id"
+    assert lines[1].endswith(f"refused on receipt: {reason}")
 
 
 def test_dead_letters_and_status_show_stored_text_escaped(

@@ -117,6 +117,35 @@ def test_a_value_that_does_not_fit_its_type_makes_the_notification_unusable(
     assert second.problem is None and second.fields["IsConverted"] is False
 
 
+def test_a_reference_sfrelay_follows_must_be_an_id_of_its_object(contract: Contract) -> None:
+    """A converted Lead's user moves to its ConvertedContactId, a merge loser's to its
+    MasterRecordId: whoever posts must not make it any string, nor another object's id."""
+    contact_id, lead_id = sf_id("003", 1), sf_id("00Q", 2)
+    records = [
+        lead(IsConverted="true", ConvertedContactId="003\u202eevil"),
+        lead(IsConverted="true", ConvertedContactId=lead_id),
+        lead(IsConverted="true", ConvertedContactId=contact_id[:15] + "ZZZ"),
+        lead(IsDeleted="true", MasterRecordId=contact_id),
+        contact(IsDeleted="true", MasterRecordId="null"),
+        lead(IsConverted="true", ConvertedContactId=contact_id.lower()[:15]),
+        lead(IsConverted="true", ConvertedContactId=contact_id),
+        contact(IsDeleted="true", MasterRecordId=contact_id),
+        lead(IsConverted="false", ConvertedContactId=""),
+    ]
+    problems = [n.problem for n in parse(outbound_message(records), contract).notifications]
+    assert problems == [
+        "sf:ConvertedContactId '003\\\\u202eevil' is not a Salesforce id",
+        f"sf:ConvertedContactId '{lead_id}' is not an id of the right object (they start with 003)",
+        f"sf:ConvertedContactId '{contact_id[:15]}ZZZ' is not a Salesforce id",
+        f"sf:MasterRecordId '{contact_id}' is not an id of the right object (they start with 00Q)",
+        "sf:MasterRecordId 'null' is not a Salesforce id",
+        None,  # 15 characters, as written: a valid id
+        None,
+        None,
+        None,
+    ]
+
+
 def test_xsi_type_is_resolved_by_namespace_not_prefix(contract: Contract) -> None:
     body = outbound_message([contact(Email="a@example.org")])
     renamed = body.replace(b'xsi:type="sf:Contact"', b'xsi:type="obj:Contact"').replace(
