@@ -444,12 +444,14 @@ def check_field_defaults(schema: DrupalSchema, field_map: FieldMap, dialect: str
 
 
 async def _create_cachetags(engine: AsyncEngine) -> None:
-    """Drupal creates cachetags on first use; sfrelay must invalidate before that."""
+    """Drupal creates cachetags on first use; sfrelay must invalidate before that. Under the
+    writer lock: workers starting together on a site without it each saw it missing and
+    created it, and all but one failed ("relation already exists", MySQL's 1050)."""
     table = Table(
         "cachetags",
         MetaData(),
         Column("tag", String(255), primary_key=True, server_default=""),
         Column("invalidations", Integer, nullable=False, server_default="0"),
     )
-    async with engine.begin() as conn:
+    async with writer(engine) as conn:
         await conn.run_sync(table.create, checkfirst=True)
