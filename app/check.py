@@ -124,6 +124,7 @@ async def check_drupal(settings: Settings) -> PartResult:
                     select(ledger.schema_version.c.version).where(ledger.schema_version.c.id == 1)
                 )
             await conn.rollback()
+            ledger.refuse_newer(version)
             if problem := await _cannot_write(conn):
                 return PartResult("drupal", "failed", f"{where}: {problem}")
         field_map.validate(schema, settings.handled_objects)

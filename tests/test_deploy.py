@@ -1,4 +1,4 @@
-"""Deploy day: workers started together on a fresh database."""
+"""Deploy day: workers started together on a fresh database, a release rolled back."""
 
 from __future__ import annotations
 
@@ -7,17 +7,27 @@ import time
 from pathlib import Path
 
 import pytest
+from redis import Redis
 from sqlalchemy import inspect
 
 from app.config import Settings
 from app.drupal import ledger
+from app.errors import ConfigError
+from tests.conftest import Cli
 from tests.drupal_rows import open_syncer
+from tests.factories import note, sf
 from tests.fixtures_db import DrupalSite
 from tests.fixtures_worker import WorkerProcess
 
 Starter = type[WorkerProcess]
 NEWEST = len(ledger.MIGRATIONS)
 D10 = pytest.mark.parametrize("drupal_site", ["sqlite-d10", "pg-d10", "mariadb-d10"], indirect=True)
+ROLLED_BACK = (
+    f"the sfrelay_* tables in this database are at schema version {NEWEST + 1}, newer than "
+    f"this sfrelay knows (up to {NEWEST}): a newer sfrelay release upgraded them; run that "
+    "release (or a later one) again, or restore the database backup taken before the upgrade "
+    "to run this one"
+)
 
 
 def wait_started(workers: list[WorkerProcess], timeout: float = 90) -> None:
@@ -81,3 +91,60 @@ async def ledger_tables(site: DrupalSite) -> list[str]:
     async with site.engine.connect() as conn:
         names = await conn.run_sync(lambda sync: inspect(sync).get_table_names())
     return sorted(n for n in names if n.startswith("sfrelay_"))
+
+
+async def newer_ledger(site: DrupalSite) -> list[dict[str, object]]:
+    """The ledger as a newer release left it (one record, version NEWEST + 1); its rows."""
+    syncer = await open_syncer(site)
+    try:
+        await syncer.apply([note(sf(1), "p1@example.org", "P", "One")])
+    finally:
+        await syncer.close()
+    await site.execute("UPDATE sfrelay_schema SET version = :v", v=NEWEST + 1)
+    return await ledger_rows(site)
+
+
+async def ledger_rows(site: DrupalSite) -> list[dict[str, object]]:
+    return [
+        *await site.rows("SELECT id, version FROM sfrelay_schema"),
+        *await site.rows("SELECT sf_id, uid, modstamp, digest, user_key FROM sfrelay_record"),
+    ]
+
+
+@D10
+async def test_a_ledger_newer_than_this_release_is_refused_and_left_as_it_is(
+    drupal_site: DrupalSite,
+) -> None:
+    """A rollback: the recorded version is past the last migration this release knows."""
+    site = drupal_site
+    before = await newer_ledger(site)
+    with pytest.raises(ConfigError) as refused:
+        await ledger.migrate(site.engine)
+    assert str(refused.value) == ROLLED_BACK
+    with pytest.raises(ConfigError) as refused:
+        await open_syncer(site)
+    assert str(refused.value) == ROLLED_BACK
+    assert await ledger_rows(site) == before
+
+
+@pytest.mark.parametrize("drupal_site", ["sqlite-d10"], indirect=True)
+async def test_a_rolled_back_worker_exits_saying_why_and_check_fails_alike(
+    worker_settings: Settings,
+    worker_process: Starter,
+    drupal_site: DrupalSite,
+    redis_client: Redis,
+    tmp_path: Path,
+    cli: Cli,
+) -> None:
+    site = drupal_site
+    before = await newer_ledger(site)
+    worker = worker_process(worker_settings.model_copy(update={"database_url": site.url}), tmp_path)
+    assert worker.wait(60) == 2
+    assert worker.output().strip().splitlines()[-1] == f"sfrelay: {ROLLED_BACK}"
+    assert "Traceback" not in worker.output()
+    checked = cli(
+        {"SFRELAY_REDIS_URL": worker_settings.redis_url, "SFRELAY_DATABASE_URL": site.url}, "check"
+    )
+    assert checked.returncode == 1, checked.stdout
+    assert f"{ROLLED_BACK}" in checked.stdout
+    assert await ledger_rows(site) == before

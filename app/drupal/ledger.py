@@ -46,6 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from app.drupal.bulk import insert_rows, select_in, update_rows
 from app.drupal.engine import writer
 from app.drupal.errors import is_transient
+from app.errors import ConfigError
 from app.records import json_within_bmp, version_digest
 
 logger = logging.getLogger("sfrelay.worker")
@@ -108,14 +109,29 @@ def _v4(sync_conn: Connection) -> None:
 MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
 
 
+def refuse_newer(version: int | None) -> None:
+    """A ledger a newer sfrelay migrated (the operator rolled back a release) is refused:
+    this release would write rows without what the newer one keeps, and cannot tell what
+    its steps changed."""
+    if version is not None and version > len(MIGRATIONS):
+        raise ConfigError(
+            f"the sfrelay_* tables in this database are at schema version {version}, newer "
+            f"than this sfrelay knows (up to {len(MIGRATIONS)}): a newer sfrelay release "
+            "upgraded them; run that release (or a later one) again, or restore the database "
+            "backup taken before the upgrade to run this one"
+        )
+
+
 async def migrate(engine: AsyncEngine) -> int:
     """Bring sfrelay's tables to the newest version (safe with several workers starting).
-    Up to date (every start but the first): a read, no write lock."""
+    Up to date (every start but the first): a read, no write lock. A ledger newer than
+    this release is refused (`refuse_newer`), never changed."""
     async with engine.connect() as conn:
         if await conn.run_sync(lambda sync: inspect(sync).has_table(schema_version.name)):
             current = await conn.scalar(
                 select(schema_version.c.version).where(schema_version.c.id == 1)
             )
+            refuse_newer(current)
             if current == len(MIGRATIONS):
                 return len(MIGRATIONS)
     async with writer(engine) as conn:
@@ -123,6 +139,7 @@ async def migrate(engine: AsyncEngine) -> int:
         current = await conn.scalar(
             select(schema_version.c.version).where(schema_version.c.id == 1)
         )
+        refuse_newer(current)
         version = int(current or 0)
         for step in MIGRATIONS[version:]:
             await conn.run_sync(step)
