@@ -233,7 +233,7 @@ def cmd_dead_list(args: argparse.Namespace, settings: Settings) -> int:
         print("no dead letters")
         return 0
     _show(_dead_table(letters))
-    refused = sum(1 for letter in letters if letter.notification is None)
+    refused = sum(1 for letter in letters if letter.refused_on_receipt)
     if refused:
         print(
             f"\n{refused} {'dead letter' if refused == 1 else 'dead letters'} refused on "

@@ -6,7 +6,10 @@ A dead letter is one `DeadLetter`, whoever writes it:
 - the receiver, for an authentic notification it cannot use (kept in Redis beside the raw
   body; listed, never replayed: Salesforce must send it again once fixed);
 - a worker, for a notification that kept failing: in the Drupal database's
-  ``sfrelay_dead_letter`` table, or in Redis when the database cannot take it in time.
+  ``sfrelay_dead_letter`` table, or in Redis when the database cannot take it in time;
+- a worker, for a whole job it cannot read (another release queued it: an unknown function,
+  arguments of another shape): in Redis, the job kept as it was stored (`raw_job`), and
+  replayed as such once workers that read it run.
 
 This module alone writes, reads, counts, replays and discards (removes) them. Readers never
 migrate: before a worker has created the table, the database simply holds no dead letters.
@@ -16,6 +19,7 @@ Redis key names are `app.queue`'s.
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import logging
 import os
@@ -96,6 +100,14 @@ class DeadLetter:
     body_sha256: str | None = None  # the receiver keeps the raw body under this digest
     id: str = ""  # the database row id or the Redis hash field, once kept
     kept: Kept | None = None
+    raw_job: bytes | None = None  # a job the worker could not read, as it was stored
+
+    @classmethod
+    def unreadable(cls, raw_job: bytes, reason: str) -> DeadLetter:
+        """A worker's dead letter for a whole job it could not read."""
+        now = time.time()
+        nothing = ApplyJob("", Source.OUTBOUND_MESSAGE, now, ())
+        return cls(nothing, reason, None, None, 1, now, now, raw_job=raw_job)
 
     @classmethod
     def of(
@@ -122,9 +134,14 @@ class DeadLetter:
         return self.job.notifications[0] if self.job.notifications else None
 
     @property
+    def refused_on_receipt(self) -> bool:
+        """The receiver's: nothing to apply, nothing to replay."""
+        return self.notification is None and self.raw_job is None
+
+    @property
     def error(self) -> str:
         """The reason as `sfrelay dead list` shows it."""
-        return self.reason if self.notification else REFUSED_ON_RECEIPT + self.reason
+        return REFUSED_ON_RECEIPT + self.reason if self.refused_on_receipt else self.reason
 
     def dumps(self) -> bytes:
         return orjson.dumps(
@@ -138,6 +155,7 @@ class DeadLetter:
                 "first_seen": self.first_seen,
                 "last_seen": self.last_seen,
                 "body_sha256": self.body_sha256,
+                **({"raw_job": base64.b64encode(self.raw_job).decode()} if self.raw_job else {}),
             }
         )
 
@@ -158,6 +176,7 @@ class DeadLetter:
             body_sha256=value.get("body_sha256"),
             id=id,
             kept=kept,
+            raw_job=base64.b64decode(value["raw_job"]) if "raw_job" in value else None,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -173,6 +192,7 @@ class DeadLetter:
             "first_seen": self.first_seen,
             "last_seen": self.last_seen,
             "notification": None if notification is None else self.job.flat(notification),
+            **({"job": self.raw_job.decode(errors="replace")} if self.raw_job else {}),
         }
 
 
@@ -293,6 +313,14 @@ async def keep(
         },
     )
     return Kept.REDIS
+
+
+async def keep_unreadable(redis: Redis, job_id: str, raw_job: bytes, reason: str) -> None:
+    """Keep a job the worker could not read (as stored under `arq:job:<job_id>`) in Redis,
+    where it was queued. Raises QueueUnavailable when Redis cannot take it."""
+    letter = DeadLetter.unreadable(raw_job, reason)
+    field = queue.unreadable_job_field(job_id)
+    await queue.dead_letters_to_redis(redis, {field: letter.dumps()}, fallback=False)
 
 
 async def _add_one(engine: AsyncEngine, letter: DeadLetter) -> int:
@@ -425,7 +453,16 @@ async def replay_dead_letters(
                 result.refused[letter.id] = why
             else:
                 replayable.append(letter)
-        for chunk in _jobs(replayable):
+        total = len(replayable)
+        for letter in replayable:
+            if letter.raw_job is not None:  # a whole job, queued again as it was
+                await queue.enqueue_stored(
+                    redis, settings.queue_name, letter.raw_job, job_ttl_s=settings.job_ttl_seconds
+                )
+                await _remove(engine, redis, [letter])
+                result.replayed += 1
+                result.jobs += 1
+        for chunk in _jobs([letter for letter in replayable if letter.raw_job is None]):
             job = replace(
                 chunk[0].job,
                 received_at=min(letter.first_seen for letter in chunk),
@@ -442,7 +479,7 @@ async def replay_dead_letters(
             result.replayed += len(chunk)
             result.jobs += 1
             if progress is not None:
-                progress(result.replayed, len(replayable))
+                progress(result.replayed, total)
     finally:
         await redis.aclose()
         await engine.dispose()
@@ -450,6 +487,8 @@ async def replay_dead_letters(
 
 
 def _why_not_replayable(letter: DeadLetter) -> str | None:
+    if letter.raw_job is not None:
+        return None
     if letter.notification is None:
         return (
             f"{letter.error}; it cannot be applied as it is: fix it in Salesforce and let "

@@ -24,6 +24,10 @@ from arq.jobs import deserialize_job, serialize_job
 from app.sfid import canonical_id
 
 APPLY_JOB = "apply_notifications"  # the arq function that runs an ApplyJob
+# What the worker's deserializer names a job it cannot decode: no function has this name, so
+# the worker keeps the job as a dead letter (workers.main.Worker) instead of arq dropping it.
+UNDECODABLE = "\x00undecodable"
+_ARQ_KEYS = frozenset({"f", "a", "k", "t", "et"})  # a job as arq's serialize_job lays it out
 VERSION = 2
 _SPLICE = "\x00notifications\x00"  # stands in for the list the receiver's script splices in
 
@@ -189,8 +193,14 @@ class Notifications(list[Any]):
 def deserialize_for_worker(raw: bytes) -> dict[str, Any]:
     """The worker's job_deserializer: `deserialize`, the notifications made JobNotifications
     once (arq keeps a job's arguments until it ends: decoded dicts beside the ApplyJob's
-    objects were a second copy of two batches of notifications), in a `Notifications`."""
-    result = deserialize(raw)
+    objects were a second copy of two batches of notifications), in a `Notifications`.
+    A job that is not arq's JSON layout is named UNDECODABLE (arq would drop it)."""
+    try:
+        result = deserialize(raw)
+    except orjson.JSONDecodeError:
+        result = None
+    if not (isinstance(result, dict) and result.keys() >= _ARQ_KEYS):
+        return {"f": UNDECODABLE, "a": (), "k": {}, "t": None, "et": 0}
     kwargs = result.get("k") if isinstance(result, dict) else None
     if isinstance(kwargs, dict) and isinstance(items := kwargs.get("notifications"), list):
         # Never raise here (arq would fail the job as undecodable, before the task runs):
@@ -207,6 +217,18 @@ def read(raw: bytes) -> ApplyJob:
     if job.function != APPLY_JOB:
         raise ValueError(f"not an {APPLY_JOB} job: {job.function}")
     return ApplyJob.from_kwargs(job.kwargs)
+
+
+def why_unreadable(raw: bytes, error: Exception | None = None) -> str:
+    """Why a worker cannot run this stored job (`error`: what reading its arguments raised),
+    and what to do: another release or program queued it."""
+    fix = "queued by another sfrelay release? Run workers of that release, then replay it"
+    decoded = deserialize_for_worker(raw)
+    if decoded["f"] == UNDECODABLE:
+        return f"not a job in arq's JSON layout ({len(raw)} bytes): {fix}"
+    if decoded["f"] != APPLY_JOB:
+        return f"a job for {decoded['f']!r}, a function this sfrelay worker does not run: {fix}"
+    return f"an {APPLY_JOB} job this worker cannot read ({type(error).__name__}: {error}): {fix}"
 
 
 def notification_count(raw: bytes) -> int:

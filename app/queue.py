@@ -398,17 +398,26 @@ async def enqueue_apply(
     A fixed `job_id` makes the write idempotent: a worker that re-runs an interrupted job
     re-enqueues the same follow-up job, not a second one.
     """
-    job_id = job_id or uuid.uuid4().hex
+    now_ms = int(time.time() * 1000)
+    return await _store_job(
+        redis, queue_name, job.serialize(now_ms), job_id or uuid.uuid4().hex, job_ttl_s, defer_s
+    )
+
+
+async def enqueue_stored(redis: Redis, queue_name: str, raw: bytes, *, job_ttl_s: int) -> None:
+    """Queue a job again exactly as it was stored (`raw`: its `arq:job:` value, any shape):
+    the replay of one a worker could not read (app.dead.DeadLetter.raw_job)."""
+    await _store_job(redis, queue_name, raw, uuid.uuid4().hex, job_ttl_s)
+
+
+async def _store_job(
+    redis: Redis, queue_name: str, raw: bytes, job_id: str, job_ttl_s: int, defer_s: float = 0.0
+) -> bool:
     now_ms = int(time.time() * 1000)
     score = now_ms + int(defer_s * 1000)
     try:
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.set(
-                JOB_KEY_PREFIX + job_id,
-                job.serialize(now_ms),
-                px=job_ttl_s * 1000 + score - now_ms,
-                nx=True,
-            )
+            pipe.set(JOB_KEY_PREFIX + job_id, raw, px=job_ttl_s * 1000 + score - now_ms, nx=True)
             pipe.zadd(queue_name, {job_id: score}, nx=True)
             created, _ = await pipe.execute()
     except (RedisError, OSError) as exc:
@@ -448,14 +457,23 @@ def worker_dead_letter_field(org15: str, notification_id: str) -> str:
     return f"worker:{org15}:{notification_id}"
 
 
-async def dead_letters_to_redis(redis: Redis, entries: dict[str, bytes]) -> None:
-    """Keep dead letters in the `sfrelay:dead` hash when the database cannot take them."""
+def unreadable_job_field(job_id: str) -> str:
+    """The `sfrelay:dead` field of a job a worker could not read (app.dead.keep_unreadable)."""
+    return f"job:{job_id}"
+
+
+async def dead_letters_to_redis(
+    redis: Redis, entries: dict[str, bytes], *, fallback: bool = True
+) -> None:
+    """Keep dead letters in the `sfrelay:dead` hash: when the database cannot take them
+    (`fallback`, counted), or jobs a worker could not read (kept with the queue's own)."""
     if not entries:
         return
     try:
         async with redis.pipeline(transaction=True) as pipe:
             pipe.hset(DEAD_KEY, mapping=entries)
-            pipe.hincrby(STATS_KEY, "dead_fallback", len(entries))
+            if fallback:
+                pipe.hincrby(STATS_KEY, "dead_fallback", len(entries))
             await pipe.execute()
     except (RedisError, OSError) as exc:
         raise QueueUnavailable(f"cannot write dead letters to Redis: {exc}") from exc

@@ -14,6 +14,7 @@ from urllib.parse import unquote
 from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
+from arq.worker import Function
 from arq.worker import Worker as ArqWorker
 from redis.asyncio import Redis
 
@@ -135,12 +136,27 @@ async def claim_jobs(
     return [(raw[i].decode(), int(float(raw[i + 1]))) for i in range(0, len(raw), 2)]
 
 
+class Functions(dict[str, Any]):
+    """arq's function table (name -> Function) where a name it lacks runs `fallback`: arq 0.28
+    drops a job of an unknown function (or one it cannot decode, app.jobs.UNDECODABLE)."""
+
+    def __init__(self, functions: dict[str, Any], fallback: Function) -> None:
+        super().__init__(functions)
+        self.fallback = fallback
+
+    def __missing__(self, name: str) -> Function:
+        return self.fallback
+
+
 class Worker(ArqWorker):
     """arq's Worker, taking jobs only while it is the active worker of its database and queue
     (workers.lease.Election); a standby keeps its heart beat (health check, cron) and waits."""
 
     def __init__(self, settings: Settings, **overrides: Any) -> None:
         super().__init__(**worker_options(settings, **overrides))
+        # A job queued by another release, kept as a dead letter (tasks.keep_unreadable).
+        unknown = Function("unknown_function", tasks.unknown_function, None, None, None, None)
+        self.functions = Functions(self.functions, unknown)
         self.election = Election(settings.database_url, settings.queue_name)
         self.ctx[ELECTION] = self.election  # the task steps down when the database fails
         self._stopping = False

@@ -28,10 +28,10 @@ from app.errors import (
     SalesforceQueryRefused,
     SiteChanged,
 )
-from app.jobs import ApplyJob, JobNotification
+from app.jobs import ApplyJob, JobNotification, why_unreadable
 from app.logs import fields
 from app.outcomes import IN_LEDGER, Outcome, OutcomeKind
-from app.queue import count_outcomes, enqueue_apply
+from app.queue import JOB_KEY_PREFIX, count_outcomes, enqueue_apply
 from app.sync import Syncer
 from workers import metrics as worker_metrics
 from workers.group_commit import GroupCommit, WriterBusy
@@ -131,7 +131,11 @@ async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
     settings = state.settings
     redis: Redis = ctx["redis"]
     job_try: int = ctx["job_try"]
-    job = ApplyJob.from_kwargs(kwargs)
+    try:
+        job = ApplyJob.from_kwargs(kwargs)
+    except Exception as exc:  # another release's shape: arq would drop the job
+        await keep_unreadable(ctx, exc)
+        return
     notifications = job.notifications
     started = time.monotonic()
     # Every wait below ends before arq's job timeout: a job that arq times out is dropped.
@@ -234,6 +238,35 @@ async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
         logger.warning("job %s: %s; running it again in %.0f s", ctx["job_id"], exc, delay)
         raise Retry(defer=delay) from exc
     await _finish(redis, ctx, job, counts, started, settled)
+
+
+async def unknown_function(ctx: dict[str, Any], *_: Any, **__: Any) -> None:
+    """What workers.main.Worker runs for a job of a function it does not have (or one it
+    cannot decode), which arq would drop: `keep_unreadable`."""
+    await keep_unreadable(ctx)
+
+
+async def keep_unreadable(ctx: dict[str, Any], error: Exception | None = None) -> None:
+    """A job this worker cannot read (`error`: what reading an apply job's arguments raised)
+    goes, as stored, to the dead letters with why, instead of being dropped."""
+    redis: Redis = ctx["redis"]
+    job_id = str(ctx["job_id"])
+    raw = await redis.get(JOB_KEY_PREFIX + job_id)
+    if raw is None:  # its TTL ran out meanwhile: arq had it expire anyway
+        return
+    reason = why_unreadable(raw, error)
+    try:
+        await dead.keep_unreadable(redis, job_id, raw, reason)
+    except QueueUnavailable as exc:
+        state: WorkerState = ctx[STATE]
+        delay = backoff_s(state.settings, ctx["job_try"])
+        logger.warning("job %s: %s; trying again in %.0f s", job_id, exc, delay)
+        raise Retry(defer=delay) from exc
+    logger.error(
+        "job %s: %s (kept in the dead letters: `sfrelay dead list`, `sfrelay dead replay`)",
+        job_id,
+        reason,
+    )
 
 
 _Letter = tuple[JobNotification, str, int]  # notification, reason, attempts
