@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from redis import Redis
-from sqlalchemy import inspect
+from sqlalchemy import Connection, inspect
 
 from app.config import Settings
 from app.drupal import ledger
@@ -148,3 +148,40 @@ async def test_a_rolled_back_worker_exits_saying_why_and_check_fails_alike(
     assert checked.returncode == 1, checked.stdout
     assert f"{ROLLED_BACK}" in checked.stdout
     assert await ledger_rows(site) == before
+
+
+LEDGER_INDEXES = {
+    "sfrelay_dead_letter": ["ix_sfrelay_dead_letter_record_id"],
+    "sfrelay_record": ["ix_sfrelay_record_uid"],
+}
+
+
+async def ledger_indexes(site: DrupalSite) -> dict[str, list[str]]:
+    def read(sync: Connection) -> dict[str, list[str]]:
+        found = inspect(sync)
+        return {t: sorted(str(i["name"]) for i in found.get_indexes(t)) for t in LEDGER_INDEXES}
+
+    async with site.engine.connect() as conn:
+        return await conn.run_sync(read)
+
+
+@D10
+async def test_a_first_migration_killed_between_its_statements_is_finished_by_the_next_start(
+    drupal_site: DrupalSite,
+) -> None:
+    """MySQL commits each CREATE TABLE and CREATE INDEX on its own: a worker killed between
+    them left the tables without their indexes and no version. The next start creates what
+    is missing, indexes too (PostgreSQL and SQLite roll the whole step back)."""
+    site = drupal_site
+    await ledger.migrate(site.engine)
+    for table, names in LEDGER_INDEXES.items():
+        for name in names:
+            on = f" ON {table}" if site.backend == "mariadb" else ""
+            await site.execute(f"DROP INDEX {name}{on}")
+    await site.execute("DELETE FROM sfrelay_schema")
+    assert await ledger_indexes(site) == {table: [] for table in LEDGER_INDEXES}
+    assert await ledger.migrate(site.engine) == NEWEST
+    assert await ledger_indexes(site) == LEDGER_INDEXES
+    assert await site.rows("SELECT id, version FROM sfrelay_schema") == [
+        {"id": 1, "version": NEWEST}
+    ]

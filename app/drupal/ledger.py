@@ -80,17 +80,30 @@ schema_version = Table(
 )
 
 
+def _create(sync_conn: Connection, tables: list[Table]) -> None:
+    """The tables and their indexes, each unless it exists. MySQL commits every CREATE on
+    its own: a worker killed between a table's CREATE TABLE and CREATE INDEX left the table
+    without the index, which create_all's checkfirst (by table) never made afterwards."""
+    metadata.create_all(sync_conn, tables=tables, checkfirst=True)
+    found = inspect(sync_conn)
+    for table in tables:
+        names = {index["name"] for index in found.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in names:
+                index.create(sync_conn)
+
+
 def _v1(sync_conn: Connection) -> None:
     from app.dead import table as dead_letters  # the dead-letter module owns its table
 
-    metadata.create_all(sync_conn, tables=[records, dead_letters], checkfirst=True)
+    _create(sync_conn, [records, dead_letters])
 
 
 def _v2(sync_conn: Connection) -> None:
     from app.drupal.cursors import cursors  # reconcile watermarks, backfill checkpoints
     from app.lifecycle import blocks  # the users sfrelay blocked
 
-    metadata.create_all(sync_conn, tables=[cursors, blocks], checkfirst=True)
+    _create(sync_conn, [cursors, blocks])
 
 
 def _v3(sync_conn: Connection) -> None:
