@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,11 +18,14 @@ from sqlalchemy import Connection, inspect
 from app.config import Settings
 from app.drupal import ledger
 from app.errors import ConfigError
+from app.queue import DEFAULT_QUEUE as QUEUE
 from tests.conftest import Cli
 from tests.drupal_rows import open_syncer
 from tests.factories import note, sf
 from tests.fixtures_db import DrupalSite
-from tests.fixtures_worker import WorkerProcess
+from tests.fixtures_worker import PROJECT, WorkerProcess
+from tests.messages import contact, outbound_message
+from tests.servers import RedisServer, free_port
 
 Starter = type[WorkerProcess]
 NEWEST = len(ledger.MIGRATIONS)
@@ -185,3 +193,66 @@ async def test_a_first_migration_killed_between_its_statements_is_finished_by_th
     assert await site.rows("SELECT id, version FROM sfrelay_schema") == [
         {"id": 1, "version": NEWEST}
     ]
+
+
+@pytest.mark.parametrize("drain", ["0", "1"])
+def test_a_post_in_flight_at_sigterm_is_stored_then_acked_and_new_connections_are_refused(
+    redis_server: RedisServer, redis_client: Redis, tmp_path: Path, drain: str
+) -> None:
+    """A rolling restart: `sfrelay serve` gets SIGTERM while a message's body is still
+    arriving. uvicorn closes the listener (after the drain) and lets the request finish (no
+    graceful-shutdown timeout: the container's stop grace period bounds it): the message is
+    stored, then acked; a connection opened after the listener closed is refused."""
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SFRELAY_")},
+        "SFRELAY_ORG_IDS": "00D1I000003qqqEUAQ",
+        "SFRELAY_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "SFRELAY_REDIS_URL": redis_server.url,
+        "SFRELAY_PORT": str(port),
+        "SFRELAY_SHUTDOWN_DRAIN_SECONDS": drain,
+        "PYTHONPATH": str(PROJECT),
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve"],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "Application startup complete" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        body = outbound_message([contact(Email="inflight@example.org")])
+        head = (
+            "POST /salesforce/outbound-message HTTP/1.1\r\nHost: sfrelay\r\n"
+            f"Content-Type: text/xml\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            client.sendall(head + body[:100])
+            time.sleep(0.5)  # the request is being read
+            process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while "Waiting for connections to close" not in log.read_text():
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            assert redis_client.zcard(QUEUE) == 0  # nothing stored yet
+            client.sendall(body[100:])
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert b"<Ack>true</Ack>" in answer
+        assert redis_client.zcard(QUEUE) == 1  # stored before the ack
+        assert process.wait(30) in (0, -signal.SIGTERM), log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
