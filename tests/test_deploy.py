@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from redis import Redis
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection, inspect, text
 
 from app.config import Settings
 from app.drupal import ledger
@@ -256,3 +256,47 @@ def test_a_post_in_flight_at_sigterm_is_stored_then_acked_and_new_connections_ar
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+@D10
+async def test_two_workers_started_together_upgrade_a_version_1_ledger_with_rows_once(
+    drupal_site: DrupalSite,
+    worker_settings: Settings,
+    worker_process: Starter,
+    tmp_path: Path,
+) -> None:
+    """An upgrade: the ledger as version 1 made it (records without digest and user_key,
+    no cursors, no blocks), with a row; two new workers started at once both start, the
+    steps run once, and the row is kept."""
+    site = drupal_site
+    syncer = await open_syncer(site)
+    try:
+        await syncer.apply([note(sf(1), "p1@example.org", "P", "One")])
+    finally:
+        await syncer.close()
+    async with site.engine.begin() as conn:
+        for table in ("sfrelay_cursor", "sfrelay_block"):
+            await conn.execute(text(f"DROP TABLE {table}"))
+        for column in ("digest", "user_key"):
+            await conn.execute(text(f"ALTER TABLE sfrelay_record DROP COLUMN {column}"))
+        await conn.execute(text("UPDATE sfrelay_schema SET version = 1"))
+    (row,) = await site.rows("SELECT sf_id, uid, modstamp FROM sfrelay_record")
+    settings = worker_settings.model_copy(update={"database_url": site.url})
+    workers = [worker_process(settings, tmp_path) for _ in range(2)]
+    wait_started(workers)
+    for worker in workers:
+        assert worker.process.poll() is None, worker.output()
+        assert "Traceback" not in worker.output(), worker.output()
+    assert await site.rows("SELECT id, version FROM sfrelay_schema") == [
+        {"id": 1, "version": NEWEST}
+    ]
+    assert await site.rows("SELECT sf_id, uid, modstamp, digest, user_key FROM sfrelay_record") == [
+        {**row, "digest": None, "user_key": None}
+    ]
+    assert await ledger_tables(site) == [
+        "sfrelay_block",
+        "sfrelay_cursor",
+        "sfrelay_dead_letter",
+        "sfrelay_record",
+        "sfrelay_schema",
+    ]
