@@ -231,6 +231,16 @@ def why_unreadable(raw: bytes, error: Exception | None = None) -> str:
     return f"an {APPLY_JOB} job this worker cannot read ({type(error).__name__}: {error}): {fix}"
 
 
+def dataless_function(raw: bytes) -> str | None:
+    """The function of a stored job without arguments, which holds nothing to lose: a cron
+    job (`sfrelay:reconcile`) that a worker with other settings, or of another release,
+    queued, and that its own workers queue again on schedule. None for any other job."""
+    decoded = deserialize_for_worker(raw)
+    if decoded["f"] in (UNDECODABLE, APPLY_JOB) or decoded["a"] or decoded["k"]:
+        return None
+    return str(decoded["f"])
+
+
 def notification_count(raw: bytes) -> int:
     """How many notifications a stored job holds (1 for a job that is not one of ours)."""
     try:

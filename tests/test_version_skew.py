@@ -10,10 +10,12 @@ from typing import Any
 
 import orjson
 import pytest
+from arq.jobs import serialize_job
 from redis import Redis
 
 from app.config import Settings
 from app.dead import list_dead_letters, replay_dead_letters
+from app.jobs import serialize
 from app.queue import DEAD_KEY, JOB_KEY_PREFIX
 from tests.conftest import Cli
 from tests.factories import apply_job, new_contacts
@@ -120,3 +122,23 @@ async def test_a_job_the_worker_cannot_read_is_kept_whole_saying_why_and_replaye
     assert await list_dead_letters(worker_settings) == []
     [job_id] = list(redis_client.zrange(worker_settings.queue_name, 0, -1))
     assert redis_client.get(JOB_KEY_PREFIX + job_id.decode()) == raw
+
+
+async def test_a_cron_job_of_a_worker_with_other_settings_is_dropped_as_arq_would(
+    worker_settings: Settings, redis_client: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker with Salesforce settings queues the reconcile cron job; one without them
+    (or of another release) has no such function. The job holds no data, and its own
+    workers queue it again on schedule: dropped with a warning, not a dead letter a minute."""
+    raw = serialize_job(
+        "sfrelay:reconcile", (), {}, None, int(time.time() * 1000), serializer=serialize
+    )
+    put(redis_client, worker_settings, raw, job_id="sfrelay:reconcile:1700000000000")
+    await run_worker(worker_settings)
+    assert redis_client.hlen(DEAD_KEY) == 0
+    assert redis_client.zcard(worker_settings.queue_name) == 0
+    assert (
+        "job sfrelay:reconcile:1700000000000: 'sfrelay:reconcile' is not a function this worker "
+        "runs; the job holds no data (a cron job of a worker with other settings or of another "
+        "release): dropped"
+    ) in caplog.messages

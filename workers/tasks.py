@@ -28,7 +28,7 @@ from app.errors import (
     SalesforceQueryRefused,
     SiteChanged,
 )
-from app.jobs import ApplyJob, JobNotification, why_unreadable
+from app.jobs import ApplyJob, JobNotification, dataless_function, why_unreadable
 from app.logs import fields
 from app.outcomes import IN_LEDGER, Outcome, OutcomeKind
 from app.queue import JOB_KEY_PREFIX, count_outcomes, enqueue_apply
@@ -253,6 +253,14 @@ async def keep_unreadable(ctx: dict[str, Any], error: Exception | None = None) -
     job_id = str(ctx["job_id"])
     raw = await redis.get(JOB_KEY_PREFIX + job_id)
     if raw is None:  # its TTL ran out meanwhile: arq had it expire anyway
+        return
+    if error is None and (name := dataless_function(raw)) is not None:
+        logger.warning(
+            "job %s: %r is not a function this worker runs; the job holds no data (a cron job "
+            "of a worker with other settings or of another release): dropped",
+            job_id,
+            name,
+        )
         return
     reason = why_unreadable(raw, error)
     try:
