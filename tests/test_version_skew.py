@@ -16,10 +16,11 @@ from redis import Redis
 from app.config import Settings
 from app.dead import list_dead_letters, replay_dead_letters
 from app.jobs import serialize
-from app.queue import DEAD_KEY, JOB_KEY_PREFIX
+from app.queue import DEAD_KEY, JOB_KEY_PREFIX, RETRY_KEY_PREFIX
 from tests.conftest import Cli
-from tests.factories import apply_job, new_contacts
+from tests.factories import apply_job, new_contacts, sf_id
 from tests.fixtures_worker import drupal_users, run_worker
+from workers.tasks import INTERRUPTED_TRIES
 
 FIX = "queued by another sfrelay release? Run workers of that release, then replay it"
 
@@ -142,3 +143,24 @@ async def test_a_cron_job_of_a_worker_with_other_settings_is_dropped_as_arq_woul
         "runs; the job holds no data (a cron job of a worker with other settings or of another "
         "release): dropped"
     ) in caplog.messages
+
+
+async def test_a_job_tried_more_often_than_this_workers_max_tries_allows_is_dead_lettered(
+    worker_settings: Settings, redis_client: Redis, drupal_db: Path
+) -> None:
+    """SFRELAY_MAX_TRIES lowered in a deploy: a job earlier workers started more often than
+    the new setting allows (arq's tries counter) was dropped by arq, unread. It is kept."""
+    put(redis_client, worker_settings, stored_job())
+    tries = worker_settings.max_tries + INTERRUPTED_TRIES + 5
+    redis_client.set(RETRY_KEY_PREFIX + "skewed", tries)
+    await run_worker(worker_settings)
+    assert drupal_users(drupal_db) == []
+    letters = await list_dead_letters(worker_settings)
+    assert [(letter.notification_id, letter.error) for letter in letters] == [
+        (
+            sf_id("04l", n),
+            f"started {tries} times without finishing: workers were stopped or killed while "
+            "applying it, or retried it under a higher SFRELAY_MAX_TRIES",
+        )
+        for n in (1, 2)
+    ]

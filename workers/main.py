@@ -93,7 +93,7 @@ def worker_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
         # Results are never read: the queue dedupes, Drupal holds the outcome.
         "keep_result": 0,
         # The task dead-letters a job on its last try, so arq never drops one.
-        "max_tries": settings.max_tries + tasks.INTERRUPTED_TRIES,
+        "max_tries": tasks.ARQ_MAX_TRIES,
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
         "log_results": False,
     }

@@ -42,8 +42,12 @@ logger = logging.getLogger("sfrelay.worker")
 STATE = "sfrelay"
 ELECTION = "sfrelay_election"  # workers.main.Worker's Election (absent under arq's own CLI)
 # Tries on top of SFRELAY_MAX_TRIES for a job whose runs were interrupted (worker killed or
-# stopped mid-job); arq gets this many more, and the task dead-letters the job on the last.
+# stopped mid-job): the task dead-letters the job on the last.
 INTERRUPTED_TRIES = 10
+# arq's own max_tries: never reached. arq drops a job past it unread; the task decides instead,
+# also for a tries counter that workers with a higher SFRELAY_MAX_TRIES left (a deploy lowering
+# it), which arq's limit of SFRELAY_MAX_TRIES + INTERRUPTED_TRIES used to drop.
+ARQ_MAX_TRIES = 2**31 - 1
 MAX_BACKOFF_S = 3600.0
 # Shares of SFRELAY_JOB_TIMEOUT_SECONDS: applying must end by the first, storing dead letters
 # in the database by the second; the rest is for Redis, before arq's own timeout drops the job.
@@ -148,8 +152,12 @@ async def apply_notifications(ctx: dict[str, Any], **kwargs: Any) -> None:
     settled: list[str] = []  # polled versions the ledger holds now (app.queue.count_outcomes)
 
     if job_try >= settings.max_tries + INTERRUPTED_TRIES:
-        # Every earlier run was cut short: this job may be what kills the worker.
-        reason = f"the worker was stopped or killed while applying this job {job_try - 1} times"
+        # Every earlier run was cut short (this job may be what kills the worker), or retried
+        # under a higher setting.
+        reason = (
+            f"started {job_try - 1} times without finishing: workers were stopped or killed "
+            "while applying it, or retried it under a higher SFRELAY_MAX_TRIES"
+        )
         dead = [(item, reason, job_try) for item in notifications]
     else:
         try:
