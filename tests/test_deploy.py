@@ -25,7 +25,7 @@ from tests.factories import note, sf
 from tests.fixtures_db import DrupalSite
 from tests.fixtures_worker import PROJECT, WorkerProcess
 from tests.messages import contact, outbound_message
-from tests.servers import RedisServer, free_port
+from tests.servers import RedisServer, free_port, wait_for_port
 
 Starter = type[WorkerProcess]
 NEWEST = len(ledger.MIGRATIONS)
@@ -228,6 +228,7 @@ def test_a_post_in_flight_at_sigterm_is_stored_then_acked_and_new_connections_ar
         while "Application startup complete" not in log.read_text():
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
+        wait_for_port(port, timeout=30)  # uvicorn binds after "Application startup complete"
         body = outbound_message([contact(Email="inflight@example.org")])
         head = (
             "POST /salesforce/outbound-message HTTP/1.1\r\nHost: sfrelay\r\n"
