@@ -91,6 +91,40 @@ def describe_invalid(exc: ValidationError) -> list[str]:
     return lines
 
 
+# The query parameters of SFRELAY_REDIS_URL that the receiver's and CLI's client (redis-py)
+# and the worker's (arq, workers.main.redis_settings) both read; redis-py passes any other
+# name to its connection as a keyword, a TypeError at the first command.
+REDIS_TLS_PARAMS: tuple[str, ...] = ("ssl_ca_certs", "ssl_cert_reqs", "ssl_certfile")
+REDIS_TLS_PARAMS += ("ssl_keyfile", "ssl_check_hostname")
+_REDIS_CERT_REQS = ("none", "optional", "required")
+
+
+def _redis_query(scheme: str, query: str) -> None:
+    """Refuse a query parameter of SFRELAY_REDIS_URL that not every sfrelay process reads."""
+    params = parse_qs(query)
+    for name, values in params.items():
+        if name == "db":
+            continue
+        if name not in REDIS_TLS_PARAMS:
+            raise ValueError(
+                f"SFRELAY_REDIS_URL: ?{name}= is not read by sfrelay; a rediss:// URL is TLS, "
+                "and its query may give db, " + ", ".join(REDIS_TLS_PARAMS)
+            )
+        if scheme != "rediss":
+            raise ValueError(
+                f"SFRELAY_REDIS_URL: ?{name}= is for TLS: write the URL with rediss://"
+            )
+        if name == "ssl_cert_reqs" and values[-1].lower() not in _REDIS_CERT_REQS:
+            raise ValueError(
+                "SFRELAY_REDIS_URL: ssl_cert_reqs must be none, optional or required "
+                f"(not {values[-1]!r})"
+            )
+        if name == "ssl_check_hostname" and values[-1].lower() not in ("true", "false"):
+            raise ValueError(
+                f"SFRELAY_REDIS_URL: ssl_check_hostname must be true or false (not {values[-1]!r})"
+            )
+
+
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
@@ -277,6 +311,7 @@ class Settings(BaseSettings):
                 "(a socket), as in redis://localhost:6379/0"
             )
         url = urlsplit(value)
+        _redis_query(scheme, url.query)
         if scheme == "unix":
             if not url.path:
                 raise ValueError(

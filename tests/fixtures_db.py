@@ -130,8 +130,9 @@ class Server:
 NOT_DURABLE = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
 
 
-def start_postgres(*, durable: bool = False) -> Server:
-    """A PostgreSQL server of its own; `durable`: PostgreSQL's own durability (benchmarks)."""
+def start_postgres(*, durable: bool = False, options: tuple[str, ...] = ()) -> Server:
+    """A PostgreSQL server of its own; `durable`: PostgreSQL's own durability (benchmarks);
+    `options`: more of the server's command-line arguments (-c ssl=on)."""
     directory = _server_dir("sfrelay-pg-", owner="postgres")
     data = directory / "data"
     initdb = [str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres"]
@@ -142,6 +143,7 @@ def start_postgres(*, durable: bool = False) -> Server:
     command += ["-k", str(directory), "-c", "listen_addresses=127.0.0.1"]
     if not durable:
         command += [arg for flag in NOT_DURABLE for arg in ("-c", flag)]
+    command += options
     return _start(Server("postgresql", port, directory), command, **_as_postgres())
 
 
@@ -163,9 +165,12 @@ MARIADB_NOT_DURABLE = (
 )
 
 
-def start_mariadb(*, durable: bool = False) -> Server:
+def start_mariadb(
+    *, durable: bool = False, grants: bool = False, options: tuple[str, ...] = ()
+) -> Server:
     """A MariaDB server of its own; `durable`: MariaDB's own durability and buffer pool
-    (benchmarks)."""
+    (benchmarks); `grants`: users and passwords are checked (root@localhost has none);
+    `options`: more of the server's command-line arguments (--ssl-cert=...)."""
     directory = _server_dir("sfrelay-mariadb-")
     data = directory / "data"
     user = ["--user=root"] if os.geteuid() == 0 else []
@@ -175,11 +180,13 @@ def start_mariadb(*, durable: bool = False) -> Server:
     port = free_port()
     command = ["mariadbd", "--no-defaults", f"--datadir={data}", f"--port={port}", *user]
     command += ["--bind-address=127.0.0.1", f"--socket={directory / 'mysqld.sock'}"]
-    command += [f"--pid-file={directory / 'mysqld.pid'}", "--skip-grant-tables", "--skip-log-bin"]
+    command += [f"--pid-file={directory / 'mysqld.pid'}", "--skip-log-bin"]
+    if not grants:
+        command += ["--skip-grant-tables"]
     if not durable:
         command += MARIADB_NOT_DURABLE
     command += ["--character-set-server=utf8mb4"]
-    command += ["--collation-server=utf8mb4_general_ci"]
+    command += ["--collation-server=utf8mb4_general_ci", *options]
     return _start(Server("mariadb", port, directory), command)
 
 

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import replace
 from signal import Signals
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
@@ -18,7 +18,7 @@ from arq.worker import Function
 from arq.worker import Worker as ArqWorker
 from redis.asyncio import Redis
 
-from app.config import Settings
+from app.config import REDIS_TLS_PARAMS, Settings
 from app.jobs import deserialize_for_worker, serialize
 from app.queue import WORKERS_ALIVE_SUFFIX
 from app.soap import MAX_NOTIFICATIONS
@@ -54,7 +54,21 @@ def redis_settings(url: str) -> RedisSettings:
         dsn,
         username=unquote(dsn.username) if dsn.username else dsn.username,
         password=unquote(dsn.password) if dsn.password else dsn.password,
+        **_tls_options(url),
     )
+
+
+def _tls_options(url: str) -> dict[str, Any]:
+    """The rediss:// URL's TLS parameters (app.config.REDIS_TLS_PARAMS), which from_dsn drops:
+    without them a worker failed to verify a Redis certificate that the receiver accepted
+    (?ssl_ca_certs=), or verified one it was told not to (?ssl_cert_reqs=none)."""
+    query = {name: values[-1] for name, values in parse_qs(urlsplit(url).query).items()}
+    options: dict[str, Any] = {name: query[name] for name in REDIS_TLS_PARAMS if name in query}
+    if "ssl_cert_reqs" in options:
+        options["ssl_cert_reqs"] = options["ssl_cert_reqs"].lower()
+    if "ssl_check_hostname" in options:
+        options["ssl_check_hostname"] = options["ssl_check_hostname"].lower() == "true"
+    return options
 
 
 def worker_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
