@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app.config import Settings
 from app.drupal import ledger
 from app.drupal.engine import create_engine
+from app.drupal.errors import driver_text
 from app.drupal.fieldtypes import takes_salesforce_type
 from app.drupal.schema import inspect_drupal
 from app.errors import SalesforceUnavailable, SfrelayError
@@ -48,7 +49,7 @@ class PartResult:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc.orig if isinstance(exc, DBAPIError) else exc).strip()
+    text = driver_text(exc)
     return (text.splitlines() or [type(exc).__name__])[0][:300]
 
 

@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from app import dead as dead_letters
 from app.config import Settings
+from app.drupal.errors import driver_text
 from app.drupal.readonly import read_engine
 from app.drupal.schema import detect_major
 from app.errors import ConfigError, QueueUnavailable
@@ -164,7 +165,7 @@ async def read_database(settings: Settings) -> tuple[dict[str, Any], int | None]
     except TimeoutError:
         error = f"no answer within {DATABASE_TIMEOUT_S:.0f} s"
     except DBAPIError as exc:
-        error = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else repr(exc)
+        error = driver_text(exc).splitlines()[0]
     except (ConfigError, OSError) as exc:
         error = str(exc)
     finally:

@@ -4,16 +4,23 @@ Each connection works in every process that uses it, or is refused saying what t
 
 from __future__ import annotations
 
+import asyncio
+import json
+import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from tests.drupal_schemas import site_copy
-from tests.servers import free_port, wait_for_port
+from tests.fixtures_db import Server, start_mariadb, start_postgres
+from tests.servers import RedisServer, free_port, wait_for_port
 from tests.test_cli_settings import sfrelay
 from tests.tls import Certificates, make_certificates
 
@@ -147,3 +154,237 @@ def test_a_tls_parameter_on_a_plain_redis_url_asks_for_rediss(tmp_path: Path) ->
         "sfrelay: invalid settings:\n  SFRELAY_REDIS_URL: ?ssl_ca_certs= is for TLS: write the "
         "URL with rediss://\n",
     )
+
+
+@dataclass
+class TlsDatabase:
+    server: Server
+    database: str
+    certs: Certificates
+
+    def url(self, query: str = "", *, user: str = "relay", password: str = ENCODED) -> str:
+        scheme = "pgsql" if self.server.kind == "postgresql" else "mysql"
+        where = f"{user}:{password}@127.0.0.1:{self.server.port}/{self.database}"
+        return f"{scheme}://{where}" + (f"?{query}" if query else "")
+
+
+def _fresh_site(server: Server) -> str:
+    """A Drupal 10 database, once the server accepts logins (wait_for_port saw it listen)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return asyncio.run(server.fresh(10))
+        except DBAPIError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def tls_postgres() -> Iterator[TlsDatabase]:
+    """PostgreSQL 15 taking the user relay over TLS only, with a password (scram-sha-256),
+    as a managed PostgreSQL does; postgres itself logs in without one, for the fixtures."""
+    directory = Path(tempfile.mkdtemp(prefix="sfrelay-pg-tls-"))
+    shutil.chown(directory, "postgres", "postgres")
+    certs = make_certificates(directory, owner="postgres")
+    hba = directory / "pg_hba.conf"
+    hba.write_text(
+        "local all all trust\n"
+        "hostssl all relay 127.0.0.1/32 scram-sha-256\n"
+        "host all postgres 127.0.0.1/32 trust\n"
+    )
+    shutil.chown(hba, "postgres", "postgres")
+    options = ("-c", "ssl=on", "-c", f"ssl_cert_file={certs.cert}", "-c")
+    server = start_postgres(
+        options=(*options, f"ssl_key_file={certs.key}", "-c", f"hba_file={hba}")
+    )
+    try:
+        database = _fresh_site(server)
+        asyncio.run(_admin(server, f"CREATE ROLE relay LOGIN SUPERUSER PASSWORD '{PASSWORD}'"))
+        yield TlsDatabase(server, database, certs)
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tls_mariadb() -> Iterator[TlsDatabase]:
+    """MariaDB checking passwords, with the user relay REQUIRE SSL, as a managed MySQL."""
+    directory = Path(tempfile.mkdtemp(prefix="sfrelay-mariadb-tls-"))
+    certs = make_certificates(directory)
+    options = (f"--ssl-ca={certs.ca}", f"--ssl-cert={certs.cert}", f"--ssl-key={certs.key}")
+    server = start_mariadb(grants=True, options=options)
+    try:
+        database = _fresh_site(server)
+        asyncio.run(
+            _admin(
+                server,
+                f"CREATE USER 'relay'@'%' IDENTIFIED BY '{PASSWORD}' REQUIRE SSL",
+                "GRANT ALL ON *.* TO 'relay'@'%'",
+            )
+        )
+        yield TlsDatabase(server, database, certs)
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _admin(server: Server, *statements: str) -> None:
+    engine = server.admin_engine()
+    async with engine.connect() as conn:
+        for statement in statements:
+            await conn.execute(text(statement))
+    await engine.dispose()
+
+
+def _connects(tmp_path: Path, redis_url: str, database_url: str) -> None:
+    """What a newcomer runs: check (reads, and an UPDATE rolled back), status (read-only
+    engine), and a worker, which creates its tables."""
+    env = {"SFRELAY_REDIS_URL": redis_url, "SFRELAY_DATABASE_URL": database_url}
+    for command in (["check"], ["worker", "--burst"], ["status", "--json"]):
+        result = sfrelay(tmp_path, env, *command)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["database"]["reachable"] is True
+
+
+@pytest.mark.parametrize(
+    ("backend", "query"),
+    [
+        ("postgres", ""),  # Heroku's, Render's: the server requires TLS, asyncpg prefers it
+        ("postgres", "sslmode=require"),  # Azure, DigitalOcean, Aiven, Supabase: TypeError before
+        ("postgres", "sslmode=verify-full&sslrootcert={ca}"),  # RDS: TypeError before
+        (
+            "postgres",
+            "sslmode=verify-ca&sslrootcert={ca}&application_name=sfrelay&connect_timeout=9",
+        ),
+        ("postgres", "ssl=true"),  # node-postgres's spelling: refused at the first connection
+        ("postgres", "ssl=require"),  # asyncpg's own
+        ("mariadb", "ssl=true"),  # AttributeError: 'str' object has no attribute 'wrap_bio'
+        ("mariadb", "ssl-mode=REQUIRED"),  # DigitalOcean, Aiven: TypeError before
+        ("mariadb", "ssl_mode=VERIFY_CA&ssl_ca={ca}"),
+        ("mariadb", "ssl_ca={ca}"),  # Azure, PlanetScale, RDS (SQLAlchemy's form): AttributeError
+    ],
+)
+def test_a_url_as_providers_give_it(
+    request: pytest.FixtureRequest,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    backend: str,
+    query: str,
+) -> None:
+    database: TlsDatabase = request.getfixturevalue(f"tls_{backend}")
+    _connects(tmp_path, redis_server.url, database.url(query.format(ca=database.certs.ca)))
+
+
+@pytest.mark.parametrize("backend", ["postgres", "mariadb"])
+def test_a_database_socket(
+    request: pytest.FixtureRequest, redis_server: RedisServer, tmp_path: Path, backend: str
+) -> None:
+    database: TlsDatabase = request.getfixturevalue(f"tls_{backend}")
+    server, name = database.server, database.database
+    url = {  # the socket file's folder and the port name it; MySQL's names the file
+        "postgres": f"pgsql://postgres@/{name}?host={server.directory}&port={server.port}",
+        "mariadb": f"mysql://root@localhost/{name}?unix_socket={server.directory}/mysqld.sock",
+    }[backend]
+    _connects(tmp_path, redis_server.url, url)
+
+
+def _refused(tmp_path: Path, redis_url: str, database_url: str) -> list[str]:
+    """The last line of each command's refusal; none shows the password."""
+    env = {"SFRELAY_REDIS_URL": redis_url, "SFRELAY_DATABASE_URL": database_url}
+    lines = []
+    for command in (["worker", "--burst"], ["dead", "list"]):
+        result = sfrelay(tmp_path, env, *command)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert "p@ss" not in result.stderr and ENCODED not in result.stderr
+        lines.append(result.stderr.splitlines()[-1])
+    return lines
+
+
+@pytest.mark.parametrize(
+    ("query", "line"),
+    [
+        (
+            "sslmode=required",
+            "sslmode must be one of disable, allow, prefer, require, verify-ca, verify-full "
+            "(not 'required')",
+        ),
+        (  # Neon's URLs carry it: asyncpg cannot bind, and would have ignored it
+            "sslmode=require&channel_binding=require",
+            "channel_binding=require: sfrelay's PostgreSQL driver (asyncpg) cannot bind the "
+            "login to the TLS channel; remove it and keep sslmode=verify-full to be sure of the "
+            "server",
+        ),
+        (
+            "sslmode=verify-full&sslrootcert=/nowhere/rds-ca.pem",
+            "sslrootcert=/nowhere/rds-ca.pem: no such file (give the path of the file the "
+            "provider gives)",
+        ),
+    ],
+)
+def test_a_postgresql_tls_parameter_that_cannot_be_honoured_says_what_to_write(
+    tls_postgres: TlsDatabase, redis_server: RedisServer, tmp_path: Path, query: str, line: str
+) -> None:
+    lines = _refused(tmp_path, redis_server.url, tls_postgres.url(query))
+    assert lines == [f"sfrelay: SFRELAY_DATABASE_URL: {line}"] * 2
+
+
+def test_a_mysql_ssl_mode_that_does_not_exist_says_what_to_write(
+    tls_mariadb: TlsDatabase, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    lines = _refused(tmp_path, redis_server.url, tls_mariadb.url("ssl_mode=ON"))
+    assert (
+        lines
+        == [
+            "sfrelay: SFRELAY_DATABASE_URL: ssl_mode must be one of DISABLED, PREFERRED, REQUIRED, "
+            "VERIFY_CA, VERIFY_IDENTITY (not 'ON')"
+        ]
+        * 2
+    )
+
+
+def test_a_mysql_certificate_that_fails_verification_is_named(
+    tls_mariadb: TlsDatabase, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """PyMySQL said only "Can't connect to MySQL server on '127.0.0.1'" (2003)."""
+    lines = _refused(tmp_path, redis_server.url, tls_mariadb.url("ssl_mode=VERIFY_IDENTITY"))
+    for line in lines:
+        assert "(2003, \"Can't connect to MySQL server on '127.0.0.1'\"): [SSL: " in line
+        assert "CERTIFICATE_VERIFY_FAILED" in line and line.endswith("check SFRELAY_DATABASE_URL")
+
+
+def test_a_mysql_server_without_tls_is_refused_when_the_url_requires_it(
+    mariadb_server: Server, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """aiomysql went on in plain text, quietly, when the server did not offer TLS."""
+    url = f"{mariadb_server.url('mysql')}?ssl_mode=REQUIRED"
+    lines = _refused(tmp_path, redis_server.url, url)
+    refusal = (
+        "the MySQL server did not offer TLS, which SFRELAY_DATABASE_URL requires (ssl_mode): "
+        "enable TLS on the server, or ask for ssl_mode=PREFERRED"
+    )
+    assert lines == [
+        f"sfrelay: the Drupal database is unavailable: cannot use the Drupal database: {refusal}; "
+        "check SFRELAY_DATABASE_URL",
+        f"sfrelay: the Drupal database is unavailable: cannot read the Drupal database: {refusal}; "
+        "check SFRELAY_DATABASE_URL",
+    ]
+
+
+def test_a_wrong_database_password_is_refused_without_showing_it(
+    tls_postgres: TlsDatabase, tls_mariadb: TlsDatabase, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    for database, why in (
+        (tls_postgres, 'password authentication failed for user "relay"'),
+        (
+            tls_mariadb,
+            "(1045, \"Access denied for user 'relay'@'localhost' (using password: YES)\")",
+        ),
+    ):
+        url = database.url("ssl=true", password="wr%40ng%2Fs3cret")
+        env = {"SFRELAY_REDIS_URL": redis_server.url, "SFRELAY_DATABASE_URL": url}
+        for command in (["check"], ["status"], ["worker", "--burst"]):
+            result = sfrelay(tmp_path, env, *command)
+            assert why in result.stdout + result.stderr
+            assert "s3cret" not in result.stdout + result.stderr

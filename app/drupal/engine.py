@@ -15,6 +15,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.util import await_only
 
+from app.drupal.errors import driver_text
+from app.drupal.tls import connect_options, require_tls
 from app.drupal.url import async_url
 from app.errors import ConfigError, RetryableError
 
@@ -95,6 +97,7 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
         )
         _sqlite_events(engine)
         return engine
+    options = connect_options(parsed)
     kwargs: dict[str, Any] = {
         "pool_size": pool_size,
         "pool_pre_ping": True,
@@ -104,7 +107,10 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
         # Each batch reads what it then writes under the writer lock: it must see the
         # rows other writers committed, not a REPEATABLE READ snapshot.
         kwargs["isolation_level"] = "READ COMMITTED"
-    return create_async_engine(parsed, **kwargs)
+    engine = create_async_engine(options.url, connect_args=options.connect_args, **kwargs)
+    if options.require_tls:
+        require_tls(engine)
+    return engine
 
 
 def _sqlite_events(engine: AsyncEngine) -> None:
@@ -137,7 +143,7 @@ async def writer(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     except DBAPIError as exc:
         # Whatever the server's reason (down, not accepting connections, too many), a
         # database that cannot be connected to is a transient state, never a record's fault.
-        raise RetryableError(f"cannot connect to the Drupal database: {exc.orig}") from exc
+        raise RetryableError(f"cannot connect to the Drupal database: {driver_text(exc)}") from exc
     try:
         if backend == "mysql":
             got = await conn.scalar(

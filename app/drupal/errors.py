@@ -190,4 +190,10 @@ def driver_text(exc: BaseException) -> str:
     the statement and its parameters (users' names and emails, a dead letter's payload): never
     for a log line or an outcome."""
     cause = exc.orig if isinstance(exc, DBAPIError) else exc
-    return str(cause).strip() or type(cause).__name__
+    text = str(cause).strip() or type(cause).__name__
+    # PyMySQL's "Can't connect to MySQL server" hides why: a refused TLS certificate, a
+    # refused connection. The network's own words hold no statement or value.
+    beneath = cause.__cause__ if cause is not None else None
+    if isinstance(beneath, OSError) and str(beneath) and str(beneath) not in text:
+        text = f"{text}: {beneath}"
+    return text

@@ -18,6 +18,7 @@ from app.drupal.engine import (
     register_nocase_utf8,
     require_sqlite_file,
 )
+from app.drupal.tls import connect_options, require_tls
 from app.drupal.url import async_url
 
 CONNECT_TIMEOUT_S = 3
@@ -45,20 +46,27 @@ def read_engine(url: str) -> AsyncEngine:
             cursor.close()
 
         return engine
+    options = connect_options(parsed)
     if backend == "postgresql":
         connect_args: dict[str, Any] = {
             "timeout": CONNECT_TIMEOUT_S,
+            **options.connect_args,
             "server_settings": {"default_transaction_read_only": "on"},
         }
         return create_async_engine(
-            parsed, connect_args=connect_args, poolclass=NullPool, hide_parameters=HIDE_PARAMETERS
+            options.url,
+            connect_args=connect_args,
+            poolclass=NullPool,
+            hide_parameters=HIDE_PARAMETERS,
         )
     engine = create_async_engine(
-        parsed,
-        connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
+        options.url,
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_S, **options.connect_args},
         poolclass=NullPool,
         hide_parameters=HIDE_PARAMETERS,
     )
+    if options.require_tls:
+        require_tls(engine)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _mysql(dbapi_connection: Any, _record: Any) -> None:
