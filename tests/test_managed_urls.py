@@ -5,12 +5,13 @@ Each connection works in every process that uses it, or is refused saying what t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,11 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from app.config import Settings
+from app.errors import RetryableError
+from app.sync import Syncer
 from tests.drupal_schemas import site_copy
+from tests.factories import note, sf
 from tests.fixtures_db import Server, start_mariadb, start_postgres
 from tests.servers import RedisServer, free_port, wait_for_port
 from tests.test_cli_settings import sfrelay
@@ -170,10 +175,17 @@ class TlsDatabase:
 
 def _fresh_site(server: Server) -> str:
     """A Drupal 10 database, once the server accepts logins (wait_for_port saw it listen)."""
+    _fresh_site_ready(server)
+    return asyncio.run(server.fresh(10))
+
+
+def _fresh_site_ready(server: Server) -> None:
+    """Until the server takes logins: PostgreSQL listens before it has started up."""
     deadline = time.monotonic() + 30
     while True:
         try:
-            return asyncio.run(server.fresh(10))
+            asyncio.run(_admin(server, "SELECT 1"))
+            return
         except DBAPIError:
             if time.monotonic() > deadline:
                 raise
@@ -388,3 +400,60 @@ def test_a_wrong_database_password_is_refused_without_showing_it(
             result = sfrelay(tmp_path, env, *command)
             assert why in result.stdout + result.stderr
             assert "s3cret" not in result.stdout + result.stderr
+
+
+_RECORDS = itertools.count(1)  # the module's databases outlive a test: a new record each time
+
+
+async def _apply_until_created(syncer: Syncer, n: int) -> tuple[int, str]:
+    """Apply one new record as the worker's retries would: (failed tries, final outcome)."""
+    for failed in range(20):
+        try:
+            (outcome,) = await syncer.apply([note(sf(n), f"u{n}@example.com", "A", "B")])
+        except RetryableError:
+            await asyncio.sleep(0.5)  # the server still starting up: the retry's backoff
+            continue
+        return failed, outcome.kind
+    raise AssertionError("never applied")
+
+
+@pytest.mark.parametrize("backend", ["postgres", "mariadb"])
+def test_a_database_restarted_between_batches_costs_no_retry(
+    request: pytest.FixtureRequest, backend: str
+) -> None:
+    """The pool's connections died with the server: each is pinged before use and replaced,
+    so the next batch applies at its first try, over TLS as before."""
+    database: TlsDatabase = request.getfixturevalue(f"tls_{backend}")
+    url = database.url("sslmode=require" if backend == "postgres" else "ssl=true")
+
+    async def restart() -> None:
+        database.server.restart()
+        await asyncio.to_thread(_fresh_site_ready, database.server)
+
+    assert asyncio.run(_two_batches(url, restart)) == [(0, "created"), (0, "created")]
+
+
+def test_a_connection_mariadb_closed_while_idle_costs_no_retry(tls_mariadb: TlsDatabase) -> None:
+    """wait_timeout: MariaDB closes a connection idle longer (a managed one often sets it
+    short); the pool's ping finds it closed and opens another."""
+
+    async def idle() -> None:
+        await _admin(tls_mariadb.server, "SET GLOBAL wait_timeout = 1")
+        await asyncio.sleep(3)
+
+    try:
+        batches = asyncio.run(_two_batches(tls_mariadb.url("ssl=true"), idle))
+    finally:
+        asyncio.run(_admin(tls_mariadb.server, "SET GLOBAL wait_timeout = 28800"))
+    assert batches == [(0, "created"), (0, "created")]
+
+
+async def _two_batches(url: str, between: Callable[[], Awaitable[None]]) -> list[tuple[int, str]]:
+    """One record applied, `between()`, another: (failed tries, outcome) of each."""
+    syncer = await Syncer.open(Settings(_env_file=None, database_url=url))
+    try:
+        first = await _apply_until_created(syncer, next(_RECORDS))
+        await between()
+        return [first, await _apply_until_created(syncer, next(_RECORDS))]
+    finally:
+        await syncer.close()
