@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from redis.asyncio import Redis
-from redis.exceptions import BusyLoadingError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, BusyLoadingError, RedisError, ResponseError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -458,8 +458,15 @@ async def _unready(state: ReceiverState) -> tuple[str, str] | None:
             f"Redis did not answer within {READY_TIMEOUT_S:g} s: acks wait for it, and fault "
             "after 5 s"
         )
-    except (RedisError, OSError):
+    except AuthenticationError as exc:
+        # A managed Redis answers a wrong ACL user or password at once: not "does not answer".
+        reason = "Redis refuses sfrelay's login: check the user and password in SFRELAY_REDIS_URL"
+        return reason, f"{reason}: {exc}"
+    except (RedisError, OSError) as exc:
         reason = "Redis does not answer: check SFRELAY_REDIS_URL and that Redis runs"
+        # redis-py's words (a refused connection, a TLS certificate it could not verify) name
+        # the address, never the password: for the log only.
+        return reason, f"{reason}: {exc}"
     else:
         if wait.replica and int(replies[1].get("connected_slaves", 0)) < 1:
             reason = (

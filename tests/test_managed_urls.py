@@ -7,14 +7,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -25,6 +28,7 @@ from app.sync import Syncer
 from tests.drupal_schemas import site_copy
 from tests.factories import note, sf
 from tests.fixtures_db import Server, start_mariadb, start_postgres
+from tests.fixtures_worker import PROJECT
 from tests.servers import RedisServer, free_port, wait_for_port
 from tests.test_cli_settings import sfrelay
 from tests.tls import Certificates, make_certificates
@@ -457,3 +461,56 @@ async def _two_batches(url: str, between: Callable[[], Awaitable[None]]) -> list
         return [first, await _apply_until_created(syncer, next(_RECORDS))]
     finally:
         await syncer.close()
+
+
+@pytest.mark.parametrize(
+    ("password", "status", "body", "logged"),
+    [
+        (ENCODED, 200, {"status": "ready", "redis": "ok"}, None),
+        (  # it said "Redis does not answer", and logged no more: the network looked at fault
+            "wr%40ng%2Fs3cret",
+            503,
+            {
+                "status": "unavailable",
+                "redis": "Redis refuses sfrelay's login: check the user and password in "
+                "SFRELAY_REDIS_URL",
+            },
+            "invalid username-password pair or user is disabled.",
+        ),
+    ],
+    ids=["ready", "wrong password"],
+)
+def test_the_receivers_readyz_over_rediss(
+    tls_redis: TlsRedis,
+    tmp_path: Path,
+    password: str,
+    status: int,
+    body: dict[str, str],
+    logged: str | None,
+) -> None:
+    port = free_port()
+    env = {
+        "SFRELAY_ENV": "development",
+        "SFRELAY_PORT": str(port),
+        "SFRELAY_ACK_DURABILITY": "memory",
+        "SFRELAY_REDIS_URL": tls_redis.url(f"ssl_ca_certs={tls_redis.certs.ca}", password=password),
+    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SFRELAY_")}
+    with subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve"],
+        cwd=tmp_path,
+        env={**base, "PYTHONPATH": str(PROJECT), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as server:
+        try:
+            wait_for_port(port, timeout=30)
+            answer = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
+        finally:
+            server.terminate()
+            log, _ = server.communicate(timeout=30)
+    assert (answer.status_code, answer.json()) == (status, body)
+    if logged is not None:
+        assert f"not ready: {body['redis']}: {logged}" in log
+    assert "s3cret" not in log and "p@ss" not in log and ENCODED not in log
