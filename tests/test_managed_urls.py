@@ -275,6 +275,8 @@ def _connects(tmp_path: Path, redis_url: str, database_url: str) -> None:
         ),
         ("postgres", "ssl=true"),  # node-postgres's spelling: refused at the first connection
         ("postgres", "ssl=require"),  # asyncpg's own
+        # PgBouncer's transaction pooling: asyncpg's statement_cache_size was a TypeError
+        ("postgres", "sslmode=require&prepared_statement_cache_size=0&statement_cache_size=0"),
         ("mariadb", "ssl=true"),  # AttributeError: 'str' object has no attribute 'wrap_bio'
         ("mariadb", "ssl-mode=REQUIRED"),  # DigitalOcean, Aiven: TypeError before
         ("mariadb", "ssl_mode=VERIFY_CA&ssl_ca={ca}"),
@@ -332,6 +334,7 @@ def _refused(tmp_path: Path, redis_url: str, database_url: str) -> list[str]:
             "login to the TLS channel; remove it and keep sslmode=verify-full to be sure of the "
             "server",
         ),
+        ("statement_cache_size=none", "statement_cache_size must be a number (not 'none')"),
         (
             "sslmode=verify-full&sslrootcert=/nowhere/rds-ca.pem",
             "sslrootcert=/nowhere/rds-ca.pem: no such file (give the path of the file the "
@@ -339,7 +342,7 @@ def _refused(tmp_path: Path, redis_url: str, database_url: str) -> list[str]:
         ),
     ],
 )
-def test_a_postgresql_tls_parameter_that_cannot_be_honoured_says_what_to_write(
+def test_a_postgresql_parameter_that_cannot_be_honoured_says_what_to_write(
     tls_postgres: TlsDatabase, redis_server: RedisServer, tmp_path: Path, query: str, line: str
 ) -> None:
     lines = _refused(tmp_path, redis_server.url, tls_postgres.url(query))

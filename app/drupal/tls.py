@@ -5,7 +5,9 @@ Providers give libpq's and the MySQL client's spellings (`?sslmode=require`,
 to the async drivers as keywords: asyncpg has no `sslmode` keyword and aiomysql takes only an
 `ssl.SSLContext`, so each was a TypeError or AttributeError at the first connection.
 
-PostgreSQL: the parameters asyncpg takes as keywords stay; `ssl=true|false` is
+PostgreSQL: the parameters asyncpg takes as keywords stay (its numbers made numbers:
+`statement_cache_size=0` was a TypeError, and PgBouncer's transaction pooling needs it with
+SQLAlchemy's `prepared_statement_cache_size=0`); `ssl=true|false` is
 `sslmode=require|disable`; libpq's `connect_timeout` is asyncpg's `timeout`; every other
 parameter goes to asyncpg in a libpq DSN (`dsn`), which reads `sslmode`, `sslrootcert`,
 `sslcert`, `sslkey`, `sslcrl`, `sslpassword`, `ssl_min_protocol_version`... as libpq does and
@@ -52,6 +54,13 @@ _ASYNCPG_KEYWORDS = frozenset(
         "prepared_statement_cache_size",
     }
 )
+_ASYNCPG_NUMBERS: dict[str, type[int] | type[float]] = {
+    "statement_cache_size": int,
+    "max_cached_statement_lifetime": int,
+    "max_cacheable_statement_size": int,
+    "timeout": float,
+    "command_timeout": float,
+}
 _PG_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 # ?ssl=true (node-postgres, some providers' examples) is libpq's sslmode=require.
 _PG_SSL_WORDS = {"true": "require", "1": "require", "false": "disable", "0": "disable"}
@@ -134,6 +143,13 @@ def _postgres(url: URL) -> DriverOptions:
             "login to the TLS channel; remove it and keep sslmode=verify-full to be sure of "
             "the server"
         )
+    for name, kind in _ASYNCPG_NUMBERS.items():
+        if name in keep:  # SQLAlchemy hands them on as text: asyncpg's TypeError
+            value = _last(keep.pop(name))
+            try:
+                args[name] = kind(value)
+            except ValueError:
+                raise _refuse(f"{name} must be a number (not {value!r})") from None
     if "connect_timeout" in libpq:
         seconds = libpq.pop("connect_timeout")
         try:
