@@ -104,6 +104,9 @@ async def test_postgresql_sqlstates(pg_server: Server) -> None:
     check = await in_tx("INSERT INTO errs VALUES (500)")
     read_only = await in_tx("INSERT INTO errs VALUES (2)", "SET TRANSACTION READ ONLY")
     timeout = await in_tx("SELECT pg_sleep(5)", "SET LOCAL statement_timeout = '50ms'")
+    # What asyncpg meets behind PgBouncer's transaction pooling: its statement was prepared
+    # on another server connection. Never the records' fault: it was a permanent 'failed'.
+    unprepared = await in_tx("EXECUTE __asyncpg_stmt_gone__")
     async with engine.connect() as holder:
         await holder.execute(text("LOCK TABLE errs IN ACCESS EXCLUSIVE MODE"))
         lock = await in_tx("SELECT * FROM errs", "SET LOCAL lock_timeout = '50ms'")
@@ -134,6 +137,7 @@ async def test_postgresql_sqlstates(pg_server: Server) -> None:
     assert classify(check) == Classified(False, False, "23514")
     assert classify(read_only) == Classified(True, True, "25006")
     assert classify(timeout) == Classified(True, False, "57014")
+    assert classify(unprepared) == Classified(True, True, "26000")
     assert classify(lock) == Classified(True, False, "55P03")
     assert classify(too_many) == Classified(True, False, "53300")
     assert classify(terminated).transient and classify(terminated).reconnect

@@ -35,6 +35,9 @@ PostgreSQL 57P01-57P05                     yes        yes        admin/crash shu
                                                                  connect now, idle timeouts
 PostgreSQL 25006                           yes        yes        read-only transaction (standby)
 PostgreSQL 25P03                           yes        yes        idle-in-transaction timeout
+PostgreSQL 26000                           yes        yes        prepared statement gone: a
+                                                                 pooler in transaction mode
+                                                                 (README: the URL forms)
 PostgreSQL 58xxx                           yes        no         system error (I/O)
 PostgreSQL 42501                           yes        no         privilege missing (GRANT it)
 PostgreSQL 42P01                           yes        no         table missing (a restore)
@@ -89,7 +92,7 @@ _SQLITE_REOPEN += ("SQLITE_CORRUPT", "SQLITE_NOTADB")
 _PG_CLASS_WAIT = ("53", "58")
 _PG_CLASS_REOPEN = ("08",)
 _PG_WAIT = frozenset({"40001", "40P01", "55P03", "55006", "57014", "42501", "42P01"})
-_PG_REOPEN = frozenset({"57P01", "57P02", "57P03", "57P04", "57P05", "25006", "25P03"})
+_PG_REOPEN = frozenset({"57P01", "57P02", "57P03", "57P04", "57P05", "25006", "25P03", "26000"})
 
 # MySQL / MariaDB error numbers.
 _MYSQL_WAIT = frozenset({1205, 1213, 1040, 1203, 1226, 1037, 1038, 1041, 1021, 1114})
