@@ -68,8 +68,14 @@ def scrub(text: str) -> str:
 _MARKS = frozenset("=!%@")
 
 
+# A URL's query parameter that holds a password: libpq's sslpassword (a client key's).
+_PASSWORD_PARAM = re.compile(r"((?:^|[?&])[^=&]*password=)[^&#]*", re.I)
+
+
 def without_password(url: str) -> str:
-    """A Redis or database URL as it may be shown: its password as ***."""
+    """A Redis or database URL as it may be shown: its password, and any query parameter
+    named *password (libpq's sslpassword), as ***."""
+    url = _PASSWORD_PARAM.sub(r"\1***", url)
     parts = urlsplit(url)
     try:
         password = parts.password

@@ -517,3 +517,16 @@ def test_the_receivers_readyz_over_rediss(
     if logged is not None:
         assert f"not ready: {body['redis']}: {logged}" in log
     assert "s3cret" not in log and "p@ss" not in log and ENCODED not in log
+
+
+def test_check_shows_no_client_key_password(redis_server: RedisServer, tmp_path: Path) -> None:
+    """check printed the URL with libpq's sslpassword (a client key's passphrase) as given."""
+    port = free_port()
+    url = f"pgsql://drupal:s3cret@127.0.0.1:{port}/drupal?sslmode=require&sslpassword=K3yPass"
+    env = {"SFRELAY_REDIS_URL": redis_server.url, "SFRELAY_DATABASE_URL": url}
+    result = sfrelay(tmp_path, env, "check")
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("drupal")]
+    assert line.split(None, 2)[2] == (
+        f"cannot use pgsql://drupal:***@127.0.0.1:{port}/drupal?sslmode=require&sslpassword=***: "
+        f"[Errno 111] Connect call failed ('127.0.0.1', {port}); check SFRELAY_DATABASE_URL"
+    )
