@@ -118,6 +118,27 @@ def _v4(sync_conn: Connection) -> None:
         sync_conn.execute(text(f"ALTER TABLE {records.name} ADD COLUMN user_key VARCHAR(128)"))
 
 
+def _tables() -> list[Table]:
+    """Every table the steps create, as they are now."""
+    from app.dead import table as dead_letters
+    from app.drupal.cursors import cursors
+    from app.lifecycle import blocks
+
+    return [records, dead_letters, cursors, blocks]
+
+
+def _missing_index(sync_conn: Connection) -> bool:
+    """Whether an index of the tables is missing: a first start on MySQL killed between a
+    CREATE TABLE and its CREATE INDEX before _create made them too left a ledger at the
+    newest version without it."""
+    found = inspect(sync_conn)
+    for table in _tables():
+        names = {index["name"] for index in found.get_indexes(table.name)}
+        if any(index.name not in names for index in table.indexes):
+            return True
+    return False
+
+
 # Append only: each step takes the schema from version i to i + 1.
 MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
 
@@ -145,7 +166,7 @@ async def migrate(engine: AsyncEngine) -> int:
                 select(schema_version.c.version).where(schema_version.c.id == 1)
             )
             refuse_newer(current)
-            if current == len(MIGRATIONS):
+            if current == len(MIGRATIONS) and not await conn.run_sync(_missing_index):
                 return len(MIGRATIONS)
     async with writer(engine) as conn:
         await conn.run_sync(metadata.create_all, tables=[schema_version], checkfirst=True)
@@ -156,6 +177,7 @@ async def migrate(engine: AsyncEngine) -> int:
         version = int(current or 0)
         for step in MIGRATIONS[version:]:
             await conn.run_sync(step)
+        await conn.run_sync(_create, _tables())  # what an interrupted step left out
         if current is None:
             await conn.execute(insert(schema_version).values(id=1, version=len(MIGRATIONS)))
         elif version < len(MIGRATIONS):
